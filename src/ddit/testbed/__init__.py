@@ -1,0 +1,1 @@
+"""The embedded testbed: procedural data, a trained tiny DiT and an evaluator."""
