@@ -1,17 +1,20 @@
-"""Training checkpoints that survive interruption.
+"""Training runs that survive interruption.
 
 A checkpoint is one ``torch.save`` file written atomically (temporary file,
 then rename), so a run killed mid-write keeps its previous checkpoint.
-``Checkpointer`` decides when to write: every few minutes and at the end.
+``Checkpointer`` decides when to write: every few minutes and at the end;
+``TrainingRun`` wraps a whole resumable training loop around them.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 
 class CheckpointError(RuntimeError):
@@ -51,3 +54,54 @@ class Checkpointer:
 
     def done(self) -> None:
         self.save()
+
+
+class TrainingRun:
+    """A resumable loop: named stateful objects, a config, a step counter and a loss log.
+
+    ``steps()`` yields the step numbers still to run with a progress bar,
+    checkpoints every few minutes and once at the end. Resuming checks that
+    the config matches the checkpoint's (``steps`` alone may change), so two
+    different runs are never mixed in one folder.
+    """
+
+    def __init__(self, path: str | os.PathLike, config, *, desc: str, minutes: float = 3.0,
+                 progress: bool = True, **stateful):
+        self.path, self.config, self.desc, self.progress = Path(path), config, desc, progress
+        self.stateful = stateful
+        self.state = {"step": 0, "losses": [], "seconds": 0.0}
+        self.checkpointer = Checkpointer(self.save, minutes)
+
+    def save(self) -> None:
+        save_checkpoint({"config": asdict(self.config), "state": self.state,
+                         **{name: obj.state_dict() for name, obj in self.stateful.items()}}, self.path)
+
+    def restore(self) -> None:
+        ckpt = load_checkpoint(self.path)
+        mine, saved = asdict(self.config), dict(ckpt["config"])
+        if {**mine, "steps": None} != {**saved, "steps": None}:
+            raise CheckpointError(
+                f"{self.path} was written by a run with {saved}, not {mine}; resume with the "
+                "same settings (only --steps may change) or write to another folder"
+            )
+        for name, obj in self.stateful.items():
+            obj.load_state_dict(ckpt[name])
+        self.state = ckpt["state"]
+
+    def steps(self):
+        total = self.config.steps
+        started = time.monotonic() - self.state["seconds"]
+        with tqdm(total=total, initial=self.state["step"], desc=self.desc, disable=not self.progress) as bar:
+            while self.state["step"] < total:
+                yield self.state["step"]
+                self.state["step"] += 1
+                self.state["seconds"] = time.monotonic() - started
+                bar.update(1)
+                recent = self.state["losses"][-50:]
+                if recent:
+                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+                self.checkpointer.tick()
+        self.checkpointer.done()
+
+    def log(self, loss: float) -> None:
+        self.state["losses"].append(loss)

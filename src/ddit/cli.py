@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+import torch
 
 
 def _train_base(args) -> None:
@@ -13,6 +16,44 @@ def _train_base(args) -> None:
                              seed=args.seed, num_images=args.num_images, bf16=args.bf16)
     export = train_base(args.out, config, resume=args.resume, checkpoint_minutes=args.checkpoint_minutes)
     print(f"EMA weights written to {export}")
+
+
+def _train_evaluator(args) -> None:
+    from .testbed.evaluator import EvaluatorTrainConfig, train_evaluator
+
+    report = train_evaluator(args.out, EvaluatorTrainConfig(steps=args.steps, seed=args.seed),
+                             resume=args.resume, checkpoint_minutes=args.checkpoint_minutes)
+    print(json.dumps(report, indent=1))
+
+
+def _eval(args) -> None:
+    from .testbed.base_model import load_base_model
+    from .testbed.evaluate import evaluate_model
+    from .testbed.evaluator import load_evaluator
+
+    model = load_base_model(args.model) if args.model else load_base_model()
+    evaluator = load_evaluator(args.evaluator) if args.evaluator else load_evaluator()
+    result = evaluate_model(model, evaluator, num=args.num, steps=args.steps, guidance=args.guidance,
+                            seed=args.seed, progress=True)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"adherence {result['adherence']:.3f}  FD {result['fd']:.3f} "
+              f"(real-vs-real floor {result['fd_real_floor']:.3f})")
+        for prompt, value in result["adherence_per_class"].items():
+            print(f"  {prompt:<10} {value:.3f}")
+
+
+def _generate(args) -> None:
+    from .images import save_grid
+    from .testbed.base_model import generate, load_base_model
+    from .testbed.data import class_id
+
+    labels = torch.full((args.num,), class_id(args.prompt))
+    model = load_base_model(args.model) if args.model else load_base_model()
+    images = generate(model, labels, seed=args.seed, steps=args.steps, guidance=args.guidance, progress=True)
+    save_grid(images, args.out)
+    print(f"wrote {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +75,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(func=_train_base)
+
+    p = testbed_commands.add_parser("train-evaluator", help="train the testbed's evaluator network")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.set_defaults(func=_train_evaluator)
+
+    p = testbed_commands.add_parser("eval", help="adherence and FD of the base model")
+    p.add_argument("--num", type=int, default=512, help="images, balanced over the classes")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="folder of a base model (default: the shipped one)")
+    p.add_argument("--evaluator", help="folder of an evaluator (default: the shipped one)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_eval)
+
+    p = commands.add_parser("generate", help="sample a grid of images of one testbed prompt")
+    p.add_argument("--prompt", required=True, help="a testbed class name, e.g. moon")
+    p.add_argument("--num", type=int, default=16)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="folder of a base model (default: the shipped one)")
+    p.add_argument("--out", default="grid.png", help="PNG to write")
+    p.set_defaults(func=_generate)
     return parser
 
 

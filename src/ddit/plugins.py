@@ -14,8 +14,8 @@ entry-point group whose functions implement these hooks, for example::
     def ddit_policies():
         return [MyPolicy]
 
-A plugin that fails to import is reported (with its distribution's name) and
-skipped; the others still load.
+A plugin that fails to import, or whose hook raises, is reported with its
+distribution's name (a ``PluginWarning``) and skipped; the others still load.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ ENTRY_POINT_GROUP = "ddit"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class PluginWarning(UserWarning):
+    """A plugin was skipped; filter on this to silence or escalate it."""
+
+
+def _skip(plugin: str, err: Exception) -> None:
+    warnings.warn(f"ddit plugin {plugin} failed and is skipped: {err!r}", PluginWarning, stacklevel=3)
 
 
 class DditHookSpecs:
@@ -59,18 +67,23 @@ def plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(DditHookSpecs)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        dist = ep.dist.name if ep.dist else "unknown distribution"
+        name = f"{ep.dist.name if ep.dist else 'unknown distribution'}:{ep.name}"
         try:
-            module = ep.load()
+            pm.register(ep.load(), name=name)
         except Exception as err:  # a broken plugin must not break ddit
-            warnings.warn(f"ddit plugin {ep.name!r} from {dist} failed to load and is skipped: {err!r}",
-                          stacklevel=2)
-            continue
-        pm.register(module, name=f"{dist}:{ep.name}")
+            _skip(name, err)
     return pm
 
 
 def collect(hook: str) -> list:
-    """Everything all plugins return for ``hook`` (e.g. ``"ddit_policies"``), flattened."""
-    results = getattr(plugin_manager().hook, hook)()
-    return [item for result in results for item in (result or [])]
+    """Everything all plugins return for ``hook`` (e.g. ``"ddit_policies"``), flattened.
+
+    Each plugin's hook runs on its own, so one that raises cannot hide the others.
+    """
+    items = []
+    for impl in getattr(plugin_manager().hook, hook).get_hookimpls():
+        try:
+            items.extend(impl.function() or [])
+        except Exception as err:
+            _skip(impl.plugin_name, err)
+    return items

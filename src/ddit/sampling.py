@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from tqdm.auto import tqdm
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -56,11 +57,28 @@ def sample(
     null_label: int | None = None,
     scheduler: FlowMatchEulerDiscreteScheduler | None = None,
     bf16: bool = False,
+    batch_size: int | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
-    """Denoise one latent per label from seeds ``seed, seed + 1, ...``; returns float32."""
+    """Denoise one latent per label from seeds ``seed, seed + 1, ...``; returns float32.
+
+    With ``batch_size`` the labels are denoised in chunks; sample i still starts
+    from seed ``seed + i``, so chunking does not change what it becomes.
+    """
     if guidance != 1.0 and null_label is None:
         raise ValueError("classifier-free guidance needs null_label (the model's 'no class' id)")
     labels = torch.as_tensor(labels, dtype=torch.long)
+    batch_size = batch_size or max(len(labels), 1)
+    starts = range(0, len(labels), batch_size)
+    chunks = [
+        _sample_batch(fn, labels[s : s + batch_size], sample_shape, seed + s, steps, guidance,
+                      null_label, scheduler, bf16)
+        for s in tqdm(starts, desc="sampling", unit="batch", disable=not progress)
+    ]
+    return torch.cat(chunks)
+
+
+def _sample_batch(fn, labels, sample_shape, seed, steps, guidance, null_label, scheduler, bf16):
     scheduler = copy.deepcopy(scheduler or default_scheduler())
     scheduler.set_timesteps(steps)
     fn = guided(fn, guidance, null_label)

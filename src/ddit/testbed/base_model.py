@@ -10,10 +10,19 @@ DiT paper's adaLN-zero initialisation, which makes training slower.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from diffusers import DiTTransformer2DModel
 from torch import nn
 
+from ..sampling import sample, transformer_velocity
+from ..weights import load_diffusers_model
 from .data import CHANNELS, IMAGE_SIZE, PROMPTS
+
+#: Where the trained models ship inside the package.
+ASSETS = Path(__file__).parent / "assets"
+SHIPPED_BASE = ASSETS / "base"
 
 #: Config of the shipped model: 6 layers, width 128, patch 2 (2.1M parameters).
 BASE_CONFIG: dict = dict(
@@ -49,3 +58,16 @@ def build_base_model(**overrides) -> DiTTransformer2DModel:
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
     return disable_label_dropout(model)
+
+
+def load_base_model(folder: str | Path = SHIPPED_BASE) -> DiTTransformer2DModel:
+    """The trained base model (by default the one shipped with ddit), ready to sample."""
+    return disable_label_dropout(load_diffusers_model(DiTTransformer2DModel, folder)).eval()
+
+
+def generate(model, labels: torch.Tensor, *, seed: int = 0, steps: int = 50, guidance: float = 2.0,
+             batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Class-conditional images in [-1, 1] from a testbed model (base or multi-patch)."""
+    return sample(transformer_velocity(model), labels, sample_shape=(CHANNELS, IMAGE_SIZE, IMAGE_SIZE),
+                  seed=seed, steps=steps, guidance=guidance, null_label=NULL_LABEL,
+                  batch_size=batch_size, progress=progress)

@@ -10,15 +10,13 @@ run reproduces an uninterrupted one exactly.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
 
-from ..checkpoint import Checkpointer, CheckpointError, load_checkpoint, save_checkpoint
+from ..checkpoint import TrainingRun
 from .base_model import NULL_LABEL, build_base_model
 from .data import make_dataset
 
@@ -36,12 +34,6 @@ class BaseTrainConfig:
     bf16: bool = False  # only pays on CPUs with native bf16 (AVX512-BF16/AMX)
     model_overrides: dict | None = None  # e.g. a tiny model for tests
 
-    def same_run(self, other: "BaseTrainConfig") -> bool:
-        """Whether a checkpoint of ``other`` can be resumed under ``self`` (steps may grow)."""
-        a, b = asdict(self), asdict(other)
-        a.pop("steps"), b.pop("steps")
-        return a == b
-
 
 def flow_matching_loss(model, x0, labels, g: torch.Generator) -> torch.Tensor:
     """MSE between predicted and true velocity at logit-normal t."""
@@ -57,41 +49,20 @@ def train_base(out: str | Path, config: BaseTrainConfig, resume: bool = False,
                checkpoint_minutes: float = 3.0, progress: bool = True) -> Path:
     """Train, checkpointing to ``out/checkpoint.pt``; export the EMA model to ``out/ema``."""
     out = Path(out)
-    ckpt_path = out / "checkpoint.pt"
     images, labels = make_dataset(config.num_images, config.seed)
+    torch.manual_seed(config.seed)  # the initial weights
     model = build_base_model(**(config.model_overrides or {}))
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / config.warmup))
-    state = {"step": 0, "losses": [], "seconds": 0.0}
-
+    run = TrainingRun(out / "checkpoint.pt", config, desc="train-base", minutes=checkpoint_minutes,
+                      progress=progress, model=model, ema=ema, optimizer=opt, lr_schedule=sched)
     if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        saved = BaseTrainConfig(**ckpt["config"])
-        if not config.same_run(saved):
-            raise CheckpointError(
-                f"{ckpt_path} was trained with {asdict(saved)}, not {asdict(config)}; "
-                "resume with the same settings (only --steps may change) or use another --out"
-            )
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["lr_schedule"])
-        state = ckpt["state"]
+        run.restore()
 
-    def save():
-        save_checkpoint(
-            {"config": asdict(config), "model": model.state_dict(), "ema": ema.state_dict(),
-             "optimizer": opt.state_dict(), "lr_schedule": sched.state_dict(), "state": state},
-            ckpt_path,
-        )
-
-    checkpointer = Checkpointer(save, checkpoint_minutes)
     model.train()
-    bar = tqdm(total=config.steps, initial=state["step"], desc="train-base", disable=not progress)
-    started = time.monotonic() - state["seconds"]
-    while state["step"] < config.steps:
-        g = torch.Generator().manual_seed(config.seed * 1_000_003 + state["step"])
+    for step in run.steps():
+        g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         idx = torch.randint(len(images), (config.batch_size,), generator=g)
         y = labels[idx].clone()
         y[torch.rand(len(y), generator=g) < config.label_dropout] = NULL_LABEL
@@ -103,18 +74,11 @@ def train_base(out: str | Path, config: BaseTrainConfig, resume: bool = False,
         opt.step()
         sched.step()
         ema.update_parameters(model)
-        state["step"] += 1
-        state["losses"].append(loss.item())
-        state["seconds"] = time.monotonic() - started
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(state['losses'][-50:]) / len(state['losses'][-50:]):.4f}")
-        checkpointer.tick()
-    bar.close()
-    checkpointer.done()
+        run.log(loss.item())
 
     export = out / "ema"
     ema.module.save_pretrained(export)
     (out / "training.json").write_text(json.dumps(
-        {"config": asdict(config), "steps": state["step"], "train_seconds": round(state["seconds"], 1),
-         "losses": state["losses"]}, indent=1))
+        {"config": asdict(config), "steps": run.state["step"], "train_seconds": round(run.state["seconds"], 1),
+         "losses": run.state["losses"]}, indent=1))
     return export

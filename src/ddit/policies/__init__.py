@@ -1,0 +1,21 @@
+"""Patch policies: which patch size each sample uses at each denoising step (DDiT Sec. 2.2).
+
+Sizes are in latent pixels. See docs/policies.md for driving a policy from plain tensors
+and for writing and publishing new ones.
+"""
+
+from .base import Decision, PatchPolicy, Probe, Step, check_candidates, largest_below, trace_rows
+from .budget import BudgetPolicy, calibrate_tau
+from .differences import finite_difference, patch_std, percentile
+from .fixed import BaselinePolicy, FixedPolicy
+from .oracle import OraclePolicy
+from .percentile import FirstOrderPolicy, MeanPolicy, SecondOrderPolicy, ThirdOrderPolicy
+from .registry import BUILTIN_POLICIES, available_policies, get_policy
+
+__all__ = [
+    "Decision", "PatchPolicy", "Probe", "Step", "check_candidates", "largest_below", "trace_rows",
+    "BudgetPolicy", "calibrate_tau", "finite_difference", "patch_std", "percentile",
+    "BaselinePolicy", "FixedPolicy", "OraclePolicy",
+    "FirstOrderPolicy", "MeanPolicy", "SecondOrderPolicy", "ThirdOrderPolicy",
+    "BUILTIN_POLICIES", "available_policies", "get_policy",
+]

@@ -1,0 +1,87 @@
+"""DDiT's scheduler (Sec. 2.2) and its ablations: Eq. 5 on finite differences of the latent."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from .base import PatchPolicy, Step, largest_below
+from .differences import finite_difference, patch_std, percentile
+
+
+class ThirdOrderPolicy(PatchPolicy):
+    """The paper's rule: rho-th percentile over patches of the per-patch std of the third
+    difference of the latent; the largest size below tau, else the base size.
+
+    The first ``warmup`` steps (at least ``order``, enough for the history) use the base size.
+    tau and rho are provisional (no trained testbed model yet), sized for about 50 flow-matching
+    steps on unit-variance latents: an order-k difference shrinks roughly as (1/steps)^k, so
+    retune tau when the step count changes. Change them per call, or here.
+    """
+
+    name = "third_order"
+    order: ClassVar[int] = 3
+    tau: float = 1e-4  # provisional
+    rho: float = 90.0  # provisional
+
+    def __init__(self, tau: float | None = None, rho: float | None = None, warmup: int | None = None):
+        super().__init__()
+        self.tau = type(self).tau if tau is None else tau
+        self.rho = type(self).rho if rho is None else rho
+        self.warmup = self.order if warmup is None else warmup
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0 (higher = coarser, faster), got {self.tau}")
+        if not 0 <= self.rho <= 100:
+            raise ValueError(f"rho is a percentile and must lie in [0, 100], got {self.rho}")
+        if self.warmup < self.order:
+            raise ValueError(f"warmup must be >= {self.order}: an order-{self.order} difference needs "
+                             f"{self.order + 1} latents, got {self.warmup}")
+
+    def reset(self, batch_size: int, base_size: int, candidates: Sequence[int]) -> None:
+        super().reset(batch_size, base_size, candidates)
+        self.history: deque[torch.Tensor] = deque(maxlen=self.order + 1)
+
+    def aggregate(self, stds: torch.Tensor) -> torch.Tensor:
+        """Per-patch stds (B, patches) -> one value per sample (B,)."""
+        return percentile(stds, self.rho)
+
+    def choose(self, step: Step):
+        # float32: in bf16 a third difference is mostly rounding error
+        self.history.append(step.latent.detach().to(torch.float32, copy=True))
+        if len(self.trace) < self.warmup:
+            return self.base_size, {}
+        delta = finite_difference(torch.stack(tuple(self.history)), self.order)[-1]
+        signals = torch.stack([self.aggregate(patch_std(delta, p)) for p in self.candidates])
+        return largest_below(signals, self.candidates, self.tau), dict(zip(self.candidates, signals))
+
+
+class SecondOrderPolicy(ThirdOrderPolicy):
+    """Ablation: the same rule on the second difference."""
+
+    name = "second_order"
+    order = 2
+    tau = 1e-3  # provisional
+
+
+class FirstOrderPolicy(ThirdOrderPolicy):
+    """Ablation: the same rule on the first difference (the plain update size)."""
+
+    name = "first_order"
+    order = 1
+    tau = 2e-2  # provisional
+
+
+class MeanPolicy(ThirdOrderPolicy):
+    """Ablation: third order with the mean over patches, which a textured region on a flat
+    background averages away (the paper's argument for the percentile)."""
+
+    name = "mean"
+
+    def __init__(self, tau: float | None = None, warmup: int | None = None):
+        super().__init__(tau=tau, warmup=warmup)
+
+    def aggregate(self, stds: torch.Tensor) -> torch.Tensor:
+        return stds.mean(dim=-1)

@@ -1,0 +1,34 @@
+"""Loading weights with errors that name the file and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .checkpoint import CheckpointError
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        return load_file(path)
+    except Exception as err:
+        raise CheckpointError(
+            f"weights file {path} is truncated or corrupt ({err}); restore it "
+            "(e.g. reinstall ddit or re-run the command that wrote it)"
+        ) from err
+
+
+def load_diffusers_model(model_class, folder: str | Path):
+    """``model_class.from_pretrained(folder)``, checking the weights file first."""
+    folder = Path(folder)
+    for weights in folder.glob("*.safetensors"):
+        load_safetensors(weights)  # raises a clear error for a damaged file
+    try:
+        return model_class.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot load {model_class.__name__} from {folder}: {err}") from err

@@ -1,0 +1,10 @@
+import pytest
+import torch
+
+#: A DiT small enough for a training step in a fraction of a second.
+TINY_DIT = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
