@@ -44,6 +44,14 @@ def _eval(args) -> None:
             print(f"  {prompt:<10} {value:.3f}")
 
 
+def _ship_base(args) -> None:
+    from .testbed.evaluator import load_evaluator
+    from .testbed.model_card import ship_base
+
+    quality = ship_base(args.run, load_evaluator(), num=args.num)
+    print(json.dumps(quality, indent=1))
+
+
 def _generate(args) -> None:
     from .images import save_grid
     from .testbed.base_model import generate, load_base_model
@@ -93,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluator", help="folder of an evaluator (default: the shipped one)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_eval)
+
+    p = testbed_commands.add_parser("ship-base", help="place a finished train-base run in the package, "
+                                    "with its loss curve, samples, measured quality and model card")
+    p.add_argument("--run", required=True, help="the --out folder of train-base")
+    p.add_argument("--num", type=int, default=512, help="images for the quality measurement")
+    p.set_defaults(func=_ship_base)
 
     p = commands.add_parser("generate", help="sample a grid of images of one testbed prompt")
     p.add_argument("--prompt", required=True, help="a testbed class name, e.g. moon")

@@ -1,0 +1,28 @@
+import pytest
+from conftest import TINY_DIT
+from PIL import Image
+
+from ddit.cli import main
+from ddit.testbed.base_model import build_base_model
+
+
+def test_generate_writes_a_grid_png(tmp_path):
+    build_base_model(**TINY_DIT).save_pretrained(tmp_path / "model")
+    out = tmp_path / "grid.png"
+    code = main(["generate", "--prompt", "moon", "--num", "4", "--steps", "2",
+                 "--model", str(tmp_path / "model"), "--out", str(out)])
+    assert code == 0
+    # 4 images of 32 px in one row with 2 px gaps, scaled 4x
+    assert Image.open(out).size == ((4 * 34 + 2) * 4, (34 + 2) * 4)
+
+
+def test_unknown_prompt_is_a_clear_error(tmp_path, capsys):
+    code = main(["generate", "--prompt", "zebra", "--out", str(tmp_path / "x.png")])
+    assert code == 2
+    assert "unknown prompt 'zebra'" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_unknown_command_exits_with_usage():
+    with pytest.raises(SystemExit):
+        main(["teleport"])
