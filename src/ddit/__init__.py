@@ -1,3 +1,7 @@
 """ddit: dynamic patch sizes for diffusion transformers (DDiT)."""
 
 __version__ = "0.1.0"
+
+from .adapter import MultiPatchTransformer
+
+__all__ = ["MultiPatchTransformer"]

@@ -1,0 +1,249 @@
+"""The multi-patch adapter: one pretrained transformer, several patch sizes (DDiT, section 2.1).
+
+The backbone object stays as it is (its class and config untouched): the
+adapter owns the coarse patchify / unpatchify and calls the backbone's own
+blocks from its forward, through a per-family ``BackboneSpec``. The blocks get
+a LoRA branch through peft, active only at coarse sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+from torch import nn
+
+from .backbones import patchify, spec_for, unpatchify
+from .checkpoint import CheckpointError
+from .weights import load_safetensors
+
+CONFIG_NAME = "multipatch_config.json"
+WEIGHTS_NAME = "multipatch.safetensors"
+
+
+class PatchHead(nn.Module):
+    """Patch embedding, de-embedding and residual of one coarse patch size.
+
+    Initialised from the backbone's layers as in PPFlow, so the coarse path is
+    roughly right before distillation: a coarse token starts as the mean of the
+    fine tokens it covers (kernel tiled over the sub-patches, divided by their
+    number, bias copied), and its output as the fine output repeated over those
+    sub-patches. The residual is a 1x1 channel map from the latent to the
+    output, pixel by pixel (DDiT's connection from before the embedding to
+    after the de-embedding): it carries the detail inside a patch that one
+    token cannot hold (at high noise the prediction is largely the latent
+    itself). It starts at zero, which keeps the PPFlow start exactly.
+    """
+
+    def __init__(self, w_in, b_in, w_out, b_out, scale: int):
+        super().__init__()
+        c_in, c_out = w_in.shape[1], w_out.shape[1]
+
+        def tile(w):  # repeat over the sub-patches: the spatial dims are last in the canonical layout
+            return w.detach().float().repeat(*[1] * (w.ndim - 2), scale, scale)
+
+        w_in, w_out, b_out = tile(w_in).flatten(1) / scale**2, tile(w_out).flatten(1).T, tile(b_out).flatten()
+        self.embed = nn.Linear(w_in.shape[1], w_in.shape[0])
+        self.unembed = nn.Linear(w_out.shape[1], w_out.shape[0])
+        self.residual = nn.Linear(c_in, c_out, bias=False)
+        with torch.no_grad():
+            self.embed.weight.copy_(w_in)
+            self.embed.bias.copy_(b_in)
+            self.unembed.weight.copy_(w_out)
+            self.unembed.bias.copy_(b_out)
+            self.residual.weight.zero_()
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual of a latent (B, C_in, *dims): (B, C_out, *dims)."""
+        return self.residual(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def config_hash(model: nn.Module) -> str:
+    """A short hash of a diffusers model's config, ignoring bookkeeping keys (``_name_or_path``...)."""
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class MultiPatchTransformer(nn.Module):
+    """A pretrained diffusers transformer that also runs at coarser patch sizes.
+
+    Called with exactly the backbone's forward arguments plus ``patch_size`` (in
+    latent pixels; ``None`` or the base size calls the backbone itself, LoRA
+    off, so its output is unchanged). Each coarse size owns a ``PatchHead`` and
+    a LoRA adapter on the blocks' attention and feed-forward.
+
+    One LoRA adapter per size, not one shared: a 4p token averages four times
+    the pixels of a 2p token (and a quarter of the noise variance), so each size
+    needs its own correction, and a shared one would have to compromise between
+    them; per size it costs only a few LoRA parameters, the same compute at
+    inference (one adapter is active per call), and a size can be trained or
+    added without disturbing the others.
+
+    ``rank`` sets the LoRA rank (alpha = rank); ``lora_config`` replaces the
+    whole LoRA config (``from_pretrained`` passes the saved one). Wrapping
+    freezes the backbone's own weights (peft does) and injects the LoRA layers
+    into it; its class and config stay as they are.
+    """
+
+    def __init__(self, backbone: nn.Module, patch_sizes: Sequence[int] | None = None, rank: int = 8,
+                 lora_config: LoraConfig | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec_for(backbone)
+        self.base_patch_size = base = self.spec.base_patch_size
+        sizes = sorted({base, *(patch_sizes or (2 * base, 4 * base))})
+        bad = [s for s in sizes if s <= 0 or s % base]
+        if bad:
+            raise ValueError(f"patch sizes must be multiples of the base patch size {base}, not {bad}")
+        self.patch_sizes: tuple[int, ...] = tuple(sizes)
+        weights = self.spec.base_weights()
+        self.heads = nn.ModuleDict({str(s): PatchHead(*weights, scale=s // base) for s in sizes[1:]})
+        self.heads.to(device=backbone.device, dtype=backbone.dtype)
+        self.lora_config = lora_config or LoraConfig(r=rank, lora_alpha=rank, target_modules=self.spec.lora_target)
+        with warnings.catch_warnings():  # peft warns about a second adapter: one per size is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            for size in sizes[1:]:
+                inject_adapter_in_model(self.lora_config, backbone, adapter_name=_adapter_name(size))
+        self._lora_layers = [m for m in backbone.modules() if isinstance(m, LoraLayer)]
+        for p in self.trainable_parameters():
+            p.requires_grad_(True)  # peft leaves only the last injected adapter trainable
+        self._signature = inspect.signature(backbone.forward)
+        self._use_lora(None)
+
+    # -- what a pipeline reads from its transformer
+    @property
+    def config(self):
+        return self.backbone.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def cache_context(self, name: str):
+        """The backbone's cache context (stock Flux / Wan pipelines enter one per branch)."""
+        return self.backbone.cache_context(name)
+
+    # -- forward
+    def forward(self, hidden_states: torch.Tensor, *args, patch_size: int | None = None, **kwargs):
+        if self.spec.square_only and hidden_states.shape[-1] != hidden_states.shape[-2]:
+            raise ValueError(f"{type(self.backbone).__name__} needs a square latent, "
+                             f"not {hidden_states.shape[-2]}x{hidden_states.shape[-1]}")
+        if patch_size is None or patch_size == self.base_patch_size:
+            self._use_lora(None)
+            return self.backbone(hidden_states, *args, **kwargs)
+
+        given = self._signature.bind(hidden_states, *args, **kwargs)
+        given.apply_defaults()
+        given = given.arguments
+        refused = [name for name in self.spec.unsupported if given.get(name) is not None]
+        if refused:
+            raise ValueError(f"{', '.join(refused)} cannot be used at a coarse patch size")
+        x = self.spec.latent(given)
+        self._check(patch_size, x.shape[-2:])
+        self._use_lora(patch_size)
+        out = self._patched(self.heads[str(patch_size)], patch_size, x, given)
+        return Transformer2DModelOutput(sample=out) if given["return_dict"] else (out,)
+
+    def _patched(self, head: PatchHead, size: int, x: torch.Tensor, given: dict) -> torch.Tensor:
+        """The backbone's computation on latent ``x`` with ``head`` as its patchify and unpatchify."""
+        patch = self.spec.patch(size)
+        grid = tuple(d // p for d, p in zip(x.shape[2:], patch))
+        tokens = self.spec.forward(head.embed(patchify(x, patch)), grid, size // self.base_patch_size, given)
+        return self.spec.pack(unpatchify(head.unembed(tokens), patch, grid) + head.skip(x), given)
+
+    def _check(self, size: int, hw: tuple[int, int]) -> None:
+        sizes = ", ".join(map(str, self.patch_sizes))
+        if size % self.base_patch_size:
+            raise ValueError(f"patch size {size} is not a multiple of the base patch size {self.base_patch_size}; "
+                             f"this adapter runs at {sizes}")
+        if size not in self.patch_sizes:
+            raise ValueError(f"patch size {size} is not one this adapter was built for; it runs at {sizes}")
+        if hw[0] % size or hw[1] % size:
+            fits = [s for s in self.patch_sizes if hw[0] % s == 0 and hw[1] % s == 0]
+            raise ValueError(f"patch size {size} does not divide the {hw[0]}x{hw[1]} latent; "
+                             f"sizes that do: {', '.join(map(str, fits))}")
+
+    def _use_lora(self, size: int | None) -> None:
+        """Activate ``size``'s LoRA adapter, or none (the base path).
+
+        Sets peft's per-layer flags directly on a kept list of layers: peft's
+        setters walk the whole model and flip ``requires_grad`` too, which would
+        freeze adapters between a teacher call and a student call. Never fused.
+        """
+        off = size is None or size == self.base_patch_size
+        for layer in self._lora_layers:
+            layer._disable_adapters = off
+            if not off:
+                layer._active_adapter = _adapter_name(size)
+
+    # -- parameters, saving and loading
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's own parameters by name (heads and LoRA), not the backbone's."""
+        return {name: p.detach() for name, p in self.named_parameters() if _is_new(name)}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What distillation trains: the heads and the LoRA branches."""
+        return [p for name, p in self.named_parameters() if _is_new(name)]
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the adapter's weights (safetensors), its LoRA config and its own config to ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.adapter_state_dict().items()}, path / WEIGHTS_NAME)
+        self.lora_config.save_pretrained(path)
+        (path / CONFIG_NAME).write_text(json.dumps({
+            "backbone_class": type(self.backbone).__name__,
+            "backbone_config_hash": config_hash(self.backbone),
+            "base_patch_size": self.base_patch_size,
+            "patch_sizes": list(self.patch_sizes),
+        }, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, backbone: nn.Module, path: str | os.PathLike) -> "MultiPatchTransformer":
+        """Wrap ``backbone`` with the adapter saved at ``path``; refuses an adapter made for another backbone."""
+        path = Path(path)
+        try:
+            meta = json.loads((path / CONFIG_NAME).read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"no multi-patch adapter at {path}: {CONFIG_NAME} is missing") from None
+        saved = f"{meta['backbone_class']} (config {meta['backbone_config_hash']})"
+        given = f"{type(backbone).__name__} (config {config_hash(backbone)})"
+        if saved != given:
+            raise CheckpointError(f"the adapter at {path} was made for {saved}, not for this {given}")
+        file = path / WEIGHTS_NAME
+        state = load_safetensors(file)  # before wrapping, so that a bad file leaves the backbone as it was
+        model = cls(backbone, meta["patch_sizes"], lora_config=LoraConfig.from_pretrained(path))
+        model.load_adapter_state_dict(state, source=file)
+        return model
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str | os.PathLike = "state") -> None:
+        """Load what ``adapter_state_dict`` gave; refuses, naming ``source``, one of another layout."""
+        expected = self.adapter_state_dict().keys()
+        if state.keys() != expected:
+            missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
+            raise CheckpointError(f"adapter weights in {source} do not fit this adapter: "
+                                  f"missing {missing[:3]}, unexpected {extra[:3]}")
+        self.load_state_dict(state, strict=False)
+
+
+def _adapter_name(size: int) -> str:
+    return f"patch{size}"
+
+
+def _is_new(name: str) -> bool:
+    """Whether a parameter name belongs to the adapter rather than to the backbone."""
+    return name.startswith("heads.") or ".lora_" in name

@@ -1,0 +1,40 @@
+"""Backbone specs: how each family of diffusers transformers patchifies.
+
+The adapter picks a spec by the backbone's class (or a parent class). ddit
+ships one spec per family; a plugin adds a family by returning its
+``BackboneSpec`` subclass from the ``ddit_backbones`` hook.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .. import plugins
+from .base import BackboneSpec, patchify, sincos_positions, unpatchify
+from .dit import DiTSpec
+from .flux import FluxSpec
+from .pixart import PixArtSpec
+from .sd3 import SD3Spec
+from .wan import WanSpec
+
+BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SD3Spec, FluxSpec, WanSpec)
+
+__all__ = ["BUILTIN_SPECS", "BackboneSpec", "DiTSpec", "FluxSpec", "PixArtSpec", "SD3Spec", "WanSpec",
+           "patchify", "sincos_positions", "spec_for", "specs", "unpatchify"]
+
+
+def specs() -> dict[str, type[BackboneSpec]]:
+    """Every known spec by model class name; a plugin's spec overrides a built-in one."""
+    return {spec.model_class: spec for spec in (*BUILTIN_SPECS, *plugins.collect("ddit_backbones"))}
+
+
+def spec_for(model: nn.Module) -> BackboneSpec:
+    """The spec of ``model``'s class, bound to ``model``."""
+    known = specs()
+    for cls in type(model).__mro__:
+        if cls.__name__ in known:
+            return known[cls.__name__](model)
+    raise TypeError(
+        f"ddit has no backbone spec for {type(model).__name__}; supported: {', '.join(sorted(known))} "
+        "(a plugin adds one through the 'ddit_backbones' hook)"
+    )

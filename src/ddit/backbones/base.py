@@ -1,0 +1,119 @@
+"""What the multi-patch adapter needs to know about a family of transformers.
+
+Every family is described in the same canonical layout, so that the adapter
+can treat them alike: a latent is (B, C, *dims); a patch has one size per dim;
+the features of a patch are ordered (C, *patch), as in a Conv kernel; tokens
+follow the patch grid in row-major order.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+
+import torch
+from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+from torch import nn
+
+
+class BackboneSpec:
+    """One family of diffusers transformers; a subclass per family, bound to one model.
+
+    A subclass names its model class, points at the layers where the backbone
+    patchifies (``base_layers``) and runs the backbone's own blocks on tokens
+    that the adapter embedded at a coarser patch (``forward``).
+    """
+
+    #: Class name of the model (a subclass of it matches too).
+    model_class: str = ""
+    #: LoRA targets, matched by peft against full module names: block attention and feed-forward only.
+    lora_target: str = (
+        r"(transformer_blocks|single_transformer_blocks|blocks)\.\d+\."
+        r"(attn\d?\.(to_q|to_k|to_v|to_out\.0)|ffn?\.net\.(0\.proj|2)|proj_mlp|proj_out)"
+    )
+    #: Whether the backbone's own forward only handles square latents.
+    square_only: bool = False
+    #: Whether the output projection orders a patch's features (*patch, C) (else (C, *patch)).
+    unembed_channels_last: bool = True
+    #: Forward arguments that only make sense at the fine grid (refused at coarse sizes).
+    unsupported: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def base_patch_size(self) -> int:
+        """The backbone's own spatial patch, in latent pixels."""
+        return self.model.config.patch_size
+
+    def patch(self, size: int) -> tuple[int, ...]:
+        """The full patch for a spatial ``size``."""
+        return (size, size)
+
+    def base_layers(self) -> tuple[nn.Module, nn.Linear]:
+        """The backbone's patch embedding (Conv or Linear) and its output projection."""
+        raise NotImplementedError
+
+    def base_weights(self) -> tuple[torch.Tensor, ...]:
+        """The base layers in canonical layout: (D, C, *patch), (D,), (D, C_out, *patch), (C_out, *patch)."""
+        embed, unembed = self.base_layers()
+        patch = self.patch(self.base_patch_size)
+        dim = embed.weight.shape[0]
+        w_out, b_out = unembed.weight.T, unembed.bias
+        if self.unembed_channels_last:
+            w_out, b_out = w_out.reshape(dim, *patch, -1).movedim(-1, 1), b_out.reshape(*patch, -1).movedim(-1, 0)
+        else:
+            w_out, b_out = w_out.reshape(dim, -1, *patch), b_out.reshape(-1, *patch)
+        return embed.weight.reshape(dim, -1, *patch), embed.bias, w_out, b_out
+
+    def latent(self, args: dict) -> torch.Tensor:
+        """The latent (B, C, *dims) among the bound forward arguments."""
+        return args["hidden_states"]
+
+    def pack(self, output: torch.Tensor, args: dict) -> torch.Tensor:
+        """The output latent in the form the backbone returns it."""
+        return output
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, ...], scale: int, args: dict) -> torch.Tensor:
+        """Run the backbone on embedded ``tokens`` of a ``grid`` ``scale`` times coarser than its own.
+
+        Adds positions, conditions, runs the blocks and the output norm: returns
+        the tokens that the output projection would see. ``args`` are the
+        backbone's forward arguments by name.
+        """
+        raise NotImplementedError
+
+
+def patchify(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+    """(B, C, *dims) -> (B, tokens, C * prod(patch)); for (2, 2) this is Flux's packing."""
+    b, c, *dims = x.shape
+    grid = [d // p for d, p in zip(dims, patch)]
+    n = len(dims)
+    x = x.reshape(b, c, *chain.from_iterable(zip(grid, patch)))
+    x = x.permute(0, *range(2, 2 + 2 * n, 2), 1, *range(3, 3 + 2 * n, 2))
+    return x.reshape(b, math.prod(grid), -1)
+
+
+def unpatchify(tokens: torch.Tensor, patch: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of ``patchify``: (B, prod(grid), C * prod(patch)) -> (B, C, *grid * patch)."""
+    n = len(grid)
+    x = tokens.reshape(tokens.shape[0], *grid, -1, *patch)
+    x = x.permute(0, n + 1, *chain.from_iterable((1 + i, n + 2 + i) for i in range(n)))
+    return x.reshape(tokens.shape[0], -1, *(g * p for g, p in zip(grid, patch)))
+
+
+def sincos_positions(pos_embed: PatchEmbed, grid: tuple[int, int], scale: int) -> torch.Tensor:
+    """Sincos positions (1, tokens, D) of a coarse ``grid``: the backbone's fine table at stride ``scale``.
+
+    A coarse patch sits where its top-left fine patch sat. The fine table is
+    the one ``pos_embed`` itself adds: a centre crop of a stored table (SD3), or
+    one recomputed with the backbone's ``base_size`` (DiT, PixArt); a fresh
+    table for the coarse grid with another base size would misplace every patch.
+    """
+    h, w = grid[0] * scale, grid[1] * scale
+    if pos_embed.pos_embed_max_size:
+        table = pos_embed.cropped_pos_embed(h * pos_embed.patch_size, w * pos_embed.patch_size)
+    else:
+        table = get_2d_sincos_pos_embed(pos_embed.pos_embed.shape[-1], (h, w), base_size=pos_embed.base_size,
+                                        interpolation_scale=pos_embed.interpolation_scale, output_type="pt")
+    return table.float().reshape(1, h, w, -1)[:, ::scale, ::scale].flatten(1, 2)

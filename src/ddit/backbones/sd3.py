@@ -1,0 +1,25 @@
+"""Stable Diffusion 3 / 3.5 (MMDiT): joint text-image blocks, a cropped sincos table."""
+
+from __future__ import annotations
+
+from .base import BackboneSpec, sincos_positions
+
+
+class SD3Spec(BackboneSpec):
+    model_class = "SD3Transformer2DModel"
+    unsupported = ("block_controlnet_hidden_states",)  # residuals on the fine tokens
+
+    def base_layers(self):
+        return self.model.pos_embed.proj, self.model.proj_out
+
+    def forward(self, tokens, grid, scale, args):
+        m = self.model
+        x = tokens + sincos_positions(m.pos_embed, grid, scale).to(tokens)
+        temb = m.time_text_embed(args["timestep"], args["pooled_projections"])
+        context = m.context_embedder(args["encoder_hidden_states"])
+        skip = args["skip_layers"] or ()
+        for i, block in enumerate(m.transformer_blocks):
+            if i not in skip:
+                context, x = block(hidden_states=x, encoder_hidden_states=context, temb=temb,
+                                   joint_attention_kwargs=args["joint_attention_kwargs"])
+        return m.norm_out(x, temb)

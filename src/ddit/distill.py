@@ -1,0 +1,188 @@
+"""Distillation of the multi-patch adapter (DDiT, Eq. 1).
+
+The frozen backbone at its own patch size is the teacher, the adapter at each
+coarse size the student, both on the same noisy latent:
+
+    L = || student(z_t at p_new, t) - teacher(z_t at p, t) ||^2,
+
+averaged over the coarse sizes. t is drawn where the sampler goes: uniformly
+over the N noise levels of a flow-matching Euler scheduler, with
+z_t = (1 - t) x_0 + t noise. Only the adapter's parameters train.
+
+Built on accelerate, so the same code runs on a CPU or under
+``accelerate launch`` on several GPUs (each process draws its own batches).
+Every random draw of step k comes from a generator seeded by (seed, k,
+process), so a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import FlowMatchEulerDiscreteScheduler
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+from tqdm.auto import tqdm
+
+from .adapter import MultiPatchTransformer, config_hash
+from .checkpoint import Checkpointer, CheckpointError, load_checkpoint, save_checkpoint
+from .sampling import default_scheduler
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 2000
+    batch_size: int = 32  # per process
+    lr: float = 3e-4
+    num_inference_steps: int = 50  # the sampler's N: t is one of its N noise levels
+    timestep_scale: float = 1000.0  # the model's timestep is t * scale (DiT, SD3, Wan: 1000; Flux: 1)
+    patch_sizes: tuple[int, ...] | None = None  # the coarse sizes to train; None: all of the adapter's
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.patch_sizes is not None:
+            self.patch_sizes = tuple(self.patch_sizes)
+
+    def same_run(self, other: "DistillConfig") -> bool:
+        """Whether a checkpoint of ``other`` can be resumed under ``self`` (steps may grow)."""
+        a, b = asdict(self), asdict(other)
+        a.pop("steps"), b.pop("steps")
+        return a == b
+
+
+class LatentDataset(Dataset):
+    """Clean latents with per-sample conditioning: ``LatentDataset(images, class_labels=labels)``."""
+
+    def __init__(self, latents: torch.Tensor, **conditioning: torch.Tensor):
+        self.latents, self.conditioning = latents, conditioning
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        return self.latents[i], {name: value[i] for name, value in self.conditioning.items()}
+
+
+class DistillationLoss(nn.Module):
+    """Eq. 1 for every coarse size on one batch, as one call: DDP expects one forward per backward."""
+
+    def __init__(self, model: MultiPatchTransformer, patch_sizes: tuple[int, ...]):
+        super().__init__()
+        self.model, self.patch_sizes = model, patch_sizes
+
+    def forward(self, z_t: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The loss of each coarse size, as a vector."""
+        with torch.no_grad():
+            teacher = self.model(z_t, **kwargs, return_dict=False)[0].float()
+        return torch.stack([
+            F.mse_loss(self.model(z_t, patch_size=size, **kwargs, return_dict=False)[0].float(), teacher)
+            for size in self.patch_sizes
+        ])
+
+
+def sampler_sigmas(num_steps: int, scheduler: FlowMatchEulerDiscreteScheduler | None = None) -> torch.Tensor:
+    """The ``num_steps`` noise levels t that an Euler sampler feeds the model (1 is pure noise)."""
+    scheduler = copy.deepcopy(scheduler) if scheduler is not None else default_scheduler()
+    scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas[:-1].float()  # the last entry is the final 0, never a model input
+
+
+def distill(
+    model: MultiPatchTransformer,
+    data: Dataset,
+    out: str | Path,
+    config: DistillConfig | None = None,
+    *,
+    extra_kwargs: dict | None = None,
+    scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+    resume: bool = False,
+    checkpoint_minutes: float = 3.0,
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+) -> Path:
+    """Train ``model``'s adapter against its own backbone; returns the saved adapter, ``out/adapter``.
+
+    ``data[i]`` is ``(clean latent, {forward argument: value})``, in the form the
+    backbone's ``hidden_states`` takes (packed for Flux); ``extra_kwargs`` are
+    forward arguments shared by every batch (Flux's ``img_ids``...). The model
+    is called as ``model(z_t, timestep=t * timestep_scale, **conditioning,
+    **extra_kwargs)``. ``scheduler`` (without dynamic shifting) sets where t
+    lies; the default is the testbed sampler's. Checkpoints go to
+    ``out/checkpoint.pt`` every ``checkpoint_minutes`` and at the end;
+    ``resume`` continues from there.
+    """
+    config, accelerator = config or DistillConfig(), accelerator or Accelerator()
+    out, stamp = Path(out), f"{type(model.backbone).__name__} {config_hash(model.backbone)}"
+    ckpt_path = out / "checkpoint.pt"
+    sizes = tuple(config.patch_sizes or model.patch_sizes[1:])
+    sigmas = sampler_sigmas(config.num_inference_steps, scheduler)
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    state = {"step": 0, "losses": [], "seconds": 0.0}
+
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        saved = DistillConfig(**ckpt["config"])
+        if not config.same_run(saved) or ckpt["backbone"] != stamp:
+            raise CheckpointError(
+                f"{ckpt_path} was distilled with {asdict(saved)} for {ckpt['backbone']}, not {asdict(config)} "
+                f"for {stamp}; resume with the same settings (only steps may change) or use another output folder"
+            )
+        model.load_adapter_state_dict(ckpt["adapter"], source=ckpt_path)
+        opt.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+
+    loss_fn, opt = accelerator.prepare(DistillationLoss(model, sizes).eval(), opt)
+
+    def save():
+        if accelerator.is_main_process:
+            save_checkpoint({"config": asdict(config), "backbone": stamp, "adapter": model.adapter_state_dict(),
+                             "optimizer": opt.state_dict(), "state": state}, ckpt_path)
+
+    def to_device(v):
+        return v.to(accelerator.device, model.dtype if v.is_floating_point() else None) if torch.is_tensor(v) else v
+
+    checkpointer = Checkpointer(save, checkpoint_minutes)
+    bar = tqdm(total=config.steps, initial=state["step"], desc="distill",
+               disable=not (progress and accelerator.is_main_process))
+    started = time.monotonic() - state["seconds"]
+    while state["step"] < config.steps:
+        g = torch.Generator().manual_seed((config.seed * 1_000_003 + state["step"]) * 1_009
+                                          + accelerator.process_index)
+        idx = torch.randint(len(data), (config.batch_size,), generator=g)
+        x0, conditioning = default_collate([data[int(i)] for i in idx])
+        t = sigmas[torch.randint(len(sigmas), (len(idx),), generator=g)]
+        noise = torch.randn(x0.shape, generator=g)
+        t_ = t.view(-1, *[1] * (x0.ndim - 1))
+        z_t = (1 - t_) * x0 + t_ * noise
+        kwargs = {**(extra_kwargs or {}), **conditioning, "timestep": t * config.timestep_scale}
+        losses = loss_fn(to_device(z_t), {k: to_device(v) for k, v in kwargs.items()})
+        accelerator.backward(losses.mean())
+        accelerator.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["losses"].append(losses.tolist())
+        state["seconds"] = time.monotonic() - started
+        bar.update(1)
+        recent = torch.tensor(state["losses"][-50:]).mean(0)
+        bar.set_postfix({f"p{s}": f"{v:.4f}" for s, v in zip(sizes, recent.tolist())})
+        checkpointer.tick()
+    bar.close()
+    checkpointer.done()
+
+    accelerator.wait_for_everyone()
+    export = out / "adapter"
+    if accelerator.is_main_process:
+        model.save_pretrained(export)
+        (out / "distill.json").write_text(json.dumps(
+            {"config": asdict(config), "backbone": stamp, "patch_sizes": sizes, "steps": state["step"],
+             "seconds": round(state["seconds"], 1), "losses": state["losses"]}, indent=1))
+    return export

@@ -1,0 +1,200 @@
+"""Backbone specs on the tiny random config of each family (REFERENCE.md section 2)."""
+
+import pytest
+import torch
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    WanTransformer3DModel,
+)
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+import ddit.backbones
+from ddit.adapter import MultiPatchTransformer, PatchHead
+from ddit.backbones import BackboneSpec, DiTSpec, patchify, sincos_positions, spec_for, unpatchify
+
+B = 2
+
+
+def _randomize(model):
+    """Give zero-initialised layers (adaLN, output heads) random values, so outputs depend on everything."""
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+def _flux_ids(h, w):
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
+    return ids.reshape(-1, 3)
+
+
+def dit():
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                  num_layers=2, sample_size=8, patch_size=2, norm_num_groups=1)
+    return model, dict(hidden_states=torch.randn(B, 4, 8, 8), timestep=torch.tensor([10, 900]),
+                       class_labels=torch.tensor([1, 2]))
+
+
+def pixart():
+    model = PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                     num_attention_heads=3, caption_channels=32, in_channels=4,
+                                     cross_attention_dim=24, out_channels=8)
+    return model, dict(hidden_states=torch.randn(B, 4, 16, 8), encoder_hidden_states=torch.randn(B, 5, 32),
+                       encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5]),
+                       timestep=torch.tensor([10, 900]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+
+def sd3():
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                  num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+                                  pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
+    return model, dict(hidden_states=torch.randn(B, 4, 16, 8), encoder_hidden_states=torch.randn(B, 5, 32),
+                       pooled_projections=torch.randn(B, 16), timestep=torch.tensor([10.0, 900.0]))
+
+
+def flux():
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+    h, w = 8, 4  # packed tokens of a 16 x 8 latent
+    return model, dict(hidden_states=torch.randn(B, h * w, 64), encoder_hidden_states=torch.randn(B, 5, 32),
+                       pooled_projections=torch.randn(B, 32), timestep=torch.tensor([0.01, 0.9]),
+                       img_ids=_flux_ids(h, w), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5, 3.5]))
+
+
+def wan():
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    return model, dict(hidden_states=torch.randn(B, 4, 3, 16, 8), encoder_hidden_states=torch.randn(B, 5, 16),
+                       timestep=torch.tensor([10, 900]))
+
+
+FAMILIES = {"dit": dit, "pixart": pixart, "sd3": sd3, "flux": flux, "wan": wan}
+# attention q/k/v/out (self, and cross where there is one) + feed-forward in + out, per block;
+# Flux's single blocks: q/k/v + proj_mlp + proj_out
+LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "wan": 2 * 10}
+
+
+@pytest.fixture(params=FAMILIES, scope="module")
+def family(request):
+    torch.manual_seed(0)
+    model, inputs = FAMILIES[request.param]()
+    _randomize(model)
+    with torch.no_grad():
+        reference = model(**inputs, return_dict=False)[0]
+    return request.param, MultiPatchTransformer(model), inputs, reference
+
+
+@torch.no_grad()
+def test_base_size_calls_the_backbone_unchanged(family):
+    _, model, inputs, reference = family
+    for size in (None, model.base_patch_size):
+        assert (model(**inputs, patch_size=size, return_dict=False)[0] - reference).abs().max() <= 1e-6
+
+
+@torch.no_grad()
+def test_every_size_gives_a_finite_output_of_the_backbone_shape(family):
+    _, model, inputs, reference = family
+    assert model.patch_sizes == (2, 4, 8)
+    for size in model.patch_sizes[1:]:
+        out = model(**inputs, patch_size=size).sample
+        assert out.shape == reference.shape and out.isfinite().all()
+
+
+def test_lora_sits_on_every_block_attention_and_feed_forward(family):
+    name, model, _, _ = family
+    layers = [n for n, m in model.backbone.named_modules() if m in model._lora_layers]
+    assert len(layers) == LORA_LAYERS[name]
+    assert all(n.split(".")[0] in ("transformer_blocks", "single_transformer_blocks", "blocks") for n in layers)
+    assert all(set(layer.lora_A) == {"patch4", "patch8"} for layer in model._lora_layers)
+
+
+@torch.no_grad()
+def test_family_forward_with_the_base_layers_reproduces_the_backbone(family):
+    """The spec's own forward, fed the backbone's own patch layers, is the backbone's computation."""
+    _, model, inputs, reference = family
+    given = model._signature.bind(**inputs, return_dict=False)
+    given.apply_defaults()
+    head = PatchHead(*model.spec.base_weights(), scale=1)
+    x = model.spec.latent(given.arguments)
+    out = model._patched(head, model.base_patch_size, x, given.arguments)
+    assert (out - reference).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart", "sd3"])
+def test_coarse_sincos_is_the_fine_table_at_stride_k(name):
+    model, inputs = FAMILIES[name]()
+    pe, latent = model.pos_embed, torch.zeros_like(inputs["hidden_states"])
+    h, w = latent.shape[-2] // 2, latent.shape[-1] // 2
+    with torch.no_grad():  # what the backbone adds at its own patch size
+        fine = (pe(latent) - pe.proj.bias).reshape(B, h, w, -1)[0]
+    for k in (2, 4):
+        coarse = sincos_positions(pe, (h // k, w // k), k).reshape(h // k, w // k, -1)
+        assert torch.allclose(coarse, fine[::k, ::k], atol=1e-6)
+
+
+@torch.no_grad()
+def test_flux_repacks_and_places_coarse_ids_at_patch_centres():
+    torch.manual_seed(0)
+    backbone, inputs = flux()
+    model = MultiPatchTransformer(_randomize(backbone))
+    latent = torch.randn(B, 16, 16, 8)
+    packed = latent.view(B, 16, 8, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, 32, 64)  # FluxPipeline's packing
+    assert torch.equal(patchify(latent, (2, 2)), packed)
+    assert torch.equal(unpatchify(packed, (2, 2), (8, 4)), latent)
+    seen = []
+    hook = backbone.pos_embed.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        model(**inputs, patch_size=8)
+    finally:
+        hook.remove()
+    image_ids = seen[0][5:]  # after the 5 text ids
+    s = 4  # an 8 x 8 patch spans 4 x 4 packed tokens
+    rows, cols = torch.meshgrid(torch.arange(2) * s + (s - 1) / 2, torch.arange(1) * s + (s - 1) / 2, indexing="ij")
+    assert torch.equal(image_ids, torch.stack([torch.zeros(2), rows.flatten(), cols.flatten()], -1))
+
+
+def test_wan_rope_keeps_frames_and_puts_coarse_patches_at_centres():
+    backbone, inputs = wan()
+    spec = spec_for(backbone)
+    fine = backbone.rope(inputs["hidden_states"])
+    assert all(torch.allclose(a, b) for a, b in zip(spec.rope((3, 8, 4), 1), fine))
+    cos, _ = spec.rope((3, 4, 2), 2)
+    rope = backbone.rope
+    rows = cos[0, :, 0].reshape(3, 4, 2, -1)[0, :, 0, rope.t_dim:rope.t_dim + rope.h_dim]
+    expected, _ = get_1d_rotary_pos_embed(rope.h_dim, torch.arange(4) * 2 + 0.5, 10000.0, use_real=True,
+                                          repeat_interleave_real=True, freqs_dtype=torch.float64)
+    assert torch.allclose(rows, expected.to(rows))
+    frames = cos[0, :, 0].reshape(3, 4, 2, -1)[:, 0, 0, :rope.t_dim]
+    assert torch.allclose(frames, fine[0][0, :, 0].reshape(3, 8, 4, -1)[:, 0, 0, :rope.t_dim])
+
+
+def test_unsupported_backbone_lists_the_supported_ones():
+    with pytest.raises(TypeError, match="Linear.*DiTTransformer2DModel.*FluxTransformer2DModel"):
+        MultiPatchTransformer(torch.nn.Linear(2, 2))
+
+
+def test_spec_is_chosen_by_class_including_subclasses_and_plugins(monkeypatch):
+    class MyDiT(DiTTransformer2DModel):
+        pass
+
+    class LinearSpec(BackboneSpec):
+        model_class = "Linear"
+
+    subclass = MyDiT(num_attention_heads=1, attention_head_dim=8, num_layers=1, norm_num_groups=1)
+    assert isinstance(spec_for(subclass), DiTSpec)
+    monkeypatch.setattr(ddit.backbones.plugins, "collect", lambda hook: [LinearSpec])
+    assert isinstance(spec_for(torch.nn.Linear(2, 2)), LinearSpec)
+
+
+def test_arguments_of_the_fine_grid_are_refused_at_coarse_sizes():
+    backbone, inputs = sd3()
+    model = MultiPatchTransformer(backbone)
+    with pytest.raises(ValueError, match="block_controlnet_hidden_states"):
+        model(**inputs, block_controlnet_hidden_states=[torch.zeros(1)], patch_size=4)

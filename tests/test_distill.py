@@ -1,0 +1,79 @@
+"""Distillation (DDiT Eq. 1) on a tiny testbed DiT and a few testbed images."""
+
+import json
+
+import pytest
+import torch
+
+import ddit.distill
+from ddit.adapter import MultiPatchTransformer
+from ddit.checkpoint import CheckpointError
+from ddit.distill import DistillConfig, LatentDataset, distill, sampler_sigmas
+from ddit.testbed.base_model import build_base_model
+from ddit.testbed.data import make_dataset
+
+CONFIG = DistillConfig(steps=4, batch_size=4, lr=3e-3, num_inference_steps=10)
+
+
+@pytest.fixture(scope="module")
+def data():
+    images, labels = make_dataset(16, seed=0)
+    return LatentDataset(images, class_labels=labels)
+
+
+def adapter():
+    """A tiny testbed DiT with random (not zero) output layers, so the teacher says something, wrapped."""
+    torch.manual_seed(0)
+    model = build_base_model(num_layers=2, num_attention_heads=2, attention_head_dim=8)
+    for p in model.parameters():
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    return MultiPatchTransformer(model)
+
+
+def run(data, out, config=CONFIG, **kw):
+    model = adapter()
+    return model, distill(model, data, out, config, progress=False, **kw)
+
+
+def test_trains_only_the_adapter_at_the_samplers_noise_levels(data, tmp_path, monkeypatch):
+    timesteps, forward = [], ddit.distill.DistillationLoss.forward
+
+    def spy(self, z_t, kwargs):
+        timesteps.append(kwargs["timestep"])
+        return forward(self, z_t, kwargs)
+
+    monkeypatch.setattr(ddit.distill.DistillationLoss, "forward", spy)
+    model = adapter()
+    frozen = {n: p.clone() for n, p in model.backbone.named_parameters() if ".lora_" not in n}
+    new = {n: v.clone() for n, v in model.adapter_state_dict().items()}
+    config = DistillConfig(steps=12, batch_size=4, lr=3e-3, num_inference_steps=10)
+    export = distill(model, data, tmp_path, config, progress=False)
+
+    assert all(torch.equal(p, frozen[n]) for n, p in model.backbone.named_parameters() if n in frozen)
+    assert all(not torch.equal(v, new[n]) for n, v in model.adapter_state_dict().items() if "lora_A" not in n)
+    sigmas = sampler_sigmas(10)
+    assert len(timesteps) == 12 and all(torch.isin(t / 1000, sigmas).all() for t in timesteps)
+    losses = torch.tensor(json.loads((tmp_path / "distill.json").read_text())["losses"])  # (steps, sizes)
+    assert losses.shape == (12, 2) and (losses[-3:].mean(0) < losses[:3].mean(0)).all()
+    loaded = MultiPatchTransformer.from_pretrained(adapter().backbone, export)
+    assert all(torch.equal(v, loaded.adapter_state_dict()[n]) for n, v in model.adapter_state_dict().items())
+
+
+def test_resumed_run_reproduces_an_uninterrupted_one(data, tmp_path):
+    straight, _ = run(data, tmp_path / "straight")
+    run(data, tmp_path / "resumed", DistillConfig(**{**CONFIG.__dict__, "steps": 2}))
+    resumed, _ = run(data, tmp_path / "resumed", resume=True)
+    for name, value in straight.adapter_state_dict().items():
+        assert torch.equal(value, resumed.adapter_state_dict()[name]), name
+
+
+def test_resume_refuses_other_settings(data, tmp_path):
+    run(data, tmp_path, DistillConfig(**{**CONFIG.__dict__, "steps": 1}))
+    with pytest.raises(CheckpointError, match="resume with the same settings"):
+        run(data, tmp_path, DistillConfig(**{**CONFIG.__dict__, "lr": 1e-4}), resume=True)
+
+
+def test_sampler_sigmas_are_the_noise_levels_the_sampler_visits():
+    sigmas = sampler_sigmas(10)
+    assert len(sigmas) == 10 and sigmas[0] == 1.0 and (sigmas > 0).all() and (sigmas.diff() < 0).all()
