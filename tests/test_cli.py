@@ -26,3 +26,18 @@ def test_unknown_prompt_is_a_clear_error(tmp_path, capsys):
 def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit):
         main(["teleport"])
+
+
+def test_distill_command_trains_and_resumes(tmp_path):
+    build_base_model(**TINY_DIT).save_pretrained(tmp_path / "base")
+    args = ["distill", "--out", str(tmp_path / "run"), "--base", str(tmp_path / "base"),
+            "--sizes", "4", "--batch-size", "2", "--num-inference-steps", "4"]
+    assert main([*args, "--steps", "1"]) == 0
+    assert main([*args, "--steps", "2", "--resume"]) == 0
+    assert (tmp_path / "run" / "adapter" / "multipatch.safetensors").is_file()
+
+
+def test_distill_with_backbone_needs_latents(tmp_path, capsys):
+    build_base_model(**TINY_DIT).save_pretrained(tmp_path / "dit")
+    assert main(["distill", "--out", str(tmp_path / "run"), "--backbone", str(tmp_path / "dit")]) == 2
+    assert "--backbone needs --latents" in capsys.readouterr().err

@@ -64,6 +64,36 @@ def _generate(args) -> None:
     print(f"wrote {args.out}")
 
 
+def _distill(args) -> None:
+    from .adapter import MultiPatchTransformer
+    from .distill import DistillConfig, LatentDataset, distill
+    from .weights import load_pretrained_transformer, load_safetensors
+
+    if args.backbone:
+        if not args.latents:
+            raise ValueError("--backbone needs --latents: a safetensors file with 'latents' "
+                             "and the forward arguments to condition on (e.g. 'class_labels')")
+        backbone = load_pretrained_transformer(args.backbone)
+        tensors = load_safetensors(args.latents)
+        if "latents" not in tensors:
+            raise ValueError(f"{args.latents} holds {sorted(tensors)}, but no 'latents'")
+        data = LatentDataset(tensors.pop("latents"), **tensors)
+    else:
+        from .testbed.adapter import distillation_data
+        from .testbed.base_model import SHIPPED_BASE, load_base_model
+
+        backbone = load_base_model(args.base or SHIPPED_BASE)
+        data = distillation_data(seed=args.seed)
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+    model = MultiPatchTransformer(backbone, sizes, rank=args.rank)
+    config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                           num_inference_steps=args.num_inference_steps,
+                           timestep_scale=args.timestep_scale, seed=args.seed)
+    export = distill(model, data, args.out, config, resume=args.resume,
+                     checkpoint_minutes=args.checkpoint_minutes)
+    print(f"adapter written to {export}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="the --out folder of train-base")
     p.add_argument("--num", type=int, default=512, help="images for the quality measurement")
     p.set_defaults(func=_ship_base)
+
+    p = commands.add_parser("distill", help="train a multi-patch adapter against its frozen backbone (Eq. 1)")
+    p.add_argument("--out", required=True, help="folder for checkpoints and the adapter (OUT/adapter)")
+    p.add_argument("--base", help="testbed base model folder (default: the shipped one)")
+    p.add_argument("--backbone", help="a diffusers transformer folder, instead of the testbed")
+    p.add_argument("--latents", help="with --backbone: safetensors with 'latents' and conditioning tensors")
+    p.add_argument("--sizes", help="patch sizes in latent pixels, e.g. 4,8 (default: 2p,4p)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--num-inference-steps", type=int, default=50,
+                   help="t is drawn from the noise levels of a sampler with this many steps")
+    p.add_argument("--timestep-scale", type=float, default=1000.0, help="model timestep = t * scale (Flux: 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.set_defaults(func=_distill)
 
     p = commands.add_parser("generate", help="sample a grid of images of one testbed prompt")
     p.add_argument("--prompt", required=True, help="a testbed class name, e.g. moon")

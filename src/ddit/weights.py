@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -32,3 +33,18 @@ def load_diffusers_model(model_class, folder: str | Path):
         return model_class.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load {model_class.__name__} from {folder}: {err}") from err
+
+
+def load_pretrained_transformer(folder: str | Path):
+    """A diffusers model saved with ``save_pretrained``, of the class its config names."""
+    import diffusers
+
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{folder} holds no config.json; pass the folder a diffusers "
+                              "model was saved to with save_pretrained")
+    name = json.loads(config.read_text()).get("_class_name", "")
+    model_class = getattr(diffusers, name, None)
+    if model_class is None:
+        raise CheckpointError(f"{config} names the class {name!r}, which diffusers does not have")
+    return load_diffusers_model(model_class, folder)
