@@ -70,7 +70,7 @@ def test_resumed_run_reproduces_an_uninterrupted_one(data, tmp_path):
 
 def test_resume_refuses_other_settings(data, tmp_path):
     run(data, tmp_path, DistillConfig(**{**CONFIG.__dict__, "steps": 1}))
-    with pytest.raises(CheckpointError, match="resume with the same settings"):
+    with pytest.raises(CheckpointError, match="only --steps may change"):
         run(data, tmp_path, DistillConfig(**{**CONFIG.__dict__, "lr": 1e-4}), resume=True)
 
 

@@ -12,7 +12,7 @@ from ddit.testbed.evaluator import SHIPPED_EVALUATOR, accuracy, load_evaluator
 def test_base_model_loads_and_a_sampling_step_runs():
     model = load_base_model()
     assert sum(p.numel() for p in model.parameters()) > 2_000_000
-    images = generate(model, torch.arange(len(PROMPTS)), steps=1, guidance=2.0)
+    images = generate(model, torch.arange(len(PROMPTS)), steps=1, guidance=2.0).images
     assert images.shape == (len(PROMPTS), 3, 32, 32)
     assert torch.isfinite(images).all()
     assert (SHIPPED_BASE / "diffusion_pytorch_model.safetensors").stat().st_size <= 10 * 2**20

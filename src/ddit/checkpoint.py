@@ -66,13 +66,17 @@ class TrainingRun:
     """
 
     def __init__(self, path: str | os.PathLike, config, *, desc: str, minutes: float = 3.0,
-                 progress: bool = True, **stateful):
-        self.path, self.config, self.desc, self.progress = Path(path), config, desc, progress
+                 progress: bool = True, writer: bool = True, **stateful):
+        """``writer=False`` (every process but the main one of a multi-GPU run) never writes."""
+        self.path, self.config, self.desc = Path(path), config, desc
+        self.progress, self.writer = progress and writer, writer
         self.stateful = stateful
         self.state = {"step": 0, "losses": [], "seconds": 0.0}
         self.checkpointer = Checkpointer(self.save, minutes)
 
     def save(self) -> None:
+        if not self.writer:
+            return
         save_checkpoint({"config": asdict(self.config), "state": self.state,
                          **{name: obj.state_dict() for name, obj in self.stateful.items()}}, self.path)
 
@@ -98,10 +102,10 @@ class TrainingRun:
                 self.state["seconds"] = time.monotonic() - started
                 bar.update(1)
                 recent = self.state["losses"][-50:]
-                if recent:
-                    bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+                if recent:  # a loss may be a list (one per patch size): show the overall mean
+                    bar.set_postfix(loss=f"{torch.tensor(recent, dtype=torch.float64).mean():.4f}")
                 self.checkpointer.tick()
         self.checkpointer.done()
 
-    def log(self, loss: float) -> None:
+    def log(self, loss: float | list[float]) -> None:
         self.state["losses"].append(loss)

@@ -59,7 +59,7 @@ def _generate(args) -> None:
 
     labels = torch.full((args.num,), class_id(args.prompt))
     model = load_base_model(args.model) if args.model else load_base_model()
-    images = generate(model, labels, seed=args.seed, steps=args.steps, guidance=args.guidance, progress=True)
+    images = generate(model, labels, seed=args.seed, steps=args.steps, guidance=args.guidance, progress=True).images
     save_grid(images, args.out)
     print(f"wrote {args.out}")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,10 +28,9 @@ from accelerate import Accelerator
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 from torch.utils.data import Dataset, default_collate
-from tqdm.auto import tqdm
 
 from .adapter import MultiPatchTransformer, config_hash
-from .checkpoint import Checkpointer, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, TrainingRun
 from .sampling import default_scheduler
 
 
@@ -50,11 +48,6 @@ class DistillConfig:
         if self.patch_sizes is not None:
             self.patch_sizes = tuple(self.patch_sizes)
 
-    def same_run(self, other: "DistillConfig") -> bool:
-        """Whether a checkpoint of ``other`` can be resumed under ``self`` (steps may grow)."""
-        a, b = asdict(self), asdict(other)
-        a.pop("steps"), b.pop("steps")
-        return a == b
 
 
 class LatentDataset(Dataset):
@@ -85,6 +78,26 @@ class DistillationLoss(nn.Module):
             F.mse_loss(self.model(z_t, patch_size=size, **kwargs, return_dict=False)[0].float(), teacher)
             for size in self.patch_sizes
         ])
+
+
+def backbone_stamp(model: MultiPatchTransformer) -> str:
+    return f"{type(model.backbone).__name__} {config_hash(model.backbone)}"
+
+
+class _AdapterState:
+    """What a checkpoint keeps of the model: the adapter's weights, stamped with its backbone."""
+
+    def __init__(self, model: MultiPatchTransformer):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return {"backbone": backbone_stamp(self.model), "weights": self.model.adapter_state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["backbone"] != backbone_stamp(self.model):
+            raise CheckpointError(f"this checkpoint distilled an adapter for {state['backbone']}, not for "
+                                  f"{backbone_stamp(self.model)}; use another output folder")
+        self.model.load_adapter_state_dict(state["weights"], source="checkpoint")
 
 
 def sampler_sigmas(num_steps: int, scheduler: FlowMatchEulerDiscreteScheduler | None = None) -> torch.Tensor:
@@ -119,43 +132,23 @@ def distill(
     ``resume`` continues from there.
     """
     config, accelerator = config or DistillConfig(), accelerator or Accelerator()
-    out, stamp = Path(out), f"{type(model.backbone).__name__} {config_hash(model.backbone)}"
-    ckpt_path = out / "checkpoint.pt"
+    out = Path(out)
     sizes = tuple(config.patch_sizes or model.patch_sizes[1:])
     sigmas = sampler_sigmas(config.num_inference_steps, scheduler)
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    state = {"step": 0, "losses": [], "seconds": 0.0}
-
+    run = TrainingRun(out / "checkpoint.pt", config, desc="distill", minutes=checkpoint_minutes,
+                      progress=progress, writer=accelerator.is_main_process,
+                      adapter=_AdapterState(model), optimizer=opt)
     if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        saved = DistillConfig(**ckpt["config"])
-        if not config.same_run(saved) or ckpt["backbone"] != stamp:
-            raise CheckpointError(
-                f"{ckpt_path} was distilled with {asdict(saved)} for {ckpt['backbone']}, not {asdict(config)} "
-                f"for {stamp}; resume with the same settings (only steps may change) or use another output folder"
-            )
-        model.load_adapter_state_dict(ckpt["adapter"], source=ckpt_path)
-        opt.load_state_dict(ckpt["optimizer"])
-        state = ckpt["state"]
-
+        run.restore()
     loss_fn, opt = accelerator.prepare(DistillationLoss(model, sizes).eval(), opt)
-
-    def save():
-        if accelerator.is_main_process:
-            save_checkpoint({"config": asdict(config), "backbone": stamp, "adapter": model.adapter_state_dict(),
-                             "optimizer": opt.state_dict(), "state": state}, ckpt_path)
 
     def to_device(v):
         return v.to(accelerator.device, model.dtype if v.is_floating_point() else None) if torch.is_tensor(v) else v
 
-    checkpointer = Checkpointer(save, checkpoint_minutes)
-    bar = tqdm(total=config.steps, initial=state["step"], desc="distill",
-               disable=not (progress and accelerator.is_main_process))
-    started = time.monotonic() - state["seconds"]
-    while state["step"] < config.steps:
-        g = torch.Generator().manual_seed((config.seed * 1_000_003 + state["step"]) * 1_009
-                                          + accelerator.process_index)
+    for step in run.steps():
+        g = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1_009 + accelerator.process_index)
         idx = torch.randint(len(data), (config.batch_size,), generator=g)
         x0, conditioning = default_collate([data[int(i)] for i in idx])
         t = sigmas[torch.randint(len(sigmas), (len(idx),), generator=g)]
@@ -168,21 +161,14 @@ def distill(
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["losses"].append(losses.tolist())
-        state["seconds"] = time.monotonic() - started
-        bar.update(1)
-        recent = torch.tensor(state["losses"][-50:]).mean(0)
-        bar.set_postfix({f"p{s}": f"{v:.4f}" for s, v in zip(sizes, recent.tolist())})
-        checkpointer.tick()
-    bar.close()
-    checkpointer.done()
+        run.log(losses.tolist())
 
     accelerator.wait_for_everyone()
     export = out / "adapter"
     if accelerator.is_main_process:
         model.save_pretrained(export)
         (out / "distill.json").write_text(json.dumps(
-            {"config": asdict(config), "backbone": stamp, "patch_sizes": sizes, "steps": state["step"],
-             "seconds": round(state["seconds"], 1), "losses": state["losses"]}, indent=1))
+            {"config": asdict(config), "backbone": backbone_stamp(model), "patch_sizes": sizes,
+             "steps": run.state["step"], "seconds": round(run.state["seconds"], 1),
+             "losses": run.state["losses"]}, indent=1))
     return export

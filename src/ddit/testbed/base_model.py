@@ -16,7 +16,9 @@ import torch
 from diffusers import DiTTransformer2DModel
 from torch import nn
 
-from ..sampling import sample, transformer_velocity
+from ..caches import Cache
+from ..policies import PatchPolicy
+from ..sampling import Samples, sample, transformer_velocity
 from ..weights import load_diffusers_model
 from .data import CHANNELS, IMAGE_SIZE, PROMPTS
 
@@ -66,8 +68,10 @@ def load_base_model(folder: str | Path = SHIPPED_BASE) -> DiTTransformer2DModel:
 
 
 def generate(model, labels: torch.Tensor, *, seed: int = 0, steps: int = 50, guidance: float = 2.0,
-             batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Class-conditional images in [-1, 1] from a testbed model (base or multi-patch)."""
+             policy: PatchPolicy | None = None, cache: Cache | None = None, batch_size: int = 64,
+             progress: bool = False) -> Samples:
+    """Class-conditional images in [-1, 1] from a testbed model (a DiT or a MultiPatchTransformer wrapping one),
+    with their per-step traces; ``policy`` picks patch sizes per sample and step (the base size without one)."""
     return sample(transformer_velocity(model), labels, sample_shape=(CHANNELS, IMAGE_SIZE, IMAGE_SIZE),
-                  seed=seed, steps=steps, guidance=guidance, null_label=NULL_LABEL,
+                  seed=seed, steps=steps, guidance=guidance, null_label=NULL_LABEL, policy=policy, cache=cache,
                   batch_size=batch_size, progress=progress)

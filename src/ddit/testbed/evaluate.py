@@ -45,6 +45,6 @@ def evaluate_images(evaluator: Evaluator, images: torch.Tensor, labels: torch.Te
 def evaluate_model(model, evaluator: Evaluator, *, num: int = 512, steps: int = 50, guidance: float = 2.0,
                    seed: int = 0, progress: bool = False) -> dict:
     labels = balanced_labels(num)
-    images = generate(model, labels, seed=seed, steps=steps, guidance=guidance, progress=progress)
+    images = generate(model, labels, seed=seed, steps=steps, guidance=guidance, progress=progress).images
     return {"num": num, "steps": steps, "guidance": guidance, "seed": seed,
             **evaluate_images(evaluator, images, labels)}

@@ -50,7 +50,7 @@ def ship_base(run: str | Path, evaluator: Evaluator, dest: str | Path = SHIPPED_
 
     model = load_base_model(dest)
     rows = torch.arange(len(PROMPTS)).repeat_interleave(8)
-    save_grid(generate(model, rows, seed=seed, steps=steps, guidance=guidance), dest / "samples.png")
+    save_grid(generate(model, rows, seed=seed, steps=steps, guidance=guidance).images, dest / "samples.png")
     quality = evaluate_model(model, evaluator, num=num, steps=steps, guidance=guidance, seed=seed,
                              progress=True)
     (dest / "eval.json").write_text(json.dumps(quality, indent=1))

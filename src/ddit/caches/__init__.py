@@ -1,0 +1,18 @@
+"""Feature caches: skip a sample's transformer blocks at some steps, composable with every patch policy.
+
+See docs/caches.md for the design, the built-ins and writing new ones.
+"""
+
+from .base import Cache, Group
+from .registry import BUILTIN_CACHES, available_caches, get_cache
+from .stack import StackRun, blocks_of, replace_stack
+from .taylorseer import TaylorSeer
+from .teacache import (
+    TESTBED_FIT, TeaCache, calibrate_teacache, load_teacache_fit, modulated_input, write_teacache_fit,
+)
+
+__all__ = [
+    "Cache", "Group", "BUILTIN_CACHES", "available_caches", "get_cache", "StackRun", "blocks_of", "replace_stack",
+    "TaylorSeer", "TESTBED_FIT", "TeaCache", "calibrate_teacache", "load_teacache_fit", "modulated_input",
+    "write_teacache_fit",
+]

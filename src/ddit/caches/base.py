@@ -1,0 +1,87 @@
+"""The feature-cache interface: skip a sample's transformer blocks at some steps, reuse earlier work."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .stack import StackRun
+
+
+@dataclass(frozen=True)
+class Group:
+    """Who a model call is for: samples of one generation that run at one patch size at one step."""
+
+    step: int  # 0-based
+    num_steps: int
+    samples: tuple[int, ...]  # their indices in the generation
+    patch_size: int
+
+
+class Cache(abc.ABC):
+    """Decides per sample whether to run the block stack or to stand in for it.
+
+    State is kept per sample, so that what a sample becomes never depends on its
+    batch or group, and it starts over whenever the sample's patch size changes:
+    features of one token grid mean nothing on another. The rows of a model call
+    are its group's samples, repeated once per classifier-free-guidance branch;
+    a sample's branches are decided together. Only the rows that compute run
+    through the blocks.
+
+    A cache implements ``reuse``; by default it stands in with the residual
+    (output - input of the stack) of the sample's last computed step, which
+    ``record`` keeps.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a generation: forget every sample."""
+        self.states: dict[int, dict] = {}
+        self.reused: dict[int, bool] = {}  # sample -> whether its latest call skipped the blocks
+
+    @abc.abstractmethod
+    def reuse(self, group: Group, run: StackRun, rows: dict[int, torch.Tensor]) -> dict[int, bool]:
+        """Per sample of the group, whether to skip its blocks; ``rows`` are each sample's row indices.
+
+        ``self.states[sample]`` is the sample's state; it holds at least its ``patch_size``.
+        """
+
+    def predict(self, state: dict, group: Group, hidden: torch.Tensor) -> torch.Tensor:
+        """The stack's output for a skipped sample's rows."""
+        return hidden.float() + state["residual"]
+
+    def record(self, state: dict, group: Group, hidden: torch.Tensor, output: torch.Tensor) -> None:
+        """Keep what a computed step leaves for later ones."""
+        state["residual"] = output.float() - hidden.float()
+
+    def __call__(self, group: Group, run: StackRun) -> torch.Tensor:
+        """The stack's output for one call: the blocks run only on the rows of samples that compute."""
+        hidden = run.hidden
+        owner = torch.tensor(group.samples).repeat(len(hidden) // len(group.samples))
+        rows = {s: (owner == s).nonzero().flatten() for s in group.samples}
+        for s in group.samples:
+            if self.states.get(s, {}).get("patch_size") != group.patch_size:
+                self.states[s] = {"patch_size": group.patch_size}
+        reuse = self.reuse(group, run, rows)
+        compute = torch.tensor([not reuse[s] for s in owner.tolist()])
+        if compute.all():
+            output = run.run()
+        else:
+            output = torch.empty_like(hidden)
+            if compute.any():
+                output[compute] = run.run(compute).to(hidden.dtype)
+            for s, r in rows.items():
+                if reuse[s]:
+                    output[r] = self.predict(self.states[s], group, hidden[r]).to(output.dtype)
+        for s, r in rows.items():
+            if not reuse[s]:
+                self.record(self.states[s], group, hidden[r], output[r])
+        self.reused.update(reuse)
+        return output

@@ -1,0 +1,134 @@
+"""TeaCache (Liu et al. 2024): skip the blocks while the inputs have barely moved.
+
+The change of the first block's timestep-modulated input between steps (relative
+L1) is rescaled by a degree-4 polynomial into an estimate of the change of the
+output, and accumulated; while the sum stays below ``delta`` the blocks are
+skipped and the last computed residual is reused. The polynomial is fitted per
+model (``calibrate_teacache``); the testbed's fit ships as ``teacache.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import Cache, Group
+from .stack import StackRun
+
+#: The fit for the testbed's base model.
+TESTBED_FIT = Path(__file__).parents[1] / "testbed" / "assets" / "teacache.json"
+
+
+def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    """mean |a - b| / mean |b|."""
+    return float((a - b).abs().mean() / b.abs().mean())
+
+
+def modulated_input(run: StackRun) -> torch.Tensor:
+    """The first block's timestep-modulated input (its adaLN output), for DiT's adaLN-zero blocks."""
+    block, arguments = run.block, run.arguments
+    if getattr(block, "norm_type", None) != "ada_norm_zero":
+        raise NotImplementedError(f"TeaCache does not know the modulated input of {type(block).__name__}; "
+                                  "subclass TeaCache and override indicator()")
+    return block.norm1(run.hidden, arguments.get("timestep"), arguments.get("class_labels"),
+                       hidden_dtype=run.hidden.dtype)[0]
+
+
+def load_teacache_fit(path: str | Path = TESTBED_FIT) -> list[float]:
+    """Polynomial coefficients saved by ``write_teacache_fit``, highest degree first."""
+    try:
+        return json.loads(Path(path).read_text())["coefficients"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no TeaCache fit at {path}: fit one with ddit.caches.calibrate_teacache(model) "
+                                "and write_teacache_fit(), or pass coefficients=[...] (highest degree first)") from None
+
+
+def write_teacache_fit(coefficients: Sequence[float], path: str | Path = TESTBED_FIT, **about) -> None:
+    """Save a fit (and whatever describes how it was made) where ``load_teacache_fit`` finds it."""
+    Path(path).write_text(json.dumps({"coefficients": [float(c) for c in coefficients], **about}, indent=1))
+
+
+class TeaCache(Cache):
+    """Skip while the accumulated rescaled input change of a sample stays below ``delta``.
+
+    The first and last steps always compute, and so does a sample's first step at
+    a new patch size. ``coefficients`` (highest degree first) default to the
+    testbed's fit. The default ``delta`` is provisional (the DDiT paper pairs
+    TeaCache 0.4 with FLUX); higher skips more.
+    """
+
+    name = "teacache"
+    delta: float = 0.4  # provisional
+
+    def __init__(self, delta: float | None = None, coefficients: Sequence[float] | None = None):
+        self.delta = type(self).delta if delta is None else delta
+        if not self.delta >= 0:
+            raise ValueError(f"delta must be >= 0 (0 never skips), got {self.delta}")
+        self.coefficients = list(load_teacache_fit() if coefficients is None else coefficients)
+        super().__init__()
+
+    def indicator(self, run: StackRun) -> torch.Tensor:
+        """What TeaCache watches, one row per model row; override for another block type."""
+        return modulated_input(run)
+
+    def reuse(self, group: Group, run: StackRun, rows: dict[int, torch.Tensor]) -> dict[int, bool]:
+        indicator = self.indicator(run).float()
+        always = group.step in (0, group.num_steps - 1)
+        skip = {}
+        for s, r in rows.items():
+            state = self.states[s]
+            previous, state["indicator"] = state.get("indicator"), indicator[r]
+            if always or previous is None:
+                state["distance"], skip[s] = 0.0, False
+                continue
+            # a fitted polynomial can dip below zero near no change; a change cannot
+            state["distance"] += max(float(np.polyval(self.coefficients, rel_l1(indicator[r], previous))), 0.0)
+            skip[s] = state["distance"] < self.delta
+            if not skip[s]:
+                state["distance"] = 0.0
+        return skip
+
+
+class _Recorder(Cache):
+    """Computes every step and records, per sample and step, (input change, output change) of the stack."""
+
+    name = "teacache_calibration"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs: list[tuple[float, float]] = []
+
+    def reuse(self, group, run, rows):
+        indicator = modulated_input(run).float()
+        for s, r in rows.items():
+            self.states[s]["next"] = indicator[r]
+        return dict.fromkeys(rows, False)
+
+    def record(self, state, group, hidden, output):
+        indicator, output = state.pop("next"), output.float()
+        if "indicator" in state:
+            self.pairs.append((rel_l1(indicator, state["indicator"]), rel_l1(output, state["output"])))
+        state["indicator"], state["output"] = indicator, output
+
+
+def calibrate_teacache(model, *, per_class: int = 8, steps: int = 50, guidance: float = 2.0, seed: int = 0,
+                       batch_size: int = 64, progress: bool = False) -> list[float]:
+    """Fit TeaCache's polynomial for a testbed model (a DiT, or a MultiPatchTransformer: its base size).
+
+    Samples ``per_class`` images of every testbed class at the base patch size and
+    fits ``np.polyfit(input rel-L1, output rel-L1, 4)`` over consecutive steps of
+    each sample, where input is the first block's modulated input and output the
+    block stack's output (what the cache reuses). Highest degree first.
+    """
+    from ..testbed.base_model import generate
+    from ..testbed.data import PROMPTS
+
+    recorder = _Recorder()
+    generate(model, torch.arange(len(PROMPTS)).repeat(per_class), seed=seed, steps=steps, guidance=guidance,
+             cache=recorder, batch_size=batch_size, progress=progress)
+    x, y = np.array(recorder.pairs).T
+    return np.polyfit(x, y, 4).tolist()
