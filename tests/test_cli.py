@@ -1,4 +1,7 @@
+import json
+
 import pytest
+import torch
 from conftest import TINY_DIT
 from PIL import Image
 
@@ -41,3 +44,14 @@ def test_distill_with_backbone_needs_latents(tmp_path, capsys):
     build_base_model(**TINY_DIT).save_pretrained(tmp_path / "dit")
     assert main(["distill", "--out", str(tmp_path / "run"), "--backbone", str(tmp_path / "dit")]) == 2
     assert "--backbone needs --latents" in capsys.readouterr().err
+
+
+def test_calibrate_teacache_writes_a_fit(tmp_path):
+    model = build_base_model(**TINY_DIT)
+    for p in model.parameters():  # the zero-initialised output would make every change 0 / 0
+        torch.nn.init.normal_(p, std=0.05)
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "fit.json"
+    assert main(["calibrate", "teacache", "--model", str(tmp_path / "model"), "--per-class", "1",
+                 "--steps", "6", "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())["coefficients"]) == 5

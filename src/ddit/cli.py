@@ -94,6 +94,18 @@ def _distill(args) -> None:
     print(f"adapter written to {export}")
 
 
+def _calibrate_teacache(args) -> None:
+    from .caches.teacache import TESTBED_FIT, calibrate_teacache, write_teacache_fit
+    from .testbed.base_model import SHIPPED_BASE, load_base_model
+
+    coefficients = calibrate_teacache(load_base_model(args.model or SHIPPED_BASE), per_class=args.per_class,
+                                      steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True)
+    out = args.out or TESTBED_FIT
+    write_teacache_fit(coefficients, out, command="ddit calibrate teacache", per_class=args.per_class,
+                       steps=args.steps, guidance=args.guidance, seed=args.seed)
+    print(f"TeaCache fit {coefficients} written to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(func=_distill)
+
+    calibrate = commands.add_parser("calibrate", help="fit what a method needs to a model")
+    calibrate_commands = calibrate.add_subparsers(dest="calibrate_command", required=True)
+    p = calibrate_commands.add_parser("teacache", help="fit TeaCache's rescaling polynomial on the testbed")
+    p.add_argument("--model", help="testbed base model folder (default: the shipped one)")
+    p.add_argument("--per-class", type=int, default=8, help="calibration samples per class")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON file (default: the testbed's shipped fit)")
+    p.set_defaults(func=_calibrate_teacache)
 
     p = commands.add_parser("generate", help="sample a grid of images of one testbed prompt")
     p.add_argument("--prompt", required=True, help="a testbed class name, e.g. moon")
