@@ -1,0 +1,179 @@
+"""What an ablation runs: its rows (policy x cache x steps) and the sampling settings they share.
+
+The configuration is written to ``config.json`` before the first sample and is the
+identity of an output folder: results are only ever resumed under the same one,
+since mixing samples of two configurations would make every comparison wrong.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..caches import available_caches, get_cache
+from ..policies import available_policies, get_policy
+from ..testbed.data import PROMPTS
+from ..testbed.evaluate import balanced_labels
+
+#: The row every other row is compared with: the base model at its own patch size, no cache.
+BASELINE = "baseline"
+NO_CACHE = "none"
+#: The paper's fewer-step baselines (Table 1: FLUX at 28 and 15 instead of 50 steps).
+FEWER_STEPS = (28, 15)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One way of sampling: a patch policy (``baseline`` = none), a cache (``none``) and a step count."""
+
+    policy: str
+    cache: str
+    steps: int
+    policy_params: dict = field(default_factory=dict)
+    cache_params: dict = field(default_factory=dict)
+
+    def key(self, main_steps: int) -> str:
+        """A short, file-name-safe name: ``third_order+teacache``, ``baseline@28``."""
+        cache = "" if self.cache == NO_CACHE else f"+{self.cache}"
+        steps = "" if self.steps == main_steps else f"@{self.steps}"
+        return f"{self.policy}{cache}{steps}"
+
+    def make_policy(self):
+        """A fresh policy (None for the baseline: the backbone runs untouched)."""
+        return None if self.policy == BASELINE else get_policy(self.policy, **self.policy_params)
+
+    def make_cache(self):
+        """A fresh cache (None for ``none``)."""
+        return get_cache(self.cache, **self.cache_params)
+
+
+@dataclass
+class AblationConfig:
+    """Rows and the settings that every row shares, so that sample i of every row has the
+    same seed and label and can be compared with its baseline twin.
+
+    ``batch_size`` is part of the identity: a cache or a policy may decide per batch, and
+    timings depend on it. ``model`` identifies the weights (see ``models.fingerprint``).
+    """
+
+    rows: dict[str, Row]
+    steps: int = 50
+    num_per_class: int = 64
+    seed: int = 0
+    guidance: float = 2.0
+    batch_size: int = 64
+    model: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return self.num_per_class * len(PROMPTS)
+
+    def labels(self) -> torch.Tensor:
+        return balanced_labels(self.num_samples)
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps({**asdict(self), "classes": list(PROMPTS)}))
+
+
+def build_config(policies: list[str], caches: list[str], *, steps: int = 50,
+                 fewer_steps: tuple[int, ...] = FEWER_STEPS, policy_params: dict | None = None,
+                 cache_params: dict | None = None, **settings) -> AblationConfig:
+    """The rows of an ablation: the baseline, the baseline at each fewer step count below
+    ``steps``, then (baseline and every policy) x every cache; ``none`` = no cache.
+
+    Names and parameters are checked here, by building each policy and cache once, so that
+    a typo fails before any model is loaded.
+    """
+    policy_params, cache_params = policy_params or {}, cache_params or {}
+    _check_names("patch policy", policies, available_policies())
+    _check_names("cache", caches, {NO_CACHE: None, **available_caches()})
+    _check_params("--policy-param", policy_params, [p for p in policies if p != BASELINE])
+    _check_params("--cache-param", cache_params, [c for c in caches if c != NO_CACHE])
+    if not steps > 0 or any(s <= 0 for s in fewer_steps):
+        raise ValueError(f"step counts must be positive, got --steps {steps}, --fewer-steps {fewer_steps}")
+
+    rows = [Row(BASELINE, NO_CACHE, steps)]
+    rows += [Row(BASELINE, NO_CACHE, s) for s in fewer_steps if s < steps]
+    rows += [Row(p, c, steps, policy_params.get(p, {}), cache_params.get(c, {}))
+             for p in dict.fromkeys([BASELINE, *policies]) for c in dict.fromkeys(caches)]
+    rows = {row.key(steps): row for row in rows}  # the baseline may come twice
+    for row in rows.values():
+        for what, make in (("policy", row.make_policy), ("cache", row.make_cache)):
+            try:
+                make()
+            except TypeError as err:  # an unknown keyword: the constructor names it
+                raise ValueError(f"bad parameters for {what} {getattr(row, what)!r}: {err}") from None
+    return AblationConfig(rows=rows, steps=steps, **settings)
+
+
+def parse_params(items: list[str], flag: str) -> dict[str, dict]:
+    """``["third_order.tau=1e-3", "fixed.schedule=[8,8,2]"]`` -> ``{name: {param: value}}``.
+
+    Values are Python literals where they parse as one (numbers, lists, True), else strings.
+    """
+    params: dict[str, dict] = {}
+    for item in items:
+        name_param, sep, text = item.partition("=")
+        name, dot, param = name_param.partition(".")
+        if not (sep and dot and name and param):
+            raise ValueError(f"{flag} {item!r} is not NAME.PARAM=VALUE, e.g. {flag} third_order.tau=1e-3")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        params.setdefault(name, {})[param] = value
+    return params
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Where two JSON configurations differ, as ``dotted.key: old -> new`` lines."""
+    lines = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {_show(a)} -> {_show(b)}")
+    return lines
+
+
+_ABSENT = object()
+
+
+def _show(value) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value)
+
+
+class ConfigMismatch(ValueError):
+    """An output folder holds results of another configuration."""
+
+
+def check_folder(out: Path, config: AblationConfig) -> None:
+    """Write ``config.json`` into a new folder, or refuse one that holds another configuration."""
+    path = Path(out) / "config.json"
+    new = config.to_json()
+    if path.exists():
+        diff = differences(json.loads(path.read_text()), new)
+        if diff:
+            raise ConfigMismatch(f"{out} holds results of another configuration ({'; '.join(diff)}); "
+                                 "use another --out, or delete the folder to start over")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(new, indent=1))
+
+
+def _check_names(what: str, names: list[str], known: dict) -> None:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; available: {', '.join(known)}")
+
+
+def _check_params(flag: str, params: dict, selected: list[str]) -> None:
+    stray = [name for name in params if name not in selected]
+    if stray:
+        raise ValueError(f"{flag} names {', '.join(map(repr, stray))}, which this run does not use; "
+                         f"it runs: {', '.join(selected) or 'none with parameters'}")

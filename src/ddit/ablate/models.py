@@ -1,0 +1,55 @@
+"""The model an ablation samples: a backbone and its multi-patch adapter, loaded from folders.
+
+By default the testbed's shipped base model and adapter; ``--backbone/--adapter`` take any
+diffusers class-conditional DiT-family model of the testbed's shape (the evaluator judges
+3x32x32 images of its classes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ..adapter import MultiPatchTransformer
+from ..testbed.adapter import SHIPPED_ADAPTER
+from ..testbed.base_model import NULL_LABEL, SHIPPED_BASE
+from ..testbed.data import CHANNELS, IMAGE_SIZE, PROMPTS
+from ..weights import load_pretrained_transformer
+
+_MISSING = {
+    "backbone": "train one with `ddit testbed train-base` and `ddit testbed ship-base`, or pass --backbone",
+    "adapter": "run `ddit distill --out runs/adapter` first, then pass --adapter runs/adapter/adapter",
+}
+
+
+def folders(backbone: str | Path | None = None, adapter: str | Path | None = None) -> dict[str, Path]:
+    """The backbone and adapter folders (the shipped ones by default); missing ones are an error."""
+    found = {"backbone": Path(backbone or SHIPPED_BASE), "adapter": Path(adapter or SHIPPED_ADAPTER)}
+    for what, folder in found.items():
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no {what} at {folder}: {_MISSING[what]}")
+    return found
+
+
+def fingerprint(found: dict[str, Path]) -> dict[str, str]:
+    """A hash of each folder's weights and configs: a different model must not resume a run."""
+    prints = {}
+    for what, folder in found.items():
+        digest = hashlib.sha256()
+        for file in sorted([*folder.glob("*.safetensors"), *folder.glob("*.json")]):
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+        prints[what] = digest.hexdigest()[:16]
+    return prints
+
+
+def load_model(found: dict[str, Path]) -> MultiPatchTransformer:
+    backbone = load_pretrained_transformer(found["backbone"])
+    config = backbone.config
+    shape = (config.get("in_channels"), config.get("sample_size"), config.get("num_embeds_ada_norm"))
+    if shape != (CHANNELS, IMAGE_SIZE, len(PROMPTS)):
+        raise ValueError(
+            f"{found['backbone']} holds a {type(backbone).__name__} with in_channels, sample_size, classes = "
+            f"{shape}; ddit-ablate samples the testbed's shape: {(CHANNELS, IMAGE_SIZE, len(PROMPTS))} "
+            f"(label {NULL_LABEL} = no class), which its evaluator can judge")
+    return MultiPatchTransformer.from_pretrained(backbone, found["adapter"]).eval()

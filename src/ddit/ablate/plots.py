@@ -1,0 +1,104 @@
+"""Figures of an ablation: where each policy went coarse, why (the paper's Fig. 3), what it
+cost in quality (Pareto), and what the images look like beside their baseline twins.
+
+Figures are built on ``matplotlib.figure.Figure`` directly: no pyplot state, no GUI backend.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+from ..images import save_grid
+from .config import BASELINE, AblationConfig
+from .metrics import step_profile
+
+GRID_SAMPLES = 8
+
+
+def plot_all(out: Path, config: AblationConfig, records: dict[str, list[dict]], summary: list[dict],
+             images: dict[str, torch.Tensor], base: int) -> dict[str, str]:
+    """Write every figure under ``out``; returns {title: path relative to out}."""
+    (out / "plots").mkdir(exist_ok=True)
+    (out / "grids").mkdir(exist_ok=True)
+    policies = [key for key, row in config.rows.items() if row.policy != BASELINE]
+    figures = {}
+    if policies:
+        _patch_sizes(out / "plots/patch_sizes.png", records, policies, base)
+        figures["Patch size per step and class"] = "plots/patch_sizes.png"
+    signals = {key: step_profile(records[key], "signals", str(2 * base)) for key in policies}
+    signals = {key: profile for key, profile in signals.items() if profile}
+    if signals:
+        taus = {key: getattr(config.rows[key].make_policy(), "tau", None) for key in signals}
+        _signals(out / "plots/signals.png", signals, taus)
+        figures[f"Policy signal at patch size {2 * base} per step and class (Fig. 3)"] = "plots/signals.png"
+    _pareto(out / "plots/pareto.png", summary)
+    figures["Quality vs wall speed-up"] = "plots/pareto.png"
+    k = min(GRID_SAMPLES, config.num_samples)
+    baseline = images[next(iter(config.rows))][:k]
+    for key in list(config.rows)[1:]:
+        save_grid(torch.cat([baseline, images[key][:k]]), out / "grids" / f"{key}.png", ncol=k)
+        figures[f"Baseline (top) and {key} (bottom)"] = f"grids/{key}.png"
+    return figures
+
+
+def _panels(n: int, width: float = 4.5, height: float = 2.6) -> tuple[Figure, list]:
+    cols = min(n, 2)
+    fig = Figure(figsize=(width * cols, height * math.ceil(n / cols)), layout="constrained")
+    axes = fig.subplots(math.ceil(n / cols), cols, squeeze=False).flatten()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n])
+
+
+def _patch_sizes(path: Path, records: dict[str, list[dict]], keys: list[str], base: int) -> None:
+    coarsest = max(p for key in keys for r in records[key] for p in r["trace"]["patch_size"])
+    fig, axes = _panels(len(keys))
+    for ax, key in zip(axes, keys):
+        profile = step_profile(records[key], "patch_size")
+        image = ax.imshow([profile[p] for p in profile], aspect="auto", cmap="viridis", interpolation="nearest",
+                          vmin=base, vmax=max(coarsest, base + 1))
+        ax.set_yticks(range(len(profile)), list(profile))
+        ax.set_xlabel("step (noise to clean)")
+        ax.set_title(key)
+        fig.colorbar(image, ax=ax, label="mean patch size")
+    fig.savefig(path, dpi=110)
+
+
+def _signals(path: Path, signals: dict[str, dict[str, list[float]]], taus: dict[str, float | None]) -> None:
+    fig, axes = _panels(len(signals))
+    for ax, (key, profile) in zip(axes, signals.items()):
+        for prompt, values in profile.items():
+            ax.plot(values, label=prompt)
+        ax.set_xlim(0, len(values) - 1)
+        if taus[key]:
+            ax.axhline(taus[key], color="black", linestyle="--", linewidth=0.8, label="tau")
+        ax.set_yscale("log")
+        ax.set_xlabel("step (noise to clean)")
+        ax.set_title(key)
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=110)
+
+
+def _pareto(path: Path, summary: list[dict]) -> None:
+    """Each row's quality against its wall speed-up; the line joins the rows that no other
+    row beats on both (lower FD, higher adherence)."""
+    fig, axes = _panels(2)
+    for ax, metric, lower_is_better in ((axes[0], "fd", True), (axes[1], "adherence", False)):
+        points = [(r["speedup_wall"], r[metric], r["row"]) for r in summary if r[metric] is not None]
+        for x, y, name in points:
+            ax.scatter(x, y, color="tab:blue")
+            ax.annotate(name, (x, y), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+        front, best = [], math.inf
+        for x, y, _ in sorted(points, reverse=True):  # fastest first: keep those better than all faster ones
+            score = y if lower_is_better else -y
+            if score < best:
+                front.append((x, y))
+                best = score
+        ax.plot(*zip(*front), color="tab:orange")
+        ax.set_xlabel("wall speed-up vs baseline")
+        ax.set_ylabel(f"{metric} ({'lower' if lower_is_better else 'higher'} is better)")
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,158 @@
+"""The summary of a finished ablation: one record per row, as JSON, CSV, Markdown and a rich table.
+
+Speed-ups are relative to the baseline row (base patch size, no cache, full steps), in
+the sampler's measured model time and in FLOPs; FD and adherence come from the testbed evaluator, as in
+``ddit testbed eval``; the rest compares each sample with its baseline twin.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from ..testbed.data import PROMPTS, make_dataset
+from ..testbed.evaluate import REAL_SEEDS, evaluate_images
+from ..testbed.evaluator import Evaluator
+from . import plots
+from .config import AblationConfig
+from .metrics import fd, per_sample
+from .runner import load_images, read_results
+
+#: Columns of summary.csv and of the tables, with their short titles.
+COLUMNS = {"sec_per_image": "s/image", "speedup_wall": "x wall", "flops_per_image": "FLOPs/image",
+           "speedup_flops": "x FLOPs", "fd": "FD", "adherence": "adherence", "ssim_vs_baseline": "SSIM",
+           "psnr_vs_baseline": "PSNR", "feature_dist_vs_baseline": "feature dist", "mean_patch_size": "mean patch",
+           "coarse_step_fraction": "coarse steps", "cached_step_fraction": "cached steps"}
+#: Per class there is no wall time: a batch mixes classes.
+CLASS_COLUMNS = {k: v for k, v in COLUMNS.items() if k not in ("sec_per_image", "speedup_wall")}
+
+
+def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> list[dict]:
+    """Measure every row of a finished run; write summary.json, summary.csv, report.md and the plots."""
+    out = Path(out)
+    records = defaultdict(list)
+    for record in sorted(read_results(out), key=lambda r: r["sample"]):
+        records[record["row"]].append(record)
+    missing = [k for k in config.rows if len(records[k]) != config.num_samples]
+    if missing:
+        raise RuntimeError(f"rows {', '.join(missing)} in {out} are not finished; rerun the ablation to complete them")
+
+    labels = config.labels()
+    reals, real_labels = make_dataset(config.num_samples, REAL_SEEDS[0])
+    images = {key: load_images(out, key) for key in config.rows}
+    base_key = next(iter(config.rows))
+    base_size = min(min(r["trace"]["patch_size"]) for r in records[base_key])
+
+    summary = []
+    for key, row in config.rows.items():
+        values = per_sample(evaluator, images[key], images[base_key], records[key], base_size)
+        quality = evaluate_images(evaluator, images[key], labels)
+        by_class = {name: v for name, v in values.items() if name != "sec_per_image"}  # batches mix classes
+        per_class = {prompt: {**_means(by_class, labels == c), "adherence": quality["adherence_per_class"][prompt],
+                              "fd": fd(evaluator, reals[real_labels == c], images[key][labels == c])}
+                     for c, prompt in enumerate(PROMPTS)}
+        summary.append({"row": key, "policy": row.policy, "cache": row.cache, "steps": row.steps,
+                        "params": {"policy": row.policy_params, "cache": row.cache_params},
+                        **_means(values), "fd": quality["fd"], "adherence": quality["adherence"],
+                        "per_class": per_class})
+    _add_speedups(summary)
+
+    (out / "summary.json").write_text(json.dumps(_finite(summary), indent=1, allow_nan=False))
+    _write_csv(out / "summary.csv", summary)
+    figures = plots.plot_all(out, config, records, summary, images, base_size)
+    (out / "report.md").write_text(_markdown(config, summary, quality["fd_real_floor"], figures, out))
+    return summary
+
+
+def table(summary: list[dict]) -> Table:
+    """The summary as a rich table, for the terminal."""
+    t = Table(title="ddit-ablate (SSIM, PSNR, feature dist: against the baseline)")
+    t.add_column("row")
+    for title in COLUMNS.values():
+        t.add_column(title, justify="right")
+    for record in summary:
+        t.add_row(record["row"], *(_fmt(record[c]) for c in COLUMNS))
+    return t
+
+
+def _means(values: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> dict[str, float]:
+    return {name: (v if mask is None else v[mask]).double().mean().item() for name, v in values.items()}
+
+
+def _add_speedups(summary: list[dict]) -> None:
+    """Speed-ups against the first row, the baseline; per class only in FLOPs, since a batch
+    mixes classes and its wall time cannot be split between them."""
+    base = summary[0]
+    for record in summary:
+        record["speedup_wall"] = base["sec_per_image"] / record["sec_per_image"]
+        record["speedup_flops"] = _ratio(base["flops_per_image"], record["flops_per_image"])
+        for prompt, values in record["per_class"].items():
+            values["speedup_flops"] = _ratio(base["per_class"][prompt]["flops_per_image"], values["flops_per_image"])
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _finite(value):
+    """JSON has no infinity: PSNR of identical images (the baseline against itself) becomes null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _write_csv(path: Path, summary: list[dict]) -> None:
+    """Tidy: one line per row and class (``all`` = every class), parameters as JSON."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["row", "class", "policy", "cache", "steps", "params", *COLUMNS],
+                                extrasaction="ignore")
+        writer.writeheader()
+        for record in summary:
+            head = {k: record[k] for k in ("row", "policy", "cache", "steps")}
+            head["params"] = json.dumps(record["params"])
+            writer.writerow({**record, **head, "class": "all"})
+            for prompt, values in record["per_class"].items():
+                writer.writerow({**values, **head, "class": prompt})
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _markdown_table(columns: dict[str, str], lines: list[tuple[list[str], dict]], first: list[str]) -> str:
+    head = "| " + " | ".join([*first, *columns.values()]) + " |\n|" + "---|" * len(first) + "---:|" * len(columns)
+    return "\n".join([head, *("| " + " | ".join([*names, *(_fmt(values.get(c)) for c in columns)]) + " |"
+                              for names, values in lines)]) + "\n"
+
+
+def _markdown(config: AblationConfig, summary: list[dict], floor: float, figures: dict[str, str], out: Path) -> str:
+    rows = _markdown_table(COLUMNS, [([r["row"]], r) for r in summary], ["row"])
+    per_class = _markdown_table(CLASS_COLUMNS, [([r["row"], prompt], v) for r in summary
+                                                for prompt, v in r["per_class"].items()], ["row", "class"])
+    params = "".join(f"- `{r['row']}`: {json.dumps(r['params'])}\n" for r in summary
+                     if r["params"]["policy"] or r["params"]["cache"])
+    pictures = "".join(f"### {title}\n\n![{title}]({path})\n\n" for title, path in figures.items())
+    return (
+        f"# Ablation: {out.name}\n\n"
+        f"{config.num_samples} samples per row ({config.num_per_class} per class of {', '.join(PROMPTS)}), "
+        f"{config.steps} steps, guidance {config.guidance}, seed {config.seed}, batch {config.batch_size}. "
+        "Sample i of every row has the seed and label of the baseline's sample i; SSIM, PSNR and the "
+        "distance of evaluator features compare each sample with that twin. Speed-ups are against the "
+        "baseline (x wall: the sampler's measured model seconds per image; x FLOPs: its FLOP count).\n\n"
+        f"FD is against {config.num_samples} real images; two disjoint real sets of that size are "
+        f"{floor:.3g} apart (the metric's own noise floor). Wall times are measured on a possibly shared "
+        "machine and are noisier than FLOPs. PSNR is infinite (null in summary.json) for identical images.\n\n"
+        f"## Rows\n\n{rows}\n{params}\n## Per class\n\n{per_class}\n## Figures\n\n{pictures}"
+    )

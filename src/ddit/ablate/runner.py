@@ -1,0 +1,107 @@
+"""Running the rows of an ablation, batch by batch, so that an interrupted run loses nothing.
+
+A batch's images are written first (atomically), then its records are appended to
+``results.jsonl`` and flushed: a record therefore always has its image, and whatever
+stops the run, every finished batch is kept. A rerun skips the batches whose records
+are all present.
+
+A sample's time is the sampler's own per-step model time (its trace), not the batch's
+wall time: the sampler counts FLOPs by running the model once more for every new
+(patch size, group size) in a call, which would bill a dynamic policy for its
+bookkeeping. The batch's wall time is kept too, as ``wall_sec``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..policies import get_policy
+from ..testbed.base_model import generate
+from ..testbed.data import PROMPTS
+from .config import AblationConfig, Row, check_folder
+
+RESULTS = "results.jsonl"
+
+
+def run_ablation(config: AblationConfig, model, out: str | Path, *, progress: bool = True) -> None:
+    """Sample every row of ``config`` into ``out`` (a ``MultiPatchTransformer``), skipping finished batches."""
+    out = Path(out)
+    check_folder(out, config)
+    done = {(r["row"], r["sample"]) for r in read_results(out)}
+    n, size = config.num_samples, config.batch_size
+    batches = [(key, row, start) for key, row in config.rows.items() for start in range(0, n, size)]
+    todo = [b for b in batches if any((b[0], i) not in done for i in range(b[2], min(b[2] + size, n)))]
+    labels = config.labels()
+    if todo:
+        _warm_up(model)
+    with (out / RESULTS).open("a") as log:
+        bar = tqdm(todo, total=len(batches), initial=len(batches) - len(todo), unit="batch",
+                   desc="ablation", disable=not progress)
+        for key, row, start in bar:
+            bar.set_postfix_str(key)
+            batch = labels[start : start + size]
+            clock = time.perf_counter()
+            samples = generate(model, batch, seed=config.seed + start, steps=row.steps,
+                               guidance=config.guidance, policy=row.make_policy(), cache=row.make_cache(),
+                               batch_size=size)
+            wall = (time.perf_counter() - clock) / len(batch)
+            _save_images(out, key, start, samples.images)
+            for j, trace in enumerate(samples.traces):
+                log.write(json.dumps(_record(key, row, start + j, int(batch[j]), config.seed, wall, trace)) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+
+
+def read_results(out: str | Path) -> list[dict]:
+    """The finished records; a line torn by a kill is dropped (and cut from the file)."""
+    path = Path(out) / RESULTS
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        with path.open("r+") as f:
+            f.truncate(len(text.encode()))
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def load_images(out: str | Path, key: str) -> torch.Tensor:
+    """All images of a row, in sample order."""
+    files = sorted((Path(out) / "images" / key).glob("*.safetensors"))
+    return torch.cat([load_file(f)["images"] for f in files])
+
+
+def _save_images(out: Path, key: str, start: int, images: torch.Tensor) -> None:
+    folder = out / "images" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{start:07d}.safetensors"
+    save_file({"images": images.float().contiguous()}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def _warm_up(model) -> None:
+    """One untimed sample through every patch size, so that no row pays for first-call setup."""
+    sizes = list(model.patch_sizes)
+    generate(model, torch.zeros(1, dtype=torch.long), steps=len(sizes), policy=get_policy("fixed", schedule=sizes))
+
+
+def _record(key: str, row: Row, index: int, label: int, seed: int, wall: float, trace: list[dict]) -> dict:
+    """One sample's line: who it is, what it cost, and its trace as one list per field."""
+    sizes = sorted({p for step in trace for p in step["signals"]})
+    return {
+        "row": key, "sample": index, "label": label, "prompt": PROMPTS[label], "seed": seed + index,
+        "policy": row.policy, "cache": row.cache, "steps": row.steps,
+        "sec": sum(step["seconds"] for step in trace), "wall_sec": wall, "flops": sum(step["flops"] for step in trace),
+        "trace": {
+            **{name: [step[name] for step in trace]
+               for name in ("sigma", "patch_size", "seconds", "flops", "tokens", "cached")},
+            "signals": {str(p): [step["signals"].get(p) for step in trace] for p in sizes},
+        },
+    }

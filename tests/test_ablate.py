@@ -1,0 +1,160 @@
+"""ddit-ablate on a tiny random DiT with a fresh adapter: files, known answers, resuming, refusals."""
+
+import functools
+import json
+
+import pytest
+import torch
+from conftest import TINY_DIT
+from safetensors.torch import load_file
+
+import ddit.ablate.runner as runner
+from ddit.ablate.cli import main
+from ddit.ablate.config import parse_params
+from ddit.adapter import MultiPatchTransformer
+from ddit.testbed.base_model import build_base_model
+
+ROWS = ["baseline", "baseline@2", "baseline+teacache", "fixed", "fixed+teacache", "third_order",
+        "third_order+teacache"]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    backbone = build_base_model(**TINY_DIT)
+    for p in backbone.parameters():  # the adaLN-zero init would make every output zero
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    backbone.save_pretrained(folder / "backbone")
+    MultiPatchTransformer(backbone).save_pretrained(folder / "adapter")
+    return ["--backbone", str(folder / "backbone"), "--adapter", str(folder / "adapter")]
+
+
+def cli_args(model_dirs, out, *extra):
+    """A run of 4 samples (one per class) in batches of 2, 4 steps, a 2-step baseline, and the
+    coarsest fixed schedule (patch 8 at every step) beside the paper's policy, each with and
+    without a cache (TeaCache with the identity as its fit: the testbed's fit is not for this model)."""
+    return [*model_dirs, "--out", str(out), "--policies", "fixed,third_order", "--caches", "none,teacache",
+            "--policy-param", "fixed.fraction=1", "--cache-param", "teacache.coefficients=[1,0]",
+            "--num-per-class", "1", "--steps", "4",
+            "--fewer-steps", "2", "--batch-size", "2", "--no-progress", *extra]
+
+
+@pytest.fixture
+def args(model_dirs):
+    return functools.partial(cli_args, model_dirs)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the sampler's calls; ``calls.stop_at`` interrupts the run at that call, as Ctrl-C would."""
+    class Calls:
+        count, stop_at = 0, None
+
+    generate = runner.generate
+
+    def counted(*a, **kw):
+        Calls.count += 1
+        if Calls.count == Calls.stop_at:
+            raise KeyboardInterrupt
+        return generate(*a, **kw)
+
+    monkeypatch.setattr(runner, "generate", counted)
+    return Calls
+
+
+@pytest.fixture(scope="module")
+def finished(model_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation") / "run"
+    make = functools.partial(cli_args, model_dirs)
+    assert main(make(out)) == 0
+    return out, make
+
+
+def _without_timings(out):
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for line in lines:
+        del line["sec"], line["wall_sec"], line["trace"]["seconds"]
+    return sorted(lines, key=lambda r: (r["row"], r["sample"]))
+
+
+def test_a_run_writes_results_images_summary_and_figures(finished):
+    out, _ = finished
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted({r["row"] for r in records}) == sorted(ROWS) and len(records) == 4 * len(ROWS)
+    assert {r["sample"]: (r["label"], r["seed"]) for r in records if r["row"] == "fixed"} == {
+        i: (i, i) for i in range(4)}  # sample i: class i % 4, seed 0 + i, in every row
+    assert load_file(out / "images" / "fixed" / "0000002.safetensors")["images"].shape == (2, 3, 32, 32)
+    for name in ("config.json", "summary.csv", "report.md", "plots/patch_sizes.png", "plots/signals.png",
+                 "plots/pareto.png", "grids/fixed+teacache.png"):
+        assert (out / name).is_file(), name
+    summary = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert list(summary) == ROWS
+    base, fixed = summary["baseline"], summary["fixed"]
+    assert base["speedup_wall"] == 1 and base["speedup_flops"] == 1
+    assert base["ssim_vs_baseline"] == pytest.approx(1) and base["feature_dist_vs_baseline"] == 0
+    assert base["psnr_vs_baseline"] is None  # infinite: identical images
+    assert (base["mean_patch_size"], base["coarse_step_fraction"]) == (2, 0)
+    assert (fixed["mean_patch_size"], fixed["coarse_step_fraction"]) == (8, 1)
+    assert fixed["speedup_flops"] > 1 and fixed["per_class"]["stripes"]["speedup_flops"] > 1
+    assert fixed["ssim_vs_baseline"] < 1 and fixed["params"] == {"policy": {"fraction": 1}, "cache": {}}
+    assert summary["baseline@2"]["speedup_flops"] == pytest.approx(2, rel=0.01)
+    assert base["cached_step_fraction"] == 0 < summary["baseline+teacache"]["cached_step_fraction"]
+    assert set(fixed["per_class"]) == {"glow", "moon", "shapes", "stripes"}
+    assert "| fixed+teacache |" in (out / "report.md").read_text()
+
+
+def test_rerun_skips_every_finished_sample(finished, calls):
+    out, make = finished
+    before = (out / "results.jsonl").read_bytes()
+    assert main(make(out)) == 0
+    assert calls.count == 0 and (out / "results.jsonl").read_bytes() == before
+
+
+def test_interrupted_run_resumes_to_the_results_of_an_uninterrupted_one(finished, calls, tmp_path, capsys):
+    done, make = finished
+    calls.stop_at = 3  # Ctrl-C during the second batch (the first call warms up)
+    assert main(make(tmp_path)) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
+    with (tmp_path / "results.jsonl").open("a") as f:
+        f.write('{"row": "baseline", "sam')  # a line torn by a kill
+    calls.count, calls.stop_at = 0, None
+    assert main(make(tmp_path)) == 0
+    assert calls.count == 1 + 2 * len(ROWS) - 1  # a warm-up, then all but the first batch
+    assert _without_timings(tmp_path) == _without_timings(done)
+    for row in ROWS:
+        assert torch.equal(runner.load_images(tmp_path, row), runner.load_images(done, row))
+
+
+def test_another_configuration_in_the_same_folder_is_refused(finished, capsys):
+    out, make = finished
+    assert main([*make(out), "--seed", "1", "--cache-param", "teacache.delta=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds results of another configuration" in err and "seed: 0 -> 1" in err
+    assert "rows.baseline+teacache.cache_params.delta: (absent) -> 0.5" in err
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--policies", "thrid_order", "unknown patch policy 'thrid_order'; available: baseline, budget,"),
+    ("--caches", "none,teacach", "unknown cache 'teacach'; available: none, "),
+    ("--policy-param", "fixed.fractoin=1", "bad parameters for policy 'fixed'"),
+    ("--policy-param", "mean.tau=1", "--policy-param names 'mean', which this run does not use"),
+    ("--cache-param", "delta=0.4", "is not NAME.PARAM=VALUE"),
+])
+def test_bad_names_and_parameters_say_what_is_known(args, tmp_path, capsys, flag, value, expected):
+    assert main([*args(tmp_path / "run"), flag, value]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_adapter_says_how_to_make_one(args, tmp_path, capsys):
+    assert main([*args(tmp_path / "run"), "--adapter", str(tmp_path / "nothing")]) == 2
+    assert "ddit distill" in capsys.readouterr().err
+
+
+def test_parameters_are_python_literals_or_strings():
+    assert parse_params(["fixed.schedule=[8, 8, 2]", "third_order.tau=1e-3", "x.mode=fast", "third_order.rho=95"],
+                        "--policy-param") == {"fixed": {"schedule": [8, 8, 2]}, "third_order": {"tau": 1e-3, "rho": 95},
+                                              "x": {"mode": "fast"}}
