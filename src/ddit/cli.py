@@ -52,6 +52,14 @@ def _ship_base(args) -> None:
     print(json.dumps(quality, indent=1))
 
 
+def _ship_adapter(args) -> None:
+    from .testbed.adapter_card import ship_adapter
+    from .testbed.evaluator import load_evaluator
+
+    report = ship_adapter(args.run, load_evaluator())
+    print(json.dumps({k: v for k, v in report.items() if k != "distill"}, indent=1))
+
+
 def _generate(args) -> None:
     from .images import save_grid
     from .testbed.base_model import generate, load_base_model
@@ -149,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="the --out folder of train-base")
     p.add_argument("--num", type=int, default=512, help="images for the quality measurement")
     p.set_defaults(func=_ship_base)
+
+    p = testbed_commands.add_parser("ship-adapter", help="place a finished distill run of the testbed in the "
+                                    "package, with its error before/after, sample grids and card")
+    p.add_argument("--run", required=True, help="the --out folder of ddit distill")
+    p.set_defaults(func=_ship_adapter)
 
     p = commands.add_parser("distill", help="train a multi-patch adapter against its frozen backbone (Eq. 1)")
     p.add_argument("--out", required=True, help="folder for checkpoints and the adapter (OUT/adapter)")
