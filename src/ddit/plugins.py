@@ -87,3 +87,24 @@ def collect(hook: str) -> list:
         except Exception as err:
             _skip(impl.plugin_name, err)
     return items
+
+
+def named_classes(builtins, hook: str, base: type, *, reserved: tuple[str, ...] = ()) -> dict[str, type]:
+    """Built-in classes plus those plugins return for ``hook``, by their ``name``, sorted.
+
+    A plugin class that is no ``base`` subclass with a string ``name``, or whose name
+    is taken (by a built-in, an earlier plugin or ``reserved``), is skipped with a warning.
+    """
+    kind = base.__name__
+    found = {cls.name: cls for cls in builtins}
+    for cls in collect(hook):
+        name = getattr(cls, "name", None)
+        if not (isinstance(cls, type) and issubclass(cls, base) and isinstance(name, str)):
+            warnings.warn(f"plugin {kind} {cls!r} is skipped: not a {kind} subclass with a name",
+                          PluginWarning, stacklevel=3)
+        elif name in found or name in reserved:
+            warnings.warn(f"plugin {kind} {cls.__module__}.{cls.__qualname__} is skipped: the name {name!r} "
+                          "is taken", PluginWarning, stacklevel=3)
+        else:
+            found[name] = cls
+    return dict(sorted(found.items()))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 from .. import plugins
 from .base import Cache
 from .taylorseer import TaylorSeer
@@ -14,18 +12,7 @@ BUILTIN_CACHES: tuple[type[Cache], ...] = (TeaCache, TaylorSeer)
 
 def available_caches() -> dict[str, type[Cache]]:
     """Every cache by name, sorted. A plugin cannot shadow a built-in or an earlier plugin."""
-    caches = {cls.name: cls for cls in BUILTIN_CACHES}
-    for cls in plugins.collect("ddit_caches"):
-        name = getattr(cls, "name", None)
-        if not (isinstance(cls, type) and issubclass(cls, Cache) and isinstance(name, str)):
-            warnings.warn(f"plugin cache {cls!r} is skipped: not a Cache subclass with a name",
-                          plugins.PluginWarning, stacklevel=2)
-        elif name in caches or name == "none":
-            warnings.warn(f"plugin cache {cls.__module__}.{cls.__qualname__} is skipped: the name {name!r} "
-                          "is taken", plugins.PluginWarning, stacklevel=2)
-        else:
-            caches[name] = cls
-    return dict(sorted(caches.items()))
+    return plugins.named_classes(BUILTIN_CACHES, "ddit_caches", Cache, reserved=("none",))
 
 
 def get_cache(name: str, **params) -> Cache | None:

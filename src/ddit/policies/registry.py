@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 from .. import plugins
 from .base import PatchPolicy
 from .budget import BudgetPolicy
@@ -19,18 +17,7 @@ BUILTIN_POLICIES: tuple[type[PatchPolicy], ...] = (
 
 def available_policies() -> dict[str, type[PatchPolicy]]:
     """Every policy by name, sorted. A plugin cannot shadow a built-in or an earlier plugin."""
-    policies = {cls.name: cls for cls in BUILTIN_POLICIES}
-    for cls in plugins.collect("ddit_policies"):
-        name = getattr(cls, "name", None)
-        if not (isinstance(cls, type) and issubclass(cls, PatchPolicy) and isinstance(name, str)):
-            warnings.warn(f"plugin policy {cls!r} is skipped: not a PatchPolicy subclass with a name",
-                          plugins.PluginWarning, stacklevel=2)
-        elif name in policies:
-            warnings.warn(f"plugin policy {cls.__module__}.{cls.__qualname__} is skipped: the name {name!r} "
-                          "is taken", plugins.PluginWarning, stacklevel=2)
-        else:
-            policies[name] = cls
-    return dict(sorted(policies.items()))
+    return plugins.named_classes(BUILTIN_POLICIES, "ddit_policies", PatchPolicy)
 
 
 def get_policy(name: str, **params) -> PatchPolicy:
