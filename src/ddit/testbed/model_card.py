@@ -28,6 +28,7 @@ WEIGHT_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
 
 def plot_loss(losses: list[float], path: Path, window: int = 50) -> None:
+    window = min(window, len(losses))
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(losses, alpha=0.25, lw=0.5, label="per step")
