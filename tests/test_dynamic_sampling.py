@@ -60,6 +60,17 @@ def test_traces_show_the_chosen_sizes_and_cheaper_coarse_steps(model):
     assert all(r["seconds"] > 0 and not r["cached"] for r in trace)
 
 
+def test_a_samples_flops_are_counted_for_it_alone(model):
+    """A batch costs the sum of its samples: the count is the same in a group of 4 or of 1."""
+    fn = transformer_velocity(model)
+    together = sample(fn, LABELS, **RUN)
+    alone = sample(fn, LABELS[:1], **RUN)
+    assert [r["flops"] for r in together.traces[0]] == [r["flops"] for r in alone.traces[0]]
+    with torch.no_grad():
+        batch = count_flops(fn, torch.zeros(4, 3, 32, 32), torch.full((4,), 500.0), LABELS, 2)
+    assert batch == 4 * count_flops(fn, torch.zeros(1, 3, 32, 32), torch.full((1,), 500.0), LABELS[:1], 2)
+
+
 def test_policy_signals_reach_the_trace(model):
     out = generate(model, LABELS[:2], steps=5, policy=get_policy("first_order", tau=1e9))
     assert out.traces[0][0]["signals"] == {}

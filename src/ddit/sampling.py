@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,14 +37,17 @@ from .policies import PatchPolicy, Step
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
+#: FLOPs of one sample's model call, per model and (patch size, cached, shape, CFG branches):
+#: counted once per process, so that counting does not bill the timed sampling runs.
+_FLOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 @dataclass
 class Samples:
     """Final latents and, per sample and step, what it cost and what was decided.
 
     A trace record: ``step, sigma, patch_size, seconds`` (the group's model time
-    / its size), ``flops`` (the group's transformer FLOPs / its size, both CFG
-    branches), ``tokens`` (per branch, times the branches), ``cached`` (the cache
+    / its size), ``flops`` (the sample's transformer FLOPs, both CFG branches), ``tokens`` (per branch, times the branches), ``cached`` (the cache
     skipped its blocks), ``signals`` (the policy's, candidate size -> value).
     """
 
@@ -122,8 +126,8 @@ def sample(
     from seed ``seed + i``, so chunking does not change what it becomes. At each
     step ``policy`` picks every sample's patch size (without one: the base
     size), and ``cache`` may skip a sample's blocks; both keep their state per
-    sample. FLOPs are counted once per (patch size, group size, cached) and
-    reused; the oracle's probes are not counted.
+    sample. FLOPs are counted for one sample once per (model, patch size, cached)
+    and reused, outside the timed model calls; the oracle's probes are not counted.
     """
     if guidance != 1.0 and null_label is None:
         raise ValueError("classifier-free guidance needs null_label (the model's 'no class' id)")
@@ -132,7 +136,8 @@ def sample(
     labels = torch.as_tensor(labels, dtype=torch.long)
     batch_size = batch_size or max(len(labels), 1)
     run = partial(_sample_chunk, fn, sample_shape=sample_shape, steps=steps, guidance=guidance,
-                  null_label=null_label, scheduler=scheduler, policy=policy, cache=cache, bf16=bf16, flops={})
+                  null_label=null_label, scheduler=scheduler, policy=policy, cache=cache, bf16=bf16,
+                  flops=_FLOPS.setdefault(getattr(fn, "model", fn), {}))
     chunks = [run(labels[s : s + batch_size], seed + s)
               for s in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress)]
     return Samples(torch.cat([c.images for c in chunks]), [t for c in chunks for t in c.traces])
@@ -177,12 +182,12 @@ def _sample_chunk(fn, labels, seed, *, sample_shape, steps, guidance, null_label
             seconds = (time.perf_counter() - start) / len(idx)
             for s in group.samples:
                 cached = cache is not None and cache.reused[s]
-                key = (size, len(idx), cached)
-                if key not in flops:
+                key = (size, cached, sample_shape, branches)
+                if key not in flops:  # per sample: no op mixes samples, so a batch costs the sum
                     with autocast(), _blocks(fn, cached and _skipped):
-                        flops[key] = count_flops(velocity, *args)
+                        flops[key] = count_flops(velocity, *(a[:1] for a in args[:3]), size)
                 traces[s].append(dict(step=i, sigma=sigma, patch_size=size, seconds=seconds,
-                                      flops=round(flops[key] / len(idx)), tokens=branches * _tokens(sample_shape, size),
+                                      flops=flops[key], tokens=branches * _tokens(sample_shape, size),
                                       cached=cached, signals={p: float(value[s]) for p, value in signals.items()}))
         x = scheduler.step(v, t, x).prev_sample
     return Samples(x, traces)

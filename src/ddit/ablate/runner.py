@@ -5,10 +5,8 @@ A batch's images are written first (atomically), then its records are appended t
 stops the run, every finished batch is kept. A rerun skips the batches whose records
 are all present.
 
-A sample's time is the sampler's own per-step model time (its trace), not the batch's
-wall time: the sampler counts FLOPs by running the model once more for every new
-(patch size, group size) in a call, which would bill a dynamic policy for its
-bookkeeping. The batch's wall time is kept too, as ``wall_sec``.
+A sample's time (``sec``) is its batch's wall time divided by the batch size, so that
+a policy's decisions are billed too; ``model_sec`` is the model calls' share alone.
 """
 
 from __future__ import annotations
@@ -40,7 +38,7 @@ def run_ablation(config: AblationConfig, model, out: str | Path, *, progress: bo
     todo = [b for b in batches if any((b[0], i) not in done for i in range(b[2], min(b[2] + size, n)))]
     labels = config.labels()
     if todo:
-        _warm_up(model)
+        _warm_up(model, config.guidance)
     with (out / RESULTS).open("a") as log:
         bar = tqdm(todo, total=len(batches), initial=len(batches) - len(todo), unit="batch",
                    desc="ablation", disable=not progress)
@@ -86,10 +84,12 @@ def _save_images(out: Path, key: str, start: int, images: torch.Tensor) -> None:
     os.replace(path.with_suffix(".tmp"), path)
 
 
-def _warm_up(model) -> None:
-    """One untimed sample through every patch size, so that no row pays for first-call setup."""
+def _warm_up(model, guidance: float) -> None:
+    """One untimed sample through every patch size, so that no row pays for first-call setup
+    or for counting FLOPs."""
     sizes = list(model.patch_sizes)
-    generate(model, torch.zeros(1, dtype=torch.long), steps=len(sizes), policy=get_policy("fixed", schedule=sizes))
+    generate(model, torch.zeros(1, dtype=torch.long), steps=len(sizes), guidance=guidance,
+             policy=get_policy("fixed", schedule=sizes))
 
 
 def _record(key: str, row: Row, index: int, label: int, seed: int, wall: float, trace: list[dict]) -> dict:
@@ -98,7 +98,7 @@ def _record(key: str, row: Row, index: int, label: int, seed: int, wall: float, 
     return {
         "row": key, "sample": index, "label": label, "prompt": PROMPTS[label], "seed": seed + index,
         "policy": row.policy, "cache": row.cache, "steps": row.steps,
-        "sec": sum(step["seconds"] for step in trace), "wall_sec": wall, "flops": sum(step["flops"] for step in trace),
+        "sec": wall, "model_sec": sum(step["seconds"] for step in trace), "flops": sum(step["flops"] for step in trace),
         "trace": {
             **{name: [step[name] for step in trace]
                for name in ("sigma", "patch_size", "seconds", "flops", "tokens", "cached")},
