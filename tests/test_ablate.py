@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 import ddit.ablate.runner as runner
 from ddit.ablate.cli import main
-from ddit.ablate.config import parse_params
+from ddit.ablate.config import build_config, parse_params
+from ddit.policies.base import largest_below
 from ddit.adapter import MultiPatchTransformer
 from ddit.testbed.base_model import build_base_model
 
@@ -142,6 +143,8 @@ def test_another_configuration_in_the_same_folder_is_refused(finished, capsys):
     ("--policy-param", "fixed.fractoin=1", "bad parameters for policy 'fixed'"),
     ("--policy-param", "mean.tau=1", "--policy-param names 'mean', which this run does not use"),
     ("--cache-param", "delta=0.4", "is not NAME.PARAM=VALUE"),
+    ("--sweep", "third_order.tau=1e-3", "--sweep third_order.tau=0.001 is not a list of values"),
+    ("--sweep", "mean.tau=[1e-3]", "--sweep names 'mean', which this run does not use"),
 ])
 def test_bad_names_and_parameters_say_what_is_known(args, tmp_path, capsys, flag, value, expected):
     assert main([*args(tmp_path / "run"), flag, value]) == 2
@@ -158,3 +161,38 @@ def test_parameters_are_python_literals_or_strings():
     assert parse_params(["fixed.schedule=[8, 8, 2]", "third_order.tau=1e-3", "x.mode=fast", "third_order.rho=95"],
                         "--policy-param") == {"fixed": {"schedule": [8, 8, 2]}, "third_order": {"tau": 1e-3, "rho": 95},
                                               "x": {"mode": "fast"}}
+
+
+def test_sweeps_make_one_row_per_value_and_combination():
+    config = build_config(["third_order"], ["none", "teacache"], fewer_steps=(),
+                          policy_params={"third_order": {"rho": 80}},
+                          sweeps={"third_order": {"tau": [3e-4, {4: 6e-4, 8: 2e-4}]}, "teacache": {"delta": [0.1, 0.2]}})
+    rows = config.rows
+    assert list(rows) == [
+        "baseline", "baseline+teacache[delta=0.1]", "baseline+teacache[delta=0.2]",
+        "third_order[tau=0.0003]", "third_order[tau=0.0003]+teacache[delta=0.1]",
+        "third_order[tau=0.0003]+teacache[delta=0.2]", "third_order[tau={4:0.0006,8:0.0002}]",
+        "third_order[tau={4:0.0006,8:0.0002}]+teacache[delta=0.1]",
+        "third_order[tau={4:0.0006,8:0.0002}]+teacache[delta=0.2]"]
+    row = rows["third_order[tau={4:0.0006,8:0.0002}]+teacache[delta=0.2]"]
+    assert row.policy_params == {"rho": 80, "tau": {4: 6e-4, 8: 2e-4}} and row.cache_params == {"delta": 0.2}
+    assert row.make_policy().threshold(8) == 2e-4 and row.make_cache().delta == 0.2
+
+
+def test_budget_rows_are_calibrated_once_and_sample_with_that_tau(model_dirs, tmp_path, calls):
+    command = [*model_dirs, "--out", str(tmp_path), "--policies", "budget", "--policy-param", "budget.fraction=0.8",
+               "--num-per-class", "1", "--steps", "6", "--fewer-steps", "", "--batch-size", "2", "--no-progress"]
+    assert main(command) == 0
+    tau = json.loads((tmp_path / "calibration.json").read_text())["budget"]
+    assert tau > 0
+    summary = {r["row"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
+    assert summary["budget"]["params"]["policy"] == {"fraction": 0.8, "calibrated_tau": tau}
+    for record in runner.read_results(tmp_path):
+        if record["row"] == "budget":  # every step is Eq. 5 at the calibrated tau
+            trace = record["trace"]
+            for step, size in enumerate(trace["patch_size"]):
+                signals = [trace["signals"][p][step] for p in ("2", "4", "8")]
+                expected = 2 if signals[0] is None else int(largest_below(torch.tensor(signals)[:, None], (2, 4, 8), tau))
+                assert size == expected
+    calls.count = 0
+    assert main(command) == 0 and calls.count == 0  # resumed: no recalibration, no sampling

@@ -97,6 +97,18 @@ def test_each_coarse_size_uses_only_its_own_lora():
     assert not torch.allclose(run(model, 8), before[8])
 
 
+def test_a_shared_lora_serves_every_coarse_size_and_survives_saving(tmp_path):
+    model = MultiPatchTransformer(backbone(), shared_lora=True)
+    lora = [n for n, p in model.backbone.named_parameters() if ".lora_" in n]
+    assert len(lora) == 2 * 12 and all(".coarse" in n for n in lora)  # A and B, per LoRA layer
+    before = {size: run(model, size) for size in (4, 8)}
+    perturb([p for n, p in model.backbone.named_parameters() if "lora_B" in n])
+    assert all(not torch.allclose(run(model, size), before[size]) for size in (4, 8))
+    model.save_pretrained(tmp_path)
+    loaded = MultiPatchTransformer.from_pretrained(backbone(), tmp_path)
+    assert loaded.shared_lora and torch.equal(run(loaded, 8), run(model, 8))
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = MultiPatchTransformer(backbone())
     perturb(model.trainable_parameters())

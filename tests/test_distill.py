@@ -1,9 +1,14 @@
 """Distillation (DDiT Eq. 1) on a tiny testbed DiT and a few testbed images."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import ddit.distill
 from ddit.adapter import MultiPatchTransformer
@@ -15,10 +20,14 @@ from ddit.testbed.data import make_dataset
 CONFIG = DistillConfig(steps=4, batch_size=4, lr=3e-3, num_inference_steps=10)
 
 
-@pytest.fixture(scope="module")
-def data():
+def data_set():
     images, labels = make_dataset(16, seed=0)
     return LatentDataset(images, class_labels=labels)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return data_set()
 
 
 def adapter():
@@ -77,3 +86,37 @@ def test_resume_refuses_other_settings(data, tmp_path):
 def test_sampler_sigmas_are_the_noise_levels_the_sampler_visits():
     sigmas = sampler_sigmas(10)
     assert len(sigmas) == 10 and sigmas[0] == 1.0 and (sigmas > 0).all() and (sigmas.diff() < 0).all()
+
+
+DDP_SCRIPT = """
+import sys, torch
+from accelerate import PartialState
+from safetensors.torch import save_file
+sys.path.insert(0, {tests!r})
+from test_distill import CONFIG, adapter, data_set
+from ddit.distill import distill
+
+model = adapter()
+distill(model, data_set(), sys.argv[1], CONFIG, progress=False)
+state = PartialState()
+save_file({{k: v.contiguous() for k, v in model.adapter_state_dict().items()}}, f"{{sys.argv[1]}}/rank{{state.process_index}}.safetensors")
+"""
+
+
+def test_two_processes_under_accelerate_launch_train_one_adapter(tmp_path):
+    """``accelerate launch`` with two CPU processes (gloo): each rank draws its own batches, the
+    gradients are averaged, so both end with the same weights, unlike a one-process run."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    done = subprocess.run([*launch, str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [load_file(tmp_path / "two" / f"rank{i}.safetensors") for i in (0, 1)]
+    model, _ = run(data_set(), tmp_path / "one")
+    alone = model.adapter_state_dict()
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in alone)
+    assert not all(torch.allclose(ranks[0][k], alone[k]) for k in alone)
+    assert json.loads((tmp_path / "two" / "distill.json").read_text())["steps"] == CONFIG.steps

@@ -100,6 +100,17 @@ def test_local_detail_keeps_percentile_fine_while_mean_goes_coarse():
     assert mean_sizes[3:].eq(8).all()
 
 
+def test_per_size_tau_gates_each_size_on_its_own_threshold():
+    """On a white-noise-like third difference the per-patch std is the same at 4 and 8, so one
+    tau takes 8 whenever it takes 4; a per-size tau keeps 8 for smaller signals."""
+    latents = polynomial([torch.randn(1, 4, 16, 16) for _ in range(3)] + [1e-3 * torch.randn(1, 4, 16, 16)])
+    signal = run(get_policy("third_order", tau=1.0), latents)  # record the signals once
+    assert signal[3:].eq(8).all()
+    assert run(get_policy("third_order", tau={4: 1.0, 8: 1e-9}), latents)[3:].eq(4).all()
+    assert run(get_policy("third_order", tau={4: 1.0}), latents)[3:].eq(4).all()  # absent: never 8
+    assert run(get_policy("third_order", tau={4: 1e-9, 8: 1.0}), latents)[3:].eq(8).all()
+
+
 def test_decisions_differ_per_sample_within_a_batch():
     smooth = polynomial([torch.randn(4, 16, 16) for _ in range(3)])
     detailed = polynomial([torch.randn(4, 16, 16) for _ in range(4)])
@@ -201,6 +212,8 @@ def test_budget_policy_calibrates_then_meets_its_budget():
 @pytest.mark.parametrize("params, match", [
     (dict(tau=0), r"tau must be > 0"),
     (dict(tau=-1), r"tau must be > 0"),
+    (dict(tau={4: -1e-3}), r"thresholds >= 0"),
+    (dict(tau={}), r"thresholds >= 0"),
     (dict(rho=101), r"\[0, 100\]"),
     (dict(rho=-1), r"\[0, 100\]"),
     (dict(warmup=2), r"warmup must be >= 3"),

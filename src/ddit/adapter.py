@@ -82,12 +82,12 @@ class MultiPatchTransformer(nn.Module):
     off, so its output is unchanged). Each coarse size owns a ``PatchHead`` and
     a LoRA adapter on the blocks' attention and feed-forward.
 
-    One LoRA adapter per size, not one shared: a 4p token averages four times
-    the pixels of a 2p token (and a quarter of the noise variance), so each size
-    needs its own correction, and a shared one would have to compromise between
-    them; per size it costs only a few LoRA parameters, the same compute at
-    inference (one adapter is active per call), and a size can be trained or
-    added without disturbing the others.
+    One LoRA adapter per size by default: a 4p token averages four times the
+    pixels of a 2p token, so each size may need its own correction; per size it
+    costs only a few LoRA parameters and the same compute at inference (one
+    adapter is active per call), and a size can be trained or added without
+    disturbing the others. ``shared_lora=True`` trains one adapter for every
+    coarse size instead (docs/adapter.md compares the two on the testbed).
 
     ``rank`` sets the LoRA rank (alpha = rank); ``lora_config`` replaces the
     whole LoRA config (``from_pretrained`` passes the saved one). Wrapping
@@ -96,7 +96,7 @@ class MultiPatchTransformer(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, patch_sizes: Sequence[int] | None = None, rank: int = 8,
-                 lora_config: LoraConfig | None = None):
+                 lora_config: LoraConfig | None = None, shared_lora: bool = False):
         super().__init__()
         self.backbone = backbone
         self.spec = spec_for(backbone)
@@ -110,10 +110,11 @@ class MultiPatchTransformer(nn.Module):
         self.heads = nn.ModuleDict({str(s): PatchHead(*weights, scale=s // base) for s in sizes[1:]})
         self.heads.to(device=backbone.device, dtype=backbone.dtype)
         self.lora_config = lora_config or LoraConfig(r=rank, lora_alpha=rank, target_modules=self.spec.lora_target)
+        self.shared_lora = shared_lora
         with warnings.catch_warnings():  # peft warns about a second adapter: one per size is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            for size in sizes[1:]:
-                inject_adapter_in_model(self.lora_config, backbone, adapter_name=_adapter_name(size))
+            for name in dict.fromkeys(self._lora_name(size) for size in sizes[1:]):
+                inject_adapter_in_model(self.lora_config, backbone, adapter_name=name)
         self._lora_layers = [m for m in backbone.modules() if isinstance(m, LoraLayer)]
         for p in self.trainable_parameters():
             p.requires_grad_(True)  # peft leaves only the last injected adapter trainable
@@ -188,7 +189,10 @@ class MultiPatchTransformer(nn.Module):
         for layer in self._lora_layers:
             layer._disable_adapters = off
             if not off:
-                layer._active_adapter = _adapter_name(size)
+                layer._active_adapter = self._lora_name(size)
+
+    def _lora_name(self, size: int) -> str:
+        return "coarse" if self.shared_lora else f"patch{size}"
 
     # -- parameters, saving and loading
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -210,6 +214,7 @@ class MultiPatchTransformer(nn.Module):
             "backbone_config_hash": config_hash(self.backbone),
             "base_patch_size": self.base_patch_size,
             "patch_sizes": list(self.patch_sizes),
+            "shared_lora": self.shared_lora,
         }, indent=2))
 
     @classmethod
@@ -226,7 +231,8 @@ class MultiPatchTransformer(nn.Module):
             raise CheckpointError(f"the adapter at {path} was made for {saved}, not for this {given}")
         file = path / WEIGHTS_NAME
         state = load_safetensors(file)  # before wrapping, so that a bad file leaves the backbone as it was
-        model = cls(backbone, meta["patch_sizes"], lora_config=LoraConfig.from_pretrained(path))
+        model = cls(backbone, meta["patch_sizes"], lora_config=LoraConfig.from_pretrained(path),
+                    shared_lora=meta.get("shared_lora", False))
         model.load_adapter_state_dict(state, source=file)
         return model
 
@@ -238,10 +244,6 @@ class MultiPatchTransformer(nn.Module):
             raise CheckpointError(f"adapter weights in {source} do not fit this adapter: "
                                   f"missing {missing[:3]}, unexpected {extra[:3]}")
         self.load_state_dict(state, strict=False)
-
-
-def _adapter_name(size: int) -> str:
-    return f"patch{size}"
 
 
 def _is_new(name: str) -> bool:

@@ -73,6 +73,8 @@ def _generate(args) -> None:
 
 
 def _distill(args) -> None:
+    from accelerate import PartialState
+
     from .adapter import MultiPatchTransformer
     from .distill import DistillConfig, LatentDataset, distill
     from .weights import load_pretrained_transformer, load_safetensors
@@ -93,13 +95,14 @@ def _distill(args) -> None:
         backbone = load_base_model(args.base or SHIPPED_BASE)
         data = distillation_data(seed=args.seed)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-    model = MultiPatchTransformer(backbone, sizes, rank=args.rank)
+    model = MultiPatchTransformer(backbone, sizes, rank=args.rank, shared_lora=args.shared_lora)
     config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            num_inference_steps=args.num_inference_steps,
                            timestep_scale=args.timestep_scale, seed=args.seed)
     export = distill(model, data, args.out, config, resume=args.resume,
                      checkpoint_minutes=args.checkpoint_minutes)
-    print(f"adapter written to {export}")
+    if PartialState().is_main_process:
+        print(f"adapter written to {export}")
 
 
 def _calibrate_teacache(args) -> None:
@@ -170,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latents", help="with --backbone: safetensors with 'latents' and conditioning tensors")
     p.add_argument("--sizes", help="patch sizes in latent pixels, e.g. 4,8 (default: 2p,4p)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--shared-lora", action="store_true", help="one LoRA for every coarse size, not one per size")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a policy parameter, e.g. third_order.tau=1e-3 (repeatable)")
     p.add_argument("--cache-param", action="append", default=[], metavar="CACHE.PARAM=VALUE",
                    help="a cache parameter, e.g. teacache.delta=0.4 (repeatable)")
+    p.add_argument("--sweep", action="append", default=[], metavar="NAME.PARAM=[V1,V2,...]",
+                   help="one row per value of a policy or cache parameter, e.g. third_order.tau=[3e-4,6e-4] "
+                   "(repeatable; several on one name give every combination)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--fewer-steps", type=_steps, default=(28, 15),
                    help="step counts of the fewer-steps baselines; those below --steps run (default: 28,15)")
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     config = build_config(args.policies, args.caches, steps=args.steps, fewer_steps=args.fewer_steps,
                           policy_params=parse_params(args.policy_param, "--policy-param"),
                           cache_params=parse_params(args.cache_param, "--cache-param"),
+                          sweeps=parse_params(args.sweep, "--sweep"),
                           num_per_class=args.num_per_class, seed=args.seed, guidance=args.guidance,
                           batch_size=args.batch_size, model=fingerprint(found))
     evaluator = load_evaluator(args.evaluator) if args.evaluator else load_evaluator()

@@ -8,6 +8,7 @@ since mixing samples of two configurations would make every comparison wrong.
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,19 +29,26 @@ FEWER_STEPS = (28, 15)
 
 @dataclass(frozen=True)
 class Row:
-    """One way of sampling: a patch policy (``baseline`` = none), a cache (``none``) and a step count."""
+    """One way of sampling: a patch policy (``baseline`` = none), a cache (``none``) and a step count.
+
+    ``policy_tag`` and ``cache_tag`` name the swept parameters (``[tau=0.0005]``), so that
+    variants of one policy or cache are rows of their own.
+    """
 
     policy: str
     cache: str
     steps: int
     policy_params: dict = field(default_factory=dict)
     cache_params: dict = field(default_factory=dict)
+    policy_tag: str = ""
+    cache_tag: str = ""
 
     def key(self, main_steps: int) -> str:
-        """A short, file-name-safe name: ``third_order+teacache``, ``baseline@28``."""
-        cache = "" if self.cache == NO_CACHE else f"+{self.cache}"
+        """A short, file-name-safe name: ``third_order+teacache``, ``baseline@28``,
+        ``third_order[tau=0.0005]``."""
+        cache = "" if self.cache == NO_CACHE else f"+{self.cache}{self.cache_tag}"
         steps = "" if self.steps == main_steps else f"@{self.steps}"
-        return f"{self.policy}{cache}{steps}"
+        return f"{self.policy}{self.policy_tag}{cache}{steps}"
 
     def make_policy(self):
         """A fresh policy (None for the baseline: the backbone runs untouched)."""
@@ -81,25 +89,31 @@ class AblationConfig:
 
 def build_config(policies: list[str], caches: list[str], *, steps: int = 50,
                  fewer_steps: tuple[int, ...] = FEWER_STEPS, policy_params: dict | None = None,
-                 cache_params: dict | None = None, **settings) -> AblationConfig:
+                 cache_params: dict | None = None, sweeps: dict | None = None, **settings) -> AblationConfig:
     """The rows of an ablation: the baseline, the baseline at each fewer step count below
     ``steps``, then (baseline and every policy) x every cache; ``none`` = no cache.
 
-    Names and parameters are checked here, by building each policy and cache once, so that
-    a typo fails before any model is loaded.
+    ``sweeps`` (``{name: {param: [values]}}``, a policy's or a cache's) turn one policy or cache
+    into one variant per value (per combination, for several parameters). Names and
+    parameters are checked here, by building each policy and cache once, so that a typo
+    fails before any model is loaded.
     """
-    policy_params, cache_params = policy_params or {}, cache_params or {}
+    policy_params, cache_params, sweeps = policy_params or {}, cache_params or {}, sweeps or {}
     _check_names("patch policy", policies, available_policies())
     _check_names("cache", caches, {NO_CACHE: None, **available_caches()})
     _check_params("--policy-param", policy_params, [p for p in policies if p != BASELINE])
     _check_params("--cache-param", cache_params, [c for c in caches if c != NO_CACHE])
+    _check_params("--sweep", sweeps, [n for n in (*policies, *caches) if n not in (BASELINE, NO_CACHE)])
     if not steps > 0 or any(s <= 0 for s in fewer_steps):
         raise ValueError(f"step counts must be positive, got --steps {steps}, --fewer-steps {fewer_steps}")
 
     rows = [Row(BASELINE, NO_CACHE, steps)]
     rows += [Row(BASELINE, NO_CACHE, s) for s in fewer_steps if s < steps]
-    rows += [Row(p, c, steps, policy_params.get(p, {}), cache_params.get(c, {}))
-             for p in dict.fromkeys([BASELINE, *policies]) for c in dict.fromkeys(caches)]
+    rows += [Row(p, c, steps, p_params, c_params, p_tag, c_tag)
+             for p in dict.fromkeys([BASELINE, *policies])
+             for p_tag, p_params in _variants(p, policy_params.get(p, {}), sweeps.get(p, {}))
+             for c in dict.fromkeys(caches)
+             for c_tag, c_params in _variants(c, cache_params.get(c, {}), sweeps.get(c, {}))]
     rows = {row.key(steps): row for row in rows}  # the baseline may come twice
     for row in rows.values():
         for what, make in (("policy", row.make_policy), ("cache", row.make_cache)):
@@ -108,6 +122,25 @@ def build_config(policies: list[str], caches: list[str], *, steps: int = 50,
             except TypeError as err:  # an unknown keyword: the constructor names it
                 raise ValueError(f"bad parameters for {what} {getattr(row, what)!r}: {err}") from None
     return AblationConfig(rows=rows, steps=steps, **settings)
+
+
+def _variants(name: str, params: dict, sweep: dict) -> list[tuple[str, dict]]:
+    """(tag, parameters) per combination of swept values: ``("[tau=0.0005]", {..., "tau": 5e-4})``."""
+    for param, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"--sweep {name}.{param}={values!r} is not a list of values; "
+                             f"write e.g. --sweep {name}.{param}=[1,2]")
+    if not sweep:
+        return [("", params)]
+    variants = []
+    for combo in itertools.product(*sweep.values()):
+        tag = ",".join(f"{param}={_compact(value)}" for param, value in zip(sweep, combo))
+        variants.append((f"[{tag}]", {**params, **dict(zip(sweep, combo))}))
+    return variants
+
+
+def _compact(value) -> str:
+    return repr(value).replace(" ", "").replace("'", "")
 
 
 def parse_params(items: list[str], flag: str) -> dict[str, dict]:

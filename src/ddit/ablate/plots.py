@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from ..images import save_grid
 from .config import BASELINE, AblationConfig
 from .metrics import step_profile
+from .runner import make_policy, read_calibration
 
 GRID_SAMPLES = 8
 
@@ -32,7 +33,10 @@ def plot_all(out: Path, config: AblationConfig, records: dict[str, list[dict]], 
     signals = {key: step_profile(records[key], "signals", str(2 * base)) for key in policies}
     signals = {key: profile for key, profile in signals.items() if profile}
     if signals:
-        taus = {key: getattr(config.rows[key].make_policy(), "tau", None) for key in signals}
+        calibrated = read_calibration(out)
+        policies = {key: make_policy(config.rows[key], calibrated.get(key)) for key in signals}
+        taus = {key: policy.threshold(2 * base) if hasattr(policy, "threshold") else None
+                for key, policy in policies.items()}
         _signals(out / "plots/signals.png", signals, taus)
         figures[f"Policy signal at patch size {2 * base} per step and class (Fig. 3)"] = "plots/signals.png"
     _pareto(out / "plots/pareto.png", summary)

@@ -22,7 +22,7 @@ from ..testbed.evaluator import Evaluator
 from . import plots
 from .config import AblationConfig
 from .metrics import fd, per_sample
-from .runner import load_images, read_results
+from .runner import load_images, read_calibration, read_results
 
 #: Columns of summary.csv and of the tables, with their short titles.
 COLUMNS = {"sec_per_image": "s/image", "speedup_wall": "x wall", "flops_per_image": "FLOPs/image",
@@ -49,6 +49,7 @@ def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> 
     base_key = next(iter(config.rows))
     base_size = min(min(r["trace"]["patch_size"]) for r in records[base_key])
 
+    calibrated = read_calibration(out)
     summary = []
     for key, row in config.rows.items():
         values = per_sample(evaluator, images[key], images[base_key], records[key], base_size)
@@ -58,7 +59,8 @@ def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> 
                               "fd": fd(evaluator, reals[real_labels == c], images[key][labels == c])}
                      for c, prompt in enumerate(PROMPTS)}
         summary.append({"row": key, "policy": row.policy, "cache": row.cache, "steps": row.steps,
-                        "params": {"policy": row.policy_params, "cache": row.cache_params},
+                        "params": {"policy": {**row.policy_params, **_calibrated(calibrated, key)},
+                                   "cache": row.cache_params},
                         **_means(values), "fd": quality["fd"], "adherence": quality["adherence"],
                         "per_class": per_class})
     _add_speedups(summary)
@@ -98,6 +100,10 @@ def _add_speedups(summary: list[dict]) -> None:
 
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
+
+
+def _calibrated(calibrated: dict[str, float], key: str) -> dict:
+    return {"calibrated_tau": calibrated[key]} if key in calibrated else {}
 
 
 def _finite(value):

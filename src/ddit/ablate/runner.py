@@ -7,6 +7,10 @@ are all present.
 
 A sample's time (``sec``) is its batch's wall time divided by the batch size, so that
 a policy's decisions are billed too; ``model_sec`` is the model calls' share alone.
+
+A policy that calibrates itself (``budget``) is fitted first, once per row, on base-size
+runs of calibration samples that no row evaluates; its tau is kept in ``calibration.json``
+so that a resumed run samples with the same one.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ from tqdm.auto import tqdm
 from ..policies import get_policy
 from ..testbed.base_model import generate
 from ..testbed.data import PROMPTS
+from ..testbed.evaluate import balanced_labels
 from .config import AblationConfig, Row, check_folder
 
 RESULTS = "results.jsonl"
+CALIBRATION = "calibration.json"
+#: Calibration samples per calibrating row (balanced over classes), seeded apart from every row's.
+CALIBRATION_SAMPLES = 8
+CALIBRATION_SEED_OFFSET = 10**6
 
 
 def run_ablation(config: AblationConfig, model, out: str | Path, *, progress: bool = True) -> None:
@@ -39,6 +48,7 @@ def run_ablation(config: AblationConfig, model, out: str | Path, *, progress: bo
     labels = config.labels()
     if todo:
         _warm_up(model, config.guidance)
+    taus = calibrate_rows(config, model, out)
     with (out / RESULTS).open("a") as log:
         bar = tqdm(todo, total=len(batches), initial=len(batches) - len(todo), unit="batch",
                    desc="ablation", disable=not progress)
@@ -47,7 +57,7 @@ def run_ablation(config: AblationConfig, model, out: str | Path, *, progress: bo
             batch = labels[start : start + size]
             clock = time.perf_counter()
             samples = generate(model, batch, seed=config.seed + start, steps=row.steps,
-                               guidance=config.guidance, policy=row.make_policy(), cache=row.make_cache(),
+                               guidance=config.guidance, policy=make_policy(row, taus.get(key)), cache=row.make_cache(),
                                batch_size=size)
             wall = (time.perf_counter() - clock) / len(batch)
             _save_images(out, key, start, samples.images)
@@ -55,6 +65,36 @@ def run_ablation(config: AblationConfig, model, out: str | Path, *, progress: bo
                 log.write(json.dumps(_record(key, row, start + j, int(batch[j]), config.seed, wall, trace)) + "\n")
             log.flush()
             os.fsync(log.fileno())
+
+
+def calibrate_rows(config: AblationConfig, model, out: str | Path) -> dict[str, float]:
+    """tau of every row whose policy calibrates (has ``calibrate(traces)``), fitted once and kept."""
+    path = Path(out) / CALIBRATION
+    taus = read_calibration(out)
+    for key, row in config.rows.items():
+        policy = row.make_policy()
+        if key in taus or not hasattr(policy, "calibrate"):
+            continue
+        labels = balanced_labels(CALIBRATION_SAMPLES)
+        generate(model, labels, seed=config.seed + CALIBRATION_SEED_OFFSET, steps=row.steps,
+                 guidance=config.guidance, policy=policy, batch_size=len(labels))
+        taus[key] = policy.calibrate([policy.trace])
+        path.write_text(json.dumps(taus, indent=1))
+    return taus
+
+
+def read_calibration(out: str | Path) -> dict[str, float]:
+    """Calibrated tau per row key (empty when no row calibrates)."""
+    path = Path(out) / CALIBRATION
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def make_policy(row: Row, tau: float | None = None):
+    """A fresh policy for one batch of ``row``, with its calibrated tau if it has one."""
+    policy = row.make_policy()
+    if tau is not None:
+        policy.tau = tau
+    return policy
 
 
 def read_results(out: str | Path) -> list[dict]:

@@ -66,12 +66,14 @@ def check_candidates(base_size: int, candidates: Sequence[int]) -> tuple[int, ..
     return candidates
 
 
-def largest_below(signals: torch.Tensor, candidates: Sequence[int], tau: float) -> torch.Tensor:
+def largest_below(signals: torch.Tensor, candidates: Sequence[int], tau: float | torch.Tensor) -> torch.Tensor:
     """Eq. 5: per sample, the largest candidate whose signal is below tau, else the base size.
 
-    ``signals`` is (K, B), one row per candidate in ascending order.
+    ``signals`` is (K, B), one row per candidate in ascending order; ``tau`` is one threshold
+    or (K,), one per candidate (0 = never chosen).
     """
     rows = torch.arange(len(candidates), device=signals.device)[:, None]
+    tau = torch.as_tensor(tau, dtype=signals.dtype, device=signals.device).reshape(-1, 1)
     chosen = torch.where(signals < tau, rows, 0).amax(dim=0)
     return torch.tensor(candidates, device=signals.device)[chosen]
 

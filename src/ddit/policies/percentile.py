@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -27,18 +27,22 @@ class ThirdOrderPolicy(PatchPolicy):
     tau: float = 1e-4  # provisional
     rho: float = 90.0  # provisional
 
-    def __init__(self, tau: float | None = None, rho: float | None = None, warmup: int | None = None):
+    def __init__(self, tau: float | Mapping[int, float] | None = None, rho: float | None = None,
+                 warmup: int | None = None):
         super().__init__()
-        self.tau = type(self).tau if tau is None else tau
+        self.tau = _check_tau(type(self).tau if tau is None else tau)
         self.rho = type(self).rho if rho is None else rho
         self.warmup = self.order if warmup is None else warmup
-        if not self.tau > 0:
-            raise ValueError(f"tau must be > 0 (higher = coarser, faster), got {self.tau}")
         if not 0 <= self.rho <= 100:
             raise ValueError(f"rho is a percentile and must lie in [0, 100], got {self.rho}")
         if self.warmup < self.order:
             raise ValueError(f"warmup must be >= {self.order}: an order-{self.order} difference needs "
                              f"{self.order + 1} latents, got {self.warmup}")
+
+    def threshold(self, size: int) -> float:
+        """tau for one candidate size: the one tau, or its entry in the per-size mapping (0 if absent:
+        never chosen)."""
+        return self.tau.get(size, 0.0) if isinstance(self.tau, Mapping) else self.tau
 
     def reset(self, batch_size: int, base_size: int, candidates: Sequence[int]) -> None:
         super().reset(batch_size, base_size, candidates)
@@ -55,7 +59,8 @@ class ThirdOrderPolicy(PatchPolicy):
             return self.base_size, {}
         delta = finite_difference(torch.stack(tuple(self.history)), self.order)[-1]
         signals = torch.stack([self.aggregate(patch_std(delta, p)) for p in self.candidates])
-        return largest_below(signals, self.candidates, self.tau), dict(zip(self.candidates, signals))
+        taus = [self.threshold(p) for p in self.candidates]
+        return largest_below(signals, self.candidates, taus), dict(zip(self.candidates, signals))
 
 
 class SecondOrderPolicy(ThirdOrderPolicy):
@@ -85,3 +90,16 @@ class MeanPolicy(ThirdOrderPolicy):
 
     def aggregate(self, stds: torch.Tensor) -> torch.Tensor:
         return stds.mean(dim=-1)
+
+
+def _check_tau(tau: float | Mapping[int, float]) -> float | dict[int, float]:
+    """One tau > 0, or a mapping patch size -> tau >= 0 (a per-size rule; 0 or absent: never that size)."""
+    if isinstance(tau, Mapping):
+        tau = {int(size): float(value) for size, value in tau.items()}
+        if not tau or any(not value >= 0 for value in tau.values()):
+            raise ValueError(f"a per-size tau maps patch sizes to thresholds >= 0, e.g. {{4: 6e-4, 8: 2e-4}}; "
+                             f"got {tau}")
+        return tau
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0 (higher = coarser, faster), got {tau}")
+    return float(tau)

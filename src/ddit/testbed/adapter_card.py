@@ -68,7 +68,7 @@ def ship_adapter(run: str | Path, evaluator: Evaluator, dest: str | Path = SHIPP
     shutil.copytree(run / "adapter", dest, dirs_exist_ok=True)
     distilled = MultiPatchTransformer.from_pretrained(load_base_model(base), dest).eval()
     initial = MultiPatchTransformer(load_base_model(base), distilled.patch_sizes,
-                                    lora_config=distilled.lora_config).eval()
+                                    lora_config=distilled.lora_config, shared_lora=distilled.shared_lora).eval()
     sigmas = sampler_sigmas(steps)[::5]
     before, after = relative_errors(initial, sigmas), relative_errors(distilled, sigmas)
     plot_errors(sigmas.tolist(), before, after, dest / "relative_error.png")

@@ -1,0 +1,111 @@
+"""The main job's targets (issue 5), measured on the testbed with the policies' defaults.
+
+    pytest -s benchmarks/test_targets.py
+
+One resumable ``ddit-ablate`` run (benchmarked once, its wall time in pytest-benchmark's
+table) samples the 50-step baseline, ``third_order`` alone and with TeaCache, and two
+reference curves: the baseline at fewer steps, and TeaCache alone at several deltas.
+Each target is then one test on that run's summary, so a missed target fails by name
+and the printed table says by how much. Speed-ups are wall time, measured in this one
+run; the quality of a reference "at matched speed" is interpolated on its curve
+(linear in log speed-up) at ``third_order``'s own speed-up.
+
+The run is kept in ``runs/benchmark-targets-HASH`` (HASH: the configuration), so an
+interrupted benchmark resumes; delete the folder to measure afresh.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddit.ablate import build_config, run_ablation, summarize
+from ddit.ablate.models import fingerprint, folders, load_model
+from ddit.caches.teacache import TeaCache
+from ddit.testbed.data import PROMPTS
+from ddit.testbed.evaluator import load_evaluator
+
+NUM_PER_CLASS = 32
+STEPS = 50
+FEWER_STEPS = (40, 34, 28, 22, 15, 10)
+TEACACHE_DELTAS = sorted({0.05, 0.1, 0.2, 0.4, TeaCache.delta})
+POLICY = "third_order"
+RESULTS: dict[str, dict] = {}
+
+
+def _delta_tag(delta: float) -> str:
+    return f"teacache[delta={delta!r}]"
+
+
+@pytest.fixture(scope="module")
+def summary(request):
+    """``{row: record}`` of the run, sampled (or resumed) once per session."""
+    config = build_config([POLICY], ["none", "teacache"], steps=STEPS, fewer_steps=FEWER_STEPS,
+                          sweeps={"teacache": {"delta": TEACACHE_DELTAS}}, num_per_class=NUM_PER_CLASS,
+                          seed=0, guidance=2.0, batch_size=64, model=fingerprint(folders(None, None)))
+    digest = hashlib.sha256(json.dumps(config.to_json(), sort_keys=True).encode()).hexdigest()[:8]
+    out = Path(request.config.rootpath) / "runs" / f"benchmark-targets-{digest}"
+    benchmark = request.getfixturevalue("benchmark")
+    benchmark.pedantic(run_ablation, args=(config, load_model(folders(None, None)), out), rounds=1, iterations=1)
+    rows = {r["row"]: r for r in summarize(config, out, load_evaluator())}
+    print(f"\nablation: {out}/report.md")
+    return rows
+
+
+def at_speed(points: list[tuple[float, float]], speedup: float) -> float | None:
+    """A curve's quality at ``speedup`` (linear in log speed-up), None outside the curve."""
+    speed, quality = np.array(sorted(points)).T
+    if not speed[0] <= speedup <= speed[-1]:
+        return None
+    return float(np.interp(np.log(speedup), np.log(speed), quality))
+
+
+def record(name: str, **values) -> None:
+    RESULTS[name] = values
+    print(f"\n{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in values.items()))
+
+
+def test_third_order_alone(summary):
+    """>= 2x wall over the 50-step baseline, FD <= 1.1x the baseline's, adherence within 2 points."""
+    base, row = summary["baseline"], summary[POLICY]
+    record(POLICY, speedup_wall=row["speedup_wall"], speedup_flops=row["speedup_flops"],
+           fd=row["fd"], fd_ratio=row["fd"] / base["fd"], adherence=row["adherence"],
+           adherence_baseline=base["adherence"], ssim=row["ssim_vs_baseline"],
+           coarse_steps=row["coarse_step_fraction"])
+    assert row["speedup_wall"] >= 2
+    assert row["fd"] <= 1.1 * base["fd"]
+    assert row["adherence"] >= base["adherence"] - 0.02
+
+
+def test_third_order_with_teacache(summary):
+    """>= 3x wall with TeaCache at its default delta."""
+    row = summary[f"{POLICY}+{_delta_tag(TeaCache.delta)}"]
+    record(f"{POLICY}+teacache", speedup_wall=row["speedup_wall"], speedup_flops=row["speedup_flops"],
+           fd=row["fd"], adherence=row["adherence"], ssim=row["ssim_vs_baseline"])
+    assert row["speedup_wall"] >= 3
+
+
+@pytest.mark.parametrize("reference", ["fewer_steps", "teacache"])
+@pytest.mark.parametrize("quality", ["ssim_vs_baseline", "fd"])
+def test_third_order_beats_the_reference_at_matched_speed(summary, reference, quality):
+    """Higher SSIM to the baseline, and lower FD, than the reference curve at third_order's speed-up."""
+    if reference == "fewer_steps":
+        keys = ["baseline", *(f"baseline@{s}" for s in FEWER_STEPS)]
+    else:
+        keys = ["baseline", *(f"baseline+{_delta_tag(d)}" for d in TEACACHE_DELTAS)]
+    row = summary[POLICY]
+    theirs = at_speed([(summary[k]["speedup_wall"], summary[k][quality]) for k in keys], row["speedup_wall"])
+    record(f"{POLICY} vs {reference} ({quality})", speedup_wall=row["speedup_wall"], ours=row[quality],
+           theirs=theirs)
+    assert theirs is not None, f"the {reference} curve does not reach {row['speedup_wall']:.2f}x"
+    assert row[quality] > theirs if quality == "ssim_vs_baseline" else row[quality] < theirs
+
+
+def test_simple_classes_get_coarser_schedules(summary):
+    """Mean patch size per class, simplest (glow) to most detailed (stripes): glow's above stripes'."""
+    sizes = {prompt: summary[POLICY]["per_class"][prompt]["mean_patch_size"] for prompt in PROMPTS}
+    record(f"{POLICY} mean patch size per class", **sizes)
+    assert sizes["glow"] > sizes["stripes"]
