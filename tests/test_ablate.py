@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import ddit.ablate.runner as runner
 from ddit.ablate.cli import main
 from ddit.ablate.config import build_config, parse_params
-from ddit.policies.base import largest_below
+from ddit.policies import get_policy
 from ddit.adapter import MultiPatchTransformer
 from ddit.testbed.base_model import build_base_model
 
@@ -188,11 +188,11 @@ def test_budget_rows_are_calibrated_once_and_sample_with_that_tau(model_dirs, tm
     summary = {r["row"]: r for r in json.loads((tmp_path / "summary.json").read_text())}
     assert summary["budget"]["params"]["policy"] == {"fraction": 0.8, "calibrated_tau": tau}
     for record in runner.read_results(tmp_path):
-        if record["row"] == "budget":  # every step is Eq. 5 at the calibrated tau
-            trace = record["trace"]
+        if record["row"] == "budget":  # every step is the third-order rule at the calibrated tau
+            trace, rule = record["trace"], get_policy("third_order", tau=tau)
+            rule.reset(1, 2, (2, 4, 8))
             for step, size in enumerate(trace["patch_size"]):
                 signals = [trace["signals"][p][step] for p in ("2", "4", "8")]
-                expected = 2 if signals[0] is None else int(largest_below(torch.tensor(signals)[:, None], (2, 4, 8), tau))
-                assert size == expected
+                assert size == int(rule.schedule(None if signals[0] is None else torch.tensor(signals)[:, None]))
     calls.count = 0
     assert main(command) == 0 and calls.count == 0  # resumed: no recalibration, no sampling

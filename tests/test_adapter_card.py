@@ -4,6 +4,7 @@ import torch
 from conftest import TINY_DIT
 
 from ddit.adapter import MultiPatchTransformer
+from ddit.cli import main
 from ddit.distill import DistillConfig, distill
 from ddit.testbed.adapter import distillation_data
 from ddit.testbed.adapter_card import ship_adapter
@@ -11,7 +12,7 @@ from ddit.testbed.base_model import build_base_model
 from ddit.testbed.evaluator import Evaluator
 
 
-def test_ship_adapter_measures_before_and_after(tmp_path):
+def test_ship_adapter_measures_before_and_after(tmp_path, capsys):
     base = build_base_model(**TINY_DIT)
     for p in base.parameters():  # a teacher that says something
         torch.nn.init.normal_(p, std=0.05)
@@ -28,3 +29,9 @@ def test_ship_adapter_measures_before_and_after(tmp_path):
     for name in ("README.md", "relative_error.png", "samples_patch2.png", "samples_patch4.png", "card.json"):
         assert (tmp_path / "shipped" / name).is_file(), name
     assert json.loads((tmp_path / "shipped" / "card.json").read_text())["distill"]["steps"] == 20
+
+    assert main(["testbed", "adapter-error", str(tmp_path / "shipped"), "--base", str(tmp_path / "base"),
+                 "--steps", "10"]) == 0
+    header, line = capsys.readouterr().out.splitlines()[-2:]
+    assert header.startswith("adapter\tpatch\tt=1.00") and line.split("\t")[1] == "4"
+    assert float(line.split("\t")[-1]) == round(sum(after) / 2, 3)

@@ -111,6 +111,20 @@ def test_per_size_tau_gates_each_size_on_its_own_threshold():
     assert run(get_policy("third_order", tau={4: 1e-9, 8: 1.0}), latents)[3:].eq(8).all()
 
 
+def test_restart_holds_a_new_size_until_its_own_history_is_full():
+    """After a switch the next three third differences span both sizes; with restarts they
+    are not acted on, and the size stays until four latents of it are in the history."""
+    small, big = torch.full((3, 1), 0.1), torch.full((3, 1), 10.0)
+    signals = [None, None, None, small, big, big, big, small, small, small]
+    schedules = {}
+    for restart in (True, False):
+        rule = get_policy("third_order", tau=1.0, restart=restart)
+        rule.reset(1, BASE, CANDIDATES)
+        schedules[restart] = [int(rule.schedule(s)) for s in signals]
+    assert schedules[True] == [2, 2, 2, 8, 8, 8, 2, 2, 2, 8]
+    assert schedules[False] == [2, 2, 2, 8, 2, 2, 2, 8, 8, 8]
+
+
 def test_decisions_differ_per_sample_within_a_batch():
     smooth = polynomial([torch.randn(4, 16, 16) for _ in range(3)])
     detailed = polynomial([torch.randn(4, 16, 16) for _ in range(4)])
@@ -184,17 +198,33 @@ def synthetic_trace(signal_4, steps=10, warmup=0):
 
 
 def test_calibrate_tau_known_answer():
+    """On Eq. 5 as written (``restart=False``), where each step decides on its own."""
+    plain = get_policy("third_order", restart=False)
     trace = synthetic_trace([float(i + 1) for i in range(10)])  # values 1..10, each step 1 or 1/4
     # k coarse steps cost (10 - k + k/4) / 10 <= 0.7  <=>  k >= 4: tau just above the 4th value
-    tau = calibrate_tau([trace], 0.7)
+    tau = calibrate_tau([trace], 0.7, rule=plain)
     assert 4 < tau < 4.001
-    assert 6 < calibrate_tau([trace], 0.55) < 6.001  # k >= 6
+    assert 6 < calibrate_tau([trace], 0.55, rule=plain) < 6.001  # k >= 6
     # warm-up steps count at the base size: 2 of 10 never go coarse
-    assert calibrate_tau([synthetic_trace([float(i + 1) for i in range(10)], warmup=2)], 0.7) > 6
+    assert calibrate_tau([synthetic_trace([float(i + 1) for i in range(10)], warmup=2)], 0.7, rule=plain) > 6
     # costs measured in seconds: size 4 takes half the time of size 2
-    assert 6 < calibrate_tau([trace], 0.7, cost_per_size={2: 2.0, 4: 1.0, 8: 0.5}) < 6.001
+    assert 6 < calibrate_tau([trace], 0.7, cost_per_size={2: 2.0, 4: 1.0, 8: 0.5}, rule=plain) < 6.001
     with pytest.raises(ValueError, match="out of reach"):
-        calibrate_tau([trace], 0.05)  # even all at size 8 costs 1/16
+        calibrate_tau([trace], 0.05, rule=plain)  # even all at size 8 costs 1/16
+
+
+def test_calibrate_tau_replays_the_restart_rule():
+    """Descending signals 10..1: below tau from step 10 - v on. With restarts the first three
+    steps cannot switch (no settled history), so the schedule differs from Eq. 5 alone."""
+    trace = synthetic_trace([float(10 - i) for i in range(10)])
+    # plain: coarse at every step with signal < tau; 4 coarse steps (signals 4..1) cost 0.7
+    assert 4 < calibrate_tau([trace], 0.7, rule=get_policy("third_order", restart=False)) < 4.001
+    # restart: also 4 coarse steps (6..9) at tau just above 4; the first three steps would never switch
+    assert 4 < calibrate_tau([trace], 0.7) < 4.001
+    # 0.4 takes 8 steps at size 4 without restarts (tau just above 8); with them at most 7
+    # (3..9) cost 0.475, so only size 8 (signal 1e9) meets it
+    assert 8 < calibrate_tau([trace], 0.4, rule=get_policy("third_order", restart=False)) < 8.001
+    assert calibrate_tau([trace], 0.4) > 1e9
 
 
 def test_budget_policy_calibrates_then_meets_its_budget():

@@ -52,6 +52,20 @@ def _ship_base(args) -> None:
     print(json.dumps(quality, indent=1))
 
 
+def _adapter_error(args) -> None:
+    from .adapter import MultiPatchTransformer
+    from .distill import sampler_sigmas
+    from .testbed.adapter_card import relative_errors
+    from .testbed.base_model import SHIPPED_BASE, load_base_model
+
+    sigmas = sampler_sigmas(args.steps)[::5]
+    print("adapter\tpatch\t" + "\t".join(f"t={s:.2f}" for s in sigmas.tolist()) + "\tmean")
+    for folder in args.adapters:
+        model = MultiPatchTransformer.from_pretrained(load_base_model(args.base or SHIPPED_BASE), folder).eval()
+        for size, errors in relative_errors(model, sigmas).items():
+            print(f"{folder}\t{size}\t" + "\t".join(f"{e:.3f}" for e in errors) + f"\t{sum(errors) / len(errors):.3f}")
+
+
 def _ship_adapter(args) -> None:
     from .testbed.adapter_card import ship_adapter
     from .testbed.evaluator import load_evaluator
@@ -160,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="the --out folder of train-base")
     p.add_argument("--num", type=int, default=512, help="images for the quality measurement")
     p.set_defaults(func=_ship_base)
+
+    p = testbed_commands.add_parser("adapter-error", help="relative error of testbed adapters to the base model, "
+                                    "per coarse size, at every 5th noise level of the sampler")
+    p.add_argument("adapters", nargs="+", help="adapter folders (OUT/adapter of ddit distill)")
+    p.add_argument("--base", help="testbed base model folder (default: the shipped one)")
+    p.add_argument("--steps", type=int, default=50, help="the sampler's step count")
+    p.set_defaults(func=_adapter_error)
 
     p = testbed_commands.add_parser("ship-adapter", help="place a finished distill run of the testbed in the "
                                     "package, with its error before/after, sample grids and card")

@@ -17,22 +17,31 @@ class ThirdOrderPolicy(PatchPolicy):
     difference of the latent; the largest size below tau, else the base size.
 
     The first ``warmup`` steps (at least ``order``, enough for the history) use the base size.
-    tau and rho are provisional (no trained testbed model yet), sized for about 50 flow-matching
-    steps on unit-variance latents: an order-k difference shrinks roughly as (1/steps)^k, so
-    retune tau when the step count changes. Change them per call, or here.
+
+    ``restart=True`` (the default; not in the paper) takes differences only over latents that
+    one patch size produced: a sample's size change restarts its history, and it keeps the
+    new size until ``order`` steps at that size have refilled it. A switch changes the
+    velocity by the adapter's error, which puts a spike into the next three third
+    differences that says nothing about the content; with ``restart=False`` (Eq. 5 as
+    written) that spike sends the sample straight back to the base size.
+
+    tau and rho are chosen on the testbed (docs/policies.md says how), for about 50
+    flow-matching steps on unit-variance latents: an order-k difference shrinks roughly
+    as (1/steps)^k, so retune tau when the step count changes.
     """
 
     name = "third_order"
     order: ClassVar[int] = 3
-    tau: float = 1e-4  # provisional
+    tau: float | Mapping[int, float] = 1e-4  # provisional
     rho: float = 90.0  # provisional
 
     def __init__(self, tau: float | Mapping[int, float] | None = None, rho: float | None = None,
-                 warmup: int | None = None):
+                 warmup: int | None = None, restart: bool = True):
         super().__init__()
         self.tau = _check_tau(type(self).tau if tau is None else tau)
         self.rho = type(self).rho if rho is None else rho
         self.warmup = self.order if warmup is None else warmup
+        self.restart = restart
         if not 0 <= self.rho <= 100:
             raise ValueError(f"rho is a percentile and must lie in [0, 100], got {self.rho}")
         if self.warmup < self.order:
@@ -47,6 +56,8 @@ class ThirdOrderPolicy(PatchPolicy):
     def reset(self, batch_size: int, base_size: int, candidates: Sequence[int]) -> None:
         super().reset(batch_size, base_size, candidates)
         self.history: deque[torch.Tensor] = deque(maxlen=self.order + 1)
+        self.current = torch.full((batch_size,), base_size)
+        self.since_switch = torch.zeros(batch_size, dtype=torch.long)  # latents in history at the current size
 
     def aggregate(self, stds: torch.Tensor) -> torch.Tensor:
         """Per-patch stds (B, patches) -> one value per sample (B,)."""
@@ -56,11 +67,24 @@ class ThirdOrderPolicy(PatchPolicy):
         # float32: in bf16 a third difference is mostly rounding error
         self.history.append(step.latent.detach().to(torch.float32, copy=True))
         if len(self.trace) < self.warmup:
-            return self.base_size, {}
+            return self.schedule(None), {}
         delta = finite_difference(torch.stack(tuple(self.history)), self.order)[-1]
         signals = torch.stack([self.aggregate(patch_std(delta, p)) for p in self.candidates])
-        taus = [self.threshold(p) for p in self.candidates]
-        return largest_below(signals, self.candidates, taus), dict(zip(self.candidates, signals))
+        return self.schedule(signals), dict(zip(self.candidates, signals))
+
+    def schedule(self, signals: torch.Tensor | None) -> torch.Tensor:
+        """One step's sizes (B,) from its signals (K, B): Eq. 5, then the restart rule; ``None``
+        (no signals yet: the warm-up) keeps the base size. Calibration replays recorded signals
+        through it."""
+        self.since_switch += 1
+        if signals is None:
+            return self.current.clone()
+        sizes = largest_below(signals, self.candidates, [self.threshold(p) for p in self.candidates]).cpu()
+        if self.restart:
+            sizes = torch.where(self.since_switch > self.order, sizes, self.current)
+            self.since_switch[sizes != self.current] = 1  # this latent starts the new size's history
+            self.current = sizes
+        return sizes
 
 
 class SecondOrderPolicy(ThirdOrderPolicy):
@@ -85,8 +109,9 @@ class MeanPolicy(ThirdOrderPolicy):
 
     name = "mean"
 
-    def __init__(self, tau: float | None = None, warmup: int | None = None):
-        super().__init__(tau=tau, warmup=warmup)
+    def __init__(self, tau: float | Mapping[int, float] | None = None, warmup: int | None = None,
+                 restart: bool = True):
+        super().__init__(tau=tau, warmup=warmup, restart=restart)
 
     def aggregate(self, stds: torch.Tensor) -> torch.Tensor:
         return stds.mean(dim=-1)
