@@ -29,9 +29,11 @@ from ddit.testbed.evaluator import load_evaluator
 
 NUM_PER_CLASS = 32
 STEPS = 50
-FEWER_STEPS = (40, 34, 28, 22, 15, 10)
-TEACACHE_DELTAS = sorted({0.05, 0.1, 0.2, 0.4, TeaCache.delta})
+FEWER_STEPS = (34, 28, 22, 15)
+TEACACHE_DELTAS = sorted({0.05, 0.1, 0.2, TeaCache.delta})
 POLICY = "third_order"
+#: Sample i starts from seed HELD_OUT_SEED + i: the defaults were tuned on seeds 0-127, not on these.
+HELD_OUT_SEED = 10_000
 RESULTS: dict[str, dict] = {}
 
 
@@ -44,7 +46,7 @@ def summary(request):
     """``{row: record}`` of the run, sampled (or resumed) once per session."""
     config = build_config([POLICY], ["none", "teacache"], steps=STEPS, fewer_steps=FEWER_STEPS,
                           sweeps={"teacache": {"delta": TEACACHE_DELTAS}}, num_per_class=NUM_PER_CLASS,
-                          seed=0, guidance=2.0, batch_size=64, model=fingerprint(folders(None, None)))
+                          seed=HELD_OUT_SEED, guidance=2.0, batch_size=64, model=fingerprint(folders(None, None)))
     digest = hashlib.sha256(json.dumps(config.to_json(), sort_keys=True).encode()).hexdigest()[:8]
     out = Path(request.config.rootpath) / "runs" / f"benchmark-targets-{digest}"
     benchmark = request.getfixturevalue("benchmark")

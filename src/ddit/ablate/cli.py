@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (resumed if it holds this configuration)")
     p.add_argument("--policies", type=_names, default=["third_order"], help="comma-separated patch policies")
-    p.add_argument("--caches", type=_names, default=["none"],
-                   help="comma-separated feature caches; none = the policy alone")
+    p.add_argument("--caches", type=_names, default=["none", "teacache"],
+                   help="comma-separated feature caches; none = the policy alone (default: none,teacache)")
     p.add_argument("--policy-param", action="append", default=[], metavar="POLICY.PARAM=VALUE",
                    help="a policy parameter, e.g. third_order.tau=1e-3 (repeatable)")
     p.add_argument("--cache-param", action="append", default=[], metavar="CACHE.PARAM=VALUE",
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--fewer-steps", type=_steps, default=(28, 15),
                    help="step counts of the fewer-steps baselines; those below --steps run (default: 28,15)")
-    p.add_argument("--num-per-class", type=int, default=64, help="samples per testbed class and row")
+    p.add_argument("--num-per-class", type=int, default=16,
+                   help="samples per testbed class and row (default 16: a few minutes on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0, help="sample i of every row starts from seed + i")
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--batch-size", type=int, default=64)

@@ -75,7 +75,7 @@ def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> 
 def table(summary: list[dict]) -> Table:
     """The summary as a rich table, for the terminal."""
     t = Table(title="ddit-ablate (SSIM, PSNR, feature dist: against the baseline)")
-    t.add_column("row")
+    t.add_column("row", overflow="fold")  # a swept row's name is long: wrap it, never cut it
     for title in COLUMNS.values():
         t.add_column(title, justify="right")
     for record in summary:

@@ -57,12 +57,12 @@ class TeaCache(Cache):
 
     The first and last steps always compute, and so does a sample's first step at
     a new patch size. ``coefficients`` (highest degree first) default to the
-    testbed's fit. The default ``delta`` is provisional (the DDiT paper pairs
-    TeaCache 0.4 with FLUX); higher skips more.
+    testbed's fit. The default ``delta`` was chosen on the testbed (docs/caches.md);
+    higher skips more.
     """
 
     name = "teacache"
-    delta: float = 0.4  # provisional
+    delta: float = 0.1  # chosen on the testbed: docs/caches.md
 
     def __init__(self, delta: float | None = None, coefficients: Sequence[float] | None = None):
         self.delta = type(self).delta if delta is None else delta

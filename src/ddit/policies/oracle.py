@@ -13,11 +13,13 @@ class OraclePolicy(PatchPolicy):
 
     It runs the model once per candidate per step, so it is slower than the baseline:
     it measures what a cheap policy could reach, it does not speed anything up.
-    ``tolerance`` is provisional.
+    The default tolerance, 0.25, sits inside the shipped testbed adapter's measured error
+    (patch 4: 0.11-0.39 over t), so the oracle goes coarse where the adapter is closest;
+    it is not tuned on image quality.
     """
 
     name = "oracle"
-    tolerance: float = 0.05  # provisional
+    tolerance: float = 0.25
 
     def __init__(self, tolerance: float | None = None):
         super().__init__()
