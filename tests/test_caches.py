@@ -11,12 +11,13 @@ from conftest import TINY_DIT
 from ddit import plugins
 from ddit.adapter import MultiPatchTransformer
 from ddit.caches import (
-    Cache, Group, TaylorSeer, TeaCache, available_caches, calibrate_teacache, get_cache, load_teacache_fit,
+    Cache, Group, TaylorSeer, TeaCache, available_caches, get_cache, load_teacache_fit,
     write_teacache_fit,
 )
 from ddit.policies import FixedPolicy, PatchPolicy
 from ddit.sampling import sample
 from ddit.testbed.base_model import build_base_model, generate
+from ddit.testbed.teacache import calibrate_teacache
 
 LABELS = torch.tensor([0, 1, 2, 3])
 IDENTITY = [0, 0, 0, 1, 0]  # TeaCache rescaling that keeps the measured change
@@ -103,7 +104,7 @@ def test_calibration_fits_a_quartic_that_the_loader_reads_back(model, tmp_path):
     assert len(coefficients) == 5 and all(map(math.isfinite, coefficients))
     write_teacache_fit(coefficients, tmp_path / "fit.json", steps=4)
     assert load_teacache_fit(tmp_path / "fit.json") == coefficients
-    with pytest.raises(FileNotFoundError, match="calibrate_teacache"):
+    with pytest.raises(FileNotFoundError, match="fit_teacache"):
         load_teacache_fit(tmp_path / "missing.json")
 
 
@@ -130,3 +131,8 @@ def test_docs_examples_run():
     namespace = {}
     for block in re.findall(r"```python\n(.*?)```", docs, flags=re.S):
         exec(block, namespace)
+
+
+def test_teacache_without_a_fit_for_the_model_refuses_before_sampling(model):
+    with pytest.raises(ValueError, match="coefficients=.*fit_teacache"):
+        generate(model, LABELS[:1], steps=3, cache=TeaCache(delta=0.1))

@@ -3,5 +3,6 @@
 __version__ = "0.1.0"
 
 from .adapter import MultiPatchTransformer
+from .pipelines import disable, enable, summary
 
-__all__ = ["MultiPatchTransformer"]
+__all__ = ["MultiPatchTransformer", "disable", "enable", "summary"]

@@ -116,6 +116,10 @@ class MultiPatchTransformer(nn.Module):
             for name in dict.fromkeys(self._lora_name(size) for size in sizes[1:]):
                 inject_adapter_in_model(self.lora_config, backbone, adapter_name=name)
         self._lora_layers = [m for m in backbone.modules() if isinstance(m, LoraLayer)]
+        self._lora_places = [(backbone.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], m)
+                             for name, m in backbone.named_modules() if isinstance(m, LoraLayer)]
+        self._peft_config = backbone.peft_config
+        self.attached = True
         for p in self.trainable_parameters():
             p.requires_grad_(True)  # peft leaves only the last injected adapter trainable
         self._signature = inspect.signature(backbone.forward)
@@ -134,12 +138,50 @@ class MultiPatchTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.backbone.device
 
-    def cache_context(self, name: str):
+    def cache_context(self, name: str, **kwargs):
         """The backbone's cache context (stock Flux / Wan pipelines enter one per branch)."""
-        return self.backbone.cache_context(name)
+        return self.backbone.cache_context(name, **kwargs)
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """What diffusers calls after each pipeline call: resets the backbone's cache hooks, if it has any."""
+        reset = getattr(self.backbone, "_reset_stateful_cache", None)
+        if reset is not None:
+            reset(recurse=recurse)
+
+    def __getattr__(self, name: str):
+        """Whatever else a pipeline or a user asks of a transformer (attention processors, cache hooks,
+        gradient checkpointing...) is the backbone's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            backbone = self.__dict__["_modules"].get("backbone")
+            if backbone is None or name.startswith("__"):
+                raise
+            return getattr(backbone, name)
+
+    # -- the LoRA layers in the backbone
+    def detach(self) -> nn.Module:
+        """Take the LoRA layers out of the backbone: it is the stock model again (to save it, or to give it
+        back to a pipeline); ``attach`` puts them back, weights and all."""
+        if self.attached:
+            for parent, name, layer in self._lora_places:
+                setattr(parent, name, layer.get_base_layer())
+            del self.backbone.peft_config
+            self.attached = False
+        return self.backbone
+
+    def attach(self) -> None:
+        """Put the LoRA layers that ``detach`` took out back into the backbone."""
+        if not self.attached:
+            for parent, name, layer in self._lora_places:
+                setattr(parent, name, layer)
+            self.backbone.peft_config = self._peft_config
+            self.attached = True
 
     # -- forward
     def forward(self, hidden_states: torch.Tensor, *args, patch_size: int | None = None, **kwargs):
+        if not self.attached:
+            raise RuntimeError("this adapter's LoRA layers were detached from its backbone: call attach() first")
         if self.spec.square_only and hidden_states.shape[-1] != hidden_states.shape[-2]:
             raise ValueError(f"{type(self.backbone).__name__} needs a square latent, "
                              f"not {hidden_states.shape[-2]}x{hidden_states.shape[-1]}")

@@ -120,7 +120,8 @@ def _distill(args) -> None:
 
 
 def _calibrate_teacache(args) -> None:
-    from .caches.teacache import TESTBED_FIT, calibrate_teacache, write_teacache_fit
+    from .caches import write_teacache_fit
+    from .testbed.teacache import TESTBED_FIT, calibrate_teacache
     from .testbed.base_model import SHIPPED_BASE, load_base_model
 
     coefficients = calibrate_teacache(load_base_model(args.model or SHIPPED_BASE), per_class=args.per_class,

@@ -8,18 +8,17 @@ needs its ``model``. ``transformer_velocity`` makes one from a diffusers
 transformer or a ``MultiPatchTransformer``.
 
 ``sample`` runs a diffusers flow-matching scheduler over it with
-classifier-free guidance. At each step a patch policy picks each sample's size
-(before the model call); the batch runs in groups of one size each, the cond
-and null branches of a sample together, and an optional feature cache skips
-blocks per sample. Each sample's starting noise comes from its own seed
+classifier-free guidance, on the model's device. Each step is one call of
+``ddit.runtime.PatchRuntime``, the core that ``ddit.enable``'s pipelines use too:
+a patch policy picks each sample's size (before the model call); the batch runs
+in groups of one size each, the cond and null branches of a sample together, and
+an optional feature cache skips blocks per sample. Each sample's starting noise comes from its own seed
 (``seed + index``), so a sample does not depend on what else is in the batch.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import time
 import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -31,9 +30,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from .adapter import MultiPatchTransformer
-from .caches import Cache, Group, StackRun, replace_stack
+from .caches import Cache, StackRun, replace_stack
 from .flops import count_flops
-from .policies import PatchPolicy, Step
+from .policies import BaselinePolicy, PatchPolicy
+from .runtime import Call, PatchRuntime
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -133,6 +133,8 @@ def sample(
         raise ValueError("classifier-free guidance needs null_label (the model's 'no class' id)")
     if cache is not None and getattr(fn, "model", None) is None:
         raise ValueError("a feature cache needs the model's blocks: pass transformer_velocity(model) as fn")
+    if cache is not None:
+        cache.check(fn.model)
     labels = torch.as_tensor(labels, dtype=torch.long)
     batch_size = batch_size or max(len(labels), 1)
     run = partial(_sample_chunk, fn, sample_shape=sample_shape, steps=steps, guidance=guidance,
@@ -148,49 +150,56 @@ def _sample_chunk(fn, labels, seed, *, sample_shape, steps, guidance, null_label
     scheduler = copy.deepcopy(scheduler or default_scheduler())
     scheduler.set_timesteps(steps)
     velocity = guided(fn, guidance, null_label)
-    autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=bf16)
+    model = getattr(fn, "model", None)
+    device = model.device if model is not None else torch.device("cpu")
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
     candidates = getattr(fn, "patch_sizes", (1,))
     branches = 1 if guidance == 1.0 else 2
     n = len(labels)
-    x = initial_noise(seed + torch.arange(n), sample_shape)
-    if policy is not None:
-        policy.reset(n, candidates[0], candidates)
-    if cache is not None:
-        cache.reset()
-    traces: list[list[dict]] = [[] for _ in range(n)]
+    labels = labels.to(device)
+    x = initial_noise(seed + torch.arange(n), sample_shape).to(device)
+    runtime = PatchRuntime(policy or BaselinePolicy(), candidates, cache=cache, model=model, timed=True)
+    rows_in = torch.cat([labels, torch.full_like(labels, null_label)]) if branches == 2 else labels
 
     for i, t in enumerate(scheduler.timesteps):
-        sigma = float(scheduler.sigmas[i])
+        x_in = torch.cat([x] * branches)
+        t_in = t.to(device).expand(len(x_in))
+
+        def run(idx, size, x_in=x_in, t_in=t_in):
+            args = (x_in, t_in, rows_in) if idx is None else (x_in[idx], t_in[idx], rows_in[idx])
+            with autocast():
+                return fn(*args, size).float()
 
         def probe(size, latent, t=t):
             with autocast():
-                return velocity(latent, t.expand(len(latent)), labels, size).float()
+                return velocity(latent, t.to(device).expand(len(latent)), labels, size).float()
 
-        if policy is None:
-            sizes, signals = torch.full((n,), candidates[0]), {}
-        else:
-            sizes = policy.decide(Step(i, steps, sigma, t, x, probe))
-            signals = policy.trace[-1].signals
-        v = torch.empty_like(x)
-        for size in sizes.unique().tolist():
-            idx = (sizes == size).nonzero().flatten()
-            group = Group(i, steps, tuple(idx.tolist()), size)
-            args = (x[idx], t.expand(len(idx)), labels[idx], size)
-            start = time.perf_counter()
-            with autocast(), _blocks(fn, cache and partial(cache, group)):
-                v[idx] = velocity(*args).float()
-            seconds = (time.perf_counter() - start) / len(idx)
-            for s in group.samples:
-                cached = cache is not None and cache.reused[s]
-                key = (size, cached, sample_shape, branches)
-                if key not in flops:  # per sample: no op mixes samples, so a batch costs the sum
-                    with autocast(), _blocks(fn, cached and _skipped):
-                        flops[key] = count_flops(velocity, *(a[:1] for a in args[:3]), size)
-                traces[s].append(dict(step=i, sigma=sigma, patch_size=size, seconds=seconds,
-                                      flops=flops[key], tokens=branches * _tokens(sample_shape, size),
-                                      cached=cached, signals={p: float(value[s]) for p, value in signals.items()}))
+        v = runtime(Call(x_in, t, run, branches=branches, step_index=i, num_steps=steps,
+                         sigma=float(scheduler.sigmas[i]), probe=probe))
+        if branches == 2:
+            v_cond, v_null = v.chunk(2)
+            v = v_null + guidance * (v_cond - v_null)
         x = scheduler.step(v, t, x).prev_sample
-    return Samples(x, traces)
+    return Samples(x.float().cpu(), _traces(runtime.records, n, fn, autocast, sample_shape, branches, flops))
+
+
+def _traces(records, n, fn, autocast, sample_shape, branches, flops) -> list[list[dict]]:
+    """The runtime's records as per-sample traces, with FLOPs counted once per (size, cached) and shape."""
+    traces: list[list[dict]] = [[] for _ in range(n)]
+    velocity = guided(fn, 1.0 if branches == 1 else 2.0, 0)
+    device = fn.model.device if getattr(fn, "model", None) is not None else torch.device("cpu")
+    for r in records:
+        cached = bool(r["cached"])
+        key = (r["patch_size"], cached, sample_shape, branches)
+        if key not in flops:  # per sample: no op mixes samples, so a batch costs the sum
+            one = (torch.zeros(1, *sample_shape, device=device), torch.ones(1, device=device) * 500,
+                   torch.zeros(1, dtype=torch.long, device=device))
+            with autocast(), _blocks(fn, cached and _skipped):
+                flops[key] = count_flops(velocity, *one, r["patch_size"])
+        traces[r["sample"]].append(dict(step=r["step"], sigma=r["sigma"], patch_size=r["patch_size"],
+                                        seconds=r["seconds"], flops=flops[key], tokens=r["tokens"], cached=cached,
+                                        signals=r["signals"]))
+    return traces
 
 
 def _blocks(fn, stack):
@@ -201,8 +210,3 @@ def _blocks(fn, stack):
 def _skipped(run: StackRun) -> torch.Tensor:
     """A block stack that does nothing: what a cached step costs besides the blocks (for counting)."""
     return run.hidden
-
-
-def _tokens(sample_shape: tuple[int, ...], size: int) -> int:
-    """Tokens of one latent (C, [F,] H, W) at a spatial patch ``size``."""
-    return math.prod(sample_shape[1:-2]) * (sample_shape[-2] // size) * (sample_shape[-1] // size)

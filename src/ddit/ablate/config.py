@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..caches import available_caches, get_cache
+from ..caches import available_caches, get_cache, load_teacache_fit
 from ..policies import available_policies, get_policy
 from ..testbed.data import PROMPTS
+from ..testbed.teacache import TESTBED_FIT
 from ..testbed.evaluate import balanced_labels
 
 #: The row every other row is compared with: the base model at its own patch size, no cache.
@@ -55,8 +56,11 @@ class Row:
         return None if self.policy == BASELINE else get_policy(self.policy, **self.policy_params)
 
     def make_cache(self):
-        """A fresh cache (None for ``none``)."""
-        return get_cache(self.cache, **self.cache_params)
+        """A fresh cache (None for ``none``); TeaCache gets the testbed's fit unless given coefficients."""
+        params = dict(self.cache_params)
+        if self.cache == "teacache":
+            params.setdefault("coefficients", load_teacache_fit(TESTBED_FIT))
+        return get_cache(self.cache, **params)
 
 
 @dataclass

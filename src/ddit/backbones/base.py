@@ -12,6 +12,7 @@ import math
 from itertools import chain
 
 import torch
+import torch.utils.checkpoint
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from torch import nn
 
@@ -37,6 +38,10 @@ class BackboneSpec:
     unembed_channels_last: bool = True
     #: Forward arguments that only make sense at the fine grid (refused at coarse sizes).
     unsupported: tuple[str, ...] = ()
+    #: Forward arguments shared by every row of a batch (never cut when a batch runs in groups).
+    unbatched: tuple[str, ...] = ()
+    #: Whether every block maps hidden states to hidden states (ddit's feature caches need that).
+    single_stream: bool = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -73,6 +78,12 @@ class BackboneSpec:
     def pack(self, output: torch.Tensor, args: dict) -> torch.Tensor:
         """The output latent in the form the backbone returns it."""
         return output
+
+    def block(self, block: nn.Module, *args, **kwargs):
+        """Run one of the backbone's blocks, checkpointed when the backbone has gradient checkpointing on."""
+        if torch.is_grad_enabled() and getattr(self.model, "gradient_checkpointing", False):
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, ...], scale: int, args: dict) -> torch.Tensor:
         """Run the backbone on embedded ``tokens`` of a ``grid`` ``scale`` times coarser than its own.

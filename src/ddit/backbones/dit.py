@@ -18,7 +18,7 @@ class DiTSpec(BackboneSpec):
         m, t, y = self.model, args["timestep"], args["class_labels"]
         x = tokens + sincos_positions(m.pos_embed, grid, scale).to(tokens)
         for block in m.transformer_blocks:
-            x = block(x, timestep=t, class_labels=y, cross_attention_kwargs=args["cross_attention_kwargs"])
+            x = self.block(block, x, timestep=t, class_labels=y, cross_attention_kwargs=args["cross_attention_kwargs"])
         # the output head is conditioned by the first block's embedder, as in the backbone's forward
         condition = m.transformer_blocks[0].norm1.emb(t, y, hidden_dtype=x.dtype)
         shift, gain = m.proj_out_1(F.silu(condition)).chunk(2, dim=1)

@@ -19,6 +19,8 @@ class FluxSpec(BackboneSpec):
     model_class = "FluxTransformer2DModel"
     unembed_channels_last = False  # packed features are (C, 2, 2)
     unsupported = ("controlnet_block_samples", "controlnet_single_block_samples")
+    unbatched = ("img_ids", "txt_ids")
+    single_stream = False  # joint blocks return (text, image) tokens
 
     @property
     def base_patch_size(self):
@@ -48,8 +50,8 @@ class FluxSpec(BackboneSpec):
             temb = m.time_text_embed(timestep, guidance.to(dtype) * 1000, args["pooled_projections"])
         context = m.context_embedder(args["encoder_hidden_states"])
         for block in (*m.transformer_blocks, *m.single_transformer_blocks):
-            context, tokens = block(hidden_states=tokens, encoder_hidden_states=context, temb=temb,
-                                    image_rotary_emb=rope, joint_attention_kwargs=args["joint_attention_kwargs"])
+            context, tokens = self.block(block, hidden_states=tokens, encoder_hidden_states=context, temb=temb,
+                                               image_rotary_emb=rope, joint_attention_kwargs=args["joint_attention_kwargs"])
         return m.norm_out(tokens, temb)
 
 

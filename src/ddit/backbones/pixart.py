@@ -24,7 +24,7 @@ class PixArtSpec(BackboneSpec):
         if m.caption_projection is not None:
             context = m.caption_projection(context).view(batch, -1, x.shape[-1])
         for block in m.transformer_blocks:
-            x = block(x, encoder_hidden_states=context, encoder_attention_mask=mask, timestep=t,
-                      cross_attention_kwargs=args["cross_attention_kwargs"])
+            x = self.block(block, x, encoder_hidden_states=context, encoder_attention_mask=mask, timestep=t,
+                           cross_attention_kwargs=args["cross_attention_kwargs"])
         shift, gain = (m.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
         return m.norm_out(x) * (1 + gain) + shift

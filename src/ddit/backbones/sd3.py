@@ -8,6 +8,7 @@ from .base import BackboneSpec, sincos_positions
 class SD3Spec(BackboneSpec):
     model_class = "SD3Transformer2DModel"
     unsupported = ("block_controlnet_hidden_states",)  # residuals on the fine tokens
+    single_stream = False  # joint blocks return (text, image) tokens
 
     def base_layers(self):
         return self.model.pos_embed.proj, self.model.proj_out
@@ -20,6 +21,6 @@ class SD3Spec(BackboneSpec):
         skip = args["skip_layers"] or ()
         for i, block in enumerate(m.transformer_blocks):
             if i not in skip:
-                context, x = block(hidden_states=x, encoder_hidden_states=context, temb=temb,
-                                   joint_attention_kwargs=args["joint_attention_kwargs"])
+                context, x = self.block(block, hidden_states=x, encoder_hidden_states=context, temb=temb,
+                                        joint_attention_kwargs=args["joint_attention_kwargs"])
         return m.norm_out(x, temb)

@@ -38,7 +38,7 @@ class WanSpec(BackboneSpec):
         if image_context is not None:
             context = torch.cat([image_context, context], dim=1)
         for block in m.blocks:
-            tokens = block(tokens, context, timestep_proj, rope)
+            tokens = self.block(block, tokens, context, timestep_proj, rope)
         shift, gain = (m.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         return (m.norm_out(tokens.float()) * (1 + gain) + shift).type_as(tokens)
 

@@ -8,11 +8,11 @@ from .registry import BUILTIN_CACHES, available_caches, get_cache
 from .stack import StackRun, blocks_of, replace_stack
 from .taylorseer import TaylorSeer
 from .teacache import (
-    TESTBED_FIT, TeaCache, calibrate_teacache, load_teacache_fit, modulated_input, write_teacache_fit,
+    TeaCache, TeaCacheRecorder, fit_teacache, load_teacache_fit, modulated_input, write_teacache_fit,
 )
 
 __all__ = [
     "Cache", "Group", "BUILTIN_CACHES", "available_caches", "get_cache", "StackRun", "blocks_of", "replace_stack",
-    "TaylorSeer", "TESTBED_FIT", "TeaCache", "calibrate_teacache", "load_teacache_fit", "modulated_input",
+    "TaylorSeer", "TeaCache", "TeaCacheRecorder", "fit_teacache", "load_teacache_fit", "modulated_input",
     "write_teacache_fit",
 ]

@@ -8,7 +8,10 @@ from typing import ClassVar
 
 import torch
 
-from .stack import StackRun
+from torch import nn
+
+from ..backbones import spec_for
+from .stack import StackRun, blocks_of
 
 
 @dataclass(frozen=True)
@@ -17,14 +20,14 @@ class Group:
 
     step: int  # 0-based
     num_steps: int
-    samples: tuple[int, ...]  # their indices in the generation
+    samples: tuple  # their keys in the generation: (CFG branch or None, sample index)
     patch_size: int
 
 
 class Cache(abc.ABC):
     """Decides per sample whether to run the block stack or to stand in for it.
 
-    State is kept per sample, so that what a sample becomes never depends on its
+    State is kept per sample key (a pipeline's CFG branch, the sample's index), so that what a sample becomes never depends on its
     batch or group, and it starts over whenever the sample's patch size changes:
     features of one token grid mean nothing on another. The rows of a model call
     are its group's samples, repeated once per classifier-free-guidance branch;
@@ -43,11 +46,20 @@ class Cache(abc.ABC):
 
     def reset(self) -> None:
         """Start a generation: forget every sample."""
-        self.states: dict[int, dict] = {}
-        self.reused: dict[int, bool] = {}  # sample -> whether its latest call skipped the blocks
+        self.states: dict = {}
+        self.reused: dict = {}  # sample key -> whether its latest call skipped the blocks
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse, before any work, a model whose blocks this cache cannot stand in for."""
+        backbone = getattr(model, "backbone", model)
+        if not spec_for(backbone).single_stream:
+            raise ValueError(f"ddit's {self.name!r} cache handles single-stream blocks only, and "
+                             f"{type(backbone).__name__}'s blocks are dual-stream; use a diffusers cache config "
+                             "instead (e.g. diffusers.hooks.FirstBlockCacheConfig) where the model supports one")
+        blocks_of(model)
 
     @abc.abstractmethod
-    def reuse(self, group: Group, run: StackRun, rows: dict[int, torch.Tensor]) -> dict[int, bool]:
+    def reuse(self, group: Group, run: StackRun, rows: dict) -> dict:
         """Per sample of the group, whether to skip its blocks; ``rows`` are each sample's row indices.
 
         ``self.states[sample]`` is the sample's state; it holds at least its ``patch_size``.
@@ -64,13 +76,14 @@ class Cache(abc.ABC):
     def __call__(self, group: Group, run: StackRun) -> torch.Tensor:
         """The stack's output for one call: the blocks run only on the rows of samples that compute."""
         hidden = run.hidden
-        owner = torch.tensor(group.samples).repeat(len(hidden) // len(group.samples))
-        rows = {s: (owner == s).nonzero().flatten() for s in group.samples}
+        owner = list(group.samples) * (len(hidden) // len(group.samples))
+        rows = {s: torch.tensor([r for r, o in enumerate(owner) if o == s], device=hidden.device)
+                for s in group.samples}
         for s in group.samples:
             if self.states.get(s, {}).get("patch_size") != group.patch_size:
                 self.states[s] = {"patch_size": group.patch_size}
         reuse = self.reuse(group, run, rows)
-        compute = torch.tensor([not reuse[s] for s in owner.tolist()])
+        compute = torch.tensor([not reuse[s] for s in owner], device=hidden.device)
         if compute.all():
             output = run.run()
         else:

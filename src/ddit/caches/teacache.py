@@ -4,7 +4,9 @@ The change of the first block's timestep-modulated input between steps (relative
 L1) is rescaled by a degree-4 polynomial into an estimate of the change of the
 output, and accumulated; while the sum stays below ``delta`` the blocks are
 skipped and the last computed residual is reused. The polynomial is fitted per
-model (``calibrate_teacache``); the testbed's fit ships as ``teacache.json``.
+model: record (input change, output change) pairs with ``TeaCacheRecorder`` on the
+model's own generations, then ``fit_teacache`` (the testbed does this in
+``ddit.testbed.teacache``, and ships its fit).
 """
 
 from __future__ import annotations
@@ -17,11 +19,7 @@ import numpy as np
 import torch
 
 from .base import Cache, Group
-from .stack import StackRun
-
-#: The fit for the testbed's base model.
-TESTBED_FIT = Path(__file__).parents[1] / "testbed" / "assets" / "teacache.json"
-
+from .stack import StackRun, blocks_of
 
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     """mean |a - b| / mean |b|."""
@@ -38,16 +36,17 @@ def modulated_input(run: StackRun) -> torch.Tensor:
                        hidden_dtype=run.hidden.dtype)[0]
 
 
-def load_teacache_fit(path: str | Path = TESTBED_FIT) -> list[float]:
+def load_teacache_fit(path: str | Path) -> list[float]:
     """Polynomial coefficients saved by ``write_teacache_fit``, highest degree first."""
     try:
         return json.loads(Path(path).read_text())["coefficients"]
     except FileNotFoundError:
-        raise FileNotFoundError(f"no TeaCache fit at {path}: fit one with ddit.caches.calibrate_teacache(model) "
-                                "and write_teacache_fit(), or pass coefficients=[...] (highest degree first)") from None
+        raise FileNotFoundError(f"no TeaCache fit at {path}: fit one with TeaCacheRecorder and fit_teacache "
+                                "(the testbed: ddit calibrate teacache), then write_teacache_fit(), "
+                                "or pass coefficients=[...] (highest degree first)") from None
 
 
-def write_teacache_fit(coefficients: Sequence[float], path: str | Path = TESTBED_FIT, **about) -> None:
+def write_teacache_fit(coefficients: Sequence[float], path: str | Path, **about) -> None:
     """Save a fit (and whatever describes how it was made) where ``load_teacache_fit`` finds it."""
     Path(path).write_text(json.dumps({"coefficients": [float(c) for c in coefficients], **about}, indent=1))
 
@@ -56,9 +55,9 @@ class TeaCache(Cache):
     """Skip while the accumulated rescaled input change of a sample stays below ``delta``.
 
     The first and last steps always compute, and so does a sample's first step at
-    a new patch size. ``coefficients`` (highest degree first) default to the
-    testbed's fit. The default ``delta`` was chosen on the testbed (docs/caches.md);
-    higher skips more.
+    a new patch size. ``coefficients`` (highest degree first) are the model's own fit:
+    another model's would misjudge every change, so there is no default. The
+    default ``delta`` was chosen on the testbed (docs/caches.md); higher skips more.
     """
 
     name = "teacache"
@@ -68,8 +67,19 @@ class TeaCache(Cache):
         self.delta = type(self).delta if delta is None else delta
         if not self.delta >= 0:
             raise ValueError(f"delta must be >= 0 (0 never skips), got {self.delta}")
-        self.coefficients = list(load_teacache_fit() if coefficients is None else coefficients)
+        self.coefficients = None if coefficients is None else [float(c) for c in coefficients]
         super().__init__()
+
+    def check(self, model) -> None:
+        super().check(model)
+        if self.coefficients is None:
+            raise ValueError("TeaCache needs its polynomial fit for this model: pass coefficients=[...] (highest "
+                             "degree first), e.g. load_teacache_fit(PATH); fit them on the model's own generations "
+                             "with TeaCacheRecorder and fit_teacache (the testbed: `ddit calibrate teacache`)")
+        block = blocks_of(model)[0]
+        if getattr(block, "norm_type", None) != "ada_norm_zero" and type(self).indicator is TeaCache.indicator:
+            raise ValueError(f"TeaCache does not know the modulated input of {type(block).__name__}; "
+                             "subclass TeaCache and override indicator()")
 
     def indicator(self, run: StackRun) -> torch.Tensor:
         """What TeaCache watches, one row per model row; override for another block type."""
@@ -93,8 +103,9 @@ class TeaCache(Cache):
         return skip
 
 
-class _Recorder(Cache):
-    """Computes every step and records, per sample and step, (input change, output change) of the stack."""
+class TeaCacheRecorder(Cache):
+    """Computes every step and records, per sample and step, (input change, output change) of the stack:
+    the pairs that ``fit_teacache`` fits."""
 
     name = "teacache_calibration"
 
@@ -115,20 +126,7 @@ class _Recorder(Cache):
         state["indicator"], state["output"] = indicator, output
 
 
-def calibrate_teacache(model, *, per_class: int = 8, steps: int = 50, guidance: float = 2.0, seed: int = 0,
-                       batch_size: int = 64, progress: bool = False) -> list[float]:
-    """Fit TeaCache's polynomial for a testbed model (a DiT, or a MultiPatchTransformer: its base size).
-
-    Samples ``per_class`` images of every testbed class at the base patch size and
-    fits ``np.polyfit(input rel-L1, output rel-L1, 4)`` over consecutive steps of
-    each sample, where input is the first block's modulated input and output the
-    block stack's output (what the cache reuses). Highest degree first.
-    """
-    from ..testbed.base_model import generate
-    from ..testbed.data import PROMPTS
-
-    recorder = _Recorder()
-    generate(model, torch.arange(len(PROMPTS)).repeat(per_class), seed=seed, steps=steps, guidance=guidance,
-             cache=recorder, batch_size=batch_size, progress=progress)
-    x, y = np.array(recorder.pairs).T
+def fit_teacache(pairs: Sequence[tuple[float, float]]) -> list[float]:
+    """TeaCache's degree-4 polynomial, output change as a function of input change; highest degree first."""
+    x, y = np.array(pairs).T
     return np.polyfit(x, y, 4).tolist()

@@ -1,0 +1,327 @@
+"""Dynamic patches inside stock diffusers pipelines: ``ddit.enable(pipe, adapter)``, ``disable``, ``summary``.
+
+``enable`` puts a ``DynamicPatchTransformer`` in ``pipe.transformer``: it takes the
+pipeline's calls exactly as the backbone would, hands each to the shared
+``PatchRuntime`` (decide per sample per step, group by size, run, put back), and
+answers what pipelines and users ask of a transformer (config, dtype, device, cache
+contexts, cache hooks, attention processors, gradient checkpointing). A plain
+``pipe(...)`` then runs the policy; ``disable`` gives the pipeline its stock
+transformer back.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from torch import nn
+
+from .adapter import CONFIG_NAME, MultiPatchTransformer
+from .caches import Cache, get_cache
+from .policies import PatchPolicy, get_policy
+from .runtime import Call, PatchRuntime
+
+#: Where ``pipe.save_pretrained`` writes the adapter of an enabled pipeline, beside the stock components.
+ADAPTER_FOLDER = "ddit_adapter"
+
+
+def _diffusers_cache_configs() -> tuple[type, ...]:
+    """diffusers cache hooks that work under dynamic patches: they hook the blocks, and keep their state
+    per cache context, which the runtime gives each group of one size. Hooks on the model's own forward
+    (FasterCache, PyramidAttentionBroadcast) or that count steps against a per-step table (MagCache) are
+    not here: coarse steps bypass that forward, and per-group contexts count their own steps."""
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    return FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+
+class DynamicPatchTransformer(nn.Module):
+    """A pipeline's transformer that runs each sample at the patch size its policy picks, step by step."""
+
+    def __init__(self, adapter: MultiPatchTransformer, runtime: PatchRuntime, pixels_per_latent: int | None = None):
+        super().__init__()
+        self.adapter = adapter
+        self.runtime = runtime
+        self.pixels_per_latent = pixels_per_latent
+        self._signature = inspect.signature(adapter.backbone.forward)
+        self._branch: str | None = None
+        self._where: dict = {}
+
+    # -- what a pipeline reads from its transformer
+    @property
+    def config(self):
+        return self.adapter.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adapter.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    @property
+    def policy(self) -> PatchPolicy:
+        return self.runtime.policy
+
+    def __getattr__(self, name: str):
+        """Anything else (attention processors, gradient checkpointing...) is the adapter's, hence the backbone's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            adapter = self.__dict__["_modules"].get("adapter")
+            if adapter is None or name.startswith("__"):
+                raise
+            return getattr(adapter, name)
+
+    @contextmanager
+    def cache_context(self, name: str, **where):
+        """Stock Flux and Wan pipelines call once per CFG branch inside ``cache_context("cond")`` /
+        ``("uncond")``: the name keeps the branches' cache state apart; ``where`` (step_index, sigma...)
+        is used when given."""
+        self._branch, self._where = name, where
+        try:
+            yield
+        finally:
+            self._branch, self._where = None, {}
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """Called by diffusers after each pipeline call: the next call starts a new generation."""
+        self.runtime.reset()
+        self.adapter._reset_stateful_cache(recurse=recurse)
+
+    def enable_cache(self, config) -> None:
+        """A diffusers cache config on the backbone's blocks, kept per group of one patch size."""
+        check_diffusers_cache(self.adapter.backbone, config)
+        self.adapter.backbone.enable_cache(config)
+        self.runtime.hooks = self.adapter.backbone
+
+    def disable_cache(self) -> None:
+        self.adapter.backbone.disable_cache()
+        self.runtime.hooks = None
+
+    # -- forward
+    def forward(self, *args, **kwargs):
+        given = self._signature.bind(*args, **kwargs)
+        given.apply_defaults()
+        latent = self.adapter.spec.latent(given.arguments)
+        self._check_resolution(latent)
+        where = self._where
+        call = Call(latent, given.arguments["timestep"], lambda idx, size: self._run(given, len(latent), idx, size),
+                    branch=self._branch, step_index=where.get("step_index"),
+                    num_steps=where.get("num_inference_steps"), sigma=where.get("sigma"))
+        out = self.runtime(call)
+        return Transformer2DModelOutput(sample=out) if given.arguments.get("return_dict", True) else (out,)
+
+    def _run(self, given: inspect.BoundArguments, rows: int, idx: torch.Tensor | None, size: int) -> torch.Tensor:
+        """The adapter's output for rows ``idx`` (all: ``None``) of this call, at ``size``."""
+        arguments = dict(given.arguments, return_dict=False)
+        if idx is not None:
+            keep = self.adapter.spec.unbatched
+            arguments = {k: v if k in keep else _cut(v, idx, rows) for k, v in arguments.items()}
+        bound = inspect.BoundArguments(given.signature, arguments)
+        return self.adapter(*bound.args, patch_size=size, **bound.kwargs)[0]
+
+    def _check_resolution(self, latent: torch.Tensor) -> None:
+        h, w = latent.shape[-2:]
+        sizes = self.runtime.candidates
+        if h % sizes[-1] or w % sizes[-1]:
+            multiple = (f"{sizes[-1] * self.pixels_per_latent} pixels" if self.pixels_per_latent
+                        else f"{sizes[-1]} latent pixels")
+            raise ValueError(f"patch sizes {', '.join(map(str, sizes))} need a latent whose height and width are "
+                             f"multiples of {sizes[-1]}, not {h}x{w}: use an image height and width that are "
+                             f"multiples of {multiple}")
+
+
+def _cut(value, idx: torch.Tensor, rows: int):
+    """``value``'s entries for rows ``idx``, if it has one entry per row (tensors, and dicts of them)."""
+    if isinstance(value, torch.Tensor) and value.ndim and len(value) == rows:
+        return value[idx.to(value.device)]
+    if isinstance(value, dict):
+        return {k: _cut(v, idx, rows) for k, v in value.items()}
+    return value
+
+
+def check_diffusers_cache(backbone: nn.Module, config) -> None:
+    """Refuse, before any work, a diffusers cache config that cannot run under dynamic patches."""
+    if not hasattr(backbone, "enable_cache"):
+        raise ValueError(f"{type(backbone).__name__} has no diffusers cache hooks (it is not a CacheMixin); use "
+                         "ddit's caches (cache='teacache' or 'taylorseer') where its blocks allow, or no cache")
+    supported = _diffusers_cache_configs()
+    if not isinstance(config, supported):
+        raise ValueError(f"{type(config).__name__} is not supported with dynamic patches; supported diffusers "
+                         f"caches: {', '.join(c.__name__ for c in supported)}, or ddit's 'teacache'/'taylorseer'")
+
+
+def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer, policy: str | PatchPolicy = "third_order",
+           cache=None, **params):
+    """Run ``policy`` inside ``pipe``: every ``pipe(...)`` after this picks each sample's patch size per step.
+
+    ``adapter``: a folder written by ``MultiPatchTransformer.save_pretrained`` (or a pipeline folder
+    that ``pipe.save_pretrained`` wrote while enabled), or a ``MultiPatchTransformer`` over
+    ``pipe.transformer``. ``policy``: a name (plugins included; ``params`` go to it) or an instance.
+    ``cache``: ``None``, a ddit cache name or instance, or a diffusers cache config
+    (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``). Everything is checked before the
+    pipeline changes. Returns ``pipe``.
+    """
+    transformer = getattr(pipe, "transformer", None)
+    if isinstance(transformer, DynamicPatchTransformer):
+        raise ValueError("ddit.enable: this pipeline is already enabled; call ddit.disable(pipe) first")
+    if not isinstance(transformer, nn.Module):
+        raise ValueError(f"ddit.enable needs a pipeline with a transformer, not {type(pipe).__name__}")
+    policy = _policy(policy, params)
+    cache = get_cache(cache) if isinstance(cache, str) else cache
+    if isinstance(adapter, MultiPatchTransformer):
+        if adapter.backbone is not transformer:
+            raise ValueError("ddit.enable: the adapter wraps another transformer than pipe.transformer; build it "
+                             "over pipe.transformer, or pass the folder it was saved to")
+        adapter.attach()
+    else:
+        adapter = _load_adapter(transformer, adapter)
+    try:
+        if isinstance(cache, Cache):
+            cache.check(adapter)
+        elif cache is not None:
+            check_diffusers_cache(transformer, cache)
+    except Exception:
+        adapter.detach()
+        raise
+    runtime = PatchRuntime(policy, adapter.patch_sizes, cache=cache if isinstance(cache, Cache) else None,
+                           model=adapter, scheduler=_scheduler_of(pipe), patch=adapter.spec.patch)
+    wrapper = DynamicPatchTransformer(adapter, runtime, _pixels_per_latent(pipe))
+    if cache is not None and not isinstance(cache, Cache):
+        wrapper.enable_cache(cache)
+    pipe.transformer = wrapper
+    pipe.save_pretrained = _SaveWithAdapter(pipe)
+    return pipe
+
+
+def disable(pipe):
+    """Give ``pipe`` its stock transformer back (LoRA layers out, ddit's cache hooks off). Returns ``pipe``."""
+    wrapper = getattr(pipe, "transformer", None)
+    if not isinstance(wrapper, DynamicPatchTransformer):
+        raise ValueError("ddit.disable: this pipeline is not enabled (call ddit.enable(pipe, adapter) first)")
+    if wrapper.runtime.hooks is not None:
+        wrapper.disable_cache()
+    pipe.transformer = wrapper.adapter.detach()
+    vars(pipe).pop("save_pretrained", None)
+    return pipe
+
+
+def _policy(policy: str | PatchPolicy, params: dict) -> PatchPolicy:
+    if isinstance(policy, PatchPolicy):
+        if params:
+            raise ValueError(f"parameters {sorted(params)} go to a policy given by name; this one is an instance "
+                             "already: set them when you construct it")
+        return policy
+    if isinstance(policy, str):
+        return get_policy(policy, **params)
+    raise TypeError(f"policy must be a name or a PatchPolicy, not {type(policy).__name__}")
+
+
+def _load_adapter(transformer: nn.Module, path) -> MultiPatchTransformer:
+    path = Path(path)
+    if not (path / CONFIG_NAME).exists() and (path / ADAPTER_FOLDER / CONFIG_NAME).exists():
+        path = path / ADAPTER_FOLDER  # a pipeline folder saved while enabled
+    return MultiPatchTransformer.from_pretrained(transformer, path)
+
+
+def _scheduler_of(pipe):
+    ref = weakref.ref(pipe)
+    return lambda: getattr(ref(), "scheduler", None)
+
+
+def _pixels_per_latent(pipe) -> int | None:
+    """How many image pixels one latent pixel stands for (for error messages about resolutions)."""
+    for name in ("vae_scale_factor_spatial", "vae_scale_factor"):
+        value = getattr(pipe, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+class _SaveWithAdapter:
+    """``pipe.save_pretrained`` of an enabled pipeline: the stock pipeline, and the adapter in
+    ``ADAPTER_FOLDER``; ``ddit.enable(type(pipe).from_pretrained(DIR), DIR)`` gives it back."""
+
+    def __init__(self, pipe):
+        self.pipe = weakref.ref(pipe)
+
+    def __call__(self, save_directory, *args, **kwargs):
+        pipe = self.pipe()
+        wrapper = pipe.transformer
+        pipe.transformer = wrapper.adapter.detach()
+        try:
+            type(pipe).save_pretrained(pipe, save_directory, *args, **kwargs)
+        finally:
+            wrapper.adapter.attach()
+            pipe.transformer = wrapper
+        wrapper.adapter.save_pretrained(Path(save_directory) / ADAPTER_FOLDER)
+
+
+@dataclass
+class Summary:
+    """What the last call of an enabled pipeline (or a runtime) did, per step and sample."""
+
+    records: list[dict]
+    base_size: int
+
+    @property
+    def coarse_fraction(self) -> float:
+        """The fraction of (step, sample) pairs that ran coarser than the base size."""
+        decisions = {(r["step"], r["sample"]): r["patch_size"] for r in self.records}
+        return sum(p != self.base_size for p in decisions.values()) / max(len(decisions), 1)
+
+    @property
+    def token_saving(self) -> float:
+        """1 - tokens the transformer saw / tokens the base size would have seen."""
+        base = sum(r["base_tokens"] for r in self.records)
+        return 1 - sum(r["tokens"] for r in self.records) / base if base else 0.0
+
+    @property
+    def cache_hits(self) -> int | None:
+        """Calls of a sample that ddit's cache skipped (``None`` without a ddit cache)."""
+        hits = [r["cached"] for r in self.records if r["cached"] is not None]
+        return sum(hits) if hits else None
+
+    def table(self):
+        """A rich table: one row per step, each sample's patch size and signal."""
+        from rich.table import Table
+
+        table = Table(title=f"ddit: {self.coarse_fraction:.0%} of steps coarse, "
+                            f"{self.token_saving:.0%} fewer tokens than patch {self.base_size}")
+        for column in ("step", "sigma", "patch size per sample", "signal per sample", "cached"):
+            table.add_column(column)
+        steps: dict[int, dict] = {}
+        for r in self.records:
+            steps.setdefault(r["step"], {"sigma": r["sigma"]}).setdefault(r["sample"], r)
+        for step, by_sample in steps.items():
+            sigma = by_sample.pop("sigma")
+            rows = [by_sample[s] for s in sorted(by_sample)]
+            signals = [r["signals"].get(r["patch_size"]) for r in rows]
+            table.add_row(str(step), f"{sigma:.3f}", " ".join(str(r["patch_size"]) for r in rows),
+                          " ".join("-" if v is None else f"{v:.2e}" for v in signals),
+                          " ".join({None: "-", True: "x", False: "."}[r["cached"]] for r in rows))
+        return table
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=120, file=io.StringIO())
+        console.print(self.table())
+        return console.file.getvalue()
+
+
+def summary(pipe) -> Summary:
+    """What the last ``pipe(...)`` of an enabled pipeline did; ``print`` it for a table."""
+    wrapper = getattr(pipe, "transformer", pipe)
+    if not isinstance(wrapper, DynamicPatchTransformer):
+        raise ValueError("ddit.summary: this pipeline is not enabled (call ddit.enable(pipe, adapter) first)")
+    return Summary(list(wrapper.runtime.records), wrapper.runtime.base_size)

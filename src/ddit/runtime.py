@@ -1,0 +1,234 @@
+"""The per-step core of dynamic patching, shared by ``ddit.enable``'s pipelines and ``ddit.sampling``.
+
+A front end turns each model call into a ``Call``: the rows' latents, the timestep
+and a function that runs some rows at some patch size. The runtime does the rest,
+the same way for a stock pipeline and for ddit's own sampler (so the harness
+measures what pipeline users run):
+
+- it recognises denoising steps (the timestep changes) and generations (the
+  timestep goes back up, or the front end says so), and asks the patch policy for
+  every sample's size once per step;
+- a sample's classifier-free-guidance branches share that decision, whether they
+  are batched in one call (SD3, PixArt, DiT: identical halves) or come as one call
+  per branch (Flux true CFG, Wan: the pipeline's cache context names the branch);
+- a batch with several sizes runs in groups of one size, put back in row order;
+- ddit's feature caches keep state per (branch, sample); diffusers' cache hooks get
+  one cache context per (branch, size, group of samples), fresh whenever that
+  group is new, so their state never mixes token grids;
+- it records, per step and sample, what ran (``records``), for summaries and traces.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from .caches import Cache, Group, replace_stack
+from .policies import PatchPolicy, Probe, Step
+
+#: ``run(rows, patch_size)``: the model's output for ``rows`` (indices; ``None``: all) at ``patch_size``.
+RunRows = Callable[[torch.Tensor | None, int], torch.Tensor]
+
+
+@dataclass
+class Call:
+    """One model call, as a front end hands it to the runtime."""
+
+    latent: torch.Tensor  # the rows' latents in canonical layout (rows, C, *dims)
+    timestep: torch.Tensor | float
+    run: RunRows
+    branch: str | None = None  # the pipeline's name for a call that holds one CFG branch ("cond", "uncond")
+    branches: int | None = None  # CFG branches batched in the rows; None: identical halves mean two
+    step_index: int | None = None
+    num_steps: int | None = None
+    sigma: float | None = None
+    probe: Probe | None = None  # the oracle's model probe; by default the first branch's rows at a size
+
+
+@dataclass
+class Generation:
+    """What the runtime knows about the generation in progress."""
+
+    samples: int
+    branches: int  # per call: 1 when the pipeline calls once per branch
+    step: int = -1
+    timestep: float = math.inf
+    num_steps: int | None = None
+    sigma: float = float("nan")
+    sizes: torch.Tensor | None = None  # (samples,) this step's decision
+    contexts: dict = field(default_factory=dict)  # (branch, size, samples) -> diffusers cache-context name
+    previous_contexts: dict = field(default_factory=dict)
+
+
+class PatchRuntime:
+    """Decides, groups, runs and records; one per model (``ddit.enable`` makes one per pipeline).
+
+    ``candidates`` are the patch sizes the model runs at, the base size first; ``patch``
+    maps a spatial size to the full patch (frames keep theirs in video). ``cache`` is a
+    ddit feature cache over ``model``'s blocks; ``hooks`` a module whose diffusers cache
+    hooks need a cache context per group. ``scheduler()`` (optional) returns the
+    scheduler in use, for the step count and noise level. ``timed`` measures each
+    group's seconds (synchronising the device): the sampler turns it on, pipelines do not.
+    """
+
+    def __init__(self, policy: PatchPolicy, candidates: Sequence[int], *, cache: Cache | None = None,
+                 model: nn.Module | None = None, hooks: nn.Module | None = None,
+                 scheduler: Callable[[], Any] | None = None, patch: Callable[[int], tuple[int, ...]] | None = None,
+                 timed: bool = False):
+        if cache is not None and model is None:
+            raise ValueError("a feature cache needs the model whose blocks it skips")
+        self.policy, self.candidates, self.cache, self.model = policy, tuple(candidates), cache, model
+        self.hooks, self.scheduler, self.timed = hooks, scheduler, timed
+        self.patch = patch or (lambda size: (size, size))
+        self.records: list[dict] = []
+        self.generation: Generation | None = None
+        self._context_count = 0
+
+    @property
+    def base_size(self) -> int:
+        return self.candidates[0]
+
+    def reset(self) -> None:
+        """End the generation: the next call starts a new one (records stay until then)."""
+        self.generation = None
+        if self.cache is not None:
+            self.cache.reset()
+
+    # -- one call
+    def __call__(self, call: Call) -> torch.Tensor:
+        g = self._advance(call)
+        rows = len(call.latent)
+        owner = torch.arange(rows) % g.samples
+        row_sizes = g.sizes[owner]
+        out = None
+        for size in g.sizes.unique().tolist():
+            if (row_sizes == size).all():
+                result = self._run_group(g, call, None, size, tuple(range(g.samples)))
+                return result
+            idx = (row_sizes == size).nonzero().flatten()
+            samples = tuple(sorted(set(owner[idx].tolist())))
+            result = self._run_group(g, call, idx.to(call.latent.device), size, samples)
+            if out is None:
+                out = result.new_empty((rows, *result.shape[1:]))
+            out[idx.to(out.device)] = result
+        return out
+
+    def _advance(self, call: Call) -> Generation:
+        """Start a generation or a step when the call says so; decide the sizes of a new step."""
+        t = float(torch.as_tensor(call.timestep).flatten()[0])
+        g = self.generation
+        if g is None or t > g.timestep or call.step_index == 0 and t != g.timestep:
+            g = self._start(call)
+        expected = g.samples * g.branches
+        if len(call.latent) != expected:
+            raise ValueError(f"this call has {len(call.latent)} rows, but the generation has {g.samples} samples "
+                             f"x {g.branches} batched branches: a pipeline that changes its batch in the middle of "
+                             "a generation cannot run dynamic patches")
+        if t != g.timestep:
+            g.step = g.step + 1 if call.step_index is None else call.step_index
+            g.timestep = t
+            g.num_steps, g.sigma = self._where(call, g.step, t)
+            g.previous_contexts, g.contexts = g.contexts, {}
+            latent = call.latent[: g.samples]
+            probe = self._probe(call, g)
+            g.sizes = self.policy.decide(Step(g.step, g.num_steps or 0, g.sigma, call.timestep, latent, probe))
+        return g
+
+    def _start(self, call: Call) -> Generation:
+        latent = call.latent
+        if call.branches is not None:
+            branches = call.branches
+        elif call.branch is not None:
+            branches = 1
+        else:
+            half = len(latent) // 2
+            branches = 2 if len(latent) % 2 == 0 and half and torch.equal(latent[:half], latent[half:]) else 1
+        if len(latent) % branches:
+            raise ValueError(f"{len(latent)} rows do not split into {branches} CFG branches")
+        self.reset()
+        self.records = []
+        self.generation = Generation(samples=len(latent) // branches, branches=branches)
+        self.policy.reset(self.generation.samples, self.base_size, self.candidates)
+        return self.generation
+
+    def _where(self, call: Call, step: int, t: float) -> tuple[int | None, float]:
+        """The step count and noise level: from the call, else the scheduler, else t on a 0-1000 scale."""
+        scheduler = self.scheduler() if self.scheduler else None
+        num_steps = call.num_steps
+        if num_steps is None and getattr(scheduler, "timesteps", None) is not None:
+            num_steps = len(scheduler.timesteps)
+        sigma = call.sigma
+        sigmas = getattr(scheduler, "sigmas", None)
+        if sigma is None and sigmas is not None and step < len(sigmas):
+            sigma = float(sigmas[step])
+        return num_steps, float(t / 1000 if sigma is None else sigma)
+
+    def _probe(self, call: Call, g: Generation) -> Probe:
+        """The policy's probe, with its calls kept out of every cache's state."""
+        first_branch = torch.arange(g.samples, device=call.latent.device)
+
+        def probe(size: int, latent: torch.Tensor) -> torch.Tensor:
+            with self._context(None, size, ("probe",)):
+                if call.probe is not None:
+                    return call.probe(size, latent)
+                return call.run(first_branch if g.branches > 1 else None, size)
+
+        return probe
+
+    # -- one group of one size
+    def _run_group(self, g: Generation, call: Call, idx, size: int, samples: tuple[int, ...]) -> torch.Tensor:
+        keys = tuple((call.branch, s) for s in samples)
+        stack = None
+        if self.cache is not None:
+            stack = partial(self.cache, Group(g.step, g.num_steps or 0, keys, size))
+        device = call.latent.device
+        with self._context(call.branch, size, samples, g), (replace_stack(self.model, stack) if stack else nullcontext()):
+            start = _clock(device) if self.timed else 0.0
+            result = call.run(idx, size)
+            seconds = (_clock(device) - start) / len(samples) if self.timed else None
+        tokens = self._tokens(call.latent.shape[2:], size)
+        for s in samples:
+            cached = self.cache.reused.get((call.branch, s)) if self.cache is not None else None
+            signals = self.policy.trace[-1].signals if self.policy.trace else {}
+            self.records.append(dict(step=g.step, sigma=g.sigma, sample=s, branch=call.branch, patch_size=size,
+                                     tokens=tokens * g.branches, base_tokens=self._tokens(call.latent.shape[2:],
+                                                                                         self.base_size) * g.branches,
+                                     cached=cached, seconds=seconds,
+                                     signals={p: float(v[s]) for p, v in signals.items()}))
+        return result
+
+    def _context(self, branch, size, samples, g: Generation | None = None):
+        """A diffusers cache context for this group: the one it had at the previous step, else a fresh one."""
+        if self.hooks is None:
+            return nullcontext()
+        key = (branch, size, samples)
+        name = g and (g.contexts.get(key) or g.previous_contexts.get(key))
+        if not name:
+            self._context_count += 1
+            name = f"ddit/{branch}/{size}/{self._context_count}"
+        if g is not None:
+            g.contexts[key] = name
+            return self.hooks.cache_context(name, step_index=g.step, num_inference_steps=g.num_steps,
+                                            timestep=g.timestep, sigma=g.sigma)
+        return self.hooks.cache_context(name)
+
+    def _tokens(self, dims: Sequence[int], size: int) -> int:
+        patch = self.patch(size)
+        dims = list(dims)
+        lead = [1] * (len(dims) - len(patch))
+        return math.prod(d // p for d, p in zip(dims, [*lead, *patch]))
+
+
+def _clock(device: torch.device) -> float:
+    """Wall time after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

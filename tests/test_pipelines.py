@@ -1,0 +1,225 @@
+"""``ddit.enable`` inside tiny random stock diffusers pipelines (Flux, SD3, PixArt-Sigma, Wan, DiT), built offline."""
+
+import pytest
+import torch
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+from peft.tuners.lora import LoraLayer
+from tiny_pipelines import NAMES, build, latents
+
+import ddit
+from ddit.caches import TaylorSeer, TeaCache
+from ddit.checkpoint import CheckpointError
+from ddit.pipelines import ADAPTER_FOLDER
+from ddit.policies import FixedPolicy, PatchPolicy
+
+STEPS = 6
+EARLY_COARSE = [4, 4, 2, 2, 2, 2]  # patch 4 on a base of 2: a quarter of the tokens
+ATOL = 1e-5  # batch composition changes rounding by ~1e-6 (tiny_pipelines)
+
+
+class SplitPolicy(PatchPolicy):
+    """Sample 0 at ``coarse`` for the first ``early`` steps, every other sample at the base size; counts its calls."""
+
+    name = "split"
+
+    def __init__(self, coarse=4, early=2):
+        super().__init__()
+        self.coarse, self.early = coarse, early
+
+    def choose(self, step):
+        sizes = torch.full((self.batch_size,), self.base_size)
+        if step.index < self.early:
+            sizes[0] = self.coarse
+        return sizes, {}
+
+
+def first_block(transformer):
+    for name in ("transformer_blocks", "blocks"):
+        blocks = getattr(transformer, name, None)
+        if blocks:
+            return blocks[0]
+
+
+def stock_of(name, batch=2, **call):
+    pipe, kwargs = build(name)
+    return pipe, kwargs, latents(pipe(**kwargs(batch=batch, steps=STEPS, **call)))
+
+
+def lora_free(module):
+    return not any(isinstance(m, LoraLayer) for m in module.modules())
+
+
+@pytest.fixture(params=NAMES)
+def name(request):
+    return request.param
+
+
+def test_the_baseline_policy_is_the_stock_pipeline_and_disable_restores_it(name):
+    pipe, kwargs, stock = stock_of(name)
+    original = pipe.transformer
+    ddit.enable(pipe, ddit.MultiPatchTransformer(original), policy="baseline")
+    assert torch.allclose(latents(pipe(**kwargs(batch=2, steps=STEPS))), stock, atol=ATOL, rtol=0)
+    ddit.disable(pipe)
+    assert pipe.transformer is original and lora_free(original)
+    assert torch.equal(latents(pipe(**kwargs(batch=2, steps=STEPS))), stock)
+
+
+def test_coarse_early_steps_run_on_a_quarter_of_the_tokens_and_repeat_exactly(name):
+    pipe, kwargs, stock = stock_of(name)
+    tokens = []
+    first_block(pipe.transformer).register_forward_pre_hook(
+        lambda m, args, kw: tokens.append((kw.get("hidden_states", args[0] if args else None)).shape[1]),
+        with_kwargs=True)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy(EARLY_COARSE))
+    out = latents(pipe(**kwargs(batch=2, steps=STEPS)))
+    calls_per_step = len(tokens) // STEPS
+    per_step = tokens[::calls_per_step]
+    assert per_step[2] == 4 * per_step[0] and per_step[:2] == [per_step[0]] * 2 and set(per_step[2:]) == {per_step[2]}
+    assert (out - stock).abs().max() > 1e-3 and torch.isfinite(out).all()
+    assert torch.equal(latents(pipe(**kwargs(batch=2, steps=STEPS))), out)
+    summary = ddit.summary(pipe)
+    assert summary.coarse_fraction == pytest.approx(2 / 6)
+    assert summary.token_saving == pytest.approx(2 * (1 - 1 / 4) / 6)
+    assert "patch size per sample" in str(summary)
+
+
+def test_in_a_mixed_batch_the_fine_sample_equals_its_baseline_twin_and_branches_share_decisions(name):
+    pipe, kwargs, stock = stock_of(name)
+    policy = SplitPolicy()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=policy)
+    out = latents(pipe(**kwargs(batch=2, steps=STEPS)))
+    assert torch.allclose(out[1], stock[1], atol=ATOL, rtol=0)
+    assert (out[0] - stock[0]).abs().max() > 1e-3
+    # one decision per sample per step, whether CFG is batched or called per branch
+    assert len(policy.trace) == STEPS and policy.batch_size == 2
+    records = ddit.summary(pipe).records
+    by_step_sample = {}
+    for r in records:
+        by_step_sample.setdefault((r["step"], r["sample"]), set()).add(r["patch_size"])
+    assert len(by_step_sample) == 2 * STEPS and all(len(sizes) == 1 for sizes in by_step_sample.values())
+
+
+@pytest.mark.parametrize(("name", "config"), [
+    ("flux", FirstBlockCacheConfig(threshold=0.5)),
+    ("wan", FirstBlockCacheConfig(threshold=0.5)),
+    ("flux", TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, max_order=1)),
+], ids=["flux-first_block", "wan-first_block", "flux-taylorseer"])
+def test_diffusers_cache_hooks_compose_with_dynamic_patches(name, config):
+    pipe, kwargs, stock = stock_of(name)
+    pipe.transformer.enable_cache(config)
+    stock_cached = latents(pipe(**kwargs(batch=2, steps=STEPS)))
+    pipe.transformer.disable_cache()
+    assert (stock_cached - stock).abs().max() > 1e-3  # the hook does skip work here
+
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline", cache=config)
+    assert torch.allclose(latents(pipe(**kwargs(batch=2, steps=STEPS))), stock_cached, atol=ATOL, rtol=0)
+    ddit.disable(pipe)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy(coarse=8, early=3),
+                cache=config)
+    first = latents(pipe(**kwargs(batch=2, steps=STEPS)))
+    second = latents(pipe(**kwargs(batch=2, steps=STEPS)))
+    assert torch.isfinite(first).all() and torch.equal(first, second)  # state resets between calls
+    ddit.disable(pipe)
+    assert not hasattr(pipe.transformer, "_diffusers_hook") or not pipe.transformer._diffusers_hook.hooks
+
+
+@pytest.mark.parametrize("name", ["pixart", "wan", "dit"])
+def test_ddit_caches_keep_state_per_branch_and_sample(name):
+    pipe, kwargs, stock = stock_of(name)
+    never = TaylorSeer(interval=1)  # never skips: must change nothing
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline", cache=never)
+    assert torch.allclose(latents(pipe(**kwargs(batch=2, steps=STEPS))), stock, atol=ATOL, rtol=0)
+    ddit.disable(pipe)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy(),
+                cache=TaylorSeer(interval=2, order=1))
+    out = latents(pipe(**kwargs(batch=2, steps=STEPS)))
+    summary = ddit.summary(pipe)
+    assert torch.isfinite(out).all() and summary.cache_hits > 0
+    branches = {r["branch"] for r in summary.records}
+    assert branches == ({"cond", "uncond"} if name == "wan" else {None})
+
+
+def assert_refused(pipe, match, adapter, **kwargs):
+    """Refused, and the pipeline keeps its transformer (LoRA-free unless the caller built an adapter over it)."""
+    original = pipe.transformer
+    with pytest.raises((ValueError, CheckpointError), match=match):
+        ddit.enable(pipe, adapter, **kwargs)
+    assert pipe.transformer is original and "save_pretrained" not in vars(pipe)
+    assert lora_free(original) or isinstance(adapter, ddit.MultiPatchTransformer)
+
+
+def test_bad_input_is_refused_before_anything_changes(tmp_path):
+    pipe, kwargs = build("sd3")
+    flux, _ = build("flux")
+    ddit.MultiPatchTransformer(flux.transformer).save_pretrained(tmp_path / "flux_adapter")
+    assert_refused(pipe, "was made for FluxTransformer2DModel", tmp_path / "flux_adapter")
+    assert_refused(pipe, "unknown patch policy 'nope'", ddit.MultiPatchTransformer(pipe.transformer), policy="nope")
+    pipe, kwargs = build("sd3")
+    assert_refused(pipe, "unknown feature cache 'nope'", ddit.MultiPatchTransformer(pipe.transformer), cache="nope")
+    pipe, kwargs = build("sd3")
+    assert_refused(pipe, "not a CacheMixin", ddit.MultiPatchTransformer(pipe.transformer),
+                   cache=FirstBlockCacheConfig(threshold=0.2))
+    pipe, kwargs = build("sd3")
+    assert_refused(pipe, "dual-stream", ddit.MultiPatchTransformer(pipe.transformer), cache=TaylorSeer())
+    flux, _ = build("flux")
+    assert_refused(flux, "MagCacheConfig is not supported", ddit.MultiPatchTransformer(flux.transformer),
+                   cache=MagCacheConfig(num_inference_steps=STEPS, mag_ratios=[1.0] * STEPS))
+    pixart, _ = build("pixart")
+    assert_refused(pixart, "coefficients", ddit.MultiPatchTransformer(pixart.transformer), cache=TeaCache())
+    pixart, _ = build("pixart")
+    assert_refused(pixart, "modulated input", ddit.MultiPatchTransformer(pixart.transformer),
+                   cache=TeaCache(coefficients=[0, 0, 0, 1, 0]))
+    other, _ = build("sd3")
+    assert_refused(pipe, "wraps another transformer", ddit.MultiPatchTransformer(other.transformer))
+
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
+    with pytest.raises(ValueError, match="already enabled"):
+        ddit.enable(pipe, tmp_path / "flux_adapter")
+    call = kwargs(batch=1, steps=STEPS)
+    with pytest.raises(ValueError, match="multiples of 64 pixels"):  # patch 8 x vae factor 8
+        pipe(**{**call, "height": 96, "width": 96})
+    ddit.disable(pipe)
+    with pytest.raises(ValueError, match="not enabled"):
+        ddit.disable(pipe)
+
+
+def test_an_enabled_pipeline_saves_stock_components_and_its_adapter(tmp_path):
+    pipe, kwargs = build("sd3")
+    adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():  # a trained adapter: nothing at its initial value
+            p.add_(0.01 * torch.randn_like(p))
+    ddit.enable(pipe, adapter, policy=FixedPolicy(EARLY_COARSE))
+    out = latents(pipe(**kwargs(batch=1, steps=STEPS)))
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "transformer" / "config.json").exists() and (tmp_path / ADAPTER_FOLDER).is_dir()
+    assert torch.equal(latents(pipe(**kwargs(batch=1, steps=STEPS))), out)  # still enabled after saving
+
+    absent = {k: None for k, v in pipe.components.items() if v is None}  # no text encoders offline
+    loaded = type(pipe).from_pretrained(tmp_path, **absent)
+    loaded.set_progress_bar_config(disable=True)
+    assert lora_free(loaded.transformer)
+    ddit.enable(loaded, tmp_path, policy=FixedPolicy(EARLY_COARSE))
+    assert torch.allclose(latents(loaded(**kwargs(batch=1, steps=STEPS))), out, atol=ATOL, rtol=0)
+
+
+def test_the_oracle_and_third_order_run_inside_a_pipeline():
+    pipe, kwargs = build("pixart")
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="oracle", tolerance=10.0)
+    latents(pipe(**kwargs(batch=2, steps=STEPS)))
+    assert ddit.summary(pipe).coarse_fraction > 0  # a huge tolerance: coarse whenever allowed
+    ddit.disable(pipe)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="third_order", tau=1e9)
+    latents(pipe(**kwargs(batch=2, steps=STEPS)))
+    sizes = [r["patch_size"] for r in ddit.summary(pipe).records]
+    assert sizes[:2 * 3] == [2] * 6 and sizes[-1] == 8  # three warm-up steps, then the coarsest
+
+
+def test_a_pipeline_in_bfloat16_runs_coarse_steps_in_bfloat16():
+    pipe, kwargs = build("flux")
+    pipe.to(torch.bfloat16)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy(EARLY_COARSE))
+    assert pipe.transformer.dtype == torch.bfloat16
+    call = {k: v.to(torch.bfloat16) if torch.is_tensor(v) else v for k, v in kwargs(batch=1, steps=STEPS).items()}
+    out = pipe(**call).images
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -1,0 +1,249 @@
+"""Tiny, random-weight, *stock* diffusers pipelines, built offline, for tests of ``ddit.enable``.
+
+Not a test module: tests import it. ``build(name)`` returns an unmodified diffusers
+pipeline (FluxPipeline, StableDiffusion3Pipeline, PixArtSigmaPipeline, WanPipeline or
+DiTPipeline) whose transformer is a few-kilobyte random model, and a ``call_kwargs``
+function giving the keyword arguments for ``pipe(**kwargs)``. Nothing is downloaded:
+text encoders and tokenizers are ``None`` and prompts are passed as random,
+seed-deterministic embeddings; the text-to-image pipelines run with
+``output_type="latent"`` and ``vae=None``. DiTPipeline always decodes, so it gets a tiny
+AutoencoderKL (no downsampling) and ``output_type="pt"``: its output is the decoded
+16x16 image, kept inside (0, 1) so the final clamp never bites.
+
+Every latent is 16x16 where the transformer patchifies it (Flux: before its 2x2
+packing), so patch sizes 2, 4 and 8 divide it. ``call_kwargs`` gives one generator and
+one set of embeddings per sample, seeded by that sample's seed, so a sample does not
+depend on the rest of its batch. Its ``guidance`` defaults turn classifier-free
+guidance on: SD3, PixArt and DiT run cond and uncond as one doubled batch, Flux (true
+CFG) and Wan make two transformer calls per step. ``guidance=1`` turns it off.
+
+Usage::
+
+    pipe, call_kwargs = build("sd3")
+    out = pipe(**call_kwargs(batch=2))
+    x = latents(out)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+
+NAMES = ("flux", "sd3", "pixart", "wan", "dit")
+LATENT = 16  # latent height and width at the transformer's patchify
+TEXT_LEN = 8  # tokens of the fake prompt embeddings
+VAE_SCALE = 8  # the pipelines' vae_scale_factor when vae is None
+NEG_SEED = 10_000  # the shared negative ("") prompt's embeddings
+
+
+def _randn(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _per_sample(seeds, offset: int, *shape: int) -> torch.Tensor:
+    """One row per seed, each drawn from its own generator: batch-independent."""
+    return torch.stack([_randn(1000 * offset + s, *shape) for s in seeds])
+
+
+def _shared(batch: int, offset: int, *shape: int) -> torch.Tensor:
+    return _randn(NEG_SEED + offset, *shape).expand(batch, *shape).clone()
+
+
+def _generators(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def _seeds(batch, seeds):
+    seeds = list(range(batch)) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != batch:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {batch}")
+    return seeds
+
+
+def _wake_zeros(model: torch.nn.Module) -> torch.nn.Module:
+    """Give zero-initialised parameters (adaLN, output heads) random values, so the output depends on everything."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _finish(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):  # built on the CPU in fp32 (.to(dtype) would only warn)
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _flux():
+    torch.manual_seed(0)
+    transformer = _wake_zeros(FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8)))
+    # FLUX.1-dev's scheduler config (dynamic shifting, mu from the image sequence length)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
+        seeds = _seeds(batch, seeds)
+        guidance = 4.0 if guidance is None else guidance
+        kw = dict(prompt_embeds=_per_sample(seeds, 1, TEXT_LEN, 32), pooled_prompt_embeds=_per_sample(seeds, 2, 32),
+                  guidance_scale=3.5, true_cfg_scale=guidance, height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE,
+                  num_inference_steps=steps, generator=_generators(seeds), output_type="latent")
+        if guidance > 1:
+            kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 32),
+                      negative_pooled_prompt_embeds=_shared(batch, 2, 32))
+        return kw
+
+    return pipe, call_kwargs
+
+
+def _sd3():
+    torch.manual_seed(0)
+    transformer = _wake_zeros(SD3Transformer2DModel(
+        sample_size=LATENT, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=LATENT))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3-medium's
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                    tokenizer_3=None)
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
+        seeds = _seeds(batch, seeds)
+        guidance = 4.0 if guidance is None else guidance
+        kw = dict(prompt_embeds=_per_sample(seeds, 1, TEXT_LEN, 32), pooled_prompt_embeds=_per_sample(seeds, 2, 16),
+                  guidance_scale=guidance, height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE,
+                  num_inference_steps=steps, generator=_generators(seeds), output_type="latent")
+        if guidance > 1:
+            kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 32),
+                      negative_pooled_prompt_embeds=_shared(batch, 2, 16))
+        return kw
+
+    return pipe, call_kwargs
+
+
+def _pixart():
+    torch.manual_seed(0)
+    transformer = _wake_zeros(PixArtTransformer2DModel(
+        sample_size=LATENT, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8))
+    # v-prediction: x0 = alpha x - sigma v stays bounded for a random model (epsilon would divide by alpha_t)
+    scheduler = DPMSolverMultistepScheduler(prediction_type="v_prediction")
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                               scheduler=scheduler)
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
+        seeds = _seeds(batch, seeds)
+        guidance = 4.5 if guidance is None else guidance
+        # padded prompts of 4 to 7 tokens, as a T5 tokenizer would give
+        mask = torch.stack([(torch.arange(TEXT_LEN) < 4 + s % 4).long() for s in seeds])
+        kw = dict(prompt_embeds=_per_sample(seeds, 1, TEXT_LEN, 32), prompt_attention_mask=mask, negative_prompt=None,
+                  guidance_scale=guidance, height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE,
+                  num_inference_steps=steps, generator=_generators(seeds), output_type="latent",
+                  use_resolution_binning=False)
+        if guidance > 1:
+            kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 32),
+                      negative_prompt_attention_mask=(torch.arange(TEXT_LEN) < 1).long().expand(batch, -1).clone())
+        return kw
+
+    return pipe, call_kwargs
+
+
+def _wan():
+    torch.manual_seed(0)
+    transformer = _wake_zeros(WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
+        seeds = _seeds(batch, seeds)
+        guidance = 5.0 if guidance is None else guidance
+        kw = dict(prompt_embeds=_per_sample(seeds, 1, TEXT_LEN, 16), guidance_scale=guidance,
+                  height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE, num_frames=5,  # 2 latent frames
+                  num_inference_steps=steps, generator=_generators(seeds), output_type="latent")
+        if guidance > 1:
+            kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 16))
+        return kw
+
+    return pipe, call_kwargs
+
+
+def _dit():
+    torch.manual_seed(0)
+    transformer = _wake_zeros(DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=LATENT, patch_size=2, norm_num_groups=1))
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=LATENT)
+    with torch.no_grad():  # keep decoded values well inside (-1, 1): the pipeline clamps (x / 2 + 0.5) to [0, 1]
+        vae.decoder.conv_out.weight.mul_(0.5)
+        vae.decoder.conv_out.bias.zero_()
+    scheduler = DDIMScheduler(prediction_type="v_prediction", clip_sample=False)  # bounded, nothing clipped
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
+        seeds = _seeds(batch, seeds)
+        guidance = 4.0 if guidance is None else guidance
+        return dict(class_labels=[(7 * s + 1) % 1000 for s in seeds], guidance_scale=guidance,
+                    num_inference_steps=steps, generator=_generators(seeds), output_type="pt")
+
+    return pipe, call_kwargs
+
+
+_BUILDERS = {"flux": _flux, "sd3": _sd3, "pixart": _pixart, "wan": _wan, "dit": _dit}
+
+
+def build(name: str) -> tuple[DiffusionPipeline, Callable[..., dict]]:
+    """A tiny stock pipeline (fp32, CPU, eval, no progress bar; same weights every call) and its ``call_kwargs``.
+
+    ``call_kwargs(batch=1, seeds=None, steps=6, guidance=None)`` returns the kwargs of
+    ``pipe(**kwargs)``: seeds default to ``range(batch)``, ``guidance=None`` is the
+    pipeline's CFG-on default and ``guidance=1`` turns CFG off.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown pipeline {name!r}; one of {NAMES}")
+    pipe, call_kwargs = _BUILDERS[name]()
+    return _finish(pipe), call_kwargs
+
+
+def latents(output) -> torch.Tensor:
+    """The output tensor of a pipeline call (``images`` or ``frames``, or a ``return_dict=False`` tuple), as float."""
+    if isinstance(output, (tuple, list)):
+        x = output[0]
+    else:
+        x = getattr(output, "images", None)
+        if x is None:
+            x = output.frames
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    return x.float()
