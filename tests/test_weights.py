@@ -1,10 +1,9 @@
 import pytest
-import torch
 from conftest import TINY_DIT
 
 from ddit.checkpoint import CheckpointError
 from ddit.testbed.base_model import build_base_model, load_base_model
-from ddit.testbed.evaluator import Evaluator, load_evaluator
+from ddit.testbed.evaluator import load_evaluator
 
 
 @pytest.fixture

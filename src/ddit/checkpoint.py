@@ -31,7 +31,7 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path}; run without --resume to start fresh") from None
     except Exception as err:  # torch raises several types for a damaged file

@@ -121,12 +121,12 @@ def _distill(args) -> None:
 
 def _calibrate_teacache(args) -> None:
     from .caches import write_teacache_fit
-    from .testbed.teacache import TESTBED_FIT, calibrate_teacache
+    from .testbed.teacache import calibrate_teacache
     from .testbed.base_model import SHIPPED_BASE, load_base_model
 
     coefficients = calibrate_teacache(load_base_model(args.model or SHIPPED_BASE), per_class=args.per_class,
                                       steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True)
-    out = args.out or TESTBED_FIT
+    out = args.out
     write_teacache_fit(coefficients, out, command="ddit calibrate teacache", per_class=args.per_class,
                        steps=args.steps, guidance=args.guidance, seed=args.seed)
     print(f"TeaCache fit {coefficients} written to {out}")
@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="JSON file (default: the testbed's shipped fit)")
+    p.add_argument("--out", default="teacache.json",
+                   help="JSON file (default: teacache.json here; to ship it, copy it over the testbed's "
+                        "src/ddit/testbed/assets/teacache.json)")
     p.set_defaults(func=_calibrate_teacache)
 
     p = commands.add_parser("generate", help="sample a grid of images of one testbed prompt")

@@ -191,9 +191,9 @@ class PatchRuntime:
             stack = partial(self.cache, Group(g.step, g.num_steps or 0, keys, size))
         device = call.latent.device
         with self._context(call.branch, size, samples, g), (replace_stack(self.model, stack) if stack else nullcontext()):
-            start = _clock(device) if self.timed else 0.0
+            start = synchronized_clock(device) if self.timed else 0.0
             result = call.run(idx, size)
-            seconds = (_clock(device) - start) / len(samples) if self.timed else None
+            seconds = (synchronized_clock(device) - start) / len(samples) if self.timed else None
         tokens = self._tokens(call.latent.shape[2:], size)
         for s in samples:
             cached = self.cache.reused.get((call.branch, s)) if self.cache is not None else None
@@ -227,7 +227,7 @@ class PatchRuntime:
         return math.prod(d // p for d, p in zip(dims, [*lead, *patch]))
 
 
-def _clock(device: torch.device) -> float:
+def synchronized_clock(device: torch.device) -> float:
     """Wall time after the device has finished its queued work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..policies import get_policy
+from ..runtime import synchronized_clock
 from ..testbed.base_model import generate
 from ..testbed.data import PROMPTS
 from ..testbed.evaluate import balanced_labels
@@ -55,11 +55,11 @@ def run_ablation(config: AblationConfig, model, out: str | Path, *, progress: bo
         for key, row, start in bar:
             bar.set_postfix_str(key)
             batch = labels[start : start + size]
-            clock = time.perf_counter()
+            clock = synchronized_clock(model.device)
             samples = generate(model, batch, seed=config.seed + start, steps=row.steps,
                                guidance=config.guidance, policy=make_policy(row, taus.get(key)), cache=row.make_cache(),
                                batch_size=size)
-            wall = (time.perf_counter() - clock) / len(batch)
+            wall = (synchronized_clock(model.device) - clock) / len(batch)
             _save_images(out, key, start, samples.images)
             for j, trace in enumerate(samples.traces):
                 log.write(json.dumps(_record(key, row, start + j, int(batch[j]), config.seed, wall, trace)) + "\n")

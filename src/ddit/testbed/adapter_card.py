@@ -14,10 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 import torch  # noqa: E402
 
 from ..adapter import MultiPatchTransformer  # noqa: E402
@@ -49,7 +46,8 @@ def relative_errors(model: MultiPatchTransformer, sigmas: torch.Tensor, num: int
 
 
 def plot_errors(sigmas, before: dict, after: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     for i, size in enumerate(before):
         ax.plot(sigmas, before[size], "--", color=f"C{i}", label=f"patch {size}, PPFlow init")
         ax.plot(sigmas, after[size], "-", color=f"C{i}", label=f"patch {size}, distilled")
@@ -58,7 +56,6 @@ def plot_errors(sigmas, before: dict, after: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def ship_adapter(run: str | Path, evaluator: Evaluator, dest: str | Path = SHIPPED_ADAPTER, *,

@@ -11,10 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -30,14 +27,14 @@ WEIGHT_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 def plot_loss(losses: list[float], path: Path, window: int = 50) -> None:
     window = min(window, len(losses))
     smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(losses, alpha=0.25, lw=0.5, label="per step")
     ax.plot(np.arange(window - 1, len(losses)), smooth, label=f"mean of {window}")
     ax.set(xlabel="step", ylabel="velocity MSE", yscale="log", title="train-base loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def ship_base(run: str | Path, evaluator: Evaluator, dest: str | Path = SHIPPED_BASE, *,
