@@ -160,3 +160,40 @@ def test_dit_refuses_a_non_square_latent():
     for size in (None, 4):
         with pytest.raises(ValueError, match="DiTTransformer2DModel needs a square latent, not 32x16"):
             run(model, size, hidden_states=torch.randn(2, 3, 32, 16))
+
+
+def test_one_backward_over_several_sizes_reaches_every_size_lora():
+    """Distillation sums the sizes' losses before one backward: switching sizes must not freeze the last one."""
+    model = MultiPatchTransformer(backbone())
+    perturb(model.trainable_parameters())
+    loss = sum(model(**inputs(), patch_size=size, return_dict=False)[0].square().mean() for size in (4, 8))
+    loss.backward()
+    lora = {n: p for n, p in model.backbone.named_parameters() if ".lora_" in n}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+
+
+def test_detach_gives_the_stock_backbone_and_attach_brings_the_adapter_back():
+    reference = backbone()
+    model = MultiPatchTransformer(copy.deepcopy(reference))
+    perturb(model.trainable_parameters())
+    coarse = run(model, 4)
+    stock = model.detach()
+    assert not any(".lora_" in n or "base_layer" in n for n in stock.state_dict())
+    assert not hasattr(stock, "peft_config")
+    assert stock.state_dict().keys() == reference.state_dict().keys()
+    with pytest.raises(RuntimeError, match="attach"):
+        run(model, 4)
+    model.attach()
+    assert torch.equal(run(model, 4), coarse)
+
+
+def test_gradient_checkpointing_reaches_the_coarse_path():
+    model = MultiPatchTransformer(backbone())
+    model.enable_gradient_checkpointing()  # the backbone's own method, through the wrapper
+    assert model.backbone.gradient_checkpointing
+    calls = []
+    model.backbone.transformer_blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    out = model(**inputs(), patch_size=4, return_dict=False)[0]
+    out.square().mean().backward()
+    assert len(calls) == 2  # the forward, and its recomputation in the backward
+    assert all(p.grad is not None for p in model.heads.parameters())

@@ -223,3 +223,16 @@ def test_a_pipeline_in_bfloat16_runs_coarse_steps_in_bfloat16():
     call = {k: v.to(torch.bfloat16) if torch.is_tensor(v) else v for k, v in kwargs(batch=1, steps=STEPS).items()}
     out = pipe(**call).images
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_the_wrapper_answers_what_pipelines_and_users_ask_of_a_transformer():
+    pipe, _ = build("sd3")
+    original = pipe.transformer
+    ddit.enable(pipe, ddit.MultiPatchTransformer(original), policy="baseline")
+    wrapper = pipe.transformer
+    assert wrapper.config is original.config and wrapper.dtype == original.dtype and wrapper.device == original.device
+    processors = wrapper.attn_processors
+    assert processors.keys() == original.attn_processors.keys() and processors
+    wrapper.set_attn_processor(dict(processors))
+    wrapper.enable_gradient_checkpointing()
+    assert original.gradient_checkpointing

@@ -223,9 +223,12 @@ class MultiPatchTransformer(nn.Module):
     def _use_lora(self, size: int | None) -> None:
         """Activate ``size``'s LoRA adapter, or none (the base path).
 
-        Sets peft's per-layer flags directly on a kept list of layers: peft's
-        setters walk the whole model and flip ``requires_grad`` too, which would
-        freeze adapters between a teacher call and a student call. Never fused.
+        Sets peft's per-layer flags directly on a kept list of layers, not through peft's public
+        ``set_adapter`` / ``enable_adapters``: those also set ``requires_grad`` (on for the active
+        adapter, off for the others), and a leaf whose ``requires_grad`` is turned off after the
+        forward that used it gets no gradient. Distillation sums the losses of several sizes before
+        one backward (``distill.py``), so switching to the next size would silently drop the
+        gradient of the previous one (``tests/test_adapter.py`` guards this). Never fused.
         """
         off = size is None or size == self.base_patch_size
         for layer in self._lora_layers:
