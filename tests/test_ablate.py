@@ -145,6 +145,8 @@ def test_another_configuration_in_the_same_folder_is_refused(finished, capsys):
     ("--cache-param", "delta=0.4", "is not NAME.PARAM=VALUE"),
     ("--sweep", "third_order.tau=1e-3", "--sweep third_order.tau=0.001 is not a list of values"),
     ("--sweep", "mean.tau=[1e-3]", "--sweep names 'mean', which this run does not use"),
+    ("--device", "gpu0", "--device 'gpu0' is not a device name"),
+    *([("--device", "cuda", "no CUDA GPU")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_names_and_parameters_say_what_is_known(args, tmp_path, capsys, flag, value, expected):
     assert main([*args(tmp_path / "run"), flag, value]) == 2

@@ -87,3 +87,15 @@ def test_oracle_probes_the_model_at_every_candidate(model):
 def test_cpu_attention_is_counted():
     q = torch.randn(2, 3, 16, 8)  # batch, heads, tokens, head dim
     assert count_flops(F.scaled_dot_product_attention, q, q, q) == 2 * (2 * 2 * 3 * 16 * 16 * 8)
+
+
+def test_the_sampler_runs_a_model_in_its_own_dtype():
+    torch.manual_seed(0)
+    base = build_base_model(**TINY_DIT)
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    model = MultiPatchTransformer(base.eval()).to(torch.float64)
+    out = sample(transformer_velocity(model), LABELS[:2], policy=FixedPolicy([4, 4, 2, 2]), **RUN)
+    reference = sample(transformer_velocity(model.to(torch.float32)), LABELS[:2], policy=FixedPolicy([4, 4, 2, 2]),
+                       **RUN)
+    assert out.images.dtype == torch.float32 and torch.allclose(out.images, reference.images, atol=1e-4)

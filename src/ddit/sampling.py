@@ -64,6 +64,7 @@ class TransformerVelocity:
         self.patch_sizes: tuple[int, ...] = model.patch_sizes if multi else (model.config.patch_size,)
 
     def __call__(self, x, t, labels, patch_size):
+        x = x.to(self.model.dtype)  # latents stay float32 between steps; the model takes its own dtype
         if isinstance(self.model, MultiPatchTransformer):
             return self.model(x, timestep=t, class_labels=labels, patch_size=patch_size, return_dict=False)[0]
         if patch_size != self.patch_sizes[0]:

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="a diffusers class-conditional DiT folder (default: the testbed base)")
     p.add_argument("--adapter", help="its multi-patch adapter folder (default: the testbed adapter)")
     p.add_argument("--evaluator", help="an evaluator folder (default: the testbed's)")
+    p.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda or cuda:1 (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype (default float32; on a GPU, bfloat16 is the usual choice)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); on a shared CPU, 1 "
                    "keeps small coarse-patch calls from waiting on busy cores. Keep it when resuming")
     p.add_argument("--no-progress", action="store_true")
@@ -65,17 +68,33 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = _device(args.device)
     found = folders(args.backbone, args.adapter)
     config = build_config(args.policies, args.caches, steps=args.steps, fewer_steps=args.fewer_steps,
                           policy_params=parse_params(args.policy_param, "--policy-param"),
                           cache_params=parse_params(args.cache_param, "--cache-param"),
                           sweeps=parse_params(args.sweep, "--sweep"),
                           num_per_class=args.num_per_class, seed=args.seed, guidance=args.guidance,
-                          batch_size=args.batch_size, model=fingerprint(found))
+                          batch_size=args.batch_size, model=fingerprint(found), device=args.device,
+                          dtype=args.dtype)
     evaluator = load_evaluator(args.evaluator) if args.evaluator else load_evaluator()
-    run_ablation(config, load_model(found), args.out, progress=not args.no_progress)
+    model = load_model(found).to(device=device, dtype=getattr(torch, args.dtype))
+    run_ablation(config, model, args.out, progress=not args.no_progress)
     console.print(table(summarize(config, args.out, evaluator)))
     console.print(f"report: {args.out}/report.md")
+
+
+def _device(name: str):
+    """``--device`` as a torch device, refused before any work if this machine lacks it."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU that torch can use; use --device cpu")
+    return device
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,8 +68,8 @@ class AblationConfig:
     """Rows and the settings that every row shares, so that sample i of every row has the
     same seed and label and can be compared with its baseline twin.
 
-    ``batch_size`` is part of the identity: a cache or a policy may decide per batch, and
-    timings depend on it. ``model`` identifies the weights (see ``models.fingerprint``).
+    ``batch_size``, ``device`` and ``dtype`` are part of the identity: a cache or a policy may
+    decide per batch, and timings and outputs depend on all three. ``model`` identifies the weights (see ``models.fingerprint``).
     """
 
     rows: dict[str, Row]
@@ -79,6 +79,8 @@ class AblationConfig:
     guidance: float = 2.0
     batch_size: int = 64
     model: dict = field(default_factory=dict)
+    device: str = "cpu"  # where the model runs, and in which dtype: both change timings and outputs
+    dtype: str = "float32"
 
     @property
     def num_samples(self) -> int:
