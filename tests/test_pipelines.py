@@ -236,3 +236,18 @@ def test_the_wrapper_answers_what_pipelines_and_users_ask_of_a_transformer():
     wrapper.set_attn_processor(dict(processors))
     wrapper.enable_gradient_checkpointing()
     assert original.gradient_checkpointing
+
+
+def test_a_call_that_died_mid_generation_does_not_leak_into_the_next():
+    pipe, kwargs = build("flux")
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="third_order", tau=1e9)
+    clean = latents(pipe(**kwargs(batch=1, steps=STEPS)))
+
+    def die(pipe, step, t, outputs):
+        if step == 3:
+            raise KeyboardInterrupt
+        return outputs
+
+    with pytest.raises(KeyboardInterrupt):  # diffusers never gets to reset the transformer
+        pipe(**kwargs(batch=1, steps=STEPS), callback_on_step_end=die)
+    assert torch.equal(latents(pipe(**kwargs(batch=1, steps=STEPS))), clean)

@@ -26,6 +26,7 @@ Usage::
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -224,16 +225,24 @@ _BUILDERS = {"flux": _flux, "sd3": _sd3, "pixart": _pixart, "wan": _wan, "dit": 
 
 
 def build(name: str) -> tuple[DiffusionPipeline, Callable[..., dict]]:
-    """A tiny stock pipeline (fp32, CPU, eval, no progress bar; same weights every call) and its ``call_kwargs``.
+    """A tiny stock pipeline (fp32, eval, no progress bar; same weights every call) and its ``call_kwargs``.
 
     ``call_kwargs(batch=1, seeds=None, steps=6, guidance=None)`` returns the kwargs of
     ``pipe(**kwargs)``: seeds default to ``range(batch)``, ``guidance=None`` is the
-    pipeline's CFG-on default and ``guidance=1`` turns CFG off.
+    pipeline's CFG-on default and ``guidance=1`` turns CFG off. The pipeline and its
+    inputs are on ``DDIT_TEST_DEVICE`` (default ``cpu``; ``cuda`` on a GPU machine), the
+    generators on the CPU, so every device starts from the same noise.
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown pipeline {name!r}; one of {NAMES}")
     pipe, call_kwargs = _BUILDERS[name]()
-    return _finish(pipe), call_kwargs
+    device = torch.device(os.environ.get("DDIT_TEST_DEVICE", "cpu"))
+    pipe = _finish(pipe).to(device)
+
+    def on_device(**kwargs):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in call_kwargs(**kwargs).items()}
+
+    return pipe, on_device
 
 
 def latents(output) -> torch.Tensor:

@@ -119,7 +119,10 @@ class MultiPatchTransformer(nn.Module):
         self._lora_places = [(backbone.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], m)
                              for name, m in backbone.named_modules() if isinstance(m, LoraLayer)]
         self._peft_config = backbone.peft_config
-        self.attached = True
+        self._lora_in = True  # whether the LoRA layers sit in the backbone right now
+        self._lora_active: int | None | str = "unset"  # the size whose LoRA the layers' flags select
+        self.attached = True  # False after detach(): the backbone belongs to someone else until attach()
+        self._lean = False
         for p in self.trainable_parameters():
             p.requires_grad_(True)  # peft leaves only the last injected adapter trainable
         self._signature = inspect.signature(backbone.forward)
@@ -162,26 +165,54 @@ class MultiPatchTransformer(nn.Module):
     # -- the LoRA layers in the backbone
     def detach(self) -> nn.Module:
         """Take the LoRA layers out of the backbone: it is the stock model again (to save it, or to give it
-        back to a pipeline); ``attach`` puts them back, weights and all."""
-        if self.attached:
-            for parent, name, layer in self._lora_places:
-                setattr(parent, name, layer.get_base_layer())
-            del self.backbone.peft_config
-            self.attached = False
+        back to a pipeline); ``attach`` puts them back, weights and all. Calls refuse until then."""
+        self._place_lora(False)
+        self.attached = False
         return self.backbone
 
     def attach(self) -> None:
         """Put the LoRA layers that ``detach`` took out back into the backbone."""
-        if not self.attached:
+        self._place_lora(True)
+        self.attached = True
+
+    @property
+    def lean_base(self) -> bool:
+        return self._lean
+
+    def set_lean_base(self, on: bool) -> None:
+        """With ``on``, base-size calls run the bare backbone: the LoRA layers leave it for a base-size call
+        and come back for a coarse one. A disabled peft layer still costs a Python call per layer per
+        forward, which is visible on small models (benchmarks/test_runtime_overhead.py); a size switch
+        costs one attribute swap per layer. For inference (``ddit.enable`` and the sampler turn it on):
+        while the layers are out, ``parameters()`` does not list them. Off puts them back."""
+        self._lean = on
+        if not on and self.attached:
+            self._place_lora(True)
+
+    def _place_lora(self, inside: bool) -> None:
+        if inside != self._lora_in:
             for parent, name, layer in self._lora_places:
-                setattr(parent, name, layer)
-            self.backbone.peft_config = self._peft_config
-            self.attached = True
+                setattr(parent, name, layer if inside else layer.get_base_layer())
+            if inside:
+                self.backbone.peft_config = self._peft_config
+            else:
+                del self.backbone.peft_config
+            self._lora_in = inside
+
+    def _apply(self, fn, recurse=True):
+        """``to``, ``half``, ``cuda``... reach the LoRA layers even while they are out of the backbone."""
+        if not self._lora_in:
+            for _, _, layer in self._lora_places:
+                for name in layer.adapter_layer_names:
+                    getattr(layer, name)._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     # -- forward
     def forward(self, hidden_states: torch.Tensor, *args, patch_size: int | None = None, **kwargs):
         if not self.attached:
             raise RuntimeError("this adapter's LoRA layers were detached from its backbone: call attach() first")
+        base = patch_size is None or patch_size == self.base_patch_size
+        self._place_lora(not (base and self._lean))
         if self.spec.square_only and hidden_states.shape[-1] != hidden_states.shape[-2]:
             raise ValueError(f"{type(self.backbone).__name__} needs a square latent, "
                              f"not {hidden_states.shape[-2]}x{hidden_states.shape[-1]}")
@@ -231,6 +262,9 @@ class MultiPatchTransformer(nn.Module):
         gradient of the previous one (``tests/test_adapter.py`` guards this). Never fused.
         """
         off = size is None or size == self.base_patch_size
+        if not self._lora_in or self._lora_active == (None if off else size):
+            return  # out of the backbone (lean base path), or already set
+        self._lora_active = None if off else size
         for layer in self._lora_layers:
             layer._disable_adapters = off
             if not off:

@@ -109,25 +109,24 @@ class DynamicPatchTransformer(nn.Module):
 
     # -- forward
     def forward(self, *args, **kwargs):
-        given = self._signature.bind(*args, **kwargs)
-        given.apply_defaults()
-        latent = self.adapter.spec.latent(given.arguments)
+        given = self._signature.bind(*args, **kwargs).arguments
+        latent = self.adapter.spec.latent(given)
         self._check_resolution(latent)
         where = self._where
-        call = Call(latent, given.arguments["timestep"], lambda idx, size: self._run(given, len(latent), idx, size),
+        call = Call(latent, given["timestep"], lambda idx, size: self._run(args, kwargs, len(latent), idx, size),
                     branch=self._branch, step_index=where.get("step_index"),
                     num_steps=where.get("num_inference_steps"), sigma=where.get("sigma"))
         out = self.runtime(call)
-        return Transformer2DModelOutput(sample=out) if given.arguments.get("return_dict", True) else (out,)
+        return Transformer2DModelOutput(sample=out) if given.get("return_dict", True) else (out,)
 
-    def _run(self, given: inspect.BoundArguments, rows: int, idx: torch.Tensor | None, size: int) -> torch.Tensor:
+    def _run(self, args: tuple, kwargs: dict, rows: int, idx: torch.Tensor | None, size: int) -> torch.Tensor:
         """The adapter's output for rows ``idx`` (all: ``None``) of this call, at ``size``."""
-        arguments = dict(given.arguments, return_dict=False)
         if idx is not None:
+            given = self._signature.bind(*args, **kwargs)
             keep = self.adapter.spec.unbatched
-            arguments = {k: v if k in keep else _cut(v, idx, rows) for k, v in arguments.items()}
-        bound = inspect.BoundArguments(given.signature, arguments)
-        return self.adapter(*bound.args, patch_size=size, **bound.kwargs)[0]
+            given.arguments.update({k: v if k in keep else _cut(v, idx, rows) for k, v in given.arguments.items()})
+            args, kwargs = given.args, given.kwargs
+        return self.adapter(*args, **kwargs, patch_size=size)[0]
 
     def _check_resolution(self, latent: torch.Tensor) -> None:
         h, w = latent.shape[-2:]
@@ -196,6 +195,7 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer, policy: str
     runtime = PatchRuntime(policy, adapter.patch_sizes, cache=cache if isinstance(cache, Cache) else None,
                            model=adapter, scheduler=_scheduler_of(pipe), patch=adapter.spec.patch)
     wrapper = DynamicPatchTransformer(adapter, runtime, _pixels_per_latent(pipe))
+    adapter.set_lean_base(True)
     if cache is not None and not isinstance(cache, Cache):
         wrapper.enable_cache(cache)
     pipe.transformer = wrapper
@@ -210,6 +210,7 @@ def disable(pipe):
         raise ValueError("ddit.disable: this pipeline is not enabled (call ddit.enable(pipe, adapter) first)")
     if wrapper.runtime.hooks is not None:
         wrapper.disable_cache()
+    wrapper.adapter.set_lean_base(False)
     pipe.transformer = wrapper.adapter.detach()
     vars(pipe).pop("save_pretrained", None)
     return pipe

@@ -20,6 +20,7 @@ measures what pipeline users run):
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +65,7 @@ class Generation:
     num_steps: int | None = None
     sigma: float = float("nan")
     sizes: torch.Tensor | None = None  # (samples,) this step's decision
+    uniform: int | None = None  # the one size of this step, if every sample has it
     contexts: dict = field(default_factory=dict)  # (branch, size, samples) -> diffusers cache-context name
     previous_contexts: dict = field(default_factory=dict)
 
@@ -105,14 +107,13 @@ class PatchRuntime:
     # -- one call
     def __call__(self, call: Call) -> torch.Tensor:
         g = self._advance(call)
+        if g.uniform is not None:  # the usual case: one size for the whole call
+            return self._run_group(g, call, None, g.uniform, tuple(range(g.samples)))
         rows = len(call.latent)
         owner = torch.arange(rows) % g.samples
         row_sizes = g.sizes[owner]
         out = None
         for size in g.sizes.unique().tolist():
-            if (row_sizes == size).all():
-                result = self._run_group(g, call, None, size, tuple(range(g.samples)))
-                return result
             idx = (row_sizes == size).nonzero().flatten()
             samples = tuple(sorted(set(owner[idx].tolist())))
             result = self._run_group(g, call, idx.to(call.latent.device), size, samples)
@@ -140,6 +141,7 @@ class PatchRuntime:
             latent = call.latent[: g.samples]
             probe = self._probe(call, g)
             g.sizes = self.policy.decide(Step(g.step, g.num_steps or 0, g.sigma, call.timestep, latent, probe))
+            g.uniform = int(g.sizes[0]) if bool((g.sizes == g.sizes[0]).all()) else None
         return g
 
     def _start(self, call: Call) -> Generation:
@@ -173,13 +175,12 @@ class PatchRuntime:
 
     def _probe(self, call: Call, g: Generation) -> Probe:
         """The policy's probe, with its calls kept out of every cache's state."""
-        first_branch = torch.arange(g.samples, device=call.latent.device)
-
         def probe(size: int, latent: torch.Tensor) -> torch.Tensor:
             with self._context(None, size, ("probe",)):
                 if call.probe is not None:
                     return call.probe(size, latent)
-                return call.run(first_branch if g.branches > 1 else None, size)
+                first_branch = torch.arange(g.samples, device=call.latent.device) if g.branches > 1 else None
+                return call.run(first_branch, size)
 
         return probe
 
@@ -194,15 +195,13 @@ class PatchRuntime:
             start = synchronized_clock(device) if self.timed else 0.0
             result = call.run(idx, size)
             seconds = (synchronized_clock(device) - start) / len(samples) if self.timed else None
-        tokens = self._tokens(call.latent.shape[2:], size)
+        tokens, base_tokens = (self._tokens(call.latent.shape[2:], p) * g.branches for p in (size, self.base_size))
+        signals = self.policy.trace[-1].signals if self.policy.trace else {}
+        reused = self.cache.reused if self.cache is not None else {}
         for s in samples:
-            cached = self.cache.reused.get((call.branch, s)) if self.cache is not None else None
-            signals = self.policy.trace[-1].signals if self.policy.trace else {}
             self.records.append(dict(step=g.step, sigma=g.sigma, sample=s, branch=call.branch, patch_size=size,
-                                     tokens=tokens * g.branches, base_tokens=self._tokens(call.latent.shape[2:],
-                                                                                         self.base_size) * g.branches,
-                                     cached=cached, seconds=seconds,
-                                     signals={p: float(v[s]) for p, v in signals.items()}))
+                                     tokens=tokens, base_tokens=base_tokens, cached=reused.get((call.branch, s)),
+                                     seconds=seconds, signals={p: float(v[s]) for p, v in signals.items()}))
         return result
 
     def _context(self, branch, size, samples, g: Generation | None = None):
@@ -220,11 +219,12 @@ class PatchRuntime:
                                             timestep=g.timestep, sigma=g.sigma)
         return self.hooks.cache_context(name)
 
-    def _tokens(self, dims: Sequence[int], size: int) -> int:
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (one runtime per model; a handful of shapes)
+    def _tokens(self, dims: tuple[int, ...], size: int) -> int:
+        """Tokens of one latent of spatial ``dims`` at a patch ``size`` (leading dims: one patch each)."""
         patch = self.patch(size)
-        dims = list(dims)
-        lead = [1] * (len(dims) - len(patch))
-        return math.prod(d // p for d, p in zip(dims, [*lead, *patch]))
+        lead = (1,) * (len(dims) - len(patch))
+        return math.prod(d // p for d, p in zip(dims, (*lead, *patch)))
 
 
 def synchronized_clock(device: torch.device) -> float:

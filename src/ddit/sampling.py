@@ -138,11 +138,19 @@ def sample(
         cache.check(fn.model)
     labels = torch.as_tensor(labels, dtype=torch.long)
     batch_size = batch_size or max(len(labels), 1)
+    model = getattr(fn, "model", None)
+    lean = isinstance(model, MultiPatchTransformer) and not model.lean_base
+    if lean:
+        model.set_lean_base(True)
     run = partial(_sample_chunk, fn, sample_shape=sample_shape, steps=steps, guidance=guidance,
                   null_label=null_label, scheduler=scheduler, policy=policy, cache=cache, bf16=bf16,
                   flops=_FLOPS.setdefault(getattr(fn, "model", fn), {}))
-    chunks = [run(labels[s : s + batch_size], seed + s)
-              for s in tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress)]
+    try:
+        chunks = [run(labels[s : s + batch_size], seed + s) for s in
+                  tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch", disable=not progress)]
+    finally:
+        if lean:
+            model.set_lean_base(False)
     return Samples(torch.cat([c.images for c in chunks]), [t for c in chunks for t in c.traces])
 
 

@@ -21,6 +21,7 @@ class FluxSpec(BackboneSpec):
     unsupported = ("controlnet_block_samples", "controlnet_single_block_samples")
     unbatched = ("img_ids", "txt_ids")
     single_stream = False  # joint blocks return (text, image) tokens
+    _ids = None
 
     @property
     def base_patch_size(self):
@@ -31,8 +32,9 @@ class FluxSpec(BackboneSpec):
 
     def latent(self, args):
         ids = _image_ids(args)
-        rows = ids[:, 1].unique().numel()
-        return unpatchify(args["hidden_states"], PACK, (rows, len(ids) // rows))
+        if ids is not self._ids:  # pipelines pass the same ids at every step: count the rows once
+            self._ids, self._rows = ids, int((ids[:, 2] == ids[0, 2]).sum())  # tokens in the first column
+        return unpatchify(args["hidden_states"], PACK, (self._rows, len(ids) // self._rows))
 
     def pack(self, output, args):
         return patchify(output, PACK)
