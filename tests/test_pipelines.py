@@ -92,11 +92,13 @@ def test_in_a_mixed_batch_the_fine_sample_equals_its_baseline_twin_and_branches_
     assert (out[0] - stock[0]).abs().max() > 1e-3
     # one decision per sample per step, whether CFG is batched or called per branch
     assert len(policy.trace) == STEPS and policy.batch_size == 2
-    records = ddit.summary(pipe).records
-    by_step_sample = {}
-    for r in records:
-        by_step_sample.setdefault((r["step"], r["sample"]), set()).add(r["patch_size"])
-    assert len(by_step_sample) == 2 * STEPS and all(len(sizes) == 1 for sizes in by_step_sample.values())
+    calls = {}  # (step, sample) -> [(branch, patch size)], one per transformer call that ran the sample
+    for r in ddit.summary(pipe).records:
+        calls.setdefault((r["step"], r["sample"]), []).append((r["branch"], r["patch_size"]))
+    separate = name in ("flux", "wan")  # true CFG / Wan: one call per branch, both under one decision
+    expected = [("cond", 4), ("uncond", 4)] if separate else [(None, 4)]
+    assert calls[(0, 0)] == expected and len(calls) == 2 * STEPS
+    assert all(len(c) == (2 if separate else 1) and len({size for _, size in c}) == 1 for c in calls.values())
 
 
 @pytest.mark.parametrize(("name", "config"), [
@@ -120,7 +122,10 @@ def test_diffusers_cache_hooks_compose_with_dynamic_patches(name, config):
     second = latents(pipe(**kwargs(batch=2, steps=STEPS)))
     assert torch.isfinite(first).all() and torch.equal(first, second)  # state resets between calls
     ddit.disable(pipe)
-    assert not hasattr(pipe.transformer, "_diffusers_hook") or not pipe.transformer._diffusers_hook.hooks
+    assert not pipe.transformer.is_cache_enabled
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy(coarse=8, early=3))
+    uncached = latents(pipe(**kwargs(batch=2, steps=STEPS)))
+    assert (uncached - first).abs().max() > 1e-3  # the hook skips work under dynamic patches too
 
 
 @pytest.mark.parametrize("name", ["pixart", "wan", "dit"])
@@ -251,3 +256,67 @@ def test_a_call_that_died_mid_generation_does_not_leak_into_the_next():
     with pytest.raises(KeyboardInterrupt):  # diffusers never gets to reset the transformer
         pipe(**kwargs(batch=1, steps=STEPS), callback_on_step_end=die)
     assert torch.equal(latents(pipe(**kwargs(batch=1, steps=STEPS))), clean)
+
+
+class ProbeOnce(PatchPolicy):
+    """Probes the model at the base size at every step, keeps the probe's shape, stays at the base size."""
+
+    name = "probe_once"
+
+    def choose(self, step):
+        self.shape = tuple(step.probe(self.base_size, step.latent).shape)
+        return self.base_size, {}
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_a_probing_policy_sees_every_cfg_branch_of_each_sample(name):
+    pipe, kwargs, stock = stock_of(name)
+    policy = ProbeOnce()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=policy)
+    out = latents(pipe(**kwargs(batch=2, steps=STEPS)))
+    per_branch = stock[0].numel()  # one prediction of one sample in one branch
+    batched_branches = 2 if name == "sd3" else 1  # Flux calls per branch: its probe sees the call's branch
+    assert policy.shape == (2, batched_branches * per_branch)
+    assert torch.allclose(out, stock, atol=ATOL, rtol=0)  # probes leave no trace in the generation
+
+
+def test_sd3_skip_layer_guidance_makes_an_extra_call_per_step_and_runs():
+    pipe, kwargs, _ = stock_of("sd3")
+
+    def call():  # fresh generators for every call
+        return {**kwargs(batch=2, steps=STEPS), "skip_guidance_layers": [0]}
+
+    stock = latents(pipe(**call()))
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
+    assert torch.allclose(latents(pipe(**call())), stock, atol=ATOL, rtol=0)
+    ddit.disable(pipe)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy())
+    assert torch.isfinite(latents(pipe(**call()))).all()
+
+
+def test_caches_that_cannot_work_under_dynamic_patches_are_refused():
+    flux, _ = build("flux")
+    assert_refused(flux, "use_lite_mode", ddit.MultiPatchTransformer(flux.transformer),
+                   cache=TaylorSeerCacheConfig(use_lite_mode=True))
+    flux, _ = build("flux")
+    assert_refused(flux, "outside the transformer blocks", ddit.MultiPatchTransformer(flux.transformer),
+                   cache=TaylorSeerCacheConfig(cache_identifiers=["proj_out"]))
+    flux, _ = build("flux")
+    flux.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    assert_refused(flux, "already has a diffusers cache enabled|has a diffusers cache enabled",
+                   ddit.MultiPatchTransformer(flux.transformer))
+
+
+def test_moving_and_saving_reach_the_lora_layers_while_they_are_out_of_the_backbone(tmp_path):
+    pipe, kwargs = build("sd3")
+    adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():
+            p.add_(0.01)
+    ddit.enable(pipe, adapter, policy="baseline")
+    latents(pipe(**kwargs(batch=1, steps=2)))  # base-size calls only: the LoRA layers are out now
+    assert lora_free(pipe.transformer.adapter.backbone)
+    saved = adapter.adapter_state_dict()
+    assert any(".lora_" in k for k in saved) and lora_free(adapter.backbone)
+    pipe.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in adapter.trainable_parameters())

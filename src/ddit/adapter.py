@@ -13,6 +13,8 @@ import inspect
 import json
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -115,9 +117,9 @@ class MultiPatchTransformer(nn.Module):
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             for name in dict.fromkeys(self._lora_name(size) for size in sizes[1:]):
                 inject_adapter_in_model(self.lora_config, backbone, adapter_name=name)
-        self._lora_layers = [m for m in backbone.modules() if isinstance(m, LoraLayer)]
         self._lora_places = [(backbone.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], m)
                              for name, m in backbone.named_modules() if isinstance(m, LoraLayer)]
+        self._lora_layers = [layer for _, _, layer in self._lora_places]
         self._peft_config = backbone.peft_config
         self._lora_in = True  # whether the LoRA layers sit in the backbone right now
         self._lora_active: int | None | str = "unset"  # the size whose LoRA the layers' flags select
@@ -216,7 +218,7 @@ class MultiPatchTransformer(nn.Module):
         if self.spec.square_only and hidden_states.shape[-1] != hidden_states.shape[-2]:
             raise ValueError(f"{type(self.backbone).__name__} needs a square latent, "
                              f"not {hidden_states.shape[-2]}x{hidden_states.shape[-1]}")
-        if patch_size is None or patch_size == self.base_patch_size:
+        if base:
             self._use_lora(None)
             return self.backbone(hidden_states, *args, **kwargs)
 
@@ -276,11 +278,23 @@ class MultiPatchTransformer(nn.Module):
     # -- parameters, saving and loading
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's own parameters by name (heads and LoRA), not the backbone's."""
-        return {name: p.detach() for name, p in self.named_parameters() if _is_new(name)}
+        with self._lora_inside():
+            return {name: p.detach() for name, p in self.named_parameters() if _is_new(name)}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What distillation trains: the heads and the LoRA branches."""
-        return [p for name, p in self.named_parameters() if _is_new(name)]
+        with self._lora_inside():
+            return [p for name, p in self.named_parameters() if _is_new(name)]
+
+    @contextmanager
+    def _lora_inside(self) -> Iterator[None]:
+        """The LoRA layers in the backbone (where their names are) for a moment, wherever they were."""
+        was_in = self._lora_in
+        self._place_lora(True)
+        try:
+            yield
+        finally:
+            self._place_lora(was_in)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the adapter's weights (safetensors), its LoRA config and its own config to ``path``."""
@@ -322,7 +336,8 @@ class MultiPatchTransformer(nn.Module):
             missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
             raise CheckpointError(f"adapter weights in {source} do not fit this adapter: "
                                   f"missing {missing[:3]}, unexpected {extra[:3]}")
-        self.load_state_dict(state, strict=False)
+        with self._lora_inside():
+            self.load_state_dict(state, strict=False)
 
 
 def _is_new(name: str) -> bool:

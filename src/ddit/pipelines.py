@@ -12,11 +12,12 @@ transformer back.
 from __future__ import annotations
 
 import inspect
-import io
 import os
+import re
+import warnings
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from .adapter import CONFIG_NAME, MultiPatchTransformer
 from .caches import Cache, get_cache
 from .policies import PatchPolicy, get_policy
 from .runtime import Call, PatchRuntime
+from .summary import Summary
 
 #: Where ``pipe.save_pretrained`` writes the adapter of an enabled pipeline, beside the stock components.
 ADAPTER_FOLDER = "ddit_adapter"
@@ -34,9 +36,10 @@ ADAPTER_FOLDER = "ddit_adapter"
 
 def _diffusers_cache_configs() -> tuple[type, ...]:
     """diffusers cache hooks that work under dynamic patches: they hook the blocks, and keep their state
-    per cache context, which the runtime gives each group of one size. Hooks on the model's own forward
-    (FasterCache, PyramidAttentionBroadcast) or that count steps against a per-step table (MagCache) are
-    not here: coarse steps bypass that forward, and per-group contexts count their own steps."""
+    per cache context, which the runtime gives each group of one size (and resets when the grouping
+    changes). Hooks on the model's own forward (FasterCache, PyramidAttentionBroadcast) or that count
+    steps against a per-step table (MagCache) are not here: coarse steps bypass that forward, and the
+    resets restart their step count."""
     from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
     return FirstBlockCacheConfig, TaylorSeerCacheConfig
@@ -45,11 +48,13 @@ def _diffusers_cache_configs() -> tuple[type, ...]:
 class DynamicPatchTransformer(nn.Module):
     """A pipeline's transformer that runs each sample at the patch size its policy picks, step by step."""
 
-    def __init__(self, adapter: MultiPatchTransformer, runtime: PatchRuntime, pixels_per_latent: int | None = None):
+    def __init__(self, adapter: MultiPatchTransformer, runtime: PatchRuntime, pixels_per_latent: int | None = None,
+                 guidance: Callable[[], bool | None] | None = None):
         super().__init__()
         self.adapter = adapter
         self.runtime = runtime
         self.pixels_per_latent = pixels_per_latent
+        self._guidance = guidance or (lambda: None)
         self._signature = inspect.signature(adapter.backbone.forward)
         self._branch: str | None = None
         self._where: dict = {}
@@ -113,9 +118,11 @@ class DynamicPatchTransformer(nn.Module):
         latent = self.adapter.spec.latent(given)
         self._check_resolution(latent)
         where = self._where
+        cfg = None if self._branch is not None else self._guidance()
         call = Call(latent, given["timestep"], lambda idx, size: self._run(args, kwargs, len(latent), idx, size),
-                    branch=self._branch, step_index=where.get("step_index"),
-                    num_steps=where.get("num_inference_steps"), sigma=where.get("sigma"))
+                    branch=self._branch, branches=None if cfg is None else 1 + cfg,
+                    step_index=where.get("step_index"), num_steps=where.get("num_inference_steps"),
+                    sigma=where.get("sigma"))
         out = self.runtime(call)
         return Transformer2DModelOutput(sample=out) if given.get("return_dict", True) else (out,)
 
@@ -157,6 +164,19 @@ def check_diffusers_cache(backbone: nn.Module, config) -> None:
     if not isinstance(config, supported):
         raise ValueError(f"{type(config).__name__} is not supported with dynamic patches; supported diffusers "
                          f"caches: {', '.join(c.__name__ for c in supported)}, or ddit's 'teacache'/'taylorseer'")
+    if getattr(config, "use_lite_mode", False):
+        raise ValueError("TaylorSeerCacheConfig(use_lite_mode=True) predicts the model's own proj_out, which "
+                         "coarse steps do not run: use the default mode")
+    patterns = [*(getattr(config, "cache_identifiers", None) or []),
+                *(getattr(config, "skip_predict_identifiers", None) or [])]
+    outside = [name for name, _ in backbone.named_modules() if any(re.fullmatch(p, name) for p in patterns)
+               and not re.match(r"(transformer_blocks|single_transformer_blocks|blocks)\.\d+\.", name)]
+    if outside:
+        raise ValueError(f"the cache's identifiers match modules outside the transformer blocks ({outside[:3]}), "
+                         "which coarse steps replace with their own layers: match block modules only")
+    if backbone.is_cache_enabled:
+        raise ValueError(f"{type(backbone).__name__} already has a diffusers cache enabled; disable it "
+                         "(transformer.disable_cache()) and pass its config to ddit.enable(..., cache=config)")
 
 
 def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer, policy: str | PatchPolicy = "third_order",
@@ -189,15 +209,21 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer, policy: str
             cache.check(adapter)
         elif cache is not None:
             check_diffusers_cache(transformer, cache)
+        elif getattr(transformer, "is_cache_enabled", False):
+            raise ValueError(f"{type(transformer).__name__} has a diffusers cache enabled; disable it "
+                             "(transformer.disable_cache()) and pass its config to ddit.enable(..., cache=config)")
+        runtime = PatchRuntime(policy, adapter.patch_sizes, cache=cache if isinstance(cache, Cache) else None,
+                               model=adapter, scheduler=_scheduler_of(pipe), patch=adapter.spec.patch)
+        wrapper = DynamicPatchTransformer(adapter, runtime, _pixels_per_latent(pipe), _guidance_of(pipe))
+        if cache is not None and not isinstance(cache, Cache):
+            wrapper.enable_cache(cache)
     except Exception:
         adapter.detach()
         raise
-    runtime = PatchRuntime(policy, adapter.patch_sizes, cache=cache if isinstance(cache, Cache) else None,
-                           model=adapter, scheduler=_scheduler_of(pipe), patch=adapter.spec.patch)
-    wrapper = DynamicPatchTransformer(adapter, runtime, _pixels_per_latent(pipe))
+    if getattr(pipe, "transformer_2", None) is not None:
+        warnings.warn("pipe.transformer_2 (the low-noise expert) stays stock: its steps run at the base size and "
+                      "are not in ddit.summary", stacklevel=2)
     adapter.set_lean_base(True)
-    if cache is not None and not isinstance(cache, Cache):
-        wrapper.enable_cache(cache)
     pipe.transformer = wrapper
     pipe.save_pretrained = _SaveWithAdapter(pipe)
     return pipe
@@ -239,6 +265,21 @@ def _scheduler_of(pipe):
     return lambda: getattr(ref(), "scheduler", None)
 
 
+def _guidance_of(pipe) -> Callable[[], bool | None]:
+    """Whether the pipeline's current call batches CFG branches, where it says (SD3's
+    ``do_classifier_free_guidance``); ``None`` leaves it to the runtime (identical halves)."""
+    ref = weakref.ref(pipe)
+
+    def batched() -> bool | None:
+        try:
+            value = getattr(ref(), "do_classifier_free_guidance", None)
+        except AttributeError:  # a property that reads what only a call sets
+            return None
+        return value if isinstance(value, bool) else None
+
+    return batched
+
+
 def _pixels_per_latent(pipe) -> int | None:
     """How many image pixels one latent pixel stands for (for error messages about resolutions)."""
     for name in ("vae_scale_factor_spatial", "vae_scale_factor"):
@@ -258,66 +299,13 @@ class _SaveWithAdapter:
     def __call__(self, save_directory, *args, **kwargs):
         pipe = self.pipe()
         wrapper = pipe.transformer
+        wrapper.adapter.save_pretrained(Path(save_directory) / ADAPTER_FOLDER)  # first: a hub push takes it along
         pipe.transformer = wrapper.adapter.detach()
         try:
             type(pipe).save_pretrained(pipe, save_directory, *args, **kwargs)
         finally:
             wrapper.adapter.attach()
             pipe.transformer = wrapper
-        wrapper.adapter.save_pretrained(Path(save_directory) / ADAPTER_FOLDER)
-
-
-@dataclass
-class Summary:
-    """What the last call of an enabled pipeline (or a runtime) did, per step and sample."""
-
-    records: list[dict]
-    base_size: int
-
-    @property
-    def coarse_fraction(self) -> float:
-        """The fraction of (step, sample) pairs that ran coarser than the base size."""
-        decisions = {(r["step"], r["sample"]): r["patch_size"] for r in self.records}
-        return sum(p != self.base_size for p in decisions.values()) / max(len(decisions), 1)
-
-    @property
-    def token_saving(self) -> float:
-        """1 - tokens the transformer saw / tokens the base size would have seen."""
-        base = sum(r["base_tokens"] for r in self.records)
-        return 1 - sum(r["tokens"] for r in self.records) / base if base else 0.0
-
-    @property
-    def cache_hits(self) -> int | None:
-        """Calls of a sample that ddit's cache skipped (``None`` without a ddit cache)."""
-        hits = [r["cached"] for r in self.records if r["cached"] is not None]
-        return sum(hits) if hits else None
-
-    def table(self):
-        """A rich table: one row per step, each sample's patch size and signal."""
-        from rich.table import Table
-
-        table = Table(title=f"ddit: {self.coarse_fraction:.0%} of steps coarse, "
-                            f"{self.token_saving:.0%} fewer tokens than patch {self.base_size}")
-        for column in ("step", "sigma", "patch size per sample", "signal per sample", "cached"):
-            table.add_column(column)
-        steps: dict[int, dict] = {}
-        for r in self.records:
-            steps.setdefault(r["step"], {"sigma": r["sigma"]}).setdefault(r["sample"], r)
-        for step, by_sample in steps.items():
-            sigma = by_sample.pop("sigma")
-            rows = [by_sample[s] for s in sorted(by_sample)]
-            signals = [r["signals"].get(r["patch_size"]) for r in rows]
-            table.add_row(str(step), f"{sigma:.3f}", " ".join(str(r["patch_size"]) for r in rows),
-                          " ".join("-" if v is None else f"{v:.2e}" for v in signals),
-                          " ".join({None: "-", True: "x", False: "."}[r["cached"]] for r in rows))
-        return table
-
-    def __str__(self) -> str:
-        from rich.console import Console
-
-        console = Console(width=120, file=io.StringIO())
-        console.print(self.table())
-        return console.file.getvalue()
 
 
 def summary(pipe) -> Summary:

@@ -5,31 +5,32 @@ and a function that runs some rows at some patch size. The runtime does the rest
 the same way for a stock pipeline and for ddit's own sampler (so the harness
 measures what pipeline users run):
 
-- it recognises denoising steps (the timestep changes) and generations (the
-  timestep goes back up, or the front end says so), and asks the patch policy for
-  every sample's size once per step;
+- it recognises denoising steps (by the step index the call or the scheduler gives,
+  else by a change of timestep) and generations (the step index or the timestep goes
+  back, or the front end resets it), and asks the patch policy for every sample's
+  size once per step;
 - a sample's classifier-free-guidance branches share that decision, whether they
-  are batched in one call (SD3, PixArt, DiT: identical halves) or come as one call
-  per branch (Flux true CFG, Wan: the pipeline's cache context names the branch);
+  are batched in one call (SD3, PixArt, DiT) or come as one call per branch (Flux
+  true CFG, Wan: the pipeline's cache context names the branch);
 - a batch with several sizes runs in groups of one size, put back in row order;
 - ddit's feature caches keep state per (branch, sample); diffusers' cache hooks get
-  one cache context per (branch, size, group of samples), fresh whenever that
-  group is new, so their state never mixes token grids;
+  one cache context per (branch, size, group of samples), and all their state is
+  reset when the grouping changes, so it never mixes token grids;
 - it records, per step and sample, what ran (``records``), for summaries and traces.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
+from diffusers.hooks import HookRegistry
 from torch import nn
 
 from .caches import Cache, Group, replace_stack
@@ -51,7 +52,7 @@ class Call:
     step_index: int | None = None
     num_steps: int | None = None
     sigma: float | None = None
-    probe: Probe | None = None  # the oracle's model probe; by default the first branch's rows at a size
+    probe: Probe | None = None  # the policy's model probe; by default all rows at a size, per sample
 
 
 @dataclass
@@ -59,15 +60,15 @@ class Generation:
     """What the runtime knows about the generation in progress."""
 
     samples: int
-    branches: int  # per call: 1 when the pipeline calls once per branch
+    branches: int  # CFG branches batched in the first call's rows (1 when the pipeline calls per branch)
     step: int = -1
     timestep: float = math.inf
     num_steps: int | None = None
     sigma: float = float("nan")
     sizes: torch.Tensor | None = None  # (samples,) this step's decision
     uniform: int | None = None  # the one size of this step, if every sample has it
-    contexts: dict = field(default_factory=dict)  # (branch, size, samples) -> diffusers cache-context name
-    previous_contexts: dict = field(default_factory=dict)
+    groups: frozenset = frozenset()  # this step's (size, samples) groups
+    probed: bool = False  # whether this step's decision ran the model
 
 
 class PatchRuntime:
@@ -75,10 +76,10 @@ class PatchRuntime:
 
     ``candidates`` are the patch sizes the model runs at, the base size first; ``patch``
     maps a spatial size to the full patch (frames keep theirs in video). ``cache`` is a
-    ddit feature cache over ``model``'s blocks; ``hooks`` a module whose diffusers cache
+    ddit feature cache over ``model``'s blocks; ``hooks`` a diffusers model whose cache
     hooks need a cache context per group. ``scheduler()`` (optional) returns the
-    scheduler in use, for the step count and noise level. ``timed`` measures each
-    group's seconds (synchronising the device): the sampler turns it on, pipelines do not.
+    scheduler in use, for the step index, step count and noise level. ``timed`` measures
+    each group's seconds (synchronising the device): the sampler turns it on.
     """
 
     def __init__(self, policy: PatchPolicy, candidates: Sequence[int], *, cache: Cache | None = None,
@@ -92,7 +93,7 @@ class PatchRuntime:
         self.patch = patch or (lambda size: (size, size))
         self.records: list[dict] = []
         self.generation: Generation | None = None
-        self._context_count = 0
+        self._token_counts: dict[tuple, int] = {}
 
     @property
     def base_size(self) -> int:
@@ -107,16 +108,16 @@ class PatchRuntime:
     # -- one call
     def __call__(self, call: Call) -> torch.Tensor:
         g = self._advance(call)
-        if g.uniform is not None:  # the usual case: one size for the whole call
-            return self._run_group(g, call, None, g.uniform, tuple(range(g.samples)))
         rows = len(call.latent)
+        if g.uniform is not None:  # the usual case: one size for the whole call
+            return self._run_group(g, call, None, g.uniform, tuple(range(g.samples)), rows // g.samples)
         owner = torch.arange(rows) % g.samples
         row_sizes = g.sizes[owner]
         out = None
         for size in g.sizes.unique().tolist():
             idx = (row_sizes == size).nonzero().flatten()
             samples = tuple(sorted(set(owner[idx].tolist())))
-            result = self._run_group(g, call, idx.to(call.latent.device), size, samples)
+            result = self._run_group(g, call, idx.to(call.latent.device), size, samples, rows // g.samples)
             if out is None:
                 out = result.new_empty((rows, *result.shape[1:]))
             out[idx.to(out.device)] = result
@@ -125,24 +126,37 @@ class PatchRuntime:
     def _advance(self, call: Call) -> Generation:
         """Start a generation or a step when the call says so; decide the sizes of a new step."""
         t = float(torch.as_tensor(call.timestep).flatten()[0])
+        index = self._step_index(call)
         g = self.generation
-        if g is None or t > g.timestep or call.step_index == 0 and t != g.timestep:
+        if index is None:  # no step index anywhere: a new timestep is a new step, a higher one a new generation
+            new_step = g is None or t != g.timestep
+            new_generation = g is None or t > g.timestep
+        else:
+            new_step = g is None or index != g.step
+            new_generation = g is None or index < g.step or index == g.step and t != g.timestep
+        if new_generation:
             g = self._start(call)
-        expected = g.samples * g.branches
-        if len(call.latent) != expected:
-            raise ValueError(f"this call has {len(call.latent)} rows, but the generation has {g.samples} samples "
-                             f"x {g.branches} batched branches: a pipeline that changes its batch in the middle of "
-                             "a generation cannot run dynamic patches")
-        if t != g.timestep:
-            g.step = g.step + 1 if call.step_index is None else call.step_index
+        if len(call.latent) % g.samples:
+            raise ValueError(f"this call has {len(call.latent)} rows, but the generation has {g.samples} samples: "
+                             "a pipeline that changes its batch in the middle of a generation cannot run dynamic "
+                             "patches")
+        if new_step or new_generation:
+            g.step = g.step + 1 if index is None else index
             g.timestep = t
             g.num_steps, g.sigma = self._where(call, g.step, t)
-            g.previous_contexts, g.contexts = g.contexts, {}
-            latent = call.latent[: g.samples]
-            probe = self._probe(call, g)
-            g.sizes = self.policy.decide(Step(g.step, g.num_steps or 0, g.sigma, call.timestep, latent, probe))
-            g.uniform = int(g.sizes[0]) if bool((g.sizes == g.sizes[0]).all()) else None
+            self._decide(g, call)
         return g
+
+    def _step_index(self, call: Call) -> int | None:
+        """The index of the step in progress: the call's, else the scheduler's (None before its first step:
+        its begin index), else unknown (DDIM keeps none)."""
+        if call.step_index is not None:
+            return call.step_index
+        scheduler = self.scheduler() if self.scheduler else None
+        if scheduler is None or not hasattr(scheduler, "step_index"):
+            return None
+        index = scheduler.step_index
+        return (getattr(scheduler, "begin_index", None) or 0) if index is None else index
 
     def _start(self, call: Call) -> Generation:
         latent = call.latent
@@ -173,19 +187,36 @@ class PatchRuntime:
             sigma = float(sigmas[step])
         return num_steps, float(t / 1000 if sigma is None else sigma)
 
+    def _decide(self, g: Generation, call: Call) -> None:
+        """This step's sizes; diffusers' hook state is dropped when the grouping changes, or when the
+        policy probed the model (a probe's state must not be what a group call reuses)."""
+        g.probed = False
+        g.sizes = self.policy.decide(Step(g.step, g.num_steps or 0, g.sigma, call.timestep,
+                                          call.latent[: g.samples], self._probe(call, g)))
+        g.uniform = int(g.sizes[0]) if bool((g.sizes == g.sizes[0]).all()) else None
+        groups = frozenset((size, tuple((g.sizes == size).nonzero().flatten().tolist()))
+                           for size in g.sizes.unique().tolist())
+        if self.hooks is not None and (groups != g.groups or g.probed):
+            HookRegistry.check_if_exists_or_initialize(self.hooks).reset_stateful_hooks(recurse=True)
+        g.groups = groups
+
     def _probe(self, call: Call, g: Generation) -> Probe:
-        """The policy's probe, with its calls kept out of every cache's state."""
+        """The policy's probe: the model at a size on this call's rows, one flattened row per sample
+        (its CFG branches side by side), outside every cache's state."""
+
         def probe(size: int, latent: torch.Tensor) -> torch.Tensor:
-            with self._context(None, size, ("probe",)):
+            g.probed = True
+            with self._context("probe", size, (g.step,)):
                 if call.probe is not None:
                     return call.probe(size, latent)
-                first_branch = torch.arange(g.samples, device=call.latent.device) if g.branches > 1 else None
-                return call.run(first_branch, size)
+                out = call.run(None, size)
+                return out.reshape(-1, g.samples, *out.shape[1:]).transpose(0, 1).reshape(g.samples, -1)
 
         return probe
 
     # -- one group of one size
-    def _run_group(self, g: Generation, call: Call, idx, size: int, samples: tuple[int, ...]) -> torch.Tensor:
+    def _run_group(self, g: Generation, call: Call, idx, size: int, samples: tuple[int, ...],
+                   branches: int) -> torch.Tensor:
         keys = tuple((call.branch, s) for s in samples)
         stack = None
         if self.cache is not None:
@@ -195,7 +226,8 @@ class PatchRuntime:
             start = synchronized_clock(device) if self.timed else 0.0
             result = call.run(idx, size)
             seconds = (synchronized_clock(device) - start) / len(samples) if self.timed else None
-        tokens, base_tokens = (self._tokens(call.latent.shape[2:], p) * g.branches for p in (size, self.base_size))
+        dims = tuple(call.latent.shape[2:])
+        tokens, base_tokens = (self._tokens(dims, p) * branches for p in (size, self.base_size))
         signals = self.policy.trace[-1].signals if self.policy.trace else {}
         reused = self.cache.reused if self.cache is not None else {}
         for s in samples:
@@ -205,26 +237,23 @@ class PatchRuntime:
         return result
 
     def _context(self, branch, size, samples, g: Generation | None = None):
-        """A diffusers cache context for this group: the one it had at the previous step, else a fresh one."""
+        """The diffusers cache context of one group: named by (branch, size, samples)."""
         if self.hooks is None:
             return nullcontext()
-        key = (branch, size, samples)
-        name = g and (g.contexts.get(key) or g.previous_contexts.get(key))
-        if not name:
-            self._context_count += 1
-            name = f"ddit/{branch}/{size}/{self._context_count}"
-        if g is not None:
-            g.contexts[key] = name
-            return self.hooks.cache_context(name, step_index=g.step, num_inference_steps=g.num_steps,
-                                            timestep=g.timestep, sigma=g.sigma)
-        return self.hooks.cache_context(name)
+        name = f"ddit/{branch}/{size}/{','.join(map(str, samples))}"
+        if g is None:
+            return self.hooks.cache_context(name)
+        return self.hooks.cache_context(name, step_index=g.step, num_inference_steps=g.num_steps,
+                                        timestep=g.timestep, sigma=g.sigma)
 
-    @functools.lru_cache(maxsize=64)  # noqa: B019 (one runtime per model; a handful of shapes)
     def _tokens(self, dims: tuple[int, ...], size: int) -> int:
         """Tokens of one latent of spatial ``dims`` at a patch ``size`` (leading dims: one patch each)."""
-        patch = self.patch(size)
-        lead = (1,) * (len(dims) - len(patch))
-        return math.prod(d // p for d, p in zip(dims, (*lead, *patch)))
+        key = (dims, size)
+        if key not in self._token_counts:
+            patch = self.patch(size)
+            lead = (1,) * (len(dims) - len(patch))
+            self._token_counts[key] = math.prod(d // p for d, p in zip(dims, (*lead, *patch)))
+        return self._token_counts[key]
 
 
 def synchronized_clock(device: torch.device) -> float:

@@ -129,6 +129,7 @@ def sample(
     size), and ``cache`` may skip a sample's blocks; both keep their state per
     sample. FLOPs are counted for one sample once per (model, patch size, cached)
     and reused, outside the timed model calls; the oracle's probes are not counted.
+    A probing policy (the oracle) sees both CFG branches' raw predictions, as in pipelines.
     """
     if guidance != 1.0 and null_label is None:
         raise ValueError("classifier-free guidance needs null_label (the model's 'no class' id)")
@@ -158,7 +159,6 @@ def _sample_chunk(fn, labels, seed, *, sample_shape, steps, guidance, null_label
                   flops) -> Samples:
     scheduler = copy.deepcopy(scheduler or default_scheduler())
     scheduler.set_timesteps(steps)
-    velocity = guided(fn, guidance, null_label)
     model = getattr(fn, "model", None)
     device = model.device if model is not None else torch.device("cpu")
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -179,12 +179,8 @@ def _sample_chunk(fn, labels, seed, *, sample_shape, steps, guidance, null_label
             with autocast():
                 return fn(*args, size).float()
 
-        def probe(size, latent, t=t):
-            with autocast():
-                return velocity(latent, t.to(device).expand(len(latent)), labels, size).float()
-
         v = runtime(Call(x_in, t, run, branches=branches, step_index=i, num_steps=steps,
-                         sigma=float(scheduler.sigmas[i]), probe=probe))
+                         sigma=float(scheduler.sigmas[i])))
         if branches == 2:
             v_cond, v_null = v.chunk(2)
             v = v_null + guidance * (v_cond - v_null)

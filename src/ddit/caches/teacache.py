@@ -21,6 +21,10 @@ import torch
 from .base import Cache, Group
 from .stack import StackRun, blocks_of
 
+#: What TeaCache says when it does not know a block's modulated input.
+UNKNOWN_BLOCK = "TeaCache does not know the modulated input of {}; subclass TeaCache and override indicator()"
+
+
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     """mean |a - b| / mean |b|."""
     return float((a - b).abs().mean() / b.abs().mean())
@@ -30,8 +34,7 @@ def modulated_input(run: StackRun) -> torch.Tensor:
     """The first block's timestep-modulated input (its adaLN output), for DiT's adaLN-zero blocks."""
     block, arguments = run.block, run.arguments
     if getattr(block, "norm_type", None) != "ada_norm_zero":
-        raise NotImplementedError(f"TeaCache does not know the modulated input of {type(block).__name__}; "
-                                  "subclass TeaCache and override indicator()")
+        raise NotImplementedError(UNKNOWN_BLOCK.format(type(block).__name__))
     return block.norm1(run.hidden, arguments.get("timestep"), arguments.get("class_labels"),
                        hidden_dtype=run.hidden.dtype)[0]
 
@@ -78,8 +81,7 @@ class TeaCache(Cache):
                              "with TeaCacheRecorder and fit_teacache (the testbed: `ddit calibrate teacache`)")
         block = blocks_of(model)[0]
         if getattr(block, "norm_type", None) != "ada_norm_zero" and type(self).indicator is TeaCache.indicator:
-            raise ValueError(f"TeaCache does not know the modulated input of {type(block).__name__}; "
-                             "subclass TeaCache and override indicator()")
+            raise ValueError(UNKNOWN_BLOCK.format(type(block).__name__))
 
     def indicator(self, run: StackRun) -> torch.Tensor:
         """What TeaCache watches, one row per model row; override for another block type."""

@@ -1,0 +1,79 @@
+"""The runtime's bookkeeping on its own: steps, generations and CFG layouts, with a stand-in model."""
+
+import types
+
+import torch
+
+from ddit.policies import PatchPolicy
+from ddit.runtime import Call, PatchRuntime
+
+
+class Recorder(PatchPolicy):
+    """Base size always; keeps each decision's step index and batch."""
+
+    name = "recorder"
+
+    def reset(self, batch_size, base_size, candidates):
+        super().reset(batch_size, base_size, candidates)
+        self.seen = []
+
+    def choose(self, step):
+        self.seen.append((step.index, step.num_steps, round(step.sigma, 3), len(step.latent)))
+        return self.base_size, {}
+
+
+def call(latent, t, **kwargs):
+    return Call(latent, torch.tensor([t]), lambda idx, size: latent if idx is None else latent[idx], **kwargs)
+
+
+def scheduler(step_index=None, begin_index=None, n=10):
+    return types.SimpleNamespace(step_index=step_index, begin_index=begin_index, timesteps=torch.arange(n),
+                                 sigmas=torch.linspace(1, 0, n + 1))
+
+
+def test_steps_follow_the_scheduler_index_even_when_timesteps_repeat():
+    policy, sched = Recorder(), scheduler()
+    runtime = PatchRuntime(policy, (2, 4), scheduler=lambda: sched)
+    x = torch.zeros(1, 4, 8, 8)
+    for index in range(3):
+        sched.step_index = None if index == 0 else index
+        runtime(call(x, 500.0))  # the same timestep at every step (e.g. a repeated Karras sigma)
+        runtime(call(x, 500.0, branch="uncond"))
+    assert [s[0] for s in policy.seen] == [0, 1, 2]
+
+
+def test_an_img2img_start_is_read_from_the_begin_index():
+    policy, sched = Recorder(), scheduler(begin_index=6)
+    runtime = PatchRuntime(policy, (2, 4), scheduler=lambda: sched)
+    runtime(call(torch.zeros(1, 4, 8, 8), 400.0))
+    assert policy.seen == [(6, 10, 0.4, 1)]
+
+
+def test_without_an_index_a_new_timestep_is_a_step_and_a_higher_one_a_new_generation():
+    policy = Recorder()
+    runtime = PatchRuntime(policy, (2, 4))
+    x = torch.randn(2, 4, 8, 8)
+    for t in (900.0, 600.0, 300.0, 900.0):
+        runtime(call(x, t))
+    assert [s[0] for s in policy.seen] == [0]  # the last call started over: a new trace
+    assert len(runtime.records) == 2  # its records only, one per sample
+
+
+def test_identical_halves_are_two_cfg_branches_of_each_sample_unless_told_otherwise():
+    x = torch.randn(2, 4, 8, 8)
+    doubled = torch.cat([x, x])
+    policy = Recorder()
+    PatchRuntime(policy, (2, 4))(call(doubled, 900.0))
+    assert policy.seen[0][3] == 2
+    policy = Recorder()
+    PatchRuntime(policy, (2, 4))(call(doubled, 900.0, branches=1))  # e.g. pipe.do_classifier_free_guidance False
+    assert policy.seen[0][3] == 4
+
+
+def test_an_extra_call_with_one_branch_at_the_same_step_is_accepted():
+    """SD3's skip-layer guidance: after the batched CFG call, one more with the cond rows only."""
+    x = torch.randn(2, 4, 8, 8)
+    runtime = PatchRuntime(Recorder(), (2, 4))
+    runtime(call(torch.cat([x, x]), 900.0))
+    out = runtime(call(x, 900.0))
+    assert torch.equal(out, x) and [r["tokens"] for r in runtime.records] == [32, 32, 16, 16]
