@@ -193,9 +193,9 @@ class PatchRuntime:
         g.probed = False
         g.sizes = self.policy.decide(Step(g.step, g.num_steps or 0, g.sigma, call.timestep,
                                           call.latent[: g.samples], self._probe(call, g)))
-        g.uniform = int(g.sizes[0]) if bool((g.sizes == g.sizes[0]).all()) else None
-        groups = frozenset((size, tuple((g.sizes == size).nonzero().flatten().tolist()))
-                           for size in g.sizes.unique().tolist())
+        sizes = g.sizes.tolist()
+        g.uniform = sizes[0] if len(set(sizes)) == 1 else None
+        groups = frozenset((p, tuple(i for i, q in enumerate(sizes) if q == p)) for p in set(sizes))
         if self.hooks is not None and (groups != g.groups or g.probed):
             HookRegistry.check_if_exists_or_initialize(self.hooks).reset_stateful_hooks(recurse=True)
         g.groups = groups

@@ -111,7 +111,7 @@ class PatchPolicy(abc.ABC):
             raise ValueError(f"latent batch {step.latent.shape[0]} != batch_size {self.batch_size} given to reset()")
         sizes, signals = self.choose(step)
         sizes = torch.as_tensor(sizes, dtype=torch.long).cpu().expand(self.batch_size).clone()
-        if not torch.isin(sizes, torch.tensor(self.candidates)).all():
+        if not set(sizes.tolist()) <= set(self.candidates):
             raise RuntimeError(f"policy {self.name!r} chose {sizes.tolist()}, not among {self.candidates}")
         signals = {p: v.detach().float().cpu() for p, v in signals.items()}
         self.trace.append(Decision(step.index, float(step.sigma), sizes, signals))
