@@ -38,8 +38,9 @@ def _eval(args) -> None:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"adherence {result['adherence']:.3f}  FD {result['fd']:.3f} "
-              f"(real-vs-real floor {result['fd_real_floor']:.3f})")
+        print(f"adherence {result['adherence']:.3f}  spectral FD {result['sfd']:.3f} "
+              f"(real-vs-real floor {result['sfd_real_floor']:.3f})  FD {result['fd']:.3f} "
+              f"(floor {result['fd_real_floor']:.3f})")
         for prompt, value in result["adherence_per_class"].items():
             print(f"  {prompt:<10} {value:.3f}")
 

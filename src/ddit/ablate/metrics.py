@@ -14,6 +14,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from ..testbed.data import PROMPTS
 from ..testbed.evaluator import Evaluator, frechet_distance
+from ..testbed.spectrum import spectral_fd
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:
@@ -43,6 +44,11 @@ def per_sample(evaluator: Evaluator, images: torch.Tensor, baseline: torch.Tenso
 def fd(evaluator: Evaluator, reals: torch.Tensor, images: torch.Tensor) -> float | None:
     """Fréchet distance to real images; None below two samples, where it is undefined."""
     return frechet_distance(evaluator, reals, images) if min(len(reals), len(images)) >= 2 else None
+
+
+def sfd(reals: torch.Tensor, images: torch.Tensor) -> float | None:
+    """Spectral Fréchet distance to real images; None below two samples."""
+    return spectral_fd(reals, images) if min(len(reals), len(images)) >= 2 else None
 
 
 def step_profile(records: list[dict], field: str, size: str | None = None) -> dict[str, list[float]]:

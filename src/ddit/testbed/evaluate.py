@@ -1,4 +1,5 @@
-"""Quality of a testbed model: adherence and FD, measured by the evaluator.
+"""Quality of a testbed model: adherence and FD, measured by the evaluator, and spectral FD
+(``spectrum.py``), which sees the residual noise and blur that the evaluator does not.
 
 Labels are balanced over the classes; real reference images come from data
 seeds that neither the base model nor the evaluator trained on. The FD between
@@ -13,6 +14,7 @@ import torch
 from .base_model import generate
 from .data import PROMPTS, make_dataset
 from .evaluator import Evaluator, classify, frechet_distance
+from .spectrum import spectral_fd
 
 REAL_SEEDS = (7001, 7002)  # held out from every training run
 
@@ -32,11 +34,13 @@ def adherence(evaluator: Evaluator, images: torch.Tensor, labels: torch.Tensor) 
 
 
 def evaluate_images(evaluator: Evaluator, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Adherence and FD of generated images against real ones of the same size."""
+    """Adherence, spectral FD and FD of generated images against real ones of the same size."""
     real_a, _ = make_dataset(len(images), REAL_SEEDS[0])
     real_b, _ = make_dataset(len(images), REAL_SEEDS[1])
     return {
         **adherence(evaluator, images, labels),
+        "sfd": spectral_fd(real_a, images),
+        "sfd_real_floor": spectral_fd(real_a, real_b),
         "fd": frechet_distance(evaluator, real_a, images),
         "fd_real_floor": frechet_distance(evaluator, real_a, real_b),
     }
