@@ -146,6 +146,12 @@ def test_another_configuration_in_the_same_folder_is_refused(finished, capsys):
     ("--sweep", "third_order.tau=1e-3", "--sweep third_order.tau=0.001 is not a list of values"),
     ("--sweep", "mean.tau=[1e-3]", "--sweep names 'mean', which this run does not use"),
     ("--device", "gpu0", "--device 'gpu0' is not a device name"),
+    ("--num-per-class", "0", "--num-per-class must be at least 1"),
+    ("--num-per-class", "-2", "--num-per-class must be at least 1"),
+    ("--batch-size", "0", "--batch-size must be at least 1"),
+    ("--batch-size", "-3", "--batch-size must be at least 1"),
+    ("--guidance", "-5", "--guidance must be at least 1"),
+    ("--steps", "2", "--steps 2 is not more than third_order's warm-up of 3 steps"),
     *([("--device", "cuda", "no CUDA GPU")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_names_and_parameters_say_what_is_known(args, tmp_path, capsys, flag, value, expected):
@@ -198,3 +204,9 @@ def test_budget_rows_are_calibrated_once_and_sample_with_that_tau(model_dirs, tm
                 assert size == int(rule.schedule(None if signals[0] is None else torch.tensor(signals)[:, None]))
     calls.count = 0
     assert main(command) == 0 and calls.count == 0  # resumed: no recalibration, no sampling
+
+
+def test_a_run_with_nothing_to_compare_is_refused(model_dirs, tmp_path, capsys):
+    assert main([*model_dirs, "--out", str(tmp_path / "run"), "--policies", "baseline", "--caches", "none"]) == 2
+    assert "nothing to compare" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

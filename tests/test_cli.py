@@ -55,3 +55,26 @@ def test_calibrate_teacache_writes_a_fit(tmp_path):
     assert main(["calibrate", "teacache", "--model", str(tmp_path / "model"), "--per-class", "1",
                  "--steps", "6", "--out", str(out)]) == 0
     assert len(json.loads(out.read_text())["coefficients"]) == 5
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--num", "0"], "--num and --steps must be at least 1"),
+    (["--steps", "0"], "--num and --steps must be at least 1"),
+    (["--guidance", "-5"], "--guidance must be at least 1"),
+])
+def test_generate_refuses_runs_that_cannot_mean_anything(tmp_path, capsys, flags, expected):
+    assert main(["generate", "--prompt", "moon", "--out", str(tmp_path / "x.png"), *flags]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_ctrl_c_ends_with_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ddit.testbed.base_model.generate", interrupted)
+    build_base_model(**TINY_DIT).save_pretrained(tmp_path / "model")
+    assert main(["generate", "--prompt", "moon", "--model", str(tmp_path / "model"),
+                 "--out", str(tmp_path / "x.png")]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err

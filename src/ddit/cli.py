@@ -80,6 +80,10 @@ def _generate(args) -> None:
     from .testbed.base_model import generate, load_base_model
     from .testbed.data import class_id
 
+    if args.num < 1 or args.steps < 1:
+        raise ValueError(f"--num and --steps must be at least 1, got --num {args.num}, --steps {args.steps}")
+    if not args.guidance >= 1:
+        raise ValueError(f"--guidance must be at least 1 (1: no classifier-free guidance), got {args.guidance}")
     labels = torch.full((args.num,), class_id(args.prompt))
     model = load_base_model(args.model) if args.model else load_base_model()
     images = generate(model, labels, seed=args.seed, steps=args.steps, guidance=args.guidance, progress=True).images
@@ -237,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        print("ddit: interrupted (a training run resumes from its last checkpoint with --resume)", file=sys.stderr)
+        return 130
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"ddit: error: {err}", file=sys.stderr)
         return 2

@@ -112,6 +112,7 @@ def build_config(policies: list[str], caches: list[str], *, steps: int = 50,
     _check_params("--sweep", sweeps, [n for n in (*policies, *caches) if n not in (BASELINE, NO_CACHE)])
     if not steps > 0 or any(s <= 0 for s in fewer_steps):
         raise ValueError(f"step counts must be positive, got --steps {steps}, --fewer-steps {fewer_steps}")
+    _check_settings(policies, caches, **settings)
 
     rows = [Row(BASELINE, NO_CACHE, steps)]
     rows += [Row(BASELINE, NO_CACHE, s) for s in fewer_steps if s < steps]
@@ -124,9 +125,13 @@ def build_config(policies: list[str], caches: list[str], *, steps: int = 50,
     for row in rows.values():
         for what, make in (("policy", row.make_policy), ("cache", row.make_cache)):
             try:
-                make()
+                made = make()
             except TypeError as err:  # an unknown keyword: the constructor names it
                 raise ValueError(f"bad parameters for {what} {getattr(row, what)!r}: {err}") from None
+            warmup = getattr(made, "warmup", 0) if what == "policy" else 0
+            if warmup >= row.steps:
+                raise ValueError(f"--steps {row.steps} is not more than {row.policy}'s warm-up of {warmup} steps: "
+                                 f"every step would run at the base size; use --steps {warmup + 1} or more")
     return AblationConfig(rows=rows, steps=steps, **settings)
 
 
@@ -203,6 +208,21 @@ def check_folder(out: Path, config: AblationConfig) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(new, indent=1))
+
+
+def _check_settings(policies: list[str], caches: list[str], *, num_per_class: int = 1, batch_size: int = 1,
+                    guidance: float = 1.0, **_) -> None:
+    """Counts, sizes and guidance that no run can use, refused before anything is written."""
+    if num_per_class < 1:
+        raise ValueError(f"--num-per-class must be at least 1 (samples per class and row), got {num_per_class}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if not guidance >= 1:
+        raise ValueError(f"--guidance must be at least 1 (1: no classifier-free guidance; the testbed's "
+                         f"default is 2), got {guidance}")
+    if not [p for p in policies if p != BASELINE] and not [c for c in caches if c != NO_CACHE]:
+        raise ValueError("nothing to compare: --policies and --caches name only the baseline; give at least one "
+                         "policy (e.g. --policies third_order) or cache (e.g. --caches teacache)")
 
 
 def _check_names(what: str, names: list[str], known: dict) -> None:
