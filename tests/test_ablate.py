@@ -2,6 +2,7 @@
 
 import functools
 import json
+import shutil
 
 import pytest
 import torch
@@ -210,3 +211,26 @@ def test_a_run_with_nothing_to_compare_is_refused(model_dirs, tmp_path, capsys):
     assert main([*model_dirs, "--out", str(tmp_path / "run"), "--policies", "baseline", "--caches", "none"]) == 2
     assert "nothing to compare" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def _summary_without_timings(out):
+    keep = ("sec_per_image", "speedup_wall")
+    return [{k: v for k, v in r.items() if k not in keep} for r in json.loads((out / "summary.json").read_text())]
+
+
+def test_torn_records_duplicates_and_damaged_images_resume_to_the_uninterrupted_result(finished, tmp_path, capsys):
+    done, make = finished
+    shutil.copytree(done, tmp_path / "run")
+    out = tmp_path / "run"
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    torn = lines[:5] + [lines[5][: len(lines[5]) // 2]]  # a kill in the middle of a batch's second record
+    (out / "results.jsonl").write_text("".join(torn + lines[:2]))  # ...after which two records came twice
+    victim = out / "images" / "baseline" / "0000000.safetensors"  # its records are intact
+    victim.write_bytes(victim.read_bytes()[:100])  # and an image file cut short
+    (out / "summary.json").unlink()
+    assert main(make(out)) == 0
+    err = capsys.readouterr().err
+    assert "unreadable line" in err and "repeated record" in err and "missing or damaged" in err
+    assert _summary_without_timings(out) == _summary_without_timings(done)
+    assert main(make(out)) == 0  # and it stays finished
+    assert "not finished" not in capsys.readouterr().err

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,10 +44,11 @@ def run_ablation(config: AblationConfig, model, out: str | Path, *, progress: bo
     """Sample every row of ``config`` into ``out`` (a ``MultiPatchTransformer``), skipping finished batches."""
     out = Path(out)
     check_folder(out, config)
-    done = {(r["row"], r["sample"]) for r in read_results(out)}
+    report = partial(print, file=sys.stderr)
+    done = {(r["row"], r["sample"]) for r in read_results(out, report)}
     n, size = config.num_samples, config.batch_size
     batches = [(key, row, start) for key, row in config.rows.items() for start in range(0, n, size)]
-    todo = [b for b in batches if any((b[0], i) not in done for i in range(b[2], min(b[2] + size, n)))]
+    todo = [b for b in batches if not _batch_done(out, b[0], b[2], min(b[2] + size, n), done, report)]
     labels = config.labels()
     if todo:
         _warm_up(model, config.guidance)
@@ -97,8 +101,11 @@ def make_policy(row: Row, tau: float | None = None):
     return policy
 
 
-def read_results(out: str | Path) -> list[dict]:
-    """The finished records; a line torn by a kill is dropped (and cut from the file)."""
+def read_results(out: str | Path, report: Callable[[str], None] | None = None) -> list[dict]:
+    """The finished records, one per (row, sample). A line torn by a kill is dropped (and cut from
+    the file); a line that is not JSON is skipped; of a sample's several records (a batch sampled
+    again after a crash), the last is kept: it belongs to the batch that wrote the current images.
+    ``report`` gets one line per repair."""
     path = Path(out) / RESULTS
     if not path.exists():
         return []
@@ -107,7 +114,42 @@ def read_results(out: str | Path) -> list[dict]:
         text = text[: text.rfind("\n") + 1]
         with path.open("r+") as f:
             f.truncate(len(text.encode()))
-    return [json.loads(line) for line in text.splitlines()]
+        _tell(report, f"dropped a torn last line of {path}")
+    records, unreadable = {}, 0
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+            key = (record["row"], record["sample"])
+        except (json.JSONDecodeError, TypeError, KeyError):
+            unreadable += 1
+            continue
+        records.pop(key, None)  # keep the last, in the order of the file
+        records[key] = record
+    duplicates = len(text.splitlines()) - unreadable - len(records)
+    if unreadable:
+        _tell(report, f"skipped {unreadable} unreadable line(s) of {path}")
+    if duplicates:
+        _tell(report, f"kept the last of {duplicates} repeated record(s) in {path}")
+    return list(records.values())
+
+
+def _tell(report: Callable[[str], None] | None, message: str) -> None:
+    if report is not None:
+        report(f"ddit-ablate: {message}")
+
+
+def _batch_done(out: Path, key: str, start: int, stop: int, done: set, report) -> bool:
+    """Whether a batch's records are all there and its image file holds its images."""
+    if any((key, i) not in done for i in range(start, stop)):
+        return False
+    path = out / "images" / key / f"{start:07d}.safetensors"
+    try:
+        ok = load_file(path)["images"].shape[0] == stop - start
+    except Exception:  # missing, truncated or not safetensors: safetensors raises several types
+        ok = False
+    if not ok:
+        _tell(report, f"{path} is missing or damaged: sampling its batch again")
+    return ok
 
 
 def load_images(out: str | Path, key: str) -> torch.Tensor:
