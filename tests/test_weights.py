@@ -34,3 +34,11 @@ def test_garbage_evaluator_weights_name_the_file(tmp_path):
 def test_missing_weights_say_so(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_evaluator(tmp_path)
+
+
+def test_a_config_that_is_not_json_is_named(tmp_path):
+    from ddit.weights import load_pretrained_transformer
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON.*save_pretrained"):
+        load_pretrained_transformer(tmp_path)

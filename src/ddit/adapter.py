@@ -321,7 +321,9 @@ class MultiPatchTransformer(nn.Module):
         saved = f"{meta['backbone_class']} (config {meta['backbone_config_hash']})"
         given = f"{type(backbone).__name__} (config {config_hash(backbone)})"
         if saved != given:
-            raise CheckpointError(f"the adapter at {path} was made for {saved}, not for this {given}")
+            raise CheckpointError(f"the adapter at {path} was made for {saved}, not for this {given}: a backbone "
+                                  "with another class or config (layers, widths, patch size) needs its own adapter; "
+                                  "distil one for it with `ddit distill --backbone FOLDER --latents FILE`")
         file = path / WEIGHTS_NAME
         state = load_safetensors(file)  # before wrapping, so that a bad file leaves the backbone as it was
         model = cls(backbone, meta["patch_sizes"], lora_config=LoraConfig.from_pretrained(path),
@@ -335,7 +337,8 @@ class MultiPatchTransformer(nn.Module):
         if state.keys() != expected:
             missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
             raise CheckpointError(f"adapter weights in {source} do not fit this adapter: "
-                                  f"missing {missing[:3]}, unexpected {extra[:3]}")
+                                  f"missing {missing[:3]}, unexpected {extra[:3]}; the file belongs to another "
+                                  "adapter layout (sizes, LoRA targets): save it again, or distil a new one")
         with self._lora_inside():
             self.load_state_dict(state, strict=False)
 

@@ -43,7 +43,11 @@ def load_pretrained_transformer(folder: str | Path):
     if not config.is_file():
         raise CheckpointError(f"{folder} holds no config.json; pass the folder a diffusers "
                               "model was saved to with save_pretrained")
-    name = json.loads(config.read_text()).get("_class_name", "")
+    try:
+        name = json.loads(config.read_text()).get("_class_name", "")
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config} is not valid JSON ({err}); restore it, or save the model again "
+                              "with save_pretrained") from None
     model_class = getattr(diffusers, name, None)
     if model_class is None:
         raise CheckpointError(f"{config} names the class {name!r}, which diffusers does not have")
