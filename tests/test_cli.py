@@ -78,3 +78,15 @@ def test_ctrl_c_ends_with_one_line(tmp_path, capsys, monkeypatch):
                  "--out", str(tmp_path / "x.png")]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted" in err and "Traceback" not in err
+
+
+def test_help_names_the_harness_and_what_it_can_run(capsys):
+    from ddit.ablate.cli import main as ablate_main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "ddit-ablate" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ablate_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "third_order" in text and "oracle" in text and "taylorseer" in text and "--device" in text

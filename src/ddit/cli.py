@@ -138,7 +138,11 @@ def _calibrate_teacache(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ddit", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="ddit: dynamic patch sizes for diffusion transformers (DDiT), on diffusers.",
+        epilog="The ablation harness is its own command: ddit-ablate --help (docs/ablation.md).\n"
+               "In Python, on a stock diffusers pipeline: ddit.enable(pipe, adapter) (docs/pipelines.md).")
     commands = parser.add_subparsers(dest="command", required=True)
 
     testbed = commands.add_parser("testbed", help="build and evaluate the embedded testbed")

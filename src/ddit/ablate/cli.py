@@ -24,12 +24,18 @@ def _steps(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..caches import available_caches
+    from ..policies import available_policies
+
     p = argparse.ArgumentParser(prog="ddit-ablate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (resumed if it holds this configuration)")
-    p.add_argument("--policies", type=_names, default=["third_order"], help="comma-separated patch policies")
+    p.add_argument("--policies", type=_names, default=["third_order"],
+                   help=f"comma-separated patch policies, of: {', '.join(available_policies())} (plugins "
+                        "included; default: third_order)")
     p.add_argument("--caches", type=_names, default=["none", "teacache"],
-                   help="comma-separated feature caches; none = the policy alone (default: none,teacache)")
+                   help=f"comma-separated feature caches, of: none, {', '.join(available_caches())}; none = the "
+                        "policy alone (default: none,teacache)")
     p.add_argument("--policy-param", action="append", default=[], metavar="POLICY.PARAM=VALUE",
                    help="a policy parameter, e.g. third_order.tau=1e-3 (repeatable)")
     p.add_argument("--cache-param", action="append", default=[], metavar="CACHE.PARAM=VALUE",
@@ -37,14 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="append", default=[], metavar="NAME.PARAM=[V1,V2,...]",
                    help="one row per value of a policy or cache parameter, e.g. third_order.tau=[3e-4,6e-4] "
                    "(repeatable; several on one name give every combination)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="denoising steps of every row but the fewer-steps ones")
     p.add_argument("--fewer-steps", type=_steps, default=(28, 15),
                    help="step counts of the fewer-steps baselines; those below --steps run (default: 28,15)")
     p.add_argument("--num-per-class", type=int, default=16,
                    help="samples per testbed class and row (default 16: a few minutes on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0, help="sample i of every row starts from seed + i")
-    p.add_argument("--guidance", type=float, default=2.0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale, >= 1 (default 2)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="samples per batch; part of the configuration (default 64)")
     p.add_argument("--backbone", help="a diffusers class-conditional DiT folder (default: the testbed base)")
     p.add_argument("--adapter", help="its multi-patch adapter folder (default: the testbed adapter)")
     p.add_argument("--evaluator", help="an evaluator folder (default: the testbed's)")
@@ -53,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's dtype (default float32; on a GPU, bfloat16 is the usual choice)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); on a shared CPU, 1 "
                    "keeps small coarse-patch calls from waiting on busy cores. Keep it when resuming")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
