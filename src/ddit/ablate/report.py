@@ -8,6 +8,7 @@ the sampler's measured model time and in FLOPs; FD and adherence come from the t
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 from collections import defaultdict
@@ -60,8 +61,9 @@ def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> 
                               "fd": fd(evaluator, reals[real_labels == c], images[key][labels == c])}
                      for c, prompt in enumerate(PROMPTS)}
         summary.append({"row": key, "policy": row.policy, "cache": row.cache, "steps": row.steps,
-                        "params": {"policy": {**row.policy_params, **_calibrated(calibrated, key)},
-                                   "cache": row.cache_params},
+                        "params": {"policy": {**effective_params(row.make_policy()), **row.policy_params,
+                                              **_calibrated(calibrated, key)},
+                                   "cache": {**effective_params(row.make_cache()), **row.cache_params}},
                         **_means(values), "sfd": quality["sfd"], "fd": quality["fd"],
                         "adherence": quality["adherence"],
                         "per_class": per_class})
@@ -104,6 +106,15 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+def effective_params(obj) -> dict:
+    """What a policy or cache runs with, defaults included: its constructor's parameters, read back
+    from the attributes of the same name (those it keeps)."""
+    if obj is None:
+        return {}
+    names = [n for n in inspect.signature(type(obj).__init__).parameters if n != "self"]
+    return {n: getattr(obj, n) for n in names if hasattr(obj, n)}
+
+
 def _calibrated(calibrated: dict[str, float], key: str) -> dict:
     return {"calibrated_tau": calibrated[key]} if key in calibrated else {}
 
@@ -135,6 +146,8 @@ def _fmt(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
+        if value == math.inf:
+            return "identical"  # PSNR of an image and itself
         return f"{value:.3g}" if math.isfinite(value) else str(value)
     return str(value)
 
@@ -165,6 +178,7 @@ def _markdown(config: AblationConfig, summary: list[dict], quality: dict, figure
         f"lost detail move) and FD (of the evaluator's features, which barely see either) are against "
         f"{config.num_samples} real images; two disjoint real sets of that size are {quality['sfd_real_floor']:.3g} "
         f"and {quality['fd_real_floor']:.3g} apart (each metric's own noise floor). Wall times are measured on a possibly shared "
-        "machine and are noisier than FLOPs. PSNR is infinite (null in summary.json) for identical images.\n\n"
+        "machine and are noisier than FLOPs. PSNR of identical images is infinite: shown as identical here, "
+        "null in summary.json.\n\n"
         f"## Rows\n\n{rows}\n{params}\n## Per class\n\n{per_class}\n## Figures\n\n{pictures}"
     )
