@@ -222,7 +222,8 @@ class PatchRuntime:
         if self.cache is not None:
             stack = partial(self.cache, Group(g.step, g.num_steps or 0, keys, size))
         device = call.latent.device
-        with self._context(call.branch, size, samples, g), (replace_stack(self.model, stack) if stack else nullcontext()):
+        blocks = replace_stack(self.model, stack) if stack else nullcontext()
+        with self._context(call.branch, size, samples, g), blocks:
             start = synchronized_clock(device) if self.timed else 0.0
             result = call.run(idx, size)
             seconds = (synchronized_clock(device) - start) / len(samples) if self.timed else None

@@ -69,7 +69,8 @@ class AblationConfig:
     same seed and label and can be compared with its baseline twin.
 
     ``batch_size``, ``device`` and ``dtype`` are part of the identity: a cache or a policy may
-    decide per batch, and timings and outputs depend on all three. ``model`` identifies the weights (see ``models.fingerprint``).
+    decide per batch, and timings and outputs depend on all three. ``model`` identifies the
+    weights (see ``models.fingerprint``).
     """
 
     rows: dict[str, Row]

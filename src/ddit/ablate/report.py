@@ -27,7 +27,8 @@ from .runner import load_images, read_calibration, read_results
 
 #: Columns of summary.csv and of the tables, with their short titles.
 COLUMNS = {"sec_per_image": "s/image", "speedup_wall": "x wall", "flops_per_image": "FLOPs/image",
-           "speedup_flops": "x FLOPs", "sfd": "spectral FD", "fd": "FD", "adherence": "adherence", "ssim_vs_baseline": "SSIM",
+           "speedup_flops": "x FLOPs", "sfd": "spectral FD", "fd": "FD", "adherence": "adherence",
+           "ssim_vs_baseline": "SSIM",
            "psnr_vs_baseline": "PSNR", "feature_dist_vs_baseline": "feature dist", "mean_patch_size": "mean patch",
            "coarse_step_fraction": "coarse steps", "cached_step_fraction": "cached steps"}
 #: Per class there is no wall time: a batch mixes classes.
@@ -174,11 +175,11 @@ def _markdown(config: AblationConfig, summary: list[dict], quality: dict, figure
         "distance of evaluator features compare each sample with that twin. Speed-ups are against the "
         "baseline (x wall: each batch's wall time per image, the policy's decisions included; x FLOPs: the "
         "sampler's FLOP count).\n\n"
-        f"Spectral FD (the Fréchet distance of per-image radial power spectra, which residual noise and "
-        f"lost detail move) and FD (of the evaluator's features, which barely see either) are against "
-        f"{config.num_samples} real images; two disjoint real sets of that size are {quality['sfd_real_floor']:.3g} "
-        f"and {quality['fd_real_floor']:.3g} apart (each metric's own noise floor). Wall times are measured on a possibly shared "
-        "machine and are noisier than FLOPs. PSNR of identical images is infinite: shown as identical here, "
-        "null in summary.json.\n\n"
+        "Spectral FD (the Fréchet distance of per-image radial power spectra, which residual noise raises) "
+        "and FD (of the evaluator's features, which barely see noise) are against "
+        f"{config.num_samples} real images; two disjoint real sets of that size are "
+        f"{quality['sfd_real_floor']:.3g} and {quality['fd_real_floor']:.3g} apart (each metric's own noise "
+        "floor). Wall times are measured on a possibly shared machine and are noisier than FLOPs. PSNR of "
+        "identical images is infinite: shown as identical here, null in summary.json.\n\n"
         f"## Rows\n\n{rows}\n{params}\n## Per class\n\n{per_class}\n## Figures\n\n{pictures}"
     )

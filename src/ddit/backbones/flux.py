@@ -53,7 +53,8 @@ class FluxSpec(BackboneSpec):
         context = m.context_embedder(args["encoder_hidden_states"])
         for block in (*m.transformer_blocks, *m.single_transformer_blocks):
             context, tokens = self.block(block, hidden_states=tokens, encoder_hidden_states=context, temb=temb,
-                                               image_rotary_emb=rope, joint_attention_kwargs=args["joint_attention_kwargs"])
+                                         image_rotary_emb=rope,
+                                         joint_attention_kwargs=args["joint_attention_kwargs"])
         return m.norm_out(tokens, temb)
 
 

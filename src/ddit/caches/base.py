@@ -27,9 +27,9 @@ class Group:
 class Cache(abc.ABC):
     """Decides per sample whether to run the block stack or to stand in for it.
 
-    State is kept per sample key (a pipeline's CFG branch, the sample's index), so that what a sample becomes never depends on its
-    batch or group, and it starts over whenever the sample's patch size changes:
-    features of one token grid mean nothing on another. The rows of a model call
+    State is kept per sample key (a pipeline's CFG branch, the sample's index), so that what
+    a sample becomes never depends on its batch or group, and it starts over whenever the
+    sample's patch size changes: features of one token grid mean nothing on another. The rows of a model call
     are its group's samples, repeated once per classifier-free-guidance branch;
     a sample's branches are decided together. Only the rows that compute run
     through the blocks.
