@@ -216,7 +216,7 @@ def test_a_run_with_nothing_to_compare_is_refused(model_dirs, tmp_path, capsys):
 
 
 def _summary_without_timings(out):
-    keep = ("sec_per_image", "speedup_wall")
+    keep = ("sec_per_image", "speedup_wall", "speedup_wall_range", "batch_seconds_spread")
     return [{k: v for k, v in r.items() if k not in keep} for r in json.loads((out / "summary.json").read_text())]
 
 
@@ -236,3 +236,25 @@ def test_torn_records_duplicates_and_damaged_images_resume_to_the_uninterrupted_
     assert _summary_without_timings(out) == _summary_without_timings(done)
     assert main(make(out)) == 0  # and it stays finished
     assert "not finished" not in capsys.readouterr().err
+
+
+def test_rows_run_interleaved_batch_by_batch_and_report_their_spread(finished):
+    out, _ = finished
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["row"], r["sample"]) for r in records[:4]] == [(ROWS[0], 0), (ROWS[0], 1), (ROWS[1], 0), (ROWS[1], 1)]
+    summary = json.loads((out / "summary.json").read_text())
+    low, high = summary[1]["speedup_wall_range"]  # two batches per row: a range
+    assert low <= high and summary[0]["speedup_wall_range"] == [1, 1]
+
+
+def test_the_report_flags_wall_times_it_cannot_vouch_for():
+    from ddit.ablate.report import _timing_warnings
+
+    summary = [{"row": "baseline", "speedup_wall": 1.0, "speedup_flops": 1.0, "batch_seconds_spread": 0.5},
+               {"row": "fast", "speedup_wall": 2.0, "speedup_flops": 2.1, "batch_seconds_spread": 0.1},
+               {"row": "odd", "speedup_wall": 0.9, "speedup_flops": 4.3, "batch_seconds_spread": 0.1}]
+    text = _timing_warnings(summary)
+    assert "machine was busy" in text and "`odd` is 0.90x in wall time but 4.30x in FLOPs" in text
+    assert "`fast`" not in text
+    summary[0]["batch_seconds_spread"] = 0.05
+    assert "busy" not in _timing_warnings(summary)

@@ -11,6 +11,7 @@ import csv
 import inspect
 import json
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,13 +27,14 @@ from .metrics import fd, per_sample, sfd
 from .runner import load_images, read_calibration, read_results
 
 #: Columns of summary.csv and of the tables, with their short titles.
-COLUMNS = {"sec_per_image": "s/image", "speedup_wall": "x wall", "flops_per_image": "FLOPs/image",
+COLUMNS = {"sec_per_image": "s/image", "speedup_wall": "x wall", "speedup_wall_range": "x wall over batches",
+           "flops_per_image": "FLOPs/image",
            "speedup_flops": "x FLOPs", "sfd": "spectral FD", "fd": "FD", "adherence": "adherence",
            "ssim_vs_baseline": "SSIM",
            "psnr_vs_baseline": "PSNR", "feature_dist_vs_baseline": "feature dist", "mean_patch_size": "mean patch",
            "coarse_step_fraction": "coarse steps", "cached_step_fraction": "cached steps"}
 #: Per class there is no wall time: a batch mixes classes.
-CLASS_COLUMNS = {k: v for k, v in COLUMNS.items() if k not in ("sec_per_image", "speedup_wall")}
+CLASS_COLUMNS = {k: v for k, v in COLUMNS.items() if k not in ("sec_per_image", "speedup_wall", "speedup_wall_range")}
 
 
 def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> list[dict]:
@@ -68,7 +70,7 @@ def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> 
                         **_means(values), "sfd": quality["sfd"], "fd": quality["fd"],
                         "adherence": quality["adherence"],
                         "per_class": per_class})
-    _add_speedups(summary)
+    _add_speedups(summary, {key: _batch_seconds(records[key], config.batch_size) for key in config.rows})
 
     (out / "summary.json").write_text(json.dumps(_finite(summary), indent=1, allow_nan=False))
     _write_csv(out / "summary.csv", summary)
@@ -92,12 +94,24 @@ def _means(values: dict[str, torch.Tensor], mask: torch.Tensor | None = None) ->
     return {name: (v if mask is None else v[mask]).double().mean().item() for name, v in values.items()}
 
 
-def _add_speedups(summary: list[dict]) -> None:
+def _batch_seconds(records: list[dict], batch_size: int) -> list[float]:
+    """Wall seconds per image of each batch of a row (every sample of a batch has its batch's)."""
+    return [r["sec"] for r in records if r["sample"] % batch_size == 0]
+
+
+def _add_speedups(summary: list[dict], batch_seconds: dict[str, list[float]]) -> None:
     """Speed-ups against the first row, the baseline; per class only in FLOPs, since a batch
-    mixes classes and its wall time cannot be split between them."""
+    mixes classes and its wall time cannot be split between them. The wall speed-up's range
+    over batches (batch k of a row against batch k of the baseline) shows how much load
+    drifted; one batch has none."""
     base = summary[0]
     for record in summary:
         record["speedup_wall"] = base["sec_per_image"] / record["sec_per_image"]
+        per_batch = [b / r for b, r in zip(batch_seconds[base["row"]], batch_seconds[record["row"]])]
+        record["speedup_wall_range"] = [min(per_batch), max(per_batch)] if len(per_batch) > 1 else None
+        mine = batch_seconds[record["row"]]
+        record["batch_seconds_spread"] = ((max(mine) - min(mine)) / statistics.median(mine)
+                                          if len(mine) > 1 else None)
         record["speedup_flops"] = _ratio(base["flops_per_image"], record["flops_per_image"])
         for prompt, values in record["per_class"].items():
             values["speedup_flops"] = _ratio(base["per_class"][prompt]["flops_per_image"], values["flops_per_image"])
@@ -146,6 +160,8 @@ def _write_csv(path: Path, summary: list[dict]) -> None:
 def _fmt(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, list):  # a range
+        return "-".join(f"{v:.3g}" for v in value)
     if isinstance(value, float):
         if value == math.inf:
             return "identical"  # PSNR of an image and itself
@@ -181,5 +197,25 @@ def _markdown(config: AblationConfig, summary: list[dict], quality: dict, figure
         f"{quality['sfd_real_floor']:.3g} and {quality['fd_real_floor']:.3g} apart (each metric's own noise "
         "floor). Wall times are measured on a possibly shared machine and are noisier than FLOPs. PSNR of "
         "identical images is infinite: shown as identical here, null in summary.json.\n\n"
-        f"## Rows\n\n{rows}\n{params}\n## Per class\n\n{per_class}\n## Figures\n\n{pictures}"
+        f"## Rows\n\n{rows}\n{_timing_warnings(summary)}{params}\n## Per class\n\n{per_class}\n"
+        f"## Figures\n\n{pictures}"
     )
+
+
+#: Wall and FLOP speed-ups further apart than this, relatively, are flagged.
+WALL_FLOPS_TOLERANCE = 0.25
+#: Baseline batches whose wall times spread more than this (range over median) mean a busy machine.
+BUSY_SPREAD = 0.2
+
+
+def _timing_warnings(summary: list[dict]) -> str:
+    """Lines that say where wall times should not be trusted: rows whose wall and FLOP speed-ups
+    disagree, and a baseline whose batches took very different times (the machine was busy)."""
+    lines = [f"- **check timing**: `{r['row']}` is {r['speedup_wall']:.2f}x in wall time but "
+             f"{r['speedup_flops']:.2f}x in FLOPs" for r in summary[1:]
+             if r["speedup_flops"] and abs(r["speedup_wall"] / r["speedup_flops"] - 1) > WALL_FLOPS_TOLERANCE]
+    spread = summary[0].get("batch_seconds_spread")
+    if spread is not None and spread > BUSY_SPREAD:
+        lines.insert(0, f"- **the machine was busy**: the baseline's batches differ by {spread:.0%} of their "
+                        "median wall time; compare FLOPs rather than wall times")
+    return "".join(line + "\n" for line in lines) + ("\n" if lines else "")

@@ -6,7 +6,9 @@ stops the run, every finished batch is kept. A rerun skips the batches whose rec
 are all present.
 
 A sample's time (``sec``) is its batch's wall time divided by the batch size, so that
-a policy's decisions are billed too; ``model_sec`` is the model calls' share alone.
+a policy's decisions are billed too; ``model_sec`` is the model calls' share alone. Rows
+are interleaved batch by batch (every row's batch k before any row's batch k + 1), so a
+change in machine load falls on all rows alike.
 
 A policy that calibrates itself (``budget``) is fitted first, once per row, on base-size
 runs of calibration samples that no row evaluates; its tau is kept in ``calibration.json``
@@ -47,7 +49,7 @@ def run_ablation(config: AblationConfig, model, out: str | Path, *, progress: bo
     report = partial(print, file=sys.stderr)
     done = {(r["row"], r["sample"]) for r in read_results(out, report)}
     n, size = config.num_samples, config.batch_size
-    batches = [(key, row, start) for key, row in config.rows.items() for start in range(0, n, size)]
+    batches = [(key, row, start) for start in range(0, n, size) for key, row in config.rows.items()]
     todo = [b for b in batches if not _batch_done(out, b[0], b[2], min(b[2] + size, n), done, report)]
     labels = config.labels()
     if todo:
