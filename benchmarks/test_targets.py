@@ -6,8 +6,8 @@ One resumable ``ddit-ablate`` run samples the 50-step baseline, ``third_order`` 
 with TeaCache, and two reference curves: the baseline at fewer steps, and TeaCache alone
 at several deltas. Each target is then one test on that run's summary, so a missed
 target fails by name and the printed lines say by how much. Speed-ups are wall time as
-the harness measures it (a batch's wall time per image; rows run one after the other in
-this one process), so they are ratios within one run, as in the other benchmarks. The
+the harness measures it (a batch's wall time per image; rows run interleaved batch by
+batch in this one process), so they are ratios within one run, as in the other benchmarks. The
 quality of a reference "at matched speed" is interpolated on its curve (linear in log
 speed-up) at ``third_order``'s own speed-up.
 
