@@ -3,6 +3,7 @@
 import functools
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,3 +259,21 @@ def test_the_report_flags_wall_times_it_cannot_vouch_for():
     assert "`fast`" not in text
     summary[0]["batch_seconds_spread"] = 0.05
     assert "busy" not in _timing_warnings(summary)
+
+
+def test_the_python_api_runs_script_policies_and_the_docs_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    import re
+
+    from ddit.policies import available_policies
+
+    monkeypatch.chdir(tmp_path)
+    docs = (Path(__file__).parents[1] / "docs" / "ablation.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", docs[docs.index("## From Python"):], flags=re.S)[0]
+    namespace = {}
+    exec(block, namespace)
+    rows = {r["row"]: r for r in namespace["summary"]}
+    assert set(rows) == {"baseline", "baseline@3", "every_other_step", "third_order"}
+    assert rows["every_other_step"]["coarse_step_fraction"] == 0.5  # 3 of its 6 steps at patch 4
+    assert rows["third_order"]["params"]["policy"]["tau"] == 8e-4  # defaults, read back
+    assert "every_other_step" not in available_policies()  # registered for the run only
+    assert "every_other_step" in capsys.readouterr().out

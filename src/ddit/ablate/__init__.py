@@ -5,9 +5,10 @@ It composes the core (sampling, policies, caches, the testbed evaluator); nothin
 core imports it.
 """
 
-from .config import AblationConfig, ConfigMismatch, Row, build_config, parse_params
+from .api import run
+from .config import AblationConfig, ConfigMismatch, Row, build_config, effective_params, parse_params
 from .report import summarize
 from .runner import load_images, read_results, run_ablation
 
-__all__ = ["AblationConfig", "ConfigMismatch", "Row", "build_config", "parse_params", "summarize",
-           "load_images", "read_results", "run_ablation"]
+__all__ = ["AblationConfig", "ConfigMismatch", "Row", "build_config", "effective_params", "parse_params",
+           "run", "summarize", "load_images", "read_results", "run_ablation"]

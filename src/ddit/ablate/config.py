@@ -8,6 +8,7 @@ since mixing samples of two configurations would make every comparison wrong.
 from __future__ import annotations
 
 import ast
+import inspect
 import itertools
 import json
 from dataclasses import asdict, dataclass, field
@@ -209,6 +210,15 @@ def check_folder(out: Path, config: AblationConfig) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(new, indent=1))
+
+
+def effective_params(obj) -> dict:
+    """What a policy or cache runs with, defaults included: its constructor's parameters, read back
+    from the attributes of the same name (those it keeps)."""
+    if obj is None:
+        return {}
+    names = [n for n in inspect.signature(type(obj).__init__).parameters if n != "self"]
+    return {n: getattr(obj, n) for n in names if hasattr(obj, n)}
 
 
 def _check_settings(policies: list[str], caches: list[str], *, num_per_class: int = 1, batch_size: int = 1,

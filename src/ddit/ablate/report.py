@@ -8,7 +8,6 @@ the sampler's measured model time and in FLOPs; FD and adherence come from the t
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 import statistics
@@ -22,7 +21,7 @@ from ..testbed.data import PROMPTS, make_dataset
 from ..testbed.evaluate import REAL_SEEDS, evaluate_images
 from ..testbed.evaluator import Evaluator
 from . import plots
-from .config import AblationConfig
+from .config import AblationConfig, effective_params
 from .metrics import fd, per_sample, sfd
 from .runner import load_images, read_calibration, read_results
 
@@ -119,15 +118,6 @@ def _add_speedups(summary: list[dict], batch_seconds: dict[str, list[float]]) ->
 
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
-
-
-def effective_params(obj) -> dict:
-    """What a policy or cache runs with, defaults included: its constructor's parameters, read back
-    from the attributes of the same name (those it keeps)."""
-    if obj is None:
-        return {}
-    names = [n for n in inspect.signature(type(obj).__init__).parameters if n != "self"]
-    return {n: getattr(obj, n) for n in names if hasattr(obj, n)}
 
 
 def _calibrated(calibrated: dict[str, float], key: str) -> dict:
