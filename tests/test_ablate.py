@@ -2,7 +2,12 @@
 
 import functools
 import json
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -277,3 +282,25 @@ def test_the_python_api_runs_script_policies_and_the_docs_example_runs_as_writte
     assert rows["third_order"]["params"]["policy"]["tau"] == 8e-4  # defaults, read back
     assert "every_other_step" not in available_policies()  # registered for the run only
     assert "every_other_step" in capsys.readouterr().out
+
+
+def test_killed_at_random_points_and_torn_it_still_ends_as_an_uninterrupted_run(finished, tmp_path):
+    """SIGKILL at random moments, and after some kills a results file or an image file cut to a
+    random prefix (a torn write), then a run to the end: the summary of an uninterrupted run."""
+    done, make = finished
+    out = tmp_path / "run"
+    rng = random.Random(0)
+    command = [sys.executable, "-m", "ddit.ablate.cli", *make(out)]
+    for _ in range(4):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 9.0))  # imports take a few seconds; sampling starts after
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        files = [out / "results.jsonl", *sorted((out / "images").rglob("*.safetensors"))] if out.exists() else []
+        files = [f for f in files if f.exists()]
+        if files and rng.random() < 0.7:
+            victim = rng.choice(files)
+            data = victim.read_bytes()
+            victim.write_bytes(data[: rng.randrange(len(data) + 1)])
+    assert main(make(out)) == 0
+    assert _summary_without_timings(out) == _summary_without_timings(done)

@@ -29,6 +29,14 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a whole file or nothing: a kill mid-write leaves the old file (or none), never half of one."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

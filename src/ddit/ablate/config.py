@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from ..caches import available_caches, get_cache, load_teacache_fit
+from ..checkpoint import write_text_atomic
 from ..policies import available_policies, get_policy
 from ..testbed.data import PROMPTS
-from ..testbed.teacache import TESTBED_FIT
 from ..testbed.evaluate import balanced_labels
+from ..testbed.teacache import TESTBED_FIT
 
 #: The row every other row is compared with: the base model at its own patch size, no cache.
 BASELINE = "baseline"
@@ -209,7 +210,7 @@ def check_folder(out: Path, config: AblationConfig) -> None:
                                  "use another --out, or delete the folder to start over")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(new, indent=1))
+    write_text_atomic(path, json.dumps(new, indent=1))
 
 
 def effective_params(obj) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from ..checkpoint import write_text_atomic
 from ..testbed.data import PROMPTS, make_dataset
 from ..testbed.evaluate import REAL_SEEDS, evaluate_images
 from ..testbed.evaluator import Evaluator
@@ -71,10 +72,10 @@ def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> 
                         "per_class": per_class})
     _add_speedups(summary, {key: _batch_seconds(records[key], config.batch_size) for key in config.rows})
 
-    (out / "summary.json").write_text(json.dumps(_finite(summary), indent=1, allow_nan=False))
+    write_text_atomic(out / "summary.json", json.dumps(_finite(summary), indent=1, allow_nan=False))
     _write_csv(out / "summary.csv", summary)
     figures = plots.plot_all(out, config, records, summary, images, base_size)
-    (out / "report.md").write_text(_markdown(config, summary, quality, figures, out))
+    write_text_atomic(out / "report.md", _markdown(config, summary, quality, figures, out))
     return summary
 
 

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..checkpoint import write_text_atomic
 from ..policies import get_policy
 from ..runtime import synchronized_clock
 from ..testbed.base_model import generate
@@ -85,7 +86,7 @@ def calibrate_rows(config: AblationConfig, model, out: str | Path) -> dict[str, 
         generate(model, labels, seed=config.seed + CALIBRATION_SEED_OFFSET, steps=row.steps,
                  guidance=config.guidance, policy=policy, batch_size=len(labels))
         taus[key] = policy.calibrate([policy.trace])
-        path.write_text(json.dumps(taus, indent=1))
+        write_text_atomic(path, json.dumps(taus, indent=1))
     return taus
 
 
