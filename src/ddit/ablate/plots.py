@@ -20,6 +20,10 @@ from .runner import make_policy, read_calibration
 GRID_SAMPLES = 8
 
 
+#: How much a grid amplifies a row's difference from its baseline twin, so residual noise shows.
+DIFFERENCE_GAIN = 4
+
+
 def plot_all(out: Path, config: AblationConfig, records: dict[str, list[dict]], summary: list[dict],
              images: dict[str, torch.Tensor], base: int) -> dict[str, str]:
     """Write every figure under ``out``; returns {title: path relative to out}."""
@@ -44,8 +48,10 @@ def plot_all(out: Path, config: AblationConfig, records: dict[str, list[dict]], 
     k = min(GRID_SAMPLES, config.num_samples)
     baseline = images[next(iter(config.rows))][:k]
     for key in list(config.rows)[1:]:
-        save_grid(torch.cat([baseline, images[key][:k]]), out / "grids" / f"{key}.png", ncol=k)
-        figures[f"Baseline (top) and {key} (bottom)"] = f"grids/{key}.png"
+        difference = ((images[key][:k] - baseline) * DIFFERENCE_GAIN).clamp(-1, 1)
+        save_grid(torch.cat([baseline, images[key][:k], difference]), out / "grids" / f"{key}.png", ncol=k)
+        figures[f"Baseline (top), {key} (middle), their difference x{DIFFERENCE_GAIN} (bottom, grey = none)"] = (
+            f"grids/{key}.png")
     return figures
 
 
@@ -79,11 +85,12 @@ def _signals(path: Path, signals: dict[str, dict[str, list[float]]], taus: dict[
             ax.plot(values, label=prompt)
         ax.set_xlim(0, len(values) - 1)
         if taus[key]:
-            ax.axhline(taus[key], color="black", linestyle="--", linewidth=0.8, label="tau")
+            ax.axhline(taus[key], color="black", linestyle="--", linewidth=0.8, label=f"tau = {taus[key]:.2g}")
         ax.set_yscale("log")
         ax.set_xlabel("step (noise to clean)")
+        ax.set_ylabel("signal (below tau: coarser)")
         ax.set_title(key)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.savefig(path, dpi=110)
 
 
