@@ -90,3 +90,15 @@ def test_help_names_the_harness_and_what_it_can_run(capsys):
         ablate_main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "third_order" in text and "oracle" in text and "taylorseer" in text and "--device" in text
+
+
+def test_a_grid_with_row_labels_writes_them_in_a_margin(tmp_path):
+    from ddit.images import save_grid
+
+    images = torch.zeros(4, 3, 8, 8)
+    save_grid(images, tmp_path / "plain.png", ncol=2)
+    save_grid(images, tmp_path / "labelled.png", ncol=2, row_labels=["baseline", "third_order"])
+    plain, labelled = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "labelled.png").convert("L")
+    assert labelled.height == plain.height and labelled.width > plain.width
+    margin = labelled.crop((0, 0, labelled.width - plain.width, labelled.height))
+    assert min(margin.getdata()) < 128  # dark text on the white margin

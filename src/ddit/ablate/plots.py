@@ -49,7 +49,8 @@ def plot_all(out: Path, config: AblationConfig, records: dict[str, list[dict]], 
     baseline = images[next(iter(config.rows))][:k]
     for key in list(config.rows)[1:]:
         difference = ((images[key][:k] - baseline) * DIFFERENCE_GAIN).clamp(-1, 1)
-        save_grid(torch.cat([baseline, images[key][:k], difference]), out / "grids" / f"{key}.png", ncol=k)
+        save_grid(torch.cat([baseline, images[key][:k], difference]), out / "grids" / f"{key}.png", ncol=k,
+                  row_labels=["baseline", key, f"difference x{DIFFERENCE_GAIN}"])
         figures[f"Baseline (top), {key} (middle), their difference x{DIFFERENCE_GAIN} (bottom, grey = none)"] = (
             f"grids/{key}.png")
     return figures
