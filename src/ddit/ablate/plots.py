@@ -101,9 +101,10 @@ def _pareto(path: Path, summary: list[dict]) -> None:
     fig, axes = _panels(3)
     for ax, metric, lower_is_better in ((axes[0], "sfd", True), (axes[1], "fd", True), (axes[2], "adherence", False)):
         points = [(r["speedup_wall"], r[metric], r["row"]) for r in summary if r[metric] is not None]
-        for x, y, name in points:
+        for i, (x, y, name) in enumerate(sorted(points, key=lambda p: p[1])):
             ax.scatter(x, y, color="tab:blue")
-            ax.annotate(name, (x, y), fontsize="x-small", xytext=(3, 3), textcoords="offset points")
+            # neighbours in y alternate above and below their point, so labels of close values do not stack
+            ax.annotate(name, (x, y), fontsize="x-small", xytext=(3, 3 if i % 2 else -9), textcoords="offset points")
         front, best = [], math.inf
         for x, y, _ in sorted(points, reverse=True):  # fastest first: keep those better than all faster ones
             score = y if lower_is_better else -y
