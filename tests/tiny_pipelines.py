@@ -48,6 +48,8 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
+from ddit.tiny_pipelines import wake_zeros as _wake_zeros
+
 NAMES = ("flux", "sd3", "pixart", "wan", "dit")
 LATENT = 16  # latent height and width at the transformer's patchify
 TEXT_LEN = 8  # tokens of the fake prompt embeddings
@@ -77,16 +79,6 @@ def _seeds(batch, seeds):
     if len(seeds) != batch:
         raise ValueError(f"{len(seeds)} seeds for a batch of {batch}")
     return seeds
-
-
-def _wake_zeros(model: torch.nn.Module) -> torch.nn.Module:
-    """Give zero-initialised parameters (adaLN, output heads) random values, so the output depends on everything."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                torch.nn.init.normal_(p, std=0.05)
-    return model
 
 
 def _finish(pipe: DiffusionPipeline) -> DiffusionPipeline:

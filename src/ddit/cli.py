@@ -98,30 +98,84 @@ def _distill(args) -> None:
     from .distill import DistillConfig, LatentDataset, distill
     from .weights import load_pretrained_transformer, load_safetensors
 
-    if args.backbone:
-        if not args.latents:
-            raise ValueError("--backbone needs --latents: a safetensors file with 'latents' "
-                             "and the forward arguments to condition on (e.g. 'class_labels')")
-        backbone = load_pretrained_transformer(args.backbone)
-        tensors = load_safetensors(args.latents)
-        if "latents" not in tensors:
-            raise ValueError(f"{args.latents} holds {sorted(tensors)}, but no 'latents'")
-        data = LatentDataset(tensors.pop("latents"), **tensors)
-    else:
-        from .testbed.adapter import distillation_data
-        from .testbed.base_model import SHIPPED_BASE, load_base_model
-
-        backbone = load_base_model(args.base or SHIPPED_BASE)
-        data = distillation_data(seed=args.seed)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-    model = MultiPatchTransformer(backbone, sizes, rank=args.rank, shared_lora=args.shared_lora)
-    config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                           num_inference_steps=args.num_inference_steps,
-                           timestep_scale=args.timestep_scale, seed=args.seed)
-    export = distill(model, data, args.out, config, resume=args.resume,
-                     checkpoint_minutes=args.checkpoint_minutes)
+    if args.pipeline:
+        export = _self_distill(args, sizes)
+    else:
+        if args.prompts:
+            raise ValueError("--prompts needs --pipeline: the pipeline folder to run them through")
+        if args.backbone:
+            if not args.latents:
+                raise ValueError("--backbone needs --latents: a safetensors file with 'latents' "
+                                 "and the forward arguments to condition on (e.g. 'class_labels')")
+            backbone = load_pretrained_transformer(args.backbone)
+            tensors = load_safetensors(args.latents)
+            if "latents" not in tensors:
+                raise ValueError(f"{args.latents} holds {sorted(tensors)}, but no 'latents'")
+            data = LatentDataset(tensors.pop("latents"), **tensors)
+        else:
+            from .testbed.adapter import distillation_data
+            from .testbed.base_model import SHIPPED_BASE, load_base_model
+
+            backbone = load_base_model(args.base or SHIPPED_BASE)
+            data = distillation_data(seed=args.seed)
+        model = MultiPatchTransformer(backbone, sizes, rank=args.rank, shared_lora=args.shared_lora)
+        config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                               num_inference_steps=args.num_inference_steps or 50,
+                               timestep_scale=args.timestep_scale, seed=args.seed)
+        export = distill(model, data, args.out, config, resume=args.resume,
+                         checkpoint_minutes=args.checkpoint_minutes)
     if PartialState().is_main_process:
         print(f"adapter written to {export}")
+
+
+def _pipeline_args(items: list[str]) -> dict:
+    """``name=value`` pairs, each value a Python literal (``256``, ``False``, ``'text'``)."""
+    import ast
+
+    args = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise ValueError(f"--pipeline-arg {item!r} is not name=value, e.g. --pipeline-arg max_sequence_length=256")
+        try:
+            args[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--pipeline-arg {item!r}: {value!r} is not a Python literal (a number, True or "
+                             "False, or text in quotes)") from None
+    return args
+
+
+def _self_distill(args, sizes):
+    import torch
+
+    from .distill import DistillConfig
+    from .self_distill import read_prompts, self_distill
+    from .weights import load_pipeline
+
+    if args.base or args.backbone or args.latents:
+        raise ValueError("--pipeline distils the pipeline's own transformer; drop --base, --backbone and --latents")
+    if not args.prompts:
+        raise ValueError("--pipeline needs --prompts: a text file with one prompt per line")
+    prompts = read_prompts(args.prompts)
+    call = {name: value for name, value in (("num_inference_steps", args.num_inference_steps),
+                                             ("height", args.height), ("width", args.width),
+                                             ("num_frames", args.num_frames), ("guidance_scale", args.guidance))
+            if value is not None}
+    call.update(_pipeline_args(args.pipeline_arg))
+    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None)
+    config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, num_inference_steps=None,
+                           timestep_scale=None, seed=args.seed)
+    return self_distill(pipe, prompts, args.out, call=call, patch_sizes=sizes, rank=args.rank,
+                        shared_lora=args.shared_lora, config=config, seed=args.seed, resume=args.resume,
+                        checkpoint_minutes=args.checkpoint_minutes)
+
+
+def _tiny_pipeline(args) -> None:
+    from .tiny_pipelines import TINY_CALL, save_tiny_pipeline
+
+    folder = save_tiny_pipeline(args.kind, args.out)
+    print(f"wrote a tiny random {args.kind} pipeline to {folder}; run it at {TINY_CALL[args.kind]}")
 
 
 def _calibrate_teacache(args) -> None:
@@ -197,24 +251,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="the --out folder of ddit distill")
     p.set_defaults(func=_ship_adapter)
 
-    p = commands.add_parser("distill", help="train a multi-patch adapter against its frozen backbone (Eq. 1)")
+    p = commands.add_parser("distill", help="train a multi-patch adapter against its frozen backbone (Eq. 1): "
+                            "on the testbed, on given latents, or on a pipeline's own inputs (--pipeline)")
     p.add_argument("--out", required=True, help="folder for checkpoints and the adapter (OUT/adapter)")
+    p.add_argument("--pipeline", help="a diffusers pipeline folder: run it on --prompts, record its transformer's "
+                   "inputs (OUT/states) and distil on them")
+    p.add_argument("--prompts", help="with --pipeline: a text file, one prompt per line")
+    p.add_argument("--height", type=int, help="with --pipeline: image height (default: the pipeline's)")
+    p.add_argument("--width", type=int, help="with --pipeline: image width (default: the pipeline's)")
+    p.add_argument("--num-frames", type=int, help="with --pipeline: frames of a video pipeline (Wan)")
+    p.add_argument("--guidance", type=float, help="with --pipeline: its guidance_scale (default: the pipeline's)")
+    p.add_argument("--pipeline-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="with --pipeline: any other argument of the pipeline call, as a Python literal "
+                        "(e.g. max_sequence_length=256); repeatable")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="with --pipeline: load it in this dtype (default: as saved)")
     p.add_argument("--base", help="testbed base model folder (default: the shipped one)")
     p.add_argument("--backbone", help="a diffusers transformer folder, instead of the testbed")
     p.add_argument("--latents", help="with --backbone: safetensors with 'latents' and conditioning tensors")
     p.add_argument("--sizes", help="patch sizes in latent pixels, e.g. 4,8 (default: 2p,4p)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--shared-lora", action="store_true", help="one LoRA for every coarse size, not one per size")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=2000, help="training steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--num-inference-steps", type=int, default=50,
-                   help="t is drawn from the noise levels of a sampler with this many steps")
+    p.add_argument("--num-inference-steps", type=int,
+                   help="the sampler's steps: with --pipeline, the pipeline's (default: its own); otherwise t is "
+                        "drawn from the noise levels of a sampler with this many steps (default 50)")
     p.add_argument("--timestep-scale", type=float, default=1000.0, help="model timestep = t * scale (Flux: 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed; with --pipeline, prompt i records from "
+                   "seed + i")
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(func=_distill)
+
+    p = commands.add_parser("tiny-pipeline", help="write a tiny random, complete pipeline folder (flux, sd3, "
+                            "pixart, wan) to try ddit offline")
+    p.add_argument("kind", help="flux, sd3, pixart or wan")
+    p.add_argument("out", help="folder to write")
+    p.set_defaults(func=_tiny_pipeline)
 
     calibrate = commands.add_parser("calibrate", help="fit what a method needs to a model")
     calibrate_commands = calibrate.add_subparsers(dest="calibrate_command", required=True)

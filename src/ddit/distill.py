@@ -5,9 +5,12 @@ coarse size the student, both on the same noisy latent:
 
     L = || student(z_t at p_new, t) - teacher(z_t at p, t) ||^2,
 
-averaged over the coarse sizes. t is drawn where the sampler goes: uniformly
-over the N noise levels of a flow-matching Euler scheduler, with
-z_t = (1 - t) x_0 + t noise. Only the adapter's parameters train.
+averaged over the coarse sizes. z_t comes from one of two places: the inputs a
+stock pipeline's transformer received on the user's prompts (``RecordedStates``,
+self-distillation: ``self_distill.py``), or clean latents noised where the sampler
+goes, uniformly over the N noise levels of a flow-matching Euler scheduler with
+z_t = (1 - t) x_0 + t noise (``NoisedLatents``, the testbed). Only the adapter's
+parameters train.
 
 Built on accelerate, so the same code runs on a CPU or under
 ``accelerate launch`` on several GPUs (each process draws its own batches).
@@ -39,8 +42,9 @@ class DistillConfig:
     steps: int = 2000
     batch_size: int = 32  # per process
     lr: float = 3e-4
-    num_inference_steps: int = 50  # the sampler's N: t is one of its N noise levels
-    timestep_scale: float = 1000.0  # the model's timestep is t * scale (DiT, SD3, Wan: 1000; Flux: 1)
+    # for clean-latent data only (recorded states carry their own timesteps; None there):
+    num_inference_steps: int | None = 50  # the sampler's N: t is one of its N noise levels
+    timestep_scale: float | None = 1000.0  # the model's timestep is t * scale (DiT, SD3, Wan: 1000; Flux: 1)
     patch_sizes: tuple[int, ...] | None = None  # the coarse sizes to train; None: all of the adapter's
     seed: int = 0
 
@@ -107,9 +111,34 @@ def sampler_sigmas(num_steps: int, scheduler: FlowMatchEulerDiscreteScheduler | 
     return scheduler.sigmas[:-1].float()  # the last entry is the final 0, never a model input
 
 
+class NoisedLatents:
+    """Clean latents noised where the sampler goes: ``z_t = (1 - t) x_0 + t noise``, t one of its levels.
+
+    ``draw(generator, n) -> (z_t, forward kwargs)``, as ``RecordedStates`` gives recorded ones.
+    """
+
+    def __init__(self, data: Dataset, sigmas: torch.Tensor, timestep_scale: float, extra_kwargs: dict | None = None):
+        self.data, self.sigmas, self.timestep_scale = data, sigmas, timestep_scale
+        self.extra_kwargs = extra_kwargs or {}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def describe(self) -> dict:
+        return {"latents": len(self.data), "noise_levels": len(self.sigmas)}
+
+    def draw(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, dict]:
+        idx = torch.randint(len(self.data), (batch_size,), generator=generator)
+        x0, conditioning = default_collate([self.data[int(i)] for i in idx])
+        t = self.sigmas[torch.randint(len(self.sigmas), (len(idx),), generator=generator)]
+        noise = torch.randn(x0.shape, generator=generator)
+        t_ = t.view(-1, *[1] * (x0.ndim - 1))
+        return (1 - t_) * x0 + t_ * noise, {**self.extra_kwargs, **conditioning, "timestep": t * self.timestep_scale}
+
+
 def distill(
     model: MultiPatchTransformer,
-    data: Dataset,
+    data,
     out: str | Path,
     config: DistillConfig | None = None,
     *,
@@ -122,19 +151,21 @@ def distill(
 ) -> Path:
     """Train ``model``'s adapter against its own backbone; returns the saved adapter, ``out/adapter``.
 
-    ``data[i]`` is ``(clean latent, {forward argument: value})``, in the form the
-    backbone's ``hidden_states`` takes (packed for Flux); ``extra_kwargs`` are
-    forward arguments shared by every batch (Flux's ``img_ids``...). The model
-    is called as ``model(z_t, timestep=t * timestep_scale, **conditioning,
-    **extra_kwargs)``. ``scheduler`` (without dynamic shifting) sets where t
-    lies; the default is the testbed sampler's. Checkpoints go to
-    ``out/checkpoint.pt`` every ``checkpoint_minutes`` and at the end;
-    ``resume`` continues from there.
+    ``data`` is either recorded transformer inputs (``ddit.recorded_states.RecordedStates``,
+    used as they are) or a data set of clean latents: ``data[i]`` is ``(clean latent,
+    {forward argument: value})``, in the form the backbone's ``hidden_states`` takes
+    (packed for Flux), noised by ``NoisedLatents`` at the ``config.num_inference_steps``
+    levels of ``scheduler`` (without dynamic shifting; the default is the testbed
+    sampler's); ``extra_kwargs`` are forward arguments shared by every batch (Flux's
+    ``img_ids``...), and the timestep is ``t * config.timestep_scale``. Checkpoints go to
+    ``out/checkpoint.pt`` every ``checkpoint_minutes`` and at the end; ``resume``
+    continues from there.
     """
     config, accelerator = config or DistillConfig(), accelerator or Accelerator()
     out = Path(out)
     sizes = tuple(config.patch_sizes or model.patch_sizes[1:])
-    sigmas = sampler_sigmas(config.num_inference_steps, scheduler)
+    states = data if hasattr(data, "draw") else NoisedLatents(
+        data, sampler_sigmas(config.num_inference_steps, scheduler), config.timestep_scale, extra_kwargs)
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     run = TrainingRun(out / "checkpoint.pt", config, desc="distill", minutes=checkpoint_minutes,
@@ -145,18 +176,14 @@ def distill(
     loss_fn, opt = accelerator.prepare(DistillationLoss(model, sizes).eval(), opt)
 
     def to_device(v):
+        if isinstance(v, dict):
+            return {k: to_device(x) for k, x in v.items()}
         return v.to(accelerator.device, model.dtype if v.is_floating_point() else None) if torch.is_tensor(v) else v
 
     for step in run.steps():
         g = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1_009 + accelerator.process_index)
-        idx = torch.randint(len(data), (config.batch_size,), generator=g)
-        x0, conditioning = default_collate([data[int(i)] for i in idx])
-        t = sigmas[torch.randint(len(sigmas), (len(idx),), generator=g)]
-        noise = torch.randn(x0.shape, generator=g)
-        t_ = t.view(-1, *[1] * (x0.ndim - 1))
-        z_t = (1 - t_) * x0 + t_ * noise
-        kwargs = {**(extra_kwargs or {}), **conditioning, "timestep": t * config.timestep_scale}
-        losses = loss_fn(to_device(z_t), {k: to_device(v) for k, v in kwargs.items()})
+        z_t, kwargs = states.draw(g, config.batch_size)
+        losses = loss_fn(to_device(z_t), to_device(kwargs))
         accelerator.backward(losses.mean())
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -169,6 +196,6 @@ def distill(
         model.save_pretrained(export)
         (out / "distill.json").write_text(json.dumps(
             {"config": asdict(config), "backbone": backbone_stamp(model), "patch_sizes": sizes,
-             "steps": run.state["step"], "seconds": round(run.state["seconds"], 1),
+             "data": states.describe(), "steps": run.state["step"], "seconds": round(run.state["seconds"], 1),
              "losses": run.state["losses"]}, indent=1))
     return export

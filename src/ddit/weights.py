@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .checkpoint import CheckpointError
@@ -52,3 +53,22 @@ def load_pretrained_transformer(folder: str | Path):
     if model_class is None:
         raise CheckpointError(f"{config} names the class {name!r}, which diffusers does not have")
     return load_diffusers_model(model_class, folder)
+
+
+def load_pipeline(folder: str | Path, dtype: torch.dtype | None = None):
+    """A diffusers pipeline folder (``save_pretrained``'s, with ``model_index.json``), in ``dtype``."""
+    from diffusers import DiffusionPipeline
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"{folder} holds no model_index.json; pass a diffusers pipeline folder "
+                              "(one written by pipe.save_pretrained, or a downloaded checkpoint)")
+    for weights in folder.glob("*/*.safetensors"):
+        try:  # the header only: a real model's weights are too large to read twice
+            safe_open(weights, "pt").keys()
+        except Exception as err:
+            raise CheckpointError(f"weights file {weights} is truncated or corrupt ({err}); restore it") from None
+    try:
+        return DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"cannot load the pipeline in {folder}: {err}") from err

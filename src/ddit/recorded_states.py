@@ -1,0 +1,220 @@
+"""The inputs a pipeline's transformer received, recorded to disk, as distillation data.
+
+Self-distillation needs no image data set: the stock pipeline, run on a user's prompts
+with its own scheduler, guidance and resolution, shows exactly which noisy latents,
+timesteps and conditioning the transformer sees. A forward pre-hook on
+``pipe.transformer`` keeps every call's keyword arguments; each pipeline call (one
+prompt) becomes one safetensors file, written whole or not at all, so a killed
+recording resumes at the first missing prompt.
+
+Each file holds every tensor once (the prompt embeddings, the same at every step, are
+stored once, found by content) and, in its metadata, one entry per transformer call
+naming the tensors and non-tensor values of its arguments. A tensor whose first
+dimension is the call's batch size (that of ``hidden_states``) is per sample: one row
+per sample, so a batched classifier-free-guidance call gives a conditional and an
+unconditional sample. Other tensors (Flux's position ids) are shared by the call's rows.
+
+``RecordedStates(folder)`` draws random rows of random calls as batches of
+``(hidden_states, forward kwargs)`` for ``ddit.distill.distill``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+#: Forward arguments that say how to return, not what to compute.
+IGNORED = ("return_dict",)
+TENSOR = "__tensor__"
+
+
+class RecordingError(ValueError):
+    """A recording folder or a transformer call that cannot be used as distillation data."""
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy with its own storage (expanded tensors share one element among many)."""
+    return t.detach().cpu().clone(memory_format=torch.contiguous_format)
+
+
+def _digest(t: torch.Tensor) -> str:
+    h = hashlib.blake2b(_dense(t).reshape(-1).view(torch.uint8).numpy().tobytes(), digest_size=8)
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    return h.hexdigest()
+
+
+class _CallLog:
+    """The calls of one pipeline run: every distinct tensor once, each call as a JSON structure."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.calls: list[dict] = []
+
+    def add(self, kwargs: dict) -> None:
+        if not torch.is_tensor(kwargs.get("hidden_states")):
+            raise RecordingError("the transformer's forward has no hidden_states tensor argument; ddit records "
+                                 "diffusers transformers, whose first argument it is")
+        batch = len(kwargs["hidden_states"])
+        self.calls.append({"batch": batch, "kwargs": {name: self._encode(name, value, batch)
+                                                      for name, value in kwargs.items()
+                                                      if name not in IGNORED and value is not None}})
+
+    def _encode(self, name: str, value, batch: int):
+        if torch.is_tensor(value):
+            key = f"{name}.{_digest(value)}"
+            self.tensors.setdefault(key, _dense(value))
+            return {TENSOR: key, "per_sample": value.ndim > 0 and value.shape[0] == batch}
+        if isinstance(value, dict):
+            return {k: self._encode(f"{name}.{k}", v, batch) for k, v in value.items()}
+        try:
+            json.dumps(value)
+        except TypeError:
+            raise RecordingError(f"the transformer's argument {name!r} is a {type(value).__name__}, which cannot "
+                                 "be recorded; ddit records tensors, dicts of them and JSON values") from None
+        return value
+
+
+@contextmanager
+def recording(transformer: torch.nn.Module) -> Iterator[_CallLog]:
+    """Log every call of ``transformer`` while the block runs."""
+    log, signature = _CallLog(), inspect.signature(transformer.forward)
+
+    def hook(module, args, kwargs):
+        log.add(signature.bind_partial(*args, **kwargs).arguments)  # by name, as a forward call takes them
+
+    handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield log
+    finally:
+        handle.remove()
+
+
+def _save_atomic(path: Path, tensors: dict, metadata: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def record_states(pipe, prompts: Iterable[str], folder: str | os.PathLike, call: dict | None = None, *,
+                  seed: int = 0, indices: Iterable[int] | None = None, progress: bool = True) -> Path:
+    """Run ``pipe(prompt, **call)`` for each prompt and record its transformer's inputs in ``folder``.
+
+    Prompt i runs with a generator seeded ``seed + i`` and is written to
+    ``folder/{i:05d}.safetensors``; prompts already there are skipped (a resume), and a
+    file recorded from another prompt is refused. ``indices`` restricts the run to some
+    prompts (one process's share under accelerate). ``call`` holds the pipeline's own
+    arguments (``num_inference_steps``, ``height``, ``guidance_scale``...); the output
+    is kept as a latent, never decoded.
+    """
+    folder, prompts = Path(folder), list(prompts)
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for i in (range(len(prompts)) if indices is None else indices):
+        path = folder / f"{i:05d}.safetensors"
+        if not path.exists():
+            todo.append(i)
+        elif (recorded := _metadata(path)["prompt"]) != prompts[i]:
+            raise RecordingError(f"{path} was recorded from the prompt {recorded!r}, not {prompts[i]!r}; "
+                                 "record another prompts file into another folder")
+    device = getattr(pipe, "_execution_device", None) or pipe.device
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)  # one bar over the prompts, not one per call
+    for i in tqdm(todo, desc="record", disable=not progress or not todo):
+        with recording(pipe.transformer) as log, torch.inference_mode():
+            generator = torch.Generator("cpu").manual_seed(seed + i)
+            pipe(prompt=prompts[i], generator=generator, output_type="latent", **(call or {}))
+        if not log.calls:
+            raise RecordingError(f"the pipeline never called its transformer for prompt {i} ({prompts[i]!r})")
+        _save_atomic(folder / f"{i:05d}.safetensors", log.tensors,
+                     {"prompt": prompts[i], "calls": json.dumps(log.calls), "device": str(device)})
+    return folder
+
+
+def _metadata(path: Path) -> dict:
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except Exception as err:
+        raise RecordingError(f"recorded states file {path} is damaged ({err}); delete it and record again "
+                             "(only that prompt is recomputed)") from None
+
+
+class RecordedStates:
+    """Random batches of recorded transformer inputs: ``draw(generator, n) -> (hidden_states, kwargs)``."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.files = sorted(self.folder.glob("*.safetensors"))
+        if not self.files:
+            raise RecordingError(f"{self.folder} holds no recorded states (*.safetensors); record them with "
+                                 "ddit.recorded_states.record_states or `ddit distill --pipeline`")
+        self.calls = [(path, call) for path in self.files for call in json.loads(_metadata(path)["calls"])]
+        self.index = [(c, row) for c, (_, call) in enumerate(self.calls) for row in range(call["batch"])]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def describe(self) -> dict:
+        return {"folder": str(self.folder), "prompts": len(self.files), "calls": len(self.calls),
+                "samples": len(self.index)}
+
+    def draw(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, dict]:
+        picks = torch.randint(len(self.index), (batch_size,), generator=generator).tolist()
+        items = [self._item(*self.index[p]) for p in picks]
+        kwargs = _collate(items, self.folder)
+        return kwargs.pop("hidden_states"), kwargs
+
+    def _item(self, c: int, row: int) -> dict:
+        path, call = self.calls[c]
+        with safe_open(path, "pt") as f:
+            return _decode(call["kwargs"], f, row)
+
+
+def _decode(value, f, row: int):
+    if isinstance(value, dict) and TENSOR in value:
+        t = f.get_tensor(value[TENSOR])
+        return t[row] if value["per_sample"] else _Shared(t)
+    if isinstance(value, dict):
+        return {k: _decode(v, f, row) for k, v in value.items()}
+    return value
+
+
+class _Shared:
+    """A tensor every row of a call shares (no batch dimension): one copy per batch."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+def _collate(items: list, folder: Path):
+    first = items[0]
+    if isinstance(first, dict):
+        if any(not isinstance(i, dict) or i.keys() != first.keys() for i in items):
+            raise _mixed(folder)
+        return {k: _collate([i[k] for i in items], folder) for k in first}
+    if isinstance(first, _Shared):
+        if any(i.tensor.shape != first.tensor.shape or not torch.equal(i.tensor, first.tensor) for i in items):
+            raise _mixed(folder)
+        return first.tensor
+    if torch.is_tensor(first):
+        if any(i.shape != first.shape for i in items):
+            raise _mixed(folder)
+        return torch.stack(items)
+    if any(i != first for i in items):
+        raise _mixed(folder)
+    return first
+
+
+def _mixed(folder: Path) -> RecordingError:
+    return RecordingError(f"the calls recorded in {folder} differ in shape or options (another resolution or "
+                          "pipeline?); record one pipeline at one resolution per folder")

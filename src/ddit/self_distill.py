@@ -1,0 +1,139 @@
+"""Self-distillation from a pipeline: a folder and a prompts file in, an adapter out.
+
+No image data set is needed. The stock pipeline runs on the prompts with its own
+scheduler, guidance and resolution, and its transformer's inputs are recorded
+(``recorded_states.py``, in ``OUT/states``, resumable prompt by prompt); the adapter
+over that transformer then learns Eq. 1 on them (``distill.py``), the frozen
+transformer at its own patch size the teacher. Under ``accelerate launch`` each
+process records its share of the prompts, and training is data-parallel.
+
+Everything that can be checked is checked before the first prompt runs: the
+transformer has a backbone spec, the resolution is divisible by every patch size,
+the prompts file is readable and not empty, and a folder recorded with other
+options is refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from accelerate import Accelerator
+
+from .adapter import MultiPatchTransformer, config_hash
+from .backbones import spec_for
+from .checkpoint import write_text_atomic
+from .distill import DistillConfig, distill
+from .recorded_states import RecordedStates, RecordingError, record_states
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    path = Path(path)
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read the prompts file {path} ({err}); pass a UTF-8 text file, "
+                         "one prompt per line") from None
+    if not prompts:
+        raise ValueError(f"the prompts file {path} holds no prompt; write one prompt per line")
+    return prompts
+
+
+def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
+    """Height and width of the image the call makes and the VAE's factor, when the pipeline says (else None)."""
+    factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None)
+    defaults = inspect.signature(pipe.__call__).parameters
+    sizes = []
+    for name in ("height", "width"):
+        value = call.get(name)
+        if value is None:
+            default = defaults[name].default if name in defaults else None
+            value = default if isinstance(default, int) else None
+        if value is None and getattr(pipe, "default_sample_size", None) and factor:
+            value = pipe.default_sample_size * factor
+        sizes.append(value)
+    if factor is None or None in sizes:
+        return None
+    return sizes[0], sizes[1], factor
+
+
+def check_resolution(pipe, call: dict, patch_sizes: Sequence[int]) -> None:
+    """Refuse a resolution whose latent some patch size does not divide, before any work."""
+    size = image_size(pipe, call)
+    if size is None:
+        return
+    height, width, factor = size
+    latent = (height // factor, width // factor)
+    bad = [s for s in patch_sizes if latent[0] % s or latent[1] % s]
+    if bad:
+        raise ValueError(f"patch sizes {bad} do not divide the {latent[0]}x{latent[1]} latent of a {height}x{width} "
+                         f"image; choose --height and --width that are multiples of {max(patch_sizes) * factor}, "
+                         "or smaller --sizes")
+
+
+def check_call(pipe, call: dict) -> None:
+    """Refuse arguments the pipeline does not take, and the ones ddit sets itself."""
+    taken = inspect.signature(pipe.__call__).parameters
+    unknown = [name for name in call if name not in taken]
+    if unknown:
+        raise ValueError(f"{type(pipe).__name__} takes no {', '.join(unknown)}; drop the option")
+    ours = [name for name in ("prompt", "generator", "output_type") if name in call]
+    if ours:
+        raise ValueError(f"ddit sets {', '.join(ours)} itself when it records; drop it from the call")
+
+
+def _check_recording(path: Path, identity: dict) -> None:
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded != identity:
+            raise RecordingError(f"{path.parent} was recorded with {recorded}, not {identity}; use the same "
+                                 "options, or another --out")
+
+
+def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: dict | None = None,
+                 patch_sizes: Sequence[int] | None = None, rank: int = 8, shared_lora: bool = False,
+                 config: DistillConfig | None = None, seed: int = 0, resume: bool = False,
+                 checkpoint_minutes: float = 3.0, progress: bool = True,
+                 accelerator: Accelerator | None = None) -> Path:
+    """Record ``pipe`` on ``prompts`` into ``out/states``, distil its adapter; returns ``out/adapter``.
+
+    ``call`` holds the pipeline's own arguments for the recording (``num_inference_steps``,
+    ``height``, ``width``, ``num_frames``, ``guidance_scale``...); prompt i runs from seed
+    ``seed + i``. ``config`` defaults to ``DistillConfig`` without the noise-level
+    fields, which recorded states do not use. The written adapter loads with
+    ``ddit.enable(pipe, out / "adapter")`` or ``MultiPatchTransformer.from_pretrained``.
+    """
+    accelerator = accelerator or Accelerator()
+    call, out, prompts = dict(call or {}), Path(out), list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to record; pass at least one")
+    check_call(pipe, call)
+    try:
+        spec = spec_for(pipe.transformer)
+    except TypeError as err:  # no spec for this transformer: bad input here, not a bug
+        raise ValueError(str(err)) from None
+    base = spec.base_patch_size
+    sizes = sorted({base, *(patch_sizes or (2 * base, 4 * base))})
+    check_resolution(pipe, call, sizes)
+    config = config or DistillConfig(num_inference_steps=None, timestep_scale=None)
+    identity = {"transformer": f"{type(pipe.transformer).__name__} {config_hash(pipe.transformer)}",
+                "call": call, "seed": seed}
+    states = out / "states"
+    _check_recording(states / "recording.json", identity)
+
+    pipe.to(accelerator.device)
+    if accelerator.is_main_process:
+        states.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(states / "recording.json", json.dumps(identity, indent=1))
+    record_states(pipe, prompts, states, call, seed=seed, progress=progress and accelerator.is_main_process,
+                  indices=range(accelerator.process_index, len(prompts), accelerator.num_processes))
+    accelerator.wait_for_everyone()
+
+    model = MultiPatchTransformer(pipe.transformer, sizes[1:], rank=rank, shared_lora=shared_lora)
+    return distill(model, RecordedStates(states), out, config, resume=resume,
+                   checkpoint_minutes=checkpoint_minutes, progress=progress, accelerator=accelerator)
+

@@ -1,0 +1,203 @@
+"""Complete tiny pipeline folders (Flux, SD3, PixArt-Sigma, Wan), made offline, that stock diffusers loads.
+
+Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt without
+downloading a model, and to test it on the same folders a user would hand it.
+``save_tiny_pipeline(kind, folder)`` writes ``model_index.json`` and every component:
+tokenizers built from a hand-written vocabulary (a byte-level CLIP BPE, a character
+T5 unigram), random CLIP / T5 / UMT5 text encoders, a VAE that downsamples by the
+factor the pipeline assumes, a small random transformer and the scheduler.
+Each folder is a few hundred kilobytes and the same bytes every call.
+
+Run a saved folder at ``TINY_CALL[kind]``: there the latent is 16x16 where the
+transformer patchifies it (Flux: before its 2x2 packing), so patch sizes 2, 4 and 8
+divide it::
+
+    pipe = DiffusionPipeline.from_pretrained(save_tiny_pipeline("flux", "tiny-flux"))
+    image = pipe("a red circle", num_inference_steps=4, **TINY_CALL["flux"]).images[0]
+
+Needs ``transformers`` 5 or later (for the text encoders and tokenizers).
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLWan,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+
+KINDS = ("flux", "sd3", "pixart", "wan")
+SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
+TINY_CALL = {
+    "flux": dict(height=SIDE, width=SIDE),
+    "sd3": dict(height=SIDE, width=SIDE),
+    # binning would snap 128 to the 256-pixel bins of the transformer's sample size
+    "pixart": dict(height=SIDE, width=SIDE, use_resolution_binning=False),
+    "wan": dict(height=SIDE, width=SIDE, num_frames=5),  # 2 latent frames
+}
+CLIP_LENGTH = 77  # the CLIP tokenizers' model_max_length, as in every real checkpoint
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("tiny pipelines need transformers for their text encoders and tokenizers: "
+                          "pip install transformers") from e
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ImportError(f"tiny pipelines need transformers 5 or later (found {transformers.__version__}): "
+                          "pip install -U transformers")
+    return transformers
+
+
+def wake_zeros(model: torch.nn.Module) -> torch.nn.Module:
+    """Give zero-initialised parameters (adaLN, output heads) random values, so the output depends on everything."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+# -- tokenizers: a fixed vocabulary, so nothing is trained or downloaded
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes (what CLIP's byte-level BPE works on)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def _clip_tokenizer(tf):
+    """CLIP's byte-level BPE with no merges: one token per byte, ``</w>`` marking a word's last one."""
+    alphabet = _byte_alphabet()
+    tokens = [*alphabet, *(c + "</w>" for c in alphabet), "<|startoftext|>", "<|endoftext|>"]
+    return tf.CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=CLIP_LENGTH)
+
+
+def _t5_tokenizer(tf, max_length: int):
+    """T5's unigram tokenizer over single characters (UMT5 uses the same class)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    return tf.T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+# -- text encoders: random, from tiny configs whose widths the transformers take
+
+def _clip_encoder(tf, tokenizer, hidden: int, projection: int | None = None):
+    """CLIPTextModel, or CLIPTextModelWithProjection when ``projection`` is given (SD3's pooled text embeds)."""
+    config = tf.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=CLIP_LENGTH, projection_dim=projection or hidden,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    return (tf.CLIPTextModelWithProjection if projection else tf.CLIPTextModel)(config)
+
+
+def _t5_encoder(tf, tokenizer, d_model: int, umt5: bool = False):
+    """T5EncoderModel (Flux, SD3, PixArt) or UMT5EncoderModel (Wan)."""
+    config = (tf.UMT5Config if umt5 else tf.T5Config)(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    return (tf.UMT5EncoderModel if umt5 else tf.T5EncoderModel)(config)
+
+
+def _vae(latent_channels: int, **scaling) -> AutoencoderKL:
+    """An AutoencoderKL with four blocks: the factor 8 (2 ** (blocks - 1)) every image pipeline assumes."""
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=latent_channels, norm_num_groups=2,
+        sample_size=SIDE, **scaling)
+
+
+# -- the pipelines: tests/tiny_pipelines.py's transformers and schedulers, at the VAEs' latent channels
+
+def _flux(tf) -> DiffusionPipeline:
+    tokenizer, tokenizer_2 = _clip_tokenizer(tf), _t5_tokenizer(tf, 512)
+    transformer = wake_zeros(FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8)))
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        vae=_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_clip_encoder(tf, tokenizer, 32), tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(tf, tokenizer_2, 32), tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def _sd3(tf) -> DiffusionPipeline:
+    """Two CLIPs of width 16 (pooled 8 each) side by side, padded to the T5's 32: SD3's layout, shrunk."""
+    tokenizer, tokenizer_2, tokenizer_3 = _clip_tokenizer(tf), _clip_tokenizer(tf), _t5_tokenizer(tf, 256)
+    transformer = wake_zeros(SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=16,
+        pos_embed_max_size=16))
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_clip_encoder(tf, tokenizer, 16, projection=8), tokenizer=tokenizer,
+        text_encoder_2=_clip_encoder(tf, tokenizer_2, 16, projection=8), tokenizer_2=tokenizer_2,
+        text_encoder_3=_t5_encoder(tf, tokenizer_3, 32), tokenizer_3=tokenizer_3)
+
+
+def _pixart(tf) -> DiffusionPipeline:
+    tokenizer = _t5_tokenizer(tf, 300)
+    # sample_size 32 so that the default resolution binning has bins (256 pixels); TINY_CALL turns it off
+    transformer = wake_zeros(PixArtTransformer2DModel(
+        sample_size=32, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8))
+    # v-prediction: x0 = alpha x - sigma v stays bounded for a random model (epsilon would divide by alpha_t)
+    return PixArtSigmaPipeline(
+        tokenizer=tokenizer, text_encoder=_t5_encoder(tf, tokenizer, 32), vae=_vae(4, scaling_factor=0.13025),
+        transformer=transformer, scheduler=DPMSolverMultistepScheduler(prediction_type="v_prediction"))
+
+
+def _wan(tf) -> DiffusionPipeline:
+    tokenizer = _t5_tokenizer(tf, 226)
+    transformer = wake_zeros(WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32))
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])  # spatial factor 8, temporal 4
+    return WanPipeline(tokenizer=tokenizer, text_encoder=_t5_encoder(tf, tokenizer, 16, umt5=True), vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
+
+
+_BUILDERS = {"flux": _flux, "sd3": _sd3, "pixart": _pixart, "wan": _wan}
+
+
+def save_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:
+    """Write a complete random-weight ``kind`` pipeline (one of ``KINDS``) to ``folder`` and return its path.
+
+    Stock ``DiffusionPipeline.from_pretrained(folder)`` loads it; call it with
+    ``TINY_CALL[kind]``. Seeded: the same weights every call, and the caller's random
+    state is left as it was.
+    """
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown tiny pipeline {kind!r}; one of {', '.join(KINDS)}")
+    tf = _transformers()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipe = _BUILDERS[kind](tf)
+    folder = Path(folder)
+    pipe.save_pretrained(folder)
+    return folder

@@ -1,0 +1,113 @@
+"""Recording a stock pipeline's transformer inputs, and drawing them back as distillation batches."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ddit.recorded_states import RecordedStates, RecordingError, record_states
+from tiny_pipelines import build
+
+STEPS = 3
+
+
+class PromptPipe:
+    """A tiny in-memory pipeline that takes a prompt: the prompt's length seeds its embeddings
+    (the tiny pipelines have no text encoder; ``tests/test_self_distill.py`` runs real ones)."""
+
+    def __init__(self, name):
+        self.pipe, self.call_kwargs = build(name)
+        self.transformer, self.device, self.calls = self.pipe.transformer, self.pipe.device, 0
+
+    def __call__(self, prompt, generator, output_type, **call):
+        self.calls += 1
+        kwargs = self.call_kwargs(seeds=[len(prompt)], steps=STEPS)
+        kwargs["generator"] = [generator]
+        return self.pipe(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "pixart", "wan"])
+def test_drawn_states_reproduce_the_transformer_outputs_of_the_pipeline(name, tmp_path):
+    """Every drawn row, fed back to the transformer, gives what the transformer returned inside the
+    pipeline for that row: conditioning, timesteps, shared ids and CFG rows all come back right."""
+    pipe = PromptPipe(name)
+    seen = {}
+
+    def key(x, text):  # true CFG (Flux, Wan) calls twice per step on the same latent: the prompt tells them apart
+        return x.numpy().tobytes() + text.numpy().tobytes()
+
+    def keep(module, args, kwargs, output):
+        latents = args[0] if args else kwargs["hidden_states"]  # PixArt passes it by position
+        for x, text, y in zip(latents, kwargs["encoder_hidden_states"], output[0]):
+            seen[key(x, text)] = y.clone()
+
+    handle = pipe.transformer.register_forward_hook(keep, with_kwargs=True)
+    record_states(pipe, ["a red circle", "stripes"], tmp_path, progress=False)
+    handle.remove()
+
+    states = RecordedStates(tmp_path)
+    calls_per_prompt = STEPS * (2 if name in ("flux", "wan") else 1)  # true CFG: a second call per step
+    assert states.describe()["calls"] == 2 * calls_per_prompt
+    assert len(states) == 2 * STEPS * 2  # every step, cond and uncond, two prompts
+    z, kwargs = states.draw(torch.Generator().manual_seed(0), 5)
+    with torch.no_grad():
+        out = pipe.transformer(hidden_states=z, **kwargs, return_dict=False)[0]
+    for x, text, y in zip(z, kwargs["encoder_hidden_states"], out):
+        torch.testing.assert_close(y, seen[key(x, text)], rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_embeddings_are_stored_once_per_prompt(tmp_path):
+    record_states(PromptPipe("sd3"), ["one prompt"], tmp_path, progress=False)
+    with safe_open(tmp_path / "00000.safetensors", "pt") as f:
+        keys = list(f.keys())
+        calls = json.loads(f.metadata()["calls"])
+    assert sum(k.startswith("encoder_hidden_states.") for k in keys) == 1
+    assert sum(k.startswith("hidden_states.") for k in keys) == STEPS
+    assert [c["batch"] for c in calls] == [2] * STEPS  # cond and uncond in one batched call
+
+
+def test_a_resumed_recording_runs_only_the_missing_prompts(tmp_path):
+    prompts = ["a", "bb", "ccc"]
+    record_states(PromptPipe("sd3"), prompts, tmp_path / "straight", progress=False)
+    pipe = PromptPipe("sd3")
+    record_states(pipe, prompts[:2], tmp_path / "resumed", progress=False)
+    (tmp_path / "resumed" / "00000.safetensors").unlink()
+    record_states(pipe, prompts, tmp_path / "resumed", progress=False)
+    assert pipe.calls == 2 + 2
+    for i in range(3):
+        assert contents(tmp_path / "straight", i) == contents(tmp_path / "resumed", i)
+
+
+def contents(folder, i):
+    """A recording's metadata and tensors (its bytes are not comparable: safetensors orders metadata at random)."""
+    with safe_open(folder / f"{i:05d}.safetensors", "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}
+
+
+def test_another_prompt_in_a_recorded_place_is_refused(tmp_path):
+    record_states(PromptPipe("sd3"), ["a"], tmp_path, progress=False)
+    with pytest.raises(RecordingError, match="recorded from the prompt 'a', not 'b'"):
+        record_states(PromptPipe("sd3"), ["b"], tmp_path, progress=False)
+
+
+def test_damaged_and_missing_recordings_are_named(tmp_path):
+    with pytest.raises(RecordingError, match="holds no recorded states"):
+        RecordedStates(tmp_path)
+    record_states(PromptPipe("sd3"), ["a"], tmp_path, progress=False)
+    path = tmp_path / "00000.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RecordingError, match="00000.safetensors is damaged.*only that prompt is recomputed"):
+        RecordedStates(tmp_path)
+
+
+def test_two_resolutions_in_one_folder_are_refused_when_batched(tmp_path):
+    record_states(PromptPipe("flux"), ["a"], tmp_path, progress=False)
+    other = PromptPipe("flux")
+    original = other.call_kwargs
+    other.call_kwargs = lambda **kw: {**original(**kw), "height": 64, "width": 64}
+    record_states(other, ["a", "b"], tmp_path, indices=[1], progress=False)
+    states = RecordedStates(tmp_path)
+    with pytest.raises(RecordingError, match="one pipeline at one resolution per folder"):
+        for seed in range(20):
+            states.draw(torch.Generator().manual_seed(seed), 4)

@@ -1,0 +1,138 @@
+"""Self-distillation from a complete pipeline folder: prompts in, an adapter that ``ddit.enable`` takes out."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+import ddit
+from ddit.cli import main
+from ddit.distill import DistillConfig
+from ddit.recorded_states import RecordingError
+from ddit.self_distill import self_distill
+from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
+
+PROMPTS = ["a red circle", "blue stripes on white"]
+#: Short text: the tiny T5s would otherwise pad every prompt to the pipelines' 226 to 512 tokens.
+SHORT_TEXT = {"flux": 16, "sd3": 16, "wan": 16, "pixart": 16}
+CONFIG = DistillConfig(steps=2, batch_size=2, num_inference_steps=None, timestep_scale=None)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return {kind: save_tiny_pipeline(kind, tmp_path_factory.mktemp(kind)) for kind in KINDS}
+
+
+def load(folder):
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call(kind, steps=3):
+    return {**TINY_CALL[kind], "num_inference_steps": steps, "max_sequence_length": SHORT_TEXT[kind]}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_adapter_distilled_from_a_pipeline_runs_coarse_steps_in_it(kind, folders, tmp_path):
+    pipe = load(folders[kind])
+    before = {n: p.clone() for n, p in pipe.transformer.named_parameters()}
+    export = self_distill(pipe, PROMPTS, tmp_path, call=call(kind), config=CONFIG, progress=False)
+
+    report = json.loads((tmp_path / "distill.json").read_text())
+    assert report["data"]["prompts"] == 2 and report["steps"] == 2
+    assert torch.isfinite(torch.tensor(report["losses"])).all()
+    assert report["config"]["num_inference_steps"] is None  # recorded states carry their own timesteps
+
+    fresh = load(folders[kind])
+    assert all(torch.equal(p, before[n]) for n, p in fresh.transformer.named_parameters())
+    ddit.enable(fresh, export, policy="fixed", fraction=0.5)
+    out = fresh(PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call(kind, steps=4))
+    assert ddit.summary(fresh).coarse_fraction == 0.5
+    assert torch.isfinite(out.frames if kind == "wan" else out.images).all()
+
+
+def test_the_cli_records_once_and_resumes_training(folders, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["a red circle", "", "blue stripes on white"]) + "\n")
+    args = ["distill", "--pipeline", str(folders["flux"]), "--prompts", str(prompts), "--out", str(tmp_path / "run"),
+            "--num-inference-steps", "3", "--height", "128", "--width", "128", "--batch-size", "2",
+            "--pipeline-arg", "max_sequence_length=16"]
+    assert main([*args, "--steps", "2"]) == 0
+    recorded = sorted((tmp_path / "run" / "states").glob("*.safetensors"))
+    assert [p.name for p in recorded] == ["00000.safetensors", "00001.safetensors"]
+    stamps = [p.stat().st_mtime_ns for p in recorded]
+
+    assert main([*args, "--steps", "3", "--resume"]) == 0
+    assert [p.stat().st_mtime_ns for p in recorded] == stamps  # nothing recorded twice
+    report = json.loads((tmp_path / "run" / "distill.json").read_text())
+    assert report["steps"] == 3 and len(report["losses"]) == 3
+    assert "adapter written to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--height", "120", "--width", "128"], "do not divide the 15x16 latent of a 120x128 image; choose --height "
+                                            "and --width that are multiples of 64"),
+    (["--num-frames", "5"], "FluxPipeline takes no num_frames; drop the option"),
+    (["--pipeline-arg", "max_sequence_length"], "is not name=value"),
+])
+def test_bad_options_fail_before_anything_is_recorded(extra, message, folders, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    out = tmp_path / "run"
+    assert main(["distill", "--pipeline", str(folders["flux"]), "--prompts", str(prompts), "--out", str(out),
+                 *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, message", [("\n  \n", "holds no prompt"), (b"\xff\xfe\x00", "cannot read")])
+def test_empty_or_unreadable_prompts_are_refused(content, message, folders, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(content.encode() if isinstance(content, str) else content)
+    assert main(["distill", "--pipeline", str(folders["flux"]), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_folder_recorded_with_other_options_is_refused(folders, tmp_path):
+    pipe = load(folders["sd3"])
+    self_distill(pipe, PROMPTS[:1], tmp_path, call=call("sd3", steps=2), config=CONFIG, progress=False)
+    with pytest.raises(RecordingError, match="was recorded with .* use the same options, or another --out"):
+        self_distill(load(folders["sd3"]), PROMPTS[:1], tmp_path, call=call("sd3", steps=3), config=CONFIG,
+                     progress=False)
+
+
+def test_a_transformer_without_a_spec_is_named_with_the_supported_ones(tmp_path):
+    class Pipe:
+        transformer = torch.nn.Linear(2, 2)
+
+        def __call__(self, prompt, generator=None, output_type=None):
+            pass
+
+    with pytest.raises(ValueError, match="no backbone spec for Linear; supported: .*FluxTransformer2DModel.*plugin"):
+        self_distill(Pipe(), PROMPTS, tmp_path, progress=False)
+
+
+def test_two_processes_share_the_prompts_and_train_one_adapter(folders, tmp_path):
+    """``accelerate launch`` with two CPU processes (gloo): each records its half of the prompts."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nblue stripes\na green moon\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    done = subprocess.run([*launch, "-m", "ddit.cli", "distill", "--pipeline", str(folders["sd3"]),
+                           "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--steps", "2",
+                           "--batch-size", "2", "--num-inference-steps", "2", "--height", "128", "--width", "128",
+                           "--pipeline-arg", "max_sequence_length=16"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    states = tmp_path / "run" / "states"
+    assert sorted(p.name for p in states.glob("*.safetensors")) == [f"{i:05d}.safetensors" for i in range(3)]
+    report = json.loads((tmp_path / "run" / "distill.json").read_text())
+    assert report["data"]["prompts"] == 3 and report["steps"] == 2
+    ddit.enable(load(folders["sd3"]), tmp_path / "run" / "adapter")

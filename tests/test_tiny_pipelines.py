@@ -1,0 +1,91 @@
+"""The tiny pipeline folders: stock ``from_pretrained`` loads them, they run from a text prompt, ddit enables them."""
+
+import sys
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+import ddit
+from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
+
+PROMPTS = ["a red circle", "a blue square"]
+STEPS = 4
+PIPELINE_CLASS = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "pixart": "PixArtSigmaPipeline",
+                  "wan": "WanPipeline"}
+# Flux guides with true CFG only when given a negative prompt; the others guide above a scale of 1
+CFG_ON = {"flux": dict(true_cfg_scale=2.0, negative_prompt="blurry")}
+CFG_OFF = {"flux": {}}
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def saved(request, tmp_path_factory):
+    kind = request.param
+    return kind, save_tiny_pipeline(kind, tmp_path_factory.mktemp(kind))
+
+
+def load(folder):
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, kind, prompt, guidance, **kwargs):
+    cfg = (CFG_ON if guidance else CFG_OFF).get(kind, dict(guidance_scale=4.0 if guidance else 1.0))
+    out = pipe(prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), **cfg,
+               **TINY_CALL[kind], **kwargs)
+    return out.frames if kind == "wan" else out.images
+
+
+def test_a_saved_folder_loads_with_stock_diffusers_and_runs_from_text(saved):
+    kind, folder = saved
+    pipe = load(folder)
+    assert type(pipe).__name__ == PIPELINE_CLASS[kind]
+    assert type(getattr(diffusers, PIPELINE_CLASS[kind]).from_pretrained(folder)) is type(pipe)
+    call = TINY_CALL[kind]
+    frames = (call["num_frames"],) if kind == "wan" else ()
+
+    guided = run(pipe, kind, PROMPTS, guidance=True, output_type="np")
+    assert guided.shape == (2, *frames, call["height"], call["width"], 3) and np.isfinite(guided).all()
+    assert np.abs(guided[0] - guided[1]).max() > 0.05  # the prompt reaches the image
+
+    images = run(pipe, kind, PROMPTS[0], guidance=False, output_type="pil")[0]
+    images = images if kind == "wan" else [images]  # a video is a list of frames
+    assert all(image.size == (call["width"], call["height"]) for image in images)
+    unguided = np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images]).reshape(guided[0].shape)
+    assert np.abs(unguided - guided[0]).max() > 0.05  # guidance does something
+
+
+def test_the_folder_is_the_same_bytes_every_time(saved, tmp_path):
+    kind, folder = saved
+    state = torch.random.get_rng_state()
+    again = save_tiny_pipeline(kind, tmp_path)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is left alone
+    files = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert all((folder / f).read_bytes() == (again / f).read_bytes() for f in files)
+    assert sum((folder / f).stat().st_size for f in files) < 2**20
+
+
+def test_ddit_wraps_the_loaded_transformer_and_runs_the_pipeline_from_text(saved):
+    kind, folder = saved
+    pipe = load(folder)
+    adapter = ddit.MultiPatchTransformer(pipe.transformer, patch_sizes=(4, 8))
+    ddit.enable(pipe, adapter, policy="third_order")
+    assert np.isfinite(run(pipe, kind, PROMPTS[0], guidance=True, output_type="np")).all()
+    assert len({r["step"] for r in ddit.summary(pipe).records}) == STEPS
+
+    ddit.disable(pipe)  # four steps are too few for the third difference to go coarse: force it
+    ddit.enable(pipe, adapter, policy="fixed", fraction=0.5)
+    assert np.isfinite(run(pipe, kind, PROMPTS[0], guidance=True, output_type="np")).all()
+    assert ddit.summary(pipe).coarse_fraction == 0.5
+
+
+def test_unknown_kinds_and_a_missing_transformers_are_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="one of flux, sd3, pixart, wan"):
+        save_tiny_pipeline("dit", tmp_path)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match="pip install transformers"):
+        save_tiny_pipeline("flux", tmp_path)
