@@ -129,7 +129,7 @@ def _distill(args) -> None:
         print(f"adapter written to {export}")
 
 
-def _pipeline_args(items: list[str]) -> dict:
+def pipeline_args(items: list[str]) -> dict:
     """``name=value`` pairs, each value a Python literal (``256``, ``False``, ``'text'``)."""
     import ast
 
@@ -162,7 +162,7 @@ def _self_distill(args, sizes):
                                              ("height", args.height), ("width", args.width),
                                              ("num_frames", args.num_frames), ("guidance_scale", args.guidance))
             if value is not None}
-    call.update(_pipeline_args(args.pipeline_arg))
+    call.update(pipeline_args(args.pipeline_arg))
     pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None)
     config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, num_inference_steps=None,
                            timestep_scale=None, seed=args.seed)

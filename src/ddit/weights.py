@@ -69,6 +69,6 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype | None = None):
         except Exception as err:
             raise CheckpointError(f"weights file {weights} is truncated or corrupt ({err}); restore it") from None
     try:
-        return DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+        return DiffusionPipeline.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"cannot load the pipeline in {folder}: {err}") from err

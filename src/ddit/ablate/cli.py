@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -47,15 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fewer-steps", type=_steps, default=(28, 15),
                    help="step counts of the fewer-steps baselines; those below --steps run (default: 28,15)")
     p.add_argument("--num-per-class", type=int, default=16,
-                   help="samples per testbed class and row (default 16: a few minutes on 2 CPU cores)")
+                   help="testbed: samples per class and row (default 16: a few minutes on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0, help="sample i of every row starts from seed + i")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale, >= 1 (default 2)")
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="samples per batch; part of the configuration (default 64)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 1 (default: 2 on the "
+                   "testbed, the pipeline's own with --pipeline)")
+    p.add_argument("--batch-size", type=int,
+                   help="samples per batch; part of the configuration (default: 64 on the testbed, 1 with --pipeline)")
     p.add_argument("--backbone", help="a diffusers class-conditional DiT folder (default: the testbed base)")
     p.add_argument("--adapter", help="its multi-patch adapter folder (default: the testbed adapter)")
     p.add_argument("--evaluator", help="an evaluator folder (default: the testbed's)")
-    p.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda or cuda:1 (default: cpu)")
+    pipe = p.add_argument_group("on a diffusers pipeline instead of the testbed")
+    pipe.add_argument("--pipeline", help="a diffusers pipeline folder; needs --adapter (e.g. OUT/adapter of "
+                      "`ddit distill --pipeline`) and --prompts")
+    pipe.add_argument("--prompts", help="a text file, one prompt per line")
+    pipe.add_argument("--num-per-prompt", type=int, default=1, help="samples per prompt and row (default 1)")
+    pipe.add_argument("--height", type=int, help="image height (default: the pipeline's)")
+    pipe.add_argument("--width", type=int, help="image width (default: the pipeline's)")
+    pipe.add_argument("--num-frames", type=int, help="frames of a video pipeline (Wan)")
+    pipe.add_argument("--pipeline-arg", action="append", default=[], metavar="NAME=VALUE",
+                      help="any other argument of the pipeline call, as a Python literal (repeatable)")
+    p.add_argument("--device", help="where the model runs, e.g. cuda or cuda:1 (default: cpu on the testbed; "
+                   "with --pipeline, accelerate's device for this process)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the model's dtype (default float32; on a GPU, bfloat16 is the usual choice)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); on a shared CPU, 1 "
@@ -65,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
+    if args.pipeline:
+        return run_on_pipeline(args, console)
+    if args.prompts:
+        raise ValueError("--prompts needs --pipeline: the pipeline folder to run them through")
     from ..testbed.evaluator import load_evaluator
     from .config import build_config, parse_params
     from .models import fingerprint, folders, load_model
@@ -75,20 +92,77 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = args.device or "cpu"
     device = _device(args.device)
     found = folders(args.backbone, args.adapter)
     config = build_config(args.policies, args.caches, steps=args.steps, fewer_steps=args.fewer_steps,
                           policy_params=parse_params(args.policy_param, "--policy-param"),
                           cache_params=parse_params(args.cache_param, "--cache-param"),
                           sweeps=parse_params(args.sweep, "--sweep"),
-                          num_per_class=args.num_per_class, seed=args.seed, guidance=args.guidance,
-                          batch_size=args.batch_size, model=fingerprint(found), device=args.device,
+                          num_per_class=args.num_per_class, seed=args.seed,
+                          guidance=2.0 if args.guidance is None else args.guidance,
+                          batch_size=64 if args.batch_size is None else args.batch_size,
+                          model=fingerprint(found), device=args.device,
                           dtype=args.dtype)
     evaluator = load_evaluator(args.evaluator) if args.evaluator else load_evaluator()
     model = load_model(found).to(device=device, dtype=getattr(torch, args.dtype))
     run_ablation(config, model, args.out, progress=not args.no_progress)
     console.print(table(summarize(config, args.out, evaluator)))
     console.print(f"report: {args.out}/report.md")
+
+
+def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
+    """The same rows through ``ddit.enable`` inside a stock pipeline, on the user's prompts."""
+    import torch
+    from accelerate import Accelerator, PartialState
+
+    from ..adapter import MultiPatchTransformer
+    from ..cli import pipeline_args
+    from ..self_distill import check_call, read_prompts
+    from ..weights import load_pipeline
+    from .config import build_rows, parse_params
+    from .models import fingerprint
+    from .pipeline_report import summarize_pipeline, table
+    from .pipeline_runner import PipelineAblationConfig, run_pipeline_ablation
+
+    if not args.adapter:
+        raise ValueError("--pipeline needs --adapter: the adapter folder of that pipeline's transformer "
+                         "(OUT/adapter of `ddit distill --pipeline`)")
+    if args.backbone or args.evaluator:
+        raise ValueError("--backbone and --evaluator are the testbed's; with --pipeline, drop them")
+    if not args.prompts:
+        raise ValueError("--pipeline needs --prompts: a text file, one prompt per line")
+    if args.guidance is not None and not args.guidance >= 1:
+        raise ValueError(f"--guidance must be at least 1, got {args.guidance}")
+    if args.num_per_prompt < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise ValueError("--num-per-prompt and --batch-size must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = read_prompts(args.prompts)
+    call = {name: value for name, value in (("height", args.height), ("width", args.width),
+                                             ("num_frames", args.num_frames), ("guidance_scale", args.guidance))
+            if value is not None}
+    call.update(pipeline_args(args.pipeline_arg))
+    rows = build_rows(args.policies, args.caches, steps=args.steps, fewer_steps=args.fewer_steps,
+                      policy_params=parse_params(args.policy_param, "--policy-param"),
+                      cache_params=parse_params(args.cache_param, "--cache-param"),
+                      sweeps=parse_params(args.sweep, "--sweep"), testbed=False)
+    Accelerator()  # sets up the processes of `accelerate launch` (and reads its ACCELERATE_USE_CPU)
+    state = PartialState()
+    device = _device(args.device) if args.device else state.device
+    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype)).to(device)
+    check_call(pipe, {**call, "num_inference_steps": args.steps})
+    adapter = MultiPatchTransformer.from_pretrained(pipe.transformer, args.adapter).eval()
+    adapter.detach()  # the baseline rows run the stock transformer
+    config = PipelineAblationConfig(rows=rows, prompts=prompts, steps=args.steps, num_per_prompt=args.num_per_prompt,
+                                    seed=args.seed, batch_size=args.batch_size or 1, call=call,
+                                    model=fingerprint({"pipeline": Path(args.pipeline) / "transformer",
+                                                       "adapter": Path(args.adapter)}),
+                                    device=device.type, dtype=args.dtype)
+    run_pipeline_ablation(config, pipe, adapter, args.out, progress=not args.no_progress)
+    if state.is_main_process:
+        console.print(table(summarize_pipeline(config, args.out)))
+        console.print(f"report: {args.out}/report.md")
 
 
 def _device(name: str):

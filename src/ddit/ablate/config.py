@@ -57,10 +57,11 @@ class Row:
         """A fresh policy (None for the baseline: the backbone runs untouched)."""
         return None if self.policy == BASELINE else get_policy(self.policy, **self.policy_params)
 
-    def make_cache(self):
-        """A fresh cache (None for ``none``); TeaCache gets the testbed's fit unless given coefficients."""
+    def make_cache(self, testbed: bool = True):
+        """A fresh cache (None for ``none``); on the testbed, TeaCache gets the testbed's fit unless
+        given coefficients (a pipeline's run must give its own)."""
         params = dict(self.cache_params)
-        if self.cache == "teacache":
+        if self.cache == "teacache" and testbed:
             params.setdefault("coefficients", load_teacache_fit(TESTBED_FIT))
         return get_cache(self.cache, **params)
 
@@ -99,13 +100,25 @@ class AblationConfig:
 def build_config(policies: list[str], caches: list[str], *, steps: int = 50,
                  fewer_steps: tuple[int, ...] = FEWER_STEPS, policy_params: dict | None = None,
                  cache_params: dict | None = None, sweeps: dict | None = None, **settings) -> AblationConfig:
+    """The testbed's ablation: ``build_rows`` and the sampling settings they share."""
+    rows = build_rows(policies, caches, steps=steps, fewer_steps=fewer_steps, policy_params=policy_params,
+                      cache_params=cache_params, sweeps=sweeps, check=lambda: _check_settings(policies, caches,
+                                                                                              **settings))
+    return AblationConfig(rows=rows, steps=steps, **settings)
+
+
+def build_rows(policies: list[str], caches: list[str], *, steps: int = 50,
+               fewer_steps: tuple[int, ...] = FEWER_STEPS, policy_params: dict | None = None,
+               cache_params: dict | None = None, sweeps: dict | None = None, check=None,
+               testbed: bool = True) -> dict[str, Row]:
     """The rows of an ablation: the baseline, the baseline at each fewer step count below
     ``steps``, then (baseline and every policy) x every cache; ``none`` = no cache.
 
     ``sweeps`` (``{name: {param: [values]}}``, a policy's or a cache's) turn one policy or cache
     into one variant per value (per combination, for several parameters). Names and
     parameters are checked here, by building each policy and cache once, so that a typo
-    fails before any model is loaded.
+    fails before any model is loaded; ``check()`` runs the caller's own checks after the
+    names' and before the rows'.
     """
     policy_params, cache_params, sweeps = policy_params or {}, cache_params or {}, sweeps or {}
     _check_names("patch policy", policies, available_policies())
@@ -115,7 +128,8 @@ def build_config(policies: list[str], caches: list[str], *, steps: int = 50,
     _check_params("--sweep", sweeps, [n for n in (*policies, *caches) if n not in (BASELINE, NO_CACHE)])
     if not steps > 0 or any(s <= 0 for s in fewer_steps):
         raise ValueError(f"step counts must be positive, got --steps {steps}, --fewer-steps {fewer_steps}")
-    _check_settings(policies, caches, **settings)
+    if check is not None:
+        check()
 
     rows = [Row(BASELINE, NO_CACHE, steps)]
     rows += [Row(BASELINE, NO_CACHE, s) for s in fewer_steps if s < steps]
@@ -126,7 +140,7 @@ def build_config(policies: list[str], caches: list[str], *, steps: int = 50,
              for c_tag, c_params in _variants(c, cache_params.get(c, {}), sweeps.get(c, {}))]
     rows = {row.key(steps): row for row in rows}  # the baseline may come twice
     for row in rows.values():
-        for what, make in (("policy", row.make_policy), ("cache", row.make_cache)):
+        for what, make in (("policy", row.make_policy), ("cache", lambda: row.make_cache(testbed))):
             try:
                 made = make()
             except TypeError as err:  # an unknown keyword: the constructor names it
@@ -135,7 +149,7 @@ def build_config(policies: list[str], caches: list[str], *, steps: int = 50,
             if warmup >= row.steps:
                 raise ValueError(f"--steps {row.steps} is not more than {row.policy}'s warm-up of {warmup} steps: "
                                  f"every step would run at the base size; use --steps {warmup + 1} or more")
-    return AblationConfig(rows=rows, steps=steps, **settings)
+    return rows
 
 
 def _variants(name: str, params: dict, sweep: dict) -> list[tuple[str, dict]]:

@@ -97,9 +97,9 @@ def _signals(path: Path, signals: dict[str, dict[str, list[float]]], taus: dict[
 
 def _pareto(path: Path, summary: list[dict]) -> None:
     """Each row's quality against its wall speed-up; the line joins the rows that no other
-    row beats on both (lower spectral FD / FD, higher adherence)."""
+    row beats on both (lower FD / spectral FD, higher adherence)."""
     fig, axes = _panels(3)
-    for ax, metric, lower_is_better in ((axes[0], "sfd", True), (axes[1], "fd", True), (axes[2], "adherence", False)):
+    for ax, metric, lower_is_better in ((axes[0], "fd", True), (axes[1], "sfd", True), (axes[2], "adherence", False)):
         points = [(r["speedup_wall"], r[metric], r["row"]) for r in summary if r[metric] is not None]
         for i, (x, y, name) in enumerate(sorted(points, key=lambda p: p[1])):
             ax.scatter(x, y, color="tab:blue")

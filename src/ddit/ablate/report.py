@@ -1,8 +1,9 @@
 """The summary of a finished ablation: one record per row, as JSON, CSV, Markdown and a rich table.
 
 Speed-ups are relative to the baseline row (base patch size, no cache, full steps), in
-the sampler's measured model time and in FLOPs; FD and adherence come from the testbed evaluator, as in
-``ddit testbed eval``; the rest compares each sample with its baseline twin.
+the sampler's measured model time and in FLOPs; FD (the headline quality metric: it sees both residual
+noise and lost detail) and adherence come from the testbed evaluator, as in ``ddit testbed eval``, spectral
+FD from ``ddit.testbed.spectrum``; the rest compares each sample with its baseline twin.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .runner import load_images, read_calibration, read_results
 #: Columns of summary.csv and of the tables, with their short titles.
 COLUMNS = {"sec_per_image": "s/image", "speedup_wall": "x wall", "speedup_wall_range": "x wall over batches",
            "flops_per_image": "FLOPs/image",
-           "speedup_flops": "x FLOPs", "sfd": "spectral FD", "fd": "FD", "adherence": "adherence",
+           "speedup_flops": "x FLOPs", "fd": "FD", "adherence": "adherence", "sfd": "spectral FD",
            "ssim_vs_baseline": "SSIM",
            "psnr_vs_baseline": "PSNR", "feature_dist_vs_baseline": "feature dist", "mean_patch_size": "mean patch",
            "coarse_step_fraction": "coarse steps", "cached_step_fraction": "cached steps"}
@@ -59,16 +60,17 @@ def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> 
         values = per_sample(evaluator, images[key], images[base_key], records[key], base_size)
         quality = evaluate_images(evaluator, images[key], labels)
         by_class = {name: v for name, v in values.items() if name != "sec_per_image"}  # batches mix classes
-        per_class = {prompt: {**_means(by_class, labels == c), "adherence": quality["adherence_per_class"][prompt],
-                              "sfd": sfd(reals[real_labels == c], images[key][labels == c]),
-                              "fd": fd(evaluator, reals[real_labels == c], images[key][labels == c])}
+        per_class = {prompt: {**_means(by_class, labels == c),
+                              "fd": fd(evaluator, reals[real_labels == c], images[key][labels == c]),
+                              "adherence": quality["adherence_per_class"][prompt],
+                              "sfd": sfd(reals[real_labels == c], images[key][labels == c])}
                      for c, prompt in enumerate(PROMPTS)}
         summary.append({"row": key, "policy": row.policy, "cache": row.cache, "steps": row.steps,
                         "params": {"policy": {**effective_params(row.make_policy()), **row.policy_params,
                                               **_calibrated(calibrated, key)},
                                    "cache": {**effective_params(row.make_cache()), **row.cache_params}},
-                        **_means(values), "sfd": quality["sfd"], "fd": quality["fd"],
-                        "adherence": quality["adherence"],
+                        **_means(values), "fd": quality["fd"], "adherence": quality["adherence"],
+                        "sfd": quality["sfd"],
                         "per_class": per_class})
     _add_speedups(summary, {key: _batch_seconds(records[key], config.batch_size) for key in config.rows})
 
@@ -182,12 +184,13 @@ def _markdown(config: AblationConfig, summary: list[dict], quality: dict, figure
         "distance of evaluator features compare each sample with that twin. Speed-ups are against the "
         "baseline (x wall: each batch's wall time per image, the policy's decisions included; x FLOPs: the "
         "sampler's FLOP count).\n\n"
-        "Spectral FD (the Fréchet distance of per-image radial power spectra, which residual noise raises) "
-        "and FD (of the evaluator's features, which barely see noise) are against "
-        f"{config.num_samples} real images; two disjoint real sets of that size are "
-        f"{quality['sfd_real_floor']:.3g} and {quality['fd_real_floor']:.3g} apart (each metric's own noise "
-        "floor). Wall times are measured on a possibly shared machine and are noisier than FLOPs. PSNR of "
-        "identical images is infinite: shown as identical here, null in summary.json.\n\n"
+        "FD (of the evaluator's features, which encode how noisy and how blurred an image is as well as its "
+        "class: residual noise and lost detail both raise it) and spectral FD (of per-image radial power "
+        "spectra: it rises with noise, but since generated images carry more high-frequency power than real "
+        f"ones a blur can lower it) are against {config.num_samples} real images; two disjoint real sets of "
+        f"that size are {quality['fd_real_floor']:.3g} and {quality['sfd_real_floor']:.3g} apart (each "
+        "metric's own noise floor). Wall times are measured on a possibly shared machine and are noisier "
+        "than FLOPs. PSNR of identical images is infinite: shown as identical here, null in summary.json.\n\n"
         f"## Rows\n\n{rows}\n{_timing_warnings(summary)}{params}\n## Per class\n\n{per_class}\n"
         f"## Figures\n\n{pictures}"
     )

@@ -56,7 +56,7 @@ def run_ablation(config: AblationConfig, model, out: str | Path, *, progress: bo
     if todo:
         _warm_up(model, config.guidance)
     taus = calibrate_rows(config, model, out)
-    with (out / RESULTS).open("a") as log:
+    with results_file(out).open("a") as log:
         bar = tqdm(todo, total=len(batches), initial=len(batches) - len(todo), unit="batch",
                    desc="ablation", disable=not progress)
         for key, row, start in bar:
@@ -104,36 +104,48 @@ def make_policy(row: Row, tau: float | None = None):
     return policy
 
 
+def results_file(out: str | Path, rank: int = 0) -> Path:
+    """Where process ``rank`` appends its records: each process of a sharded run has its own file."""
+    return Path(out) / (RESULTS if rank == 0 else f"results-rank{rank}.jsonl")
+
+
 def read_results(out: str | Path, report: Callable[[str], None] | None = None) -> list[dict]:
-    """The finished records, one per (row, sample). A line torn by a kill is dropped (and cut from
-    the file); a line that is not JSON is skipped; of a sample's several records (a batch sampled
-    again after a crash), the last is kept: it belongs to the batch that wrote the current images.
-    ``report`` gets one line per repair."""
-    path = Path(out) / RESULTS
-    if not path.exists():
-        return []
+    """The finished records, one per (row, sample), from every process's file. A line torn by a
+    kill is dropped (and cut from its file); a line that is not JSON is skipped; of a sample's
+    several records (a batch sampled again after a crash), the last is kept: it belongs to the
+    batch that wrote the current images. ``report`` gets one line per repair."""
+    records = {}
+    for path in sorted(Path(out).glob("results*.jsonl")):
+        for record in _read_file(path, report):
+            key = (record["row"], record["sample"])
+            records.pop(key, None)  # keep the last, in the order of the file
+            records[key] = record
+    return list(records.values())
+
+
+def _read_file(path: Path, report: Callable[[str], None] | None) -> list[dict]:
     text = path.read_text()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
         with path.open("r+") as f:
             f.truncate(len(text.encode()))
         _tell(report, f"dropped a torn last line of {path}")
-    records, unreadable = {}, 0
+    records, unreadable = [], 0
     for line in text.splitlines():
         try:
             record = json.loads(line)
-            key = (record["row"], record["sample"])
-        except (json.JSONDecodeError, TypeError, KeyError):
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or "row" not in record or "sample" not in record:
             unreadable += 1
             continue
-        records.pop(key, None)  # keep the last, in the order of the file
-        records[key] = record
-    duplicates = len(text.splitlines()) - unreadable - len(records)
+        records.append(record)
+    duplicates = len(records) - len({(r["row"], r["sample"]) for r in records})
     if unreadable:
         _tell(report, f"skipped {unreadable} unreadable line(s) of {path}")
     if duplicates:
         _tell(report, f"kept the last of {duplicates} repeated record(s) in {path}")
-    return list(records.values())
+    return records
 
 
 def _tell(report: Callable[[str], None] | None, message: str) -> None:

@@ -1,5 +1,6 @@
-"""Quality of a testbed model: adherence and FD, measured by the evaluator, and spectral FD
-(``spectrum.py``), which sees the residual noise and blur that the evaluator does not.
+"""Quality of a testbed model: adherence and FD, measured by the evaluator (FD, the headline,
+sees residual noise and lost detail as well as wrong content), and spectral FD
+(``spectrum.py``), a distance between power spectra that needs no trained network.
 
 Labels are balanced over the classes; real reference images come from data
 seeds that neither the base model nor the evaluator trained on. The FD between
@@ -34,15 +35,15 @@ def adherence(evaluator: Evaluator, images: torch.Tensor, labels: torch.Tensor) 
 
 
 def evaluate_images(evaluator: Evaluator, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Adherence, spectral FD and FD of generated images against real ones of the same size."""
+    """Adherence, FD and spectral FD of generated images against real ones of the same size."""
     real_a, _ = make_dataset(len(images), REAL_SEEDS[0])
     real_b, _ = make_dataset(len(images), REAL_SEEDS[1])
     return {
         **adherence(evaluator, images, labels),
-        "sfd": spectral_fd(real_a, images),
-        "sfd_real_floor": spectral_fd(real_a, real_b),
         "fd": frechet_distance(evaluator, real_a, images),
         "fd_real_floor": frechet_distance(evaluator, real_a, real_b),
+        "sfd": spectral_fd(real_a, images),
+        "sfd_real_floor": spectral_fd(real_a, real_b),
     }
 
 

@@ -4,8 +4,14 @@ It stands in for CLIP and Inception on the testbed. Its predictions give
 *adherence* (the share of generated images recognised as the class they were
 conditioned on) and its penultimate features give a Fréchet distance (*FD*,
 the FID analogue, computed by torchmetrics) between generated and real images.
-It is trained on noisy and blurred copies too, so that it judges an imperfect
-sample by its class rather than by its flaws.
+
+It is trained on noisy and blurred copies too, so that its class head judges an
+imperfect sample by its class rather than by its flaws. Trained for that alone,
+its features learnt to ignore noise, and FD could not see the residual noise a
+fast sampler leaves (issue 13). So a second head, on the same features, predicts
+how strongly each image was noised and how strongly blurred: the features must
+then carry both, on two separate axes, and FD on them grows with either flaw,
+while adherence still reads the class alone.
 """
 
 from __future__ import annotations
@@ -28,10 +34,15 @@ from .data import PROMPTS, make_dataset
 SHIPPED_EVALUATOR = ASSETS / "evaluator"
 
 FEATURES = 128
+#: What the degradation head predicts, each as a strength in [0, 1].
+DEGRADATIONS = ("noise", "blur")
+#: Noise std (images in [-1, 1]) of strength 1: above what a usable sample carries.
+MAX_NOISE = 0.15
 
 
 class Evaluator(nn.Module):
-    """Three stride-2 conv stages, global average pooling, a linear classifier."""
+    """Three stride-2 conv stages, global average pooling, then two linear heads: the class
+    and the strength of each degradation (logits)."""
 
     num_features = FEATURES  # read by torchmetrics' FrechetInceptionDistance
 
@@ -45,6 +56,7 @@ class Evaluator(nn.Module):
         self.body = nn.Sequential(*stage(3, 32), *stage(32, 64), *stage(64, FEATURES),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(FEATURES, num_classes)
+        self.degradation = nn.Linear(FEATURES, len(DEGRADATIONS))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate features of images in [-1, 1]."""
@@ -77,12 +89,16 @@ class EvaluatorTrainConfig:
     seed: int = 1  # not the base model's data seed
 
 
-def _augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random blur and noise of the kind that imperfect samples show."""
-    blur = torch.rand(len(images), 1, 1, 1, generator=g) < 0.3
-    images = torch.where(blur, F.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False), images)
-    sigma = 0.15 * torch.rand(len(images), 1, 1, 1, generator=g)
-    return images + sigma * torch.randn(images.shape, generator=g)
+def _degrade(images: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blur and noise of the kind that imperfect samples show, each on about half of the images at
+    a random strength; returns the images and their (N, 2) strengths of noise and blur."""
+    n = len(images)
+    noised, blurred = torch.rand(2, n, 1, 1, 1, generator=g) < 0.5
+    blur = blurred * torch.rand(n, 1, 1, 1, generator=g)
+    noise = noised * torch.rand(n, 1, 1, 1, generator=g)
+    box = F.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    images = images + blur * (box - images) + noise * MAX_NOISE * torch.randn(images.shape, generator=g)
+    return images, torch.cat([noise, blur], dim=1).flatten(1)
 
 
 @torch.no_grad()
@@ -115,7 +131,10 @@ def train_evaluator(out: str | Path, config: EvaluatorTrainConfig = EvaluatorTra
     for step in run.steps():
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         idx = torch.randint(len(images), (config.batch_size,), generator=g)
-        loss = F.cross_entropy(evaluator(_augment(images[idx], g)), labels[idx])
+        degraded, strengths = _degrade(images[idx], g)
+        features = evaluator.features(degraded)
+        loss = (F.cross_entropy(evaluator.head(features), labels[idx])
+                + F.binary_cross_entropy_with_logits(evaluator.degradation(features), strengths))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

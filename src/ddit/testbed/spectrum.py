@@ -1,12 +1,15 @@
-"""Spectral FD: a pixel-domain quality metric that sees residual noise and lost detail.
+"""Spectral FD: a pixel-domain distance between the power spectra of generated and real images.
 
-The evaluator's features come from a classifier trained on clean images: they barely
-move when noise is left in an image (issue 13), so FD on them can rank a noisy row
-above a clean one. An image's power spectrum does move: noise lifts its high
-frequencies, blur lowers them. Each image becomes the log of its mean power per channel
-and radial frequency band (the mean colour, the DC term, left out), and torchmetrics'
-Fréchet distance compares the Gaussians of two sets of those vectors, as FD does with
-the evaluator's features.
+Noise lifts an image's high frequencies and blur lowers them. Each image becomes the log
+of its mean power per channel and radial frequency band (the mean colour, the DC term,
+left out), and torchmetrics' Fréchet distance compares the Gaussians of two sets of those
+vectors, as FD does with the evaluator's features.
+
+It needs no trained network, so it stays as a second column, but it is not the headline
+metric: noise and fine detail share the same bands, so where generated images carry more
+high-frequency power than real ones (the testbed's smooth classes do), a blur brings them
+closer to the reals and lowers it (issue 13). FD on the evaluator's features, which
+encode noise and blur on separate axes, sees both.
 """
 
 from __future__ import annotations

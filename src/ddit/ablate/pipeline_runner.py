@@ -1,0 +1,165 @@
+"""``ddit-ablate --pipeline``: the testbed's rows, run inside a stock diffusers pipeline on the user's prompts.
+
+Every row is one way of calling the same pipeline: the baseline is the stock pipeline
+(``ddit.disable``), a policy or cache row is ``ddit.enable(pipe, adapter, policy, cache)``,
+a fewer-steps row the stock pipeline with fewer steps. Sample i of every row is the same
+prompt and seed (``seed + i``), so it can be compared with its baseline twin. As on the
+testbed, rows are interleaved batch by batch, a batch's images are written before its
+records, and a rerun resumes at the first missing batch (``runner.py``).
+
+Under ``accelerate launch`` the batches are shared out: process r runs batch k of every row
+when k % processes == r (so its rows stay interleaved, and batch k of a row and of the
+baseline run on the same device), and appends to its own results file; the main process
+summarises once all are done. A sharded run resumes with any number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from ..adapter import MultiPatchTransformer
+from ..pipelines import disable, enable, summary
+from ..runtime import synchronized_clock
+from .config import BASELINE, NO_CACHE, Row, check_folder
+from .runner import _batch_done, _save_images, read_results, results_file
+
+
+@dataclass
+class PipelineAblationConfig:
+    """Rows and what every row shares: prompts, seeds, the pipeline's call arguments, the model."""
+
+    rows: dict[str, Row]
+    prompts: list[str]
+    steps: int = 28
+    num_per_prompt: int = 1
+    seed: int = 0
+    batch_size: int = 1
+    call: dict = field(default_factory=dict)  # the pipeline's own arguments (height, guidance_scale...)
+    model: dict = field(default_factory=dict)  # fingerprint of the pipeline's transformer and the adapter
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.prompts) * self.num_per_prompt
+
+    def prompt(self, i: int) -> str:
+        return self.prompts[i // self.num_per_prompt]
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def check_pipeline_rows(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer) -> None:
+    """Enable every row once, without sampling: each policy and cache is checked against this
+    pipeline (TeaCache's fit, a cache's blocks) before anything is written."""
+    if config.num_samples < 1 or config.batch_size < 1:
+        raise ValueError("--prompts needs at least one prompt, and --num-per-prompt and --batch-size must be at "
+                         "least 1")
+    for key, row in config.rows.items():
+        policy = row.make_policy()
+        if hasattr(policy, "calibrate") and "tau" not in row.policy_params:
+            raise ValueError(f"row {key}: {row.policy} calibrates its tau on testbed runs; on a pipeline, give "
+                             f"it with --policy-param {row.policy}.tau=VALUE")
+        if _enabled(row):
+            try:
+                enable(pipe, adapter, policy=policy or BASELINE, cache=row.make_cache(testbed=False))
+            except ValueError as err:
+                raise ValueError(f"row {key}: {err}") from None
+            disable(pipe)
+
+
+def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer, out: str | Path, *,
+                          progress: bool = True) -> None:
+    """Sample every row of ``config`` into ``out`` through ``pipe``, skipping finished batches."""
+    out, state = Path(out), PartialState()
+    check_pipeline_rows(config, pipe, adapter)
+    report = partial(print, file=sys.stderr) if state.is_main_process else None
+    if state.is_main_process:  # one writer for config.json, one repairer of torn files, before anyone appends
+        check_folder(out, config)
+        read_results(out, report)
+    state.wait_for_everyone()
+    check_folder(out, config)
+    done = {(r["row"], r["sample"]) for r in read_results(out)}
+    state.wait_for_everyone()
+    n, size = config.num_samples, config.batch_size
+    batches = [(key, row, start) for start in range(0, n, size) for key, row in config.rows.items()
+               if (start // size) % state.num_processes == state.process_index]
+    todo = [b for b in batches if not _batch_done(out, b[0], b[2], min(b[2] + size, n), done, report)]
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    if todo:
+        _warm_up(config, pipe, adapter)
+    with results_file(out, state.process_index).open("a") as log:
+        bar = tqdm(todo, total=len(batches), initial=len(batches) - len(todo), unit="batch",
+                   desc="ablation", disable=not progress or not state.is_main_process)
+        for key, row, start in bar:
+            bar.set_postfix_str(key)
+            indices = range(start, min(start + size, n))
+            images, wall, decisions = _sample(config, pipe, adapter, row, indices)
+            _save_images(out, key, start, images)
+            for j, i in enumerate(indices):
+                log.write(json.dumps({"row": key, "sample": i, "prompt": config.prompt(i), "seed": config.seed + i,
+                                      "policy": row.policy, "cache": row.cache, "steps": row.steps,
+                                      "sec": wall / len(indices), **decisions[j]}) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+    state.wait_for_everyone()
+
+
+def _enabled(row: Row) -> bool:
+    return row.policy != BASELINE or row.cache != NO_CACHE
+
+
+def _sample(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer, row: Row, indices: range):
+    """One batch of ``row``: images in [-1, 1] (videos keep their frames), the batch's wall seconds,
+    and per sample its patch size and whether a cache skipped it, per step."""
+    if _enabled(row):
+        enable(pipe, adapter, policy=row.make_policy() or BASELINE, cache=row.make_cache(testbed=False))
+    try:
+        generators = [torch.Generator("cpu").manual_seed(config.seed + i) for i in indices]
+        clock = synchronized_clock(adapter.device)
+        output = pipe(prompt=[config.prompt(i) for i in indices], generator=generators,
+                      num_inference_steps=row.steps, output_type="pt", **config.call)
+        wall = synchronized_clock(adapter.device) - clock
+        records = summary(pipe).records if _enabled(row) else []
+    finally:
+        if _enabled(row):
+            disable(pipe)
+    images = getattr(output, "frames", None)
+    images = output.images if images is None else images
+    return torch.as_tensor(images).float().cpu() * 2 - 1, wall, _decisions(records, len(indices), row.steps,
+                                                                            adapter.base_patch_size)
+
+
+def _decisions(records: list[dict], batch: int, steps: int, base: int) -> list[dict]:
+    """Per sample, its patch size and cache hit at each step (the stock pipeline: base size, no cache)."""
+    sizes = [[base] * steps for _ in range(batch)]
+    cached = [[False] * steps for _ in range(batch)]
+    for r in records:
+        if r["step"] < steps:
+            sizes[r["sample"]][r["step"]] = r["patch_size"]
+            cached[r["sample"]][r["step"]] = bool(r["cached"])
+    return [{"patch_size": s, "cached": c} for s, c in zip(sizes, cached)]
+
+
+def _warm_up(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer) -> None:
+    """One untimed call of the stock pipeline and one through every patch size, so that no row pays
+    for first-call setup."""
+    sizes = list(adapter.patch_sizes)
+    call = dict(prompt=config.prompts[0], num_inference_steps=len(sizes), output_type="latent", **config.call)
+    pipe(**call)
+    enable(pipe, adapter, policy="fixed", schedule=sizes)
+    try:
+        pipe(**call)
+    finally:
+        disable(pipe)

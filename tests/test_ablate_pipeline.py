@@ -1,0 +1,112 @@
+"""``ddit-ablate --pipeline``: rows through ``ddit.enable`` in a complete tiny pipeline, resumable and sharded."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from ddit.ablate.cli import main
+from ddit.cli import main as ddit_main
+from ddit.tiny_pipelines import save_tiny_pipeline
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny SD3 pipeline folder, an adapter distilled from it, a prompts file."""
+    root = tmp_path_factory.mktemp("pipeline")
+    folder = save_tiny_pipeline("sd3", root / "sd3")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a red circle\nblue stripes on white\n")
+    assert ddit_main(["distill", "--pipeline", str(folder), "--prompts", str(prompts), "--out", str(root / "distill"),
+                      "--steps", "2", "--batch-size", "2", "--num-inference-steps", "3", "--height", "128",
+                      "--width", "128", "--pipeline-arg", "max_sequence_length=16"]) == 0
+    return folder, root / "distill" / "adapter", prompts
+
+
+def args(setup, out, *extra, policies=("fixed", "fixed.fraction=0.4"), caches="none"):
+    folder, adapter, prompts = setup
+    return ["--pipeline", str(folder), "--adapter", str(adapter), "--prompts", str(prompts), "--out", str(out),
+            "--steps", str(STEPS), "--fewer-steps", "3", "--policies", policies[0],
+            *(a for param in policies[1:] for a in ("--policy-param", param)), "--caches", caches,
+            "--height", "128", "--width", "128", "--pipeline-arg", "max_sequence_length=16",
+            "--num-per-prompt", "2", "--batch-size", "2", "--no-progress", *extra]
+
+
+def test_rows_run_inside_the_pipeline_and_are_compared_with_their_twins(setup, tmp_path):
+    out = tmp_path / "run"
+    assert main(args(setup, out)) == 0
+    summary = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert list(summary) == ["baseline", "baseline@3", "fixed"]
+    assert summary["baseline"]["ssim_vs_baseline"] == pytest.approx(1.0)
+    assert summary["baseline"]["psnr_vs_baseline"] is None  # identical: infinite, null in JSON
+    fixed = summary["fixed"]
+    assert fixed["coarse_step_fraction"] == pytest.approx(0.4) and fixed["mean_patch_size"] > 2
+    assert fixed["ssim_vs_baseline"] < 1 and set(fixed["per_prompt"]) == {"a red circle", "blue stripes on white"}
+    assert summary["baseline@3"]["coarse_step_fraction"] == 0
+    images = load_file(out / "images" / "fixed" / "0000000.safetensors")["images"]
+    assert images.shape == (2, 3, 128, 128) and images.min() >= -1 and images.max() <= 1
+    report = (out / "report.md").read_text()
+    assert "LPIPS and CLIP score: skipped" in report and "plots/patch_sizes.png" in report
+    assert (out / "grids" / "prompt001.png").exists()
+
+
+def test_a_torn_run_resumes_to_the_same_summary(setup, tmp_path):
+    out = tmp_path / "run"
+    assert main(args(setup, out)) == 0
+    straight = json.loads((out / "summary.json").read_text())
+    results = out / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    results.write_text("".join(lines[:3]) + lines[3][:20])  # a kill in the middle of a line
+    (out / "images" / "fixed" / "0000002.safetensors").unlink()
+    assert main(args(setup, out)) == 0
+    resumed = json.loads((out / "summary.json").read_text())
+    for a, b in zip(straight, resumed):
+        for name in ("ssim_vs_baseline", "psnr_vs_baseline", "mean_patch_size", "coarse_step_fraction"):
+            assert a[name] == b[name], (a["row"], name)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(caches="teacache"), "row baseline+teacache: ddit's 'teacache' cache handles single-stream blocks only"),
+    (dict(policies=("budget", "budget.speedup=2")), "give it with --policy-param budget.tau=VALUE"),
+    (dict(extra=("--num-frames", "5")), "StableDiffusion3Pipeline takes no num_frames"),
+])
+def test_rows_that_cannot_run_are_refused_before_anything_is_written(setup, tmp_path, capsys, change, message):
+    out = tmp_path / "run"
+    assert main(args(setup, out, *change.pop("extra", ()), **change)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_adapter_of_another_transformer_is_refused(setup, tmp_path, capsys):
+    other = save_tiny_pipeline("flux", tmp_path / "flux")
+    a = args(setup, tmp_path / "run")
+    a[a.index("--pipeline") + 1] = str(other)
+    assert main(a) == 2
+    assert "adapter" in capsys.readouterr().err
+
+
+def test_two_processes_share_the_batches_and_match_one_process(setup, tmp_path):
+    """``accelerate launch`` with two CPU processes: each samples every other batch into its own
+    results file; the main process summarises; images equal a one-process run's."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    sharded = tmp_path / "sharded"
+    done = subprocess.run([*launch, "-m", "ddit.ablate.cli", *args(setup, sharded)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (sharded / "results.jsonl").exists() and (sharded / "results-rank1.jsonl").exists()
+    alone = tmp_path / "alone"
+    assert main(args(setup, alone)) == 0
+    for key in ("baseline", "fixed"):
+        for name in ("0000000", "0000002"):
+            a = load_file(sharded / "images" / key / f"{name}.safetensors")["images"]
+            b = load_file(alone / "images" / key / f"{name}.safetensors")["images"]
+            assert (a - b).abs().max() < 1e-5, (key, name)
+    rows = [r["row"] for r in json.loads((sharded / "summary.json").read_text())]
+    assert rows == ["baseline", "baseline@3", "fixed"]
