@@ -72,7 +72,6 @@ def test_a_torn_run_resumes_to_the_same_summary(setup, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(caches="teacache"), "row baseline+teacache: ddit's 'teacache' cache handles single-stream blocks only"),
-    (dict(policies=("budget", "budget.speedup=2")), "give it with --policy-param budget.tau=VALUE"),
     (dict(extra=("--num-frames", "5")), "StableDiffusion3Pipeline takes no num_frames"),
 ])
 def test_rows_that_cannot_run_are_refused_before_anything_is_written(setup, tmp_path, capsys, change, message):
@@ -80,6 +79,17 @@ def test_rows_that_cannot_run_are_refused_before_anything_is_written(setup, tmp_
     assert main(args(setup, out, *change.pop("extra", ()), **change)) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_budget_row_calibrates_its_tau_on_the_pipeline_once(setup, tmp_path):
+    out = tmp_path / "run"
+    assert main(args(setup, out, policies=("budget", "budget.speedup=1.25"))) == 0
+    tau = json.loads((out / "calibration.json").read_text())["budget"]
+    assert tau > 0
+    budget = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}["budget"]
+    assert budget["coarse_step_fraction"] > 0
+    assert main(args(setup, out, policies=("budget", "budget.speedup=1.25"))) == 0  # resumed: the same tau
+    assert json.loads((out / "calibration.json").read_text())["budget"] == tau
 
 
 def test_an_adapter_of_another_transformer_is_refused(setup, tmp_path, capsys):

@@ -136,3 +136,27 @@ def test_two_processes_share_the_prompts_and_train_one_adapter(folders, tmp_path
     report = json.loads((tmp_path / "run" / "distill.json").read_text())
     assert report["data"]["prompts"] == 3 and report["steps"] == 2
     ddit.enable(load(folders["sd3"]), tmp_path / "run" / "adapter")
+
+
+def test_a_bfloat16_pipeline_trains_its_adapter_in_float32_and_keeps_its_dtype(folders, tmp_path, monkeypatch):
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.extend(p.dtype for group in self.param_groups for p in group["params"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    pipe = DiffusionPipeline.from_pretrained(folders["sd3"], dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    export = self_distill(pipe, PROMPTS[:1], tmp_path, call=call("sd3", steps=2), config=CONFIG, progress=False)
+    assert seen and set(seen) == {torch.float32}  # the optimizer updated float32 weights
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
+    losses = torch.tensor(json.loads((tmp_path / "distill.json").read_text())["losses"])
+    assert torch.isfinite(losses).all()
+
+    fresh = DiffusionPipeline.from_pretrained(folders["sd3"], dtype=torch.bfloat16)
+    fresh.set_progress_bar_config(disable=True)
+    ddit.enable(fresh, export, policy="fixed", fraction=0.5)
+    out = fresh(PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call("sd3", steps=4))
+    assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images.float()).all()

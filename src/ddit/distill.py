@@ -166,7 +166,12 @@ def distill(
     sizes = tuple(config.patch_sizes or model.patch_sizes[1:])
     states = data if hasattr(data, "draw") else NoisedLatents(
         data, sampler_sigmas(config.num_inference_steps, scheduler), config.timestep_scale, extra_kwargs)
-    params = model.trainable_parameters()
+    params, dtype = model.trainable_parameters(), model.dtype
+    if dtype == torch.float16:
+        raise ValueError("distil in bfloat16 or float32: float16 training would need loss scaling")
+    mixed = dtype == torch.bfloat16
+    for p in params:  # a bf16 backbone: the adapter trains in fp32 under autocast, as mixed precision does
+        p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     run = TrainingRun(out / "checkpoint.pt", config, desc="distill", minutes=checkpoint_minutes,
                       progress=progress, writer=accelerator.is_main_process,
@@ -178,12 +183,13 @@ def distill(
     def to_device(v):
         if isinstance(v, dict):
             return {k: to_device(x) for k, x in v.items()}
-        return v.to(accelerator.device, model.dtype if v.is_floating_point() else None) if torch.is_tensor(v) else v
+        return v.to(accelerator.device, dtype if v.is_floating_point() else None) if torch.is_tensor(v) else v
 
     for step in run.steps():
         g = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1_009 + accelerator.process_index)
         z_t, kwargs = states.draw(g, config.batch_size)
-        losses = loss_fn(to_device(z_t), to_device(kwargs))
+        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=mixed):
+            losses = loss_fn(to_device(z_t), to_device(kwargs))
         accelerator.backward(losses.mean())
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -191,6 +197,8 @@ def distill(
         run.log(losses.tolist())
 
     accelerator.wait_for_everyone()
+    for p in params:
+        p.data = p.data.to(dtype)
     export = out / "adapter"
     if accelerator.is_main_process:
         model.save_pretrained(export)

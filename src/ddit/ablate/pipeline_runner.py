@@ -27,10 +27,12 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from ..adapter import MultiPatchTransformer
+from ..checkpoint import write_text_atomic
 from ..pipelines import disable, enable, summary
 from ..runtime import synchronized_clock
 from .config import BASELINE, NO_CACHE, Row, check_folder
-from .runner import _batch_done, _save_images, read_results, results_file
+from .runner import (CALIBRATION, CALIBRATION_SAMPLES, CALIBRATION_SEED_OFFSET, _batch_done, _save_images,
+                     make_policy, read_calibration, read_results, results_file)
 
 
 @dataclass
@@ -67,9 +69,6 @@ def check_pipeline_rows(config: PipelineAblationConfig, pipe, adapter: MultiPatc
                          "least 1")
     for key, row in config.rows.items():
         policy = row.make_policy()
-        if hasattr(policy, "calibrate") and "tau" not in row.policy_params:
-            raise ValueError(f"row {key}: {row.policy} calibrates its tau on testbed runs; on a pipeline, give "
-                             f"it with --policy-param {row.policy}.tau=VALUE")
         if _enabled(row):
             try:
                 enable(pipe, adapter, policy=policy or BASELINE, cache=row.make_cache(testbed=False))
@@ -90,7 +89,10 @@ def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapter: MultiPa
     state.wait_for_everyone()
     check_folder(out, config)
     done = {(r["row"], r["sample"]) for r in read_results(out)}
+    if state.is_main_process:
+        calibrate_pipeline_rows(config, pipe, adapter, out)
     state.wait_for_everyone()
+    taus = read_calibration(out)
     n, size = config.num_samples, config.batch_size
     batches = [(key, row, start) for start in range(0, n, size) for key, row in config.rows.items()
                if (start // size) % state.num_processes == state.process_index]
@@ -105,7 +107,7 @@ def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapter: MultiPa
         for key, row, start in bar:
             bar.set_postfix_str(key)
             indices = range(start, min(start + size, n))
-            images, wall, decisions = _sample(config, pipe, adapter, row, indices)
+            images, wall, decisions = _sample(config, pipe, adapter, row, indices, taus.get(key))
             _save_images(out, key, start, images)
             for j, i in enumerate(indices):
                 log.write(json.dumps({"row": key, "sample": i, "prompt": config.prompt(i), "seed": config.seed + i,
@@ -120,11 +122,40 @@ def _enabled(row: Row) -> bool:
     return row.policy != BASELINE or row.cache != NO_CACHE
 
 
-def _sample(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer, row: Row, indices: range):
+def calibrate_pipeline_rows(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer,
+                            out: Path) -> None:
+    """tau of every row whose policy calibrates (``budget``), fitted once on the pipeline and kept in
+    ``calibration.json``: the uncalibrated policy runs the base schedule on calibration samples (the
+    prompts, from seeds no row uses) and records the signals its budget is fitted to."""
+    taus = read_calibration(out)
+    for key, row in config.rows.items():
+        policy = row.make_policy()
+        if key in taus or not hasattr(policy, "calibrate"):
+            continue
+        prompts = [config.prompts[i % len(config.prompts)] for i in range(CALIBRATION_SAMPLES)]
+        traces = []
+        enable(pipe, adapter, policy=policy)
+        try:
+            for start in range(0, len(prompts), config.batch_size):
+                batch = prompts[start:start + config.batch_size]
+                generators = [torch.Generator("cpu").manual_seed(config.seed + CALIBRATION_SEED_OFFSET + start + j)
+                              for j in range(len(batch))]
+                pipe(prompt=batch, generator=generators, num_inference_steps=row.steps, output_type="latent",
+                     **config.call)
+                traces.append(policy.trace)
+        finally:
+            disable(pipe)
+        taus[key] = policy.calibrate(traces)
+        write_text_atomic(out / CALIBRATION, json.dumps(taus, indent=1))
+
+
+def _sample(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer, row: Row, indices: range,
+            tau: float | None):
     """One batch of ``row``: images in [-1, 1] (videos keep their frames), the batch's wall seconds,
     and per sample its patch size and whether a cache skipped it, per step."""
     if _enabled(row):
-        enable(pipe, adapter, policy=row.make_policy() or BASELINE, cache=row.make_cache(testbed=False))
+        policy = make_policy(row, tau) if row.policy != BASELINE else BASELINE
+        enable(pipe, adapter, policy=policy, cache=row.make_cache(testbed=False))
     try:
         generators = [torch.Generator("cpu").manual_seed(config.seed + i) for i in indices]
         clock = synchronized_clock(adapter.device)
