@@ -120,3 +120,26 @@ def test_two_processes_share_the_batches_and_match_one_process(setup, tmp_path):
             assert (a - b).abs().max() < 1e-5, (key, name)
     rows = [r["row"] for r in json.loads((sharded / "summary.json").read_text())]
     assert rows == ["baseline", "baseline@3", "fixed"]
+
+
+def test_diffusers_cache_hooks_are_rows_of_a_pipeline_ablation_only(tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+
+    from ddit import MultiPatchTransformer
+
+    folder = save_tiny_pipeline("flux", tmp_path / "flux")
+    MultiPatchTransformer(DiffusionPipeline.from_pretrained(folder).transformer).save_pretrained(tmp_path / "adapter")
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    out = tmp_path / "run"
+    assert main(["--pipeline", str(folder), "--adapter", str(tmp_path / "adapter"), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--out", str(out), "--steps", "4", "--fewer-steps", "",
+                 "--policies", "fixed", "--policy-param", "fixed.fraction=0.5", "--caches", "first_block_cache",
+                 "--cache-param", "first_block_cache.threshold=0.5", "--height", "128", "--width", "128",
+                 "--pipeline-arg", "max_sequence_length=16", "--no-progress"]) == 0
+    summary = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert list(summary) == ["baseline", "baseline+first_block_cache", "fixed+first_block_cache"]
+    assert summary["fixed+first_block_cache"]["coarse_step_fraction"] == 0.5
+    assert summary["fixed+first_block_cache"]["cached_step_fraction"] is None  # a hook does not say
+
+    assert main(["--out", str(tmp_path / "testbed"), "--caches", "first_block_cache"]) == 2
+    assert "diffusers' cache hooks run in pipeline ablations only (--pipeline)" in capsys.readouterr().err

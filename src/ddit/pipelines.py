@@ -25,24 +25,13 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from .adapter import CONFIG_NAME, MultiPatchTransformer
-from .caches import Cache, get_cache
+from .caches import Cache, diffusers_caches, get_cache
 from .policies import PatchPolicy, get_policy
 from .runtime import Call, PatchRuntime
 from .summary import Summary
 
 #: Where ``pipe.save_pretrained`` writes the adapter of an enabled pipeline, beside the stock components.
 ADAPTER_FOLDER = "ddit_adapter"
-
-
-def _diffusers_cache_configs() -> tuple[type, ...]:
-    """diffusers cache hooks that work under dynamic patches: they hook the blocks, and keep their state
-    per cache context, which the runtime gives each group of one size (and resets when the grouping
-    changes). Hooks on the model's own forward (FasterCache, PyramidAttentionBroadcast) or that count
-    steps against a per-step table (MagCache) are not here: coarse steps bypass that forward, and the
-    resets restart their step count."""
-    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
-
-    return FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 
 class DynamicPatchTransformer(nn.Module):
@@ -160,7 +149,7 @@ def check_diffusers_cache(backbone: nn.Module, config) -> None:
     if not hasattr(backbone, "enable_cache"):
         raise ValueError(f"{type(backbone).__name__} has no diffusers cache hooks (it is not a CacheMixin); use "
                          "ddit's caches (cache='teacache' or 'taylorseer') where its blocks allow, or no cache")
-    supported = _diffusers_cache_configs()
+    supported = tuple(diffusers_caches().values())
     if not isinstance(config, supported):
         raise ValueError(f"{type(config).__name__} is not supported with dynamic patches; supported diffusers "
                          f"caches: {', '.join(c.__name__ for c in supported)}, or ddit's 'teacache'/'taylorseer'")

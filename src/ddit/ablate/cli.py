@@ -25,7 +25,7 @@ def _steps(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..caches import available_caches
+    from ..caches import available_caches, diffusers_caches
     from ..policies import available_policies
 
     p = argparse.ArgumentParser(prog="ddit-ablate", description=__doc__,
@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "included; default: third_order)")
     p.add_argument("--caches", type=_names, default=["none", "teacache"],
                    help=f"comma-separated feature caches, of: none, {', '.join(available_caches())}; none = the "
-                        "policy alone (default: none,teacache)")
+                        "policy alone (default: none,teacache); with --pipeline also diffusers' hooks: "
+                        f"{', '.join(diffusers_caches())}")
     p.add_argument("--policy-param", action="append", default=[], metavar="POLICY.PARAM=VALUE",
                    help="a policy parameter, e.g. third_order.tau=1e-3 (repeatable)")
     p.add_argument("--cache-param", action="append", default=[], metavar="CACHE.PARAM=VALUE",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..caches import available_caches, get_cache, load_teacache_fit
+from ..caches import available_caches, diffusers_caches, get_cache, load_teacache_fit
 from ..checkpoint import write_text_atomic
 from ..policies import available_policies, get_policy
 from ..testbed.data import PROMPTS
@@ -63,6 +63,9 @@ class Row:
         params = dict(self.cache_params)
         if self.cache == "teacache" and testbed:
             params.setdefault("coefficients", load_teacache_fit(TESTBED_FIT))
+        hooks = diffusers_caches()
+        if self.cache in hooks:  # a pipeline's row: ddit.enable takes the config
+            return hooks[self.cache](**params)
         return get_cache(self.cache, **params)
 
 
@@ -122,7 +125,11 @@ def build_rows(policies: list[str], caches: list[str], *, steps: int = 50,
     """
     policy_params, cache_params, sweeps = policy_params or {}, cache_params or {}, sweeps or {}
     _check_names("patch policy", policies, available_policies())
-    _check_names("cache", caches, {NO_CACHE: None, **available_caches()})
+    hooks = [c for c in caches if c in diffusers_caches()]
+    if testbed and hooks:
+        raise ValueError(f"{', '.join(hooks)}: diffusers' cache hooks run in pipeline ablations only (--pipeline); "
+                         "on the testbed, use ddit's caches")
+    _check_names("cache", caches, {NO_CACHE: None, **available_caches(), **diffusers_caches()})
     _check_params("--policy-param", policy_params, [p for p in policies if p != BASELINE])
     _check_params("--cache-param", cache_params, [c for c in caches if c != NO_CACHE])
     _check_params("--sweep", sweeps, [n for n in (*policies, *caches) if n not in (BASELINE, NO_CACHE)])

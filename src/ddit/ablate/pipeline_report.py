@@ -9,6 +9,7 @@ downloads; the report says when they were skipped.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -81,7 +82,8 @@ def _per_sample(images: torch.Tensor, baseline: torch.Tensor, records: list[dict
     frames = a.shape[1] if a.ndim == 5 else 1  # a video: (N, frames, C, H, W)
     a, b = a.reshape(-1, *a.shape[-3:]), b.reshape(-1, *b.shape[-3:])
     sizes = torch.tensor([r["patch_size"] for r in records], dtype=torch.float32)
-    cached = torch.tensor([r["cached"] for r in records], dtype=torch.float32)
+    cached = torch.tensor([[math.nan if c is None else c for c in r["cached"]] for r in records],
+                          dtype=torch.float32)  # NaN (shown as -): a diffusers hook, whose hits are unknown
     return {
         "sec_per_image": torch.tensor([r["sec"] for r in records], dtype=torch.float64),
         "ssim_vs_baseline": structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
@@ -96,7 +98,8 @@ def _per_sample(images: torch.Tensor, baseline: torch.Tensor, records: list[dict
 
 def _means(values: dict[str, torch.Tensor], mask: list[bool] | None = None) -> dict[str, float]:
     keep = slice(None) if mask is None else torch.tensor(mask)
-    return {name: v[keep].double().mean().item() for name, v in values.items()}
+    means = {name: v[keep].double().mean().item() for name, v in values.items()}
+    return {name: None if math.isnan(v) else v for name, v in means.items()}  # NaN: not known
 
 
 def _add_speedups(summary: list[dict], batch_seconds: dict[str, list[float]]) -> None:

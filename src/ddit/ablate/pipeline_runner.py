@@ -173,13 +173,14 @@ def _sample(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer
 
 
 def _decisions(records: list[dict], batch: int, steps: int, base: int) -> list[dict]:
-    """Per sample, its patch size and cache hit at each step (the stock pipeline: base size, no cache)."""
+    """Per sample, its patch size and cache hit at each step (the stock pipeline: base size, no cache;
+    a diffusers cache hook: hits unknown, None)."""
     sizes = [[base] * steps for _ in range(batch)]
     cached = [[False] * steps for _ in range(batch)]
     for r in records:
         if r["step"] < steps:
             sizes[r["sample"]][r["step"]] = r["patch_size"]
-            cached[r["sample"]][r["step"]] = bool(r["cached"])
+            cached[r["sample"]][r["step"]] = r["cached"]  # None: a diffusers hook, which does not say
     return [{"patch_size": s, "cached": c} for s, c in zip(sizes, cached)]
 
 

@@ -4,7 +4,7 @@ See docs/caches.md for the design, the built-ins and writing new ones.
 """
 
 from .base import Cache, Group
-from .registry import BUILTIN_CACHES, available_caches, get_cache
+from .registry import BUILTIN_CACHES, available_caches, diffusers_caches, get_cache
 from .stack import StackRun, blocks_of, replace_stack
 from .taylorseer import TaylorSeer
 from .teacache import (
@@ -12,7 +12,7 @@ from .teacache import (
 )
 
 __all__ = [
-    "Cache", "Group", "BUILTIN_CACHES", "available_caches", "get_cache", "StackRun", "blocks_of", "replace_stack",
+    "Cache", "Group", "BUILTIN_CACHES", "available_caches", "diffusers_caches", "get_cache", "StackRun", "blocks_of", "replace_stack",
     "TaylorSeer", "TeaCache", "TeaCacheRecorder", "fit_teacache", "load_teacache_fit", "modulated_input",
     "write_teacache_fit",
 ]

@@ -23,3 +23,15 @@ def get_cache(name: str, **params) -> Cache | None:
     if name not in caches:
         raise ValueError(f"unknown feature cache {name!r}; available: none, {', '.join(caches)}")
     return caches[name](**params)
+
+
+def diffusers_caches() -> dict[str, type]:
+    """diffusers' cache hooks that work under dynamic patches, by the name ``ddit-ablate --pipeline``
+    gives them; ``ddit.enable(pipe, ..., cache=Config(...))`` takes their configs. They hook the
+    blocks and keep their state per cache context, which the runtime gives each group of one size
+    (and resets when the grouping changes). Hooks on the model's own forward (FasterCache, Pyramid
+    Attention Broadcast) or that count steps against a per-step table (MagCache) are not here:
+    coarse steps bypass that forward, and the resets restart their step count."""
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    return {"first_block_cache": FirstBlockCacheConfig, "diffusers_taylorseer": TaylorSeerCacheConfig}

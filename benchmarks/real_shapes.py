@@ -1,0 +1,504 @@
+"""What a coarse step saves on the real shapes of FLUX.1-dev, SD3.5-medium and Wan2.1-T2V-1.3B (issue 10, part 4).
+
+    python benchmarks/real_shapes.py --device cpu     # reduced models, fp32, a few minutes on 2 cores
+    python benchmarks/real_shapes.py --device cuda    # full depth, bf16 (benchmarks/gpu/run.sh runs this)
+    python benchmarks/real_shapes.py --device meta    # FLOPs alone, full depth and shapes, no weights in memory
+
+Random-weight transformers built from each model's published config (no download: the time
+of a forward does not depend on the weights), at the usual resolution and text length, each
+wrapped in ``ddit.MultiPatchTransformer`` with the patch sizes p, 2p, 4p that its latent
+allows. Timed, interleaved round by round (median of the rounds): the stock backbone at p,
+and the adapter at each size, the way the runtime calls it (base size with the LoRA layers
+out, ``set_lean_base``; coarse sizes through the extra embed, de-embed, residual and LoRA).
+From those medians, the wall speed-up of schedules with 30/50/70% of the steps coarse;
+``--steps`` > 0 also times one whole schedule (50% at 2p) against the stock loop.
+
+FLOPs (torch's FlopCounterMode, attention included) are counted per call too: the FLOP
+speed-up is what the shapes allow, the wall speed-up what the device makes of it. On the
+meta device nothing runs, so the full-size counts cost no memory and a minute of CPU.
+
+``--scale reduced`` (the CPU default) keeps each config's kinds of block and head size but
+makes it 4x narrower (heads / 4, feed-forward / 4) with 4x fewer image tokens (half the
+resolution per side; Wan: a quarter of the latent frames) and 4x fewer text tokens, so the
+tokens per width, hence attention's share of a block, and the text tokens' share stay as at
+full size; ``--depth`` (default 1 when reduced) sets the blocks of each kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from ddit import MultiPatchTransformer
+from ddit.backbones import patchify
+from ddit.flops import EXTRA_FORMULAS
+
+SHRINK = 4  # the reduced scale's factor on width, image tokens and text tokens
+FRACTIONS = (0.3, 0.5, 0.7)
+FORMAT = 1  # of real_shapes.json: a run merges its records only into a file of the same format, device and scale
+PAPER_FLUX_SPEEDUP = 2.18  # DDiT alone on FLUX.1-dev, 50 steps: 12.0 s -> 5.5 s per image (paper, Table 1)
+
+
+@dataclass(frozen=True)
+class Model:
+    title: str
+    cls: type
+    config: dict
+    source: str
+    resolution: str
+    latent: tuple[int, ...]  # (C, *dims) where the transformer patchifies, at full scale
+    text: int  # text tokens the stock pipeline passes by default
+    text_note: str
+    batch: int  # rows of one transformer call in the stock pipeline with guidance on
+    batch_note: str
+
+    def spatial(self, scale: str) -> tuple[int, ...]:
+        """The latent's dims at ``scale``: the last two are the ones a patch size must divide."""
+        dims = self.latent[1:]
+        if scale == "full":
+            return dims
+        if len(dims) == 3:  # video: fewer frames, the frame keeps its size
+            return (max(1, dims[0] // SHRINK), *dims[1:])
+        return tuple(d // 2 for d in dims)
+
+    def text_tokens(self, scale: str) -> int:
+        return self.text if scale == "full" else self.text // SHRINK
+
+
+FLUX = Model(
+    "FLUX.1-dev", FluxTransformer2DModel,
+    dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+         axes_dims_rope=(16, 56, 56)),
+    "black-forest-labs/FLUX.1-dev transformer/config.json; the same values as BFL's flux-dev params "
+    "(depth 19, depth_single_blocks 38, hidden 3072 = 24 x 128, context_in_dim 4096, vec_in_dim 768, "
+    "axes_dim [16, 56, 56], guidance_embed True)",
+    "1024x1024", (16, 128, 128), 512, "T5, FluxPipeline's max_sequence_length",
+    1, "guidance-distilled: one row per step")
+SD35 = Model(
+    "SD3.5-medium", SD3Transformer2DModel,
+    dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    "stabilityai/stable-diffusion-3.5-medium transformer/config.json (24 layers, 24 x 64, "
+    "dual attention in layers 0-12, qk_norm rms_norm, pos_embed_max_size 384)",
+    "1024x1024", (16, 128, 128), 333, "CLIP 77 + T5 256, StableDiffusion3Pipeline's max_sequence_length",
+    2, "CFG: both branches in one call")
+WAN = Model(
+    "Wan2.1-T2V-1.3B", WanTransformer3DModel,
+    dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+         text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+         qk_norm="rms_norm_across_heads", eps=1e-6),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json; Wan's own t2v_1_3B config "
+    "(dim 1536 = 12 x 128, ffn_dim 8960, 30 layers, qk_norm, cross_attn_norm)",
+    "480x832, 81 frames", (16, 21, 60, 104), 512, "UMT5, WanPipeline's max_sequence_length",
+    1, "CFG: one call per branch, two per step")
+MODELS = {"flux": FLUX, "sd3": SD35, "wan": WAN}
+
+
+def model_config(model: Model, scale: str, depth: int | None) -> dict:
+    """The config at ``scale``, with ``depth`` blocks of each kind (None: the model's own)."""
+    config = dict(model.config)
+    if scale == "reduced":
+        config["num_attention_heads"] //= SHRINK
+        if "caption_projection_dim" in config:
+            config["caption_projection_dim"] //= SHRINK  # SD3's width
+        if "ffn_dim" in config:
+            config["ffn_dim"] //= SHRINK
+    if depth is not None:
+        if model is FLUX:
+            config.update(num_layers=depth, num_single_layers=depth)
+        elif model is SD35:  # as many plain layers as dual-attention ones
+            config.update(num_layers=2 * depth, dual_attention_layers=tuple(range(depth)))
+        else:
+            config["num_layers"] = depth
+    return config
+
+
+def depth_label(model: Model, config: dict) -> str:
+    if model is FLUX:
+        return f"{config['num_layers']} dual-stream + {config['num_single_layers']} single-stream blocks"
+    if model is SD35:
+        return f"{config['num_layers']} blocks, {len(config['dual_attention_layers'])} of them with dual attention"
+    return f"{config['num_layers']} block" + "s" * (config["num_layers"] != 1)
+
+
+def build(model: Model, config: dict, sizes: tuple[int, ...], device: torch.device,
+          dtype: torch.dtype) -> MultiPatchTransformer:
+    """The wrapped backbone, made on ``device`` in ``dtype`` (no slow CPU init nor fp32 copy of a 12B model on a
+    GPU, no memory on meta), except the modules diffusers keeps in fp32 when it loads the model (Wan's norms and
+    time embedder)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            backbone = model.cls(**config).eval()
+        finally:
+            torch.set_default_dtype(previous)
+        keep = set(getattr(backbone, "_keep_in_fp32_modules", None) or ())
+        for name, module in backbone.named_modules():
+            if keep & set(name.split(".")):
+                module.float()
+        adapter = MultiPatchTransformer(backbone, patch_sizes=sizes[1:]).eval()
+    adapter.set_lean_base(True)  # as ddit.enable and the sampler run it
+    return adapter
+
+
+def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """One transformer call's arguments as the stock pipeline passes them (random values)."""
+    generator = torch.Generator().manual_seed(0)
+    batch = model.batch
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    def full(value):
+        return torch.full((batch,), value, device=device, dtype=dtype)
+
+    latent = randn(batch, model.latent[0], *dims)
+    args = dict(hidden_states=latent, encoder_hidden_states=randn(batch, text, 4096), timestep=full(500.0))
+    if model is SD35:
+        args["pooled_projections"] = randn(batch, 2048)
+    if model is FLUX:  # packed 2x2 latents, RoPE ids, timestep in [0, 1], distilled guidance
+        h, w = dims[0] // 2, dims[1] // 2
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
+        ids_device = "cpu" if device.type == "meta" else device  # the adapter reads the ids' values
+        args.update(hidden_states=patchify(latent, (2, 2)), pooled_projections=randn(batch, 768),
+                    timestep=full(0.5), guidance=full(3.5), img_ids=ids.reshape(-1, 3).to(ids_device, dtype),
+                    txt_ids=torch.zeros(text, 3).to(ids_device, dtype))
+    return args
+
+
+def image_tokens(dims: tuple[int, ...], size: int) -> int:
+    return math.prod(dims[:-2]) * (dims[-2] // size) * (dims[-1] // size)
+
+
+@contextlib.contextmanager
+def bare(adapter: MultiPatchTransformer):
+    """The stock model: the LoRA layers out of the backbone for the duration."""
+    adapter.detach()
+    try:
+        yield adapter.backbone
+    finally:
+        adapter.attach()
+
+
+def variants(adapter: MultiPatchTransformer, inputs: dict) -> dict:
+    """name -> (context, call): the stock backbone at p, then the adapter at each of its sizes."""
+    calls = {"stock": (lambda: bare(adapter), lambda: adapter.backbone(**inputs, return_dict=False))}
+    for size in adapter.patch_sizes:
+        calls[size] = (contextlib.nullcontext,
+                       lambda size=size: adapter(**inputs, patch_size=size, return_dict=False))
+    return calls
+
+
+class AttentionFlops(TorchFunctionMode):
+    """Counts the FLOPs of ``scaled_dot_product_attention`` calls before dispatch: on the meta device it becomes
+    plain matmuls that the counter cannot tell from the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3] if len(args) >= 3 else (kwargs["query"], kwargs["key"], kwargs["value"])
+            self.flops += sdpa_flop_count(q.shape, k.shape, v.shape)
+        return func(*args, **kwargs)
+
+
+def count_flops(context, call) -> tuple[int, int]:
+    """(all FLOPs, attention FLOPs) of one call."""
+    with context(), FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS) as counter, \
+            AttentionFlops() as attention:
+        call()
+    return counter.get_total_flops(), attention.flops
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(device: torch.device, call) -> float:
+    sync(device)
+    start = time.perf_counter()
+    call()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(calls: dict, device: torch.device, repeats: int, warmup: int) -> dict:
+    """Seconds of each call over ``repeats`` rounds after ``warmup`` ones; the order flips every round, so a
+    change in the machine's load lands on every variant alike."""
+    seconds = {name: [] for name in calls}
+    order = list(calls)
+    for round_ in range(warmup + repeats):
+        for name in order:
+            context, call = calls[name]
+            with context():
+                elapsed = timed(device, call)
+            if round_ >= warmup:
+                seconds[name].append(elapsed)
+        order.reverse()
+    return seconds
+
+
+def schedule(steps: int, fraction: float, coarse: int, base: int) -> list[int]:
+    """Patch size per step: the first ``fraction`` of the steps coarse (the noisy ones, where DDiT coarsens)."""
+    n = round(fraction * steps)
+    return [coarse] * n + [base] * (steps - n)
+
+
+def denoise(call, inputs: dict, sizes: list[int], model: Model) -> None:
+    """A flow-matching Euler loop over ``sizes`` (one transformer call per step): what the stock loop costs
+    besides the transformer is a few elementwise ops, here too."""
+    x, batch = inputs["hidden_states"], inputs["hidden_states"].shape[0]
+    t_scale = 1.0 if model is FLUX else 1000.0
+    for i, size in enumerate(sizes):
+        t = torch.full((batch,), (1 - i / len(sizes)) * t_scale, device=x.device, dtype=x.dtype)
+        v = call({**inputs, "hidden_states": x, "timestep": t}, size)[0]
+        x = x - v / len(sizes)
+
+
+def speedup(costs: dict, fraction: float, coarse: int, base: int) -> float:
+    """Stock cost over DDiT's when ``fraction`` of the steps run at ``coarse``, the rest at ``base``."""
+    return costs["stock"] / ((1 - fraction) * costs[base] + fraction * costs[coarse])
+
+
+def fraction_for(costs: dict, target: float, coarse: int, base: int) -> float | None:
+    """The fraction of steps at ``coarse`` that gives ``target``; None when even all of them do not."""
+    gain = costs[base] - costs[coarse]
+    need = costs[base] - costs["stock"] / target
+    return max(0.0, need / gain) if gain > 0 and need <= gain else None
+
+
+def measure(name: str, args, out: Path) -> dict:
+    model, device = MODELS[name], torch.device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    depth = args.depth if args.depth is not None else (1 if args.scale == "reduced" else None)
+    config = model_config(model, args.scale, depth)
+    dims, text = model.spatial(args.scale), model.text_tokens(args.scale)
+    base = 2  # each of these models patchifies 2x2 latent pixels
+    sizes = tuple(s for s in (base, 2 * base, 4 * base) if dims[-2] % s == 0 and dims[-1] % s == 0)
+    start = time.perf_counter()
+    adapter = build(model, config, sizes, device, dtype)
+    record = dict(model=model.title, command=args.command, source=model.source, resolution=model.resolution,
+                  scale=args.scale, latent=[model.latent[0], *dims], text_tokens=text, text_note=model.text_note,
+                  batch=model.batch, batch_note=model.batch_note, depth=depth_label(model, config), config=config,
+                  dtype=str(dtype).removeprefix("torch."), sizes=list(sizes),
+                  tokens={str(s): image_tokens(dims, s) for s in sizes}, build_s=time.perf_counter() - start)
+    inputs = make_inputs(model, dims, text, device, dtype)
+    calls = variants(adapter, inputs)
+    with torch.inference_mode():
+        flops = {key: count_flops(*call) for key, call in calls.items()}
+        record["flops"] = {str(k): v[0] for k, v in flops.items()}
+        record["attention_flops"] = {str(k): v[1] for k, v in flops.items()}
+        if device.type != "meta":
+            seconds = interleaved(calls, device, args.repeats, args.warmup)
+            record["seconds"] = {str(k): v for k, v in seconds.items()}
+            record["median_s"] = {str(k): statistics.median(v) for k, v in seconds.items()}
+            if device.type == "cuda":
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    summarise(record)
+    save(out, name, record, args)
+    if args.steps and device.type != "meta" and len(sizes) > 1:
+        with torch.inference_mode():
+            record["end_to_end"] = end_to_end(adapter, inputs, model, record, args)
+        save(out, name, record, args)
+    return record
+
+
+def summarise(record: dict) -> None:
+    """Speed-ups per size and per schedule, from the medians (wall) and the counts (FLOPs)."""
+    base, coarse = record["sizes"][0], record["sizes"][1:]
+    for kind, key in (("wall", "median_s"), ("flops", "flops")):
+        if key not in record:
+            continue
+        costs = {("stock" if k == "stock" else int(k)): v for k, v in record[key].items()}
+        record[f"{kind}_speedup"] = {str(s): costs["stock"] / costs[s] for s in record["sizes"]}
+        record[f"{kind}_schedules"] = {str(s): {str(f): speedup(costs, f, s, base) for f in FRACTIONS}
+                                       for s in coarse}
+        record[f"{kind}_fraction_for_paper"] = {str(s): fraction_for(costs, PAPER_FLUX_SPEEDUP, s, base)
+                                                for s in coarse}
+
+
+def end_to_end(adapter: MultiPatchTransformer, inputs: dict, model: Model, record: dict, args) -> dict:
+    """The stock loop, then one DDiT schedule (50% of the steps at 2p), each timed whole once (every shape is
+    warm by now); skipped when the per-step medians say they would not end before ``--deadline``."""
+    base, coarse = record["sizes"][0], record["sizes"][1]
+    sizes = schedule(args.steps, 0.5, coarse, base)
+    median = {("stock" if k == "stock" else int(k)): v for k, v in record["median_s"].items()}
+    predicted = {"stock": args.steps * median["stock"], "ddit": sum(median[s] for s in sizes)}
+    result = dict(steps=args.steps, schedule=f"first 50% of the steps at {coarse}, the rest at {base}",
+                  predicted_s=predicted, predicted_speedup=predicted["stock"] / predicted["ddit"])
+    needed = 1.3 * sum(predicted.values())
+    if args.deadline and time.time() + needed > args.deadline:
+        return {**result, "skipped": f"needs about {needed:.0f} s, past the deadline"}
+    device = torch.device(args.device)
+    with bare(adapter) as backbone:
+        stock = timed(device, lambda: denoise(lambda kw, size: backbone(**kw, return_dict=False), inputs, sizes,
+                                              model))
+    ddit = timed(device, lambda: denoise(lambda kw, size: adapter(**kw, patch_size=size, return_dict=False),
+                                         inputs, sizes, model))
+    return {**result, "measured_s": {"stock": stock, "ddit": ddit}, "measured_speedup": stock / ddit}
+
+
+def environment(device: torch.device) -> dict:
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return dict(device=device.type, card=card, torch=torch.__version__, diffusers=diffusers.__version__,
+                threads=torch.get_num_threads(), date=datetime.datetime.now().isoformat(timespec="seconds"))
+
+
+def save(out: Path, name: str, record: dict, args) -> None:
+    """Merge ``record`` into ``out/real_shapes.json`` (other models' records stay) and rewrite the table, so a
+    run stopped later keeps what it has."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "real_shapes.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    env = environment(torch.device(args.device))
+    kind = [FORMAT, env["device"], env["card"], args.scale]
+    if data.get("kind") != kind:  # another run's records: start afresh
+        data = {}
+    data["kind"], data["environment"] = kind, env
+    data.setdefault("models", {})[name] = record
+    data["models"] = {k: data["models"][k] for k in MODELS if k in data["models"]}
+    path.write_text(json.dumps(data, indent=1))
+    (out / "real_shapes.md").write_text(markdown(data))
+
+
+def markdown(data: dict) -> str:
+    env = data["environment"]
+    where = env["card"] or ("the meta device (FLOPs alone)" if env["device"] == "meta" else
+                            f"{env['device']}, {env['threads']} thread" + "s" * (env["threads"] != 1))
+    lines = [f"# Coarse steps on real shapes: {where}", "",
+             f"torch {env['torch']}, diffusers {env['diffusers']}, {env['date']}.",
+             "Random weights from each model's config; one transformer call per row. Wall: median of interleaved "
+             "rounds; FLOPs: torch's FlopCounterMode (attention included). Speed-ups are over the stock backbone "
+             "at its own patch size.", ""]
+    for record in data["models"].values():
+        lines += model_section(record)
+    return "\n".join(lines) + "\n"
+
+
+def model_section(r: dict) -> list[str]:
+    wall = "median_s" in r
+    reduced = f" (reduced scale: heads, feed-forward, image and text tokens / {SHRINK})" \
+        if r["scale"] == "reduced" else ""
+    lines = [f"## {r['model']}: {r['resolution']}, latent {'x'.join(map(str, r['latent']))}{reduced}", "",
+             f"`{r['command']}`", "",
+             f"{r['depth']}, {r['dtype']}; {r['text_tokens']} text tokens ({r['text_note']}); batch {r['batch']} "
+             f"({r['batch_note']})." + (f" Peak GPU memory {r['peak_memory_gib']:.1f} GiB."
+                                        if "peak_memory_gib" in r else ""),
+             f"Config: {r['source']}.", ""]
+    head = "| call | patch | image tokens | text tokens |" + (" ms | wall speed-up |" if wall else "")
+    lines += [head + " TFLOPs | FLOP speed-up | attention share of FLOPs |",
+              "|" + "---|" * (head.count("|") - 1 + 3)]
+    for key in ["stock", *map(str, r["sizes"])]:
+        size = r["sizes"][0] if key == "stock" else int(key)
+        row = f"| {'stock backbone' if key == 'stock' else 'adapter'} | {size} | {r['tokens'][str(size)]} | " \
+              f"{r['text_tokens']} |"
+        if wall:
+            row += f" {1e3 * r['median_s'][key]:.1f} | {r['median_s']['stock'] / r['median_s'][key]:.2f}x |"
+        flops = r["flops"][key]
+        row += f" {flops / 1e12:.3g} | {r['flops']['stock'] / flops:.2f}x | {r['attention_flops'][key] / flops:.0%} |"
+        lines.append(row)
+    coarse = r["sizes"][1:]
+    if not coarse:
+        return lines + [""]
+    kinds = ["wall", "flops"] if wall else ["flops"]
+    lines += ["", "Whole schedules, the first fraction of the steps at the coarse size"
+              + (" (wall from the medians above; FLOPs in brackets):" if wall else " (FLOPs):"), "",
+              "| coarse size | " + " | ".join(f"{f:.0%} coarse" for f in FRACTIONS)
+              + f" | coarse steps for {PAPER_FLUX_SPEEDUP}x |", "|---|" + "---|" * (len(FRACTIONS) + 1)]
+    for s in map(str, coarse):
+        cells = [" ".join(_x(r[f"{k}_schedules"][s][str(f)], k) for k in kinds) for f in FRACTIONS]
+        need = " ".join(_share(r[f"{k}_fraction_for_paper"][s], k) for k in kinds)
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {need} |")
+    e2e = r.get("end_to_end")
+    if e2e:
+        lines += ["", f"End to end, {e2e['steps']} steps, {e2e['schedule']}: predicted from the medians "
+                      f"{e2e['predicted_s']['stock']:.2f} s -> {e2e['predicted_s']['ddit']:.2f} s "
+                      f"({e2e['predicted_speedup']:.2f}x); "
+                  + (f"measured {e2e['measured_s']['stock']:.2f} s -> {e2e['measured_s']['ddit']:.2f} s "
+                     f"({e2e['measured_speedup']:.2f}x)."
+                     if "measured_s" in e2e else f"not measured: {e2e['skipped']}.")]
+    return lines + [""]
+
+
+def _x(value: float, kind: str) -> str:
+    return f"{value:.2f}x" if kind == "wall" else f"({value:.2f}x)"
+
+
+def _share(value: float | None, kind: str) -> str:
+    text = "unreachable" if value is None else f"{value:.0%}"
+    return text if kind == "wall" else f"({text})"
+
+
+def parse(argv: list[str] | None = None):
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda", "meta"])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--scale", choices=["full", "reduced"], help="default: reduced on cpu, else full")
+    parser.add_argument("--depth", type=int, help="blocks of each kind (default: the model's; 1 when reduced)")
+    parser.add_argument("--repeats", type=int, help="timed rounds (default 7 on cuda, 3 on cpu)")
+    parser.add_argument("--warmup", type=int, help="untimed rounds after the FLOP count, which runs every call "
+                                                   "once already (default 1 on cuda, 0 on cpu)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default 1 on cpu: on a shared machine a second "
+                                                    "thread waits for a descheduled one and times scatter)")
+    parser.add_argument("--steps", type=int, help="steps of the timed end-to-end schedules, 0 for none "
+                                                  "(default 50 on cuda, 4 on cpu)")
+    parser.add_argument("--deadline", type=float, help="unix time: an end-to-end run that would end later is skipped")
+    parser.add_argument("--out", type=Path, help="default: runs/real_shapes/DEVICE")
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.scale = args.scale or ("reduced" if args.device == "cpu" else "full")
+    args.repeats = args.repeats or (7 if gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (1 if gpu else 0)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    args.steps = args.steps if args.steps is not None else (50 if gpu else 4)
+    args.out = args.out or Path("runs/real_shapes") / args.device
+    bad = set(args.models.split(",")) - set(MODELS)
+    if bad:
+        parser.error(f"unknown models {sorted(bad)}; known: {', '.join(MODELS)}")
+    words = sys.argv[1:] if argv is None else list(argv)
+    if "--deadline" in words:  # a run's own clock, not part of what it measures
+        at = words.index("--deadline")
+        del words[at:at + 2]
+    args.command = " ".join(["python benchmarks/real_shapes.py", *words])
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    records = {}
+    for name in args.models.split(","):
+        print(f"{name}: building and timing ({args.scale} scale, {args.device})", flush=True)
+        records[name] = measure(name, args, args.out)
+    print("\n".join(line for record in records.values() for line in model_section(record)))
+    return records
+
+
+if __name__ == "__main__":
+    main()
