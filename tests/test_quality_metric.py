@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ddit.testbed.data import make_dataset
-from ddit.testbed.evaluator import DEGRADATIONS, frechet_distance, load_evaluator
+from ddit.testbed.evaluator import DEGRADATIONS, frechet_distance, frechet_interval, load_evaluator
 
 N = 256
 
@@ -50,3 +50,11 @@ def test_the_degradation_head_reads_noise_and_blur_off_the_features(evaluator, r
     clean, noisy, soft = strength(images), strength(noised(images)), strength(blurred(images))
     assert noisy[noise] > clean[noise] + 0.1 and abs(noisy[blur] - clean[blur]) < 0.05
     assert soft[blur] > clean[blur] + 0.1 and abs(soft[noise] - clean[noise]) < 0.05
+
+
+def test_the_bootstrap_interval_tells_a_noised_set_from_a_clean_one(evaluator, reals):
+    a, b, _ = reals
+    clean = frechet_interval(evaluator, a, b, resamples=50)
+    noisy = frechet_interval(evaluator, a, noised(b), resamples=50)
+    assert clean[0] < clean[1] < noisy[0] < noisy[1]
+    assert frechet_interval(evaluator, a, b, resamples=50) == clean  # seeded: the same interval every time

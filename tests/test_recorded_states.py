@@ -111,3 +111,27 @@ def test_two_resolutions_in_one_folder_are_refused_when_batched(tmp_path):
     with pytest.raises(RecordingError, match="one pipeline at one resolution per folder"):
         for seed in range(20):
             states.draw(torch.Generator().manual_seed(seed), 4)
+
+
+def test_a_multipatch_model_records_the_base_inputs_of_every_call(tmp_path):
+    """Recording a ``MultiPatchTransformer`` while a coarse schedule samples (the testbed's way to get
+    on-policy states): every call is kept, whatever its size, by name and without ``patch_size``."""
+    from ddit.adapter import MultiPatchTransformer
+    from ddit.policies import get_policy
+    from ddit.recorded_states import recording
+    from ddit.testbed.base_model import NULL_LABEL, build_base_model, generate
+
+    from conftest import TINY_DIT
+
+    model = MultiPatchTransformer(build_base_model(**TINY_DIT)).eval()
+    with recording(model) as log:
+        generate(model, torch.tensor([0, 1]), steps=4, guidance=2.0, policy=get_policy("fixed", schedule=[8, 4, 2, 2]))
+    log.save(tmp_path / "00000.safetensors", prompt="testbed")
+    states = RecordedStates(tmp_path)
+    batches = [call["batch"] for _, call in states.calls]
+    assert batches.count(4) == 4  # one call per step: 2 samples x 2 CFG branches (the rest: FLOP counting)
+    z, kwargs = states.draw(torch.Generator().manual_seed(0), 6)
+    assert set(kwargs) == {"timestep", "class_labels"} and z.shape == (6, 3, 32, 32)
+    assert (kwargs["class_labels"] == NULL_LABEL).any() and (kwargs["class_labels"] != NULL_LABEL).any()
+    with torch.no_grad():
+        assert model(z, **kwargs, patch_size=4, return_dict=False)[0].shape == z.shape

@@ -33,8 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-#: Forward arguments that say how to return, not what to compute.
-IGNORED = ("return_dict",)
+#: Forward arguments that say how to return, not what to compute (``patch_size``: a
+#: ``MultiPatchTransformer``'s choice, which the recorded state must not fix).
+IGNORED = ("return_dict", "patch_size")
 TENSOR = "__tensor__"
 
 
@@ -53,12 +54,21 @@ def _digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-class _CallLog:
+class CallLog:
     """The calls of one pipeline run: every distinct tensor once, each call as a JSON structure."""
 
     def __init__(self):
         self.tensors: dict[str, torch.Tensor] = {}
         self.calls: list[dict] = []
+
+    def save(self, path: str | os.PathLike, prompt: str, **metadata: str) -> None:
+        """Write the calls to one file, whole or not at all."""
+        if not self.calls:
+            raise RecordingError(f"no transformer call was recorded for {prompt!r}")
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        save_file(self.tensors, tmp, metadata={"prompt": prompt, "calls": json.dumps(self.calls), **metadata})
+        os.replace(tmp, path)
 
     def add(self, kwargs: dict) -> None:
         if not torch.is_tensor(kwargs.get("hidden_states")):
@@ -84,25 +94,35 @@ class _CallLog:
         return value
 
 
+def _by_name(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """A call's arguments by name, as a keyword call takes them back (``**kwargs`` flattened)."""
+    named = {}
+    for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise RecordingError("the transformer was called with extra positional arguments, which cannot be "
+                                     "replayed by name")
+        else:
+            named[name] = value
+    return named
+
+
 @contextmanager
-def recording(transformer: torch.nn.Module) -> Iterator[_CallLog]:
+def recording(transformer: torch.nn.Module) -> Iterator[CallLog]:
     """Log every call of ``transformer`` while the block runs."""
-    log, signature = _CallLog(), inspect.signature(transformer.forward)
+    log, signature = CallLog(), inspect.signature(transformer.forward)
 
     def hook(module, args, kwargs):
-        log.add(signature.bind_partial(*args, **kwargs).arguments)  # by name, as a forward call takes them
+        log.add(_by_name(signature, args, kwargs))
 
     handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield log
     finally:
         handle.remove()
-
-
-def _save_atomic(path: Path, tensors: dict, metadata: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
 
 
 def record_states(pipe, prompts: Iterable[str], folder: str | os.PathLike, call: dict | None = None, *,
@@ -133,10 +153,7 @@ def record_states(pipe, prompts: Iterable[str], folder: str | os.PathLike, call:
         with recording(pipe.transformer) as log, torch.inference_mode():
             generator = torch.Generator("cpu").manual_seed(seed + i)
             pipe(prompt=prompts[i], generator=generator, output_type="latent", **(call or {}))
-        if not log.calls:
-            raise RecordingError(f"the pipeline never called its transformer for prompt {i} ({prompts[i]!r})")
-        _save_atomic(folder / f"{i:05d}.safetensors", log.tensors,
-                     {"prompt": prompts[i], "calls": json.dumps(log.calls), "device": str(device)})
+        log.save(folder / f"{i:05d}.safetensors", prompts[i], device=str(device))
     return folder
 
 

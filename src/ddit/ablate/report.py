@@ -21,7 +21,7 @@ from rich.table import Table
 from ..checkpoint import write_text_atomic
 from ..testbed.data import PROMPTS, make_dataset
 from ..testbed.evaluate import REAL_SEEDS, evaluate_images
-from ..testbed.evaluator import Evaluator
+from ..testbed.evaluator import Evaluator, frechet_interval
 from . import plots
 from .config import AblationConfig, effective_params
 from .metrics import fd, per_sample, sfd
@@ -30,12 +30,13 @@ from .runner import load_images, read_calibration, read_results
 #: Columns of summary.csv and of the tables, with their short titles.
 COLUMNS = {"sec_per_image": "s/image", "speedup_wall": "x wall", "speedup_wall_range": "x wall over batches",
            "flops_per_image": "FLOPs/image",
-           "speedup_flops": "x FLOPs", "fd": "FD", "adherence": "adherence", "sfd": "spectral FD",
+           "speedup_flops": "x FLOPs", "fd": "FD", "fd_interval": "FD 90% CI", "adherence": "adherence", "sfd": "spectral FD",
            "ssim_vs_baseline": "SSIM",
            "psnr_vs_baseline": "PSNR", "feature_dist_vs_baseline": "feature dist", "mean_patch_size": "mean patch",
            "coarse_step_fraction": "coarse steps", "cached_step_fraction": "cached steps"}
 #: Per class there is no wall time: a batch mixes classes.
-CLASS_COLUMNS = {k: v for k, v in COLUMNS.items() if k not in ("sec_per_image", "speedup_wall", "speedup_wall_range")}
+CLASS_COLUMNS = {k: v for k, v in COLUMNS.items()
+                 if k not in ("sec_per_image", "speedup_wall", "speedup_wall_range", "fd_interval")}
 
 
 def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> list[dict]:
@@ -69,7 +70,9 @@ def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> 
                         "params": {"policy": {**effective_params(row.make_policy()), **row.policy_params,
                                               **_calibrated(calibrated, key)},
                                    "cache": {**effective_params(row.make_cache()), **row.cache_params}},
-                        **_means(values), "fd": quality["fd"], "adherence": quality["adherence"],
+                        **_means(values), "fd": quality["fd"],
+                        "fd_interval": frechet_interval(evaluator, reals, images[key]) if config.num_samples > 2 else None,
+                        "adherence": quality["adherence"],
                         "sfd": quality["sfd"],
                         "per_class": per_class})
     _add_speedups(summary, {key: _batch_seconds(records[key], config.batch_size) for key in config.rows})
@@ -189,7 +192,9 @@ def _markdown(config: AblationConfig, summary: list[dict], quality: dict, figure
         "spectra: it rises with noise, but since generated images carry more high-frequency power than real "
         f"ones a blur can lower it) are against {config.num_samples} real images; two disjoint real sets of "
         f"that size are {quality['fd_real_floor']:.3g} and {quality['sfd_real_floor']:.3g} apart (each "
-        "metric's own noise floor). Wall times are measured on a possibly shared machine and are noisier "
+        "metric's own noise floor). FD 90% CI: a bootstrap interval over the row's samples (200 resamples, "
+        "reals fixed): two rows whose intervals overlap are not told apart at this sample size. Wall times are "
+        "measured on a possibly shared machine and are noisier "
         "than FLOPs. PSNR of identical images is infinite: shown as identical here, null in summary.json.\n\n"
         f"## Rows\n\n{rows}\n{_timing_warnings(summary)}{params}\n## Per class\n\n{per_class}\n"
         f"## Figures\n\n{pictures}"
