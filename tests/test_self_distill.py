@@ -160,3 +160,23 @@ def test_a_bfloat16_pipeline_trains_its_adapter_in_float32_and_keeps_its_dtype(f
     ddit.enable(fresh, export, policy="fixed", fraction=0.5)
     out = fresh(PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call("sd3", steps=4))
     assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images.float()).all()
+
+
+def test_an_on_policy_round_records_the_latents_coarse_steps_lead_to(folders, tmp_path):
+    from ddit.policies import get_policy
+    from ddit.recorded_states import RecordedStates
+
+    pipe = load(folders["flux"])
+    export = self_distill(pipe, PROMPTS, tmp_path, call=call("flux", steps=4), config=CONFIG, progress=False,
+                          on_policy=get_policy("fixed", fraction=0.5))
+    assert export == tmp_path / "on-policy" / "adapter"
+    stock, visited = RecordedStates(tmp_path / "states"), RecordedStates(tmp_path / "on-policy" / "states")
+    assert len(visited) == len(stock)  # the same prompts and steps, once more
+    z_stock, _ = stock.draw(torch.Generator().manual_seed(0), len(stock))
+    z_visited, _ = visited.draw(torch.Generator().manual_seed(0), len(visited))
+    assert not torch.equal(z_stock, z_visited)  # coarse steps took the latents elsewhere
+    report = json.loads((tmp_path / "on-policy" / "distill.json").read_text())
+    assert report["data"]["prompts"] == 4 and report["steps"] == CONFIG.steps  # both recordings, 2 prompts each
+    fresh = load(folders["flux"])
+    ddit.enable(fresh, export, policy="fixed", fraction=0.5)
+    fresh(PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call("flux", steps=4))

@@ -129,7 +129,7 @@ def _distill(args) -> None:
         print(f"adapter written to {export}")
 
 
-def pipeline_args(items: list[str]) -> dict:
+def pipeline_args(items: list[str], flag: str = "--pipeline-arg") -> dict:
     """``name=value`` pairs, each value a Python literal (``256``, ``False``, ``'text'``)."""
     import ast
 
@@ -137,11 +137,11 @@ def pipeline_args(items: list[str]) -> dict:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.isidentifier():
-            raise ValueError(f"--pipeline-arg {item!r} is not name=value, e.g. --pipeline-arg max_sequence_length=256")
+            raise ValueError(f"{flag} {item!r} is not name=value, e.g. {flag} max_sequence_length=256")
         try:
             args[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise ValueError(f"--pipeline-arg {item!r}: {value!r} is not a Python literal (a number, True or "
+            raise ValueError(f"{flag} {item!r}: {value!r} is not a Python literal (a number, True or "
                              "False, or text in quotes)") from None
     return args
 
@@ -163,12 +163,17 @@ def _self_distill(args, sizes):
                                              ("num_frames", args.num_frames), ("guidance_scale", args.guidance))
             if value is not None}
     call.update(pipeline_args(args.pipeline_arg))
+    on_policy = None
+    if args.on_policy:
+        from .policies import get_policy
+
+        on_policy = get_policy(args.on_policy, **pipeline_args(args.on_policy_param, "--on-policy-param"))
     pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None)
     config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, num_inference_steps=None,
                            timestep_scale=None, seed=args.seed)
     return self_distill(pipe, prompts, args.out, call=call, patch_sizes=sizes, rank=args.rank,
                         shared_lora=args.shared_lora, config=config, seed=args.seed, resume=args.resume,
-                        checkpoint_minutes=args.checkpoint_minutes)
+                        checkpoint_minutes=args.checkpoint_minutes, on_policy=on_policy)
 
 
 def _tiny_pipeline(args) -> None:
@@ -264,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-arg", action="append", default=[], metavar="NAME=VALUE",
                    help="with --pipeline: any other argument of the pipeline call, as a Python literal "
                         "(e.g. max_sequence_length=256); repeatable")
+    p.add_argument("--on-policy", metavar="POLICY", help="with --pipeline: a second round, recorded with the "
+                   "adapter enabled under this policy (e.g. fixed), so that training also sees the latents coarse "
+                   "steps lead to; the adapter is then OUT/on-policy/adapter")
+    p.add_argument("--on-policy-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a parameter of the --on-policy policy, e.g. fraction=0.5 (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="with --pipeline: load it in this dtype (default: as saved)")
     p.add_argument("--base", help="testbed base model folder (default: the shipped one)")

@@ -14,8 +14,8 @@ dimension is the call's batch size (that of ``hidden_states``) is per sample: on
 per sample, so a batched classifier-free-guidance call gives a conditional and an
 unconditional sample. Other tensors (Flux's position ids) are shared by the call's rows.
 
-``RecordedStates(folder)`` draws random rows of random calls as batches of
-``(hidden_states, forward kwargs)`` for ``ddit.distill.distill``.
+``RecordedStates(folder, ...)`` draws random rows of random calls (of one or more
+folders) as batches of ``(hidden_states, forward kwargs)`` for ``ddit.distill.distill``.
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def recording(transformer: torch.nn.Module) -> Iterator[CallLog]:
 
 
 def record_states(pipe, prompts: Iterable[str], folder: str | os.PathLike, call: dict | None = None, *,
-                  seed: int = 0, indices: Iterable[int] | None = None, progress: bool = True) -> Path:
+                  seed: int = 0, indices: Iterable[int] | None = None, progress: bool = True,
+                  module: torch.nn.Module | None = None) -> Path:
     """Run ``pipe(prompt, **call)`` for each prompt and record its transformer's inputs in ``folder``.
 
     Prompt i runs with a generator seeded ``seed + i`` and is written to
@@ -134,7 +135,9 @@ def record_states(pipe, prompts: Iterable[str], folder: str | os.PathLike, call:
     file recorded from another prompt is refused. ``indices`` restricts the run to some
     prompts (one process's share under accelerate). ``call`` holds the pipeline's own
     arguments (``num_inference_steps``, ``height``, ``guidance_scale``...); the output
-    is kept as a latent, never decoded.
+    is kept as a latent, never decoded. ``module`` is what to record (default
+    ``pipe.transformer``; in an enabled pipeline, its ``MultiPatchTransformer``, whose
+    calls carry the full-size latent whatever patch size they run at).
     """
     folder, prompts = Path(folder), list(prompts)
     folder.mkdir(parents=True, exist_ok=True)
@@ -150,7 +153,7 @@ def record_states(pipe, prompts: Iterable[str], folder: str | os.PathLike, call:
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # one bar over the prompts, not one per call
     for i in tqdm(todo, desc="record", disable=not progress or not todo):
-        with recording(pipe.transformer) as log, torch.inference_mode():
+        with recording(module or pipe.transformer) as log, torch.inference_mode():
             generator = torch.Generator("cpu").manual_seed(seed + i)
             pipe(prompt=prompts[i], generator=generator, output_type="latent", **(call or {}))
         log.save(folder / f"{i:05d}.safetensors", prompts[i], device=str(device))
@@ -169,12 +172,16 @@ def _metadata(path: Path) -> dict:
 class RecordedStates:
     """Random batches of recorded transformer inputs: ``draw(generator, n) -> (hidden_states, kwargs)``."""
 
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        self.files = sorted(self.folder.glob("*.safetensors"))
-        if not self.files:
-            raise RecordingError(f"{self.folder} holds no recorded states (*.safetensors); record them with "
-                                 "ddit.recorded_states.record_states or `ddit distill --pipeline`")
+    def __init__(self, *folders: str | os.PathLike):
+        self.folders = [Path(f) for f in folders]
+        self.folder = self.folders[0]  # named in errors
+        self.files = []
+        for folder in self.folders:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise RecordingError(f"{folder} holds no recorded states (*.safetensors); record them with "
+                                     "ddit.recorded_states.record_states or `ddit distill --pipeline`")
+            self.files += files
         self.calls = [(path, call) for path in self.files for call in json.loads(_metadata(path)["calls"])]
         self.index = [(c, row) for c, (_, call) in enumerate(self.calls) for row in range(call["batch"])]
 
@@ -182,7 +189,7 @@ class RecordedStates:
         return len(self.index)
 
     def describe(self) -> dict:
-        return {"folder": str(self.folder), "prompts": len(self.files), "calls": len(self.calls),
+        return {"folders": [str(f) for f in self.folders], "prompts": len(self.files), "calls": len(self.calls),
                 "samples": len(self.index)}
 
     def draw(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, dict]:

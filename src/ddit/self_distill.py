@@ -27,6 +27,8 @@ from .adapter import MultiPatchTransformer, config_hash
 from .backbones import spec_for
 from .checkpoint import write_text_atomic
 from .distill import DistillConfig, distill
+from .pipelines import disable, enable
+from .policies import PatchPolicy
 from .recorded_states import RecordedStates, RecordingError, record_states
 
 
@@ -98,7 +100,7 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
                  patch_sizes: Sequence[int] | None = None, rank: int = 8, shared_lora: bool = False,
                  config: DistillConfig | None = None, seed: int = 0, resume: bool = False,
                  checkpoint_minutes: float = 3.0, progress: bool = True,
-                 accelerator: Accelerator | None = None) -> Path:
+                 accelerator: Accelerator | None = None, on_policy: PatchPolicy | None = None) -> Path:
     """Record ``pipe`` on ``prompts`` into ``out/states``, distil its adapter; returns ``out/adapter``.
 
     ``call`` holds the pipeline's own arguments for the recording (``num_inference_steps``,
@@ -106,6 +108,12 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
     ``seed + i``. ``config`` defaults to ``DistillConfig`` without the noise-level
     fields, which recorded states do not use. The written adapter loads with
     ``ddit.enable(pipe, out / "adapter")`` or ``MultiPatchTransformer.from_pretrained``.
+
+    ``on_policy``: a second round. The pipeline runs the prompts again with the adapter
+    enabled under this policy, so its coarse steps lead to latents the stock pipeline never
+    visits (``out/on-policy/states``); training then goes on for ``config.steps`` more on
+    both recordings together (``out/on-policy``; on the testbed this lowered the error
+    where the sampler goes: docs/adapter.md). Returns ``out/on-policy/adapter`` then.
     """
     accelerator = accelerator or Accelerator()
     call, out, prompts = dict(call or {}), Path(out), list(prompts)
@@ -134,6 +142,24 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
     accelerator.wait_for_everyone()
 
     model = MultiPatchTransformer(pipe.transformer, sizes[1:], rank=rank, shared_lora=shared_lora)
-    return distill(model, RecordedStates(states), out, config, resume=resume,
-                   checkpoint_minutes=checkpoint_minutes, progress=progress, accelerator=accelerator)
+    share = dict(checkpoint_minutes=checkpoint_minutes, progress=progress, accelerator=accelerator)
+    export = distill(model, RecordedStates(states), out, config, resume=resume, **share)
+    if on_policy is None:
+        return export
+
+    visited = out / "on-policy" / "states"
+    _check_recording(visited / "recording.json", {**identity, "policy": on_policy.name})
+    if accelerator.is_main_process:
+        visited.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(visited / "recording.json", json.dumps({**identity, "policy": on_policy.name}, indent=1))
+    enable(pipe, model, policy=on_policy)
+    try:
+        record_states(pipe, prompts, visited, call, seed=seed, module=model,
+                      progress=progress and accelerator.is_main_process,
+                      indices=range(accelerator.process_index, len(prompts), accelerator.num_processes))
+    finally:
+        disable(pipe)
+        model.attach()  # disable gave the pipeline its stock transformer; training needs the LoRA layers back
+    accelerator.wait_for_everyone()
+    return distill(model, RecordedStates(states, visited), out / "on-policy", config, resume=resume, **share)
 
