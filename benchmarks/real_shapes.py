@@ -294,6 +294,8 @@ def fraction_for(costs: dict, target: float, coarse: int, base: int) -> float | 
 
 def measure(name: str, args, out: Path) -> dict:
     model, device = MODELS[name], torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # this model's peak, not an earlier one's
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     depth = args.depth if args.depth is not None else (1 if args.scale == "reduced" else None)
     config = model_config(model, args.scale, depth)

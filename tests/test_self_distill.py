@@ -11,7 +11,7 @@ from diffusers import DiffusionPipeline
 
 import ddit
 from ddit.cli import main
-from ddit.distill import DistillConfig
+from ddit.distill import DistillConfig, DistillationLoss
 from ddit.recorded_states import RecordingError
 from ddit.self_distill import self_distill
 from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
@@ -139,18 +139,24 @@ def test_two_processes_share_the_prompts_and_train_one_adapter(folders, tmp_path
 
 
 def test_a_bfloat16_pipeline_trains_its_adapter_in_float32_and_keeps_its_dtype(folders, tmp_path, monkeypatch):
-    seen = []
-    original = torch.optim.AdamW.step
+    seen, timesteps = [], []
+    original, forward = torch.optim.AdamW.step, DistillationLoss.forward
 
     def step(self, *args, **kwargs):
         seen.extend(p.dtype for group in self.param_groups for p in group["params"])
         return original(self, *args, **kwargs)
 
+    def loss(self, z_t, kwargs):
+        timesteps.append(kwargs["timestep"])
+        return forward(self, z_t, kwargs)
+
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(DistillationLoss, "forward", loss)
     pipe = DiffusionPipeline.from_pretrained(folders["sd3"], dtype=torch.bfloat16)
     pipe.set_progress_bar_config(disable=True)
     export = self_distill(pipe, PROMPTS[:1], tmp_path, call=call("sd3", steps=2), config=CONFIG, progress=False)
     assert seen and set(seen) == {torch.float32}  # the optimizer updated float32 weights
+    assert {t.dtype for t in timesteps} == {torch.float32}  # as SD3 passes them: not rounded to bf16
     assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
     losses = torch.tensor(json.loads((tmp_path / "distill.json").read_text())["losses"])
     assert torch.isfinite(losses).all()

@@ -8,8 +8,8 @@
 #   device tool: run(command="bash benchmarks/gpu/run.sh", carry=["runs/wheels"], timeout_s=540)
 #
 # Time: DDIT_BENCH_BUDGET_S (default 420) bounds the whole script. Each model's process gets what is left
-# (timeout), and an end-to-end loop predicted to end later is skipped (--deadline); about 4 minutes are
-# expected on an H100 (docs/benchmarks.md).
+# (timeout), and an end-to-end loop predicted to end later is skipped (--deadline); about 4 minutes on an
+# H100 by an estimate from FLOP counts, not yet a measurement.
 # Python: $PYTHON, else the first of .venv/bin/python and python3 whose torch sees CUDA (else pip installs
 # torch). Missing packages (the device image lacks diffusers): wheels from $WHEELS (default runs/wheels,
 # made by benchmarks/gpu/fetch_wheels.sh where pip reaches a registry), else pip from a registry.

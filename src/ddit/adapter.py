@@ -323,7 +323,8 @@ class MultiPatchTransformer(nn.Module):
         if saved != given:
             raise CheckpointError(f"the adapter at {path} was made for {saved}, not for this {given}: a backbone "
                                   "with another class or config (layers, widths, patch size) needs its own adapter; "
-                                  "distil one for it with `ddit distill --backbone FOLDER --latents FILE`")
+                                  "distil one for it with `ddit distill --pipeline FOLDER --prompts FILE` (or "
+                                  "--backbone FOLDER --latents FILE)")
         file = path / WEIGHTS_NAME
         state = load_safetensors(file)  # before wrapping, so that a bad file leaves the backbone as it was
         model = cls(backbone, meta["patch_sizes"], lora_config=LoraConfig.from_pretrained(path),

@@ -120,7 +120,8 @@ def _distill(args) -> None:
             backbone = load_base_model(args.base or SHIPPED_BASE)
             data = distillation_data(seed=args.seed)
         model = MultiPatchTransformer(backbone, sizes, rank=args.rank, shared_lora=args.shared_lora)
-        config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        batch_size = 32 if args.batch_size is None else args.batch_size
+        config = DistillConfig(steps=args.steps, batch_size=batch_size, lr=args.lr,
                                num_inference_steps=args.num_inference_steps or 50,
                                timestep_scale=args.timestep_scale, seed=args.seed)
         export = distill(model, data, args.out, config, resume=args.resume,
@@ -169,8 +170,8 @@ def _self_distill(args, sizes):
 
         on_policy = get_policy(args.on_policy, **pipeline_args(args.on_policy_param, "--on-policy-param"))
     pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None)
-    config = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, num_inference_steps=None,
-                           timestep_scale=None, seed=args.seed)
+    config = DistillConfig(steps=args.steps, batch_size=4 if args.batch_size is None else args.batch_size,
+                           lr=args.lr, num_inference_steps=None, timestep_scale=None, seed=args.seed)
     return self_distill(pipe, prompts, args.out, call=call, patch_sizes=sizes, rank=args.rank,
                         shared_lora=args.shared_lora, config=config, seed=args.seed, resume=args.resume,
                         checkpoint_minutes=args.checkpoint_minutes, on_policy=on_policy)
@@ -210,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = testbed_commands.add_parser("train-base", help="train the testbed's base DiT")
     p.add_argument("--out", required=True, help="folder for checkpoints and the exported EMA model")
     p.add_argument("--steps", type=int, default=2400)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, help="per process (default: 32 on the testbed and latents, 4 with "
+                   "--pipeline)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=20000)
@@ -283,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--shared-lora", action="store_true", help="one LoRA for every coarse size, not one per size")
     p.add_argument("--steps", type=int, default=2000, help="training steps")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, help="per process (default: 32 on the testbed and latents, 4 with "
+                   "--pipeline)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--num-inference-steps", type=int,
                    help="the sampler's steps: with --pipeline, the pipeline's (default: its own); otherwise t is "

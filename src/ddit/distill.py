@@ -34,6 +34,7 @@ from torch.utils.data import Dataset, default_collate
 
 from .adapter import MultiPatchTransformer, config_hash
 from .checkpoint import CheckpointError, TrainingRun
+from .processes import processes
 from .sampling import default_scheduler
 
 
@@ -51,6 +52,9 @@ class DistillConfig:
     def __post_init__(self):
         if self.patch_sizes is not None:
             self.patch_sizes = tuple(self.patch_sizes)
+        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"--steps must be >= 0, --batch-size >= 1 and --lr > 0; got {self.steps}, "
+                             f"{self.batch_size}, {self.lr}")
 
 
 
@@ -161,7 +165,7 @@ def distill(
     ``out/checkpoint.pt`` every ``checkpoint_minutes`` and at the end; ``resume``
     continues from there.
     """
-    config, accelerator = config or DistillConfig(), accelerator or Accelerator()
+    config, accelerator = config or DistillConfig(), accelerator or processes()
     out = Path(out)
     sizes = tuple(config.patch_sizes or model.patch_sizes[1:])
     states = data if hasattr(data, "draw") else NoisedLatents(
@@ -181,15 +185,17 @@ def distill(
     loss_fn, opt = accelerator.prepare(DistillationLoss(model, sizes).eval(), opt)
 
     def to_device(v):
+        """Conditioning keeps its dtype: a pipeline hands its transformer fp32 timesteps even in bf16, and
+        rounding 985.6 to 984 would train at timesteps inference never passes."""
         if isinstance(v, dict):
             return {k: to_device(x) for k, x in v.items()}
-        return v.to(accelerator.device, dtype if v.is_floating_point() else None) if torch.is_tensor(v) else v
+        return v.to(accelerator.device) if torch.is_tensor(v) else v
 
     for step in run.steps():
         g = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1_009 + accelerator.process_index)
         z_t, kwargs = states.draw(g, config.batch_size)
         with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=mixed):
-            losses = loss_fn(to_device(z_t), to_device(kwargs))
+            losses = loss_fn(z_t.to(accelerator.device, dtype), to_device(kwargs))
         accelerator.backward(losses.mean())
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()

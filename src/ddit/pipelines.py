@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapter import CONFIG_NAME, MultiPatchTransformer
 from .caches import Cache, diffusers_caches, get_cache
-from .policies import PatchPolicy, get_policy
+from .policies import PatchPolicy, ProgressiveResolution, get_policy
 from .runtime import Call, PatchRuntime
 from .summary import Summary
 
@@ -232,14 +232,17 @@ def disable(pipe):
 
 
 def _policy(policy: str | PatchPolicy, params: dict) -> PatchPolicy:
-    if isinstance(policy, PatchPolicy):
-        if params:
-            raise ValueError(f"parameters {sorted(params)} go to a policy given by name; this one is an instance "
-                             "already: set them when you construct it")
-        return policy
     if isinstance(policy, str):
-        return get_policy(policy, **params)
-    raise TypeError(f"policy must be a name or a PatchPolicy, not {type(policy).__name__}")
+        policy = get_policy(policy, **params)
+    elif not isinstance(policy, PatchPolicy):
+        raise TypeError(f"policy must be a name or a PatchPolicy, not {type(policy).__name__}")
+    elif params:
+        raise ValueError(f"parameters {sorted(params)} go to a policy given by name; this one is an instance "
+                         "already: set them when you construct it")
+    if isinstance(policy, ProgressiveResolution):
+        raise ValueError("progressive resolution changes the latent's size between steps, which a pipeline's own "
+                         "loop does not allow; it runs in ddit's sampler (the testbed, ddit-ablate)")
+    return policy
 
 
 def _load_adapter(transformer: nn.Module, path) -> MultiPatchTransformer:

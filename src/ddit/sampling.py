@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .adapter import MultiPatchTransformer
 from .caches import Cache, StackRun, replace_stack
 from .flops import count_flops
-from .policies import BaselinePolicy, PatchPolicy
+from .policies import BaselinePolicy, PatchPolicy, ProgressiveResolution, dct_resize
 from .runtime import Call, PatchRuntime
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -169,8 +169,15 @@ def _sample_chunk(fn, labels, seed, *, sample_shape, steps, guidance, null_label
     x = initial_noise(seed + torch.arange(n), sample_shape).to(device)
     runtime = PatchRuntime(policy or BaselinePolicy(), candidates, cache=cache, model=model, timed=True)
     rows_in = torch.cat([labels, torch.full_like(labels, null_label)]) if branches == 2 else labels
+    progressive = isinstance(policy, ProgressiveResolution)
+    full, shapes = sample_shape[-1], []
+    if progressive and policy.half(float(scheduler.sigmas[0])):
+        x = dct_resize(x, full // 2, keep="energy")  # the low frequencies of each sample's own noise
 
     for i, t in enumerate(scheduler.timesteps):
+        if progressive and x.shape[-1] != full and not policy.half(float(scheduler.sigmas[i])):
+            x = dct_resize(x, full, keep="amplitude")
+        shapes.append(tuple(x.shape[1:]))
         x_in = torch.cat([x] * branches)
         t_in = t.to(device).expand(len(x_in))
 
@@ -185,16 +192,20 @@ def _sample_chunk(fn, labels, seed, *, sample_shape, steps, guidance, null_label
             v_cond, v_null = v.chunk(2)
             v = v_null + guidance * (v_cond - v_null)
         x = scheduler.step(v, t, x).prev_sample
-    return Samples(x.float().cpu(), _traces(runtime.records, n, fn, autocast, sample_shape, branches, flops))
+    if x.shape[-1] != full:  # switched at sigma 0: nothing ran at full resolution
+        x = dct_resize(x, full, keep="amplitude")
+    return Samples(x.float().cpu(), _traces(runtime.records, n, fn, autocast, shapes, branches, flops))
 
 
-def _traces(records, n, fn, autocast, sample_shape, branches, flops) -> list[list[dict]]:
-    """The runtime's records as per-sample traces, with FLOPs counted once per (size, cached) and shape."""
+def _traces(records, n, fn, autocast, shapes, branches, flops) -> list[list[dict]]:
+    """The runtime's records as per-sample traces, with FLOPs counted once per (size, cached) and
+    shape (``shapes``: each step's latent shape, which progressive resolution changes)."""
     traces: list[list[dict]] = [[] for _ in range(n)]
     velocity = guided(fn, 1.0 if branches == 1 else 2.0, 0)
     device = fn.model.device if getattr(fn, "model", None) is not None else torch.device("cpu")
     for r in records:
         cached = bool(r["cached"])
+        sample_shape = shapes[r["step"]]
         key = (r["patch_size"], cached, sample_shape, branches)
         if key not in flops:  # per sample: no op mixes samples, so a batch costs the sum
             one = (torch.zeros(1, *sample_shape, device=device), torch.ones(1, device=device) * 500,

@@ -15,12 +15,15 @@ options is refused.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import torch
 from accelerate import Accelerator
 
 from .adapter import MultiPatchTransformer, config_hash
@@ -29,6 +32,7 @@ from .checkpoint import write_text_atomic
 from .distill import DistillConfig, distill
 from .pipelines import disable, enable
 from .policies import PatchPolicy
+from .processes import processes
 from .recorded_states import RecordedStates, RecordingError, record_states
 
 
@@ -83,9 +87,11 @@ def check_call(pipe, call: dict) -> None:
     unknown = [name for name in call if name not in taken]
     if unknown:
         raise ValueError(f"{type(pipe).__name__} takes no {', '.join(unknown)}; drop the option")
-    ours = [name for name in ("prompt", "generator", "output_type") if name in call]
+    ours = [name for name in ("prompt", "prompt_embeds", "generator", "output_type", "num_images_per_prompt")
+            if name in call]
     if ours:
-        raise ValueError(f"ddit sets {', '.join(ours)} itself when it records; drop it from the call")
+        raise ValueError(f"ddit sets {', '.join(ours)} itself (one sample per prompt and seed); drop it from the "
+                         "call")
 
 
 def _check_recording(path: Path, identity: dict) -> None:
@@ -115,7 +121,7 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
     both recordings together (``out/on-policy``; on the testbed this lowered the error
     where the sampler goes: docs/adapter.md). Returns ``out/on-policy/adapter`` then.
     """
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or processes()
     call, out, prompts = dict(call or {}), Path(out), list(prompts)
     if not prompts:
         raise ValueError("no prompts to record; pass at least one")
@@ -127,9 +133,12 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
     base = spec.base_patch_size
     sizes = sorted({base, *(patch_sizes or (2 * base, 4 * base))})
     check_resolution(pipe, call, sizes)
+    if pipe.transformer.dtype == torch.float16:
+        raise ValueError("distil a bfloat16 or float32 pipeline (--dtype bfloat16): float16 training would "
+                         "need loss scaling")
     config = config or DistillConfig(num_inference_steps=None, timestep_scale=None)
     identity = {"transformer": f"{type(pipe.transformer).__name__} {config_hash(pipe.transformer)}",
-                "call": call, "seed": seed}
+                "dtype": str(pipe.transformer.dtype), "call": call, "seed": seed}
     states = out / "states"
     _check_recording(states / "recording.json", identity)
 
@@ -143,15 +152,19 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
 
     model = MultiPatchTransformer(pipe.transformer, sizes[1:], rank=rank, shared_lora=shared_lora)
     share = dict(checkpoint_minutes=checkpoint_minutes, progress=progress, accelerator=accelerator)
-    export = distill(model, RecordedStates(states), out, config, resume=resume, **share)
+    with _offloaded(pipe, accelerator.device):
+        export = distill(model, RecordedStates(states), out, config, resume=resume, **share)
     if on_policy is None:
         return export
 
     visited = out / "on-policy" / "states"
-    _check_recording(visited / "recording.json", {**identity, "policy": on_policy.name})
+    # states recorded under another policy, or with another first-round adapter, must not be mixed in
+    on_policy_identity = {**identity, "policy": on_policy.name, "policy_params": _scalars(on_policy),
+                          "adapter": _digest(model.adapter_state_dict())}
+    _check_recording(visited / "recording.json", on_policy_identity)
     if accelerator.is_main_process:
         visited.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(visited / "recording.json", json.dumps({**identity, "policy": on_policy.name}, indent=1))
+        write_text_atomic(visited / "recording.json", json.dumps(on_policy_identity, indent=1))
     enable(pipe, model, policy=on_policy)
     try:
         record_states(pipe, prompts, visited, call, seed=seed, module=model,
@@ -161,5 +174,34 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
         disable(pipe)
         model.attach()  # disable gave the pipeline its stock transformer; training needs the LoRA layers back
     accelerator.wait_for_everyone()
-    return distill(model, RecordedStates(states, visited), out / "on-policy", config, resume=resume, **share)
+    with _offloaded(pipe, accelerator.device):
+        return distill(model, RecordedStates(states, visited), out / "on-policy", config, resume=resume, **share)
+
+
+@contextmanager
+def _offloaded(pipe, device) -> Iterator[None]:
+    """The pipeline's other components (text encoders, VAE: FLUX's T5 alone is 9.5 GB) on the CPU while
+    its transformer trains, back on ``device`` after."""
+    others = [c for name, c in pipe.components.items()
+              if isinstance(c, torch.nn.Module) and name != "transformer" and c is not pipe.transformer]
+    for component in others:
+        component.to("cpu")
+    try:
+        yield
+    finally:
+        for component in others:
+            component.to(device)
+
+
+def _scalars(obj) -> dict:
+    """An object's settings: its attributes that are plain values (a policy's tau, fraction...)."""
+    return {k: v for k, v in sorted(vars(obj).items()) if isinstance(v, (bool, int, float, str)) or v is None}
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 

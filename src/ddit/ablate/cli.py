@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="any other argument of the pipeline call, as a Python literal (repeatable)")
     p.add_argument("--device", help="where the model runs, e.g. cuda or cuda:1 (default: cpu on the testbed; "
                    "with --pipeline, accelerate's device for this process)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="the model's dtype (default float32; on a GPU, bfloat16 is the usual choice)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype (default: float32 on the testbed, as saved with --pipeline; on a GPU, "
+                        "bfloat16 is the usual choice)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); on a shared CPU, 1 "
                    "keeps small coarse-patch calls from waiting on busy cores. Keep it when resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.device = args.device or "cpu"
+    args.device, args.dtype = args.device or "cpu", args.dtype or "float32"
     device = _device(args.device)
     found = folders(args.backbone, args.adapter)
     config = build_config(args.policies, args.caches, steps=args.steps, fewer_steps=args.fewer_steps,
@@ -115,11 +116,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
 def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     """The same rows through ``ddit.enable`` inside a stock pipeline, on the user's prompts."""
     import torch
-    from accelerate import Accelerator, PartialState
+    from accelerate import PartialState
 
     from ..adapter import MultiPatchTransformer
     from ..cli import pipeline_args
-    from ..self_distill import check_call, read_prompts
+    from ..processes import processes
+    from ..self_distill import check_call, check_resolution, read_prompts
     from ..weights import load_pipeline
     from .config import build_rows, parse_params
     from .models import fingerprint
@@ -148,18 +150,23 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
                       policy_params=parse_params(args.policy_param, "--policy-param"),
                       cache_params=parse_params(args.cache_param, "--cache-param"),
                       sweeps=parse_params(args.sweep, "--sweep"), testbed=False)
-    Accelerator()  # sets up the processes of `accelerate launch` (and reads its ACCELERATE_USE_CPU)
+    if "num_inference_steps" in call:
+        raise ValueError("--pipeline-arg num_inference_steps: the rows' steps come from --steps and --fewer-steps")
+    processes()  # sets up the processes of `accelerate launch` (and reads its ACCELERATE_USE_CPU)
     state = PartialState()
     device = _device(args.device) if args.device else state.device
-    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype)).to(device)
-    check_call(pipe, {**call, "num_inference_steps": args.steps})
+    if state.num_processes > 1 and device.type == "cuda":
+        device = state.device  # one GPU per process, whatever --device says
+    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None).to(device)
+    check_call(pipe, call)
     adapter = MultiPatchTransformer.from_pretrained(pipe.transformer, args.adapter).eval()
     adapter.detach()  # the baseline rows run the stock transformer
+    check_resolution(pipe, call, adapter.patch_sizes)
     config = PipelineAblationConfig(rows=rows, prompts=prompts, steps=args.steps, num_per_prompt=args.num_per_prompt,
                                     seed=args.seed, batch_size=args.batch_size or 1, call=call,
                                     model=fingerprint({"pipeline": Path(args.pipeline) / "transformer",
                                                        "adapter": Path(args.adapter)}),
-                                    device=device.type, dtype=args.dtype)
+                                    device=device.type, dtype=str(pipe.transformer.dtype).removeprefix("torch."))
     run_pipeline_ablation(config, pipe, adapter, args.out, progress=not args.no_progress)
     if state.is_main_process:
         console.print(table(summarize_pipeline(config, args.out)))

@@ -188,7 +188,7 @@ def _warm_up(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransforme
     """One untimed call of the stock pipeline and one through every patch size, so that no row pays
     for first-call setup."""
     sizes = list(adapter.patch_sizes)
-    call = dict(prompt=config.prompts[0], num_inference_steps=len(sizes), output_type="latent", **config.call)
+    call = dict(prompt=config.prompts[0], num_inference_steps=len(sizes), output_type="pt", **config.call)
     pipe(**call)
     enable(pipe, adapter, policy="fixed", schedule=sizes)
     try:

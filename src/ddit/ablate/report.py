@@ -71,7 +71,8 @@ def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> 
                                               **_calibrated(calibrated, key)},
                                    "cache": {**effective_params(row.make_cache()), **row.cache_params}},
                         **_means(values), "fd": quality["fd"],
-                        "fd_interval": frechet_interval(evaluator, reals, images[key]) if config.num_samples > 2 else None,
+                        "fd_interval": (frechet_interval(evaluator, reals, images[key])
+                                        if config.num_samples > 2 else None),
                         "adherence": quality["adherence"],
                         "sfd": quality["sfd"],
                         "per_class": per_class})
@@ -192,8 +193,9 @@ def _markdown(config: AblationConfig, summary: list[dict], quality: dict, figure
         "spectra: it rises with noise, but since generated images carry more high-frequency power than real "
         f"ones a blur can lower it) are against {config.num_samples} real images; two disjoint real sets of "
         f"that size are {quality['fd_real_floor']:.3g} and {quality['sfd_real_floor']:.3g} apart (each "
-        "metric's own noise floor). FD 90% CI: a bootstrap interval over the row's samples (200 resamples, "
-        "reals fixed): two rows whose intervals overlap are not told apart at this sample size. Wall times are "
+        "metric's own noise floor). FD 90% CI: the spread of FD over 200 bootstrap resamples of the row's "
+        "samples (reals fixed), centred on the measured FD: two rows whose intervals overlap are not told apart "
+        "at this sample size. Wall times are "
         "measured on a possibly shared machine and are noisier "
         "than FLOPs. PSNR of identical images is infinite: shown as identical here, null in summary.json.\n\n"
         f"## Rows\n\n{rows}\n{_timing_warnings(summary)}{params}\n## Per class\n\n{per_class}\n"

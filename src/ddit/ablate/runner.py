@@ -115,7 +115,7 @@ def read_results(out: str | Path, report: Callable[[str], None] | None = None) -
     several records (a batch sampled again after a crash), the last is kept: it belongs to the
     batch that wrote the current images. ``report`` gets one line per repair."""
     records = {}
-    for path in sorted(Path(out).glob("results*.jsonl")):
+    for path in sorted(Path(out).glob("results*.jsonl"), key=lambda p: (p.name != RESULTS, p.name)):
         for record in _read_file(path, report):
             key = (record["row"], record["sample"])
             records.pop(key, None)  # keep the last, in the order of the file

@@ -10,12 +10,13 @@ from .differences import finite_difference, patch_std, percentile
 from .fixed import BaselinePolicy, FixedPolicy
 from .oracle import OraclePolicy
 from .percentile import FirstOrderPolicy, MeanPolicy, SecondOrderPolicy, ThirdOrderPolicy
+from .progressive import ProgressiveResolution, dct_resize
 from .registry import BUILTIN_POLICIES, available_policies, get_policy
 
 __all__ = [
     "Decision", "PatchPolicy", "Probe", "Step", "check_candidates", "largest_below", "trace_rows",
     "BudgetPolicy", "calibrate_tau", "finite_difference", "patch_std", "percentile",
     "BaselinePolicy", "FixedPolicy", "OraclePolicy",
-    "FirstOrderPolicy", "MeanPolicy", "SecondOrderPolicy", "ThirdOrderPolicy",
+    "FirstOrderPolicy", "MeanPolicy", "SecondOrderPolicy", "ThirdOrderPolicy", "ProgressiveResolution", "dct_resize",
     "BUILTIN_POLICIES", "available_policies", "get_policy",
 ]

@@ -8,10 +8,11 @@ from .budget import BudgetPolicy
 from .fixed import BaselinePolicy, FixedPolicy
 from .oracle import OraclePolicy
 from .percentile import FirstOrderPolicy, MeanPolicy, SecondOrderPolicy, ThirdOrderPolicy
+from .progressive import ProgressiveResolution
 
 BUILTIN_POLICIES: tuple[type[PatchPolicy], ...] = (
     ThirdOrderPolicy, SecondOrderPolicy, FirstOrderPolicy, MeanPolicy,
-    FixedPolicy, BaselinePolicy, OraclePolicy, BudgetPolicy,
+    FixedPolicy, BaselinePolicy, OraclePolicy, BudgetPolicy, ProgressiveResolution,
 )
 
 

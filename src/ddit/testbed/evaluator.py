@@ -181,14 +181,21 @@ class _Given(nn.Module):
 @torch.no_grad()
 def frechet_interval(evaluator: Evaluator, reals: torch.Tensor, images: torch.Tensor, *, level: float = 0.9,
                      resamples: int = 200, seed: int = 0, batch_size: int = 512) -> list[float]:
-    """A bootstrap confidence interval of FD over the generated samples: how much a row's FD owes
-    to which samples it happened to draw (the reals stay fixed)."""
+    """A bootstrap interval of FD over the generated samples: how much a row's FD owes to which
+    samples it happened to draw (the reals stay fixed).
+
+    Resampling with replacement repeats samples, and repeats alone raise FD (two disjoint real sets
+    of 64: FD 1.12, resampled FDs 1.40-4.26), so the percentile interval is shifted to be centred
+    on the measured FD: its width is the bootstrap's, its place the measurement's."""
     def features(x):
         return torch.cat([evaluator.eval().features(chunk.clamp(-1, 1)) for chunk in x.split(batch_size)])
 
     metric = FrechetInceptionDistance(feature=_Given(), reset_real_features=False)
     metric.update(features(reals), real=True)
     fake, g = features(images), torch.Generator().manual_seed(seed)
+    metric.update(fake, real=False)
+    measured = metric.compute().item()
+    metric.reset()
     values, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)  # 128x128 eigenvalue problems: on a busy CPU, a second thread only waits
     try:
@@ -199,4 +206,5 @@ def frechet_interval(evaluator: Evaluator, reals: torch.Tensor, images: torch.Te
     finally:
         torch.set_num_threads(threads)
     tail = (1 - level) / 2
-    return torch.tensor(values).quantile(torch.tensor([tail, 1 - tail], dtype=torch.float64).float()).tolist()
+    low, middle, high = torch.tensor(values).quantile(torch.tensor([tail, 0.5, 1 - tail])).tolist()
+    return [max(measured - (middle - low), 0.0), measured + (high - middle)]
