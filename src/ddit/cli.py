@@ -130,28 +130,12 @@ def _distill(args) -> None:
         print(f"adapter written to {export}")
 
 
-def pipeline_args(items: list[str], flag: str = "--pipeline-arg") -> dict:
-    """``name=value`` pairs, each value a Python literal (``256``, ``False``, ``'text'``)."""
-    import ast
-
-    args = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.isidentifier():
-            raise ValueError(f"{flag} {item!r} is not name=value, e.g. {flag} max_sequence_length=256")
-        try:
-            args[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            raise ValueError(f"{flag} {item!r}: {value!r} is not a Python literal (a number, True or "
-                             "False, or text in quotes)") from None
-    return args
-
-
 def _self_distill(args, sizes):
     import torch
 
     from .distill import DistillConfig
-    from .self_distill import read_prompts, self_distill
+    from .pipeline_call import call_arguments, named_values, read_prompts
+    from .self_distill import self_distill
     from .weights import load_pipeline
 
     if args.base or args.backbone or args.latents:
@@ -159,16 +143,13 @@ def _self_distill(args, sizes):
     if not args.prompts:
         raise ValueError("--pipeline needs --prompts: a text file with one prompt per line")
     prompts = read_prompts(args.prompts)
-    call = {name: value for name, value in (("num_inference_steps", args.num_inference_steps),
-                                             ("height", args.height), ("width", args.width),
-                                             ("num_frames", args.num_frames), ("guidance_scale", args.guidance))
-            if value is not None}
-    call.update(pipeline_args(args.pipeline_arg))
+    call = call_arguments(args.pipeline_arg, num_inference_steps=args.num_inference_steps, height=args.height,
+                          width=args.width, num_frames=args.num_frames, guidance_scale=args.guidance)
     on_policy = None
     if args.on_policy:
         from .policies import get_policy
 
-        on_policy = get_policy(args.on_policy, **pipeline_args(args.on_policy_param, "--on-policy-param"))
+        on_policy = get_policy(args.on_policy, **named_values(args.on_policy_param, "--on-policy-param"))
     pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None)
     config = DistillConfig(steps=args.steps, batch_size=4 if args.batch_size is None else args.batch_size,
                            lr=args.lr, num_inference_steps=None, timestep_scale=None, seed=args.seed)

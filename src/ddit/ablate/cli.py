@@ -119,9 +119,8 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     from accelerate import PartialState
 
     from ..adapter import MultiPatchTransformer
-    from ..cli import pipeline_args
     from ..processes import processes
-    from ..self_distill import check_call, check_resolution, read_prompts
+    from ..pipeline_call import call_arguments, check_call, check_resolution, read_prompts
     from ..weights import load_pipeline
     from .config import build_rows, parse_params
     from .models import fingerprint
@@ -142,10 +141,8 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts)
-    call = {name: value for name, value in (("height", args.height), ("width", args.width),
-                                             ("num_frames", args.num_frames), ("guidance_scale", args.guidance))
-            if value is not None}
-    call.update(pipeline_args(args.pipeline_arg))
+    call = call_arguments(args.pipeline_arg, height=args.height, width=args.width, num_frames=args.num_frames,
+                          guidance_scale=args.guidance)
     rows = build_rows(args.policies, args.caches, steps=args.steps, fewer_steps=args.fewer_steps,
                       policy_params=parse_params(args.policy_param, "--policy-param"),
                       cache_params=parse_params(args.cache_param, "--cache-param"),

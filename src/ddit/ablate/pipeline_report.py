@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from ..checkpoint import write_text_atomic
 from ..images import save_grid
 from .config import BASELINE
 from .pipeline_runner import PipelineAblationConfig
-from .report import _finite, _fmt, _markdown_table
 from .runner import load_images, read_results
+from .tables import add_wall_speedups, batch_seconds, finite, markdown_table, rich_table
 
 COLUMNS = {"sec_per_image": "s/image", "speedup_wall": "x wall", "speedup_wall_range": "x wall over batches",
            "ssim_vs_baseline": "SSIM", "psnr_vs_baseline": "PSNR", "mean_patch_size": "mean patch",
@@ -36,15 +35,7 @@ SKIPPED = ("LPIPS and CLIP score: skipped (their weights are not downloaded by d
 
 def table(summary: list[dict]):
     """The summary as a rich table, for the terminal."""
-    from rich.table import Table
-
-    t = Table(title="ddit-ablate on a pipeline (SSIM, PSNR: against the baseline)")
-    t.add_column("row", overflow="fold")
-    for title in COLUMNS.values():
-        t.add_column(title, justify="right")
-    for record in summary:
-        t.add_row(record["row"], *(_fmt(record[c]) for c in COLUMNS))
-    return t
+    return rich_table("ddit-ablate on a pipeline (SSIM, PSNR: against the baseline)", COLUMNS, summary)
 
 
 def summarize_pipeline(config: PipelineAblationConfig, out: str | Path) -> list[dict]:
@@ -68,10 +59,9 @@ def summarize_pipeline(config: PipelineAblationConfig, out: str | Path) -> list[
         summary.append({"row": key, "policy": row.policy, "cache": row.cache, "steps": row.steps,
                         "params": {"policy": row.policy_params, "cache": row.cache_params},
                         **_means(values), "per_prompt": per_prompt})
-    _add_speedups(summary, {key: [r["sec"] for r in records[key] if r["sample"] % config.batch_size == 0]
-                            for key in config.rows})
+    add_wall_speedups(summary, {key: batch_seconds(records[key], config.batch_size) for key in config.rows})
     figures = _figures(out, config, records, images)
-    write_text_atomic(out / "summary.json", json.dumps(_finite(summary), indent=1, allow_nan=False))
+    write_text_atomic(out / "summary.json", json.dumps(finite(summary), indent=1, allow_nan=False))
     write_text_atomic(out / "report.md", _markdown(config, summary, figures, out))
     return summary
 
@@ -100,19 +90,6 @@ def _means(values: dict[str, torch.Tensor], mask: list[bool] | None = None) -> d
     keep = slice(None) if mask is None else torch.tensor(mask)
     means = {name: v[keep].double().mean().item() for name, v in values.items()}
     return {name: None if math.isnan(v) else v for name, v in means.items()}  # NaN: not known
-
-
-def _add_speedups(summary: list[dict], batch_seconds: dict[str, list[float]]) -> None:
-    """Wall speed-ups against the baseline, overall and as a range over batches (batch k of a row
-    against batch k of the baseline: how much load drifted)."""
-    base = summary[0]
-    for record in summary:
-        record["speedup_wall"] = base["sec_per_image"] / record["sec_per_image"]
-        per_batch = [b / r for b, r in zip(batch_seconds[base["row"]], batch_seconds[record["row"]])]
-        record["speedup_wall_range"] = [min(per_batch), max(per_batch)] if len(per_batch) > 1 else None
-        mine = batch_seconds[record["row"]]
-        record["batch_seconds_spread"] = ((max(mine) - min(mine)) / statistics.median(mine)
-                                          if len(mine) > 1 else None)
 
 
 def _figures(out: Path, config: PipelineAblationConfig, records: dict, images: dict) -> dict[str, str]:
@@ -159,8 +136,8 @@ def _patch_sizes(path: Path, records: dict[str, list[dict]], keys: list[str]) ->
 
 
 def _markdown(config: PipelineAblationConfig, summary: list[dict], figures: dict[str, str], out: Path) -> str:
-    rows = _markdown_table(COLUMNS, [([r["row"]], r) for r in summary], ["row"])
-    per_prompt = _markdown_table(PROMPT_COLUMNS, [([r["row"], p], v) for r in summary
+    rows = markdown_table(COLUMNS, [([r["row"]], r) for r in summary], ["row"])
+    per_prompt = markdown_table(PROMPT_COLUMNS, [([r["row"], p], v) for r in summary
                                                   for p, v in r["per_prompt"].items()], ["row", "prompt"])
     pictures = "".join(f"### {title}\n\n![{title}]({path})\n\n" for title, path in figures.items())
     busy = summary[0].get("batch_seconds_spread")

@@ -31,7 +31,7 @@ from ..checkpoint import write_text_atomic
 from ..pipelines import disable, enable, summary
 from ..runtime import synchronized_clock
 from .config import BASELINE, NO_CACHE, Row, check_folder
-from .runner import (CALIBRATION, CALIBRATION_SAMPLES, CALIBRATION_SEED_OFFSET, _batch_done, _save_images,
+from .runner import (CALIBRATION, CALIBRATION_SAMPLES, CALIBRATION_SEED_OFFSET, batch_done, save_images,
                      make_policy, read_calibration, read_results, results_file)
 
 
@@ -96,7 +96,7 @@ def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapter: MultiPa
     n, size = config.num_samples, config.batch_size
     batches = [(key, row, start) for start in range(0, n, size) for key, row in config.rows.items()
                if (start // size) % state.num_processes == state.process_index]
-    todo = [b for b in batches if not _batch_done(out, b[0], b[2], min(b[2] + size, n), done, report)]
+    todo = [b for b in batches if not batch_done(out, b[0], b[2], min(b[2] + size, n), done, report)]
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     if todo:
@@ -108,7 +108,7 @@ def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapter: MultiPa
             bar.set_postfix_str(key)
             indices = range(start, min(start + size, n))
             images, wall, decisions = _sample(config, pipe, adapter, row, indices, taus.get(key))
-            _save_images(out, key, start, images)
+            save_images(out, key, start, images)
             for j, i in enumerate(indices):
                 log.write(json.dumps({"row": key, "sample": i, "prompt": config.prompt(i), "seed": config.seed + i,
                                       "policy": row.policy, "cache": row.cache, "steps": row.steps,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from . import plots
 from .config import AblationConfig, effective_params
 from .metrics import fd, per_sample, sfd
 from .runner import load_images, read_calibration, read_results
+from .tables import add_wall_speedups, batch_seconds, finite, markdown_table, rich_table
 
 #: Columns of summary.csv and of the tables, with their short titles.
 COLUMNS = {"sec_per_image": "s/image", "speedup_wall": "x wall", "speedup_wall_range": "x wall over batches",
@@ -76,9 +75,9 @@ def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> 
                         "adherence": quality["adherence"],
                         "sfd": quality["sfd"],
                         "per_class": per_class})
-    _add_speedups(summary, {key: _batch_seconds(records[key], config.batch_size) for key in config.rows})
+    _add_speedups(summary, {key: batch_seconds(records[key], config.batch_size) for key in config.rows})
 
-    write_text_atomic(out / "summary.json", json.dumps(_finite(summary), indent=1, allow_nan=False))
+    write_text_atomic(out / "summary.json", json.dumps(finite(summary), indent=1, allow_nan=False))
     _write_csv(out / "summary.csv", summary)
     figures = plots.plot_all(out, config, records, summary, images, base_size)
     write_text_atomic(out / "report.md", _markdown(config, summary, quality, figures, out))
@@ -87,37 +86,19 @@ def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> 
 
 def table(summary: list[dict]) -> Table:
     """The summary as a rich table, for the terminal."""
-    t = Table(title="ddit-ablate (SSIM, PSNR, feature dist: against the baseline)")
-    t.add_column("row", overflow="fold")  # a swept row's name is long: wrap it, never cut it
-    for title in COLUMNS.values():
-        t.add_column(title, justify="right")
-    for record in summary:
-        t.add_row(record["row"], *(_fmt(record[c]) for c in COLUMNS))
-    return t
+    return rich_table("ddit-ablate (SSIM, PSNR, feature dist: against the baseline)", COLUMNS, summary)
 
 
 def _means(values: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> dict[str, float]:
     return {name: (v if mask is None else v[mask]).double().mean().item() for name, v in values.items()}
 
 
-def _batch_seconds(records: list[dict], batch_size: int) -> list[float]:
-    """Wall seconds per image of each batch of a row (every sample of a batch has its batch's)."""
-    return [r["sec"] for r in records if r["sample"] % batch_size == 0]
-
-
-def _add_speedups(summary: list[dict], batch_seconds: dict[str, list[float]]) -> None:
-    """Speed-ups against the first row, the baseline; per class only in FLOPs, since a batch
-    mixes classes and its wall time cannot be split between them. The wall speed-up's range
-    over batches (batch k of a row against batch k of the baseline) shows how much load
-    drifted; one batch has none."""
+def _add_speedups(summary: list[dict], seconds: dict[str, list[float]]) -> None:
+    """Speed-ups against the first row, the baseline: in wall time, and in FLOPs, also per class
+    (only in FLOPs: a batch mixes classes, and its wall time cannot be split between them)."""
+    add_wall_speedups(summary, seconds)
     base = summary[0]
     for record in summary:
-        record["speedup_wall"] = base["sec_per_image"] / record["sec_per_image"]
-        per_batch = [b / r for b, r in zip(batch_seconds[base["row"]], batch_seconds[record["row"]])]
-        record["speedup_wall_range"] = [min(per_batch), max(per_batch)] if len(per_batch) > 1 else None
-        mine = batch_seconds[record["row"]]
-        record["batch_seconds_spread"] = ((max(mine) - min(mine)) / statistics.median(mine)
-                                          if len(mine) > 1 else None)
         record["speedup_flops"] = _ratio(base["flops_per_image"], record["flops_per_image"])
         for prompt, values in record["per_class"].items():
             values["speedup_flops"] = _ratio(base["per_class"][prompt]["flops_per_image"], values["flops_per_image"])
@@ -129,15 +110,6 @@ def _ratio(a: float, b: float) -> float | None:
 
 def _calibrated(calibrated: dict[str, float], key: str) -> dict:
     return {"calibrated_tau": calibrated[key]} if key in calibrated else {}
-
-
-def _finite(value):
-    """JSON has no infinity: PSNR of identical images (the baseline against itself) becomes null."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _write_csv(path: Path, summary: list[dict]) -> None:
@@ -154,28 +126,10 @@ def _write_csv(path: Path, summary: list[dict]) -> None:
                 writer.writerow({**values, **head, "class": prompt})
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, list):  # a range
-        return "-".join(f"{v:.3g}" for v in value)
-    if isinstance(value, float):
-        if value == math.inf:
-            return "identical"  # PSNR of an image and itself
-        return f"{value:.3g}" if math.isfinite(value) else str(value)
-    return str(value)
-
-
-def _markdown_table(columns: dict[str, str], lines: list[tuple[list[str], dict]], first: list[str]) -> str:
-    head = "| " + " | ".join([*first, *columns.values()]) + " |\n|" + "---|" * len(first) + "---:|" * len(columns)
-    return "\n".join([head, *("| " + " | ".join([*names, *(_fmt(values.get(c)) for c in columns)]) + " |"
-                              for names, values in lines)]) + "\n"
-
-
 def _markdown(config: AblationConfig, summary: list[dict], quality: dict, figures: dict[str, str],
               out: Path) -> str:
-    rows = _markdown_table(COLUMNS, [([r["row"]], r) for r in summary], ["row"])
-    per_class = _markdown_table(CLASS_COLUMNS, [([r["row"], prompt], v) for r in summary
+    rows = markdown_table(COLUMNS, [([r["row"]], r) for r in summary], ["row"])
+    per_class = markdown_table(CLASS_COLUMNS, [([r["row"], prompt], v) for r in summary
                                                 for prompt, v in r["per_class"].items()], ["row", "class"])
     params = "".join(f"- `{r['row']}`: {json.dumps(r['params'])}\n" for r in summary
                      if r["params"]["policy"] or r["params"]["cache"])

@@ -51,7 +51,7 @@ def run_ablation(config: AblationConfig, model, out: str | Path, *, progress: bo
     done = {(r["row"], r["sample"]) for r in read_results(out, report)}
     n, size = config.num_samples, config.batch_size
     batches = [(key, row, start) for start in range(0, n, size) for key, row in config.rows.items()]
-    todo = [b for b in batches if not _batch_done(out, b[0], b[2], min(b[2] + size, n), done, report)]
+    todo = [b for b in batches if not batch_done(out, b[0], b[2], min(b[2] + size, n), done, report)]
     labels = config.labels()
     if todo:
         _warm_up(model, config.guidance)
@@ -67,7 +67,7 @@ def run_ablation(config: AblationConfig, model, out: str | Path, *, progress: bo
                                guidance=config.guidance, policy=make_policy(row, taus.get(key)), cache=row.make_cache(),
                                batch_size=size)
             wall = (synchronized_clock(model.device) - clock) / len(batch)
-            _save_images(out, key, start, samples.images)
+            save_images(out, key, start, samples.images)
             for j, trace in enumerate(samples.traces):
                 log.write(json.dumps(_record(key, row, start + j, int(batch[j]), config.seed, wall, trace)) + "\n")
             log.flush()
@@ -153,7 +153,7 @@ def _tell(report: Callable[[str], None] | None, message: str) -> None:
         report(f"ddit-ablate: {message}")
 
 
-def _batch_done(out: Path, key: str, start: int, stop: int, done: set, report) -> bool:
+def batch_done(out: Path, key: str, start: int, stop: int, done: set, report) -> bool:
     """Whether a batch's records are all there and its image file holds its images."""
     if any((key, i) not in done for i in range(start, stop)):
         return False
@@ -173,7 +173,7 @@ def load_images(out: str | Path, key: str) -> torch.Tensor:
     return torch.cat([load_file(f)["images"] for f in files])
 
 
-def _save_images(out: Path, key: str, start: int, images: torch.Tensor) -> None:
+def save_images(out: Path, key: str, start: int, images: torch.Tensor) -> None:
     folder = out / "images" / key
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{start:07d}.safetensors"

@@ -1,0 +1,89 @@
+"""A pipeline call as the command lines describe it: prompts, arguments, and the checks on both
+that must pass before any work starts (``ddit distill --pipeline``, ``ddit-ablate --pipeline``)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+from pathlib import Path
+from typing import Sequence
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    path = Path(path)
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read the prompts file {path} ({err}); pass a UTF-8 text file, "
+                         "one prompt per line") from None
+    if not prompts:
+        raise ValueError(f"the prompts file {path} holds no prompt; write one prompt per line")
+    return prompts
+
+
+def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
+    """Height and width of the image the call makes and the VAE's factor, when the pipeline says (else None)."""
+    factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None)
+    defaults = inspect.signature(pipe.__call__).parameters
+    sizes = []
+    for name in ("height", "width"):
+        value = call.get(name)
+        if value is None:
+            default = defaults[name].default if name in defaults else None
+            value = default if isinstance(default, int) else None
+        if value is None and getattr(pipe, "default_sample_size", None) and factor:
+            value = pipe.default_sample_size * factor
+        sizes.append(value)
+    if factor is None or None in sizes:
+        return None
+    return sizes[0], sizes[1], factor
+
+
+def check_resolution(pipe, call: dict, patch_sizes: Sequence[int]) -> None:
+    """Refuse a resolution whose latent some patch size does not divide, before any work."""
+    size = image_size(pipe, call)
+    if size is None:
+        return
+    height, width, factor = size
+    latent = (height // factor, width // factor)
+    bad = [s for s in patch_sizes if latent[0] % s or latent[1] % s]
+    if bad:
+        raise ValueError(f"patch sizes {bad} do not divide the {latent[0]}x{latent[1]} latent of a {height}x{width} "
+                         f"image; choose --height and --width that are multiples of {max(patch_sizes) * factor}, "
+                         "or smaller --sizes")
+
+
+def check_call(pipe, call: dict) -> None:
+    """Refuse arguments the pipeline does not take, and the ones ddit sets itself."""
+    taken = inspect.signature(pipe.__call__).parameters
+    unknown = [name for name in call if name not in taken]
+    if unknown:
+        raise ValueError(f"{type(pipe).__name__} takes no {', '.join(unknown)}; drop the option")
+    ours = [name for name in ("prompt", "prompt_embeds", "generator", "output_type", "num_images_per_prompt")
+            if name in call]
+    if ours:
+        raise ValueError(f"ddit sets {', '.join(ours)} itself (one sample per prompt and seed); drop it from the "
+                         "call")
+
+
+def named_values(items: list[str], flag: str = "--pipeline-arg") -> dict:
+    """``name=value`` pairs, each value a Python literal (``256``, ``False``, ``'text'``)."""
+    args = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise ValueError(f"{flag} {item!r} is not name=value, e.g. {flag} max_sequence_length=256")
+        try:
+            args[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{flag} {item!r}: {value!r} is not a Python literal (a number, True or "
+                             "False, or text in quotes)") from None
+    return args
+
+
+def call_arguments(items: list[str], **options) -> dict:
+    """The pipeline's arguments: the options given (``height=None``: the pipeline's default), then
+    ``--pipeline-arg NAME=VALUE`` items."""
+    return {**{name: value for name, value in options.items() if value is not None}, **named_values(items)}
