@@ -22,8 +22,8 @@ from ddit.policies import get_policy
 from ddit.adapter import MultiPatchTransformer
 from ddit.testbed.base_model import build_base_model
 
-ROWS = ["baseline", "baseline@2", "baseline+teacache", "fixed", "fixed+teacache", "third_order",
-        "third_order+teacache"]
+ROWS = ["baseline", "baseline@2", "progressive[switch=0.4]", "baseline+teacache", "fixed", "fixed+teacache",
+        "third_order", "third_order+teacache"]
 
 
 @pytest.fixture(scope="module")

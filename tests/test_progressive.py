@@ -56,3 +56,21 @@ def test_a_pipeline_refuses_it_before_anything_changes():
     with pytest.raises(ValueError, match="progressive resolution changes the latent's size"):
         ddit.enable(pipe, MultiPatchTransformer(stock), policy="progressive")
     assert pipe.transformer is stock
+
+
+@pytest.mark.parametrize("name", ["teacache", "taylorseer"])
+def test_caches_start_afresh_when_the_resolution_changes(model, name):
+    from ddit.caches import get_cache
+
+    cache = get_cache(name, **({"coefficients": [0.0, 0.0, 0.0, 1.0, 0.0]} if name == "teacache" else {}))
+    run = generate(model, torch.tensor([0, 1]), steps=8, guidance=2.0,
+                   policy=get_policy("progressive", switch=0.5), cache=cache)
+    assert torch.isfinite(run.images).all() and run.images.shape == (2, 3, 32, 32)
+
+
+def test_the_ablation_has_a_progressive_reference_row_on_the_testbed_only():
+    from ddit.ablate.config import build_config
+
+    rows = build_config(["third_order"], ["none"], progressive=(0.4, 0.6)).rows
+    assert [k for k in rows if k.startswith("progressive")] == ["progressive[switch=0.4]", "progressive[switch=0.6]"]
+    assert rows["progressive[switch=0.4]"].make_policy().switch == 0.4

@@ -24,6 +24,10 @@ def _steps(text: str) -> tuple[int, ...]:
     return tuple(int(s) for s in _names(text))
 
 
+def _switches(text: str) -> tuple[float, ...]:
+    return tuple(float(s) for s in _names(text))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..caches import available_caches, diffusers_caches
     from ..policies import available_policies
@@ -48,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="denoising steps of every row but the fewer-steps ones")
     p.add_argument("--fewer-steps", type=_steps, default=(28, 15),
                    help="step counts of the fewer-steps baselines; those below --steps run (default: 28,15)")
+    p.add_argument("--progressive", type=_switches,
+                   help="noise levels at which rows of progressive resolution (the training-free reference: half "
+                        "resolution, then full) switch; '' for none (default: 0.4 on the testbed; pipelines have "
+                        "none)")
     p.add_argument("--num-per-class", type=int, default=16,
                    help="testbed: samples per class and row (default 16: a few minutes on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0, help="sample i of every row starts from seed + i")
@@ -97,7 +105,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
     args.device, args.dtype = args.device or "cpu", args.dtype or "float32"
     device = _device(args.device)
     found = folders(args.backbone, args.adapter)
+    from ..policies import ProgressiveResolution
+
+    progressive = (ProgressiveResolution.switch,) if args.progressive is None else args.progressive
     config = build_config(args.policies, args.caches, steps=args.steps, fewer_steps=args.fewer_steps,
+                          progressive=progressive if "progressive" not in args.policies else (),
                           policy_params=parse_params(args.policy_param, "--policy-param"),
                           cache_params=parse_params(args.cache_param, "--cache-param"),
                           sweeps=parse_params(args.sweep, "--sweep"),
@@ -147,6 +159,9 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
                       policy_params=parse_params(args.policy_param, "--policy-param"),
                       cache_params=parse_params(args.cache_param, "--cache-param"),
                       sweeps=parse_params(args.sweep, "--sweep"), testbed=False)
+    if args.progressive:
+        raise ValueError("--progressive: progressive resolution runs in ddit's sampler only; a pipeline's loop "
+                         "cannot change the latent's size")
     if "num_inference_steps" in call:
         raise ValueError("--pipeline-arg num_inference_steps: the rows' steps come from --steps and --fewer-steps")
     processes()  # sets up the processes of `accelerate launch` (and reads its ACCELERATE_USE_CPU)

@@ -26,6 +26,7 @@ from ..testbed.teacache import TESTBED_FIT
 #: The row every other row is compared with: the base model at its own patch size, no cache.
 BASELINE = "baseline"
 NO_CACHE = "none"
+PROGRESSIVE = "progressive"
 #: The paper's fewer-step baselines (Table 1: FLUX at 28 and 15 instead of 50 steps).
 FEWER_STEPS = (28, 15)
 
@@ -101,21 +102,23 @@ class AblationConfig:
 
 
 def build_config(policies: list[str], caches: list[str], *, steps: int = 50,
-                 fewer_steps: tuple[int, ...] = FEWER_STEPS, policy_params: dict | None = None,
-                 cache_params: dict | None = None, sweeps: dict | None = None, **settings) -> AblationConfig:
+                 fewer_steps: tuple[int, ...] = FEWER_STEPS, progressive: tuple[float, ...] = (),
+                 policy_params: dict | None = None, cache_params: dict | None = None, sweeps: dict | None = None,
+                 **settings) -> AblationConfig:
     """The testbed's ablation: ``build_rows`` and the sampling settings they share."""
-    rows = build_rows(policies, caches, steps=steps, fewer_steps=fewer_steps, policy_params=policy_params,
-                      cache_params=cache_params, sweeps=sweeps, check=lambda: _check_settings(policies, caches,
-                                                                                              **settings))
+    rows = build_rows(policies, caches, steps=steps, fewer_steps=fewer_steps, progressive=progressive,
+                      policy_params=policy_params, cache_params=cache_params, sweeps=sweeps,
+                      check=lambda: _check_settings(policies, caches, **settings))
     return AblationConfig(rows=rows, steps=steps, **settings)
 
 
 def build_rows(policies: list[str], caches: list[str], *, steps: int = 50,
-               fewer_steps: tuple[int, ...] = FEWER_STEPS, policy_params: dict | None = None,
-               cache_params: dict | None = None, sweeps: dict | None = None, check=None,
-               testbed: bool = True) -> dict[str, Row]:
+               fewer_steps: tuple[int, ...] = FEWER_STEPS, progressive: tuple[float, ...] = (),
+               policy_params: dict | None = None, cache_params: dict | None = None, sweeps: dict | None = None,
+               check=None, testbed: bool = True) -> dict[str, Row]:
     """The rows of an ablation: the baseline, the baseline at each fewer step count below
-    ``steps``, then (baseline and every policy) x every cache; ``none`` = no cache.
+    ``steps``, progressive resolution at each ``progressive`` switch (the other training-free
+    reference), then (baseline and every policy) x every cache; ``none`` = no cache.
 
     ``sweeps`` (``{name: {param: [values]}}``, a policy's or a cache's) turn one policy or cache
     into one variant per value (per combination, for several parameters). Names and
@@ -140,6 +143,7 @@ def build_rows(policies: list[str], caches: list[str], *, steps: int = 50,
 
     rows = [Row(BASELINE, NO_CACHE, steps)]
     rows += [Row(BASELINE, NO_CACHE, s) for s in fewer_steps if s < steps]
+    rows += [Row(PROGRESSIVE, NO_CACHE, steps, {"switch": s}, policy_tag=f"[switch={s!r}]") for s in progressive]
     rows += [Row(p, c, steps, p_params, c_params, p_tag, c_tag)
              for p in dict.fromkeys([BASELINE, *policies])
              for p_tag, p_params in _variants(p, policy_params.get(p, {}), sweeps.get(p, {}))

@@ -79,9 +79,10 @@ class Cache(abc.ABC):
         owner = list(group.samples) * (len(hidden) // len(group.samples))
         rows = {s: torch.tensor([r for r, o in enumerate(owner) if o == s], device=hidden.device)
                 for s in group.samples}
+        where = (group.patch_size, tuple(hidden.shape[1:]))  # a new patch size or resolution starts afresh
         for s in group.samples:
-            if self.states.get(s, {}).get("patch_size") != group.patch_size:
-                self.states[s] = {"patch_size": group.patch_size}
+            if self.states.get(s, {}).get("where") != where:
+                self.states[s] = {"patch_size": group.patch_size, "where": where}
         reuse = self.reuse(group, run, rows)
         compute = torch.tensor([not reuse[s] for s in owner], device=hidden.device)
         if compute.all():
