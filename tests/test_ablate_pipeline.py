@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from ddit.ablate.cli import main
@@ -49,7 +50,7 @@ def test_rows_run_inside_the_pipeline_and_are_compared_with_their_twins(setup, t
     assert fixed["ssim_vs_baseline"] < 1 and set(fixed["per_prompt"]) == {"a red circle", "blue stripes on white"}
     assert summary["baseline@3"]["coarse_step_fraction"] == 0
     images = load_file(out / "images" / "fixed" / "0000000.safetensors")["images"]
-    assert images.shape == (2, 3, 128, 128) and images.min() >= -1 and images.max() <= 1
+    assert images.shape == (2, 3, 128, 128) and images.dtype == torch.uint8  # 8-bit, as decoded
     report = (out / "report.md").read_text()
     assert "LPIPS and CLIP score: skipped" in report and "plots/patch_sizes.png" in report
     assert (out / "grids" / "prompt001.png").exists()
@@ -143,3 +144,24 @@ def test_diffusers_cache_hooks_are_rows_of_a_pipeline_ablation_only(tmp_path, ca
 
     assert main(["--out", str(tmp_path / "testbed"), "--caches", "first_block_cache"]) == 2
     assert "diffusers' cache hooks run in pipeline ablations only (--pipeline)" in capsys.readouterr().err
+
+
+def test_a_video_pipeline_is_compared_frame_by_frame(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from ddit import MultiPatchTransformer
+
+    folder = save_tiny_pipeline("wan", tmp_path / "wan")
+    MultiPatchTransformer(DiffusionPipeline.from_pretrained(folder).transformer).save_pretrained(tmp_path / "adapter")
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    out = tmp_path / "run"
+    assert main(["--pipeline", str(folder), "--adapter", str(tmp_path / "adapter"), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--out", str(out), "--steps", "4", "--fewer-steps", "",
+                 "--policies", "fixed", "--policy-param", "fixed.fraction=0.5", "--caches", "none",
+                 "--height", "128", "--width", "128", "--num-frames", "5", "--pipeline-arg", "max_sequence_length=16",
+                 "--no-progress"]) == 0
+    frames = load_file(out / "images" / "fixed" / "0000000.safetensors")["images"]
+    assert frames.shape == (1, 5, 3, 128, 128) and frames.dtype == torch.uint8
+    fixed = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}["fixed"]
+    assert 0 < fixed["ssim_vs_baseline"] < 1 and fixed["coarse_step_fraction"] == 0.5
+    assert (out / "grids" / "prompt000.png").exists()

@@ -68,22 +68,29 @@ def summarize_pipeline(config: PipelineAblationConfig, out: str | Path) -> list[
 
 @torch.no_grad()
 def _per_sample(images: torch.Tensor, baseline: torch.Tensor, records: list[dict], base: int) -> dict:
-    a, b = (images.clamp(-1, 1) + 1) / 2, (baseline.clamp(-1, 1) + 1) / 2
-    frames = a.shape[1] if a.ndim == 5 else 1  # a video: (N, frames, C, H, W)
-    a, b = a.reshape(-1, *a.shape[-3:]), b.reshape(-1, *b.shape[-3:])
+    """Per sample, closeness to its twin (a video: the mean over its frames, one sample at a time to keep
+    memory to one video), its cost and how coarse its schedule was."""
+    ssim, psnr = [], []
+    for x, y in zip(images, baseline):
+        a, b = _unit(x).reshape(-1, *x.shape[-3:]), _unit(y).reshape(-1, *y.shape[-3:])
+        ssim.append(structural_similarity_index_measure(a, b, data_range=1.0, reduction="none").mean())
+        psnr.append(peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean())
     sizes = torch.tensor([r["patch_size"] for r in records], dtype=torch.float32)
     cached = torch.tensor([[math.nan if c is None else c for c in r["cached"]] for r in records],
                           dtype=torch.float32)  # NaN (shown as -): a diffusers hook, whose hits are unknown
     return {
         "sec_per_image": torch.tensor([r["sec"] for r in records], dtype=torch.float64),
-        "ssim_vs_baseline": structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
-        .view(-1, frames).mean(1),
-        "psnr_vs_baseline": peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
-        .view(-1, frames).mean(1),
+        "ssim_vs_baseline": torch.stack(ssim),
+        "psnr_vs_baseline": torch.stack(psnr),
         "mean_patch_size": sizes.mean(1),
         "coarse_step_fraction": (sizes > base).float().mean(1),
         "cached_step_fraction": cached.mean(1),
     }
+
+
+def _unit(images: torch.Tensor) -> torch.Tensor:
+    """8-bit images as floats in [0, 1]."""
+    return images.float() / 255
 
 
 def _means(values: dict[str, torch.Tensor], mask: list[bool] | None = None) -> dict[str, float]:
@@ -110,8 +117,8 @@ def _figures(out: Path, config: PipelineAblationConfig, records: dict, images: d
 
 
 def _still(image: torch.Tensor) -> torch.Tensor:
-    """An image, or a video's middle frame."""
-    return image[image.shape[0] // 2] if image.ndim == 4 else image
+    """An image, or a video's middle frame, in [-1, 1] as the grids take it."""
+    return _unit(image[image.shape[0] // 2] if image.ndim == 4 else image) * 2 - 1
 
 
 def _patch_sizes(path: Path, records: dict[str, list[dict]], keys: list[str]) -> None:

@@ -151,8 +151,9 @@ def calibrate_pipeline_rows(config: PipelineAblationConfig, pipe, adapter: Multi
 
 def _sample(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer, row: Row, indices: range,
             tau: float | None):
-    """One batch of ``row``: images in [-1, 1] (videos keep their frames), the batch's wall seconds,
-    and per sample its patch size and whether a cache skipped it, per step."""
+    """One batch of ``row``: 8-bit images (what a decoded image holds; a video keeps its frames and is a
+    quarter of its float size), the batch's wall seconds, and per sample its patch size and whether a
+    cache skipped it, per step."""
     if _enabled(row):
         policy = make_policy(row, tau) if row.policy != BASELINE else BASELINE
         enable(pipe, adapter, policy=policy, cache=row.make_cache(testbed=False))
@@ -168,8 +169,8 @@ def _sample(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer
             disable(pipe)
     images = getattr(output, "frames", None)
     images = output.images if images is None else images
-    return torch.as_tensor(images).float().cpu() * 2 - 1, wall, _decisions(records, len(indices), row.steps,
-                                                                            adapter.base_patch_size)
+    images = (torch.as_tensor(images).float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return images, wall, _decisions(records, len(indices), row.steps, adapter.base_patch_size)
 
 
 def _decisions(records: list[dict], batch: int, steps: int, base: int) -> list[dict]:

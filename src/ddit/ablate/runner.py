@@ -177,7 +177,8 @@ def save_images(out: Path, key: str, start: int, images: torch.Tensor) -> None:
     folder = out / "images" / key
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{start:07d}.safetensors"
-    save_file({"images": images.float().contiguous()}, path.with_suffix(".tmp"))
+    images = images if images.dtype == torch.uint8 else images.float()  # a pipeline's: 8-bit, as decoded
+    save_file({"images": images.contiguous()}, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
 
 
