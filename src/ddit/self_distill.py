@@ -79,8 +79,9 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
         raise ValueError("distil a bfloat16 or float32 pipeline (--dtype bfloat16): float16 training would "
                          "need loss scaling")
     config = config or DistillConfig(num_inference_steps=None, timestep_scale=None)
-    identity = {"transformer": f"{type(pipe.transformer).__name__} {config_hash(pipe.transformer)}",
-                "dtype": str(pipe.transformer.dtype), "call": call, "seed": seed}
+    identity = json.loads(json.dumps({  # as it reads back from recording.json (a tuple: a list)
+        "transformer": f"{type(pipe.transformer).__name__} {config_hash(pipe.transformer)}",
+        "dtype": str(pipe.transformer.dtype), "call": call, "seed": seed}))
     states = out / "states"
     _check_recording(states / "recording.json", identity)
 
@@ -101,8 +102,8 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
 
     visited = out / "on-policy" / "states"
     # states recorded under another policy, or with another first-round adapter, must not be mixed in
-    on_policy_identity = {**identity, "policy": on_policy.name, "policy_params": _scalars(on_policy),
-                          "adapter": _digest(model.adapter_state_dict())}
+    on_policy_identity = json.loads(json.dumps({**identity, "policy": on_policy.name, "policy_params":
+                                                _scalars(on_policy), "adapter": _digest(model.adapter_state_dict())}))
     _check_recording(visited / "recording.json", on_policy_identity)
     if accelerator.is_main_process:
         visited.mkdir(parents=True, exist_ok=True)
