@@ -108,7 +108,8 @@ def test_a_run_writes_results_images_summary_and_figures(finished):
     assert fixed["speedup_flops"] > 1 and fixed["per_class"]["stripes"]["speedup_flops"] > 1
     assert fixed["ssim_vs_baseline"] < 1  # and its parameters, defaults included:
     assert fixed["params"] == {"policy": {"schedule": None, "fraction": 1, "size": None}, "cache": {}}
-    assert summary["third_order"]["params"]["policy"] == {"tau": 8e-4, "rho": 90.0, "warmup": 3, "restart": True}
+    assert summary["third_order"]["params"]["policy"] == {"tau": 8e-4, "rho": 90.0, "warmup": 3, "restart": True,
+                                                           "fine_tail": 0.0}
     assert summary["baseline@2"]["speedup_flops"] == pytest.approx(2, rel=0.01)
     assert base["cached_step_fraction"] == 0 < summary["baseline+teacache"]["cached_step_fraction"]
     assert set(fixed["per_class"]) == {"glow", "moon", "shapes", "stripes"}

@@ -125,6 +125,21 @@ def test_restart_holds_a_new_size_until_its_own_history_is_full():
     assert schedules[False] == [2, 2, 2, 8, 2, 2, 2, 8, 8, 8]
 
 
+def test_fine_tail_keeps_the_last_steps_at_the_base_size():
+    """fine_tail=0.2 of 10 steps: the last 2 at the base size, whatever the signal; restarts
+    hold no coarse size into the tail. Calibration replays the tail too."""
+    latents = polynomial([torch.randn(1, 4, 16, 16) for _ in range(3)], steps=10)
+    assert run(get_policy("third_order", tau=1e-3, fine_tail=0.0), latents)[:, 0].tolist() == [2, 2, 2] + [8] * 7
+    assert run(get_policy("third_order", tau=1e-3, fine_tail=0.2), latents)[:, 0].tolist() == [2, 2, 2] + [8] * 5 + [2, 2]
+    assert run(get_policy("mean", tau=1e-3, fine_tail=0.5), latents)[5:].eq(BASE).all()
+    trace = synthetic_trace([1.0] * 10)  # size 4's signal 1 at every step, size 8's 1e9
+    plain, tail = get_policy("third_order", restart=False), get_policy("third_order", restart=False, fine_tail=0.2)
+    assert 1 < calibrate_tau([trace], 0.3, rule=plain) < 1.001  # all 10 steps at 4: 0.25
+    assert calibrate_tau([trace], 0.3, rule=tail) > 1e9  # 8 at 4 and 2 at 2 cost 0.4: size 8 needed
+    with pytest.raises(ValueError, match="out of reach"):  # 2 of 10 steps are never coarse: >= 0.25
+        calibrate_tau([trace], 0.2, rule=tail)
+
+
 def test_decisions_differ_per_sample_within_a_batch():
     smooth = polynomial([torch.randn(4, 16, 16) for _ in range(3)])
     detailed = polynomial([torch.randn(4, 16, 16) for _ in range(4)])
@@ -247,6 +262,8 @@ def test_budget_policy_calibrates_then_meets_its_budget():
     (dict(rho=101), r"\[0, 100\]"),
     (dict(rho=-1), r"\[0, 100\]"),
     (dict(warmup=2), r"warmup must be >= 3"),
+    (dict(fine_tail=1), r"fine_tail .* \[0, 1\)"),
+    (dict(fine_tail=-0.1), r"fine_tail .* \[0, 1\)"),
 ])
 def test_bad_parameters(params, match):
     with pytest.raises(ValueError, match=match):

@@ -39,7 +39,8 @@ def calibrate_tau(traces: Sequence[Sequence[Decision]], target_fraction: float,
         for trace in traces:
             rule.reset(len(trace[0].sizes), candidates[0], candidates)
             for d in trace:
-                sizes = rule.schedule(torch.stack([d.signals[p] for p in candidates]) if d.signals else None)
+                sizes = rule.schedule(torch.stack([d.signals[p] for p in candidates]) if d.signals else None,
+                                      rule.protected(d.index, len(trace)))
                 spent += sum(cost[p] / cost[candidates[0]] for p in sizes.tolist())
                 steps += len(sizes)
         return spent / steps
@@ -73,8 +74,8 @@ class BudgetPolicy(ThirdOrderPolicy):
     def __init__(self, fraction: float | None = None, *, speedup: float | None = None,
                  traces: Sequence[Sequence[Decision]] | None = None, rho: float | None = None,
                  warmup: int | None = None, cost_per_size: Mapping[int, float] | None = None,
-                 restart: bool = True):
-        super().__init__(rho=rho, warmup=warmup, restart=restart)
+                 restart: bool = True, fine_tail: float | None = None):
+        super().__init__(rho=rho, warmup=warmup, restart=restart, fine_tail=fine_tail)
         if (fraction is None) == (speedup is None):
             raise ValueError("give the budget as fraction=f (of the base compute) or speedup=s, exactly one")
         if speedup is not None and not speedup > 1:
