@@ -2,20 +2,19 @@
 
     pytest -s benchmarks/test_targets.py
 
-Two resumable ``ddit-ablate`` runs: one samples the 50-step baseline and ``third_order``
-alone and with TeaCache (at its default delta); the other the reference curves, the
-baseline at fewer steps and TeaCache alone at several deltas. Each target is then one test
-on their summaries, so a missed target fails by name and the printed lines say by how
-much. Speed-ups are wall time as the harness measures it (a batch's wall time per image;
-rows run interleaved batch by batch in one process), so they are ratios within one run,
-each against that run's own baseline, as in the other benchmarks. The quality of a
-reference "at matched speed" is interpolated on its curve (linear in log speed-up) at
-``third_order``'s own speed-up.
+One resumable ``ddit-ablate`` run samples the 50-step baseline, the references a user
+would pick instead (the baseline at fewer steps, TeaCache alone at several deltas,
+progressive resolution at several switches: three curves from 1x up) and ``third_order``
+alone and with TeaCache at its default delta. Each target is then one test on its summary,
+so a missed target fails by name and the printed lines say by how much. Speed-ups are wall
+time as the harness measures it (a batch's wall time per image; rows run interleaved batch
+by batch in one process), all against the same baseline. The quality of a reference "at
+matched speed" is interpolated on its curve (linear in log speed-up) at ``third_order``'s
+own speed-up.
 
-The runs are kept in ``runs/benchmark-targets-HASH`` (HASH: the configuration), so an
-interrupted benchmark resumes; delete a folder to measure afresh. The policy's defaults
-are written into its run's configuration, so that new defaults make a new run instead of
-resuming one sampled with the old ones, while the reference run is reused.
+The run is kept in ``runs/benchmark-targets-HASH`` (HASH: the configuration, defaults and
+model fingerprint included), so an interrupted benchmark resumes and new defaults make a
+new run; delete the folder to measure afresh.
 """
 
 import hashlib
@@ -35,9 +34,13 @@ from ddit.testbed.evaluator import load_evaluator
 NUM_PER_CLASS = 32
 STEPS = 50
 FEWER_STEPS = (34, 28, 22, 15)
-TEACACHE_DELTAS = sorted({0.05, 0.1, 0.2, TeaCache.delta})
+#: TeaCache alone at these deltas, its default (0.025) among them: a reference curve.
+TEACACHE_DELTAS = [0.025, 0.05, 0.1, 0.2]
+#: Progressive resolution at these switches (half resolution while sigma is above): a reference curve.
+PROGRESSIVE_SWITCHES = (0.2, 0.3, 0.4)
 POLICY = "third_order"
-#: Its defaults, spelled out in the configuration (its hash) rather than implied.
+#: Its defaults and TeaCache's, spelled out in the configuration (its hash) rather than implied,
+#: so that new defaults make a new run instead of resuming one sampled with the old ones.
 POLICY_PARAMS = {"tau": ThirdOrderPolicy.tau, "rho": ThirdOrderPolicy.rho,
                  "fine_tail": ThirdOrderPolicy.fine_tail}
 #: Sample i starts from seed HELD_OUT_SEED + i: the defaults were tuned on seeds 0-127, not on these.
@@ -51,37 +54,30 @@ def _delta_tag(delta: float) -> str:
     return f"teacache[delta={delta!r}]"
 
 
-def _run(config) -> dict[str, dict]:
-    """Sample (or resume) one run in ``runs/benchmark-targets-HASH`` and summarize it."""
-    digest = hashlib.sha256(json.dumps(config.to_json(), sort_keys=True).encode()).hexdigest()[:8]
-    out = RESULTS_FILE.parent / f"benchmark-targets-{digest}"
-    run_ablation(config, load_model(folders(None, None)), out)
-    rows = {r["row"]: r for r in summarize(config, out, load_evaluator())}
-    print(f"\nablation: {out}/report.md")
-    return rows
+#: The rows of each reference curve, from the baseline (1x) to the fastest.
+CURVES = {"fewer_steps": ["baseline", *(f"baseline@{s}" for s in FEWER_STEPS)],
+          "teacache": ["baseline", *(f"baseline+{_delta_tag(d)}" for d in TEACACHE_DELTAS)],
+          "progressive": ["baseline", *(f"progressive[switch={s!r}]" for s in PROGRESSIVE_SWITCHES)]}
+WITH_TEACACHE = f"{POLICY}+{_delta_tag(TeaCache.delta)}"
 
 
 @pytest.fixture(scope="module")
 def summary():
-    """``{row: record}``: the policy's rows and their own baseline from one run, the reference
-    curves (fewer steps, TeaCache alone) from another, each sampled (or resumed) once per session.
-
-    The reference run keeps the configuration the curves were first sampled with (issue 5),
-    so a stored run is reused when the policy's defaults change; its own ``third_order`` rows
-    (implicit defaults, whatever they were when it was sampled) are not read. Wall speed-ups
-    are each against the baseline of the same run; images, FLOPs and quality do not depend on
-    the run.
-    """
-    settings = dict(steps=STEPS, num_per_class=NUM_PER_CLASS, seed=HELD_OUT_SEED, guidance=2.0, batch_size=64,
-                    model=fingerprint(folders(None, None)))
-    teacache = {"teacache": {"delta": TEACACHE_DELTAS}}
-    references = _run(build_config([POLICY], ["none", "teacache"], fewer_steps=FEWER_STEPS, sweeps=teacache,
-                                   **settings))
-    config = build_config([POLICY], ["none", "teacache"], fewer_steps=(), policy_params={POLICY: POLICY_PARAMS},
-                          **settings)  # the policy alone and with TeaCache at its default delta
-    config.rows = {k: r for k, r in config.rows.items() if r.policy != "baseline" or r.cache == "none"}
-    ours = _run(config)
-    return {**{k: v for k, v in references.items() if k.startswith("baseline")}, **ours}
+    """``{row: record}`` of one resumable run in ``runs/benchmark-targets-HASH`` (HASH: its
+    configuration): the baseline, the reference curves, the policy alone and with TeaCache at
+    its default delta. Its rows run interleaved batch by batch, so every wall speed-up is
+    against the baseline of the same run."""
+    config = build_config([POLICY], ["none", "teacache"], steps=STEPS, fewer_steps=FEWER_STEPS,
+                          progressive=PROGRESSIVE_SWITCHES, policy_params={POLICY: POLICY_PARAMS},
+                          sweeps={"teacache": {"delta": TEACACHE_DELTAS}}, num_per_class=NUM_PER_CLASS,
+                          seed=HELD_OUT_SEED, guidance=2.0, batch_size=64, model=fingerprint(folders(None, None)))
+    config.rows = {k: r for k, r in config.rows.items()
+                   if r.policy != POLICY or r.cache == "none" or k == WITH_TEACACHE}
+    digest = hashlib.sha256(json.dumps(config.to_json(), sort_keys=True).encode()).hexdigest()[:8]
+    out = RESULTS_FILE.parent / f"benchmark-targets-{digest}"
+    run_ablation(config, load_model(folders(None, None)), out)
+    print(f"\nablation: {out}/report.md")
+    return {r["row"]: r for r in summarize(config, out, load_evaluator())}
 
 
 def at_speed(points: list[tuple[float, float]], speedup: float) -> float | None:
@@ -113,22 +109,20 @@ def test_third_order_alone(summary):
 
 def test_third_order_with_teacache(summary):
     """>= 3x wall with TeaCache at its default delta."""
-    row = summary[f"{POLICY}+teacache"]
-    record(f"{POLICY}+teacache", speedup_wall=row["speedup_wall"], speedup_flops=row["speedup_flops"],
-           fd=row["fd"], adherence=row["adherence"], ssim=row["ssim_vs_baseline"])
+    row, alone = summary[WITH_TEACACHE], summary[f"baseline+{_delta_tag(TeaCache.delta)}"]
+    record(WITH_TEACACHE, speedup_wall=row["speedup_wall"], speedup_flops=row["speedup_flops"],
+           fd=row["fd"], adherence=row["adherence"], ssim=row["ssim_vs_baseline"],
+           teacache_alone_speedup_wall=alone["speedup_wall"], teacache_alone_fd=alone["fd"])
     assert row["speedup_wall"] >= 3
 
 
-@pytest.mark.parametrize("reference", ["fewer_steps", "teacache"])
+@pytest.mark.parametrize("reference", list(CURVES))
 @pytest.mark.parametrize("quality", ["ssim_vs_baseline", "fd"])
 def test_third_order_beats_the_reference_at_matched_speed(summary, reference, quality):
     """Higher SSIM to the baseline, and lower FD, than the reference curve at third_order's speed-up."""
-    if reference == "fewer_steps":
-        keys = ["baseline", *(f"baseline@{s}" for s in FEWER_STEPS)]
-    else:
-        keys = ["baseline", *(f"baseline+{_delta_tag(d)}" for d in TEACACHE_DELTAS)]
     row = summary[POLICY]
-    theirs = at_speed([(summary[k]["speedup_wall"], summary[k][quality]) for k in keys], row["speedup_wall"])
+    theirs = at_speed([(summary[k]["speedup_wall"], summary[k][quality]) for k in CURVES[reference]],
+                      row["speedup_wall"])
     record(f"{POLICY} vs {reference} ({quality})", speedup_wall=row["speedup_wall"], ours=row[quality],
            theirs=theirs)
     assert theirs is not None, f"the {reference} curve does not reach {row['speedup_wall']:.2f}x"

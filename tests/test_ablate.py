@@ -218,6 +218,32 @@ def test_budget_rows_are_calibrated_once_and_sample_with_that_tau(model_dirs, tm
     assert main(command) == 0 and calls.count == 0  # resumed: no recalibration, no sampling
 
 
+def test_the_oracle_at_the_policys_cost_shows_available_vs_captured(model_dirs, tmp_path):
+    """``oracle_budget`` is fitted to a token cost; the report pairs it with the policy and puts
+    their per-class schedules side by side, from the records."""
+    command = [*model_dirs, "--out", str(tmp_path), "--policies", "third_order,oracle_budget",
+               "--policy-param", "third_order.tau=1e9", "--policy-param", "oracle_budget.speedup=2",
+               "--num-per-class", "1", "--steps", "6", "--fewer-steps", "", "--batch-size", "4", "--no-progress"]
+    assert main(command) == 0
+    tolerance = json.loads((tmp_path / "calibration.json").read_text())["oracle_budget"]
+    [pair] = json.loads((tmp_path / "adaptivity.json").read_text())
+    assert (pair["oracle"], pair["policy"]) == ("oracle_budget", "third_order")
+    records = {r["row"]: r for r in runner.read_results(tmp_path) if r["sample"] == 0}
+    for row in ("oracle_budget", "third_order"):  # sample 0 is the only one of its class
+        sizes = records[row]["trace"]["patch_size"]
+        prompt = ["glow", "moon", "shapes", "stripes"][records[row]["label"]]
+        assert pair["per_class"][row][prompt]["mean_patch_size"] == pytest.approx(sum(sizes) / len(sizes))
+        assert pair["coarse_per_step"][row][prompt] == [float(p > 2) for p in sizes]
+    # the oracle's sizes are its errors against the fitted tolerance (Eq. 5 on them)
+    trace = records["oracle_budget"]["trace"]
+    for step, size in enumerate(trace["patch_size"]):
+        below = [int(p) for p in ("2", "4", "8") if trace["signals"][p][step] < tolerance]
+        assert size == max(below, default=2)
+    report = (tmp_path / "report.md").read_text()
+    assert "## Available vs captured" in report and "plots/adaptivity.png" in report
+    assert (tmp_path / "plots" / "adaptivity.png").stat().st_size > 0
+
+
 def test_a_run_with_nothing_to_compare_is_refused(model_dirs, tmp_path, capsys):
     assert main([*model_dirs, "--out", str(tmp_path / "run"), "--policies", "baseline", "--caches", "none"]) == 2
     assert "nothing to compare" in capsys.readouterr().err

@@ -188,6 +188,23 @@ def test_fixed_and_baseline():
     assert run(get_policy("baseline"), latents).eq(BASE).all()
 
 
+def test_coarse_to_fine_turns_fine_for_good_at_the_first_signal_above_tau():
+    """Sample 0's third difference is zero until step 6 (a quadratic), then jumps (a cubic term
+    switched on); sample 1's never moves. Coarse (2p) through the warm-up and while the 2p signal
+    stays below tau, the base size from the first step it reaches tau, even when it falls again."""
+    steps = 10
+    i = torch.arange(steps, dtype=torch.float32)
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kick = torch.where(i == 6, 1.0, 0.0).cumsum(0).cumsum(0).cumsum(0)  # third difference: 1 at step 6 only
+    latents = torch.stack([(0.1 * i + 0.01 * i**2 + kick)[:, None, None, None] * noise,
+                           (0.1 * i)[:, None, None, None] * noise], dim=1).squeeze(2)
+    sizes = run(get_policy("coarse_to_fine", tau=1e-3), latents)
+    assert sizes[:, 0].tolist() == [4] * 6 + [2] * 4  # its signal falls back to 0 after step 6: stays fine
+    assert sizes[:, 1].tolist() == [4] * steps
+    tail = run(get_policy("coarse_to_fine", tau=1e-3, fine_tail=0.2), latents)
+    assert tail[:, 1].tolist() == [4] * 8 + [2] * 2
+
+
 def test_oracle_takes_the_largest_size_within_tolerance():
     def probe(p, z):  # a model that sees z averaged over p x p patches
         return torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(z, p), scale_factor=p)
@@ -199,6 +216,22 @@ def test_oracle_takes_the_largest_size_within_tolerance():
     assert policy.trace[0].signals[4][0] < 1e-6 and policy.trace[0].signals[8][0] > 0.01
     with pytest.raises(ValueError, match="needs step.probe"):
         run(policy, blocky[None])
+
+
+def test_oracle_at_a_budget_fits_its_tolerance_to_the_cost():
+    """Errors at size 4 of 1..10 over ten steps, size 8 never affordable: k steps at size 4 cost
+    (10 - k + k/4) / 10, so a 0.7 budget needs k = 4, a tolerance just above the 4th error."""
+    trace = [Decision(i, 1 - i / 10, torch.tensor([2]),
+                      {2: torch.zeros(1), 4: torch.tensor([float(i + 1)]), 8: torch.tensor([1e9])}) for i in range(10)]
+    policy = get_policy("oracle_budget", fraction=0.7)
+    assert policy.tolerance == 0  # uncalibrated: the base schedule, recording errors
+    assert 4 < policy.calibrate([trace]) < 4.001
+    assert policy.tau == policy.tolerance  # the name the harness sets a calibration by
+    assert 6 < get_policy("oracle_budget", speedup=1 / 0.55, traces=[trace]).tolerance < 6.001
+    with pytest.raises(ValueError, match="out of reach"):
+        get_policy("oracle_budget", fraction=0.05, traces=[trace])
+    with pytest.raises(ValueError, match="exactly one"):
+        get_policy("oracle_budget")
 
 
 # --- budget ---------------------------------------------------------------------------------
@@ -320,8 +353,8 @@ class PluginPolicy(PatchPolicy):
 def test_registry_lists_builtins_and_plugins(monkeypatch):
     monkeypatch.setattr(plugins, "collect", lambda hook: [PluginPolicy] if hook == "ddit_policies" else [])
     names = set(available_policies())
-    assert {"third_order", "second_order", "first_order", "mean", "fixed", "baseline", "oracle", "budget",
-            "from_a_plugin"} <= names
+    assert {"third_order", "second_order", "first_order", "mean", "fixed", "baseline", "oracle", "oracle_budget",
+            "budget", "coarse_to_fine", "from_a_plugin"} <= names
     assert isinstance(get_policy("from_a_plugin"), PluginPolicy)
     policy = get_policy("third_order", tau=0.5, rho=80)
     assert (policy.tau, policy.rho) == (0.5, 80)

@@ -32,11 +32,12 @@ def folders(backbone: str | Path | None = None, adapter: str | Path | None = Non
 
 
 def fingerprint(found: dict[str, Path]) -> dict[str, str]:
-    """A hash of each folder's weights and configs: a different model must not resume a run."""
+    """A hash of each folder's weights and configs: a different model must not resume a run. Its
+    cards' measurements (``eval.json``, ``card.json``) are not the model and are left out."""
     prints = {}
     for what, folder in found.items():
         digest = hashlib.sha256()
-        for file in sorted([*folder.glob("*.safetensors"), *folder.glob("*.json")]):
+        for file in sorted([*folder.glob("*.safetensors"), *folder.glob("*config.json")]):
             digest.update(file.name.encode())
             digest.update(file.read_bytes())
         prints[what] = digest.hexdigest()[:16]

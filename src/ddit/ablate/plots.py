@@ -96,23 +96,37 @@ def _signals(path: Path, signals: dict[str, dict[str, list[float]]], taus: dict[
 
 
 def _pareto(path: Path, summary: list[dict]) -> None:
-    """Each row's quality against its wall speed-up; the line joins the rows that no other
-    row beats on both (lower FD / spectral FD, higher adherence)."""
+    """Each method's quality against its wall speed-up, one curve per method (a policy with a
+    cache, over its sweep; the baseline at fewer steps; progressive over its switches), and
+    the front of the rows that no other row beats on both (lower FD / spectral FD, higher
+    adherence) as a dashed line."""
     fig, axes = _panels(3)
     for ax, metric, lower_is_better in ((axes[0], "fd", True), (axes[1], "sfd", True), (axes[2], "adherence", False)):
-        points = [(r["speedup_wall"], r[metric], r["row"]) for r in summary if r[metric] is not None]
-        for i, (x, y, name) in enumerate(sorted(points, key=lambda p: p[1])):
-            ax.scatter(x, y, color="tab:blue")
-            # neighbours in y alternate above and below their point, so labels of close values do not stack
-            ax.annotate(name, (x, y), fontsize="x-small", xytext=(3, 3 if i % 2 else -9), textcoords="offset points")
+        points = [(r["speedup_wall"], r[metric], r) for r in summary if r[metric] is not None]
+        curves: dict[str, list] = {}
+        for x, y, r in points:
+            curves.setdefault(_method(r), []).append((x, y, r["row"]))
+        for i, (method, curve) in enumerate(curves.items()):
+            curve.sort()
+            ax.plot([x for x, _, _ in curve], [y for _, y, _ in curve], "o-", color=f"C{i % 10}", label=method,
+                    markersize=4, linewidth=1)
         front, best = [], math.inf
-        for x, y, _ in sorted(points, reverse=True):  # fastest first: keep those better than all faster ones
+        # fastest first: keep the rows better than all faster ones
+        for x, y, _ in sorted(points, key=lambda p: p[:2], reverse=True):
             score = y if lower_is_better else -y
             if score < best:
                 front.append((x, y))
                 best = score
-        ax.plot(*zip(*front), color="tab:orange")
+        ax.plot(*zip(*front), color="black", linestyle="--", linewidth=0.8, label="front")
         ax.set_xlabel("wall speed-up vs baseline")
         title = {"sfd": "spectral FD", "fd": "FD"}.get(metric, metric)
         ax.set_ylabel(f"{title} ({'lower' if lower_is_better else 'higher'} is better)")
+    axes[0].legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.savefig(path, dpi=110)
+
+
+def _method(record: dict) -> str:
+    """The curve a row belongs to: its policy and cache, sweeps joined; the baseline's step counts are one curve."""
+    if record["policy"] == BASELINE and record["cache"] == "none":
+        return "baseline, fewer steps"
+    return record["policy"] if record["cache"] == "none" else f"{record['policy']}+{record['cache']}"

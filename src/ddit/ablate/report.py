@@ -20,7 +20,7 @@ from ..checkpoint import write_text_atomic
 from ..testbed.data import PROMPTS, make_dataset
 from ..testbed.evaluate import REAL_SEEDS, evaluate_images
 from ..testbed.evaluator import Evaluator, frechet_interval
-from . import plots
+from . import adaptivity, plots
 from .config import AblationConfig, effective_params
 from .metrics import fd, per_sample, sfd
 from .runner import load_images, read_calibration, read_results
@@ -80,7 +80,13 @@ def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> 
     write_text_atomic(out / "summary.json", json.dumps(finite(summary), indent=1, allow_nan=False))
     _write_csv(out / "summary.csv", summary)
     figures = plots.plot_all(out, config, records, summary, images, base_size)
-    write_text_atomic(out / "report.md", _markdown(config, summary, quality, figures, out))
+    pairs = adaptivity.compare(config, records, base_size)
+    if pairs:
+        write_text_atomic(out / "adaptivity.json", json.dumps(pairs, indent=1))
+        adaptivity.plot(out / "plots/adaptivity.png", pairs)
+        figures["Coarse fraction per step and class: captured (policy, solid) vs available (oracle, dashed)"] = (
+            "plots/adaptivity.png")
+    write_text_atomic(out / "report.md", _markdown(config, summary, quality, figures, out, adaptivity.markdown(pairs)))
     return summary
 
 
@@ -127,7 +133,7 @@ def _write_csv(path: Path, summary: list[dict]) -> None:
 
 
 def _markdown(config: AblationConfig, summary: list[dict], quality: dict, figures: dict[str, str],
-              out: Path) -> str:
+              out: Path, sections: str) -> str:
     rows = markdown_table(COLUMNS, [([r["row"]], r) for r in summary], ["row"])
     per_class = markdown_table(CLASS_COLUMNS, [([r["row"], prompt], v) for r in summary
                                                 for prompt, v in r["per_class"].items()], ["row", "class"])
@@ -153,7 +159,7 @@ def _markdown(config: AblationConfig, summary: list[dict], quality: dict, figure
         "measured on a possibly shared machine and are noisier "
         "than FLOPs. PSNR of identical images is infinite: shown as identical here, null in summary.json.\n\n"
         f"## Rows\n\n{rows}\n{_timing_warnings(summary)}{params}\n## Per class\n\n{per_class}\n"
-        f"## Figures\n\n{pictures}"
+        f"{sections}## Figures\n\n{pictures}"
     )
 
 

@@ -5,18 +5,19 @@ and for writing and publishing new ones.
 """
 
 from .base import Decision, PatchPolicy, Probe, Step, check_candidates, largest_below, trace_rows
-from .budget import BudgetPolicy, calibrate_tau
+from .budget import BudgetPolicy, budget_fraction, calibrate_tau, smallest_threshold
 from .differences import finite_difference, patch_std, percentile
 from .fixed import BaselinePolicy, FixedPolicy
-from .oracle import OraclePolicy
-from .percentile import FirstOrderPolicy, MeanPolicy, SecondOrderPolicy, ThirdOrderPolicy
+from .oracle import OracleBudgetPolicy, OraclePolicy
+from .percentile import CoarseToFinePolicy, FirstOrderPolicy, MeanPolicy, SecondOrderPolicy, ThirdOrderPolicy
 from .progressive import ProgressiveResolution, dct_resize
 from .registry import BUILTIN_POLICIES, available_policies, get_policy
 
 __all__ = [
     "Decision", "PatchPolicy", "Probe", "Step", "check_candidates", "largest_below", "trace_rows",
-    "BudgetPolicy", "calibrate_tau", "finite_difference", "patch_std", "percentile",
-    "BaselinePolicy", "FixedPolicy", "OraclePolicy",
-    "FirstOrderPolicy", "MeanPolicy", "SecondOrderPolicy", "ThirdOrderPolicy", "ProgressiveResolution", "dct_resize",
+    "BudgetPolicy", "budget_fraction", "calibrate_tau", "smallest_threshold",
+    "finite_difference", "patch_std", "percentile",
+    "BaselinePolicy", "FixedPolicy", "OracleBudgetPolicy", "OraclePolicy",
+    "CoarseToFinePolicy", "FirstOrderPolicy", "MeanPolicy", "SecondOrderPolicy", "ThirdOrderPolicy", "ProgressiveResolution", "dct_resize",
     "BUILTIN_POLICIES", "available_policies", "get_policy",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -45,19 +45,37 @@ def calibrate_tau(traces: Sequence[Sequence[Decision]], target_fraction: float,
                 steps += len(sizes)
         return spent / steps
 
-    # The schedule only changes where tau crosses a recorded value: search just above them.
     values = torch.cat([torch.stack([d.signals[p] for p in candidates[1:]]).flatten() for d in recorded])
+    return smallest_threshold(values, fraction, target_fraction)
+
+
+def smallest_threshold(values: torch.Tensor, fraction: Callable[[float], float], target: float) -> float:
+    """The smallest threshold at which ``fraction(threshold)`` (the replayed schedule's cost, which
+    falls as the threshold rises) is at most ``target``. A schedule only changes where the threshold
+    crosses a recorded signal, so only the values just above each of ``values`` are tried."""
     taus = torch.nextafter(values.unique(), torch.tensor(float("inf"))).tolist()
-    if fraction(taus[-1]) > target_fraction:
-        raise ValueError(f"target fraction {target_fraction} is out of reach on these traces: the coarsest "
+    if fraction(taus[-1]) > target:
+        raise ValueError(f"target fraction {target} is out of reach on these traces: the coarsest "
                          f"schedule costs {fraction(taus[-1]):.3f}")
-    lo, hi = 0, len(taus) - 1  # bisect as if cost fell with tau, which holds but for restarts
+    lo, hi = 0, len(taus) - 1  # bisect as if cost fell with the threshold, which holds but for restarts
     while lo < hi:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fraction(taus[mid]) <= target_fraction else (mid + 1, hi)
-    while fraction(taus[lo]) > target_fraction:  # where a restart broke monotonicity
+        lo, hi = (lo, mid) if fraction(taus[mid]) <= target else (mid + 1, hi)
+    while fraction(taus[lo]) > target:  # where a restart broke monotonicity
         lo += 1
     return taus[lo]
+
+
+def budget_fraction(fraction: float | None, speedup: float | None) -> float:
+    """The compute fraction of a budget given as ``fraction`` of the base cost or as ``speedup``, exactly one."""
+    if (fraction is None) == (speedup is None):
+        raise ValueError("give the budget as fraction=f (of the base compute) or speedup=s, exactly one")
+    if speedup is not None and not speedup > 1:
+        raise ValueError(f"speedup must be > 1, got {speedup}")
+    fraction = 1 / speedup if fraction is None else fraction
+    if not 0 < fraction < 1:
+        raise ValueError(f"compute fraction must lie in (0, 1) (1 is the baseline), got {fraction}")
+    return fraction
 
 
 class BudgetPolicy(ThirdOrderPolicy):
@@ -76,13 +94,7 @@ class BudgetPolicy(ThirdOrderPolicy):
                  warmup: int | None = None, cost_per_size: Mapping[int, float] | None = None,
                  restart: bool = True, fine_tail: float | None = None):
         super().__init__(rho=rho, warmup=warmup, restart=restart, fine_tail=fine_tail)
-        if (fraction is None) == (speedup is None):
-            raise ValueError("give the budget as fraction=f (of the base compute) or speedup=s, exactly one")
-        if speedup is not None and not speedup > 1:
-            raise ValueError(f"speedup must be > 1, got {speedup}")
-        self.fraction = 1 / speedup if fraction is None else fraction
-        if not 0 < self.fraction < 1:
-            raise ValueError(f"compute fraction must lie in (0, 1) (1 is the baseline), got {self.fraction}")
+        self.fraction = budget_fraction(fraction, speedup)
         self.cost_per_size = cost_per_size
         self.tau = 0.0
         if traces is not None:

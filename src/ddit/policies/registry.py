@@ -6,13 +6,13 @@ from .. import plugins
 from .base import PatchPolicy
 from .budget import BudgetPolicy
 from .fixed import BaselinePolicy, FixedPolicy
-from .oracle import OraclePolicy
-from .percentile import FirstOrderPolicy, MeanPolicy, SecondOrderPolicy, ThirdOrderPolicy
+from .oracle import OracleBudgetPolicy, OraclePolicy
+from .percentile import CoarseToFinePolicy, FirstOrderPolicy, MeanPolicy, SecondOrderPolicy, ThirdOrderPolicy
 from .progressive import ProgressiveResolution
 
 BUILTIN_POLICIES: tuple[type[PatchPolicy], ...] = (
-    ThirdOrderPolicy, SecondOrderPolicy, FirstOrderPolicy, MeanPolicy,
-    FixedPolicy, BaselinePolicy, OraclePolicy, BudgetPolicy, ProgressiveResolution,
+    ThirdOrderPolicy, SecondOrderPolicy, FirstOrderPolicy, MeanPolicy, CoarseToFinePolicy,
+    FixedPolicy, BaselinePolicy, OraclePolicy, OracleBudgetPolicy, BudgetPolicy, ProgressiveResolution,
 )
 
 
