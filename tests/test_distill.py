@@ -103,20 +103,76 @@ save_file({{k: v.contiguous() for k, v in model.adapter_state_dict().items()}}, 
 """
 
 
-def test_two_processes_under_accelerate_launch_train_one_adapter(tmp_path):
+FSDP_SCRIPT = """
+import sys
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+from accelerate.utils import DistributedType
+sys.path.insert(0, {tests!r})
+from test_distill import CONFIG, adapter, data_set
+from ddit.distill import DistillConfig, distill
+
+plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="no_wrap")
+accelerator = Accelerator(fsdp_plugin=plugin)
+# accelerate turns FSDP on only for accelerators; these CPU processes take the same path (as
+# accelerate does on a GPU, the process state learns it too, or the next AcceleratorState() forgets it)
+accelerator.state.distributed_type, accelerator.state.fsdp_plugin = DistributedType.FSDP, plugin
+PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+out = sys.argv[1]
+distill(adapter(), data_set(), out + "/straight", CONFIG, progress=False, accelerator=accelerator)
+half = DistillConfig(**{{**CONFIG.__dict__, "steps": 2}})
+for config, resume in ((half, False), (CONFIG, True)):  # every step a checkpoint, gathered from both ranks
+    distill(adapter(), data_set(), out + "/resumed", config, progress=False, accelerator=accelerator,
+            resume=resume, checkpoint_minutes=0)
+"""
+
+
+def launch(script: str, tmp_path: Path, out: Path) -> None:
+    """``accelerate launch`` with two CPU processes (gloo)."""
+    path = tmp_path / "script.py"
+    path.write_text(script.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "0", str(path), str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def data_parallel(tmp_path_factory) -> Path:
+    """A two-process DDP distillation: its output folder."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    launch(DDP_SCRIPT, tmp, tmp / "two")
+    return tmp / "two"
+
+
+def test_two_processes_under_accelerate_launch_train_one_adapter(data_parallel, tmp_path):
     """``accelerate launch`` with two CPU processes (gloo): each rank draws its own batches, the
     gradients are averaged, so both end with the same weights, unlike a one-process run."""
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    done = subprocess.run([*launch, str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [load_file(tmp_path / "two" / f"rank{i}.safetensors") for i in (0, 1)]
+    ranks = [load_file(data_parallel / f"rank{i}.safetensors") for i in (0, 1)]
     model, _ = run(data_set(), tmp_path / "one")
     alone = model.adapter_state_dict()
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in alone)
     assert not all(torch.allclose(ranks[0][k], alone[k]) for k in alone)
-    assert json.loads((tmp_path / "two" / "distill.json").read_text())["steps"] == CONFIG.steps
+    assert json.loads((data_parallel / "distill.json").read_text())["steps"] == CONFIG.steps
+
+
+def test_fsdp_trains_what_data_parallel_trains_and_resumes_from_whole_checkpoints(data_parallel, tmp_path):
+    """accelerate's FSDP (version 2) on two CPU processes: the shards train the same adapter as DDP, the
+    saved adapter is whole, and a run checkpointed at every step (both ranks gathering together) and
+    resumed ends where the uninterrupted one does, optimiser state included."""
+    launch(FSDP_SCRIPT, tmp_path, tmp_path / "fsdp")
+    ddp = load_file(data_parallel / "adapter" / "multipatch.safetensors")
+    straight = load_file(tmp_path / "fsdp" / "straight" / "adapter" / "multipatch.safetensors")
+    resumed = load_file(tmp_path / "fsdp" / "resumed" / "adapter" / "multipatch.safetensors")
+    initial = adapter().adapter_state_dict()
+    assert straight.keys() == ddp.keys() == initial.keys()
+    assert not all(torch.allclose(straight[k], initial[k]) for k in initial)
+    for k in ddp:
+        assert straight[k].shape == initial[k].shape, k
+        torch.testing.assert_close(straight[k], ddp[k], rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-7, msg=k)
+    checkpoint = torch.load(tmp_path / "fsdp" / "resumed" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["state"]["step"] == CONFIG.steps
+    moments = [s["exp_avg"].shape for s in checkpoint["optimizer"]["state"].values()]
+    assert moments == [v.shape for v in initial.values()]

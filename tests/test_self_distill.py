@@ -4,14 +4,18 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from diffusers import DiffusionPipeline
 
 import ddit
 from ddit.cli import main
 from ddit.distill import DistillConfig, DistillationLoss
+from ddit.policies import get_policy
 from ddit.recorded_states import RecordingError
 from ddit.self_distill import self_distill
 from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
@@ -136,6 +140,67 @@ def test_two_processes_share_the_prompts_and_train_one_adapter(folders, tmp_path
     report = json.loads((tmp_path / "run" / "distill.json").read_text())
     assert report["data"]["prompts"] == 3 and report["steps"] == 2
     ddit.enable(load(folders["sd3"]), tmp_path / "run" / "adapter")
+
+
+FSDP_CLI = """
+import json, sys
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+from accelerate.utils import DistributedType
+import ddit.self_distill
+from ddit.cli import main
+
+plugin = FullyShardedDataParallelPlugin()  # from the environment accelerate launch set from the config file
+accelerator = Accelerator(fsdp_plugin=plugin)
+# accelerate turns FSDP on only for accelerators: these CPU processes take the same path
+accelerator.state.distributed_type, accelerator.state.fsdp_plugin = DistributedType.FSDP, plugin
+PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+units, prepare = set(), accelerator.prepare
+
+
+def spy(*objects):
+    prepared = prepare(*objects)
+    units.update(type(m).__name__ for m in prepared[0].modules() if type(m).__name__.startswith("FSDP"))
+    return prepared
+
+
+accelerator.prepare = spy
+ddit.self_distill.processes = lambda: accelerator
+main(sys.argv[2:])
+if accelerator.is_main_process:
+    (open(sys.argv[1], "w")).write(json.dumps(sorted(units)))
+"""
+
+
+def test_the_documented_fsdp_config_shards_every_block_and_writes_a_whole_adapter(folders, tmp_path):
+    """``accelerate launch --config_file docs/fsdp.yaml`` on two CPU processes, bfloat16: each of the tiny
+    Flux's blocks is its own FSDP unit (from its ``_no_split_modules``), and the adapter saved is whole."""
+    config = Path(__file__).parents[1] / "docs" / "fsdp.yaml"
+    script, prompts, units = tmp_path / "fsdp.py", tmp_path / "prompts.txt", tmp_path / "units.json"
+    script.write_text(FSDP_CLI)
+    prompts.write_text("a red circle\nblue stripes\na green moon\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+              "--num_processes", "2", "--main_process_port", "0"]
+    done = subprocess.run([*launch, str(script), str(units), "distill", "--pipeline", str(folders["flux"]),
+                           "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--steps", "2",
+                           "--batch-size", "2", "--num-inference-steps", "2", "--dtype", "bfloat16", "--height", "64",
+                           "--width", "64", "--pipeline-arg", "max_sequence_length=16"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(units.read_text()) == ["FSDPDistillationLoss", "FSDPFluxSingleTransformerBlock",
+                                             "FSDPFluxTransformerBlock"]
+    pipe = load(folders["flux"])
+    ddit.enable(pipe, tmp_path / "run" / "adapter", policy="fixed", fraction=0.5)
+    out = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call("flux", 2))
+    assert torch.isfinite(out.images).all()
+
+
+def test_an_on_policy_round_under_fsdp_is_refused_before_recording(folders, tmp_path):
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    with pytest.raises(ValueError, match="--on-policy .* FSDP"):
+        self_distill(load(folders["sd3"]), PROMPTS, tmp_path, call=call("sd3"), config=CONFIG, accelerator=fsdp,
+                     on_policy=get_policy("fixed", fraction=0.5))
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_bfloat16_pipeline_trains_its_adapter_in_float32_and_keeps_its_dtype(folders, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_DIT
 from safetensors.torch import load_file
 
-from ddit.checkpoint import CheckpointError, TrainingRun
+from ddit.checkpoint import Checkpointer, CheckpointError, TrainingRun
 from ddit.testbed.evaluator import EvaluatorTrainConfig, load_evaluator, train_evaluator
 from ddit.testbed.train_base import BaseTrainConfig, train_base
 
@@ -84,3 +84,13 @@ def test_evaluator_training_resumes_to_the_same_state(tmp_path, monkeypatch):
     b = load_evaluator(tmp_path / "split").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert 0.0 <= report["heldout_accuracy"] <= 1.0
+
+
+def test_one_clock_decides_when_processes_checkpoint_together():
+    """``agree`` overrides this process's own clock: where FSDP gathers shards, all save or none."""
+    saved = []
+    never_due_here = Checkpointer(lambda: saved.append("main said so"), minutes=60, agree=lambda due: True)
+    never_due_here.tick()
+    due_here = Checkpointer(lambda: saved.append("own clock"), minutes=0, agree=lambda due: False)
+    due_here.tick()
+    assert saved == ["main said so"]

@@ -27,6 +27,7 @@ from torch import nn
 
 from .backbones import patchify, spec_for, unpatchify
 from .checkpoint import CheckpointError
+from .sharding import sharded_like, whole
 from .weights import load_safetensors
 
 CONFIG_NAME = "multipatch_config.json"
@@ -277,14 +278,18 @@ class MultiPatchTransformer(nn.Module):
 
     # -- parameters, saving and loading
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's own parameters by name (heads and LoRA), not the backbone's."""
-        with self._lora_inside():
-            return {name: p.detach() for name, p in self.named_parameters() if _is_new(name)}
+        """The adapter's own parameters by name (heads and LoRA), not the backbone's, whole.
+
+        Under FSDP this gathers the shards: every process must call it."""
+        return {name: whole(p.detach()) for name, p in self._adapter_parameters().items()}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What distillation trains: the heads and the LoRA branches."""
+        """What distillation trains: the heads and the LoRA branches (FSDP's shards once it wrapped them)."""
+        return list(self._adapter_parameters().values())
+
+    def _adapter_parameters(self) -> dict[str, nn.Parameter]:
         with self._lora_inside():
-            return [p for name, p in self.named_parameters() if _is_new(name)]
+            return {name: p for name, p in self.named_parameters() if _is_new(name)}
 
     @contextmanager
     def _lora_inside(self) -> Iterator[None]:
@@ -296,11 +301,15 @@ class MultiPatchTransformer(nn.Module):
         finally:
             self._place_lora(was_in)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the adapter's weights (safetensors), its LoRA config and its own config to ``path``."""
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the adapter's weights (safetensors), its LoRA config and its own config to ``path``.
+
+        ``state_dict``: the weights to write, as ``adapter_state_dict()`` gave them (under FSDP every
+        process gathers them, then one writes); by default this adapter's own."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.adapter_state_dict().items()}, path / WEIGHTS_NAME)
+        state = self.adapter_state_dict() if state_dict is None else state_dict
+        save_file({k: v.contiguous() for k, v in state.items()}, path / WEIGHTS_NAME)
         self.lora_config.save_pretrained(path)
         (path / CONFIG_NAME).write_text(json.dumps({
             "backbone_class": type(self.backbone).__name__,
@@ -333,15 +342,18 @@ class MultiPatchTransformer(nn.Module):
         return model
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str | os.PathLike = "state") -> None:
-        """Load what ``adapter_state_dict`` gave; refuses, naming ``source``, one of another layout."""
-        expected = self.adapter_state_dict().keys()
+        """Load what ``adapter_state_dict`` gave; refuses, naming ``source``, one of another layout.
+
+        Under FSDP each process keeps its shard of the whole weights: every process must call it."""
+        params = self._adapter_parameters()
+        expected = params.keys()
         if state.keys() != expected:
             missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
             raise CheckpointError(f"adapter weights in {source} do not fit this adapter: "
                                   f"missing {missing[:3]}, unexpected {extra[:3]}; the file belongs to another "
                                   "adapter layout (sizes, LoRA targets): save it again, or distil a new one")
         with self._lora_inside():
-            self.load_state_dict(state, strict=False)
+            self.load_state_dict({name: sharded_like(state[name], p) for name, p in params.items()}, strict=False)
 
 
 def _is_new(name: str) -> bool:

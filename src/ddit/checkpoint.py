@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,14 +50,22 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 class Checkpointer:
-    """Calls ``save`` every ``minutes`` of wall time; ``done()`` saves once more."""
+    """Calls ``save`` every ``minutes`` of wall time; ``done()`` saves once more.
 
-    def __init__(self, save, minutes: float):
-        self.save, self.interval = save, minutes * 60.0
+    ``agree(due) -> due``: where several processes save together (FSDP gathers the
+    shards from all of them), one clock must decide for all, e.g. the main process's
+    decision broadcast to the others; by default each process follows its own clock.
+    """
+
+    def __init__(self, save, minutes: float, agree: Callable[[bool], bool] | None = None):
+        self.save, self.interval, self.agree = save, minutes * 60.0, agree
         self.last = time.monotonic()
 
     def tick(self) -> None:
-        if time.monotonic() - self.last >= self.interval:
+        due = time.monotonic() - self.last >= self.interval
+        if self.agree is not None:
+            due = self.agree(due)
+        if due:
             self.save()
             self.last = time.monotonic()
 
@@ -74,19 +83,20 @@ class TrainingRun:
     """
 
     def __init__(self, path: str | os.PathLike, config, *, desc: str, minutes: float = 3.0,
-                 progress: bool = True, writer: bool = True, **stateful):
-        """``writer=False`` (every process but the main one of a multi-GPU run) never writes."""
+                 progress: bool = True, writer: bool = True, agree: Callable[[bool], bool] | None = None,
+                 **stateful):
+        """``writer=False`` (every process but the main one of a multi-GPU run) never writes, but still
+        takes the stateful objects' states, which may be collectives; ``agree``: see ``Checkpointer``."""
         self.path, self.config, self.desc = Path(path), config, desc
         self.progress, self.writer = progress and writer, writer
         self.stateful = stateful
         self.state = {"step": 0, "losses": [], "seconds": 0.0}
-        self.checkpointer = Checkpointer(self.save, minutes)
+        self.checkpointer = Checkpointer(self.save, minutes, agree)
 
     def save(self) -> None:
-        if not self.writer:
-            return
-        save_checkpoint({"config": asdict(self.config), "state": self.state,
-                         **{name: obj.state_dict() for name, obj in self.stateful.items()}}, self.path)
+        states = {name: obj.state_dict() for name, obj in self.stateful.items()}
+        if self.writer:
+            save_checkpoint({"config": asdict(self.config), "state": self.state, **states}, self.path)
 
     def restore(self) -> None:
         ckpt = load_checkpoint(self.path)

@@ -13,9 +13,13 @@ z_t = (1 - t) x_0 + t noise (``NoisedLatents``, the testbed). Only the adapter's
 parameters train.
 
 Built on accelerate, so the same code runs on a CPU or under
-``accelerate launch`` on several GPUs (each process draws its own batches).
-Every random draw of step k comes from a generator seeded by (seed, k,
-process), so a resumed run reproduces an uninterrupted one.
+``accelerate launch`` on several GPUs (each process draws its own batches), data
+parallel or, for a backbone too large for one GPU, with accelerate's FSDP: the
+adapter's weights and optimiser state are then gathered whole to be saved and
+sharded again on resume (``sharding.py``), and the main process's clock decides
+when all processes checkpoint together. Every random draw of step k comes from a
+generator seeded by (seed, k, process), so a resumed run reproduces an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 from torch.utils.data import Dataset, default_collate
@@ -35,6 +40,7 @@ from torch.utils.data import Dataset, default_collate
 from .adapter import MultiPatchTransformer, config_hash
 from .checkpoint import CheckpointError, TrainingRun
 from .processes import processes
+from .sharding import sharded_like, whole
 from .sampling import default_scheduler
 
 
@@ -78,6 +84,13 @@ class DistillationLoss(nn.Module):
         super().__init__()
         self.model, self.patch_sizes = model, patch_sizes
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The backbone's block classes, which accelerate's FSDP shards one by one when its config names
+        none (``docs/fsdp.yaml``); None (the testbed DiT, whose forward reaches into its first block):
+        the whole model is one unit."""
+        return getattr(self.model.backbone, "_no_split_modules", None)
+
     def forward(self, z_t: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """The loss of each coarse size, as a vector."""
         with torch.no_grad():
@@ -106,6 +119,22 @@ class _AdapterState:
             raise CheckpointError(f"this checkpoint distilled an adapter for {state['backbone']}, not for "
                                   f"{backbone_stamp(self.model)}; use another output folder")
         self.model.load_adapter_state_dict(state["weights"], source="checkpoint")
+
+
+class _OptimizerState:
+    """What a checkpoint keeps of the optimiser: its state, whole even where FSDP shards it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        state = self.optimizer.state_dict()
+        return {**state, "state": {i: {k: whole(v) for k, v in s.items()} for i, s in state["state"].items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.optimizer.load_state_dict({**state, "state": {
+            i: {k: sharded_like(v, params[i]) for k, v in s.items()} for i, s in state["state"].items()}})
 
 
 def sampler_sigmas(num_steps: int, scheduler: FlowMatchEulerDiscreteScheduler | None = None) -> torch.Tensor:
@@ -177,12 +206,15 @@ def distill(
     for p in params:  # a bf16 backbone: the adapter trains in fp32 under autocast, as mixed precision does
         p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    loss_fn, opt = accelerator.prepare(DistillationLoss(model, sizes).eval(), opt)
+    params = model.trainable_parameters()  # FSDP replaced them with its shards
+    together = accelerator.num_processes > 1
     run = TrainingRun(out / "checkpoint.pt", config, desc="distill", minutes=checkpoint_minutes,
                       progress=progress, writer=accelerator.is_main_process,
-                      adapter=_AdapterState(model), optimizer=opt)
+                      agree=(lambda due: broadcast_object_list([due])[0]) if together else None,
+                      adapter=_AdapterState(model), optimizer=_OptimizerState(opt))
     if resume:
         run.restore()
-    loss_fn, opt = accelerator.prepare(DistillationLoss(model, sizes).eval(), opt)
 
     def to_device(v):
         """Conditioning keeps its dtype: a pipeline hands its transformer fp32 timesteps even in bf16, and
@@ -205,9 +237,10 @@ def distill(
     accelerator.wait_for_everyone()
     for p in params:
         p.data = p.data.to(dtype)
+    weights = model.adapter_state_dict()  # every process: FSDP gathers the shards
     export = out / "adapter"
     if accelerator.is_main_process:
-        model.save_pretrained(export)
+        model.save_pretrained(export, weights)
         (out / "distill.json").write_text(json.dumps(
             {"config": asdict(config), "backbone": backbone_stamp(model), "patch_sizes": sizes,
              "data": states.describe(), "steps": run.state["step"], "seconds": round(run.state["seconds"], 1),

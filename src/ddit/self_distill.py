@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from .adapter import MultiPatchTransformer, config_hash
 from .backbones import spec_for
@@ -67,6 +68,10 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
     call, out, prompts = dict(call or {}), Path(out), list(prompts)
     if not prompts:
         raise ValueError("no prompts to record; pass at least one")
+    if on_policy is not None and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("--on-policy samples the pipeline between two training rounds, which FSDP's sharded "
+                         "transformer cannot do; record the on-policy round under a data-parallel accelerate "
+                         "config (or one process), or drop --on-policy")
     check_call(pipe, call)
     try:
         spec = spec_for(pipe.transformer)
