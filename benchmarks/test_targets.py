@@ -13,8 +13,9 @@ matched speed" is interpolated on its curve (linear in log speed-up) at ``third_
 own speed-up.
 
 The run is kept in ``runs/benchmark-targets-HASH`` (HASH: the configuration, defaults and
-model fingerprint included), so an interrupted benchmark resumes and new defaults make a
-new run; delete the folder to measure afresh.
+model fingerprint included, the sample count not), so an interrupted benchmark resumes, a
+larger NUM_PER_CLASS goes on from the finished samples, and new defaults make a new run;
+delete the folder to measure afresh.
 """
 
 import hashlib
@@ -31,7 +32,7 @@ from ddit.policies.percentile import ThirdOrderPolicy
 from ddit.testbed.data import PROMPTS
 from ddit.testbed.evaluator import load_evaluator
 
-NUM_PER_CLASS = 32
+NUM_PER_CLASS = 64
 STEPS = 50
 FEWER_STEPS = (34, 28, 22, 15)
 #: TeaCache alone at these deltas, its default (0.025) among them: a reference curve.
@@ -73,7 +74,9 @@ def summary():
                           seed=HELD_OUT_SEED, guidance=2.0, batch_size=64, model=fingerprint(folders(None, None)))
     config.rows = {k: r for k, r in config.rows.items()
                    if r.policy != POLICY or r.cache == "none" or k == WITH_TEACACHE}
-    digest = hashlib.sha256(json.dumps(config.to_json(), sort_keys=True).encode()).hexdigest()[:8]
+    # the sample count is not in the name: a run grows from its finished samples (ddit-ablate resumes them)
+    digest = hashlib.sha256(json.dumps({**config.to_json(), "num_per_class": None},
+                                       sort_keys=True).encode()).hexdigest()[:8]
     out = RESULTS_FILE.parent / f"benchmark-targets-{digest}"
     run_ablation(config, load_model(folders(None, None)), out)
     print(f"\nablation: {out}/report.md")

@@ -141,6 +141,19 @@ def test_interrupted_run_resumes_to_the_results_of_an_uninterrupted_one(finished
         assert torch.equal(runner.load_images(tmp_path, row), runner.load_images(done, row))
 
 
+def test_more_samples_per_class_go_on_from_the_finished_ones(finished, calls, tmp_path, capsys):
+    """Growing --num-per-class keeps every finished sample (sample i's seed and label do not depend on the
+    count): the grown run equals one sampled at that size from the start. Shrinking is refused."""
+    done, make = finished
+    shutil.copytree(done, tmp_path / "grown")
+    assert main([*make(tmp_path / "grown"), "--num-per-class", "2"]) == 0
+    assert calls.count == 1 + 2 * len(ROWS)  # a warm-up, then only the new batches
+    assert main([*make(tmp_path / "fresh"), "--num-per-class", "2"]) == 0
+    assert _without_timings(tmp_path / "grown") == _without_timings(tmp_path / "fresh")
+    assert main(make(tmp_path / "grown")) == 2
+    assert "may grow, not shrink" in capsys.readouterr().err
+
+
 def test_another_configuration_in_the_same_folder_is_refused(finished, capsys):
     out, make = finished
     assert main([*make(out), "--seed", "1", "--cache-param", "teacache.delta=0.5"]) == 2

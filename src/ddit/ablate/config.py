@@ -225,15 +225,25 @@ class ConfigMismatch(ValueError):
 
 
 def check_folder(out: Path, config: AblationConfig) -> None:
-    """Write ``config.json`` into a new folder, or refuse one that holds another configuration."""
+    """Write ``config.json`` into a new folder, or refuse one that holds another configuration.
+
+    One difference is allowed: more samples per class. Sample i's seed and label do not depend
+    on the count, so the finished samples are the first ones of the larger run, which goes on
+    from them (to narrow the intervals without sampling twice)."""
     path = Path(out) / "config.json"
     new = config.to_json()
     if path.exists():
-        diff = differences(json.loads(path.read_text()), new)
-        if diff:
+        old = json.loads(path.read_text())
+        had, wants = old.get("num_per_class"), new.get("num_per_class")  # None for pipeline runs
+        diff = differences({**old, "num_per_class": None}, {**new, "num_per_class": None})
+        if diff or (had is None) != (wants is None):
             raise ConfigMismatch(f"{out} holds results of another configuration ({'; '.join(diff)}); "
                                  "use another --out, or delete the folder to start over")
-        return
+        if wants is not None and wants < had:
+            raise ConfigMismatch(f"{out} holds {had} samples per class and row; --num-per-class may grow, "
+                                 "not shrink: use another --out")
+        if wants == had:
+            return
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(new, indent=1))
 
