@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
 import ddit.distill
@@ -111,7 +113,9 @@ sys.path.insert(0, {tests!r})
 from test_distill import CONFIG, adapter, data_set
 from ddit.distill import DistillConfig, distill
 
-plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="no_wrap")
+# many units, each holding LoRA weights, and each called once per patch size in a step
+plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                        transformer_cls_names_to_wrap=["Attention", "FeedForward"])
 accelerator = Accelerator(fsdp_plugin=plugin)
 # accelerate turns FSDP on only for accelerators; these CPU processes take the same path (as
 # accelerate does on a GPU, the process state learns it too, or the next AcceleratorState() forgets it)
@@ -159,8 +163,9 @@ def test_two_processes_under_accelerate_launch_train_one_adapter(data_parallel, 
 
 def test_fsdp_trains_what_data_parallel_trains_and_resumes_from_whole_checkpoints(data_parallel, tmp_path):
     """accelerate's FSDP (version 2) on two CPU processes: the shards train the same adapter as DDP, the
-    saved adapter is whole, and a run checkpointed at every step (both ranks gathering together) and
-    resumed ends where the uninterrupted one does, optimiser state included."""
+    saved adapter is whole, a run checkpointed at every step (both ranks gathering together) and
+    resumed ends where the uninterrupted one does, optimiser state included, and one process can
+    go on from its checkpoint."""
     launch(FSDP_SCRIPT, tmp_path, tmp_path / "fsdp")
     ddp = load_file(data_parallel / "adapter" / "multipatch.safetensors")
     straight = load_file(tmp_path / "fsdp" / "straight" / "adapter" / "multipatch.safetensors")
@@ -176,3 +181,13 @@ def test_fsdp_trains_what_data_parallel_trains_and_resumes_from_whole_checkpoint
     assert checkpoint["state"]["step"] == CONFIG.steps
     moments = [s["exp_avg"].shape for s in checkpoint["optimizer"]["state"].values()]
     assert moments == [v.shape for v in initial.values()]
+    more = DistillConfig(**{**CONFIG.__dict__, "steps": 5})
+    run(data_set(), tmp_path / "fsdp" / "resumed", more, resume=True)  # whole checkpoints: on without FSDP
+    assert json.loads((tmp_path / "fsdp" / "resumed" / "distill.json").read_text())["steps"] == 5
+
+
+def test_fsdp_version_1_is_refused_before_training(data, tmp_path):
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    with pytest.raises(ValueError, match="FSDP version 2 only .* fsdp_version: 2"):
+        run(data, tmp_path, accelerator=fsdp1)
+    assert not any(tmp_path.iterdir())

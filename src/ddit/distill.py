@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 from torch.utils.data import Dataset, default_collate
@@ -202,16 +202,19 @@ def distill(
     params, dtype = model.trainable_parameters(), model.dtype
     if dtype == torch.float16:
         raise ValueError("distil in bfloat16 or float32: float16 training would need loss scaling")
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded and not accelerator.is_fsdp2:
+        raise ValueError("ddit distils under FSDP version 2 only (version 1 flattens the parameters the adapter "
+                         "is saved from): set fsdp_version: 2 in the accelerate config, as docs/fsdp.yaml does")
     mixed = dtype == torch.bfloat16
     for p in params:  # a bf16 backbone: the adapter trains in fp32 under autocast, as mixed precision does
         p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     loss_fn, opt = accelerator.prepare(DistillationLoss(model, sizes).eval(), opt)
     params = model.trainable_parameters()  # FSDP replaced them with its shards
-    together = accelerator.num_processes > 1
     run = TrainingRun(out / "checkpoint.pt", config, desc="distill", minutes=checkpoint_minutes,
                       progress=progress, writer=accelerator.is_main_process,
-                      agree=(lambda due: broadcast_object_list([due])[0]) if together else None,
+                      agree=(lambda due: broadcast_object_list([due])[0]) if sharded else None,
                       adapter=_AdapterState(model), optimizer=_OptimizerState(opt))
     if resume:
         run.restore()

@@ -43,7 +43,7 @@ def plot_all(out: Path, config: AblationConfig, records: dict[str, list[dict]], 
                 for key, policy in policies.items()}
         _signals(out / "plots/signals.png", signals, taus)
         figures[f"Policy signal at patch size {2 * base} per step and class (Fig. 3)"] = "plots/signals.png"
-    _pareto(out / "plots/pareto.png", summary)
+    pareto(out / "plots/pareto.png", summary)
     figures["Quality vs wall speed-up"] = "plots/pareto.png"
     k = min(GRID_SAMPLES, config.num_samples)
     baseline = images[next(iter(config.rows))][:k]
@@ -95,7 +95,7 @@ def _signals(path: Path, signals: dict[str, dict[str, list[float]]], taus: dict[
     fig.savefig(path, dpi=110)
 
 
-def _pareto(path: Path, summary: list[dict]) -> None:
+def pareto(path: Path, summary: list[dict]) -> None:
     """Each method's quality against its wall speed-up, one curve per method (a policy with a
     cache, over its sweep; the baseline at fewer steps; progressive over its switches), and
     the front of the rows that no other row beats on both (lower FD / spectral FD, higher
