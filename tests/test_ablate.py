@@ -258,9 +258,13 @@ def test_the_oracle_at_the_policys_cost_shows_available_vs_captured(model_dirs, 
 
 
 def test_a_run_with_nothing_to_compare_is_refused(model_dirs, tmp_path, capsys):
-    assert main([*model_dirs, "--out", str(tmp_path / "run"), "--policies", "baseline", "--caches", "none"]) == 2
+    alone = ["--policies", "baseline", "--caches", "none", "--fewer-steps", "", "--progressive", ""]
+    assert main([*model_dirs, "--out", str(tmp_path / "run"), *alone]) == 2
     assert "nothing to compare" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    # the training-free references alone are a comparison
+    assert list(build_config([], ["none"], fewer_steps=(15,), progressive=(0.4,)).rows) == [
+        "baseline", "baseline@15", "progressive[switch=0.4]"]
 
 
 def _summary_without_timings(out):

@@ -56,6 +56,22 @@ def test_rows_run_inside_the_pipeline_and_are_compared_with_their_twins(setup, t
     assert (out / "grids" / "prompt001.png").exists()
 
 
+def test_progressive_resolution_is_a_row_of_a_pipeline_ablation(setup, tmp_path):
+    out = tmp_path / "run"
+    assert main(args(setup, out, "--progressive", "0.5")) == 0
+    summary = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert list(summary) == ["baseline", "baseline@3", "progressive[switch=0.5]", "fixed"]
+    progressive = summary["progressive[switch=0.5]"]
+    assert 0 < progressive["ssim_vs_baseline"] < 1
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    sizes = {tuple(r["patch_size"]) for r in records if r["row"] == "progressive[switch=0.5]"}
+    assert len(sizes) == 1 and 0 < progressive["coarse_step_fraction"] < 1  # half size while sigma > 0.5
+    sizes = sizes.pop()  # patch 2's pipeline: the half-size steps count as 4, first, then full size
+    assert sizes[0] == 4 and sizes[-1] == 2 and list(sizes) == sorted(sizes, reverse=True)
+    images = load_file(out / "images" / "progressive[switch=0.5]" / "0000000.safetensors")["images"]
+    assert images.shape == (2, 3, 128, 128)
+
+
 def test_a_torn_run_resumes_to_the_same_summary(setup, tmp_path):
     out = tmp_path / "run"
     assert main(args(setup, out)) == 0
@@ -74,6 +90,7 @@ def test_a_torn_run_resumes_to_the_same_summary(setup, tmp_path):
 @pytest.mark.parametrize("change, message", [
     (dict(caches="teacache"), "row baseline+teacache: ddit's 'teacache' cache handles single-stream blocks only"),
     (dict(extra=("--num-frames", "5")), "StableDiffusion3Pipeline takes no num_frames"),
+    (dict(extra=("--progressive", "delta=0.05")), "the spectral rule needs clean latents of your images"),
 ])
 def test_rows_that_cannot_run_are_refused_before_anything_is_written(setup, tmp_path, capsys, change, message):
     out = tmp_path / "run"

@@ -5,7 +5,7 @@ import torch
 
 import ddit
 from ddit.adapter import MultiPatchTransformer
-from ddit.policies import ProgressiveResolution, dct_resize, get_policy
+from ddit.policies import ProgressiveResolution, dct_resize, get_policy, power_law, spectral_switch
 from ddit.testbed.base_model import build_base_model, generate
 from tiny_pipelines import build
 
@@ -22,6 +22,35 @@ def test_noise_keeps_its_variance_and_an_image_its_values():
     torch.testing.assert_close(dct_resize(dct_resize(half, 32, keep="amplitude"), 16, keep="amplitude"), half)
     with pytest.raises(ValueError, match="keep is 'energy' or 'amplitude'"):
         dct_resize(noise, 16, keep="both")
+
+
+def power_law_field(amplitude: float, beta: float, n: int = 256, size: int = 32) -> torch.Tensor:
+    """Gaussian fields whose power at w cycles per image is ``amplitude * w ** -beta`` (orthonormal FFT)."""
+    f = torch.fft.fftfreq(size) * size
+    w = (f[:, None] ** 2 + f[None, :] ** 2).sqrt().clamp(min=1)
+    white = torch.fft.fft2(torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(0)), norm="ortho")
+    return torch.fft.ifft2(white * (amplitude * w ** -beta).sqrt(), norm="ortho").real
+
+
+def test_the_power_law_fit_finds_a_fields_amplitude_and_exponent():
+    amplitude, beta = power_law(power_law_field(20.0, 2.5))
+    assert amplitude == pytest.approx(20.0, rel=0.1) and beta == pytest.approx(2.5, abs=0.05)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        power_law(torch.zeros(3, 32, 32))
+
+
+def test_the_spectral_switch_is_the_half_grids_nyquist_activation_time():
+    fields = power_law_field(20.0, 2.5)
+    amplitude, beta = power_law(fields)
+    power = amplitude * 8 ** -beta  # 32 x 32: the half grid's Nyquist is 8 cycles per image
+    expected = 1 / (1 + (0.05 / (power * (1 + power - 0.05))) ** 0.5)
+    assert spectral_switch(fields, 0.05) == pytest.approx(expected)
+    # more tolerance, a later switch; more power at high frequencies, an earlier one
+    assert spectral_switch(fields, 0.1) < spectral_switch(fields, 0.05) < spectral_switch(fields, 0.01)
+    assert spectral_switch(power_law_field(20.0, 1.5), 0.05) > spectral_switch(fields, 0.05)
+    assert ProgressiveResolution.from_latents(fields, 0.05).switch == pytest.approx(spectral_switch(fields, 0.05))
+    with pytest.raises(ValueError, match="delta is the tolerance"):
+        spectral_switch(fields, 1.5)
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +82,81 @@ def test_a_switch_outside_the_noise_levels_is_refused():
 def test_a_pipeline_refuses_it_before_anything_changes():
     pipe, _ = build("sd3")
     stock = pipe.transformer
-    with pytest.raises(ValueError, match="progressive resolution changes the latent's size"):
+    with pytest.raises(ValueError, match="run it with ddit.progressive_call"):
         ddit.enable(pipe, MultiPatchTransformer(stock), policy="progressive")
     assert pipe.transformer is stock
+
+
+def _inputs(pipe) -> list[torch.Tensor]:
+    """Every ``hidden_states`` the pipeline's transformer is given, in order (a forward pre-hook)."""
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["hidden_states"].clone()),
+                                               with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_the_stock_schedule_is_read_from_the_pipeline_and_replayed_exactly(name):
+    from ddit.progressive_pipeline import _exact_sigmas, stock_start
+
+    pipe, call_kwargs = build(name)
+    stock = pipe(**call_kwargs(batch=2, steps=5)).images
+    call = call_kwargs(batch=2, steps=5)
+    start = stock_start(pipe, **call)  # stops before the first step
+    assert len(start.sigmas) == 5 and start.sigmas[0] == 1 and (start.sigmas.diff() < 0).all()
+    assert "prepare_latents" not in vars(pipe)  # the spy is gone
+    pipe.scheduler = _exact_sigmas(pipe.scheduler)
+    replayed = pipe(**{**call, "num_inference_steps": None}, sigmas=start.sigmas.tolist(), latents=start.noise)
+    torch.testing.assert_close(replayed.images, stock)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_a_stock_pipeline_runs_its_early_steps_at_half_resolution(name):
+    from ddit.progressive_pipeline import half_resolution_steps
+
+    pipe, call_kwargs = build(name)
+    seen = _inputs(pipe)
+    stock = pipe(**call_kwargs(batch=2, steps=6)).images
+    first_stock, tokens = seen[0], seen[-1].shape[1 if name == "flux" else -1]
+    steps = half_resolution_steps(pipe, 0.5, **call_kwargs(batch=2, steps=6))
+    seen.clear()
+    run = ddit.progressive_call(pipe, 0.5, **call_kwargs(batch=2, steps=6)).images
+    calls_per_step = len(seen) // 6  # Flux's true CFG calls twice a step
+    half = [h for h in steps for _ in range(calls_per_step)]
+    assert any(half) and not all(half)
+    if name == "flux":  # packed 2x2: a quarter of the tokens
+        assert [x.shape[1] for x in seen] == [tokens // 4 if h else tokens for h in half]
+    else:
+        assert [x.shape[-1] for x in seen] == [tokens // 2 if h else tokens for h in half]
+    assert run.shape == stock.shape and torch.isfinite(run).all() and not torch.allclose(run, stock)
+    if name == "sd3":  # the first step sees the low frequencies of the stock call's own noise
+        torch.testing.assert_close(seen[0], dct_resize(first_stock, 8, keep="energy"))
+    above = ddit.progressive_call(pipe, 1.0, **call_kwargs(batch=2, steps=6)).images
+    torch.testing.assert_close(above, stock)  # nothing above the switch: the stock call
+    again = ddit.progressive_call(pipe, 0.5, **call_kwargs(batch=2, steps=6), return_dict=False)[0]
+    torch.testing.assert_close(again, run)
+
+
+def test_a_flux_image_that_is_not_square_halves_both_sides():
+    pipe, call_kwargs = build("flux")
+    seen = _inputs(pipe)
+    call = lambda: {**call_kwargs(batch=1, steps=4), "height": 128, "width": 64}  # noqa: E731
+    stock = pipe(**call()).images
+    run = ddit.progressive_call(pipe, 0.6, **call()).images
+    assert run.shape == stock.shape == (1, 32, 64)  # 16 x 8 latent, packed 2x2
+    assert {x.shape[1] for x in seen[len(seen) // 2:]} == {32, 8}  # full size, and a quarter of the tokens
+
+
+def test_progressive_call_refuses_what_it_cannot_run():
+    pipe, call_kwargs = build("sd3")
+    with pytest.raises(ValueError, match="multiples of 32"):
+        ddit.progressive_call(pipe, 0.5, **{**call_kwargs(), "height": 112})
+    with pytest.raises(ValueError, match="below every step's noise level"):
+        ddit.progressive_call(pipe, 0.001, **call_kwargs())
+    with pytest.raises(ValueError, match="cannot take sigmas="):
+        ddit.progressive_call(pipe, 0.5, **call_kwargs(), sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="not in PixArtSigmaPipeline"):
+        ddit.progressive_call(build("pixart")[0], 0.5, **build("pixart")[1]())
 
 
 @pytest.mark.parametrize("name", ["teacache", "taylorseer"])
@@ -74,3 +175,19 @@ def test_the_ablation_has_a_progressive_reference_row_on_the_testbed_only():
     rows = build_config(["third_order"], ["none"], progressive=(0.4, 0.6)).rows
     assert [k for k in rows if k.startswith("progressive")] == ["progressive[switch=0.4]", "progressive[switch=0.6]"]
     assert rows["progressive[switch=0.4]"].make_policy().switch == 0.4
+
+
+def test_a_progressive_row_may_take_its_switch_from_the_spectral_rule():
+    from ddit.ablate.cli import build_parser
+    from ddit.ablate.config import SPECTRUM_IMAGES, build_config
+    from ddit.testbed.data import make_dataset
+
+    args = build_parser().parse_args(["--out", "x", "--progressive", "0.4,delta=0.05"])
+    assert args.progressive == (0.4, "delta=0.05")
+    rows = build_config(["third_order"], ["none"], progressive=args.progressive).rows
+    switch = rows["progressive[delta=0.05]"].make_policy().switch
+    assert switch == pytest.approx(spectral_switch(make_dataset(SPECTRUM_IMAGES, seed=0)[0], 0.05), abs=1e-4)
+    assert 0.4 < switch < 0.5  # the testbed's spectrum: near the switch tuned by hand (0.4)
+    for bad, message in (("delta=x", "delta must be a number"), ("half", "give a switch noise level")):
+        with pytest.raises(ValueError, match=message):
+            build_config(["third_order"], ["none"], progressive=(bad,))

@@ -4,5 +4,6 @@ __version__ = "0.1.0"
 
 from .adapter import MultiPatchTransformer
 from .pipelines import disable, enable, summary
+from .progressive_pipeline import progressive_call
 
-__all__ = ["MultiPatchTransformer", "disable", "enable", "summary"]
+__all__ = ["MultiPatchTransformer", "disable", "enable", "progressive_call", "summary"]

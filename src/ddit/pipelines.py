@@ -241,7 +241,7 @@ def _policy(policy: str | PatchPolicy, params: dict) -> PatchPolicy:
                          "already: set them when you construct it")
     if isinstance(policy, ProgressiveResolution):
         raise ValueError("progressive resolution changes the latent's size between steps, which a pipeline's own "
-                         "loop does not allow; it runs in ddit's sampler (the testbed, ddit-ablate)")
+                         "loop does not allow: run it with ddit.progressive_call(pipe, switch, **call) instead")
     return policy
 
 

@@ -24,8 +24,14 @@ def _steps(text: str) -> tuple[int, ...]:
     return tuple(int(s) for s in _names(text))
 
 
-def _switches(text: str) -> tuple[float, ...]:
-    return tuple(float(s) for s in _names(text))
+def _switches(text: str) -> tuple[float | str, ...]:
+    """Switch levels as numbers; anything else (``delta=0.05``) is read, and checked, by the rows."""
+    def number(s: str) -> float | str:
+        try:
+            return float(s)
+        except ValueError:
+            return s
+    return tuple(number(s) for s in _names(text))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fewer-steps", type=_steps, default=(28, 15),
                    help="step counts of the fewer-steps baselines; those below --steps run (default: 28,15)")
     p.add_argument("--progressive", type=_switches,
-                   help="noise levels at which rows of progressive resolution (the training-free reference: half "
-                        "resolution, then full) switch; '' for none (default: 0.4 on the testbed; pipelines have "
-                        "none)")
+                   help="rows of progressive resolution (the training-free reference: half resolution, then "
+                        "full), each a switch noise level or delta=TOL for the paper's spectral rule (e.g. "
+                        "0.4,delta=0.05); '' for none (default: 0.4 on the testbed; none with --pipeline, where FLUX "
+                        "and SD3 take switch levels)")
     p.add_argument("--num-per-class", type=int, default=16,
                    help="testbed: samples per class and row (default 16: a few minutes on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0, help="sample i of every row starts from seed + i")
@@ -158,10 +165,8 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     rows = build_rows(args.policies, args.caches, steps=args.steps, fewer_steps=args.fewer_steps,
                       policy_params=parse_params(args.policy_param, "--policy-param"),
                       cache_params=parse_params(args.cache_param, "--cache-param"),
-                      sweeps=parse_params(args.sweep, "--sweep"), testbed=False)
-    if args.progressive:
-        raise ValueError("--progressive: progressive resolution runs in ddit's sampler only; a pipeline's loop "
-                         "cannot change the latent's size")
+                      sweeps=parse_params(args.sweep, "--sweep"), progressive=args.progressive or (),
+                      testbed=False)
     if "num_inference_steps" in call:
         raise ValueError("--pipeline-arg num_inference_steps: the rows' steps come from --steps and --fewer-steps")
     processes()  # sets up the processes of `accelerate launch` (and reads its ACCELERATE_USE_CPU)

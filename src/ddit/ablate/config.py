@@ -18,8 +18,8 @@ import torch
 
 from ..caches import available_caches, diffusers_caches, get_cache, load_teacache_fit
 from ..checkpoint import write_text_atomic
-from ..policies import available_policies, get_policy
-from ..testbed.data import PROMPTS
+from ..policies import available_policies, get_policy, spectral_switch
+from ..testbed.data import PROMPTS, make_dataset
 from ..testbed.evaluate import balanced_labels
 from ..testbed.teacache import TESTBED_FIT
 
@@ -29,6 +29,8 @@ NO_CACHE = "none"
 PROGRESSIVE = "progressive"
 #: The paper's fewer-step baselines (Table 1: FLUX at 28 and 15 instead of 50 steps).
 FEWER_STEPS = (28, 15)
+#: Training images whose power spectrum sets a ``delta=`` progressive row's switch (the spectral rule).
+SPECTRUM_IMAGES = 1024
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class AblationConfig:
 
 
 def build_config(policies: list[str], caches: list[str], *, steps: int = 50,
-                 fewer_steps: tuple[int, ...] = FEWER_STEPS, progressive: tuple[float, ...] = (),
+                 fewer_steps: tuple[int, ...] = FEWER_STEPS, progressive: tuple[float | str, ...] = (),
                  policy_params: dict | None = None, cache_params: dict | None = None, sweeps: dict | None = None,
                  **settings) -> AblationConfig:
     """The testbed's ablation: ``build_rows`` and the sampling settings they share."""
@@ -112,13 +114,41 @@ def build_config(policies: list[str], caches: list[str], *, steps: int = 50,
     return AblationConfig(rows=rows, steps=steps, **settings)
 
 
+def progressive_switches(entries: tuple[float | str, ...], testbed: bool = True) -> dict[str, float]:
+    """``{row tag: switch}`` for ``--progressive`` entries: a switch noise level (``0.4``), or
+    ``"delta=0.05"``: the paper's spectral rule at that tolerance, on the testbed's training images."""
+    switches = {}
+    for entry in entries:
+        if isinstance(entry, str) and entry.startswith("delta="):
+            if not testbed:
+                raise ValueError(f"--progressive {entry}: the spectral rule needs clean latents of your images; "
+                                 "compute the switch with ddit.policies.spectral_switch(latents, delta) and give "
+                                 "it (e.g. --progressive 0.45)")
+            try:
+                delta = float(entry.removeprefix("delta="))
+            except ValueError:
+                raise ValueError(f"--progressive {entry}: delta must be a number, e.g. delta=0.05") from None
+            images, _ = make_dataset(SPECTRUM_IMAGES, seed=0)
+            # rounded: the fit's last bits vary with threading, and a resumed run must see the same configuration
+            switches[f"[delta={delta!r}]"] = round(spectral_switch(images, delta), 4)
+        else:
+            try:
+                switch = float(entry)
+            except ValueError:
+                raise ValueError(f"--progressive {entry}: give a switch noise level in (0, 1] (e.g. 0.4) or the "
+                                 "spectral rule's tolerance (e.g. delta=0.05)") from None
+            switches[f"[switch={switch!r}]"] = switch
+    return switches
+
+
 def build_rows(policies: list[str], caches: list[str], *, steps: int = 50,
-               fewer_steps: tuple[int, ...] = FEWER_STEPS, progressive: tuple[float, ...] = (),
+               fewer_steps: tuple[int, ...] = FEWER_STEPS, progressive: tuple[float | str, ...] = (),
                policy_params: dict | None = None, cache_params: dict | None = None, sweeps: dict | None = None,
                check=None, testbed: bool = True) -> dict[str, Row]:
     """The rows of an ablation: the baseline, the baseline at each fewer step count below
-    ``steps``, progressive resolution at each ``progressive`` switch (the other training-free
-    reference), then (baseline and every policy) x every cache; ``none`` = no cache.
+    ``steps``, progressive resolution at each ``progressive`` entry (the other training-free
+    reference: a switch noise level, or ``"delta=0.05"`` for the spectral rule's), then
+    (baseline and every policy) x every cache; ``none`` = no cache.
 
     ``sweeps`` (``{name: {param: [values]}}``, a policy's or a cache's) turn one policy or cache
     into one variant per value (per combination, for several parameters). Names and
@@ -143,13 +173,17 @@ def build_rows(policies: list[str], caches: list[str], *, steps: int = 50,
 
     rows = [Row(BASELINE, NO_CACHE, steps)]
     rows += [Row(BASELINE, NO_CACHE, s) for s in fewer_steps if s < steps]
-    rows += [Row(PROGRESSIVE, NO_CACHE, steps, {"switch": s}, policy_tag=f"[switch={s!r}]") for s in progressive]
+    rows += [Row(PROGRESSIVE, NO_CACHE, steps, {"switch": switch}, policy_tag=tag)
+             for tag, switch in progressive_switches(progressive, testbed).items()]
     rows += [Row(p, c, steps, p_params, c_params, p_tag, c_tag)
              for p in dict.fromkeys([BASELINE, *policies])
              for p_tag, p_params in _variants(p, policy_params.get(p, {}), sweeps.get(p, {}))
              for c in dict.fromkeys(caches)
              for c_tag, c_params in _variants(c, cache_params.get(c, {}), sweeps.get(c, {}))]
     rows = {row.key(steps): row for row in rows}  # the baseline may come twice
+    if len(rows) == 1:
+        raise ValueError("nothing to compare: the only row is the baseline; give a policy (e.g. --policies "
+                         "third_order), a cache (e.g. --caches teacache), --fewer-steps or --progressive")
     for row in rows.values():
         for what, make in (("policy", row.make_policy), ("cache", lambda: row.make_cache(testbed))):
             try:
@@ -267,9 +301,6 @@ def _check_settings(policies: list[str], caches: list[str], *, num_per_class: in
     if not guidance >= 1:
         raise ValueError(f"--guidance must be at least 1 (1: no classifier-free guidance; the testbed's "
                          f"default is 2), got {guidance}")
-    if not [p for p in policies if p != BASELINE] and not [c for c in caches if c != NO_CACHE]:
-        raise ValueError("nothing to compare: --policies and --caches name only the baseline; give at least one "
-                         "policy (e.g. --policies third_order) or cache (e.g. --caches teacache)")
 
 
 def _check_names(what: str, names: list[str], known: dict) -> None:

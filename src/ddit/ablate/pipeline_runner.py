@@ -2,9 +2,10 @@
 
 Every row is one way of calling the same pipeline: the baseline is the stock pipeline
 (``ddit.disable``), a policy or cache row is ``ddit.enable(pipe, adapter, policy, cache)``,
-a fewer-steps row the stock pipeline with fewer steps. Sample i of every row is the same
-prompt and seed (``seed + i``), so it can be compared with its baseline twin. As on the
-testbed, rows are interleaved batch by batch, a batch's images are written before its
+a fewer-steps row the stock pipeline with fewer steps, a progressive row
+``ddit.progressive_call`` (the stock transformer on a half-size latent, then full size).
+Sample i of every row is the same prompt and seed (``seed + i``), so it can be compared
+with its baseline twin. As on the testbed, rows are interleaved batch by batch, a batch's images are written before its
 records, and a rerun resumes at the first missing batch (``runner.py``).
 
 Under ``accelerate launch`` the batches are shared out: process r runs batch k of every row
@@ -29,8 +30,9 @@ from tqdm.auto import tqdm
 from ..adapter import MultiPatchTransformer
 from ..checkpoint import write_text_atomic
 from ..pipelines import disable, enable, summary
+from ..progressive_pipeline import check_progressive, half_resolution_steps, progressive_call
 from ..runtime import synchronized_clock
-from .config import BASELINE, NO_CACHE, Row, check_folder
+from .config import BASELINE, NO_CACHE, PROGRESSIVE, Row, check_folder
 from .runner import (CALIBRATION, CALIBRATION_SAMPLES, CALIBRATION_SEED_OFFSET, batch_done, save_images,
                      make_policy, read_calibration, read_results, results_file)
 
@@ -69,7 +71,12 @@ def check_pipeline_rows(config: PipelineAblationConfig, pipe, adapter: MultiPatc
                          "least 1")
     for key, row in config.rows.items():
         policy = row.make_policy()
-        if _enabled(row):
+        if row.policy == PROGRESSIVE:
+            try:
+                check_progressive(pipe, config.call.get("height"), config.call.get("width"))
+            except ValueError as err:
+                raise ValueError(f"row {key}: {err}") from None
+        elif _enabled(row):
             try:
                 enable(pipe, adapter, policy=policy or BASELINE, cache=row.make_cache(testbed=False))
             except ValueError as err:
@@ -119,7 +126,8 @@ def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapter: MultiPa
 
 
 def _enabled(row: Row) -> bool:
-    return row.policy != BASELINE or row.cache != NO_CACHE
+    """Whether the row runs through ``ddit.enable`` (a policy or a cache; progressive runs the stock one)."""
+    return row.policy not in (BASELINE, PROGRESSIVE) or row.cache != NO_CACHE
 
 
 def calibrate_pipeline_rows(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer,
@@ -158,10 +166,19 @@ def _sample(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer
         policy = make_policy(row, tau) if row.policy != BASELINE else BASELINE
         enable(pipe, adapter, policy=policy, cache=row.make_cache(testbed=False))
     try:
-        generators = [torch.Generator("cpu").manual_seed(config.seed + i) for i in indices]
+        prompts = [config.prompt(i) for i in indices]
+
+        def seeded():
+            return [torch.Generator("cpu").manual_seed(config.seed + i) for i in indices]
+
+        call, half = pipe, None
+        if row.policy == PROGRESSIVE:
+            call = partial(progressive_call, pipe, row.make_policy())
+            half = half_resolution_steps(pipe, row.make_policy(), prompt=prompts, generator=seeded(),
+                                         num_inference_steps=row.steps, **config.call)
         clock = synchronized_clock(adapter.device)
-        output = pipe(prompt=[config.prompt(i) for i in indices], generator=generators,
-                      num_inference_steps=row.steps, output_type="pt", **config.call)
+        output = call(prompt=prompts, generator=seeded(), num_inference_steps=row.steps, output_type="pt",
+                      **config.call)
         wall = synchronized_clock(adapter.device) - clock
         records = summary(pipe).records if _enabled(row) else []
     finally:
@@ -170,13 +187,14 @@ def _sample(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer
     images = getattr(output, "frames", None)
     images = output.images if images is None else images
     images = (torch.as_tensor(images).float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    return images, wall, _decisions(records, len(indices), row.steps, adapter.base_patch_size)
+    return images, wall, _decisions(records, len(indices), row.steps, adapter.base_patch_size, half)
 
 
-def _decisions(records: list[dict], batch: int, steps: int, base: int) -> list[dict]:
+def _decisions(records: list[dict], batch: int, steps: int, base: int, half: list[bool] | None = None) -> list[dict]:
     """Per sample, its patch size and cache hit at each step (the stock pipeline: base size, no cache;
-    a diffusers cache hook: hits unknown, None)."""
-    sizes = [[base] * steps for _ in range(batch)]
+    a diffusers cache hook: hits unknown, None). A half-resolution step of progressive resolution
+    counts as twice the base size: a token covers the image area of a 2p patch at full size."""
+    sizes = [[2 * base if half and half[step] else base for step in range(steps)] for _ in range(batch)]
     cached = [[False] * steps for _ in range(batch)]
     for r in records:
         if r["step"] < steps:

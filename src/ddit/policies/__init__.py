@@ -10,7 +10,7 @@ from .differences import finite_difference, patch_std, percentile
 from .fixed import BaselinePolicy, FixedPolicy
 from .oracle import OracleBudgetPolicy, OraclePolicy
 from .percentile import CoarseToFinePolicy, FirstOrderPolicy, MeanPolicy, SecondOrderPolicy, ThirdOrderPolicy
-from .progressive import ProgressiveResolution, dct_resize
+from .progressive import ProgressiveResolution, dct_resize, power_law, spectral_switch
 from .registry import BUILTIN_POLICIES, available_policies, get_policy
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "BudgetPolicy", "budget_fraction", "calibrate_tau", "smallest_threshold",
     "finite_difference", "patch_std", "percentile",
     "BaselinePolicy", "FixedPolicy", "OracleBudgetPolicy", "OraclePolicy",
-    "CoarseToFinePolicy", "FirstOrderPolicy", "MeanPolicy", "SecondOrderPolicy", "ThirdOrderPolicy", "ProgressiveResolution", "dct_resize",
+    "CoarseToFinePolicy", "FirstOrderPolicy", "MeanPolicy", "SecondOrderPolicy", "ThirdOrderPolicy",
+    "ProgressiveResolution", "dct_resize", "power_law", "spectral_switch",
     "BUILTIN_POLICIES", "available_policies", "get_policy",
 ]

@@ -1,0 +1,170 @@
+"""Spectral progressive resolution inside a stock pipeline: ``ddit.progressive_call(pipe, switch, **call)``.
+
+A pipeline's loop cannot change its latent's size, so the stock pipeline is called twice
+on one noise schedule: first at half height and width, from the low frequencies of the
+sample's own full-size noise, until sigma falls to ``switch``; then the latent is
+upsampled by zero-padding its DCT spectrum and a second call finishes at full size. Both
+calls run the sigmas the stock call would run at full size (its resolution-dependent shift
+included: they are read from the pipeline itself, by letting it set its timesteps once), so
+the early steps' latent size is the only change, and a switch above every step's sigma is
+the stock call exactly. Flow-matching pipelines whose call takes ``sigmas`` and
+``latents`` (FLUX, SD3); others are refused. The text encoders run once per call (three
+times in all): negligible beside a large transformer's steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+from .policies import ProgressiveResolution, dct_resize
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a pipeline family holds its latent: its channels, and its packed form to and from an image grid."""
+
+    channels: Callable  # pipe -> latent channels
+    to_grid: Callable  # (pipe, latents, height, width) -> (B, C, h, w)
+    from_grid: Callable  # (pipe, grid) -> the pipeline's latents
+
+
+LAYOUTS = {
+    FluxPipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
+                          lambda pipe, x, h, w: pipe._unpack_latents(x, h, w, pipe.vae_scale_factor),
+                          lambda pipe, x: pipe._pack_latents(x, *x.shape)),
+    StableDiffusion3Pipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels,
+                                      lambda pipe, x, h, w: x, lambda pipe, x: x),
+}
+
+
+class _Captured(Exception):
+    """Raised by the spies once the pipeline has drawn its noise and set its timesteps: the call stops there."""
+
+
+@dataclass
+class StockStart:
+    """Where a stock call starts: its noise levels (one per step) and its noise (in the pipeline's layout)."""
+
+    sigmas: torch.Tensor
+    noise: torch.Tensor
+
+
+def stock_start(pipe, **call) -> StockStart:
+    """The noise levels and the noise of a stock ``pipe(**call)``, read from the pipeline itself: spies on
+    its ``prepare_latents`` and on a copy of its scheduler stop the call once it has both, before any step.
+    The call draws its noise from ``generator`` as the stock call does."""
+    seen = {}
+    scheduler = copy.deepcopy(pipe.scheduler)
+    set_timesteps, prepare_latents = scheduler.set_timesteps, pipe.prepare_latents
+
+    def record(name, value):
+        seen[name] = value
+        if len(seen) == 2:
+            raise _Captured()
+
+    @functools.wraps(set_timesteps)  # the pipeline reads its signature (whether it takes sigmas=)
+    def timesteps_spy(*args, **kwargs):
+        set_timesteps(*args, **kwargs)
+        record("sigmas", scheduler.sigmas[:-1].float().cpu())
+
+    def latents_spy(*args, **kwargs):
+        out = prepare_latents(*args, **kwargs)
+        record("noise", out[0] if isinstance(out, tuple) else out)  # FLUX also returns its position ids
+        return out
+
+    scheduler.set_timesteps = timesteps_spy
+    stock, pipe.scheduler, pipe.prepare_latents = pipe.scheduler, scheduler, latents_spy
+    try:
+        pipe(**{**call, "output_type": "latent"})
+    except _Captured:
+        return StockStart(**seen)
+    finally:
+        pipe.scheduler = stock
+        del pipe.prepare_latents  # the class's own again
+    raise RuntimeError(f"{type(pipe).__name__} never drew its noise and set its timesteps before its first step: "
+                       "it cannot run progressive resolution")
+
+
+def _layout(pipe) -> _Layout:
+    for cls, layout in LAYOUTS.items():
+        if isinstance(pipe, cls):
+            return layout
+    raise ValueError(f"progressive resolution runs in {', '.join(c.__name__ for c in LAYOUTS)}, not in "
+                     f"{type(pipe).__name__}; on another pipeline, compare against the fewer-steps rows")
+
+
+def check_progressive(pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """The full height and width, after refusing what progressive resolution cannot run on."""
+    _layout(pipe)
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        raise ValueError(f"progressive resolution needs a FlowMatchEulerDiscreteScheduler (its steps are noise "
+                         f"levels sigma), not {type(pipe.scheduler).__name__}")
+    for flag in ("invert_sigmas", "stochastic_sampling"):  # rising sigmas; fresh noise at the switch
+        if pipe.scheduler.config.get(flag):
+            raise ValueError(f"progressive resolution needs a scheduler without {flag}=True")
+    default = pipe.default_sample_size * pipe.vae_scale_factor
+    height, width = height or default, width or default
+    multiple = 4 * pipe.vae_scale_factor  # the half size must still fill whole 2x2 patches
+    if height % multiple or width % multiple:
+        raise ValueError(f"progressive resolution halves the image: height and width must be multiples of "
+                         f"{multiple}, got {height}x{width}")
+    return height, width
+
+
+def progressive_call(pipe, switch: float | ProgressiveResolution, **call):
+    """``pipe(**call)`` with every step above noise level ``switch`` at half resolution (see module doc).
+
+    ``call`` is what the stock call takes; ``generator`` (one per sample) gives the same noise
+    as there. Returns the second call's output, as ``pipe(**call)`` would.
+    """
+    policy = switch if isinstance(switch, ProgressiveResolution) else ProgressiveResolution(switch)
+    for name in ("sigmas", "latents", "timesteps", "callback_on_step_end", "skip_guidance_layers"):
+        if call.get(name) is not None:  # SD3's skip-layer guidance counts steps from each call's start
+            raise ValueError(f"progressive_call cannot take {name}=: it sets the schedule and the latents itself")
+    layout = _layout(pipe)
+    height, width = check_progressive(pipe, call.pop("height", None), call.pop("width", None))
+    start = stock_start(pipe, height=height, width=width, **call)
+    sigmas, half_steps = start.sigmas, sum(policy.half(float(s)) for s in start.sigmas)
+    if half_steps == len(sigmas):
+        raise ValueError(f"switch {policy.switch} is below every step's noise level (the last is "
+                         f"{float(sigmas[-1]):.3g}): nothing would run at full resolution")
+    if half_steps == 0:
+        return pipe(height=height, width=width, latents=start.noise, **call)
+
+    grid = layout.to_grid(pipe, start.noise, height, width)
+    grid = dct_resize(grid, (grid.shape[-2] // 2, grid.shape[-1] // 2), keep="energy")
+    stock = pipe.scheduler
+    pipe.scheduler = _exact_sigmas(stock)
+    try:
+        def stop(pipeline, step, timestep, outputs):
+            pipeline._interrupt = step + 1 >= half_steps
+            return outputs
+
+        early = pipe(height=height // 2, width=width // 2, sigmas=sigmas.tolist(), latents=layout.from_grid(pipe, grid),
+                     callback_on_step_end=stop, **{**call, "output_type": "latent", "return_dict": True}).images
+        grid = layout.to_grid(pipe, early, height // 2, width // 2)
+        grid = dct_resize(grid, (2 * grid.shape[-2], 2 * grid.shape[-1]), keep="amplitude")
+        return pipe(height=height, width=width, sigmas=sigmas[half_steps:].tolist(),
+                    latents=layout.from_grid(pipe, grid), **call)
+    finally:
+        pipe.scheduler = stock
+
+
+def half_resolution_steps(pipe, switch: float | ProgressiveResolution, **call) -> list[bool]:
+    """Per step of ``progressive_call(pipe, switch, **call)``, whether it runs at half resolution."""
+    policy = switch if isinstance(switch, ProgressiveResolution) else ProgressiveResolution(switch)
+    height, width = check_progressive(pipe, call.pop("height", None), call.pop("width", None))
+    return [policy.half(float(s)) for s in stock_start(pipe, height=height, width=width, **call).sigmas]
+
+
+def _exact_sigmas(scheduler: FlowMatchEulerDiscreteScheduler) -> FlowMatchEulerDiscreteScheduler:
+    """A copy that runs the ``sigmas`` it is given as they are: they are already the stock call's, shifted."""
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        scheduler.config, use_dynamic_shifting=False, shift=1.0, shift_terminal=None, use_karras_sigmas=False,
+        use_exponential_sigmas=False, use_beta_sigmas=False, invert_sigmas=False)
