@@ -1,6 +1,7 @@
 """Is the adapter's patch-4 error a matter of LoRA's capacity? Train every weight and see.
 
-    python benchmarks/adapter_capacity.py --steps 2000     # about 40 minutes, one thread
+    python benchmarks/adapter_capacity.py --steps 3000     # about 46 minutes, one thread
+    python benchmarks/adapter_capacity.py --steps 5000 --arms full     # is it still falling?
 
 An upper-bound probe for issue 11, part 3 (targets: relative error <= 0.10 for t >= 0.3,
 <= 0.20 below). Two copies of the shipped adapter go on training at patch 4 only, against
@@ -52,6 +53,7 @@ def main():
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--arms", default="lora,full", help="which copies train: lora, full or both")
     args = p.parse_args()
     torch.set_num_threads(1)
     teacher = load_base_model().eval().requires_grad_(False)
@@ -59,7 +61,7 @@ def main():
     data = NoisedLatents(distillation_data(6144, seed=0), sampler_sigmas(50), timestep_scale=1000.0)
     cases = held_out()
     arms = {}
-    for name in ("lora", "full"):
+    for name in args.arms.split(","):
         model = copy.deepcopy(shipped).train()
         trainable = [q for q in model.parameters() if q.requires_grad]
         if name == "full":

@@ -191,3 +191,17 @@ def test_a_progressive_row_may_take_its_switch_from_the_spectral_rule():
     for bad, message in (("delta=x", "delta must be a number"), ("half", "give a switch noise level")):
         with pytest.raises(ValueError, match=message):
             build_config(["third_order"], ["none"], progressive=(bad,))
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_progressive_call_keeps_the_pipelines_dtype(name):
+    pipe, call_kwargs = build(name)
+    pipe = pipe.to(torch.bfloat16)
+
+    def call():
+        return {k: v.to(torch.bfloat16) if torch.is_tensor(v) else v for k, v in call_kwargs(batch=2, steps=4).items()}
+
+    stock = pipe(**call()).images
+    run = ddit.progressive_call(pipe, 0.5, **call()).images
+    assert run.dtype == torch.bfloat16 and torch.isfinite(run).all() and not torch.equal(run, stock)
+    torch.testing.assert_close(ddit.progressive_call(pipe, 1.0, **call()).images, stock)
