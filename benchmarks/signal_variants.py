@@ -1,6 +1,7 @@
 """Signals beyond the paper's (issue 11, part 4), each compared with ``third_order`` at the same token cost.
 
     python benchmarks/signal_variants.py [--seed 0] [--out runs/signal-variants]
+    python benchmarks/signal_variants.py --variants "" --holds 8,16 --fraction 0.488 --out runs/probed
 
 Every variant keeps the paper's rule (Eq. 5, restarts, the percentile over patches) and
 changes only the signal, by overriding ``ThirdOrderPolicy.signals``:
@@ -13,6 +14,13 @@ changes only the signal, by overriding ``ThirdOrderPolicy.signals``:
   latent's own difference mixes the noise still to be removed with the content;
 - ``smoothed_third_order``: the paper's signal, averaged over steps (exponential, weight
   ``smoothing`` on the past): one step's jitter should not flip the size.
+
+``--holds`` adds the built-in ``probed_third_order`` at those holds: the paper's signal
+read only off latents the base size made (the signal is the paper's; which latents it is
+read from changes). ``--fraction`` sets the token cost the variants are calibrated for; the
+default, ``third_order``'s replayed on base-schedule signals, is well below what it costs in
+its own run (0.32 against 0.49 on the testbed), and is out of reach for a rule that must
+probe at the base size.
 
 Per-region decisions are not tried: a sample runs at one patch size per step (the
 adapter has no mixed-size tokens).
@@ -37,14 +45,18 @@ from collections import deque
 from pathlib import Path
 
 import torch
+from scipy.stats import kendalltau
 
 import ddit.ablate
 from ddit.ablate.models import folders, load_model
-from ddit.policies import ThirdOrderPolicy, calibrate_tau, patch_std
+from ddit.policies import ProbedThirdOrderPolicy, ThirdOrderPolicy, calibrate_tau, patch_std
 from ddit.policies.differences import finite_difference
 from ddit.testbed.base_model import generate
+from ddit.testbed.data import PROMPTS
 from ddit.testbed.evaluate import balanced_labels
 
+#: The oracle's mean patch size per class at third_order's token cost (docs/policies.md, seeds 0-127).
+ORACLE_MEAN_PATCH = {"glow": 3.96, "moon": 3.74, "shapes": 3.64, "stripes": 2.76}
 CALIBRATION_PER_CLASS = 8
 CALIBRATION_SEED = 50_000
 
@@ -108,6 +120,12 @@ class SmoothedThirdOrder(ThirdOrderPolicy):
         return self.average
 
 
+def probed(hold: int) -> type[ProbedThirdOrderPolicy]:
+    """``probed_third_order`` at one hold, under its own name (a run has one row per policy name)."""
+    return type(f"ProbedThirdOrderHold{hold}", (ProbedThirdOrderPolicy,), {"name": f"probed_third_order_h{hold}",
+                                                                      "hold": hold})
+
+
 VARIANTS = [RelativeThirdOrder, X0ThirdOrder, SmoothedThirdOrder]
 #: tau below every signal: the base schedule, recording signals for calibration.
 NEVER = 1e-30
@@ -148,11 +166,15 @@ def main() -> None:
     parser.add_argument("--out", default="runs/signal-variants")
     parser.add_argument("--num-per-class", type=int, default=32)
     parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS))
+    parser.add_argument("--fraction", type=float, help="token fraction the variants are calibrated for (default: "
+                        "third_order's at its default tau, replayed on the calibration samples)")
+    parser.add_argument("--holds", default="", help="also ProbedThirdOrder at these holds, e.g. 8,16")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = [v for v in VARIANTS if v.name in args.variants.split(",")]
+    variants += [probed(int(h)) for h in args.holds.split(",") if h]
     steps, guidance = 50, 2.0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,26 +184,31 @@ def main() -> None:
     if ThirdOrderPolicy.name not in taus:
         tau, fraction = calibrate(model, ThirdOrderPolicy, None, steps, guidance)
         taus[ThirdOrderPolicy.name] = {"tau": tau, "fraction": fraction}
-    fraction = taus[ThirdOrderPolicy.name]["fraction"]
+    fraction = args.fraction or taus[ThirdOrderPolicy.name]["fraction"]
     for variant in variants:
-        if variant.name not in taus:
+        if taus.get(variant.name, {}).get("fraction") != fraction:  # calibrated for another target: again
             tau, _ = calibrate(model, variant, fraction, steps, guidance)
             taus[variant.name] = {"tau": tau, "fraction": fraction}
         taus_file.write_text(json.dumps(taus, indent=1))
-    print(f"token fraction of third_order at its default on the calibration samples: {fraction:.3f}")
+    print(f"token fraction of third_order at its default on the calibration samples: "
+          f"{taus[ThirdOrderPolicy.name]['fraction']:.3f}; the variants' target: {fraction:.3f}")
     policies = [ThirdOrderPolicy()] + [v(tau=taus[v.name]["tau"]) for v in variants]
     rows = ddit.ablate.run(out / f"seed{args.seed}", policies, ["none"], model=model, fewer_steps=(),
                            num_per_class=args.num_per_class, seed=args.seed, guidance=guidance, steps=steps,
                            batch_size=64)
     third = next(r for r in rows if r["row"] == ThirdOrderPolicy.name)
-    print(f"{'row':24s} {'tau':>9s} {'x FLOPs':>8s} {'FD':>6s} {'FD 90% CI':>15s} {'adherence':>9s}  wins")
+    print(f"{'row':24s} {'tau':>9s} {'x FLOPs':>8s} {'FD':>6s} {'FD 90% CI':>15s} {'adherence':>9s} "
+          f"{'mean patch ' + '/'.join(PROMPTS):>36s} {'order vs oracle':>15s}  wins")
     for r in rows:
         low, high = r["fd_interval"]
         wins = (r["policy"] in taus and r["row"] != third["row"] and high < third["fd_interval"][0]
                 and r["speedup_flops"] >= MATCHED * third["speedup_flops"])
         tau = taus.get(r["policy"], {}).get("tau", float("nan"))
+        mean_patch = [r["per_class"][p]["mean_patch_size"] for p in PROMPTS]
+        patches = " / ".join(f"{m:.2f}" for m in mean_patch)
+        agreement = kendalltau(mean_patch, [ORACLE_MEAN_PATCH[p] for p in PROMPTS]).statistic
         print(f"{r['row']:24s} {tau:9.3g} {r['speedup_flops']:8.2f} {r['fd']:6.1f} {low:7.1f}-{high:<7.1f} "
-              f"{r['adherence']:9.3f}  {'yes' if wins else ''}")
+              f"{r['adherence']:9.3f} {patches:>36s} {agreement:+15.2f}  {'yes' if wins else ''}")
 
 
 if __name__ == "__main__":

@@ -205,6 +205,31 @@ def test_coarse_to_fine_turns_fine_for_good_at_the_first_signal_above_tau():
     assert tail[:, 1].tolist() == [4] * 8 + [2] * 2
 
 
+def test_probed_third_order_reads_only_base_made_latents():
+    """Sample 0's third difference is zero but for one spike at step 6, inside its first coarse hold;
+    sample 1's is large throughout; sample 2 spikes at step 10, the step its first probe decides.
+    With hold 4: coarse (the coarsest size below tau) for steps 3-6 whatever the signal, then three
+    base-size steps (the probe), then the rule again. ``third_order`` instead reads sample 0's spike
+    off the coarse steps and goes back to the base size at step 6."""
+    steps = 20
+    i = torch.arange(steps, dtype=torch.float32)
+    noise = torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def spike(at):  # a cubic piece whose third difference is 1 at step ``at`` only
+        return torch.where(i == at, 1.0, 0.0).cumsum(0).cumsum(0).cumsum(0)
+
+    paths = [0.1 * i + spike(6), i**3, 0.1 * i + spike(10)]
+    latents = torch.stack([path[:, None, None, None] * noise for path in paths], dim=1)
+    sizes = run(get_policy("probed_third_order", tau=1e-3, hold=4), latents)
+    cycle = [8] * 4 + [2] * 3
+    assert sizes[:, 0].tolist() == [2] * 3 + cycle * 2 + [8] * 3
+    assert sizes[:, 1].tolist() == [2] * steps
+    assert sizes[:, 2].tolist() == [2] * 3 + [8] * 4 + [2] * 4 + cycle + [8] * 2  # the probe saw the spike: one more
+    assert run(get_policy("third_order", tau=1e-3), latents)[:6 + 1, 0].tolist() == [2, 2, 2, 8, 8, 8, 2]
+    with pytest.raises(ValueError, match="hold"):
+        get_policy("probed_third_order", hold=0)
+
+
 def test_oracle_takes_the_largest_size_within_tolerance():
     def probe(p, z):  # a model that sees z averaged over p x p patches
         return torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(z, p), scale_factor=p)
@@ -354,7 +379,7 @@ def test_registry_lists_builtins_and_plugins(monkeypatch):
     monkeypatch.setattr(plugins, "collect", lambda hook: [PluginPolicy] if hook == "ddit_policies" else [])
     names = set(available_policies())
     assert {"third_order", "second_order", "first_order", "mean", "fixed", "baseline", "oracle", "oracle_budget",
-            "budget", "coarse_to_fine", "from_a_plugin"} <= names
+            "budget", "coarse_to_fine", "probed_third_order", "from_a_plugin"} <= names
     assert isinstance(get_policy("from_a_plugin"), PluginPolicy)
     policy = get_policy("third_order", tau=0.5, rho=80)
     assert (policy.tau, policy.rho) == (0.5, 80)

@@ -9,7 +9,9 @@ from .budget import BudgetPolicy, budget_fraction, calibrate_tau, smallest_thres
 from .differences import finite_difference, patch_std, percentile
 from .fixed import BaselinePolicy, FixedPolicy
 from .oracle import OracleBudgetPolicy, OraclePolicy
-from .percentile import CoarseToFinePolicy, FirstOrderPolicy, MeanPolicy, SecondOrderPolicy, ThirdOrderPolicy
+from .percentile import (
+    CoarseToFinePolicy, FirstOrderPolicy, MeanPolicy, ProbedThirdOrderPolicy, SecondOrderPolicy, ThirdOrderPolicy,
+)
 from .progressive import ProgressiveResolution, dct_resize, power_law, spectral_switch
 from .registry import BUILTIN_POLICIES, available_policies, get_policy
 
@@ -18,7 +20,8 @@ __all__ = [
     "BudgetPolicy", "budget_fraction", "calibrate_tau", "smallest_threshold",
     "finite_difference", "patch_std", "percentile",
     "BaselinePolicy", "FixedPolicy", "OracleBudgetPolicy", "OraclePolicy",
-    "CoarseToFinePolicy", "FirstOrderPolicy", "MeanPolicy", "SecondOrderPolicy", "ThirdOrderPolicy",
+    "CoarseToFinePolicy", "FirstOrderPolicy", "MeanPolicy", "ProbedThirdOrderPolicy", "SecondOrderPolicy",
+    "ThirdOrderPolicy",
     "ProgressiveResolution", "dct_resize", "power_law", "spectral_switch",
     "BUILTIN_POLICIES", "available_policies", "get_policy",
 ]

@@ -7,11 +7,13 @@ from .base import PatchPolicy
 from .budget import BudgetPolicy
 from .fixed import BaselinePolicy, FixedPolicy
 from .oracle import OracleBudgetPolicy, OraclePolicy
-from .percentile import CoarseToFinePolicy, FirstOrderPolicy, MeanPolicy, SecondOrderPolicy, ThirdOrderPolicy
+from .percentile import (
+    CoarseToFinePolicy, FirstOrderPolicy, MeanPolicy, ProbedThirdOrderPolicy, SecondOrderPolicy, ThirdOrderPolicy,
+)
 from .progressive import ProgressiveResolution
 
 BUILTIN_POLICIES: tuple[type[PatchPolicy], ...] = (
-    ThirdOrderPolicy, SecondOrderPolicy, FirstOrderPolicy, MeanPolicy, CoarseToFinePolicy,
+    ThirdOrderPolicy, SecondOrderPolicy, FirstOrderPolicy, MeanPolicy, CoarseToFinePolicy, ProbedThirdOrderPolicy,
     FixedPolicy, BaselinePolicy, OraclePolicy, OracleBudgetPolicy, BudgetPolicy, ProgressiveResolution,
 )
 
