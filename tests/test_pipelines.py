@@ -208,7 +208,7 @@ def test_an_enabled_pipeline_saves_stock_components_and_its_adapter(tmp_path):
     assert torch.allclose(latents(loaded(**kwargs(batch=1, steps=STEPS))), out, atol=ATOL, rtol=0)
 
 
-def test_the_oracle_and_third_order_run_inside_a_pipeline():
+def test_the_oracle_and_the_percentile_policies_run_inside_a_pipeline():
     pipe, kwargs = build("pixart")
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="oracle", tolerance=10.0)
     latents(pipe(**kwargs(batch=2, steps=STEPS)))
@@ -218,6 +218,11 @@ def test_the_oracle_and_third_order_run_inside_a_pipeline():
     latents(pipe(**kwargs(batch=2, steps=STEPS)))
     sizes = [r["patch_size"] for r in ddit.summary(pipe).records]
     assert sizes[:2 * 3] == [2] * 6 and sizes[-1] == 8  # three warm-up steps, then the coarsest
+    ddit.disable(pipe)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="probed_third_order", tau=1e9, hold=1)
+    latents(pipe(**kwargs(batch=2, steps=STEPS)))
+    sizes = [r["patch_size"] for r in ddit.summary(pipe).records]
+    assert sizes == [size for size in [2, 2, 2, 8, 2, 2] for _ in range(2)]  # one coarse step, then the probe
 
 
 def test_a_pipeline_in_bfloat16_runs_coarse_steps_in_bfloat16():
