@@ -109,7 +109,8 @@ def print_bases(results: dict, tau: float) -> None:
 
 
 def print_policy_run(run: dict) -> None:
-    print(f"third_order's own run (defaults, shipped adapter): Kendall tau vs oracle {run['kendall_tau_vs_oracle']:+.2f}")
+    print("third_order's own run (defaults, shipped adapter): Kendall tau vs oracle "
+          f"{run['kendall_tau_vs_oracle']:+.2f}")
     print("| class | coarse steps | median signal after base steps | after coarse steps |\n|---|---:|---:|---:|")
     for name, c in run["classes"].items():
         print(f"| {name} | {c['coarse']:.2f} | {c['median_after_base']:.2e} | {c['median_after_coarse']:.2e} |")

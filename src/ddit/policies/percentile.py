@@ -203,9 +203,9 @@ class ProbedThirdOrderPolicy(ThirdOrderPolicy):
     """
 
     name = "probed_third_order"
-    # tau: third_order's token cost at its default (calibrated on base-schedule signals,
-    # `python benchmarks/signal_variants.py --holds 16 --fraction 0.488`); hold: 8 and 16 tried on
-    # seeds 0-127, 16 had the lower FD. docs/policies.md has the measurements.
+    # tau: third_order's token cost in its own run (0.488), calibrated on base-schedule signals
+    # (`python benchmarks/signal_variants.py --holds 16 --fraction 0.488`). hold: 8, 16, 24 and 32 tried on
+    # seeds 0-127; of those that beat third_order within 5% of its FLOPs, 16 had the lowest FD (docs/policies.md).
     tau = 3.9e-4
     hold: int = 16
 
