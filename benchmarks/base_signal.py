@@ -2,7 +2,7 @@
 
     python benchmarks/base_signal.py [--bases DIR ...] [--num-per-class 32] [--seed 10000] [--policy-run]
 
-The README blames `third_order`'s class-blindness on the small base model's step-to-step
+The README blamed `third_order`'s class-blindness on the small base model's step-to-step
 jitter. This measures that claim for any number of base models (default: the shipped
 one), on their own 50-step trajectories (guidance 2, held-out seeds), with no adapter in
 the loop: the shipped adapter only supplies the candidate sizes, and `third_order` with
@@ -25,8 +25,8 @@ Per base model and class, over the steps where the rule decides (step 3 on):
 ``--policy-run`` also runs `third_order` at its defaults with the shipped adapter (on the
 shipped base, which the adapter was distilled for) and splits the signals it sees by the
 size that produced the last three latents: the base size, or a coarse one (the adapter's).
-Per class: the fraction of steps it ran coarse, and the median patch-4 signal after base
-and after coarse steps.
+Per class: the fraction of steps it ran coarse, and the median patch-4 signal after three
+base-size and after three coarse steps (signals after a mix of sizes are left out).
 """
 
 from __future__ import annotations

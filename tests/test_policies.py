@@ -226,8 +226,9 @@ def test_probed_third_order_reads_only_base_made_latents():
     assert sizes[:, 1].tolist() == [2] * steps
     assert sizes[:, 2].tolist() == [2] * 3 + [8] * 4 + [2] * 4 + cycle + [8] * 2  # the probe saw the spike: one more
     assert run(get_policy("third_order", tau=1e-3), latents)[:6 + 1, 0].tolist() == [2, 2, 2, 8, 8, 8, 2]
-    with pytest.raises(ValueError, match="hold"):
-        get_policy("probed_third_order", hold=0)
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="hold"):
+            get_policy("probed_third_order", hold=bad)
 
 
 def test_oracle_takes_the_largest_size_within_tolerance():

@@ -204,18 +204,19 @@ class ProbedThirdOrderPolicy(ThirdOrderPolicy):
 
     name = "probed_third_order"
     # tau: third_order's token cost in its own run (0.488), calibrated on base-schedule signals
-    # (`python benchmarks/signal_variants.py --holds 16 --fraction 0.488`). hold: 8, 16, 24 and 32 tried on
-    # seeds 0-127; of those that beat third_order within 5% of its FLOPs, 16 had the lowest FD (docs/policies.md).
+    # (`python benchmarks/signal_variants.py --variants "" --holds 16 --fraction 0.488`). hold: 8, 16, 24
+    # and 32 tried on seeds 0-127; of those that beat third_order within 5% of its FLOPs, 16 had the lowest FD
+    # (docs/policies.md).
     tau = 3.9e-4
     hold: int = 16
 
     def __init__(self, tau: float | Mapping[int, float] | None = None, rho: float | None = None,
                  warmup: int | None = None, fine_tail: float | None = None, hold: int | None = None):
         super().__init__(tau=tau, rho=rho, warmup=warmup, fine_tail=fine_tail)
-        self.hold = type(self).hold if hold is None else int(hold)
-        if self.hold < 1:
-            raise ValueError(f"hold is the number of coarse steps between two probes and must be >= 1, "
-                             f"got {self.hold}")
+        self.hold = type(self).hold if hold is None else hold
+        if isinstance(self.hold, bool) or not isinstance(self.hold, int) or self.hold < 1:
+            raise ValueError(f"hold is the number of coarse steps between two probes: an integer >= 1, "
+                             f"got {self.hold!r}")
 
     def schedule(self, signals: torch.Tensor | None, protected: bool = False) -> torch.Tensor:
         """Eq. 5 for samples whose last ``order`` steps ran at the base size; coarse samples keep
@@ -229,5 +230,4 @@ class ProbedThirdOrderPolicy(ThirdOrderPolicy):
         sizes = torch.where(~base & (self.since_switch > self.hold), self.base_size, sizes)
         self.since_switch[sizes != self.current] = 1  # this latent starts the new size's history
         self.current = sizes
-        return sizes
-
+        return sizes.clone()
