@@ -26,7 +26,9 @@ Per base model and class, over the steps where the rule decides (step 3 on):
 shipped base, which the adapter was distilled for) and splits the signals it sees by the
 size that produced the last three latents: the base size, or a coarse one (the adapter's).
 Per class: the fraction of steps it ran coarse, and the median patch-4 signal after three
-base-size and after three coarse steps (signals after a mix of sizes are left out).
+base-size and after three coarse steps (signals after a mix of sizes are left out); and
+the median ratio of each such signal to the clean run's at the same sample and step (the
+same seeds: 1 = the coarse steps changed nothing the signal sees).
 """
 
 from __future__ import annotations
@@ -59,24 +61,31 @@ def signals(base: str | Path, num_per_class: int, seed: int) -> tuple[torch.Tens
     return torch.tensor(rows, dtype=torch.float64), labels
 
 
-def policy_run(num_per_class: int, seed: int) -> dict:
-    """Where third_order's own signals come from: base-size or coarse (adapter) steps."""
+def policy_run(num_per_class: int, seed: int, clean: torch.Tensor) -> dict:
+    """Where third_order's own signals come from: base-size or coarse (adapter) steps. ``clean``: the
+    shipped base model's signals on the same seeds (samples, steps from 3), to compare step by step."""
     labels = balanced_labels(len(PROMPTS) * num_per_class)
     model = load_multipatch_model()
     base = model.patch_sizes[0]
     samples = generate(model, labels, seed=seed, policy=ThirdOrderPolicy(), progress=True)
     result = {}
     for c, name in enumerate(PROMPTS):
-        traces = [t for t, y in zip(samples.traces, labels.tolist()) if y == c]
         after = {"base": [], "coarse": []}
-        for trace in traces:
+        ratio = {"base": [], "coarse": []}  # to the clean run's signal at the same sample and step
+        mine = [b for b, y in enumerate(labels.tolist()) if y == c]
+        for b in mine:
+            trace = samples.traces[b]
             for k in range(3, len(trace)):
                 made_by = {r["patch_size"] for r in trace[k - 3:k]}
                 if trace[k]["signals"] and len(made_by) == 1:
-                    after["base" if made_by == {base} else "coarse"].append(trace[k]["signals"][4])
-        result[name] = {"coarse": sum(r["patch_size"] != base for t in traces for r in t) / sum(map(len, traces)),
-                        **{f"median_after_{k}": torch.tensor(v).median().item() if v else None
-                           for k, v in after.items()}}
+                    kind = "base" if made_by == {base} else "coarse"
+                    after[kind].append(trace[k]["signals"][4])
+                    ratio[kind].append(trace[k]["signals"][4] / clean[b, k - 3].item())
+        median = lambda v: torch.tensor(v).median().item() if v else None  # noqa: E731
+        steps = [r for b in mine for r in samples.traces[b]]
+        result[name] = {"coarse": sum(r["patch_size"] != base for r in steps) / len(steps),
+                        **{f"median_after_{k}": median(v) for k, v in after.items()},
+                        **{f"ratio_after_{k}": median(v) for k, v in ratio.items()}}
     order = kendalltau([result[n]["coarse"] for n in PROMPTS], [ORACLE_COARSE[n] for n in PROMPTS])
     return {"classes": result, "kendall_tau_vs_oracle": float(order.statistic)}
 
@@ -111,9 +120,11 @@ def print_bases(results: dict, tau: float) -> None:
 def print_policy_run(run: dict) -> None:
     print("third_order's own run (defaults, shipped adapter): Kendall tau vs oracle "
           f"{run['kendall_tau_vs_oracle']:+.2f}")
-    print("| class | coarse steps | median signal after base steps | after coarse steps |\n|---|---:|---:|---:|")
+    print("| class | coarse steps | median signal after base steps | after coarse steps | ratio to the clean run, "
+          "after base steps | after coarse steps |\n|---|---:|---:|---:|---:|---:|")
     for name, c in run["classes"].items():
-        print(f"| {name} | {c['coarse']:.2f} | {c['median_after_base']:.2e} | {c['median_after_coarse']:.2e} |")
+        print(f"| {name} | {c['coarse']:.2f} | {c['median_after_base']:.2e} | {c['median_after_coarse']:.2e} "
+              f"| {c['ratio_after_base']:.2f} | {c['ratio_after_coarse']:.2f} |")
 
 
 def plot(bases: dict, tau: float, path: Path) -> None:
@@ -147,10 +158,14 @@ def main() -> None:
     args = parser.parse_args()
 
     tau = ThirdOrderPolicy.tau
-    bases = {base: summarise(*signals(base, args.num_per_class, args.seed), tau) for base in args.bases}
+    recorded = {base: signals(base, args.num_per_class, args.seed) for base in args.bases}
+    bases = {base: summarise(*pair, tau) for base, pair in recorded.items()}
     if bases:
         print_bases(bases, tau)
-    run = policy_run(args.num_per_class, args.seed) if args.policy_run else None
+    run = None
+    if args.policy_run:
+        clean = recorded.get(str(SHIPPED_BASE)) or signals(SHIPPED_BASE, args.num_per_class, args.seed)
+        run = policy_run(args.num_per_class, args.seed, clean[0])
     if run:
         print_policy_run(run)
     if args.out:
