@@ -142,8 +142,8 @@ def depth_label(model: Model, config: dict) -> str:
 def build(model: Model, config: dict, sizes: tuple[int, ...], device: torch.device,
           dtype: torch.dtype) -> MultiPatchTransformer:
     """The wrapped backbone, made on ``device`` in ``dtype`` (no slow CPU init nor fp32 copy of a 12B model on a
-    GPU, no memory on meta), except the modules diffusers keeps in fp32 when it loads the model (Wan's norms and
-    time embedder)."""
+    GPU, no memory on meta), except the modules and parameters diffusers keeps in fp32 when it loads the model
+    (Wan's norms, time embedder and scale-shift tables)."""
     torch.manual_seed(0)
     with torch.device(device):
         previous = torch.get_default_dtype()
@@ -156,6 +156,9 @@ def build(model: Model, config: dict, sizes: tuple[int, ...], device: torch.devi
         for name, module in backbone.named_modules():
             if keep & set(name.split(".")):
                 module.float()
+        for name, param in backbone.named_parameters():  # e.g. scale_shift_table, a parameter, not a module
+            if keep & set(name.split(".")):
+                param.data = param.data.float()
         adapter = MultiPatchTransformer(backbone, patch_sizes=sizes[1:]).eval()
     adapter.set_lean_base(True)  # as ddit.enable and the sampler run it
     return adapter
