@@ -1,5 +1,7 @@
 """``ddit.enable`` inside tiny random stock diffusers pipelines (Flux, SD3, PixArt-Sigma, Wan, DiT), built offline."""
 
+import os
+
 import pytest
 import torch
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
@@ -15,6 +17,7 @@ from ddit.policies import FixedPolicy, PatchPolicy
 STEPS = 6
 EARLY_COARSE = [4, 4, 2, 2, 2, 2]  # patch 4 on a base of 2: a quarter of the tokens
 ATOL = 1e-5  # batch composition changes rounding by ~1e-6 (tiny_pipelines)
+DEVICE = torch.device(os.environ.get("DDIT_TEST_DEVICE", "cpu"))  # where tiny_pipelines.build puts them
 
 
 class SplitPolicy(PatchPolicy):
@@ -325,3 +328,60 @@ def test_moving_and_saving_reach_the_lora_layers_while_they_are_out_of_the_backb
     assert any(".lora_" in k for k in saved) and lora_free(adapter.backbone)
     pipe.to(torch.float64)
     assert all(p.dtype == torch.float64 for p in adapter.trainable_parameters())
+
+
+def offload_hooked(pipe):
+    """The components that ``enable_model_cpu_offload``'s hooks move to the device when called."""
+    return [hook.model for hook in pipe._all_hooks]
+
+
+@pytest.mark.parametrize("order", ["enable_then_offload", "offload_then_enable"])
+def test_model_cpu_offload_moves_the_adapter_with_the_transformer_in_either_order(name, order, tmp_path):
+    """On the CPU the hooks move nothing (DDIT_TEST_DEVICE=cuda in benchmarks/gpu_check.sh moves them for real):
+    here the hooks must sit on the transformer the pipeline calls, before and after ``disable``."""
+    pipe, kwargs, stock = stock_of(name)
+    ddit.MultiPatchTransformer(pipe.transformer).save_pretrained(tmp_path)
+    ddit.enable(pipe, tmp_path, policy=FixedPolicy(EARLY_COARSE))
+    expected = latents(pipe(**kwargs(batch=2, steps=STEPS)))
+
+    pipe, kwargs = build(name)
+    if order == "offload_then_enable":
+        pipe.enable_model_cpu_offload(device=DEVICE)
+    ddit.enable(pipe, tmp_path, policy=FixedPolicy(EARLY_COARSE))
+    if order == "enable_then_offload":
+        pipe.enable_model_cpu_offload(device=DEVICE)
+    assert pipe.transformer in offload_hooked(pipe) and pipe.transformer.device.type == "cpu"
+    for _ in range(2):  # diffusers hooks the components again after each call
+        assert torch.allclose(latents(pipe(**kwargs(batch=2, steps=STEPS))).cpu(), expected.cpu(), atol=ATOL, rtol=0)
+    assert ddit.summary(pipe).coarse_fraction == pytest.approx(2 / 6)
+    ddit.disable(pipe)
+    assert pipe.transformer in offload_hooked(pipe) and lora_free(pipe.transformer)
+    assert torch.allclose(latents(pipe(**kwargs(batch=2, steps=STEPS))).cpu(), stock.cpu(), atol=ATOL, rtol=0)
+
+
+def test_offloading_layer_by_layer_is_refused_in_either_order(tmp_path):
+    def group(pipe):
+        pipe.enable_group_offload(onload_device=DEVICE, offload_device=torch.device("cpu"),
+                                  offload_type="block_level", num_blocks_per_group=1)
+
+    def sequential(pipe):
+        pipe.enable_sequential_cpu_offload(device=DEVICE)
+
+    flux, kwargs = build("flux")
+    ddit.MultiPatchTransformer(flux.transformer).save_pretrained(tmp_path)
+    for offload, match in ((group, "group offloading enabled"), (sequential, "sequential CPU offload")):
+        pipe, kwargs = build("flux")
+        offload(pipe)
+        assert_refused(pipe, match, tmp_path)
+    pipe, kwargs = build("flux")
+    sequential(pipe)
+    with pytest.raises(ValueError, match="no weights here .meta device"):
+        ddit.MultiPatchTransformer(pipe.transformer)
+
+    pipe, kwargs = build("flux")
+    ddit.enable(pipe, tmp_path, policy="baseline")
+    with pytest.raises(ValueError, match="group offloading places the transformer layer by layer"):
+        group(pipe)
+    sequential(pipe)
+    with pytest.raises(ValueError, match="sequential CPU offload .or a device map. places the transformer"):
+        pipe(**kwargs(batch=1, steps=2))

@@ -32,6 +32,9 @@ from .weights import load_safetensors
 
 CONFIG_NAME = "multipatch_config.json"
 WEIGHTS_NAME = "multipatch.safetensors"
+#: What accelerate's and diffusers' hooks attach to the one module they hook: a wrapper that lent them
+#: from the module inside it would look hooked when it is not (and removing them would fail).
+HOOK_ATTRIBUTES = frozenset({"_hf_hook", "_old_forward", "_diffusers_hook"})
 
 
 class PatchHead(nn.Module):
@@ -110,6 +113,10 @@ class MultiPatchTransformer(nn.Module):
             raise ValueError(f"patch sizes must be multiples of the base patch size {base}, not {bad}")
         self.patch_sizes: tuple[int, ...] = tuple(sizes)
         weights = self.spec.base_weights()
+        if any(w.is_meta for w in weights):
+            raise ValueError(f"{type(backbone).__name__}'s patch embedding has no weights here (meta device: "
+                             "sequential CPU offload, or a model built without loading them); build the adapter "
+                             "over the loaded model, before any offloading")
         self.heads = nn.ModuleDict({str(s): PatchHead(*weights, scale=s // base) for s in sizes[1:]})
         self.heads.to(device=backbone.device, dtype=backbone.dtype)
         self.lora_config = lora_config or LoraConfig(r=rank, lora_alpha=rank, target_modules=self.spec.lora_target)
@@ -161,7 +168,7 @@ class MultiPatchTransformer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             backbone = self.__dict__["_modules"].get("backbone")
-            if backbone is None or name.startswith("__"):
+            if backbone is None or name.startswith("__") or name in HOOK_ATTRIBUTES:
                 raise
             return getattr(backbone, name)
 

@@ -21,10 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate.hooks import CpuOffload
+from diffusers.hooks.group_offloading import _is_group_offload_enabled
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from .adapter import CONFIG_NAME, MultiPatchTransformer
+from .adapter import CONFIG_NAME, HOOK_ATTRIBUTES, MultiPatchTransformer
 from .caches import Cache, diffusers_caches, get_cache
 from .policies import PatchPolicy, ProgressiveResolution, get_policy
 from .runtime import Call, PatchRuntime
@@ -71,7 +73,7 @@ class DynamicPatchTransformer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             adapter = self.__dict__["_modules"].get("adapter")
-            if adapter is None or name.startswith("__"):
+            if adapter is None or name.startswith("__") or name in HOOK_ATTRIBUTES:
                 raise
             return getattr(adapter, name)
 
@@ -101,8 +103,15 @@ class DynamicPatchTransformer(nn.Module):
         self.adapter.backbone.disable_cache()
         self.runtime.hooks = None
 
+    def enable_group_offload(self, *args, **kwargs) -> None:
+        """Refused (``pipe.enable_group_offload`` calls it): see ``check_offloading``."""
+        raise ValueError(f"group offloading {_LAYERWISE}")
+
     # -- forward
     def forward(self, *args, **kwargs):
+        hook = self.__dict__.get("_hf_hook")  # what pipe.enable_*_cpu_offload() put on it
+        if hook is not None and not isinstance(hook, CpuOffload):
+            raise ValueError(f"sequential CPU offload (or a device map) {_LAYERWISE}")
         given = self._signature.bind(*args, **kwargs).arguments
         latent = self.adapter.spec.latent(given)
         self._check_resolution(latent)
@@ -168,6 +177,37 @@ def check_diffusers_cache(backbone: nn.Module, config) -> None:
                          "(transformer.disable_cache()) and pass its config to ddit.enable(..., cache=config)")
 
 
+_LAYERWISE = ("places the transformer layer by layer, and coarse steps run layers it does not place (the "
+              "adapter's heads and LoRA branches): load the pipeline again and use pipe.enable_model_cpu_offload() "
+              "instead, before or after ddit.enable; it moves the whole transformer, adapter included")
+
+
+def check_offloading(transformer: nn.Module) -> None:
+    """Refuse offloading that moves the transformer's layers one by one (accelerate's sequential CPU offload,
+    diffusers' group offloading). Model CPU offload moves whole components: ``enable`` and ``disable`` hook
+    the new transformer again, as diffusers does after every call."""
+    hook = transformer.__dict__.get("_hf_hook")
+    if (hook is not None and not isinstance(hook, CpuOffload)) or any(p.is_meta for p in transformer.parameters()):
+        raise ValueError(f"pipe.transformer is under sequential CPU offload or a device map (its weights are on "
+                         f"the meta device or placed by accelerate's hooks), which {_LAYERWISE}")
+    if _is_group_offload_enabled(transformer):
+        raise ValueError(f"pipe.transformer has group offloading enabled, which {_LAYERWISE}")
+
+
+@contextmanager
+def _model_offload_renewed(pipe):
+    """Under ``pipe.enable_model_cpu_offload()`` each component carries a hook that moves it to the GPU when
+    called: a transformer put in its place gets one too (diffusers renews them after every call the same way)."""
+    device = getattr(pipe, "_offload_device", None) if getattr(pipe, "_all_hooks", None) else None
+    if device is not None:
+        pipe.remove_all_hooks()
+    try:
+        yield
+    finally:
+        if device is not None:
+            pipe.enable_model_cpu_offload(device=device)
+
+
 def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer, policy: str | PatchPolicy = "third_order",
            cache=None, **params):
     """Run ``policy`` inside ``pipe``: every ``pipe(...)`` after this picks each sample's patch size per step.
@@ -184,6 +224,7 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer, policy: str
         raise ValueError("ddit.enable: this pipeline is already enabled; call ddit.disable(pipe) first")
     if not isinstance(transformer, nn.Module):
         raise ValueError(f"ddit.enable needs a pipeline with a transformer, not {type(pipe).__name__}")
+    check_offloading(transformer)
     policy = _policy(policy, params)
     cache = get_cache(cache) if isinstance(cache, str) else cache
     if isinstance(adapter, MultiPatchTransformer):
@@ -213,7 +254,8 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer, policy: str
         warnings.warn("pipe.transformer_2 (the low-noise expert) stays stock: its steps run at the base size and "
                       "are not in ddit.summary", stacklevel=2)
     adapter.set_lean_base(True)
-    pipe.transformer = wrapper
+    with _model_offload_renewed(pipe):
+        pipe.transformer = wrapper
     pipe.save_pretrained = _SaveWithAdapter(pipe)
     return pipe
 
@@ -226,7 +268,8 @@ def disable(pipe):
     if wrapper.runtime.hooks is not None:
         wrapper.disable_cache()
     wrapper.adapter.set_lean_base(False)
-    pipe.transformer = wrapper.adapter.detach()
+    with _model_offload_renewed(pipe):
+        pipe.transformer = wrapper.adapter.detach()
     vars(pipe).pop("save_pretrained", None)
     return pipe
 
