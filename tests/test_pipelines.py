@@ -385,3 +385,50 @@ def test_offloading_layer_by_layer_is_refused_in_either_order(tmp_path):
     sequential(pipe)
     with pytest.raises(ValueError, match="sequential CPU offload .or a device map. places the transformer"):
         pipe(**kwargs(batch=1, steps=2))
+
+
+@pytest.mark.parametrize("order", ["compile_then_enable", "enable_then_compile"])
+def test_regional_compilation_compiles_the_blocks_coarse_steps_run(order):
+    pipe, kwargs = build("flux")
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy(EARLY_COARSE))
+    expected = latents(pipe(**kwargs(batch=2, steps=STEPS)))
+
+    pipe, kwargs = build("flux")
+    if order == "compile_then_enable":
+        pipe.transformer.compile_repeated_blocks(backend="eager")  # dynamo's tracing, without a C++ compiler
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy(EARLY_COARSE))
+    if order == "enable_then_compile":
+        pipe.transformer.compile_repeated_blocks(backend="eager")
+    assert first_block(pipe.transformer.adapter.backbone)._compiled_call_impl is not None
+    assert torch.allclose(latents(pipe(**kwargs(batch=2, steps=STEPS))), expected, atol=ATOL, rtol=0)
+    assert ddit.summary(pipe).coarse_fraction == pytest.approx(2 / 6)
+
+
+def test_a_compiled_cast_or_quantized_transformer_is_refused_with_what_to_do_instead():
+    pipe, _ = build("flux")
+    original = pipe.transformer
+    pipe.transformer = torch.compile(original)
+    with pytest.raises(TypeError, match="torch.compile wrapper around FluxTransformer2DModel.*compile_repeated_blocks"):
+        ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer))
+    pipe.transformer = original
+    original.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="layerwise casting enabled.*first, then"):
+        ddit.MultiPatchTransformer(original)
+    pipe, _ = build("flux")
+    pipe.transformer.x_embedder.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="x_embedder and proj_out are stored as torch.float8_e4m3fn"):
+        ddit.MultiPatchTransformer(pipe.transformer)
+    assert lora_free(pipe.transformer)
+
+
+def test_layerwise_casting_after_enable_stores_the_blocks_in_float8_and_runs_coarse_steps():
+    pipe, kwargs = build("flux")
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy(EARLY_COARSE))
+    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    adapter = pipe.transformer.adapter
+    assert adapter.dtype == torch.float32 and adapter.heads["4"].embed.weight.dtype == torch.float32
+    assert {layer.get_base_layer().weight.dtype for layer in adapter._lora_layers} == {torch.float8_e4m3fn}
+    # diffusers leaves peft layers in the compute dtype (they are small)
+    assert {layer.lora_A["patch4"].weight.dtype for layer in adapter._lora_layers} == {torch.float32}
+    assert torch.isfinite(latents(pipe(**kwargs(batch=2, steps=STEPS)))).all()
+    assert ddit.summary(pipe).coarse_fraction == pytest.approx(2 / 6)

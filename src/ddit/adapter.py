@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from diffusers.hooks.layerwise_casting import _is_layerwise_casting_active
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -112,11 +113,8 @@ class MultiPatchTransformer(nn.Module):
         if bad:
             raise ValueError(f"patch sizes must be multiples of the base patch size {base}, not {bad}")
         self.patch_sizes: tuple[int, ...] = tuple(sizes)
+        _check_adaptable(backbone, self.spec.base_layers())
         weights = self.spec.base_weights()
-        if any(w.is_meta for w in weights):
-            raise ValueError(f"{type(backbone).__name__}'s patch embedding has no weights here (meta device: "
-                             "sequential CPU offload, or a model built without loading them); build the adapter "
-                             "over the loaded model, before any offloading")
         self.heads = nn.ModuleDict({str(s): PatchHead(*weights, scale=s // base) for s in sizes[1:]})
         self.heads.to(device=backbone.device, dtype=backbone.dtype)
         self.lora_config = lora_config or LoraConfig(r=rank, lora_alpha=rank, target_modules=self.spec.lora_target)
@@ -361,6 +359,27 @@ class MultiPatchTransformer(nn.Module):
                                   "adapter layout (sizes, LoRA targets): save it again, or distil a new one")
         with self._lora_inside():
             self.load_state_dict({name: sharded_like(state[name], p) for name, p in params.items()}, strict=False)
+
+
+def _check_adaptable(backbone: nn.Module, base_layers: Sequence[nn.Module]) -> None:
+    """Refuse, before any change, a backbone whose layers the adapter cannot copy (the coarse heads start from
+    its patch embedding and output projection) or extend (LoRA layers on its blocks)."""
+    model = type(backbone).__name__
+    names = [name for name, m in backbone.named_modules() if any(m is layer for layer in base_layers)]
+    weights = [layer.weight for layer in base_layers]
+    if any(w.is_meta for w in weights):
+        raise ValueError(f"{model}'s {' and '.join(names)} have no weights here (meta device: sequential CPU "
+                         "offload, or a model built without loading them); build the adapter over the loaded "
+                         "model, before any offloading")
+    if _is_layerwise_casting_active(backbone):
+        raise ValueError(f"{model} has layerwise casting enabled: LoRA layers added now would stay in its storage "
+                         "dtype, outside its casting; build the adapter (or call ddit.enable) first, then "
+                         "enable_layerwise_casting on pipe.transformer")
+    stored = [w.dtype for w in weights if not w.is_floating_point() or w.dtype.itemsize < 2]
+    if stored:
+        raise ValueError(f"{model}'s {' and '.join(names)} are stored as {stored[0]} (quantized or float8), and "
+                         "the coarse heads are copied from them: load the model with these layers left as they "
+                         f"were trained (the quantization config's modules_to_not_convert: {names})")
 
 
 def _is_new(name: str) -> bool:

@@ -220,7 +220,7 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer, policy: str
     pipeline changes. Returns ``pipe``.
     """
     transformer = getattr(pipe, "transformer", None)
-    if isinstance(transformer, DynamicPatchTransformer):
+    if isinstance(_uncompiled(transformer), DynamicPatchTransformer):
         raise ValueError("ddit.enable: this pipeline is already enabled; call ddit.disable(pipe) first")
     if not isinstance(transformer, nn.Module):
         raise ValueError(f"ddit.enable needs a pipeline with a transformer, not {type(pipe).__name__}")
@@ -262,7 +262,7 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer, policy: str
 
 def disable(pipe):
     """Give ``pipe`` its stock transformer back (LoRA layers out, ddit's cache hooks off). Returns ``pipe``."""
-    wrapper = getattr(pipe, "transformer", None)
+    wrapper = _uncompiled(getattr(pipe, "transformer", None))
     if not isinstance(wrapper, DynamicPatchTransformer):
         raise ValueError("ddit.disable: this pipeline is not enabled (call ddit.enable(pipe, adapter) first)")
     if wrapper.runtime.hooks is not None:
@@ -293,6 +293,11 @@ def _load_adapter(transformer: nn.Module, path) -> MultiPatchTransformer:
     if not (path / CONFIG_NAME).exists() and (path / ADAPTER_FOLDER / CONFIG_NAME).exists():
         path = path / ADAPTER_FOLDER  # a pipeline folder saved while enabled
     return MultiPatchTransformer.from_pretrained(transformer, path)
+
+
+def _uncompiled(module):
+    """The module inside a ``torch.compile`` wrapper (``pipe.transformer = torch.compile(pipe.transformer)``)."""
+    return getattr(module, "_orig_mod", module)
 
 
 def _scheduler_of(pipe):
@@ -345,7 +350,7 @@ class _SaveWithAdapter:
 
 def summary(pipe) -> Summary:
     """What the last ``pipe(...)`` of an enabled pipeline did; ``print`` it for a table."""
-    wrapper = getattr(pipe, "transformer", pipe)
+    wrapper = _uncompiled(getattr(pipe, "transformer", pipe))
     if not isinstance(wrapper, DynamicPatchTransformer):
         raise ValueError("ddit.summary: this pipeline is not enabled (call ddit.enable(pipe, adapter) first)")
     return Summary(list(wrapper.runtime.records), wrapper.runtime.base_size)

@@ -31,6 +31,11 @@ def specs() -> dict[str, type[BackboneSpec]]:
 def spec_for(model: nn.Module) -> BackboneSpec:
     """The spec of ``model``'s class, bound to ``model``."""
     known = specs()
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module):
+        raise TypeError(f"the transformer is a torch.compile wrapper around {type(inner).__name__}: build the "
+                        "adapter (or call ddit.enable) on the model itself, then compile its blocks with "
+                        "pipe.transformer.compile_repeated_blocks(), which coarse steps run too")
     for cls in type(model).__mro__:
         if cls.__name__ in known:
             return known[cls.__name__](model)
