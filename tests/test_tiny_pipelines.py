@@ -83,6 +83,39 @@ def test_ddit_wraps_the_loaded_transformer_and_runs_the_pipeline_from_text(saved
     assert ddit.summary(pipe).coarse_fraction == 0.5
 
 
+IMAGE = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+MASK = torch.zeros(1, 1, 128, 128).index_fill_(2, torch.arange(32, 96), 1.0)
+
+
+@pytest.mark.parametrize(("kind", "cls", "extra"), [
+    ("flux", "FluxImg2ImgPipeline", dict(image=IMAGE, strength=0.6)),
+    ("sd3", "StableDiffusion3Img2ImgPipeline", dict(image=IMAGE, strength=0.6)),
+    ("flux", "FluxInpaintPipeline", dict(image=IMAGE, mask_image=MASK, strength=0.6)),
+    ("sd3", "StableDiffusion3InpaintPipeline", dict(image=IMAGE, mask_image=MASK, strength=0.6)),
+    ("flux", "FluxKontextPipeline", dict(image=IMAGE, max_area=128 * 128, _auto_resize=False)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_image_conditioned_pipelines_count_steps_from_where_they_start(kind, cls, extra, tmp_path):
+    """img2img and inpainting start at the scheduler's begin index (strength 0.6 of 10 steps: step 4), so a
+    fixed schedule is read at the steps that run; Kontext's reference-image tokens ride along at the same size."""
+    pipe = getattr(diffusers, cls).from_pipe(load(save_tiny_pipeline(kind, tmp_path)))
+    pipe.set_progress_bar_config(disable=True)
+    size = {} if cls == "FluxKontextPipeline" else TINY_CALL[kind]
+
+    def call():
+        return pipe(prompt="a red circle", num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+                    output_type="pt", **size, **extra).images
+
+    stock = call()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="fixed", schedule=[4] * 7 + [2] * 3)
+    out = call()
+    sizes = {r["step"]: r["patch_size"] for r in ddit.summary(pipe).records}
+    first = 0 if cls == "FluxKontextPipeline" else 4
+    assert sizes == {step: 4 if step < 7 else 2 for step in range(first, 10)}
+    assert torch.isfinite(out).all() and (out - stock).abs().max() > 1e-3
+    ddit.disable(pipe)
+    assert torch.equal(call(), stock)
+
+
 def test_unknown_kinds_and_a_missing_transformers_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="one of flux, sd3, pixart, wan"):
         save_tiny_pipeline("dit", tmp_path)
