@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import (
     DiTTransformer2DModel,
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
@@ -67,6 +68,18 @@ def flux():
                        img_ids=_flux_ids(h, w), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5, 3.5]))
 
 
+def flux2():
+    model = Flux2Transformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                    timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4))
+    h, w = 8, 4
+    ids = torch.cat([_flux_ids(h, w), torch.zeros(h * w, 1)], 1)  # (t, h, w, l), as Flux2Pipeline makes them
+    text_ids = torch.zeros(5, 4).index_copy_(1, torch.tensor([3]), torch.arange(5.0)[:, None])
+    return model, dict(hidden_states=torch.randn(B, h * w, 64), encoder_hidden_states=torch.randn(B, 5, 32),
+                       timestep=torch.tensor([0.01, 0.9]), img_ids=ids, txt_ids=text_ids,
+                       guidance=torch.tensor([3.5, 3.5]))
+
+
 def wan():
     model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
                                   out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
@@ -75,10 +88,10 @@ def wan():
                        timestep=torch.tensor([10, 900]))
 
 
-FAMILIES = {"dit": dit, "pixart": pixart, "sd3": sd3, "flux": flux, "wan": wan}
+FAMILIES = {"dit": dit, "pixart": pixart, "sd3": sd3, "flux": flux, "flux2": flux2, "wan": wan}
 # attention q/k/v/out (self, and cross where there is one) + feed-forward in + out, per block;
-# Flux's single blocks: q/k/v + proj_mlp + proj_out
-LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "wan": 2 * 10}
+# Flux's single blocks: q/k/v + proj_mlp + proj_out; FLUX.2's: the fused qkv-mlp projection and its output
+LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2, "wan": 2 * 10}
 
 
 @pytest.fixture(params=FAMILIES, scope="module")
@@ -158,6 +171,23 @@ def test_flux_repacks_and_places_coarse_ids_at_patch_centres():
     s = 4  # an 8 x 8 patch spans 4 x 4 packed tokens
     rows, cols = torch.meshgrid(torch.arange(2) * s + (s - 1) / 2, torch.arange(1) * s + (s - 1) / 2, indexing="ij")
     assert torch.equal(image_ids, torch.stack([torch.zeros(2), rows.flatten(), cols.flatten()], -1))
+
+
+@torch.no_grad()
+def test_flux2_places_coarse_ids_at_patch_centres_on_its_four_axes():
+    torch.manual_seed(0)
+    backbone, inputs = flux2()
+    model = MultiPatchTransformer(_randomize(backbone))
+    seen = []
+    hook = backbone.pos_embed.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        model(**inputs, patch_size=8)
+    finally:
+        hook.remove()
+    assert torch.equal(seen[0], inputs["txt_ids"])
+    s = 4  # an 8 x 8 patch spans 4 x 4 packed tokens
+    rows, cols = torch.meshgrid(torch.arange(2) * s + (s - 1) / 2, torch.arange(1) * s + (s - 1) / 2, indexing="ij")
+    assert torch.equal(seen[1], torch.stack([torch.zeros(2), rows.flatten(), cols.flatten(), torch.zeros(2)], -1))
 
 
 def test_wan_rope_keeps_frames_and_puts_coarse_patches_at_centres():

@@ -1,7 +1,7 @@
 """Tiny, random-weight, *stock* diffusers pipelines, built offline, for tests of ``ddit.enable``.
 
 Not a test module: tests import it. ``build(name)`` returns an unmodified diffusers
-pipeline (FluxPipeline, StableDiffusion3Pipeline, PixArtSigmaPipeline, WanPipeline or
+pipeline (FluxPipeline, Flux2Pipeline, StableDiffusion3Pipeline, PixArtSigmaPipeline, WanPipeline or
 DiTPipeline) whose transformer is a few-kilobyte random model, and a ``call_kwargs``
 function giving the keyword arguments for ``pipe(**kwargs)``. Nothing is downloaded:
 text encoders and tokenizers are ``None`` and prompts are passed as random,
@@ -38,6 +38,8 @@ from diffusers import (
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     PixArtSigmaPipeline,
@@ -50,7 +52,7 @@ from diffusers import (
 
 from ddit.tiny_pipelines import wake_zeros as _wake_zeros
 
-NAMES = ("flux", "sd3", "pixart", "wan", "dit")
+NAMES = ("flux", "flux2", "sd3", "pixart", "wan", "dit")
 LATENT = 16  # latent height and width at the transformer's patchify
 TEXT_LEN = 8  # tokens of the fake prompt embeddings
 VAE_SCALE = 8  # the pipelines' vae_scale_factor when vae is None
@@ -111,6 +113,23 @@ def _flux():
             kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 32),
                       negative_pooled_prompt_embeds=_shared(batch, 2, 32))
         return kw
+
+    return pipe, call_kwargs
+
+
+def _flux2():
+    torch.manual_seed(0)
+    transformer = _wake_zeros(Flux2Transformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4)))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)  # the pipeline passes mu
+    pipe = Flux2Pipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):  # guidance-distilled: no CFG branches
+        seeds = _seeds(batch, seeds)
+        return dict(prompt_embeds=_per_sample(seeds, 1, TEXT_LEN, 32), guidance_scale=4.0 if guidance is None
+                    else guidance, height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE, num_inference_steps=steps,
+                    generator=_generators(seeds), output_type="latent")
 
     return pipe, call_kwargs
 
@@ -213,7 +232,7 @@ def _dit():
     return pipe, call_kwargs
 
 
-_BUILDERS = {"flux": _flux, "sd3": _sd3, "pixart": _pixart, "wan": _wan, "dit": _dit}
+_BUILDERS = {"flux": _flux, "flux2": _flux2, "sd3": _sd3, "pixart": _pixart, "wan": _wan, "dit": _dit}
 
 
 def build(name: str) -> tuple[DiffusionPipeline, Callable[..., dict]]:

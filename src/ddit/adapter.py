@@ -23,6 +23,7 @@ from diffusers.hooks.layerwise_casting import _is_layerwise_casting_active
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 
@@ -36,6 +37,11 @@ WEIGHTS_NAME = "multipatch.safetensors"
 #: What accelerate's and diffusers' hooks attach to the one module they hook: a wrapper that lent them
 #: from the module inside it would look hooked when it is not (and removing them would fail).
 HOOK_ATTRIBUTES = frozenset({"_hf_hook", "_old_forward", "_diffusers_hook"})
+#: diffusers' LoRA management on a transformer: it would load into, switch or remove the LoRA layers ddit's
+#: adapter lives in, so it is refused while the adapter is on the backbone (see ``_check_no_other_lora``).
+LORA_MANAGEMENT = frozenset({"load_lora_adapter", "add_adapter", "set_adapter", "set_adapters", "delete_adapters",
+                             "fuse_lora", "unfuse_lora", "unload_lora", "enable_lora", "disable_lora",
+                             "enable_adapters", "disable_adapters", "enable_lora_hotswap"})
 
 
 class PatchHead(nn.Module):
@@ -114,6 +120,7 @@ class MultiPatchTransformer(nn.Module):
             raise ValueError(f"patch sizes must be multiples of the base patch size {base}, not {bad}")
         self.patch_sizes: tuple[int, ...] = tuple(sizes)
         _check_adaptable(backbone, self.spec.base_layers())
+        _check_no_other_lora(backbone)
         weights = self.spec.base_weights()
         self.heads = nn.ModuleDict({str(s): PatchHead(*weights, scale=s // base) for s in sizes[1:]})
         self.heads.to(device=backbone.device, dtype=backbone.dtype)
@@ -168,6 +175,8 @@ class MultiPatchTransformer(nn.Module):
             backbone = self.__dict__["_modules"].get("backbone")
             if backbone is None or name.startswith("__") or name in HOOK_ATTRIBUTES:
                 raise
+            if name in LORA_MANAGEMENT:
+                return _refused_lora_management(name)
             return getattr(backbone, name)
 
     # -- the LoRA layers in the backbone
@@ -180,6 +189,8 @@ class MultiPatchTransformer(nn.Module):
 
     def attach(self) -> None:
         """Put the LoRA layers that ``detach`` took out back into the backbone."""
+        if not self._lora_in:
+            _check_no_other_lora(self.backbone)
         self._place_lora(True)
         self.attached = True
 
@@ -380,6 +391,25 @@ def _check_adaptable(backbone: nn.Module, base_layers: Sequence[nn.Module]) -> N
         raise ValueError(f"{model}'s {' and '.join(names)} are stored as {stored[0]} (quantized or float8), and "
                          "the coarse heads are copied from them: load the model with these layers left as they "
                          f"were trained (the quantization config's modules_to_not_convert: {names})")
+
+
+def _check_no_other_lora(backbone: nn.Module) -> None:
+    """The adapter's LoRA layers take the blocks' linear layers over; a LoRA already there (a style LoRA that
+    ``pipe.load_lora_weights`` put in) would lose its place and its switches. Fused into the weights it stays."""
+    if any(isinstance(m, BaseTunerLayer) for m in backbone.modules()):
+        names = sorted(getattr(backbone, "peft_config", {}))
+        raise ValueError(f"{type(backbone).__name__} already carries LoRA layers (adapters {names}), which ddit's "
+                         "adapter cannot share: fuse them into the weights first (pipe.fuse_lora(); "
+                         "pipe.unload_lora_weights()), then build the adapter or call ddit.enable; an earlier ddit "
+                         "adapter on it: ddit.disable(pipe) or adapter.detach()")
+
+
+def _refused_lora_management(name: str):
+    def refused(*args, **kwargs):
+        raise ValueError(f"{name}: LoRA weights cannot be loaded, switched or fused while ddit's adapter is on the "
+                         "transformer; ddit.disable(pipe) first, change them, fuse them (pipe.fuse_lora(); "
+                         "pipe.unload_lora_weights()), and ddit.enable again")
+    return refused
 
 
 def _is_new(name: str) -> bool:

@@ -13,13 +13,14 @@ from .. import plugins
 from .base import BackboneSpec, patchify, sincos_positions, unpatchify
 from .dit import DiTSpec
 from .flux import FluxSpec
+from .flux2 import Flux2Spec
 from .pixart import PixArtSpec
 from .sd3 import SD3Spec
 from .wan import WanSpec
 
-BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SD3Spec, FluxSpec, WanSpec)
+BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SD3Spec, FluxSpec, Flux2Spec, WanSpec)
 
-__all__ = ["BUILTIN_SPECS", "BackboneSpec", "DiTSpec", "FluxSpec", "PixArtSpec", "SD3Spec", "WanSpec",
+__all__ = ["BUILTIN_SPECS", "BackboneSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "PixArtSpec", "SD3Spec", "WanSpec",
            "patchify", "sincos_positions", "spec_for", "specs", "unpatchify"]
 
 

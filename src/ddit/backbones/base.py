@@ -64,12 +64,12 @@ class BackboneSpec:
         embed, unembed = self.base_layers()
         patch = self.patch(self.base_patch_size)
         dim = embed.weight.shape[0]
-        w_out, b_out = unembed.weight.T, unembed.bias
+        w_out, b_out = unembed.weight.T, _bias(unembed)
         if self.unembed_channels_last:
             w_out, b_out = w_out.reshape(dim, *patch, -1).movedim(-1, 1), b_out.reshape(*patch, -1).movedim(-1, 0)
         else:
             w_out, b_out = w_out.reshape(dim, -1, *patch), b_out.reshape(-1, *patch)
-        return embed.weight.reshape(dim, -1, *patch), embed.bias, w_out, b_out
+        return embed.weight.reshape(dim, -1, *patch), _bias(embed), w_out, b_out
 
     def latent(self, args: dict) -> torch.Tensor:
         """The latent (B, C, *dims) among the bound forward arguments."""
@@ -93,6 +93,13 @@ class BackboneSpec:
         backbone's forward arguments by name.
         """
         raise NotImplementedError
+
+
+def _bias(layer: nn.Module) -> torch.Tensor:
+    """A layer's bias, zeros where it has none (FLUX.2's projections): the coarse heads keep one."""
+    if layer.bias is not None:
+        return layer.bias
+    return torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
 
 
 def patchify(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
