@@ -4,11 +4,12 @@ import os
 
 import pytest
 import torch
+from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
-from tiny_pipelines import NAMES, build, latents
+from tiny_pipelines import NAMES, TEXT_LEN, _generators, _per_sample, build, latents
 
 import ddit
 from ddit.caches import TaylorSeer, TeaCache
@@ -462,3 +463,29 @@ def test_a_style_lora_must_be_fused_first_and_lora_changes_wait_for_disable(tmp_
     pipe.unload_lora_weights()
     ddit.enable(pipe, adapter, policy="baseline")
     assert torch.allclose(latents(pipe(**kwargs(batch=1, steps=STEPS))), styled, atol=ATOL, rtol=0)
+
+
+def test_flux2_klein_guides_with_two_calls_per_step_that_share_one_decision():
+    """FLUX.2 [klein] (not guidance-distilled) calls the transformer once per CFG branch, in cache contexts."""
+    base, _ = build("flux2")
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=16, norm_num_groups=4,
+                             mid_block_add_attention=False).eval()  # Klein reads its latent statistics
+    pipe = Flux2KleinPipeline(scheduler=base.scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                              transformer=base.transformer).to(DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call():
+        return latents(pipe(prompt_embeds=_per_sample([0, 1], 1, TEXT_LEN, 32).to(DEVICE),
+                            negative_prompt_embeds=torch.zeros(2, TEXT_LEN, 32, device=DEVICE), guidance_scale=4.0,
+                            height=128, width=128, num_inference_steps=STEPS, generator=_generators([0, 1]),
+                            output_type="latent"))
+
+    stock = call()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy())
+    out = call()
+    assert torch.allclose(out[1], stock[1], atol=ATOL, rtol=0) and (out[0] - stock[0]).abs().max() > 1e-3
+    calls = {}
+    for r in ddit.summary(pipe).records:
+        calls.setdefault((r["step"], r["sample"]), []).append((r["branch"], r["patch_size"]))
+    assert calls[(0, 0)] == [("cond", 4), ("uncond", 4)] and calls[(0, 1)] == [("cond", 2), ("uncond", 2)]
