@@ -11,6 +11,9 @@ from tiny_pipelines import build
 
 from conftest import TINY_DIT
 
+# a switch inside each tiny pipeline's 6-step schedule (FLUX.2's shift keeps every step above 0.58)
+SWITCH = {"flux": 0.5, "flux2": 0.9, "sd3": 0.5}
+
 
 def test_noise_keeps_its_variance_and_an_image_its_values():
     noise = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -95,9 +98,9 @@ def _inputs(pipe) -> list[torch.Tensor]:
     return seen
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3"])
+@pytest.mark.parametrize("name", ["flux", "flux2", "sd3"])
 def test_the_stock_schedule_is_read_from_the_pipeline_and_replayed_exactly(name):
-    from ddit.progressive_pipeline import _exact_sigmas, stock_start
+    from ddit.progressive_pipeline import _exact_sigmas, _layout, stock_start
 
     pipe, call_kwargs = build(name)
     stock = pipe(**call_kwargs(batch=2, steps=5)).images
@@ -106,34 +109,38 @@ def test_the_stock_schedule_is_read_from_the_pipeline_and_replayed_exactly(name)
     assert len(start.sigmas) == 5 and start.sigmas[0] == 1 and (start.sigmas.diff() < 0).all()
     assert "prepare_latents" not in vars(pipe)  # the spy is gone
     pipe.scheduler = _exact_sigmas(pipe.scheduler)
-    replayed = pipe(**{**call, "num_inference_steps": None}, sigmas=start.sigmas.tolist(), latents=start.noise)
+    layout = _layout(pipe)  # the noise as the call takes it (FLUX.2 takes a grid where it returns tokens)
+    noise = layout.from_grid(pipe, layout.to_grid(pipe, start.noise, call["height"], call["width"]))
+    replayed = pipe(**call, sigmas=start.sigmas.tolist(), latents=noise)
     torch.testing.assert_close(replayed.images, stock)
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3"])
+@pytest.mark.parametrize("name", ["flux", "flux2", "sd3"])
 def test_a_stock_pipeline_runs_its_early_steps_at_half_resolution(name):
-    from ddit.progressive_pipeline import half_resolution_steps
+    from ddit.progressive_pipeline import _layout, half_resolution_steps
 
     pipe, call_kwargs = build(name)
     seen = _inputs(pipe)
     stock = pipe(**call_kwargs(batch=2, steps=6)).images
-    first_stock, tokens = seen[0], seen[-1].shape[1 if name == "flux" else -1]
-    steps = half_resolution_steps(pipe, 0.5, **call_kwargs(batch=2, steps=6))
+    first_stock, tokens = seen[0], seen[-1].shape[-1 if name == "sd3" else 1]
+    steps = half_resolution_steps(pipe, SWITCH[name], **call_kwargs(batch=2, steps=6))
     seen.clear()
-    run = ddit.progressive_call(pipe, 0.5, **call_kwargs(batch=2, steps=6)).images
+    run = ddit.progressive_call(pipe, SWITCH[name], **call_kwargs(batch=2, steps=6)).images
     calls_per_step = len(seen) // 6  # Flux's true CFG calls twice a step
     half = [h for h in steps for _ in range(calls_per_step)]
     assert any(half) and not all(half)
-    if name == "flux":  # packed 2x2: a quarter of the tokens
+    if name != "sd3":  # packed 2x2: a quarter of the tokens
         assert [x.shape[1] for x in seen] == [tokens // 4 if h else tokens for h in half]
     else:
         assert [x.shape[-1] for x in seen] == [tokens // 2 if h else tokens for h in half]
     assert run.shape == stock.shape and torch.isfinite(run).all() and not torch.allclose(run, stock)
-    if name == "sd3":  # the first step sees the low frequencies of the stock call's own noise
-        torch.testing.assert_close(seen[0], dct_resize(first_stock, 8, keep="energy"))
+    # the first step sees the low frequencies of the stock call's own noise, on the latent grid
+    layout, side = _layout(pipe), call_kwargs()["height"]
+    torch.testing.assert_close(layout.to_grid(pipe, seen[0], side // 2, side // 2),
+                               dct_resize(layout.to_grid(pipe, first_stock, side, side), 8, keep="energy"))
     above = ddit.progressive_call(pipe, 1.0, **call_kwargs(batch=2, steps=6)).images
     torch.testing.assert_close(above, stock)  # nothing above the switch: the stock call
-    again = ddit.progressive_call(pipe, 0.5, **call_kwargs(batch=2, steps=6), return_dict=False)[0]
+    again = ddit.progressive_call(pipe, SWITCH[name], **call_kwargs(batch=2, steps=6), return_dict=False)[0]
     torch.testing.assert_close(again, run)
 
 
@@ -193,7 +200,7 @@ def test_a_progressive_row_may_take_its_switch_from_the_spectral_rule():
             build_config(["third_order"], ["none"], progressive=(bad,))
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3"])
+@pytest.mark.parametrize("name", ["flux", "flux2", "sd3"])
 def test_progressive_call_keeps_the_pipelines_dtype(name):
     pipe, call_kwargs = build(name)
     pipe = pipe.to(torch.bfloat16)
@@ -202,6 +209,6 @@ def test_progressive_call_keeps_the_pipelines_dtype(name):
         return {k: v.to(torch.bfloat16) if torch.is_tensor(v) else v for k, v in call_kwargs(batch=2, steps=4).items()}
 
     stock = pipe(**call()).images
-    run = ddit.progressive_call(pipe, 0.5, **call()).images
+    run = ddit.progressive_call(pipe, SWITCH[name], **call()).images
     assert run.dtype == torch.bfloat16 and torch.isfinite(run).all() and not torch.equal(run, stock)
     torch.testing.assert_close(ddit.progressive_call(pipe, 1.0, **call()).images, stock)

@@ -8,7 +8,7 @@ calls run the sigmas the stock call would run at full size (its resolution-depen
 included: they are read from the pipeline itself, by letting it set its timesteps once), so
 the early steps' latent size is the only change, and a switch above every step's sigma is
 the stock call exactly. Flow-matching pipelines whose call takes ``sigmas`` and
-``latents`` (FLUX, SD3); others are refused. The text encoders run once per call (three
+``latents`` (FLUX.1, FLUX.2, SD3); others are refused. The text encoders run once per call (three
 times in all): negligible beside a large transformer's steps.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, FluxPipeline, StableDiffusion3Pipeline
 
 from .policies import ProgressiveResolution, dct_resize
 
@@ -30,14 +30,19 @@ class _Layout:
     """How a pipeline family holds its latent: its channels, and its packed form to and from an image grid."""
 
     channels: Callable  # pipe -> latent channels
-    to_grid: Callable  # (pipe, latents, height, width) -> (B, C, h, w)
-    from_grid: Callable  # (pipe, grid) -> the pipeline's latents
+    to_grid: Callable  # (pipe, latents as the pipeline returns them, height, width) -> (B, C, h, w)
+    from_grid: Callable  # (pipe, grid) -> latents as the pipeline's call takes them
 
 
 LAYOUTS = {
     FluxPipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
                           lambda pipe, x, h, w: pipe._unpack_latents(x, h, w, pipe.vae_scale_factor),
                           lambda pipe, x: pipe._pack_latents(x, *x.shape)),
+    # FLUX.2 returns packed tokens but takes its latents as 2x2 patches on a grid (B, 4C, h/2, w/2)
+    Flux2Pipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
+                           lambda pipe, x, h, w: pipe._unpatchify_latents(
+                               x.transpose(1, 2).unflatten(2, (h // (2 * pipe.vae_scale_factor), -1))),
+                           lambda pipe, x: pipe._patchify_latents(x)),
     StableDiffusion3Pipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels,
                                       lambda pipe, x, h, w: x, lambda pipe, x: x),
 }
@@ -134,10 +139,10 @@ def progressive_call(pipe, switch: float | ProgressiveResolution, **call):
     if half_steps == len(sigmas):
         raise ValueError(f"switch {policy.switch} is below every step's noise level (the last is "
                          f"{float(sigmas[-1]):.3g}): nothing would run at full resolution")
-    if half_steps == 0:
-        return pipe(height=height, width=width, latents=start.noise, **call)
-
     grid = layout.to_grid(pipe, start.noise, height, width)
+    if half_steps == 0:
+        return pipe(height=height, width=width, latents=layout.from_grid(pipe, grid), **call)
+
     grid = dct_resize(grid, (grid.shape[-2] // 2, grid.shape[-1] // 2), keep="energy")
     stock = pipe.scheduler
     pipe.scheduler = _exact_sigmas(stock)
