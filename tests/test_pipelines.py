@@ -408,7 +408,7 @@ def test_regional_compilation_compiles_the_blocks_coarse_steps_run(order):
     assert ddit.summary(pipe).coarse_fraction == pytest.approx(2 / 6)
 
 
-def test_a_compiled_cast_or_quantized_transformer_is_refused_with_what_to_do_instead():
+def test_a_compiled_cast_fused_or_quantized_transformer_is_refused_with_what_to_do_instead():
     pipe, _ = build("flux")
     original = pipe.transformer
     pipe.transformer = torch.compile(original)
@@ -423,6 +423,15 @@ def test_a_compiled_cast_or_quantized_transformer_is_refused_with_what_to_do_ins
     with pytest.raises(ValueError, match="x_embedder and proj_out are stored as torch.float8_e4m3fn"):
         ddit.MultiPatchTransformer(pipe.transformer)
     assert lora_free(pipe.transformer)
+
+    pipe, _ = build("sd3")  # a fused to_qkv would run instead of the LoRA layers on to_q, to_k and to_v
+    pipe.transformer.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="fused attention projections.*unfuse_qkv_projections"):
+        ddit.MultiPatchTransformer(pipe.transformer)
+    pipe.transformer.unfuse_qkv_projections()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer))
+    with pytest.raises(ValueError, match="fuse_qkv_projections: a fused q/k/v projection would bypass"):
+        pipe.transformer.fuse_qkv_projections()
 
 
 def test_layerwise_casting_after_enable_stores_the_blocks_in_float8_and_runs_coarse_steps():

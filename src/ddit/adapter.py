@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 from diffusers.hooks.layerwise_casting import _is_layerwise_casting_active
+from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -37,11 +38,18 @@ WEIGHTS_NAME = "multipatch.safetensors"
 #: What accelerate's and diffusers' hooks attach to the one module they hook: a wrapper that lent them
 #: from the module inside it would look hooked when it is not (and removing them would fail).
 HOOK_ATTRIBUTES = frozenset({"_hf_hook", "_old_forward", "_diffusers_hook"})
-#: diffusers' LoRA management on a transformer: it would load into, switch or remove the LoRA layers ddit's
-#: adapter lives in, so it is refused while the adapter is on the backbone (see ``_check_no_other_lora``).
-LORA_MANAGEMENT = frozenset({"load_lora_adapter", "add_adapter", "set_adapter", "set_adapters", "delete_adapters",
-                             "fuse_lora", "unfuse_lora", "unload_lora", "enable_lora", "disable_lora",
-                             "enable_adapters", "disable_adapters", "enable_lora_hotswap"})
+_LORA_CHANGE = ("LoRA weights cannot be loaded, switched or fused while ddit's adapter is on the transformer: "
+                "ddit.disable(pipe) first, change them, fuse them (pipe.fuse_lora(); pipe.unload_lora_weights()), "
+                "and ddit.enable again")
+#: What diffusers can do to a transformer that would load into, switch, remove or bypass the LoRA layers ddit's
+#: adapter lives in: refused while the adapter is on the backbone, saying what to do instead.
+REFUSED_CALLS = {
+    **dict.fromkeys(("load_lora_adapter", "add_adapter", "set_adapter", "set_adapters", "delete_adapters",
+                     "fuse_lora", "unfuse_lora", "unload_lora", "enable_lora", "disable_lora", "enable_adapters",
+                     "disable_adapters", "enable_lora_hotswap"), _LORA_CHANGE),
+    "fuse_qkv_projections": "a fused q/k/v projection would bypass the LoRA layers ddit's adapter puts on to_q, "
+                            "to_k and to_v: run unfused (fuse after ddit.disable(pipe) if you need it)",
+}
 
 
 class PatchHead(nn.Module):
@@ -175,8 +183,8 @@ class MultiPatchTransformer(nn.Module):
             backbone = self.__dict__["_modules"].get("backbone")
             if backbone is None or name.startswith("__") or name in HOOK_ATTRIBUTES:
                 raise
-            if name in LORA_MANAGEMENT:
-                return _refused_lora_management(name)
+            if name in REFUSED_CALLS:
+                return _refused(name)
             return getattr(backbone, name)
 
     # -- the LoRA layers in the backbone
@@ -382,6 +390,9 @@ def _check_adaptable(backbone: nn.Module, base_layers: Sequence[nn.Module]) -> N
         raise ValueError(f"{model}'s {' and '.join(names)} have no weights here (meta device: sequential CPU "
                          "offload, or a model built without loading them); build the adapter over the loaded "
                          "model, before any offloading")
+    if any(_runs_fused_qkv(m) for m in backbone.modules()):
+        raise ValueError(f"{model} has fused attention projections (fuse_qkv_projections), which would bypass the "
+                         "LoRA layers the adapter puts on to_q, to_k and to_v: call unfuse_qkv_projections() first")
     if _is_layerwise_casting_active(backbone):
         raise ValueError(f"{model} has layerwise casting enabled: LoRA layers added now would stay in its storage "
                          "dtype, outside its casting; build the adapter (or call ddit.enable) first, then "
@@ -404,11 +415,18 @@ def _check_no_other_lora(backbone: nn.Module) -> None:
                          "adapter on it: ddit.disable(pipe) or adapter.detach()")
 
 
-def _refused_lora_management(name: str):
+def _runs_fused_qkv(module: nn.Module) -> bool:
+    """Whether an attention module computes q, k and v with its fused ``to_qkv`` (after ``fuse_qkv_projections``).
+    The flag decides for diffusers' newer attention classes; the legacy ``Attention`` keeps it after unfusing and
+    lets its processor decide (a ``Fused...`` one reads ``to_qkv``)."""
+    if not getattr(module, "fused_projections", False):
+        return False
+    return not isinstance(module, Attention) or "Fused" in type(getattr(module, "processor", None)).__name__
+
+
+def _refused(name: str):
     def refused(*args, **kwargs):
-        raise ValueError(f"{name}: LoRA weights cannot be loaded, switched or fused while ddit's adapter is on the "
-                         "transformer; ddit.disable(pipe) first, change them, fuse them (pipe.fuse_lora(); "
-                         "pipe.unload_lora_weights()), and ddit.enable again")
+        raise ValueError(f"{name}: {REFUSED_CALLS[name]}")
     return refused
 
 
