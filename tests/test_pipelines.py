@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
+from diffusers import AutoencoderKLFlux2, ContextParallelConfig, Flux2KleinPipeline
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
@@ -423,6 +423,15 @@ def test_a_compiled_cast_fused_or_quantized_transformer_is_refused_with_what_to_
     with pytest.raises(ValueError, match="x_embedder and proj_out are stored as torch.float8_e4m3fn"):
         ddit.MultiPatchTransformer(pipe.transformer)
     assert lora_free(pipe.transformer)
+
+    pipe, _ = build("flux")
+    pipe.transformer._parallel_config = ContextParallelConfig(ring_degree=2)  # what enable_parallelism sets
+    with pytest.raises(ValueError, match="context or tensor parallelism .enable_parallelism., which split"):
+        ddit.MultiPatchTransformer(pipe.transformer)
+    pipe, _ = build("flux")
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer))
+    with pytest.raises(ValueError, match="enable_parallelism: context and tensor parallelism split"):
+        pipe.transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=2))
 
     pipe, _ = build("sd3")  # a fused to_qkv would run instead of the LoRA layers on to_q, to_k and to_v
     pipe.transformer.fuse_qkv_projections()

@@ -38,6 +38,8 @@ WEIGHTS_NAME = "multipatch.safetensors"
 #: What accelerate's and diffusers' hooks attach to the one module they hook: a wrapper that lent them
 #: from the module inside it would look hooked when it is not (and removing them would fail).
 HOOK_ATTRIBUTES = frozenset({"_hf_hook", "_old_forward", "_diffusers_hook"})
+_PARALLEL = ("split the transformer by plans written for its own forward, which coarse steps do not take: not "
+             "supported with ddit; run one pipeline per GPU on different prompts (accelerate) instead")
 _LORA_CHANGE = ("LoRA weights cannot be loaded, switched or fused while ddit's adapter is on the transformer: "
                 "ddit.disable(pipe) first, change them, fuse them (pipe.fuse_lora(); pipe.unload_lora_weights()), "
                 "and ddit.enable again")
@@ -49,6 +51,7 @@ REFUSED_CALLS = {
                      "disable_adapters", "enable_lora_hotswap"), _LORA_CHANGE),
     "fuse_qkv_projections": "a fused q/k/v projection would bypass the LoRA layers ddit's adapter puts on to_q, "
                             "to_k and to_v: run unfused (fuse after ddit.disable(pipe) if you need it)",
+    "enable_parallelism": f"context and tensor parallelism {_PARALLEL}",
 }
 
 
@@ -390,6 +393,8 @@ def _check_adaptable(backbone: nn.Module, base_layers: Sequence[nn.Module]) -> N
         raise ValueError(f"{model}'s {' and '.join(names)} have no weights here (meta device: sequential CPU "
                          "offload, or a model built without loading them); build the adapter over the loaded "
                          "model, before any offloading")
+    if getattr(backbone, "_parallel_config", None) is not None:
+        raise ValueError(f"{model} runs with context or tensor parallelism (enable_parallelism), which {_PARALLEL}")
     if any(_runs_fused_qkv(m) for m in backbone.modules()):
         raise ValueError(f"{model} has fused attention projections (fuse_qkv_projections), which would bypass the "
                          "LoRA layers the adapter puts on to_q, to_k and to_v: call unfuse_qkv_projections() first")
