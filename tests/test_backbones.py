@@ -228,3 +228,7 @@ def test_arguments_of_the_fine_grid_are_refused_at_coarse_sizes():
     model = MultiPatchTransformer(backbone)
     with pytest.raises(ValueError, match="block_controlnet_hidden_states"):
         model(**inputs, block_controlnet_hidden_states=[torch.zeros(1)], patch_size=4)
+    backbone, inputs = flux2()
+    model = MultiPatchTransformer(backbone)
+    with pytest.raises(ValueError, match="kv_cache_mode cannot be used at a coarse patch size"):
+        model(**inputs, kv_cache_mode="extract", num_ref_tokens=4, patch_size=4)

@@ -4,12 +4,13 @@ import os
 
 import pytest
 import torch
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module, attach_align_device_hook
 from diffusers import AutoencoderKLFlux2, ContextParallelConfig, Flux2KleinPipeline
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
-from tiny_pipelines import NAMES, TEXT_LEN, _generators, _per_sample, build, latents
+from tiny_pipelines import NAMES, TEXT_LEN, build, generators, latents, per_sample
 
 import ddit
 from ddit.caches import TaylorSeer, TeaCache
@@ -363,6 +364,23 @@ def test_model_cpu_offload_moves_the_adapter_with_the_transformer_in_either_orde
     assert torch.allclose(latents(pipe(**kwargs(batch=2, steps=STEPS))).cpu(), stock.cpu(), atol=ATOL, rtol=0)
 
 
+def test_a_transformer_placed_whole_by_a_device_map_runs_and_one_placed_layer_by_layer_is_refused():
+    """A pipeline's device_map puts each component whole on one device, behind hooks that only align inputs."""
+    pipe, kwargs = build("flux")
+    adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    ddit.enable(pipe, adapter, policy=FixedPolicy(EARLY_COARSE))
+    expected = latents(pipe(**kwargs(batch=1, steps=STEPS)))
+    ddit.disable(pipe)
+    add_hook_to_module(pipe.transformer, AlignDevicesHook(execution_device=DEVICE, io_same_device=True))
+    attach_align_device_hook(pipe.transformer, execution_device=DEVICE, offload=False)
+    ddit.enable(pipe, adapter, policy=FixedPolicy(EARLY_COARSE))
+    assert torch.allclose(latents(pipe(**kwargs(batch=1, steps=STEPS))), expected, atol=ATOL, rtol=0)
+
+    pipe, kwargs = build("flux")
+    attach_align_device_hook(pipe.transformer, execution_device=DEVICE, offload=True)  # weights kept off-device
+    assert_refused(pipe, "sequential CPU offload or a device map", "adapter-never-read")  # refused before loading
+
+
 def test_offloading_layer_by_layer_is_refused_in_either_order(tmp_path):
     def group(pipe):
         pipe.enable_group_offload(onload_device=DEVICE, offload_device=torch.device("cpu"),
@@ -443,12 +461,23 @@ def test_a_compiled_cast_fused_or_quantized_transformer_is_refused_with_what_to_
         pipe.transformer.fuse_qkv_projections()
 
 
+def test_compiling_the_enabled_transformer_whole_keeps_summary_and_disable_working():
+    pipe, kwargs, stock = stock_of("sd3", batch=1)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy(EARLY_COARSE))
+    expected = latents(pipe(**kwargs(batch=1, steps=STEPS)))
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    assert torch.allclose(latents(pipe(**kwargs(batch=1, steps=STEPS))), expected, atol=ATOL, rtol=0)
+    assert ddit.summary(pipe).coarse_fraction == pytest.approx(2 / 6)
+    ddit.disable(pipe)
+    assert torch.allclose(latents(pipe(**kwargs(batch=1, steps=STEPS))), stock, atol=ATOL, rtol=0)
+
+
 def test_layerwise_casting_after_enable_stores_the_blocks_in_float8_and_runs_coarse_steps():
     pipe, kwargs = build("flux")
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy(EARLY_COARSE))
     pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     adapter = pipe.transformer.adapter
-    assert adapter.dtype == torch.float32 and adapter.heads["4"].embed.weight.dtype == torch.float32
+    assert adapter.dtype == torch.float32 and adapter.backbone.x_embedder.weight.dtype == torch.float8_e4m3fn
     assert {layer.get_base_layer().weight.dtype for layer in adapter._lora_layers} == {torch.float8_e4m3fn}
     # diffusers leaves peft layers in the compute dtype (they are small)
     assert {layer.lora_A["patch4"].weight.dtype for layer in adapter._lora_layers} == {torch.float32}
@@ -494,9 +523,9 @@ def test_flux2_klein_guides_with_two_calls_per_step_that_share_one_decision():
     pipe.set_progress_bar_config(disable=True)
 
     def call():
-        return latents(pipe(prompt_embeds=_per_sample([0, 1], 1, TEXT_LEN, 32).to(DEVICE),
+        return latents(pipe(prompt_embeds=per_sample([0, 1], 1, TEXT_LEN, 32).to(DEVICE),
                             negative_prompt_embeds=torch.zeros(2, TEXT_LEN, 32, device=DEVICE), guidance_scale=4.0,
-                            height=128, width=128, num_inference_steps=STEPS, generator=_generators([0, 1]),
+                            height=128, width=128, num_inference_steps=STEPS, generator=generators([0, 1]),
                             output_type="latent"))
 
     stock = call()

@@ -116,6 +116,16 @@ def test_image_conditioned_pipelines_count_steps_from_where_they_start(kind, cls
     assert torch.equal(call(), stock)
 
 
+def test_a_kontext_reference_of_another_width_is_refused_with_the_fix(tmp_path):
+    """Its tokens would not stack under the latent's into one grid (the same width runs, above)."""
+    pipe = diffusers.FluxKontextPipeline.from_pipe(load(save_tiny_pipeline("flux", tmp_path)))
+    pipe.set_progress_bar_config(disable=True)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
+    with pytest.raises(ValueError, match="do not form one grid.*give them the output's width"):
+        pipe(image=torch.rand(1, 3, 128, 64), prompt="a red circle", num_inference_steps=2, height=128, width=128,
+             max_area=128 * 128, _auto_resize=False, output_type="pt")
+
+
 def test_unknown_kinds_and_a_missing_transformers_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="one of flux, sd3, pixart, wan"):
         save_tiny_pipeline("dit", tmp_path)

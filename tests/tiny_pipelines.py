@@ -63,7 +63,7 @@ def _randn(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _per_sample(seeds, offset: int, *shape: int) -> torch.Tensor:
+def per_sample(seeds, offset: int, *shape: int) -> torch.Tensor:
     """One row per seed, each drawn from its own generator: batch-independent."""
     return torch.stack([_randn(1000 * offset + s, *shape) for s in seeds])
 
@@ -72,7 +72,7 @@ def _shared(batch: int, offset: int, *shape: int) -> torch.Tensor:
     return _randn(NEG_SEED + offset, *shape).expand(batch, *shape).clone()
 
 
-def _generators(seeds):
+def generators(seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
@@ -106,9 +106,9 @@ def _flux():
     def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
         seeds = _seeds(batch, seeds)
         guidance = 4.0 if guidance is None else guidance
-        kw = dict(prompt_embeds=_per_sample(seeds, 1, TEXT_LEN, 32), pooled_prompt_embeds=_per_sample(seeds, 2, 32),
+        kw = dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, 32), pooled_prompt_embeds=per_sample(seeds, 2, 32),
                   guidance_scale=3.5, true_cfg_scale=guidance, height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE,
-                  num_inference_steps=steps, generator=_generators(seeds), output_type="latent")
+                  num_inference_steps=steps, generator=generators(seeds), output_type="latent")
         if guidance > 1:
             kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 32),
                       negative_pooled_prompt_embeds=_shared(batch, 2, 32))
@@ -127,9 +127,9 @@ def _flux2():
 
     def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):  # guidance-distilled: no CFG branches
         seeds = _seeds(batch, seeds)
-        return dict(prompt_embeds=_per_sample(seeds, 1, TEXT_LEN, 32), guidance_scale=4.0 if guidance is None
+        return dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, 32), guidance_scale=4.0 if guidance is None
                     else guidance, height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE, num_inference_steps=steps,
-                    generator=_generators(seeds), output_type="latent")
+                    generator=generators(seeds), output_type="latent")
 
     return pipe, call_kwargs
 
@@ -148,9 +148,9 @@ def _sd3():
     def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
         seeds = _seeds(batch, seeds)
         guidance = 4.0 if guidance is None else guidance
-        kw = dict(prompt_embeds=_per_sample(seeds, 1, TEXT_LEN, 32), pooled_prompt_embeds=_per_sample(seeds, 2, 16),
+        kw = dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, 32), pooled_prompt_embeds=per_sample(seeds, 2, 16),
                   guidance_scale=guidance, height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE,
-                  num_inference_steps=steps, generator=_generators(seeds), output_type="latent")
+                  num_inference_steps=steps, generator=generators(seeds), output_type="latent")
         if guidance > 1:
             kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 32),
                       negative_pooled_prompt_embeds=_shared(batch, 2, 16))
@@ -174,9 +174,9 @@ def _pixart():
         guidance = 4.5 if guidance is None else guidance
         # padded prompts of 4 to 7 tokens, as a T5 tokenizer would give
         mask = torch.stack([(torch.arange(TEXT_LEN) < 4 + s % 4).long() for s in seeds])
-        kw = dict(prompt_embeds=_per_sample(seeds, 1, TEXT_LEN, 32), prompt_attention_mask=mask, negative_prompt=None,
+        kw = dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, 32), prompt_attention_mask=mask, negative_prompt=None,
                   guidance_scale=guidance, height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE,
-                  num_inference_steps=steps, generator=_generators(seeds), output_type="latent",
+                  num_inference_steps=steps, generator=generators(seeds), output_type="latent",
                   use_resolution_binning=False)
         if guidance > 1:
             kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 32),
@@ -198,9 +198,9 @@ def _wan():
     def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
         seeds = _seeds(batch, seeds)
         guidance = 5.0 if guidance is None else guidance
-        kw = dict(prompt_embeds=_per_sample(seeds, 1, TEXT_LEN, 16), guidance_scale=guidance,
+        kw = dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, 16), guidance_scale=guidance,
                   height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE, num_frames=5,  # 2 latent frames
-                  num_inference_steps=steps, generator=_generators(seeds), output_type="latent")
+                  num_inference_steps=steps, generator=generators(seeds), output_type="latent")
         if guidance > 1:
             kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 16))
         return kw
@@ -227,7 +227,7 @@ def _dit():
         seeds = _seeds(batch, seeds)
         guidance = 4.0 if guidance is None else guidance
         return dict(class_labels=[(7 * s + 1) % 1000 for s in seeds], guidance_scale=guidance,
-                    num_inference_steps=steps, generator=_generators(seeds), output_type="pt")
+                    num_inference_steps=steps, generator=generators(seeds), output_type="pt")
 
     return pipe, call_kwargs
 

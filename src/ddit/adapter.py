@@ -13,7 +13,7 @@ import inspect
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
@@ -43,8 +43,8 @@ _PARALLEL = ("split the transformer by plans written for its own forward, which 
 _LORA_CHANGE = ("LoRA weights cannot be loaded, switched or fused while ddit's adapter is on the transformer: "
                 "ddit.disable(pipe) first, change them, fuse them (pipe.fuse_lora(); pipe.unload_lora_weights()), "
                 "and ddit.enable again")
-#: What diffusers can do to a transformer that would load into, switch, remove or bypass the LoRA layers ddit's
-#: adapter lives in: refused while the adapter is on the backbone, saying what to do instead.
+#: What diffusers can do to a transformer that would load into, switch, remove, bypass or split the LoRA layers
+#: ddit's adapter lives in: refused while the adapter is on the backbone, saying what to do instead.
 REFUSED_CALLS = {
     **dict.fromkeys(("load_lora_adapter", "add_adapter", "set_adapter", "set_adapters", "delete_adapters",
                      "fuse_lora", "unfuse_lora", "unload_lora", "enable_lora", "disable_lora", "enable_adapters",
@@ -130,8 +130,8 @@ class MultiPatchTransformer(nn.Module):
         if bad:
             raise ValueError(f"patch sizes must be multiples of the base patch size {base}, not {bad}")
         self.patch_sizes: tuple[int, ...] = tuple(sizes)
-        _check_adaptable(backbone, self.spec.base_layers())
-        _check_no_other_lora(backbone)
+        _check_copyable(backbone, self.spec.base_layers())
+        _check_extendable(backbone)
         weights = self.spec.base_weights()
         self.heads = nn.ModuleDict({str(s): PatchHead(*weights, scale=s // base) for s in sizes[1:]})
         self.heads.to(device=backbone.device, dtype=backbone.dtype)
@@ -201,7 +201,7 @@ class MultiPatchTransformer(nn.Module):
     def attach(self) -> None:
         """Put the LoRA layers that ``detach`` took out back into the backbone."""
         if not self._lora_in:
-            _check_no_other_lora(self.backbone)
+            _check_extendable(self.backbone)
         self._place_lora(True)
         self.attached = True
 
@@ -383,21 +383,17 @@ class MultiPatchTransformer(nn.Module):
             self.load_state_dict({name: sharded_like(state[name], p) for name, p in params.items()}, strict=False)
 
 
-def _check_adaptable(backbone: nn.Module, base_layers: Sequence[nn.Module]) -> None:
-    """Refuse, before any change, a backbone whose layers the adapter cannot copy (the coarse heads start from
-    its patch embedding and output projection) or extend (LoRA layers on its blocks)."""
+def _check_copyable(backbone: nn.Module, base_layers: Sequence[nn.Module]) -> None:
+    """Refuse, before any change, patch layers the coarse heads cannot start from (they copy the patch embedding
+    and the output projection): weights not here, stored quantized or in float8, or under layerwise casting."""
     model = type(backbone).__name__
     names = [name for name, m in backbone.named_modules() if any(m is layer for layer in base_layers)]
     weights = [layer.weight for layer in base_layers]
-    if any(w.is_meta for w in weights):
+    # inside ``with torch.device("meta")`` the heads are shapes too (benchmarks/real_shapes.py counts FLOPs so)
+    if any(w.is_meta for w in weights) and not torch.empty(0).is_meta:
         raise ValueError(f"{model}'s {' and '.join(names)} have no weights here (meta device: sequential CPU "
                          "offload, or a model built without loading them); build the adapter over the loaded "
                          "model, before any offloading")
-    if getattr(backbone, "_parallel_config", None) is not None:
-        raise ValueError(f"{model} runs with context or tensor parallelism (enable_parallelism), which {_PARALLEL}")
-    if any(_runs_fused_qkv(m) for m in backbone.modules()):
-        raise ValueError(f"{model} has fused attention projections (fuse_qkv_projections), which would bypass the "
-                         "LoRA layers the adapter puts on to_q, to_k and to_v: call unfuse_qkv_projections() first")
     if _is_layerwise_casting_active(backbone):
         raise ValueError(f"{model} has layerwise casting enabled: LoRA layers added now would stay in its storage "
                          "dtype, outside its casting; build the adapter (or call ddit.enable) first, then "
@@ -409,15 +405,21 @@ def _check_adaptable(backbone: nn.Module, base_layers: Sequence[nn.Module]) -> N
                          f"were trained (the quantization config's modules_to_not_convert: {names})")
 
 
-def _check_no_other_lora(backbone: nn.Module) -> None:
-    """The adapter's LoRA layers take the blocks' linear layers over; a LoRA already there (a style LoRA that
-    ``pipe.load_lora_weights`` put in) would lose its place and its switches. Fused into the weights it stays."""
-    if any(isinstance(m, BaseTunerLayer) for m in backbone.modules()):
+def _check_extendable(backbone: nn.Module) -> None:
+    """Refuse what would bypass, share or split the LoRA layers the adapter puts on the blocks' linear layers:
+    checked when they go in, and again when ``attach`` puts them back after a ``disable``."""
+    model = type(backbone).__name__
+    if getattr(backbone, "_parallel_config", None) is not None:
+        raise ValueError(f"{model} runs with context or tensor parallelism (enable_parallelism), which {_PARALLEL}")
+    if any(_runs_fused_qkv(m) for m in backbone.modules()):
+        raise ValueError(f"{model} has fused attention projections (fuse_qkv_projections), which would bypass the "
+                         "LoRA layers the adapter puts on to_q, to_k and to_v: call unfuse_qkv_projections() first")
+    if any(isinstance(m, BaseTunerLayer) for m in backbone.modules()):  # a style LoRA would lose its place
         names = sorted(getattr(backbone, "peft_config", {}))
-        raise ValueError(f"{type(backbone).__name__} already carries LoRA layers (adapters {names}), which ddit's "
-                         "adapter cannot share: fuse them into the weights first (pipe.fuse_lora(); "
-                         "pipe.unload_lora_weights()), then build the adapter or call ddit.enable; an earlier ddit "
-                         "adapter on it: ddit.disable(pipe) or adapter.detach()")
+        raise ValueError(f"{model} already carries LoRA layers (adapters {names}), which ddit's adapter cannot "
+                         "share: fuse them into the weights first (pipe.fuse_lora(); pipe.unload_lora_weights()), "
+                         "then build the adapter or call ddit.enable; an earlier ddit adapter on it: "
+                         "ddit.disable(pipe) or adapter.detach()")
 
 
 def _runs_fused_qkv(module: nn.Module) -> bool:
@@ -429,7 +431,8 @@ def _runs_fused_qkv(module: nn.Module) -> bool:
     return not isinstance(module, Attention) or "Fused" in type(getattr(module, "processor", None)).__name__
 
 
-def _refused(name: str):
+def _refused(name: str) -> Callable[..., None]:
+    """What ``adapter.name`` gives instead of the backbone's method: a call that refuses, saying why."""
     def refused(*args, **kwargs):
         raise ValueError(f"{name}: {REFUSED_CALLS[name]}")
     return refused

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from accelerate.hooks import CpuOffload
+from accelerate.hooks import AlignDevicesHook, CpuOffload
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
@@ -105,13 +105,12 @@ class DynamicPatchTransformer(nn.Module):
 
     def enable_group_offload(self, *args, **kwargs) -> None:
         """Refused (``pipe.enable_group_offload`` calls it): see ``check_offloading``."""
-        raise ValueError(f"group offloading {_LAYERWISE}")
+        raise ValueError(f"group offloading {_PER_LAYER_OFFLOAD}")
 
     # -- forward
     def forward(self, *args, **kwargs):
-        hook = self.__dict__.get("_hf_hook")  # what pipe.enable_*_cpu_offload() put on it
-        if hook is not None and not isinstance(hook, CpuOffload):
-            raise ValueError(f"sequential CPU offload (or a device map) {_LAYERWISE}")
+        if "_hf_hook" in self.__dict__ and _placed_layer_by_layer(self):  # pipe.enable_sequential_cpu_offload()
+            raise ValueError(f"sequential CPU offload (or a device map) {_PER_LAYER_OFFLOAD}")
         given = self._signature.bind(*args, **kwargs).arguments
         latent = self.adapter.spec.latent(given)
         self._check_resolution(latent)
@@ -177,7 +176,7 @@ def check_diffusers_cache(backbone: nn.Module, config) -> None:
                          "(transformer.disable_cache()) and pass its config to ddit.enable(..., cache=config)")
 
 
-_LAYERWISE = ("places the transformer layer by layer, and coarse steps run layers it does not place (the "
+_PER_LAYER_OFFLOAD = ("places the transformer layer by layer, and coarse steps run layers it does not place (the "
               "adapter's heads and LoRA branches): load the pipeline again and use pipe.enable_model_cpu_offload() "
               "instead, before or after ddit.enable; it moves the whole transformer, adapter included")
 
@@ -186,12 +185,23 @@ def check_offloading(transformer: nn.Module) -> None:
     """Refuse offloading that moves the transformer's layers one by one (accelerate's sequential CPU offload,
     diffusers' group offloading). Model CPU offload moves whole components: ``enable`` and ``disable`` hook
     the new transformer again, as diffusers does after every call."""
-    hook = transformer.__dict__.get("_hf_hook")
-    if (hook is not None and not isinstance(hook, CpuOffload)) or any(p.is_meta for p in transformer.parameters()):
+    if _placed_layer_by_layer(transformer) or any(p.is_meta for p in transformer.parameters()):
         raise ValueError(f"pipe.transformer is under sequential CPU offload or a device map (its weights are on "
-                         f"the meta device or placed by accelerate's hooks), which {_LAYERWISE}")
+                         f"the meta device or placed by accelerate's hooks), which {_PER_LAYER_OFFLOAD}")
     if _is_group_offload_enabled(transformer):
-        raise ValueError(f"pipe.transformer has group offloading enabled, which {_LAYERWISE}")
+        raise ValueError(f"pipe.transformer has group offloading enabled, which {_PER_LAYER_OFFLOAD}")
+
+
+def _placed_layer_by_layer(module: nn.Module) -> bool:
+    """Whether accelerate's hooks place ``module``'s layers one by one (sequential CPU offload, a device map that
+    splits it) rather than the whole module: model CPU offload, or a device map that puts it whole on one device
+    (every hook then only aligns inputs with that device and offloads nothing)."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None or isinstance(hook, CpuOffload):
+        return False
+    hooks = [m.__dict__["_hf_hook"] for m in module.modules() if "_hf_hook" in m.__dict__]
+    aligned = all(isinstance(h, AlignDevicesHook) and not h.offload for h in hooks)
+    return not aligned or len({str(h.execution_device) for h in hooks}) > 1
 
 
 @contextmanager

@@ -33,7 +33,13 @@ class FluxSpec(BackboneSpec):
     def latent(self, args):
         ids = _image_ids(args)
         if ids is not self._ids:  # pipelines pass the same ids at every step: count the rows once
-            self._ids, self._rows = ids, int((ids[:, 2] == ids[0, 2]).sum())  # tokens in the first column
+            rows = int((ids[:, 2] == ids[0, 2]).sum())  # tokens in the first column
+            cols = len(ids) // rows
+            if len(ids) % rows or not (ids[:, 2].reshape(rows, cols) == ids[:cols, 2]).all():  # rows alike
+                raise ValueError(f"the {len(ids)} image tokens do not form one grid of {rows} rows: reference "
+                                 "images of another size than the output (FLUX Kontext, FLUX.2 image=) cannot "
+                                 "run under dynamic patches; give them the output's width")
+            self._ids, self._rows = ids, rows
         return unpatchify(args["hidden_states"], PACK, (self._rows, len(ids) // self._rows))
 
     def pack(self, output, args):

@@ -3,7 +3,8 @@ per call for all blocks, and single-stream blocks on the joined text and image t
 
 The latent, packing and coarse ids (patch centres in fine units) are Flux's (``FluxSpec``).
 Cached reference-image keys and values (``kv_cache``) belong to the fine grid: refused at coarse
-sizes. Reference images passed as tokens beside the latent's are not tested.
+sizes. Reference images passed as tokens beside the latent's are stacked under it, as Kontext's
+are (``FluxSpec.latent``), and refused when their width differs.
 """
 
 from __future__ import annotations
