@@ -456,9 +456,13 @@ def test_a_compiled_cast_fused_or_quantized_transformer_is_refused_with_what_to_
     with pytest.raises(ValueError, match="fused attention projections.*unfuse_qkv_projections"):
         ddit.MultiPatchTransformer(pipe.transformer)
     pipe.transformer.unfuse_qkv_projections()
-    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer))
+    adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    ddit.enable(pipe, adapter)
     with pytest.raises(ValueError, match="fuse_qkv_projections: a fused q/k/v projection would bypass"):
         pipe.transformer.fuse_qkv_projections()
+    ddit.disable(pipe).transformer.fuse_qkv_projections()  # fusing the stock transformer is fine...
+    with pytest.raises(ValueError, match="fused attention projections"):
+        ddit.enable(pipe, adapter)  # ...until the adapter's LoRA layers would go back in
 
 
 def test_compiling_the_enabled_transformer_whole_keeps_summary_and_disable_working():
