@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module, attach_align_device_hook
 from diffusers import AutoencoderKLFlux2, ContextParallelConfig, Flux2KleinPipeline
-from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig, apply_group_offloading
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
@@ -406,6 +406,11 @@ def test_offloading_layer_by_layer_is_refused_in_either_order(tmp_path):
         group(pipe)
     sequential(pipe)
     with pytest.raises(ValueError, match="sequential CPU offload .or a device map. places the transformer"):
+        pipe(**kwargs(batch=1, steps=2))
+    pipe, kwargs = build("flux")
+    ddit.enable(pipe, tmp_path, policy="baseline")
+    apply_group_offloading(pipe.transformer, onload_device=DEVICE, offload_type="leaf_level")  # past the pipeline
+    with pytest.raises(ValueError, match="group offloading places the transformer layer by layer"):
         pipe(**kwargs(batch=1, steps=2))
 
 

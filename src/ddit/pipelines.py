@@ -111,6 +111,8 @@ class DynamicPatchTransformer(nn.Module):
     def forward(self, *args, **kwargs):
         if "_hf_hook" in self.__dict__ and _placed_layer_by_layer(self):  # pipe.enable_sequential_cpu_offload()
             raise ValueError(f"sequential CPU offload (or a device map) {_PER_LAYER_OFFLOAD}")
+        if self.runtime.generation is None and _is_group_offload_enabled(self):  # once a generation: a tree walk
+            raise ValueError(f"group offloading {_PER_LAYER_OFFLOAD}")  # apply_group_offloading(pipe.transformer)
         given = self._signature.bind(*args, **kwargs).arguments
         latent = self.adapter.spec.latent(given)
         self._check_resolution(latent)
