@@ -22,7 +22,7 @@ from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
 
 PROMPTS = ["a red circle", "blue stripes on white"]
 #: Short text: the tiny T5s would otherwise pad every prompt to the pipelines' 226 to 512 tokens.
-SHORT_TEXT = {"flux": 16, "sd3": 16, "wan": 16, "pixart": 16}
+SHORT_TEXT = {"flux": 16, "flux2": 16, "sd3": 16, "wan": 16, "pixart": 16}
 CONFIG = DistillConfig(steps=2, batch_size=2, num_inference_steps=None, timestep_scale=None)
 
 
@@ -55,7 +55,8 @@ def test_an_adapter_distilled_from_a_pipeline_runs_coarse_steps_in_it(kind, fold
     fresh = load(folders[kind])
     assert all(torch.equal(p, before[n]) for n, p in fresh.transformer.named_parameters())
     ddit.enable(fresh, export, policy="fixed", fraction=0.5)
-    out = fresh(PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call(kind, steps=4))
+    out = fresh(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent",
+                **call(kind, steps=4))
     assert ddit.summary(fresh).coarse_fraction == 0.5
     assert torch.isfinite(out.frames if kind == "wan" else out.images).all()
 
@@ -191,7 +192,7 @@ def test_the_documented_fsdp_config_shards_every_block_and_writes_a_whole_adapte
                                              "FSDPFluxTransformerBlock"]
     pipe = load(folders["flux"])
     ddit.enable(pipe, tmp_path / "run" / "adapter", policy="fixed", fraction=0.5)
-    out = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call("flux", 2))
+    out = pipe(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call("flux", 2))
     assert torch.isfinite(out.images).all()
 
 
@@ -229,7 +230,8 @@ def test_a_bfloat16_pipeline_trains_its_adapter_in_float32_and_keeps_its_dtype(f
     fresh = DiffusionPipeline.from_pretrained(folders["sd3"], dtype=torch.bfloat16)
     fresh.set_progress_bar_config(disable=True)
     ddit.enable(fresh, export, policy="fixed", fraction=0.5)
-    out = fresh(PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call("sd3", steps=4))
+    out = fresh(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent",
+                **call("sd3", steps=4))
     assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images.float()).all()
 
 
@@ -250,4 +252,4 @@ def test_an_on_policy_round_records_the_latents_coarse_steps_lead_to(folders, tm
     assert report["data"]["prompts"] == 4 and report["steps"] == CONFIG.steps  # both recordings, 2 prompts each
     fresh = load(folders["flux"])
     ddit.enable(fresh, export, policy="fixed", fraction=0.5)
-    fresh(PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call("flux", steps=4))
+    fresh(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call("flux", steps=4))

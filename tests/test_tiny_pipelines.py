@@ -13,10 +13,11 @@ from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
 
 PROMPTS = ["a red circle", "a blue square"]
 STEPS = 4
-PIPELINE_CLASS = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "pixart": "PixArtSigmaPipeline",
-                  "wan": "WanPipeline"}
+PIPELINE_CLASS = {"flux": "FluxPipeline", "flux2": "Flux2KleinPipeline", "sd3": "StableDiffusion3Pipeline",
+                  "pixart": "PixArtSigmaPipeline", "wan": "WanPipeline"}
 # Flux guides with true CFG only when given a negative prompt; the others guide above a scale of 1
-CFG_ON = {"flux": dict(true_cfg_scale=2.0, negative_prompt="blurry")}
+# FLUX.2 [klein]: prompts move its tiny random Qwen3's output little, so a strong scale shows that guidance acts
+CFG_ON = {"flux": dict(true_cfg_scale=2.0, negative_prompt="blurry"), "flux2": dict(guidance_scale=16.0)}
 CFG_OFF = {"flux": {}}
 
 
@@ -34,7 +35,7 @@ def load(folder):
 
 def run(pipe, kind, prompt, guidance, **kwargs):
     cfg = (CFG_ON if guidance else CFG_OFF).get(kind, dict(guidance_scale=4.0 if guidance else 1.0))
-    out = pipe(prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), **cfg,
+    out = pipe(prompt=prompt, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), **cfg,
                **TINY_CALL[kind], **kwargs)
     return out.frames if kind == "wan" else out.images
 
@@ -127,7 +128,7 @@ def test_a_kontext_reference_of_another_width_is_refused_with_the_fix(tmp_path):
 
 
 def test_unknown_kinds_and_a_missing_transformers_are_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="one of flux, sd3, pixart, wan"):
+    with pytest.raises(ValueError, match="one of flux, flux2, sd3, pixart, wan"):
         save_tiny_pipeline("dit", tmp_path)
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match="pip install transformers"):

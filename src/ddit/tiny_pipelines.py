@@ -1,10 +1,12 @@
-"""Complete tiny pipeline folders (Flux, SD3, PixArt-Sigma, Wan), made offline, that stock diffusers loads.
+"""Complete tiny pipeline folders (Flux, FLUX.2 [klein], SD3, PixArt-Sigma, Wan), made offline, that stock diffusers
+loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt without
 downloading a model, and to test it on the same folders a user would hand it.
 ``save_tiny_pipeline(kind, folder)`` writes ``model_index.json`` and every component:
 tokenizers built from a hand-written vocabulary (a byte-level CLIP BPE, a character
-T5 unigram), random CLIP / T5 / UMT5 text encoders, a VAE that downsamples by the
+T5 unigram, a byte-level Qwen BPE with its chat template), random CLIP / T5 / UMT5 / Qwen3 text
+encoders, a VAE that downsamples by the
 factor the pipeline assumes, a small random transformer and the scheduler.
 Each folder is a few hundred kilobytes and the same bytes every call.
 
@@ -27,10 +29,13 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLWan,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     PixArtSigmaPipeline,
@@ -41,16 +46,20 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
-KINDS = ("flux", "sd3", "pixart", "wan")
+KINDS = ("flux", "flux2", "sd3", "pixart", "wan")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
+    "flux2": dict(height=SIDE, width=SIDE),  # FLUX.2 [klein]: call it with prompt=..., its first argument is image
     "sd3": dict(height=SIDE, width=SIDE),
     # binning would snap 128 to the 256-pixel bins of the transformer's sample size
     "pixart": dict(height=SIDE, width=SIDE, use_resolution_binning=False),
     "wan": dict(height=SIDE, width=SIDE, num_frames=5),  # 2 latent frames
 }
 CLIP_LENGTH = 77  # the CLIP tokenizers' model_max_length, as in every real checkpoint
+#: Qwen's chat format, which FLUX.2 [klein] wraps every prompt in before encoding it.
+QWEN_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def _transformers():
@@ -98,6 +107,15 @@ def _t5_tokenizer(tf, max_length: int):
     return tf.T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
 
 
+def _qwen_tokenizer(tf):
+    """Qwen's byte-level BPE with no merges (one token per byte), its special tokens and chat template."""
+    tokens = [*_byte_alphabet(), "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = tf.Qwen2Tokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=512)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = QWEN_CHAT
+    return tokenizer
+
+
 # -- text encoders: random, from tiny configs whose widths the transformers take
 
 def _clip_encoder(tf, tokenizer, hidden: int, projection: int | None = None):
@@ -117,6 +135,15 @@ def _t5_encoder(tf, tokenizer, d_model: int, umt5: bool = False):
         relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
     return (tf.UMT5EncoderModel if umt5 else tf.T5EncoderModel)(config)
+
+
+def _qwen3_encoder(tf, tokenizer, hidden: int):
+    """Qwen3ForCausalLM with 28 layers: FLUX.2 [klein] stacks the hidden states of layers 9, 18 and 27."""
+    config = tf.Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
+                            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+    return tf.Qwen3ForCausalLM(config)
 
 
 def _vae(latent_channels: int, **scaling) -> AutoencoderKL:
@@ -141,6 +168,21 @@ def _flux(tf) -> DiffusionPipeline:
         vae=_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
         text_encoder=_clip_encoder(tf, tokenizer, 32), tokenizer=tokenizer,
         text_encoder_2=_t5_encoder(tf, tokenizer_2, 32), tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def _flux2(tf) -> DiffusionPipeline:
+    """FLUX.2 [klein] (guided with CFG, not guidance-distilled): three stacked Qwen3 layers of width 8 make the
+    transformer's 24-wide text input."""
+    tokenizer = _qwen_tokenizer(tf)
+    transformer = wake_zeros(Flux2Transformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False))
+    vae = AutoencoderKLFlux2(block_out_channels=(8,) * 4, layers_per_block=1, latent_channels=16, norm_num_groups=4,
+                             mid_block_add_attention=False, sample_size=SIDE)
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+                              vae=vae, text_encoder=_qwen3_encoder(tf, tokenizer, 8), tokenizer=tokenizer,
+                              transformer=transformer)
 
 
 def _sd3(tf) -> DiffusionPipeline:
@@ -182,7 +224,7 @@ def _wan(tf) -> DiffusionPipeline:
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
 
 
-_BUILDERS = {"flux": _flux, "sd3": _sd3, "pixart": _pixart, "wan": _wan}
+_BUILDERS = {"flux": _flux, "flux2": _flux2, "sd3": _sd3, "pixart": _pixart, "wan": _wan}
 
 
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:
