@@ -144,6 +144,40 @@ def test_a_stock_pipeline_runs_its_early_steps_at_half_resolution(name):
     torch.testing.assert_close(again, run)
 
 
+def test_flux2_klein_from_a_complete_folder_runs_progressive_calls(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from ddit.tiny_pipelines import TINY_CALL, save_tiny_pipeline
+
+    pipe = DiffusionPipeline.from_pretrained(save_tiny_pipeline("flux2", tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+
+    def call():
+        return dict(prompt="a red circle", num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+                    output_type="pt", **TINY_CALL["flux2"])
+
+    with torch.no_grad():  # latent statistics that are not the identity, as a trained VAE's
+        pipe.vae.bn.running_mean.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+        pipe.vae.bn.running_var.uniform_(0.5, 4, generator=torch.Generator().manual_seed(1))
+    stock = pipe(**call()).images
+    torch.testing.assert_close(ddit.progressive_call(pipe, 1.0, **call()).images, stock)
+    run = ddit.progressive_call(pipe, SWITCH["flux2"], **call()).images
+    assert run.shape == stock.shape and torch.isfinite(run).all() and not torch.allclose(run, stock)
+
+    from ddit.progressive_pipeline import _layout
+
+    last = {}  # the packed latents of the last step, which its latent output unpacks into the VAE's scale
+
+    def keep(pipeline, step, timestep, outputs):
+        last["tokens"] = outputs["latents"]
+        return outputs
+
+    output = pipe(**{**call(), "output_type": "latent"}, callback_on_step_end=keep).images
+    layout, side = _layout(pipe), TINY_CALL["flux2"]["height"]
+    torch.testing.assert_close(layout.to_grid(pipe, output, side, side),
+                               layout.to_grid(pipe, last["tokens"], side, side))
+
+
 def test_a_flux_image_that_is_not_square_halves_both_sides():
     pipe, call_kwargs = build("flux")
     seen = _inputs(pipe)

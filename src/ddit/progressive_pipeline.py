@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline, FluxPipeline, StableDiffusion3Pipeline
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+)
 
 from .policies import ProgressiveResolution, dct_resize
 
@@ -34,18 +40,30 @@ class _Layout:
     from_grid: Callable  # (pipe, grid) -> latents as the pipeline's call takes them
 
 
+# FLUX.2 returns packed tokens but takes its latents as 2x2 patches on a grid (B, 4C, h/2, w/2)
+_FLUX2 = _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
+                 lambda pipe, x, h, w: pipe._unpatchify_latents(
+                     x.transpose(1, 2).unflatten(2, (h // (2 * pipe.vae_scale_factor), -1))),
+                 lambda pipe, x: pipe._patchify_latents(x))
 LAYOUTS = {
     FluxPipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
                           lambda pipe, x, h, w: pipe._unpack_latents(x, h, w, pipe.vae_scale_factor),
                           lambda pipe, x: pipe._pack_latents(x, *x.shape)),
-    # FLUX.2 returns packed tokens but takes its latents as 2x2 patches on a grid (B, 4C, h/2, w/2)
-    Flux2Pipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
-                           lambda pipe, x, h, w: pipe._unpatchify_latents(
-                               x.transpose(1, 2).unflatten(2, (h // (2 * pipe.vae_scale_factor), -1))),
-                           lambda pipe, x: pipe._patchify_latents(x)),
+    Flux2Pipeline: _FLUX2,
+    Flux2KleinPipeline: _Layout(_FLUX2.channels, lambda pipe, x, h, w: _klein_grid(pipe, x, h, w), _FLUX2.from_grid),
     StableDiffusion3Pipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels,
                                       lambda pipe, x, h, w: x, lambda pipe, x: x),
 }
+
+
+def _klein_grid(pipe, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """FLUX.2 [klein]'s latent output is unpacked into the VAE's scale (its batch-norm statistics, kept per
+    channel of the 2x2 patches, undone): back to the scale its noise and steps live in."""
+    if x.ndim == 3:  # packed tokens: its noise
+        return _FLUX2.to_grid(pipe, x, height, width)
+    bn, eps = pipe.vae.bn, pipe.vae.config.batch_norm_eps
+    mean, std = bn.running_mean.view(1, -1, 1, 1), torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps)
+    return pipe._unpatchify_latents((pipe._patchify_latents(x) - mean.to(x)) / std.to(x))
 
 
 class _Captured(Exception):
