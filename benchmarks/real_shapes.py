@@ -1,4 +1,5 @@
-"""What a coarse step saves on the real shapes of FLUX.1-dev, SD3.5-medium and Wan2.1-T2V-1.3B (issue 10, part 4).
+"""What a coarse step saves on the real shapes of FLUX.1-dev, FLUX.2-dev, SD3.5-medium and Wan2.1-T2V-1.3B
+(issue 10, part 4).
 
     python benchmarks/real_shapes.py --device cpu     # reduced models, fp32, a few minutes on 2 cores
     python benchmarks/real_shapes.py --device cuda    # full depth, bf16 (benchmarks/gpu/run.sh runs this)
@@ -40,7 +41,7 @@ from pathlib import Path
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
+from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -66,6 +67,7 @@ class Model:
     text_note: str
     batch: int  # rows of one transformer call in the stock pipeline with guidance on
     batch_note: str
+    text_width: int = 4096  # features per text token the transformer takes
 
     def spatial(self, scale: str) -> tuple[int, ...]:
         """The latent's dims at ``scale``: the last two are the ones a patch size must divide."""
@@ -90,6 +92,16 @@ FLUX = Model(
     "axes_dim [16, 56, 56], guidance_embed True)",
     "1024x1024", (16, 128, 128), 512, "T5, FluxPipeline's max_sequence_length",
     1, "guidance-distilled: one row per step")
+FLUX2 = Model(
+    "FLUX.2-dev", Flux2Transformer2DModel,
+    dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+         num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+         axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=True),
+    "diffusers' Flux2Transformer2DModel defaults, which describe FLUX.2-dev (8 dual-stream + 48 single-stream "
+    "blocks, hidden 6144 = 48 x 128, a 32-channel VAE packed 2x2 into 128, three stacked Mistral layers of 5120 "
+    "= 15360 text features); not checked against the checkpoint's config.json here",
+    "1024x1024", (32, 128, 128), 512, "Mistral, Flux2Pipeline's max_sequence_length",
+    1, "guidance-distilled: one row per step", text_width=15360)
 SD35 = Model(
     "SD3.5-medium", SD3Transformer2DModel,
     dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -109,7 +121,7 @@ WAN = Model(
     "(dim 1536 = 12 x 128, ffn_dim 8960, 30 layers, qk_norm, cross_attn_norm)",
     "480x832, 81 frames", (16, 21, 60, 104), 512, "UMT5, WanPipeline's max_sequence_length",
     1, "CFG: one call per branch, two per step")
-MODELS = {"flux": FLUX, "sd3": SD35, "wan": WAN}
+MODELS = {"flux": FLUX, "flux2": FLUX2, "sd3": SD35, "wan": WAN}
 
 
 def model_config(model: Model, scale: str, depth: int | None) -> dict:
@@ -122,7 +134,7 @@ def model_config(model: Model, scale: str, depth: int | None) -> dict:
         if "ffn_dim" in config:
             config["ffn_dim"] //= SHRINK
     if depth is not None:
-        if model is FLUX:
+        if model in (FLUX, FLUX2):
             config.update(num_layers=depth, num_single_layers=depth)
         elif model is SD35:  # as many plain layers as dual-attention ones
             config.update(num_layers=2 * depth, dual_attention_layers=tuple(range(depth)))
@@ -132,7 +144,7 @@ def model_config(model: Model, scale: str, depth: int | None) -> dict:
 
 
 def depth_label(model: Model, config: dict) -> str:
-    if model is FLUX:
+    if model in (FLUX, FLUX2):
         return f"{config['num_layers']} dual-stream + {config['num_single_layers']} single-stream blocks"
     if model is SD35:
         return f"{config['num_layers']} blocks, {len(config['dual_attention_layers'])} of them with dual attention"
@@ -176,7 +188,8 @@ def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.de
         return torch.full((batch,), value, device=device, dtype=dtype)
 
     latent = randn(batch, model.latent[0], *dims)
-    args = dict(hidden_states=latent, encoder_hidden_states=randn(batch, text, 4096), timestep=full(500.0))
+    args = dict(hidden_states=latent, encoder_hidden_states=randn(batch, text, model.text_width),
+                timestep=full(500.0))
     if model is SD35:
         args["pooled_projections"] = randn(batch, 2048)
     if model is FLUX:  # packed 2x2 latents, RoPE ids, timestep in [0, 1], distilled guidance
@@ -187,6 +200,15 @@ def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.de
         args.update(hidden_states=patchify(latent, (2, 2)), pooled_projections=randn(batch, 768),
                     timestep=full(0.5), guidance=full(3.5), img_ids=ids.reshape(-1, 3).to(ids_device, dtype),
                     txt_ids=torch.zeros(text, 3).to(ids_device, dtype))
+    if model is FLUX2:  # the same, with (t, h, w, l) ids and no pooled text
+        h, w = dims[0] // 2, dims[1] // 2
+        ids = torch.zeros(h, w, 4)
+        ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
+        text_ids = torch.zeros(text, 4)
+        text_ids[:, 3] = torch.arange(text)
+        ids_device = "cpu" if device.type == "meta" else device
+        args.update(hidden_states=patchify(latent, (2, 2)), timestep=full(0.5), guidance=full(4.0),
+                    img_ids=ids.reshape(-1, 4).to(ids_device), txt_ids=text_ids.to(ids_device))
     return args
 
 
@@ -276,7 +298,7 @@ def denoise(call, inputs: dict, sizes: list[int], model: Model) -> None:
     """A flow-matching Euler loop over ``sizes`` (one transformer call per step): what the stock loop costs
     besides the transformer is a few elementwise ops, here too."""
     x, batch = inputs["hidden_states"], inputs["hidden_states"].shape[0]
-    t_scale = 1.0 if model is FLUX else 1000.0
+    t_scale = 1.0 if model in (FLUX, FLUX2) else 1000.0
     for i, size in enumerate(sizes):
         t = torch.full((batch,), (1 - i / len(sizes)) * t_scale, device=x.device, dtype=x.dtype)
         v = call({**inputs, "hidden_states": x, "timestep": t}, size)[0]
