@@ -431,22 +431,27 @@ def test_regional_compilation_compiles_the_blocks_coarse_steps_run(order):
     assert ddit.summary(pipe).coarse_fraction == pytest.approx(2 / 6)
 
 
-def test_a_compiled_cast_fused_or_quantized_transformer_is_refused_with_what_to_do_instead():
+def test_a_compiled_wrapper_is_refused_pointing_to_regional_compilation():
     pipe, _ = build("flux")
     original = pipe.transformer
     pipe.transformer = torch.compile(original)
     with pytest.raises(TypeError, match="torch.compile wrapper around FluxTransformer2DModel.*compile_repeated_blocks"):
         ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer))
-    pipe.transformer = original
-    original.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+
+
+def test_float8_storage_before_the_adapter_is_refused_naming_the_layers():
+    pipe, _ = build("flux")
+    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     with pytest.raises(ValueError, match="layerwise casting enabled.*first, then"):
-        ddit.MultiPatchTransformer(original)
+        ddit.MultiPatchTransformer(pipe.transformer)
     pipe, _ = build("flux")
     pipe.transformer.x_embedder.to(torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="x_embedder and proj_out are stored as torch.float8_e4m3fn"):
         ddit.MultiPatchTransformer(pipe.transformer)
     assert lora_free(pipe.transformer)
 
+
+def test_parallelism_is_refused_before_and_while_enabled():
     pipe, _ = build("flux")
     pipe.transformer._parallel_config = ContextParallelConfig(ring_degree=2)  # what enable_parallelism sets
     with pytest.raises(ValueError, match="context or tensor parallelism .enable_parallelism., which split"):
@@ -456,6 +461,8 @@ def test_a_compiled_cast_fused_or_quantized_transformer_is_refused_with_what_to_
     with pytest.raises(ValueError, match="enable_parallelism: context and tensor parallelism split"):
         pipe.transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=2))
 
+
+def test_fused_qkv_projections_are_refused_before_while_and_after_enable():
     pipe, _ = build("sd3")  # a fused to_qkv would run instead of the LoRA layers on to_q, to_k and to_v
     pipe.transformer.fuse_qkv_projections()
     with pytest.raises(ValueError, match="fused attention projections.*unfuse_qkv_projections"):
