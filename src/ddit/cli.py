@@ -279,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(func=_distill)
 
-    p = commands.add_parser("tiny-pipeline", help="write a tiny random, complete pipeline folder (flux, sd3, "
-                            "pixart, wan) to try ddit offline")
+    p = commands.add_parser("tiny-pipeline", help="write a tiny random, complete pipeline folder (flux, flux2, "
+                            "sd3, pixart, wan) to try ddit offline")
     p.add_argument("kind", help="flux, flux2 (FLUX.2 [klein]), sd3, pixart or wan")
     p.add_argument("out", help="folder to write")
     p.set_defaults(func=_tiny_pipeline)

@@ -111,8 +111,8 @@ class DynamicPatchTransformer(nn.Module):
     def forward(self, *args, **kwargs):
         if "_hf_hook" in self.__dict__ and _placed_layer_by_layer(self):  # pipe.enable_sequential_cpu_offload()
             raise ValueError(f"sequential CPU offload (or a device map) {_PER_LAYER_OFFLOAD}")
-        if self.runtime.generation is None and _is_group_offload_enabled(self):  # once a generation: a tree walk
-            raise ValueError(f"group offloading {_PER_LAYER_OFFLOAD}")  # apply_group_offloading(pipe.transformer)
+        if self._group_offload_marks() and _is_group_offload_enabled(self):  # apply_group_offloading(this)
+            raise ValueError(f"group offloading {_PER_LAYER_OFFLOAD}")
         given = self._signature.bind(*args, **kwargs).arguments
         latent = self.adapter.spec.latent(given)
         self._check_resolution(latent)
@@ -133,6 +133,12 @@ class DynamicPatchTransformer(nn.Module):
             given.arguments.update({k: v if k in keep else _cut(v, idx, rows) for k, v in given.arguments.items()})
             args, kwargs = given.args, given.kwargs
         return self.adapter(*args, **kwargs, patch_size=size)[0]
+
+    def _group_offload_marks(self) -> bool:
+        """Cheap signs (checked every call) of group offloading applied to this module: at block level it hooks
+        this module itself, at leaf level every leaf, the adapter's heads included."""
+        return "_diffusers_hook" in self.__dict__ or any(
+            "_diffusers_hook" in head.embed.__dict__ for head in self.adapter.heads.values())
 
     def _check_resolution(self, latent: torch.Tensor) -> None:
         h, w = latent.shape[-2:]

@@ -63,7 +63,7 @@ def _klein_grid(pipe, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return _FLUX2.to_grid(pipe, x, height, width)
     bn, eps = pipe.vae.bn, pipe.vae.config.batch_norm_eps
     mean, std = bn.running_mean.view(1, -1, 1, 1), torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps)
-    return pipe._unpatchify_latents((pipe._patchify_latents(x) - mean.to(x)) / std.to(x))
+    return pipe._unpatchify_latents((pipe._patchify_latents(x).float() - mean) / std).to(x.dtype)
 
 
 class _Captured(Exception):
