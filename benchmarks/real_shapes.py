@@ -1,5 +1,5 @@
-"""What a coarse step saves on the real shapes of FLUX.1-dev, FLUX.2-dev, SD3.5-medium and Wan2.1-T2V-1.3B
-(issue 10, part 4).
+"""What a coarse step saves on the real shapes of FLUX.1-dev, FLUX.2-dev, Qwen-Image, SD3.5-medium and
+Wan2.1-T2V-1.3B (issue 10, part 4).
 
     python benchmarks/real_shapes.py --device cpu     # reduced models, fp32, a few minutes on 2 cores
     python benchmarks/real_shapes.py --device cuda    # full depth, bf16 (benchmarks/gpu/run.sh runs this)
@@ -41,7 +41,13 @@ from pathlib import Path
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
+from diffusers import (
+    Flux2Transformer2DModel,
+    FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    WanTransformer3DModel,
+)
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -102,6 +108,15 @@ FLUX2 = Model(
     "= 15360 text features); not checked against the checkpoint's config.json here",
     "1024x1024", (32, 128, 128), 512, "Mistral, Flux2Pipeline's max_sequence_length",
     1, "guidance-distilled: one row per step", text_width=15360)
+QWEN = Model(
+    "Qwen-Image", QwenImageTransformer2DModel,
+    dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+         num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+    "diffusers' QwenImageTransformer2DModel defaults, which describe Qwen-Image (60 dual-stream blocks, hidden "
+    "3072 = 24 x 128, Qwen2.5-VL-7B's 3584 text features, a 16-channel VAE packed 2x2 into 64); not checked "
+    "against the checkpoint's config.json here",
+    "1024x1024", (16, 128, 128), 128, "the prompt's own length (QwenImagePipeline does not pad): a long prompt",
+    1, "true CFG: one call per branch, two per step", text_width=3584)
 SD35 = Model(
     "SD3.5-medium", SD3Transformer2DModel,
     dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -121,7 +136,7 @@ WAN = Model(
     "(dim 1536 = 12 x 128, ffn_dim 8960, 30 layers, qk_norm, cross_attn_norm)",
     "480x832, 81 frames", (16, 21, 60, 104), 512, "UMT5, WanPipeline's max_sequence_length",
     1, "CFG: one call per branch, two per step")
-MODELS = {"flux": FLUX, "flux2": FLUX2, "sd3": SD35, "wan": WAN}
+MODELS = {"flux": FLUX, "flux2": FLUX2, "qwenimage": QWEN, "sd3": SD35, "wan": WAN}
 
 
 def model_config(model: Model, scale: str, depth: int | None) -> dict:
@@ -209,6 +224,9 @@ def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.de
         ids_device = "cpu" if device.type == "meta" else device
         args.update(hidden_states=patchify(latent, (2, 2)), timestep=full(0.5), guidance=full(4.0),
                     img_ids=ids.reshape(-1, 4).to(ids_device), txt_ids=text_ids.to(ids_device))
+    if model is QWEN:  # packed 2x2 latents, the grid as img_shapes, timestep in [0, 1]; one prompt: no mask
+        args.update(hidden_states=patchify(latent, (2, 2)), timestep=full(0.5),
+                    img_shapes=[[(1, dims[0] // 2, dims[1] // 2)]] * batch)
     return args
 
 
@@ -298,7 +316,7 @@ def denoise(call, inputs: dict, sizes: list[int], model: Model) -> None:
     """A flow-matching Euler loop over ``sizes`` (one transformer call per step): what the stock loop costs
     besides the transformer is a few elementwise ops, here too."""
     x, batch = inputs["hidden_states"], inputs["hidden_states"].shape[0]
-    t_scale = 1.0 if model in (FLUX, FLUX2) else 1000.0
+    t_scale = 1.0 if model in (FLUX, FLUX2, QWEN) else 1000.0
     for i, size in enumerate(sizes):
         t = torch.full((batch,), (1 - i / len(sizes)) * t_scale, device=x.device, dtype=x.dtype)
         v = call({**inputs, "hidden_states": x, "timestep": t}, size)[0]

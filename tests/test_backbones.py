@@ -7,6 +7,7 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
 )
@@ -80,6 +81,17 @@ def flux2():
                        guidance=torch.tensor([3.5, 3.5]))
 
 
+def qwenimage(**config):
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                        axes_dims_rope=(4, 6, 6), **config)
+    h, w = 8, 4  # packed tokens of a 16 x 8 latent
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1] * 5])  # the first prompt is shorter, padded as the pipeline pads
+    return model, dict(hidden_states=torch.randn(B, h * w, 64), encoder_hidden_states=torch.randn(B, 5, 32),
+                       encoder_hidden_states_mask=mask, timestep=torch.tensor([0.01, 0.9]),
+                       img_shapes=[[(1, h, w)]] * B)
+
+
 def wan():
     model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
                                   out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
@@ -88,10 +100,12 @@ def wan():
                        timestep=torch.tensor([10, 900]))
 
 
-FAMILIES = {"dit": dit, "pixart": pixart, "sd3": sd3, "flux": flux, "flux2": flux2, "wan": wan}
+FAMILIES = {"dit": dit, "pixart": pixart, "sd3": sd3, "flux": flux, "flux2": flux2, "qwenimage": qwenimage,
+            "wan": wan}
 # attention q/k/v/out (self, and cross where there is one) + feed-forward in + out, per block;
 # Flux's single blocks: q/k/v + proj_mlp + proj_out; FLUX.2's: the fused qkv-mlp projection and its output
-LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2, "wan": 2 * 10}
+LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2, "qwenimage": 2 * 6,
+               "wan": 2 * 10}
 
 
 @pytest.fixture(params=FAMILIES, scope="module")
@@ -203,6 +217,37 @@ def test_wan_rope_keeps_frames_and_puts_coarse_patches_at_centres():
     assert torch.allclose(rows, expected.to(rows))
     frames = cos[0, :, 0].reshape(3, 4, 2, -1)[:, 0, 0, :rope.t_dim]
     assert torch.allclose(frames, fine[0][0, :, 0].reshape(3, 8, 4, -1)[:, 0, 0, :rope.t_dim])
+
+
+def test_qwenimage_rope_puts_coarse_patches_at_the_centres_of_its_centred_positions():
+    """RoPE is a phase linear in position, so a patch-centre token's phase, times the number of fine tokens it
+    covers, is the sum of theirs: coarse ** (s * s) is the product of the patch's fine tokens."""
+    backbone, _ = qwenimage()
+    spec = spec_for(backbone)
+    fine = backbone.pos_embed._compute_video_freqs(1, 8, 4)
+    assert torch.equal(spec._coarse_rope((8, 4), 1), fine)
+    for s in (2, 4):
+        grid = (8 // s, 4 // s)
+        patches = fine.reshape(grid[0], s, grid[1], s, -1).permute(0, 2, 1, 3, 4).reshape(grid[0] * grid[1], s * s, -1)
+        assert torch.allclose(spec._coarse_rope(grid, s) ** (s * s), patches.prod(1), atol=1e-4)
+
+
+@torch.no_grad()
+def test_qwenimage_with_zero_cond_t_reproduces_the_backbone_and_refuses_reference_images():
+    torch.manual_seed(0)
+    backbone, inputs = qwenimage(zero_cond_t=True)
+    model = MultiPatchTransformer(_randomize(backbone))
+    reference = backbone(**inputs).sample
+    given = model._signature.bind(**inputs)
+    given.apply_defaults()
+    out = model._patched(PatchHead(*model.spec.base_weights(), scale=1), 2, model.spec.latent(given.arguments),
+                         given.arguments)
+    assert (out - reference).abs().max() <= 1e-5
+    assert model(**inputs, patch_size=4).sample.isfinite().all()
+    with pytest.raises(ValueError, match="reference images of Qwen-Image-Edit"):
+        model(**{**inputs, "img_shapes": [[(1, 8, 4), (1, 8, 4)]] * B}, patch_size=4)
+    with pytest.raises(TypeError, match="3D RoPE"):
+        MultiPatchTransformer(qwenimage(use_layer3d_rope=True)[0])
 
 
 def test_unsupported_backbone_lists_the_supported_ones():

@@ -102,7 +102,7 @@ def test_in_a_mixed_batch_the_fine_sample_equals_its_baseline_twin_and_branches_
     calls = {}  # (step, sample) -> [(branch, patch size)], one per transformer call that ran the sample
     for r in ddit.summary(pipe).records:
         calls.setdefault((r["step"], r["sample"]), []).append((r["branch"], r["patch_size"]))
-    separate = name in ("flux", "wan")  # true CFG / Wan: one call per branch, both under one decision
+    separate = name in ("flux", "qwenimage", "wan")  # true CFG / Wan: one call per branch, both under one decision
     expected = [("cond", 4), ("uncond", 4)] if separate else [(None, 4)]
     assert calls[(0, 0)] == expected and len(calls) == 2 * STEPS
     assert all(len(c) == (2 if separate else 1) and len({size for _, size in c}) == 1 for c in calls.values())

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from ddit.recorded_states import RecordedStates, RecordingError, record_states
-from tiny_pipelines import build
+from tiny_pipelines import TEXT_LEN, build
 
 STEPS = 3
 
@@ -24,37 +24,47 @@ class PromptPipe:
         self.calls += 1
         kwargs = self.call_kwargs(seeds=[len(prompt)], steps=STEPS)
         kwargs["generator"] = [generator]
+        if "prompt_embeds_mask" in kwargs:  # Qwen-Image trims its text to the prompt's length
+            n = min(TEXT_LEN, 2 + len(prompt) // 2)
+            kwargs.update(prompt_embeds=kwargs["prompt_embeds"][:, :n], prompt_embeds_mask=torch.ones(1, n))
         return self.pipe(**kwargs)
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3", "pixart", "wan"])
+@pytest.mark.parametrize("name", ["flux", "qwenimage", "sd3", "pixart", "wan"])
 def test_drawn_states_reproduce_the_transformer_outputs_of_the_pipeline(name, tmp_path):
     """Every drawn row, fed back to the transformer, gives what the transformer returned inside the
     pipeline for that row: conditioning, timesteps, shared ids and CFG rows all come back right."""
     pipe = PromptPipe(name)
     seen = {}
 
-    def key(x, text):  # true CFG (Flux, Wan) calls twice per step on the same latent: the prompt tells them apart
+    def key(x, text, mask):  # true CFG (Flux, Qwen-Image, Wan): two calls per step on one latent, told apart by
+        text = text if mask is None else text[mask.bool()]  # the prompt, without the padding of a drawn batch
         return x.numpy().tobytes() + text.numpy().tobytes()
+
+    def masks(kwargs):
+        return kwargs.get("encoder_hidden_states_mask") if kwargs.get("encoder_hidden_states_mask") is not None \
+            else [None] * len(kwargs["encoder_hidden_states"])
 
     def keep(module, args, kwargs, output):
         latents = args[0] if args else kwargs["hidden_states"]  # PixArt passes it by position
-        for x, text, y in zip(latents, kwargs["encoder_hidden_states"], output[0]):
-            seen[key(x, text)] = y.clone()
+        for x, text, mask, y in zip(latents, kwargs["encoder_hidden_states"], masks(kwargs), output[0]):
+            seen[key(x, text, mask)] = y.clone()
 
     handle = pipe.transformer.register_forward_hook(keep, with_kwargs=True)
     record_states(pipe, ["a red circle", "stripes"], tmp_path, progress=False)
     handle.remove()
 
     states = RecordedStates(tmp_path)
-    calls_per_prompt = STEPS * (2 if name in ("flux", "wan") else 1)  # true CFG: a second call per step
+    calls_per_prompt = STEPS * (2 if name in ("flux", "qwenimage", "wan") else 1)  # true CFG: a second call per step
     assert states.describe()["calls"] == 2 * calls_per_prompt
     assert len(states) == 2 * STEPS * 2  # every step, cond and uncond, two prompts
     z, kwargs = states.draw(torch.Generator().manual_seed(0), 5)
     with torch.no_grad():
         out = pipe.transformer(hidden_states=z, **kwargs, return_dict=False)[0]
-    for x, text, y in zip(z, kwargs["encoder_hidden_states"], out):
-        torch.testing.assert_close(y, seen[key(x, text)], rtol=1e-5, atol=1e-6)
+    for x, text, mask, y in zip(z, kwargs["encoder_hidden_states"], masks(kwargs), out):
+        torch.testing.assert_close(y, seen[key(x, text, mask)], rtol=1e-5, atol=1e-6)
+    if name == "qwenimage":  # the two prompts' texts differ in length: the shorter is padded, masked out
+        assert kwargs["encoder_hidden_states_mask"].sum(1).unique().tolist() == [5, 8]
 
 
 def test_prompt_embeddings_are_stored_once_per_prompt(tmp_path):

@@ -21,8 +21,9 @@ from ddit.self_distill import self_distill
 from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
 
 PROMPTS = ["a red circle", "blue stripes on white"]
-#: Short text: the tiny T5s would otherwise pad every prompt to the pipelines' 226 to 512 tokens.
-SHORT_TEXT = {"flux": 16, "flux2": 16, "sd3": 16, "wan": 16, "pixart": 16}
+#: Short text: the tiny T5s would otherwise pad every prompt to the pipelines' 226 to 512 tokens. Qwen-Image
+#: never pads, and its byte-level template keeps some 120 tokens before the prompt: it is not cut.
+SHORT_TEXT = {"flux": 16, "flux2": 16, "qwenimage": 512, "sd3": 16, "wan": 16, "pixart": 16}
 CONFIG = DistillConfig(steps=2, batch_size=2, num_inference_steps=None, timestep_scale=None)
 
 

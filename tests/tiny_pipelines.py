@@ -1,8 +1,8 @@
 """Tiny, random-weight, *stock* diffusers pipelines, built offline, for tests of ``ddit.enable``.
 
 Not a test module: tests import it. ``build(name)`` returns an unmodified diffusers
-pipeline (FluxPipeline, Flux2Pipeline, StableDiffusion3Pipeline, PixArtSigmaPipeline, WanPipeline or
-DiTPipeline) whose transformer is a few-kilobyte random model, and a ``call_kwargs``
+pipeline (FluxPipeline, Flux2Pipeline, QwenImagePipeline, StableDiffusion3Pipeline, PixArtSigmaPipeline,
+WanPipeline or DiTPipeline) whose transformer is a few-kilobyte random model, and a ``call_kwargs``
 function giving the keyword arguments for ``pipe(**kwargs)``. Nothing is downloaded:
 text encoders and tokenizers are ``None`` and prompts are passed as random,
 seed-deterministic embeddings; the text-to-image pipelines run with
@@ -14,8 +14,8 @@ Every latent is 16x16 where the transformer patchifies it (Flux: before its 2x2
 packing), so patch sizes 2, 4 and 8 divide it. ``call_kwargs`` gives one generator and
 one set of embeddings per sample, seeded by that sample's seed, so a sample does not
 depend on the rest of its batch. Its ``guidance`` defaults turn classifier-free
-guidance on: SD3, PixArt and DiT run cond and uncond as one doubled batch, Flux (true
-CFG) and Wan make two transformer calls per step. ``guidance=1`` turns it off.
+guidance on: SD3, PixArt and DiT run cond and uncond as one doubled batch, Flux and Qwen-Image
+(true CFG) and Wan make two transformer calls per step. ``guidance=1`` turns it off.
 
 Usage::
 
@@ -44,6 +44,8 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     WanPipeline,
@@ -52,7 +54,7 @@ from diffusers import (
 
 from ddit.tiny_pipelines import wake_zeros as _wake_zeros
 
-NAMES = ("flux", "flux2", "sd3", "pixart", "wan", "dit")
+NAMES = ("flux", "flux2", "qwenimage", "sd3", "pixart", "wan", "dit")
 LATENT = 16  # latent height and width at the transformer's patchify
 TEXT_LEN = 8  # tokens of the fake prompt embeddings
 VAE_SCALE = 8  # the pipelines' vae_scale_factor when vae is None
@@ -130,6 +132,33 @@ def _flux2():
         return dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, 32), guidance_scale=4.0 if guidance is None
                     else guidance, height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE, num_inference_steps=steps,
                     generator=generators(seeds), output_type="latent")
+
+    return pipe, call_kwargs
+
+
+def _qwenimage():
+    torch.manual_seed(0)
+    transformer = _wake_zeros(QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6)))
+    # Qwen-Image's scheduler config (dynamic shifting, exponential time shift)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+                                                time_shift_type="exponential", shift_terminal=0.02)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
+                             transformer=transformer)
+    mask = torch.ones(TEXT_LEN, dtype=torch.long).index_fill_(0, torch.tensor([TEXT_LEN - 1]), 0)  # padding
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
+        seeds = _seeds(batch, seeds)
+        guidance = 4.0 if guidance is None else guidance
+        kw = dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, 32), prompt_embeds_mask=mask.expand(batch, -1),
+                  true_cfg_scale=guidance, height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE,
+                  num_inference_steps=steps, generator=generators(seeds), output_type="latent")
+        if guidance > 1:
+            kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 32),
+                      negative_prompt_embeds_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long))
+        return kw
 
     return pipe, call_kwargs
 
@@ -232,7 +261,8 @@ def _dit():
     return pipe, call_kwargs
 
 
-_BUILDERS = {"flux": _flux, "flux2": _flux2, "sd3": _sd3, "pixart": _pixart, "wan": _wan, "dit": _dit}
+_BUILDERS = {"flux": _flux, "flux2": _flux2, "qwenimage": _qwenimage, "sd3": _sd3, "pixart": _pixart, "wan": _wan,
+             "dit": _dit}
 
 
 def build(name: str) -> tuple[DiffusionPipeline, Callable[..., dict]]:

@@ -8,7 +8,7 @@ calls run the sigmas the stock call would run at full size (its resolution-depen
 included: they are read from the pipeline itself, by letting it set its timesteps once), so
 the early steps' latent size is the only change, and a switch above every step's sigma is
 the stock call exactly. Flow-matching pipelines whose call takes ``sigmas`` and
-``latents`` (FLUX.1, FLUX.2, SD3); others are refused. The text encoders run once per call (three
+``latents`` (FLUX.1, FLUX.2, Qwen-Image, SD3); others are refused. The text encoders run once per call (three
 times in all): negligible beside a large transformer's steps.
 """
 
@@ -25,6 +25,7 @@ from diffusers import (
     Flux2KleinPipeline,
     Flux2Pipeline,
     FluxPipeline,
+    QwenImagePipeline,
     StableDiffusion3Pipeline,
 )
 
@@ -51,6 +52,10 @@ LAYOUTS = {
                           lambda pipe, x: pipe._pack_latents(x, *x.shape)),
     Flux2Pipeline: _FLUX2,
     Flux2KleinPipeline: _Layout(_FLUX2.channels, lambda pipe, x, h, w: _klein_grid(pipe, x, h, w), _FLUX2.from_grid),
+    # Qwen-Image packs as FLUX.1 does; unpacked, its latent has a frame axis (B, C, 1, H, W)
+    QwenImagePipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
+                               lambda pipe, x, h, w: pipe._unpack_latents(x, h, w, pipe.vae_scale_factor)[:, :, 0],
+                               lambda pipe, x: pipe._pack_latents(x, *x.shape)),
     StableDiffusion3Pipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels,
                                       lambda pipe, x, h, w: x, lambda pipe, x: x),
 }

@@ -37,6 +37,9 @@ from tqdm.auto import tqdm
 #: ``MultiPatchTransformer``'s choice, which the recorded state must not fix).
 IGNORED = ("return_dict", "patch_size")
 TENSOR = "__tensor__"
+#: Text whose length follows the prompt (Qwen-Image trims its embeddings to the prompt), and the mask that
+#: lets a batch of such rows be padded with zeros to the longest, as the pipeline pads a batch of prompts.
+TEXT, TEXT_MASK = "encoder_hidden_states", "encoder_hidden_states_mask"
 
 
 class RecordingError(ValueError):
@@ -116,7 +119,10 @@ def recording(transformer: torch.nn.Module) -> Iterator[CallLog]:
     log, signature = CallLog(), inspect.signature(transformer.forward)
 
     def hook(module, args, kwargs):
-        log.add(_by_name(signature, args, kwargs))
+        named = _by_name(signature, args, kwargs)
+        if TEXT_MASK in signature.parameters and named.get(TEXT_MASK) is None and torch.is_tensor(named.get(TEXT)):
+            named[TEXT_MASK] = torch.ones(named[TEXT].shape[:2], dtype=torch.long)  # every call keeps one
+        log.add(named)
 
     handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -194,7 +200,7 @@ class RecordedStates:
 
     def draw(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, dict]:
         picks = torch.randint(len(self.index), (batch_size,), generator=generator).tolist()
-        items = [self._item(*self.index[p]) for p in picks]
+        items = _pad_text([self._item(*self.index[p]) for p in picks])
         kwargs = _collate(items, self.folder)
         return kwargs.pop("hidden_states"), kwargs
 
@@ -218,6 +224,18 @@ class _Shared:
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
+
+
+def _pad_text(items: list[dict]) -> list[dict]:
+    """Rows whose masked text differs in length, padded with zeros (text and mask) to the longest."""
+    if not all(torch.is_tensor(i.get(TEXT)) and torch.is_tensor(i.get(TEXT_MASK)) for i in items):
+        return items
+    longest = max(len(i[TEXT]) for i in items)
+    return [{**i, TEXT: _pad(i[TEXT], longest), TEXT_MASK: _pad(i[TEXT_MASK], longest)} for i in items]
+
+
+def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(length - len(t), *t.shape[1:])])
 
 
 def _collate(items: list, folder: Path):

@@ -1,12 +1,12 @@
-"""Complete tiny pipeline folders (Flux, FLUX.2 [klein], SD3, PixArt-Sigma, Wan), made offline, that stock diffusers
-loads.
+"""Complete tiny pipeline folders (Flux, FLUX.2 [klein], Qwen-Image, SD3, PixArt-Sigma, Wan), made offline, that
+stock diffusers loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt without
 downloading a model, and to test it on the same folders a user would hand it.
 ``save_tiny_pipeline(kind, folder)`` writes ``model_index.json`` and every component:
 tokenizers built from a hand-written vocabulary (a byte-level CLIP BPE, a character
-T5 unigram, a byte-level Qwen BPE with its chat template), random CLIP / T5 / UMT5 / Qwen3 text
-encoders, a VAE that downsamples by the
+T5 unigram, a byte-level Qwen BPE with its chat template), random CLIP / T5 / UMT5 / Qwen3 /
+Qwen2.5-VL text encoders, a VAE that downsamples by the
 factor the pipeline assumes, a small random transformer and the scheduler.
 Each folder is a few hundred kilobytes and the same bytes every call.
 
@@ -30,6 +30,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
     AutoencoderKLWan,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
@@ -40,17 +41,20 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
 
-KINDS = ("flux", "flux2", "sd3", "pixart", "wan")
+KINDS = ("flux", "flux2", "qwenimage", "sd3", "pixart", "wan")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
     "flux2": dict(height=SIDE, width=SIDE),  # FLUX.2 [klein]: call it with prompt=..., its first argument is image
+    "qwenimage": dict(height=SIDE, width=SIDE),
     "sd3": dict(height=SIDE, width=SIDE),
     # binning would snap 128 to the 256-pixel bins of the transformer's sample size
     "pixart": dict(height=SIDE, width=SIDE, use_resolution_binning=False),
@@ -146,6 +150,19 @@ def _qwen3_encoder(tf, tokenizer, hidden: int):
     return tf.Qwen3ForCausalLM(config)
 
 
+def _qwen25vl_encoder(tf, tokenizer, hidden: int):
+    """Qwen2_5_VLForConditionalGeneration (Qwen-Image's text encoder), whose last hidden state the pipeline takes;
+    its vision tower, which text-to-image never runs, is one block of width 8."""
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},  # halves of head_dim 16
+                bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    vision = dict(depth=1, hidden_size=8, intermediate_size=16, num_heads=2, out_hidden_size=hidden,
+                  fullatt_block_indexes=[0], patch_size=2, temporal_patch_size=1, spatial_merge_size=1, window_size=4)
+    return tf.Qwen2_5_VLForConditionalGeneration(tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+
+
 def _vae(latent_channels: int, **scaling) -> AutoencoderKL:
     """An AutoencoderKL with four blocks: the factor 8 (2 ** (blocks - 1)) every image pipeline assumes."""
     return AutoencoderKL(
@@ -183,6 +200,22 @@ def _flux2(tf) -> DiffusionPipeline:
     return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
                               vae=vae, text_encoder=_qwen3_encoder(tf, tokenizer, 8), tokenizer=tokenizer,
                               transformer=transformer)
+
+
+def _qwenimage(tf) -> DiffusionPipeline:
+    """Qwen-Image: its prompt template's first 34 tokens are dropped after encoding, which for this byte-level
+    tokenizer leaves most of the template in the text (the pipeline assumes Qwen's own merges)."""
+    tokenizer = _qwen_tokenizer(tf)
+    transformer = wake_zeros(QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6)))
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True])  # spatial factor 8
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192,
+                                                time_shift_type="exponential", shift_terminal=0.02)
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=_qwen25vl_encoder(tf, tokenizer, 32),
+                             tokenizer=tokenizer, transformer=transformer)
 
 
 def _sd3(tf) -> DiffusionPipeline:
@@ -224,7 +257,8 @@ def _wan(tf) -> DiffusionPipeline:
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
 
 
-_BUILDERS = {"flux": _flux, "flux2": _flux2, "sd3": _sd3, "pixart": _pixart, "wan": _wan}
+_BUILDERS = {"flux": _flux, "flux2": _flux2, "qwenimage": _qwenimage, "sd3": _sd3, "pixart": _pixart,
+             "wan": _wan}
 
 
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:

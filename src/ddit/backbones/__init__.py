@@ -15,13 +15,15 @@ from .dit import DiTSpec
 from .flux import FluxSpec
 from .flux2 import Flux2Spec
 from .pixart import PixArtSpec
+from .qwenimage import QwenImageSpec
 from .sd3 import SD3Spec
 from .wan import WanSpec
 
-BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SD3Spec, FluxSpec, Flux2Spec, WanSpec)
+BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SD3Spec, FluxSpec, Flux2Spec, QwenImageSpec,
+                                                 WanSpec)
 
-__all__ = ["BUILTIN_SPECS", "BackboneSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "PixArtSpec", "SD3Spec", "WanSpec",
-           "patchify", "sincos_positions", "spec_for", "specs", "unpatchify"]
+__all__ = ["BUILTIN_SPECS", "BackboneSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "PixArtSpec", "QwenImageSpec",
+           "SD3Spec", "WanSpec", "patchify", "sincos_positions", "spec_for", "specs", "unpatchify"]
 
 
 def specs() -> dict[str, type[BackboneSpec]]:
