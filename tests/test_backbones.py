@@ -3,6 +3,7 @@
 import pytest
 import torch
 from diffusers import (
+    ChromaTransformer2DModel,
     DiTTransformer2DModel,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
@@ -81,6 +82,18 @@ def flux2():
                        guidance=torch.tensor([3.5, 3.5]))
 
 
+def chroma():
+    model = ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                     axes_dims_rope=(4, 4, 8), approximator_num_channels=16,
+                                     approximator_hidden_dim=32, approximator_layers=1)
+    h, w = 8, 4
+    mask = torch.cat([torch.tensor([[1, 1, 1, 0, 0], [1] * 5]), torch.ones(B, h * w)], 1).bool()  # text + image
+    return model, dict(hidden_states=torch.randn(B, h * w, 64), encoder_hidden_states=torch.randn(B, 5, 32),
+                       timestep=torch.tensor([0.01, 0.9]), img_ids=_flux_ids(h, w), txt_ids=torch.zeros(5, 3),
+                       attention_mask=mask)
+
+
 def qwenimage(**config):
     model = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
@@ -100,12 +113,12 @@ def wan():
                        timestep=torch.tensor([10, 900]))
 
 
-FAMILIES = {"dit": dit, "pixart": pixart, "sd3": sd3, "flux": flux, "flux2": flux2, "qwenimage": qwenimage,
-            "wan": wan}
+FAMILIES = {"dit": dit, "pixart": pixart, "sd3": sd3, "flux": flux, "flux2": flux2, "chroma": chroma,
+            "qwenimage": qwenimage, "wan": wan}
 # attention q/k/v/out (self, and cross where there is one) + feed-forward in + out, per block;
 # Flux's single blocks: q/k/v + proj_mlp + proj_out; FLUX.2's: the fused qkv-mlp projection and its output
-LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2, "qwenimage": 2 * 6,
-               "wan": 2 * 10}
+LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2, "chroma": 6 + 5,
+               "qwenimage": 2 * 6, "wan": 2 * 10}
 
 
 @pytest.fixture(params=FAMILIES, scope="module")
@@ -219,35 +232,69 @@ def test_wan_rope_keeps_frames_and_puts_coarse_patches_at_centres():
     assert torch.allclose(frames, fine[0][0, :, 0].reshape(3, 8, 4, -1)[:, 0, 0, :rope.t_dim])
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["chroma", "qwenimage"])
+def test_masked_text_tokens_do_not_reach_a_coarse_output(name):
+    """The first sample's last two text tokens are padding under the pipeline's mask: changing them changes
+    nothing, at a coarse size as at the base one (Chroma's mask also covers the image tokens it shortens)."""
+    torch.manual_seed(0)
+    backbone, inputs = FAMILIES[name]()
+    model = MultiPatchTransformer(_randomize(backbone))
+    text = inputs["encoder_hidden_states"].clone()
+    text[0, 3:] = torch.randn(2, text.shape[-1])
+    for size in (2, 4):
+        out, changed = (model(**{**inputs, "encoder_hidden_states": t}, patch_size=size).sample
+                        for t in (inputs["encoder_hidden_states"], text))
+        assert torch.allclose(out[0], changed[0], atol=1e-5)
+    text[0, 0] += 1  # a token under the mask does reach it
+    assert not torch.allclose(model(**{**inputs, "encoder_hidden_states": text}, patch_size=4).sample[0], out[0])
+
+
 def test_qwenimage_rope_puts_coarse_patches_at_the_centres_of_its_centred_positions():
     """RoPE is a phase linear in position, so a patch-centre token's phase, times the number of fine tokens it
-    covers, is the sum of theirs: coarse ** (s * s) is the product of the patch's fine tokens."""
-    backbone, _ = qwenimage()
+    covers, is the sum of theirs: coarse ** (s * s) is the product of the patch's fine tokens. Text keeps the
+    positions the backbone gives it at the fine grid."""
+    backbone, inputs = qwenimage()
     spec = spec_for(backbone)
     fine = backbone.pos_embed._compute_video_freqs(1, 8, 4)
-    assert torch.equal(spec._coarse_rope((8, 4), 1), fine)
+    assert torch.equal(spec._centre_rope((8, 4), 1), fine)
     for s in (2, 4):
         grid = (8 // s, 4 // s)
         patches = fine.reshape(grid[0], s, grid[1], s, -1).permute(0, 2, 1, 3, 4).reshape(grid[0] * grid[1], s * s, -1)
-        assert torch.allclose(spec._coarse_rope(grid, s) ** (s * s), patches.prod(1), atol=1e-4)
+        assert torch.allclose(spec._centre_rope(grid, s) ** (s * s), patches.prod(1), atol=1e-4)
+    seen = []
+    for block in backbone.transformer_blocks:
+        block.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["image_rotary_emb"]), with_kwargs=True)
+    model = MultiPatchTransformer(backbone)
+    with torch.no_grad():
+        for size in (2, 4):
+            model(**inputs, patch_size=size)
+    assert torch.equal(seen[0][1], seen[-1][1]) and len(seen[-1][0]) == 8 * 4 // 4  # text as at the fine grid
 
 
-@torch.no_grad()
-def test_qwenimage_with_zero_cond_t_reproduces_the_backbone_and_refuses_reference_images():
-    torch.manual_seed(0)
-    backbone, inputs = qwenimage(zero_cond_t=True)
-    model = MultiPatchTransformer(_randomize(backbone))
-    reference = backbone(**inputs).sample
-    given = model._signature.bind(**inputs)
-    given.apply_defaults()
-    out = model._patched(PatchHead(*model.spec.base_weights(), scale=1), 2, model.spec.latent(given.arguments),
-                         given.arguments)
-    assert (out - reference).abs().max() <= 1e-5
-    assert model(**inputs, patch_size=4).sample.isfinite().all()
+def test_qwenimage_refuses_reference_images_and_the_models_made_for_them():
+    backbone, inputs = qwenimage()
+    model = MultiPatchTransformer(backbone)
     with pytest.raises(ValueError, match="reference images of Qwen-Image-Edit"):
         model(**{**inputs, "img_shapes": [[(1, 8, 4), (1, 8, 4)]] * B}, patch_size=4)
+    with pytest.raises(TypeError, match="zero_cond_t conditions the reference images"):
+        MultiPatchTransformer(qwenimage(zero_cond_t=True)[0])
     with pytest.raises(TypeError, match="3D RoPE"):
         MultiPatchTransformer(qwenimage(use_layer3d_rope=True)[0])
+
+
+def test_qwenimage_trains_on_text_positions_cached_in_an_inference_run():
+    """diffusers caches the text RoPE per device; made under inference mode (a generation, a recording), it
+    cannot be saved for backward: the coarse path copies it."""
+    torch.manual_seed(0)
+    backbone, inputs = qwenimage()
+    model = MultiPatchTransformer(_randomize(backbone))
+    cached = backbone.pos_embed._get_device_freqs
+    with torch.inference_mode():
+        frozen = tuple(f.clone() for f in cached(torch.device("cpu")))  # as .to("cuda") would make them there
+    backbone.pos_embed._get_device_freqs = lambda device: frozen
+    model(**inputs, patch_size=4).sample.square().mean().backward()
+    assert all(p.grad is not None for p in model.heads["4"].parameters())
 
 
 def test_unsupported_backbone_lists_the_supported_ones():
@@ -273,6 +320,11 @@ def test_arguments_of_the_fine_grid_are_refused_at_coarse_sizes():
     model = MultiPatchTransformer(backbone)
     with pytest.raises(ValueError, match="block_controlnet_hidden_states"):
         model(**inputs, block_controlnet_hidden_states=[torch.zeros(1)], patch_size=4)
+    backbone, inputs = flux()
+    model = MultiPatchTransformer(backbone)
+    image_prompt = {"ip_adapter_image_embeds": [torch.zeros(B, 4)]}
+    with pytest.raises(ValueError, match=r"ip_adapter_image_embeds'\] \(an IP-Adapter.*pipe.unload_ip_adapter"):
+        model(**inputs, joint_attention_kwargs=image_prompt, patch_size=4)
     backbone, inputs = flux2()
     model = MultiPatchTransformer(backbone)
     with pytest.raises(ValueError, match="kv_cache_mode cannot be used at a coarse patch size"):

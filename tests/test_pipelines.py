@@ -24,6 +24,12 @@ ATOL = 1e-5  # batch composition changes rounding by ~1e-6 (tiny_pipelines)
 DEVICE = torch.device(os.environ.get("DDIT_TEST_DEVICE", "cpu"))  # where tiny_pipelines.build puts them
 
 
+# pipelines that call the transformer once per CFG branch, by the branch names of their calls: in cache contexts
+# (Flux and Qwen-Image true CFG, Wan), or without (Chroma, though it says it guides); the others batch both branches
+BRANCH_CALLS = {"flux": ("cond", "uncond"), "qwenimage": ("cond", "uncond"), "wan": ("cond", "uncond"),
+                "chroma": (None, None)}
+
+
 class SplitPolicy(PatchPolicy):
     """Sample 0 at ``coarse`` for the first ``early`` steps, every other sample at the base size; counts its calls."""
 
@@ -102,10 +108,9 @@ def test_in_a_mixed_batch_the_fine_sample_equals_its_baseline_twin_and_branches_
     calls = {}  # (step, sample) -> [(branch, patch size)], one per transformer call that ran the sample
     for r in ddit.summary(pipe).records:
         calls.setdefault((r["step"], r["sample"]), []).append((r["branch"], r["patch_size"]))
-    separate = name in ("flux", "qwenimage", "wan")  # true CFG / Wan: one call per branch, both under one decision
-    expected = [("cond", 4), ("uncond", 4)] if separate else [(None, 4)]
+    expected = [(branch, 4) for branch in BRANCH_CALLS.get(name, (None,))]
     assert calls[(0, 0)] == expected and len(calls) == 2 * STEPS
-    assert all(len(c) == (2 if separate else 1) and len({size for _, size in c}) == 1 for c in calls.values())
+    assert all(len(c) == len(expected) and len({size for _, size in c}) == 1 for c in calls.values())
 
 
 @pytest.mark.parametrize(("name", "config"), [
@@ -460,6 +465,18 @@ def test_parallelism_is_refused_before_and_while_enabled():
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer))
     with pytest.raises(ValueError, match="enable_parallelism: context and tensor parallelism split"):
         pipe.transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=2))
+
+
+def test_an_ip_adapter_image_prompt_is_refused_at_the_first_call():
+    """The backbone projects it in its own forward, which coarse steps skip: they would drop it silently."""
+    pipe, kwargs = build("flux")
+    calls = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy(EARLY_COARSE))
+    image_prompt = {"ip_adapter_image_embeds": [torch.zeros(1, 4)]}
+    with pytest.raises(ValueError, match=r"\['ip_adapter_image_embeds'\] \(an IP-Adapter.*unload_ip_adapter"):
+        pipe(**kwargs(steps=STEPS), joint_attention_kwargs=image_prompt)
+    assert not calls  # nothing ran
 
 
 def test_fused_qkv_projections_are_refused_before_while_and_after_enable():

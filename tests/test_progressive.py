@@ -12,7 +12,7 @@ from tiny_pipelines import build
 from conftest import TINY_DIT
 
 # a switch inside each tiny pipeline's 6-step schedule (FLUX.2's shift keeps every step above 0.58)
-SWITCH = {"flux": 0.5, "flux2": 0.9, "qwenimage": 0.5, "sd3": 0.5}
+SWITCH = {"flux": 0.5, "flux2": 0.9, "chroma": 0.5, "qwenimage": 0.5, "sd3": 0.5}
 
 
 def test_noise_keeps_its_variance_and_an_image_its_values():
@@ -98,7 +98,7 @@ def _inputs(pipe) -> list[torch.Tensor]:
     return seen
 
 
-@pytest.mark.parametrize("name", ["flux", "flux2", "qwenimage", "sd3"])
+@pytest.mark.parametrize("name", ["flux", "flux2", "chroma", "qwenimage", "sd3"])
 def test_the_stock_schedule_is_read_from_the_pipeline_and_replayed_exactly(name):
     from ddit.progressive_pipeline import _exact_sigmas, _layout, stock_start
 
@@ -115,7 +115,7 @@ def test_the_stock_schedule_is_read_from_the_pipeline_and_replayed_exactly(name)
     torch.testing.assert_close(replayed.images, stock)
 
 
-@pytest.mark.parametrize("name", ["flux", "flux2", "qwenimage", "sd3"])
+@pytest.mark.parametrize("name", ["flux", "flux2", "chroma", "qwenimage", "sd3"])
 def test_a_stock_pipeline_runs_its_early_steps_at_half_resolution(name):
     from ddit.progressive_pipeline import _layout, half_resolution_steps
 
@@ -126,7 +126,7 @@ def test_a_stock_pipeline_runs_its_early_steps_at_half_resolution(name):
     steps = half_resolution_steps(pipe, SWITCH[name], **call_kwargs(batch=2, steps=6))
     seen.clear()
     run = ddit.progressive_call(pipe, SWITCH[name], **call_kwargs(batch=2, steps=6)).images
-    calls_per_step = len(seen) // 6  # true CFG (Flux, Qwen-Image) calls twice a step
+    calls_per_step = len(seen) // 6  # true CFG (Flux, Qwen-Image) and Chroma call twice a step
     half = [h for h in steps for _ in range(calls_per_step)]
     assert any(half) and not all(half)
     if name != "sd3":  # packed 2x2: a quarter of the tokens
@@ -234,7 +234,7 @@ def test_a_progressive_row_may_take_its_switch_from_the_spectral_rule():
             build_config(["third_order"], ["none"], progressive=(bad,))
 
 
-@pytest.mark.parametrize("name", ["flux", "flux2", "qwenimage", "sd3"])
+@pytest.mark.parametrize("name", ["flux", "flux2", "chroma", "qwenimage", "sd3"])
 def test_progressive_call_keeps_the_pipelines_dtype(name):
     pipe, call_kwargs = build(name)
     pipe = pipe.to(torch.bfloat16)

@@ -30,7 +30,7 @@ class PromptPipe:
         return self.pipe(**kwargs)
 
 
-@pytest.mark.parametrize("name", ["flux", "qwenimage", "sd3", "pixart", "wan"])
+@pytest.mark.parametrize("name", ["flux", "chroma", "qwenimage", "sd3", "pixart", "wan"])
 def test_drawn_states_reproduce_the_transformer_outputs_of_the_pipeline(name, tmp_path):
     """Every drawn row, fed back to the transformer, gives what the transformer returned inside the
     pipeline for that row: conditioning, timesteps, shared ids and CFG rows all come back right."""
@@ -55,7 +55,7 @@ def test_drawn_states_reproduce_the_transformer_outputs_of_the_pipeline(name, tm
     handle.remove()
 
     states = RecordedStates(tmp_path)
-    calls_per_prompt = STEPS * (2 if name in ("flux", "qwenimage", "wan") else 1)  # true CFG: a second call per step
+    calls_per_prompt = STEPS * (2 if name in ("flux", "chroma", "qwenimage", "wan") else 1)  # a call per CFG branch
     assert states.describe()["calls"] == 2 * calls_per_prompt
     assert len(states) == 2 * STEPS * 2  # every step, cond and uncond, two prompts
     z, kwargs = states.draw(torch.Generator().manual_seed(0), 5)

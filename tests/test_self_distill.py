@@ -22,8 +22,8 @@ from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
 
 PROMPTS = ["a red circle", "blue stripes on white"]
 #: Short text: the tiny T5s would otherwise pad every prompt to the pipelines' 226 to 512 tokens. Qwen-Image
-#: never pads, and its byte-level template keeps some 120 tokens before the prompt: it is not cut.
-SHORT_TEXT = {"flux": 16, "flux2": 16, "qwenimage": 512, "sd3": 16, "wan": 16, "pixart": 16}
+#: never pads: its text is not cut.
+SHORT_TEXT = {"flux": 16, "flux2": 16, "chroma": 16, "qwenimage": 512, "sd3": 16, "wan": 16, "pixart": 16}
 CONFIG = DistillConfig(steps=2, batch_size=2, num_inference_steps=None, timestep_scale=None)
 
 
@@ -236,12 +236,13 @@ def test_a_bfloat16_pipeline_trains_its_adapter_in_float32_and_keeps_its_dtype(f
     assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images.float()).all()
 
 
-def test_an_on_policy_round_records_the_latents_coarse_steps_lead_to(folders, tmp_path):
+@pytest.mark.parametrize("kind", ["flux", "qwenimage"])  # Qwen-Image: text of each prompt's length, masked
+def test_an_on_policy_round_records_the_latents_coarse_steps_lead_to(kind, folders, tmp_path):
     from ddit.policies import get_policy
     from ddit.recorded_states import RecordedStates
 
-    pipe = load(folders["flux"])
-    export = self_distill(pipe, PROMPTS, tmp_path, call=call("flux", steps=4), config=CONFIG, progress=False,
+    pipe = load(folders[kind])
+    export = self_distill(pipe, PROMPTS, tmp_path, call=call(kind, steps=4), config=CONFIG, progress=False,
                           on_policy=get_policy("fixed", fraction=0.5))
     assert export == tmp_path / "on-policy" / "adapter"
     stock, visited = RecordedStates(tmp_path / "states"), RecordedStates(tmp_path / "on-policy" / "states")
@@ -251,6 +252,6 @@ def test_an_on_policy_round_records_the_latents_coarse_steps_lead_to(folders, tm
     assert not torch.equal(z_stock, z_visited)  # coarse steps took the latents elsewhere
     report = json.loads((tmp_path / "on-policy" / "distill.json").read_text())
     assert report["data"]["prompts"] == 4 and report["steps"] == CONFIG.steps  # both recordings, 2 prompts each
-    fresh = load(folders["flux"])
+    fresh = load(folders[kind])
     ddit.enable(fresh, export, policy="fixed", fraction=0.5)
-    fresh(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call("flux", steps=4))
+    fresh(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call(kind, steps=4))

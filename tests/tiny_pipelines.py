@@ -1,8 +1,8 @@
 """Tiny, random-weight, *stock* diffusers pipelines, built offline, for tests of ``ddit.enable``.
 
 Not a test module: tests import it. ``build(name)`` returns an unmodified diffusers
-pipeline (FluxPipeline, Flux2Pipeline, QwenImagePipeline, StableDiffusion3Pipeline, PixArtSigmaPipeline,
-WanPipeline or DiTPipeline) whose transformer is a few-kilobyte random model, and a ``call_kwargs``
+pipeline (FluxPipeline, Flux2Pipeline, ChromaPipeline, QwenImagePipeline, StableDiffusion3Pipeline,
+PixArtSigmaPipeline, WanPipeline or DiTPipeline) whose transformer is a few-kilobyte random model, and a ``call_kwargs``
 function giving the keyword arguments for ``pipe(**kwargs)``. Nothing is downloaded:
 text encoders and tokenizers are ``None`` and prompts are passed as random,
 seed-deterministic embeddings; the text-to-image pipelines run with
@@ -32,6 +32,8 @@ from typing import Callable
 import torch
 from diffusers import (
     AutoencoderKL,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
     DDIMScheduler,
     DiffusionPipeline,
     DiTPipeline,
@@ -54,7 +56,7 @@ from diffusers import (
 
 from ddit.tiny_pipelines import wake_zeros as _wake_zeros
 
-NAMES = ("flux", "flux2", "qwenimage", "sd3", "pixart", "wan", "dit")
+NAMES = ("flux", "flux2", "chroma", "qwenimage", "sd3", "pixart", "wan", "dit")
 LATENT = 16  # latent height and width at the transformer's patchify
 TEXT_LEN = 8  # tokens of the fake prompt embeddings
 VAE_SCALE = 8  # the pipelines' vae_scale_factor when vae is None
@@ -132,6 +134,31 @@ def _flux2():
         return dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, 32), guidance_scale=4.0 if guidance is None
                     else guidance, height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE, num_inference_steps=steps,
                     generator=generators(seeds), output_type="latent")
+
+    return pipe, call_kwargs
+
+
+def _chroma():
+    torch.manual_seed(0)
+    transformer = _wake_zeros(ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=16,
+        approximator_hidden_dim=32, approximator_layers=1))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = ChromaPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    mask = torch.ones(TEXT_LEN).index_fill_(0, torch.tensor([TEXT_LEN - 1]), 0)  # T5 padding
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
+        seeds = _seeds(batch, seeds)
+        guidance = 4.0 if guidance is None else guidance
+        kw = dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, 32), prompt_attention_mask=mask.expand(batch, -1),
+                  guidance_scale=guidance, height=LATENT * VAE_SCALE, width=LATENT * VAE_SCALE,
+                  num_inference_steps=steps, generator=generators(seeds), output_type="latent")
+        if guidance > 1:
+            kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 32),
+                      negative_prompt_attention_mask=torch.ones(batch, TEXT_LEN))
+        return kw
 
     return pipe, call_kwargs
 
@@ -261,8 +288,8 @@ def _dit():
     return pipe, call_kwargs
 
 
-_BUILDERS = {"flux": _flux, "flux2": _flux2, "qwenimage": _qwenimage, "sd3": _sd3, "pixart": _pixart, "wan": _wan,
-             "dit": _dit}
+_BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "sd3": _sd3,
+             "pixart": _pixart, "wan": _wan, "dit": _dit}
 
 
 def build(name: str) -> tuple[DiffusionPipeline, Callable[..., dict]]:

@@ -43,6 +43,17 @@ _PARALLEL = ("split the transformer by plans written for its own forward, which 
 _LORA_CHANGE = ("LoRA weights cannot be loaded, switched or fused while ddit's adapter is on the transformer: "
                 "ddit.disable(pipe) first, change them, fuse them (pipe.fuse_lora(); pipe.unload_lora_weights()), "
                 "and ddit.enable again")
+#: The attention-kwargs key of an IP-Adapter's image prompt, which the backbone's own forward projects before
+#: its blocks (Flux, Chroma, SD3): coarse steps would silently drop it, so they refuse it.
+IP_ADAPTER = "ip_adapter_image_embeds"
+
+
+def image_prompts(given: dict) -> list[str]:
+    """The forward arguments (by name) that carry an IP-Adapter's image prompt, named for an error message."""
+    return [f"{name}['{IP_ADAPTER}'] (an IP-Adapter's image prompt: unload it, pipe.unload_ip_adapter())"
+            for name, value in given.items() if isinstance(value, dict) and value.get(IP_ADAPTER) is not None]
+
+
 #: What diffusers can do to a transformer that would load into, switch, remove, bypass or split the LoRA layers
 #: ddit's adapter lives in: refused while the adapter is on the backbone, saying what to do instead.
 REFUSED_CALLS = {
@@ -254,6 +265,7 @@ class MultiPatchTransformer(nn.Module):
         given.apply_defaults()
         given = given.arguments
         refused = [name for name in self.spec.unsupported if given.get(name) is not None]
+        refused += image_prompts(given)
         if refused:
             raise ValueError(f"{', '.join(refused)} cannot be used at a coarse patch size")
         x = self.spec.latent(given)

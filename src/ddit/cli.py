@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_distill)
 
     p = commands.add_parser("tiny-pipeline", help="write a tiny random, complete pipeline folder (flux, flux2, "
-                            "qwenimage, sd3, pixart, wan) to try ddit offline")
-    p.add_argument("kind", help="flux, flux2 (FLUX.2 [klein]), qwenimage (Qwen-Image), sd3, pixart or wan")
+                            "chroma, qwenimage, sd3, pixart, wan) to try ddit offline")
+    p.add_argument("kind", help="flux, flux2 (FLUX.2 [klein]), chroma, qwenimage (Qwen-Image), sd3, pixart or wan")
     p.add_argument("out", help="folder to write")
     p.set_defaults(func=_tiny_pipeline)
 

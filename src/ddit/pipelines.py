@@ -26,7 +26,7 @@ from diffusers.hooks.group_offloading import _is_group_offload_enabled
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from .adapter import CONFIG_NAME, HOOK_ATTRIBUTES, MultiPatchTransformer
+from .adapter import CONFIG_NAME, HOOK_ATTRIBUTES, MultiPatchTransformer, image_prompts
 from .caches import Cache, diffusers_caches, get_cache
 from .policies import PatchPolicy, ProgressiveResolution, get_policy
 from .runtime import Call, PatchRuntime
@@ -116,6 +116,8 @@ class DynamicPatchTransformer(nn.Module):
         given = self._signature.bind(*args, **kwargs).arguments
         latent = self.adapter.spec.latent(given)
         self._check_resolution(latent)
+        if image_prompts(given):  # refused at the first call, before a coarse step would drop it
+            raise ValueError(f"{image_prompts(given)[0]} cannot be used with dynamic patches")
         where = self._where
         cfg = None if self._branch is not None else self._guidance()
         call = Call(latent, given["timestep"], lambda idx, size: self._run(args, kwargs, len(latent), idx, size),

@@ -8,8 +8,8 @@ calls run the sigmas the stock call would run at full size (its resolution-depen
 included: they are read from the pipeline itself, by letting it set its timesteps once), so
 the early steps' latent size is the only change, and a switch above every step's sigma is
 the stock call exactly. Flow-matching pipelines whose call takes ``sigmas`` and
-``latents`` (FLUX.1, FLUX.2, Qwen-Image, SD3); others are refused. The text encoders run once per call (three
-times in all): negligible beside a large transformer's steps.
+``latents`` (FLUX.1, FLUX.2, Chroma, Qwen-Image, SD3); others are refused. The text encoders run once per call
+(three times in all): negligible beside a large transformer's steps.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 from diffusers import (
+    ChromaPipeline,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Pipeline,
@@ -46,10 +47,12 @@ _FLUX2 = _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
                  lambda pipe, x, h, w: pipe._unpatchify_latents(
                      x.transpose(1, 2).unflatten(2, (h // (2 * pipe.vae_scale_factor), -1))),
                  lambda pipe, x: pipe._patchify_latents(x))
+_FLUX = _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
+                lambda pipe, x, h, w: pipe._unpack_latents(x, h, w, pipe.vae_scale_factor),
+                lambda pipe, x: pipe._pack_latents(x, *x.shape))
 LAYOUTS = {
-    FluxPipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
-                          lambda pipe, x, h, w: pipe._unpack_latents(x, h, w, pipe.vae_scale_factor),
-                          lambda pipe, x: pipe._pack_latents(x, *x.shape)),
+    FluxPipeline: _FLUX,
+    ChromaPipeline: _FLUX,
     Flux2Pipeline: _FLUX2,
     Flux2KleinPipeline: _Layout(_FLUX2.channels, lambda pipe, x, h, w: _klein_grid(pipe, x, h, w), _FLUX2.from_grid),
     # Qwen-Image packs as FLUX.1 does; unpacked, its latent has a frame axis (B, C, 1, H, W)

@@ -120,7 +120,8 @@ def recording(transformer: torch.nn.Module) -> Iterator[CallLog]:
 
     def hook(module, args, kwargs):
         named = _by_name(signature, args, kwargs)
-        if TEXT_MASK in signature.parameters and named.get(TEXT_MASK) is None and torch.is_tensor(named.get(TEXT)):
+        masked = TEXT_MASK in named or TEXT_MASK in signature.parameters  # named: through a MultiPatchTransformer
+        if masked and named.get(TEXT_MASK) is None and torch.is_tensor(named.get(TEXT)):
             named[TEXT_MASK] = torch.ones(named[TEXT].shape[:2], dtype=torch.long)  # every call keeps one
         log.add(named)
 
@@ -202,6 +203,8 @@ class RecordedStates:
         picks = torch.randint(len(self.index), (batch_size,), generator=generator).tolist()
         items = _pad_text([self._item(*self.index[p]) for p in picks])
         kwargs = _collate(items, self.folder)
+        if torch.is_tensor(kwargs.get(TEXT_MASK)) and kwargs[TEXT_MASK].all():
+            kwargs[TEXT_MASK] = None  # nothing padded: no mask, as the pipeline passes it (fast attention kernels)
         return kwargs.pop("hidden_states"), kwargs
 
     def _item(self, c: int, row: int) -> dict:

@@ -48,7 +48,7 @@ class Call:
     timestep: torch.Tensor | float
     run: RunRows
     branch: str | None = None  # the pipeline's name for a call that holds one CFG branch ("cond", "uncond")
-    branches: int | None = None  # CFG branches batched in the rows; None: identical halves mean two
+    branches: int | None = None  # CFG branches batched in the rows (2 only with identical halves); None: unknown
     step_index: int | None = None
     num_steps: int | None = None
     sigma: float | None = None
@@ -159,14 +159,12 @@ class PatchRuntime:
         return (getattr(scheduler, "begin_index", None) or 0) if index is None else index
 
     def _start(self, call: Call) -> Generation:
-        latent = call.latent
-        if call.branches is not None:
-            branches = call.branches
-        elif call.branch is not None:
+        latent, half = call.latent, len(call.latent) // 2
+        halves = len(latent) % 2 == 0 and half and torch.equal(latent[:half], latent[half:])
+        if call.branch is not None or call.branches == 1:
             branches = 1
-        else:
-            half = len(latent) // 2
-            branches = 2 if len(latent) % 2 == 0 and half and torch.equal(latent[:half], latent[half:]) else 1
+        else:  # identical halves are batched branches; a pipeline that says it guides but passes different
+            branches = 2 if halves else 1  # halves calls once per branch (Chroma)
         if len(latent) % branches:
             raise ValueError(f"{len(latent)} rows do not split into {branches} CFG branches")
         self.reset()

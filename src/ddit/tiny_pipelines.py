@@ -1,5 +1,5 @@
-"""Complete tiny pipeline folders (Flux, FLUX.2 [klein], Qwen-Image, SD3, PixArt-Sigma, Wan), made offline, that
-stock diffusers loads.
+"""Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, SD3, PixArt-Sigma, Wan), made
+offline, that stock diffusers loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt without
 downloading a model, and to test it on the same folders a user would hand it.
@@ -32,6 +32,8 @@ from diffusers import (
     AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -49,11 +51,12 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
-KINDS = ("flux", "flux2", "qwenimage", "sd3", "pixart", "wan")
+KINDS = ("flux", "flux2", "chroma", "qwenimage", "sd3", "pixart", "wan")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
     "flux2": dict(height=SIDE, width=SIDE),  # FLUX.2 [klein]: call it with prompt=..., its first argument is image
+    "chroma": dict(height=SIDE, width=SIDE),
     "qwenimage": dict(height=SIDE, width=SIDE),
     "sd3": dict(height=SIDE, width=SIDE),
     # binning would snap 128 to the 256-pixel bins of the transformer's sample size
@@ -202,10 +205,30 @@ def _flux2(tf) -> DiffusionPipeline:
                               transformer=transformer)
 
 
+def _chroma(tf) -> DiffusionPipeline:
+    tokenizer = _t5_tokenizer(tf, 512)
+    transformer = wake_zeros(ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=16,
+        approximator_hidden_dim=32, approximator_layers=1))
+    return ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        vae=_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_t5_encoder(tf, tokenizer, 32), tokenizer=tokenizer, transformer=transformer)
+
+
 def _qwenimage(tf) -> DiffusionPipeline:
-    """Qwen-Image: its prompt template's first 34 tokens are dropped after encoding, which for this byte-level
-    tokenizer leaves most of the template in the text (the pipeline assumes Qwen's own merges)."""
+    """Qwen-Image drops the first tokens of its encoded prompt template (34: its system prefix under Qwen's own
+    merges). The byte-level tokenizer gets that prefix's system line as added tokens, so that the prefix counts
+    as many and what is left is the prompt and the template's tail, as with Qwen's tokenizer."""
     tokenizer = _qwen_tokenizer(tf)
+    stock = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+    prefix = stock.prompt_template_encode.split("{}")[0]
+    line = prefix.split("<|im_start|>")[1].split("<|im_end|>")[0]  # "system\nDescribe the image..."
+    pieces = stock.prompt_template_encode_start_idx - (len(tokenizer(prefix).input_ids) - len(line.encode()))
+    cuts = [round(i * len(line) / pieces) for i in range(pieces + 1)]
+    tokenizer.add_tokens([line[a:b] for a, b in zip(cuts, cuts[1:])])
     transformer = wake_zeros(QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(4, 6, 6)))
@@ -257,8 +280,8 @@ def _wan(tf) -> DiffusionPipeline:
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
 
 
-_BUILDERS = {"flux": _flux, "flux2": _flux2, "qwenimage": _qwenimage, "sd3": _sd3, "pixart": _pixart,
-             "wan": _wan}
+_BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "sd3": _sd3,
+             "pixart": _pixart, "wan": _wan}
 
 
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:

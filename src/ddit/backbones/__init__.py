@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import plugins
 from .base import BackboneSpec, patchify, sincos_positions, unpatchify
+from .chroma import ChromaSpec
 from .dit import DiTSpec
 from .flux import FluxSpec
 from .flux2 import Flux2Spec
@@ -19,11 +20,11 @@ from .qwenimage import QwenImageSpec
 from .sd3 import SD3Spec
 from .wan import WanSpec
 
-BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SD3Spec, FluxSpec, Flux2Spec, QwenImageSpec,
-                                                 WanSpec)
+BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SD3Spec, FluxSpec, Flux2Spec, ChromaSpec,
+                                                 QwenImageSpec, WanSpec)
 
-__all__ = ["BUILTIN_SPECS", "BackboneSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "PixArtSpec", "QwenImageSpec",
-           "SD3Spec", "WanSpec", "patchify", "sincos_positions", "spec_for", "specs", "unpatchify"]
+__all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "PixArtSpec",
+           "QwenImageSpec", "SD3Spec", "WanSpec", "patchify", "sincos_positions", "spec_for", "specs", "unpatchify"]
 
 
 def specs() -> dict[str, type[BackboneSpec]]:

@@ -4,7 +4,8 @@ The pipeline passes the grid as ``img_shapes`` (frame, rows, columns) rather tha
 centres the rows and columns (row r of h sits at r - ceil(h / 2)); a coarse patch sits at the mean of
 the fine positions it covers, so its frequencies are computed for that fractional position. Text
 positions follow the fine grid's, as the backbone places them. Edit pipelines' reference images (a
-second shape per sample) and the layered model's 3D RoPE are refused.
+second shape per sample, and the ``zero_cond_t`` conditioning of Qwen-Image-Edit-2511) and the layered
+model's 3D RoPE are refused.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class QwenImageSpec(BackboneSpec):
         if model.config.get("use_layer3d_rope"):
             raise TypeError("Qwen-Image-Layered's 3D RoPE places layers, not patches: ddit cannot coarsen it; "
                             "use a Qwen-Image model with use_layer3d_rope=False")
+        if model.config.get("zero_cond_t"):
+            raise TypeError("zero_cond_t conditions the reference images of Qwen-Image-Edit-2511, which dynamic "
+                            "patches cannot run; use a text-to-image Qwen-Image model (zero_cond_t=False)")
+        self._ropes = {}
 
     @property
     def base_patch_size(self):
@@ -51,24 +56,28 @@ class QwenImageSpec(BackboneSpec):
         m, dtype = self.model, tokens.dtype
         context = m.txt_in(m.txt_norm(args["encoder_hidden_states"]))
         text_len, _, mask = compute_text_seq_len_from_mask(context, args["encoder_hidden_states_mask"])
-        timestep, modulate_index = args["timestep"].to(dtype), None
-        if m.zero_cond_t:  # one image, so every token takes the timestep's modulation, as the backbone does
-            timestep = torch.cat([timestep, timestep * 0])
-            modulate_index = torch.zeros(tokens.shape[:2], dtype=torch.int, device=tokens.device)
-        temb = m.time_text_embed(timestep, tokens, args["additional_t_cond"])
+        temb = m.time_text_embed(args["timestep"].to(dtype), tokens, args["additional_t_cond"])
         _, text_rope = m.pos_embed(args["img_shapes"], max_txt_seq_len=text_len, device=tokens.device)
-        rope = (self._coarse_rope(grid, scale).to(tokens.device), text_rope)
+        if text_rope.is_inference() and not torch.is_inference_mode_enabled():
+            text_rope = text_rope.clone()  # diffusers caches it; made in an inference run, backward cannot save it
+        rope = (self._coarse_rope(grid, scale, tokens.device), text_rope)
         for block in m.transformer_blocks:
             context, tokens = self.block(block, hidden_states=tokens, encoder_hidden_states=context,
                                          encoder_hidden_states_mask=mask, temb=temb, image_rotary_emb=rope,
-                                         joint_attention_kwargs=args["attention_kwargs"],
-                                         modulate_index=modulate_index)
-        if m.zero_cond_t:
-            temb = temb.chunk(2)[0]
+                                         joint_attention_kwargs=args["attention_kwargs"])
         return m.norm_out(tokens, temb)
 
-    def _coarse_rope(self, grid, scale):
-        """Complex RoPE (tokens, head_dim / 2) of the coarse patches' centres, in the backbone's centred units."""
+    def _coarse_rope(self, grid, scale, device):
+        """Complex RoPE (tokens, head_dim / 2) of the coarse patches' centres, in the backbone's centred units;
+        made once per grid and device (outside inference mode, so that training can use it too)."""
+        key = (*grid, scale, device)
+        if key not in self._ropes:
+            with torch.inference_mode(False):
+                self._ropes[key] = self._centre_rope(grid, scale).to(device)
+        return self._ropes[key]
+
+    def _centre_rope(self, grid, scale):
+        """Frame 0; rows and columns at the mean of the fine positions r - ceil(n / 2) that a patch covers."""
         rope = self.model.pos_embed
         dims = rope.axes_dim
         axes = []
