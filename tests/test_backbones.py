@@ -82,13 +82,14 @@ def flux2():
                        guidance=torch.tensor([3.5, 3.5]))
 
 
-def chroma():
-    model = ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+def chroma():  # two blocks of each kind, so that each block's modulation is told apart
+    model = ChromaTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
                                      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                      axes_dims_rope=(4, 4, 8), approximator_num_channels=16,
                                      approximator_hidden_dim=32, approximator_layers=1)
     h, w = 8, 4
-    mask = torch.cat([torch.tensor([[1, 1, 1, 0, 0], [1] * 5]), torch.ones(B, h * w)], 1).bool()  # text + image
+    mask = torch.cat([torch.tensor([[1, 1, 1, 0, 0], [1] * 5]), torch.ones(B, h * w)], 1)  # text + image, as
+    # ChromaPipeline makes it (a float mask, which attention adds as a bias)
     return model, dict(hidden_states=torch.randn(B, h * w, 64), encoder_hidden_states=torch.randn(B, 5, 32),
                        timestep=torch.tensor([0.01, 0.9]), img_ids=_flux_ids(h, w), txt_ids=torch.zeros(5, 3),
                        attention_mask=mask)
@@ -117,7 +118,7 @@ FAMILIES = {"dit": dit, "pixart": pixart, "sd3": sd3, "flux": flux, "flux2": flu
             "qwenimage": qwenimage, "wan": wan}
 # attention q/k/v/out (self, and cross where there is one) + feed-forward in + out, per block;
 # Flux's single blocks: q/k/v + proj_mlp + proj_out; FLUX.2's: the fused qkv-mlp projection and its output
-LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2, "chroma": 6 + 5,
+LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2, "chroma": 2 * (6 + 5),
                "qwenimage": 2 * 6, "wan": 2 * 10}
 
 
@@ -235,10 +236,12 @@ def test_wan_rope_keeps_frames_and_puts_coarse_patches_at_centres():
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["chroma", "qwenimage"])
 def test_masked_text_tokens_do_not_reach_a_coarse_output(name):
-    """The first sample's last two text tokens are padding under the pipeline's mask: changing them changes
-    nothing, at a coarse size as at the base one (Chroma's mask also covers the image tokens it shortens)."""
+    """The first sample's last two text tokens are padding under a boolean mask: changing them changes nothing,
+    at a coarse size as at the base one (Chroma's mask also covers the image tokens it shortens)."""
     torch.manual_seed(0)
     backbone, inputs = FAMILIES[name]()
+    if name == "chroma":
+        inputs["attention_mask"] = inputs["attention_mask"].bool()
     model = MultiPatchTransformer(_randomize(backbone))
     text = inputs["encoder_hidden_states"].clone()
     text[0, 3:] = torch.randn(2, text.shape[-1])

@@ -25,9 +25,10 @@ DEVICE = torch.device(os.environ.get("DDIT_TEST_DEVICE", "cpu"))  # where tiny_p
 
 
 # pipelines that call the transformer once per CFG branch, by the branch names of their calls: in cache contexts
-# (Flux and Qwen-Image true CFG, Wan), or without (Chroma, though it says it guides); the others batch both branches
+# (Flux and Qwen-Image true CFG, Wan), or without, named by their order (Chroma, though it says it guides); the
+# others batch both branches
 BRANCH_CALLS = {"flux": ("cond", "uncond"), "qwenimage": ("cond", "uncond"), "wan": ("cond", "uncond"),
-                "chroma": (None, None)}
+                "chroma": (None, "call2")}
 
 
 class SplitPolicy(PatchPolicy):
@@ -465,6 +466,15 @@ def test_parallelism_is_refused_before_and_while_enabled():
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer))
     with pytest.raises(ValueError, match="enable_parallelism: context and tensor parallelism split"):
         pipe.transformer.enable_parallelism(config=ContextParallelConfig(ring_degree=2))
+
+
+def test_samples_from_identical_noise_stay_samples_where_the_pipeline_calls_per_branch():
+    """Chroma says it guides but calls once per branch, as every pipeline of the packed-token families does: two
+    samples drawn from one seed (identical halves) must not be read as one sample's two branches."""
+    pipe, kwargs = build("chroma")
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy(EARLY_COARSE))
+    pipe(**kwargs(batch=2, seeds=[0, 0], steps=STEPS))
+    assert {r["sample"] for r in ddit.summary(pipe).records} == {0, 1}
 
 
 def test_an_ip_adapter_image_prompt_is_refused_at_the_first_call():

@@ -77,3 +77,18 @@ def test_an_extra_call_with_one_branch_at_the_same_step_is_accepted():
     runtime(call(torch.cat([x, x]), 900.0))
     out = runtime(call(x, 900.0))
     assert torch.equal(out, x) and [r["tokens"] for r in runtime.records] == [32, 32, 16, 16]
+
+
+def test_a_steps_later_calls_without_a_branch_name_are_named_by_their_order():
+    """Chroma calls once per CFG branch with no cache context: its uncond call must not share the cond call's
+    cache state or diffusers cache context, nor a batched pipeline's extra call (SD3's skip-layer guidance)."""
+    policy, sched = Recorder(), scheduler()
+    runtime = PatchRuntime(policy, (2, 4), scheduler=lambda: sched)
+    x = torch.randn(2, 4, 8, 8)
+    for index in range(2):
+        sched.step_index = index
+        runtime(call(x, 900.0 - index, branches=1))
+        runtime(call(x, 900.0 - index, branches=1))
+    order = [(r["step"], r["branch"]) for r in runtime.records if r["sample"] == 0]
+    assert order == [(0, None), (0, "call2"), (1, None), (1, "call2")]
+    assert len(policy.seen) == 2  # one decision per step, which the later call follows

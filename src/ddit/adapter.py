@@ -51,7 +51,7 @@ IP_ADAPTER = "ip_adapter_image_embeds"
 def image_prompts(given: dict) -> list[str]:
     """The forward arguments (by name) that carry an IP-Adapter's image prompt, named for an error message."""
     return [f"{name}['{IP_ADAPTER}'] (an IP-Adapter's image prompt: unload it, pipe.unload_ip_adapter())"
-            for name, value in given.items() if isinstance(value, dict) and value.get(IP_ADAPTER) is not None]
+            for name, value in given.items() if isinstance(value, dict) and IP_ADAPTER in value]
 
 
 #: What diffusers can do to a transformer that would load into, switch, remove, bypass or split the LoRA layers

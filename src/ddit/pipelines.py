@@ -119,7 +119,7 @@ class DynamicPatchTransformer(nn.Module):
         if image_prompts(given):  # refused at the first call, before a coarse step would drop it
             raise ValueError(f"{image_prompts(given)[0]} cannot be used with dynamic patches")
         where = self._where
-        cfg = None if self._branch is not None else self._guidance()
+        cfg = None if self._branch is not None else self._guidance() if self.adapter.spec.batched_cfg else False
         call = Call(latent, given["timestep"], lambda idx, size: self._run(args, kwargs, len(latent), idx, size),
                     branch=self._branch, branches=None if cfg is None else 1 + cfg,
                     step_index=where.get("step_index"), num_steps=where.get("num_inference_steps"),
@@ -327,7 +327,8 @@ def _scheduler_of(pipe):
 
 def _guidance_of(pipe) -> Callable[[], bool | None]:
     """Whether the pipeline's current call batches CFG branches, where it says (SD3's
-    ``do_classifier_free_guidance``); ``None`` leaves it to the runtime (identical halves)."""
+    ``do_classifier_free_guidance``); ``None`` leaves it to the runtime (identical halves). Not asked for the
+    families whose pipelines call once per branch (``BackboneSpec.batched_cfg``)."""
     ref = weakref.ref(pipe)
 
     def batched() -> bool | None:

@@ -11,7 +11,8 @@ measures what pipeline users run):
   size once per step;
 - a sample's classifier-free-guidance branches share that decision, whether they
   are batched in one call (SD3, PixArt, DiT) or come as one call per branch (Flux
-  true CFG, Wan: the pipeline's cache context names the branch);
+  true CFG, Wan: the pipeline's cache context names the branch; where no context
+  names it, as in Chroma, a step's later calls are named by their order);
 - a batch with several sizes runs in groups of one size, put back in row order;
 - ddit's feature caches keep state per (branch, sample); diffusers' cache hooks get
   one cache context per (branch, size, group of samples), and all their state is
@@ -48,7 +49,8 @@ class Call:
     timestep: torch.Tensor | float
     run: RunRows
     branch: str | None = None  # the pipeline's name for a call that holds one CFG branch ("cond", "uncond")
-    branches: int | None = None  # CFG branches batched in the rows (2 only with identical halves); None: unknown
+    # (the runtime names a step's later calls that come without one: "call2", ...)
+    branches: int | None = None  # CFG branches batched in the rows; None: identical halves mean two
     step_index: int | None = None
     num_steps: int | None = None
     sigma: float | None = None
@@ -69,6 +71,7 @@ class Generation:
     uniform: int | None = None  # the one size of this step, if every sample has it
     groups: frozenset = frozenset()  # this step's (size, samples) groups
     probed: bool = False  # whether this step's decision ran the model
+    calls: int = 0  # calls in this step so far
 
 
 class PatchRuntime:
@@ -144,7 +147,11 @@ class PatchRuntime:
             g.step = g.step + 1 if index is None else index
             g.timestep = t
             g.num_steps, g.sigma = self._where(call, g.step, t)
+            g.calls = 0
             self._decide(g, call)
+        g.calls += 1
+        if call.branch is None and g.calls > 1:  # a later call of the step that no cache context names (Chroma's
+            call.branch = f"call{g.calls}"  # uncond, SD3's skip-layer guidance): its own cache state and context
         return g
 
     def _step_index(self, call: Call) -> int | None:
@@ -159,12 +166,14 @@ class PatchRuntime:
         return (getattr(scheduler, "begin_index", None) or 0) if index is None else index
 
     def _start(self, call: Call) -> Generation:
-        latent, half = call.latent, len(call.latent) // 2
-        halves = len(latent) % 2 == 0 and half and torch.equal(latent[:half], latent[half:])
-        if call.branch is not None or call.branches == 1:
+        latent = call.latent
+        if call.branches is not None:
+            branches = call.branches
+        elif call.branch is not None:
             branches = 1
-        else:  # identical halves are batched branches; a pipeline that says it guides but passes different
-            branches = 2 if halves else 1  # halves calls once per branch (Chroma)
+        else:
+            half = len(latent) // 2
+            branches = 2 if len(latent) % 2 == 0 and half and torch.equal(latent[:half], latent[half:]) else 1
         if len(latent) % branches:
             raise ValueError(f"{len(latent)} rows do not split into {branches} CFG branches")
         self.reset()

@@ -220,15 +220,16 @@ def _chroma(tf) -> DiffusionPipeline:
 
 def _qwenimage(tf) -> DiffusionPipeline:
     """Qwen-Image drops the first tokens of its encoded prompt template (34: its system prefix under Qwen's own
-    merges). The byte-level tokenizer gets that prefix's system line as added tokens, so that the prefix counts
-    as many and what is left is the prompt and the template's tail, as with Qwen's tokenizer."""
+    merges). The byte-level tokenizer gets that prefix's system instruction as added tokens, so that the prefix
+    counts as many and what is left is the prompt and the template's tail, as with Qwen's tokenizer. No added
+    token holds a newline, so none can reach across the newline before the prompt into it."""
     tokenizer = _qwen_tokenizer(tf)
     stock = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
     prefix = stock.prompt_template_encode.split("{}")[0]
-    line = prefix.split("<|im_start|>")[1].split("<|im_end|>")[0]  # "system\nDescribe the image..."
-    pieces = stock.prompt_template_encode_start_idx - (len(tokenizer(prefix).input_ids) - len(line.encode()))
-    cuts = [round(i * len(line) / pieces) for i in range(pieces + 1)]
-    tokenizer.add_tokens([line[a:b] for a, b in zip(cuts, cuts[1:])])
+    _, text = prefix.split("<|im_start|>")[1].split("<|im_end|>")[0].split("\n")  # "system", "Describe..."
+    pieces = stock.prompt_template_encode_start_idx - (len(tokenizer(prefix).input_ids) - len(text.encode()))
+    cuts = [round(i * len(text) / pieces) for i in range(pieces + 1)]
+    tokenizer.add_tokens([text[a:b] for a, b in zip(cuts, cuts[1:])])
     transformer = wake_zeros(QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(4, 6, 6)))

@@ -42,6 +42,9 @@ class BackboneSpec:
     unbatched: tuple[str, ...] = ()
     #: Whether every block maps hidden states to hidden states (ddit's feature caches need that).
     single_stream: bool = True
+    #: Whether this family's stock pipelines may batch CFG branches in one call; the packed-token families'
+    #: pipelines (FLUX, Chroma, Qwen-Image) call once per branch, even where they say they guide (Chroma).
+    batched_cfg: bool = True
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -21,6 +21,7 @@ class FluxSpec(BackboneSpec):
     unsupported = ("controlnet_block_samples", "controlnet_single_block_samples")
     unbatched = ("img_ids", "txt_ids")
     single_stream = False  # joint blocks return (text, image) tokens
+    batched_cfg = False  # true CFG (and Chroma's) calls once per branch
     _ids = None
 
     @property

@@ -25,6 +25,7 @@ class QwenImageSpec(BackboneSpec):
     unsupported = ("controlnet_block_samples", "guidance")  # guidance: the stock forward cannot take it either
     unbatched = ("img_shapes",)
     single_stream = False
+    batched_cfg = False  # true CFG calls once per branch
     pack = FluxSpec.pack
 
     def __init__(self, model):
