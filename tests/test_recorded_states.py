@@ -118,7 +118,7 @@ def test_two_resolutions_in_one_folder_are_refused_when_batched(tmp_path):
     other.call_kwargs = lambda **kw: {**original(**kw), "height": 64, "width": 64}
     record_states(other, ["a", "b"], tmp_path, indices=[1], progress=False)
     states = RecordedStates(tmp_path)
-    with pytest.raises(RecordingError, match="one pipeline at one resolution per folder"):
+    with pytest.raises(RecordingError, match="differ in hidden_states .*one pipeline at one resolution per folder"):
         for seed in range(20):
             states.draw(torch.Generator().manual_seed(seed), 4)
 
@@ -145,3 +145,15 @@ def test_a_multipatch_model_records_the_base_inputs_of_every_call(tmp_path):
     assert (kwargs["class_labels"] == NULL_LABEL).any() and (kwargs["class_labels"] != NULL_LABEL).any()
     with torch.no_grad():
         assert model(z, **kwargs, patch_size=4, return_dict=False)[0].shape == z.shape
+
+
+def test_recordings_that_pass_different_arguments_are_refused_naming_them(tmp_path):
+    record_states(PromptPipe("sd3"), ["a"], tmp_path, progress=False)
+    other = PromptPipe("sd3")
+    original = other.call_kwargs
+    other.call_kwargs = lambda **kw: {**original(**kw), "joint_attention_kwargs": {"scale": 1.0}}
+    record_states(other, ["a", "b"], tmp_path, indices=[1], progress=False)
+    states = RecordedStates(tmp_path)
+    with pytest.raises(RecordingError, match=r"differ in which arguments they pass \(joint_attention_kwargs\)"):
+        for seed in range(20):
+            states.draw(torch.Generator().manual_seed(seed), 4)

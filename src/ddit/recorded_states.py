@@ -241,25 +241,27 @@ def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(length - len(t), *t.shape[1:])])
 
 
-def _collate(items: list, folder: Path):
+def _collate(items: list, folder: Path, name: str = "the arguments"):
     first = items[0]
     if isinstance(first, dict):
         if any(not isinstance(i, dict) or i.keys() != first.keys() for i in items):
-            raise _mixed(folder)
-        return {k: _collate([i[k] for i in items], folder) for k in first}
+            keys = [set(i) if isinstance(i, dict) else set() for i in items]
+            differ = sorted(set.union(*keys) - set.intersection(*keys))
+            raise _mixed(folder, f"which arguments they pass ({', '.join(differ)})")
+        return {k: _collate([i[k] for i in items], folder, k) for k in first}
     if isinstance(first, _Shared):
         if any(i.tensor.shape != first.tensor.shape or not torch.equal(i.tensor, first.tensor) for i in items):
-            raise _mixed(folder)
+            raise _mixed(folder, name)
         return first.tensor
     if torch.is_tensor(first):
         if any(i.shape != first.shape for i in items):
-            raise _mixed(folder)
+            raise _mixed(folder, name)
         return torch.stack(items)
     if any(i != first for i in items):
-        raise _mixed(folder)
+        raise _mixed(folder, name)
     return first
 
 
-def _mixed(folder: Path) -> RecordingError:
-    return RecordingError(f"the calls recorded in {folder} differ in shape or options (another resolution or "
-                          "pipeline?); record one pipeline at one resolution per folder")
+def _mixed(folder: Path, what: str) -> RecordingError:
+    return RecordingError(f"the calls recorded in {folder} differ in {what} (another resolution or pipeline, or "
+                          "an older ddit?); record one pipeline at one resolution per folder")
