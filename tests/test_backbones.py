@@ -9,6 +9,7 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
     QwenImageTransformer2DModel,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
 )
@@ -50,6 +51,16 @@ def pixart():
     return model, dict(hidden_states=torch.randn(B, 4, 16, 8), encoder_hidden_states=torch.randn(B, 5, 32),
                        encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5]),
                        timestep=torch.tensor([10, 900]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+
+def sana(**config):  # patch 1, as Sana's deep-compression latents have
+    model = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                   num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                   cross_attention_dim=16, caption_channels=32, mlp_ratio=2.0, sample_size=8,
+                                   patch_size=1, **config)
+    return model, dict(hidden_states=torch.randn(B, 4, 16, 8), encoder_hidden_states=torch.randn(B, 5, 32),
+                       encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5]),
+                       timestep=torch.tensor([10, 900]))
 
 
 def sd3():
@@ -114,12 +125,12 @@ def wan():
                        timestep=torch.tensor([10, 900]))
 
 
-FAMILIES = {"dit": dit, "pixart": pixart, "sd3": sd3, "flux": flux, "flux2": flux2, "chroma": chroma,
+FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux, "flux2": flux2, "chroma": chroma,
             "qwenimage": qwenimage, "wan": wan}
 # attention q/k/v/out (self, and cross where there is one) + feed-forward in + out, per block;
 # Flux's single blocks: q/k/v + proj_mlp + proj_out; FLUX.2's: the fused qkv-mlp projection and its output
-LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2, "chroma": 2 * (6 + 5),
-               "qwenimage": 2 * 6, "wan": 2 * 10}
+LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sana": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2,
+               "chroma": 2 * (6 + 5), "qwenimage": 2 * 6, "wan": 2 * 10}
 
 
 @pytest.fixture(params=FAMILIES, scope="module")
@@ -142,7 +153,7 @@ def test_base_size_calls_the_backbone_unchanged(family):
 @torch.no_grad()
 def test_every_size_gives_a_finite_output_of_the_backbone_shape(family):
     _, model, inputs, reference = family
-    assert model.patch_sizes == (2, 4, 8)
+    assert model.patch_sizes == tuple(model.base_patch_size * k for k in (1, 2, 4))
     for size in model.patch_sizes[1:]:
         out = model(**inputs, patch_size=size).sample
         assert out.shape == reference.shape and out.isfinite().all()
@@ -153,7 +164,7 @@ def test_lora_sits_on_every_block_attention_and_feed_forward(family):
     layers = [n for n, m in model.backbone.named_modules() if m in model._lora_layers]
     assert len(layers) == LORA_LAYERS[name]
     assert all(n.split(".")[0] in ("transformer_blocks", "single_transformer_blocks", "blocks") for n in layers)
-    assert all(set(layer.lora_A) == {"patch4", "patch8"} for layer in model._lora_layers)
+    assert all(set(layer.lora_A) == {f"patch{s}" for s in model.patch_sizes[1:]} for layer in model._lora_layers)
 
 
 @torch.no_grad()
@@ -251,6 +262,21 @@ def test_masked_text_tokens_do_not_reach_a_coarse_output(name):
         assert torch.allclose(out[0], changed[0], atol=1e-5)
     text[0, 0] += 1  # a token under the mask does reach it
     assert not torch.allclose(model(**{**inputs, "encoder_hidden_states": text}, patch_size=4).sample[0], out[0])
+
+
+@torch.no_grad()
+def test_sana_with_sincos_positions_reproduces_the_backbone_and_runs_coarse():
+    """Sana has no positions unless its config names an interpolation scale; then they are the fine table's."""
+    torch.manual_seed(0)
+    backbone, inputs = sana(interpolation_scale=1)
+    model = MultiPatchTransformer(_randomize(backbone))
+    assert backbone.patch_embed.pos_embed is not None
+    given = model._signature.bind(**inputs)
+    given.apply_defaults()
+    out = model._patched(PatchHead(*model.spec.base_weights(), scale=1), 1, model.spec.latent(given.arguments),
+                         given.arguments)
+    assert (out - backbone(**inputs).sample).abs().max() <= 1e-5
+    assert model(**inputs, patch_size=4).sample.isfinite().all()
 
 
 def test_qwenimage_rope_puts_coarse_patches_at_the_centres_of_its_centred_positions():

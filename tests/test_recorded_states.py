@@ -30,7 +30,7 @@ class PromptPipe:
         return self.pipe(**kwargs)
 
 
-@pytest.mark.parametrize("name", ["flux", "chroma", "qwenimage", "sd3", "pixart", "wan"])
+@pytest.mark.parametrize("name", ["flux", "chroma", "qwenimage", "sd3", "pixart", "sana", "wan"])
 def test_drawn_states_reproduce_the_transformer_outputs_of_the_pipeline(name, tmp_path):
     """Every drawn row, fed back to the transformer, gives what the transformer returned inside the
     pipeline for that row: conditioning, timesteps, shared ids and CFG rows all come back right."""

@@ -2,8 +2,9 @@
 
 Not a test module: tests import it. ``build(name)`` returns an unmodified diffusers
 pipeline (FluxPipeline, Flux2Pipeline, ChromaPipeline, QwenImagePipeline, StableDiffusion3Pipeline,
-PixArtSigmaPipeline, WanPipeline or DiTPipeline) whose transformer is a few-kilobyte random model, and a ``call_kwargs``
-function giving the keyword arguments for ``pipe(**kwargs)``. Nothing is downloaded:
+PixArtSigmaPipeline, SanaPipeline, WanPipeline or DiTPipeline) whose transformer is a
+few-kilobyte random model, and a ``call_kwargs`` function giving the keyword arguments
+for ``pipe(**kwargs)``. Nothing is downloaded:
 text encoders and tokenizers are ``None`` and prompts are passed as random,
 seed-deterministic embeddings; the text-to-image pipelines run with
 ``output_type="latent"`` and ``vae=None``. DiTPipeline always decodes, so it gets a tiny
@@ -14,7 +15,7 @@ Every latent is 16x16 where the transformer patchifies it (Flux: before its 2x2
 packing), so patch sizes 2, 4 and 8 divide it. ``call_kwargs`` gives one generator and
 one set of embeddings per sample, seeded by that sample's seed, so a sample does not
 depend on the rest of its batch. Its ``guidance`` defaults turn classifier-free
-guidance on: SD3, PixArt and DiT run cond and uncond as one doubled batch, Flux and Qwen-Image
+guidance on: SD3, PixArt, Sana and DiT run cond and uncond as one doubled batch, Flux and Qwen-Image
 (true CFG) and Wan make two transformer calls per step. ``guidance=1`` turns it off.
 
 Usage::
@@ -48,6 +49,8 @@ from diffusers import (
     PixArtTransformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     WanPipeline,
@@ -56,7 +59,7 @@ from diffusers import (
 
 from ddit.tiny_pipelines import wake_zeros as _wake_zeros
 
-NAMES = ("flux", "flux2", "chroma", "qwenimage", "sd3", "pixart", "wan", "dit")
+NAMES = ("flux", "flux2", "chroma", "qwenimage", "sd3", "pixart", "sana", "wan", "dit")
 LATENT = 16  # latent height and width at the transformer's patchify
 TEXT_LEN = 8  # tokens of the fake prompt embeddings
 VAE_SCALE = 8  # the pipelines' vae_scale_factor when vae is None
@@ -242,6 +245,32 @@ def _pixart():
     return pipe, call_kwargs
 
 
+def _sana():
+    """Patch 2, where Sana's checkpoints use 1, so that the shared tests' sizes 2, 4 and 8 hold here too
+    (tests/test_backbones.py runs patch 1); the latent is 32x (the pipeline's factor without a VAE)."""
+    torch.manual_seed(0)
+    transformer = _wake_zeros(SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
+        mlp_ratio=2.0, sample_size=LATENT, patch_size=2))
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    mask = torch.ones(TEXT_LEN, dtype=torch.long).index_fill_(0, torch.tensor([TEXT_LEN - 1]), 0)  # padding
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
+        seeds = _seeds(batch, seeds)
+        kw = dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, 32), prompt_attention_mask=mask.expand(batch, -1),
+                  guidance_scale=4.5 if guidance is None else guidance, height=LATENT * 32, width=LATENT * 32,
+                  use_resolution_binning=False, num_inference_steps=steps, generator=generators(seeds),
+                  output_type="latent")
+        if kw["guidance_scale"] > 1:
+            kw.update(negative_prompt=None, negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 32),
+                      negative_prompt_attention_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long))
+        return kw
+
+    return pipe, call_kwargs
+
+
 def _wan():
     torch.manual_seed(0)
     transformer = _wake_zeros(WanTransformer3DModel(
@@ -289,7 +318,7 @@ def _dit():
 
 
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "sd3": _sd3,
-             "pixart": _pixart, "wan": _wan, "dit": _dit}
+             "pixart": _pixart, "sana": _sana, "wan": _wan, "dit": _dit}
 
 
 def build(name: str) -> tuple[DiffusionPipeline, Callable[..., dict]]:

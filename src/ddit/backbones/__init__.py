@@ -17,14 +17,16 @@ from .flux import FluxSpec
 from .flux2 import Flux2Spec
 from .pixart import PixArtSpec
 from .qwenimage import QwenImageSpec
+from .sana import SanaSpec
 from .sd3 import SD3Spec
 from .wan import WanSpec
 
-BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SD3Spec, FluxSpec, Flux2Spec, ChromaSpec,
-                                                 QwenImageSpec, WanSpec)
+BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SanaSpec, SD3Spec, FluxSpec, Flux2Spec,
+                                                 ChromaSpec, QwenImageSpec, WanSpec)
 
 __all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "PixArtSpec",
-           "QwenImageSpec", "SD3Spec", "WanSpec", "patchify", "sincos_positions", "spec_for", "specs", "unpatchify"]
+           "QwenImageSpec", "SanaSpec", "SD3Spec", "WanSpec", "patchify", "sincos_positions", "spec_for", "specs",
+           "unpatchify"]
 
 
 def specs() -> dict[str, type[BackboneSpec]]:

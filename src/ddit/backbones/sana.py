@@ -1,0 +1,37 @@
+"""Sana: a patch-1 embedding (on a 32x deep-compression latent), linear self-attention, and a convolutional
+feed-forward that folds the tokens back into their (height, width) grid: the blocks are given the coarse grid.
+
+Positions: none by default (the convolution places the tokens), or the backbone's sincos table at stride k
+when the model has an ``interpolation_scale``.
+"""
+
+from __future__ import annotations
+
+from .base import BackboneSpec, sincos_positions
+
+
+class SanaSpec(BackboneSpec):
+    model_class = "SanaTransformer2DModel"
+    # self- and cross-attention, and the 1x1 convolutions in and out of the convolutional feed-forward
+    lora_target = r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.(conv_inverted|conv_point))"
+    unsupported = ("attention_mask", "controlnet_block_samples")  # a mask over the fine image tokens
+
+    def base_layers(self):
+        return self.model.patch_embed.proj, self.model.proj_out
+
+    def forward(self, tokens, grid, scale, args):
+        m, batch = self.model, tokens.shape[0]
+        x = tokens
+        if m.patch_embed.pos_embed is not None:
+            x = x + sincos_positions(m.patch_embed, grid, scale).to(x)
+        mask = args["encoder_attention_mask"]
+        if mask is not None and mask.ndim == 2:  # keep/discard -> additive bias, as the backbone does
+            mask = ((1 - mask.to(x.dtype)) * -10000.0).unsqueeze(1)
+        if args["guidance"] is None:
+            t, embedded_t = m.time_embed(args["timestep"], batch_size=batch, hidden_dtype=x.dtype)
+        else:
+            t, embedded_t = m.time_embed(args["timestep"], guidance=args["guidance"], hidden_dtype=x.dtype)
+        context = m.caption_norm(m.caption_projection(args["encoder_hidden_states"]).view(batch, -1, x.shape[-1]))
+        for block in m.transformer_blocks:
+            x = self.block(block, x, None, context, mask, t, *grid)
+        return m.norm_out(x, embedded_t, m.scale_shift_table)
