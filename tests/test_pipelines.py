@@ -194,8 +194,12 @@ def test_bad_input_is_refused_before_anything_changes(tmp_path):
     with pytest.raises(ValueError, match="already enabled"):
         ddit.enable(pipe, tmp_path / "flux_adapter")
     call = kwargs(batch=1, steps=STEPS)
-    with pytest.raises(ValueError, match="multiples of 64 pixels"):  # patch 8 x vae factor 8
+    with pytest.raises(ValueError, match="multiples of 64 pixels$"):  # patch 8 x vae factor 8
         pipe(**{**call, "height": 96, "width": 96})
+    pixart, pixart_kwargs = build("pixart")  # a pipeline that bins resolutions says so
+    ddit.enable(pixart, ddit.MultiPatchTransformer(pixart.transformer), policy="baseline")
+    with pytest.raises(ValueError, match="64 pixels .this pipeline moves the requested size to its nearest"):
+        pixart(**{**pixart_kwargs(batch=1, steps=STEPS), "height": 96, "width": 96})
     ddit.disable(pipe)
     with pytest.raises(ValueError, match="not enabled"):
         ddit.disable(pipe)
@@ -477,8 +481,9 @@ def test_samples_from_identical_noise_stay_samples_where_the_pipeline_calls_per_
     assert {r["sample"] for r in ddit.summary(pipe).records} == {0, 1}
 
 
-def test_an_ip_adapter_image_prompt_is_refused_at_the_first_call():
-    """The backbone projects it in its own forward, which coarse steps skip: they would drop it silently."""
+def test_an_ip_adapter_image_prompt_or_controlnet_residuals_are_refused_at_the_first_call():
+    """The backbone projects an image prompt in its own forward, which coarse steps skip: they would drop it
+    silently; ControlNet residuals hold the fine grid's tokens."""
     pipe, kwargs = build("flux")
     calls = []
     pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -487,6 +492,14 @@ def test_an_ip_adapter_image_prompt_is_refused_at_the_first_call():
     with pytest.raises(ValueError, match=r"\['ip_adapter_image_embeds'\] \(an IP-Adapter.*unload_ip_adapter"):
         pipe(**kwargs(steps=STEPS), joint_attention_kwargs=image_prompt)
     assert not calls  # nothing ran
+    ids = torch.zeros(8, 8, 3)  # the 8 x 8 packed tokens of a 16 x 16 latent, as FluxPipeline makes them
+    ids[..., 1], ids[..., 2] = torch.arange(8)[:, None], torch.arange(8)[None]
+    with pytest.raises(ValueError, match="controlnet_block_samples cannot be used with dynamic patches"):
+        pipe.transformer(hidden_states=torch.zeros(1, 64, 64), encoder_hidden_states=torch.zeros(1, TEXT_LEN, 32),
+                         pooled_projections=torch.zeros(1, 32), timestep=torch.ones(1), img_ids=ids.reshape(-1, 3),
+                         txt_ids=torch.zeros(TEXT_LEN, 3), guidance=torch.ones(1),
+                         controlnet_block_samples=[torch.zeros(1)])
+    assert not calls
 
 
 def test_fused_qkv_projections_are_refused_before_while_and_after_enable():

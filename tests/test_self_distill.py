@@ -96,6 +96,17 @@ def test_bad_options_fail_before_anything_is_recorded(extra, message, folders, t
     assert not out.exists()
 
 
+def test_resolution_binning_is_refused_before_anything_is_recorded(folders, tmp_path, capsys):
+    """PixArt and Sana move the size to a bin after every check (most of Sana's 1024 bins fail its sizes)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    out = tmp_path / "run"
+    assert main(["distill", "--pipeline", str(folders["pixart"]), "--prompts", str(prompts), "--out", str(out),
+                 "--height", "128", "--width", "128"]) == 2
+    assert "moves the requested size to its nearest resolution bin" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("content, message", [("\n  \n", "holds no prompt"), (b"\xff\xfe\x00", "cannot read")])
 def test_empty_or_unreadable_prompts_are_refused(content, message, folders, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"

@@ -41,8 +41,19 @@ def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
     return sizes[0], sizes[1], factor
 
 
+def bins_resolution(pipe, call: dict) -> bool:
+    """Whether the call moves the size it is given to one of the pipeline's bins (PixArt, Sana by default)."""
+    parameter = inspect.signature(pipe.__call__).parameters.get("use_resolution_binning")
+    return parameter is not None and call.get("use_resolution_binning", parameter.default) is True
+
+
 def check_resolution(pipe, call: dict, patch_sizes: Sequence[int]) -> None:
-    """Refuse a resolution whose latent some patch size does not divide, before any work."""
+    """Refuse a resolution whose latent some patch size does not divide, before any work; and resolution
+    binning, which would change the resolution after this check (most of Sana's 1024 bins fail its sizes)."""
+    if bins_resolution(pipe, call):
+        raise ValueError(f"{type(pipe).__name__} moves the requested size to its nearest resolution bin, which "
+                         "the patch sizes may not divide: pass --pipeline-arg use_resolution_binning=False, with "
+                         "a --height and --width the sizes divide")
     size = image_size(pipe, call)
     if size is None:
         return

@@ -40,11 +40,11 @@ class DynamicPatchTransformer(nn.Module):
     """A pipeline's transformer that runs each sample at the patch size its policy picks, step by step."""
 
     def __init__(self, adapter: MultiPatchTransformer, runtime: PatchRuntime, pixels_per_latent: int | None = None,
-                 guidance: Callable[[], bool | None] | None = None):
+                 guidance: Callable[[], bool | None] | None = None, bins_resolution: bool = False):
         super().__init__()
         self.adapter = adapter
         self.runtime = runtime
-        self.pixels_per_latent = pixels_per_latent
+        self.pixels_per_latent, self.bins_resolution = pixels_per_latent, bins_resolution
         self._guidance = guidance or (lambda: None)
         self._signature = inspect.signature(adapter.backbone.forward)
         self._branch: str | None = None
@@ -116,8 +116,10 @@ class DynamicPatchTransformer(nn.Module):
         given = self._signature.bind(*args, **kwargs).arguments
         latent = self.adapter.spec.latent(given)
         self._check_resolution(latent)
-        if image_prompts(given):  # refused at the first call, before a coarse step would drop it
-            raise ValueError(f"{image_prompts(given)[0]} cannot be used with dynamic patches")
+        refused = [name for name in self.adapter.spec.unsupported if given.get(name) is not None]
+        if refused or image_prompts(given):  # at the first call, not at the first coarse step
+            raise ValueError(f"{', '.join(refused + image_prompts(given))} cannot be used with dynamic patches "
+                             "(they hold the fine grid's tokens, or the backbone reads them in its own forward)")
         where = self._where
         cfg = None if self._branch is not None else self._guidance() if self.adapter.spec.batched_cfg else False
         call = Call(latent, given["timestep"], lambda idx, size: self._run(args, kwargs, len(latent), idx, size),
@@ -148,9 +150,11 @@ class DynamicPatchTransformer(nn.Module):
         if h % sizes[-1] or w % sizes[-1]:
             multiple = (f"{sizes[-1] * self.pixels_per_latent} pixels" if self.pixels_per_latent
                         else f"{sizes[-1]} latent pixels")
+            binned = (" (this pipeline moves the requested size to its nearest resolution bin unless called "
+                      "with use_resolution_binning=False)" if self.bins_resolution else "")
             raise ValueError(f"patch sizes {', '.join(map(str, sizes))} need a latent whose height and width are "
                              f"multiples of {sizes[-1]}, not {h}x{w}: use an image height and width that are "
-                             f"multiples of {multiple}")
+                             f"multiples of {multiple}{binned}")
 
 
 def _cut(value, idx: torch.Tensor, rows: int):
@@ -264,7 +268,8 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer, policy: str
                              "(transformer.disable_cache()) and pass its config to ddit.enable(..., cache=config)")
         runtime = PatchRuntime(policy, adapter.patch_sizes, cache=cache if isinstance(cache, Cache) else None,
                                model=adapter, scheduler=_scheduler_of(pipe), patch=adapter.spec.patch)
-        wrapper = DynamicPatchTransformer(adapter, runtime, _pixels_per_latent(pipe), _guidance_of(pipe))
+        wrapper = DynamicPatchTransformer(adapter, runtime, _pixels_per_latent(pipe), _guidance_of(pipe),
+                                          "use_resolution_binning" in inspect.signature(pipe.__call__).parameters)
         if cache is not None and not isinstance(cache, Cache):
             wrapper.enable_cache(cache)
     except Exception:

@@ -14,7 +14,7 @@ class SanaSpec(BackboneSpec):
     model_class = "SanaTransformer2DModel"
     # self- and cross-attention, and the 1x1 convolutions in and out of the convolutional feed-forward
     lora_target = r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.(conv_inverted|conv_point))"
-    unsupported = ("attention_mask", "controlnet_block_samples")  # a mask over the fine image tokens
+    unsupported = ("attention_mask", "controlnet_block_samples")  # image-token inputs, of the fine grid
 
     def base_layers(self):
         return self.model.patch_embed.proj, self.model.proj_out
