@@ -1,5 +1,5 @@
-"""What a coarse step saves on the real shapes of FLUX.1-dev, FLUX.2-dev, Qwen-Image, SD3.5-medium and
-Wan2.1-T2V-1.3B (issue 10, part 4).
+"""What a coarse step saves on the real shapes of FLUX.1-dev, FLUX.2-dev, Qwen-Image, SD3.5-medium, Sana-1.6B
+and Wan2.1-T2V-1.3B (issue 10, part 4).
 
     python benchmarks/real_shapes.py --device cpu     # reduced models, fp32, a few minutes on 2 cores
     python benchmarks/real_shapes.py --device cuda    # full depth, bf16 (benchmarks/gpu/run.sh runs this)
@@ -45,6 +45,7 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
 )
@@ -74,6 +75,7 @@ class Model:
     batch: int  # rows of one transformer call in the stock pipeline with guidance on
     batch_note: str
     text_width: int = 4096  # features per text token the transformer takes
+    patch: int = 2  # the backbone's own patch, in latent pixels
 
     def spatial(self, scale: str) -> tuple[int, ...]:
         """The latent's dims at ``scale``: the last two are the ones a patch size must divide."""
@@ -127,6 +129,16 @@ SD35 = Model(
     "dual attention in layers 0-12, qk_norm rms_norm, pos_embed_max_size 384)",
     "1024x1024", (16, 128, 128), 333, "CLIP 77 + T5 256, StableDiffusion3Pipeline's max_sequence_length",
     2, "CFG: both branches in one call")
+SANA = Model(
+    "Sana-1.6B", SanaTransformer2DModel,
+    dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+         num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
+         mlp_ratio=2.5, sample_size=32, patch_size=1),
+    "diffusers' SanaTransformer2DModel defaults, which describe Sana 1600M at 1024px (20 blocks, hidden 2240 = "
+    "70 x 32 with linear self-attention, Gemma-2-2B's 2304 text features, a 32-channel DC-AE at 32x); not checked "
+    "against the checkpoint's config.json here",
+    "1024x1024", (32, 32, 32), 300, "Gemma, SanaPipeline's max_sequence_length",
+    2, "CFG: both branches in one call", text_width=2304, patch=1)
 WAN = Model(
     "Wan2.1-T2V-1.3B", WanTransformer3DModel,
     dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -136,7 +148,7 @@ WAN = Model(
     "(dim 1536 = 12 x 128, ffn_dim 8960, 30 layers, qk_norm, cross_attn_norm)",
     "480x832, 81 frames", (16, 21, 60, 104), 512, "UMT5, WanPipeline's max_sequence_length",
     1, "CFG: one call per branch, two per step")
-MODELS = {"flux": FLUX, "flux2": FLUX2, "qwenimage": QWEN, "sd3": SD35, "wan": WAN}
+MODELS = {"flux": FLUX, "flux2": FLUX2, "qwenimage": QWEN, "sd3": SD35, "sana": SANA, "wan": WAN}
 
 
 def model_config(model: Model, scale: str, depth: int | None) -> dict:
@@ -148,6 +160,9 @@ def model_config(model: Model, scale: str, depth: int | None) -> dict:
             config["caption_projection_dim"] //= SHRINK  # SD3's width
         if "ffn_dim" in config:
             config["ffn_dim"] //= SHRINK
+        if model is SANA:  # cross-attention works at the narrowed width
+            config["num_cross_attention_heads"] //= SHRINK
+            config["cross_attention_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
     if depth is not None:
         if model in (FLUX, FLUX2):
             config.update(num_layers=depth, num_single_layers=depth)
@@ -343,7 +358,7 @@ def measure(name: str, args, out: Path) -> dict:
     depth = args.depth if args.depth is not None else (1 if args.scale == "reduced" else None)
     config = model_config(model, args.scale, depth)
     dims, text = model.spatial(args.scale), model.text_tokens(args.scale)
-    base = 2  # each of these models patchifies 2x2 latent pixels
+    base = model.patch
     sizes = tuple(s for s in (base, 2 * base, 4 * base) if dims[-2] % s == 0 and dims[-1] % s == 0)
     start = time.perf_counter()
     adapter = build(model, config, sizes, device, dtype)
