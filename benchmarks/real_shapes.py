@@ -1,5 +1,5 @@
-"""What a coarse step saves on the real shapes of FLUX.1-dev, FLUX.2-dev, Qwen-Image, SD3.5-medium, Sana-1.6B
-and Wan2.1-T2V-1.3B (issue 10, part 4).
+"""What a coarse step saves on the real shapes of FLUX.1-dev, FLUX.2-dev, Qwen-Image, Z-Image-Turbo,
+SD3.5-medium, Sana-1.6B and Wan2.1-T2V-1.3B (issue 10, part 4).
 
     python benchmarks/real_shapes.py --device cpu     # reduced models, fp32, a few minutes on 2 cores
     python benchmarks/real_shapes.py --device cuda    # full depth, bf16 (benchmarks/gpu/run.sh runs this)
@@ -48,12 +48,13 @@ from diffusers import (
     SanaTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
+    ZImageTransformer2DModel,
 )
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ddit import MultiPatchTransformer
-from ddit.backbones import patchify
+from ddit.backbones import as_batch, patchify
 from ddit.flops import EXTRA_FORMULAS
 
 SHRINK = 4  # the reduced scale's factor on width, image tokens and text tokens
@@ -76,6 +77,8 @@ class Model:
     batch_note: str
     text_width: int = 4096  # features per text token the transformer takes
     patch: int = 2  # the backbone's own patch, in latent pixels
+    latent_arg: str = "hidden_states"  # the forward's names for the latent and the timestep
+    timestep_arg: str = "timestep"
 
     def spatial(self, scale: str) -> tuple[int, ...]:
         """The latent's dims at ``scale``: the last two are the ones a patch size must divide."""
@@ -119,6 +122,15 @@ QWEN = Model(
     "against the checkpoint's config.json here",
     "1024x1024", (16, 128, 128), 128, "the prompt's own length (QwenImagePipeline does not pad): a long prompt",
     1, "true CFG: one call per branch, two per step", text_width=3584)
+ZIMAGE = Model(
+    "Z-Image-Turbo", ZImageTransformer2DModel,
+    dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+         n_heads=30, n_kv_heads=30, cap_feat_dim=2560, axes_dims=(32, 48, 48), axes_lens=(1024, 512, 512)),
+    "diffusers' ZImageTransformer2DModel defaults, which describe Z-Image (6B: 30 single-stream layers of 3840 = "
+    "30 x 128 and 2 refiner layers each for image and text, Qwen3-4B's 2560 text features, FLUX.1's 16-channel "
+    "VAE); not checked against Z-Image-Turbo's config.json here",
+    "1024x1024", (16, 128, 128), 128, "the prompt's own length with its chat template, unpadded "
+    "(ZImagePipeline): a long prompt", 1, "Turbo: guidance_scale 0, no CFG", text_width=2560, latent_arg="x", timestep_arg="t")
 SD35 = Model(
     "SD3.5-medium", SD3Transformer2DModel,
     dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -148,7 +160,7 @@ WAN = Model(
     "(dim 1536 = 12 x 128, ffn_dim 8960, 30 layers, qk_norm, cross_attn_norm)",
     "480x832, 81 frames", (16, 21, 60, 104), 512, "UMT5, WanPipeline's max_sequence_length",
     1, "CFG: one call per branch, two per step")
-MODELS = {"flux": FLUX, "flux2": FLUX2, "qwenimage": QWEN, "sd3": SD35, "sana": SANA, "wan": WAN}
+MODELS = {"flux": FLUX, "flux2": FLUX2, "qwenimage": QWEN, "zimage": ZIMAGE, "sd3": SD35, "sana": SANA, "wan": WAN}
 
 
 def model_config(model: Model, scale: str, depth: int | None) -> dict:
@@ -163,8 +175,13 @@ def model_config(model: Model, scale: str, depth: int | None) -> dict:
         if model is SANA:  # cross-attention works at the narrowed width
             config["num_cross_attention_heads"] //= SHRINK
             config["cross_attention_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
+        if model is ZIMAGE:  # the head size stays that of the RoPE axes
+            config["n_heads"] = config["n_kv_heads"] = config["n_heads"] // SHRINK
+            config["dim"] = config["n_heads"] * sum(config["axes_dims"])
     if depth is not None:
-        if model in (FLUX, FLUX2):
+        if model is ZIMAGE:
+            config.update(n_layers=depth, n_refiner_layers=depth)
+        elif model in (FLUX, FLUX2):
             config.update(num_layers=depth, num_single_layers=depth)
         elif model is SD35:  # as many plain layers as dual-attention ones
             config.update(num_layers=2 * depth, dual_attention_layers=tuple(range(depth)))
@@ -178,6 +195,9 @@ def depth_label(model: Model, config: dict) -> str:
         return f"{config['num_layers']} dual-stream + {config['num_single_layers']} single-stream blocks"
     if model is SD35:
         return f"{config['num_layers']} blocks, {len(config['dual_attention_layers'])} of them with dual attention"
+    if model is ZIMAGE:
+        refiners = config["n_refiner_layers"]
+        return f"{config['n_layers']} main layers + {refiners} image and {refiners} text refiner layers"
     return f"{config['num_layers']} block" + "s" * (config["num_layers"] != 1)
 
 
@@ -242,6 +262,8 @@ def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.de
     if model is QWEN:  # packed 2x2 latents, the grid as img_shapes, timestep in [0, 1]; one prompt: no mask
         args.update(hidden_states=patchify(latent, (2, 2)), timestep=full(0.5),
                     img_shapes=[[(1, dims[0] // 2, dims[1] // 2)]] * batch)
+    if model is ZIMAGE:  # lists of per-sample (C, 1, H, W) latents and prompts, timestep in [0, 1]
+        args = dict(x=list(latent.unsqueeze(2)), t=full(0.5), cap_feats=[randn(text, model.text_width)] * batch)
     return args
 
 
@@ -330,11 +352,13 @@ def schedule(steps: int, fraction: float, coarse: int, base: int) -> list[int]:
 def denoise(call, inputs: dict, sizes: list[int], model: Model) -> None:
     """A flow-matching Euler loop over ``sizes`` (one transformer call per step): what the stock loop costs
     besides the transformer is a few elementwise ops, here too."""
-    x, batch = inputs["hidden_states"], inputs["hidden_states"].shape[0]
-    t_scale = 1.0 if model in (FLUX, FLUX2, QWEN) else 1000.0
+    given = inputs[model.latent_arg]
+    x = as_batch(given)
+    t_scale = 1.0 if model in (FLUX, FLUX2, QWEN, ZIMAGE) else 1000.0
     for i, size in enumerate(sizes):
-        t = torch.full((batch,), (1 - i / len(sizes)) * t_scale, device=x.device, dtype=x.dtype)
-        v = call({**inputs, "hidden_states": x, "timestep": t}, size)[0]
+        t = torch.full((len(x),), (1 - i / len(sizes)) * t_scale, device=x.device, dtype=x.dtype)
+        latent = list(x) if isinstance(given, list) else x
+        v = as_batch(call({**inputs, model.latent_arg: latent, model.timestep_arg: t}, size)[0])
         x = x - v / len(sizes)
 
 

@@ -1,4 +1,5 @@
-"""What a coarse step saves on the shapes of FLUX.1-dev, FLUX.2-dev, SD3.5-medium and Wan2.1-T2V-1.3B (issue 10).
+"""What a coarse step saves on the shapes of FLUX.1-dev, FLUX.2-dev, Qwen-Image, Z-Image-Turbo, SD3.5-medium,
+Sana-1.6B and Wan2.1-T2V-1.3B (issue 10).
 
     .venv/bin/python -m pytest benchmarks/test_real_shapes.py -s
 

@@ -12,12 +12,13 @@ from diffusers import (
     SanaTransformer2DModel,
     SD3Transformer2DModel,
     WanTransformer3DModel,
+    ZImageTransformer2DModel,
 )
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
 import ddit.backbones
 from ddit.adapter import MultiPatchTransformer, PatchHead
-from ddit.backbones import BackboneSpec, DiTSpec, patchify, sincos_positions, spec_for, unpatchify
+from ddit.backbones import BackboneSpec, DiTSpec, as_batch, patchify, sincos_positions, spec_for, unpatchify
 
 B = 2
 
@@ -125,12 +126,21 @@ def wan():
                        timestep=torch.tensor([10, 900]))
 
 
+def zimage(**config):
+    model = ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+                                     cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64], **config)
+    # lists of one tensor per sample; prompts of their own lengths (padded to 32 and 64 tokens inside)
+    return model, dict(x=list(torch.randn(B, 4, 1, 16, 8)), t=torch.tensor([0.01, 0.9]),
+                       cap_feats=[torch.randn(5, 16), torch.randn(37, 16)])
+
+
 FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux, "flux2": flux2, "chroma": chroma,
-            "qwenimage": qwenimage, "wan": wan}
+            "qwenimage": qwenimage, "wan": wan, "zimage": zimage}
 # attention q/k/v/out (self, and cross where there is one) + feed-forward in + out, per block;
-# Flux's single blocks: q/k/v + proj_mlp + proj_out; FLUX.2's: the fused qkv-mlp projection and its output
+# Flux's single blocks: q/k/v + proj_mlp + proj_out; FLUX.2's: the fused qkv-mlp projection and its output;
+# Z-Image: attention q/k/v/out + its gated feed-forward's three, per main layer and per image refiner layer
 LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sana": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2,
-               "chroma": 2 * (6 + 5), "qwenimage": 2 * 6, "wan": 2 * 10}
+               "chroma": 2 * (6 + 5), "qwenimage": 2 * 6, "wan": 2 * 10, "zimage": 3 * 7}
 
 
 @pytest.fixture(params=FAMILIES, scope="module")
@@ -139,7 +149,7 @@ def family(request):
     model, inputs = FAMILIES[request.param]()
     _randomize(model)
     with torch.no_grad():
-        reference = model(**inputs, return_dict=False)[0]
+        reference = as_batch(model(**inputs, return_dict=False)[0])
     return request.param, MultiPatchTransformer(model), inputs, reference
 
 
@@ -147,7 +157,7 @@ def family(request):
 def test_base_size_calls_the_backbone_unchanged(family):
     _, model, inputs, reference = family
     for size in (None, model.base_patch_size):
-        assert (model(**inputs, patch_size=size, return_dict=False)[0] - reference).abs().max() <= 1e-6
+        assert (as_batch(model(**inputs, patch_size=size, return_dict=False)[0]) - reference).abs().max() <= 1e-6
 
 
 @torch.no_grad()
@@ -155,7 +165,7 @@ def test_every_size_gives_a_finite_output_of_the_backbone_shape(family):
     _, model, inputs, reference = family
     assert model.patch_sizes == tuple(model.base_patch_size * k for k in (1, 2, 4))
     for size in model.patch_sizes[1:]:
-        out = model(**inputs, patch_size=size).sample
+        out = as_batch(model(**inputs, patch_size=size).sample)
         assert out.shape == reference.shape and out.isfinite().all()
 
 
@@ -163,7 +173,8 @@ def test_lora_sits_on_every_block_attention_and_feed_forward(family):
     name, model, _, _ = family
     layers = [n for n, m in model.backbone.named_modules() if m in model._lora_layers]
     assert len(layers) == LORA_LAYERS[name]
-    assert all(n.split(".")[0] in ("transformer_blocks", "single_transformer_blocks", "blocks") for n in layers)
+    assert all(n.split(".")[0] in ("transformer_blocks", "single_transformer_blocks", "blocks", "layers",
+                                   "noise_refiner") for n in layers)
     assert all(set(layer.lora_A) == {f"patch{s}" for s in model.patch_sizes[1:]} for layer in model._lora_layers)
 
 
@@ -175,7 +186,7 @@ def test_family_forward_with_the_base_layers_reproduces_the_backbone(family):
     given.apply_defaults()
     head = PatchHead(*model.spec.base_weights(), scale=1)
     x = model.spec.latent(given.arguments)
-    out = model._patched(head, model.base_patch_size, x, given.arguments)
+    out = as_batch(model._patched(head, model.base_patch_size, x, given.arguments))
     assert (out - reference).abs().max() <= 1e-5
 
 
@@ -358,3 +369,50 @@ def test_arguments_of_the_fine_grid_are_refused_at_coarse_sizes():
     model = MultiPatchTransformer(backbone)
     with pytest.raises(ValueError, match="kv_cache_mode cannot be used at a coarse patch size"):
         model(**inputs, kv_cache_mode="extract", num_ref_tokens=4, patch_size=4)
+
+
+def test_zimage_rope_is_the_backbones_table_and_puts_coarse_patches_at_centres():
+    """At integer positions the spec's RoPE is the backbone's own table, bit for bit; a coarse patch's phase,
+    times the number of fine tokens it covers, is the sum of theirs (RoPE is linear in position). The image
+    sits at frame L + 1 after a prompt padded to L tokens, its pad tokens at (0, 0, 0), as the backbone has it."""
+    backbone, _ = zimage()
+    spec = spec_for(backbone)
+    rows, cols = torch.arange(8.0), torch.arange(4.0)
+    ids = torch.stack(torch.meshgrid(torch.tensor([33]), torch.arange(8), torch.arange(4), indexing="ij"), -1)
+    fine = backbone.rope_embedder(ids.reshape(-1, 3))
+    assert torch.equal(spec._rope(torch.tensor([33.0]), rows, cols, "cpu")[0], fine)
+    for s in (2, 4):
+        grid = (8 // s, 4 // s)
+        coarse = spec._image_rope(grid, s, 33, "cpu")
+        assert len(coarse) == 32 and torch.equal(coarse[grid[0] * grid[1]:], fine[:1].new_ones(1).expand(
+            32 - grid[0] * grid[1], len(fine[0])))  # pads at (0, 0, 0): a phase of 1
+        image = coarse[: grid[0] * grid[1]]
+        patches = fine.reshape(grid[0], s, grid[1], s, -1).permute(0, 2, 1, 3, 4).reshape(len(image), s * s, -1)
+        assert torch.allclose(image ** (s * s), patches.prod(1), atol=1e-4)
+        assert torch.equal(image[:, :2], fine[:1, :2].expand(len(image), -1))  # the frame axis: frame 33 as before
+
+
+@torch.no_grad()
+def test_zimage_samples_of_a_batch_do_not_see_each_others_prompts():
+    """Prompts of different lengths are padded and masked: a sample's output at a coarse size is the same
+    alone as beside a sample with a longer prompt."""
+    torch.manual_seed(0)
+    backbone, inputs = zimage()
+    model = MultiPatchTransformer(_randomize(backbone))
+    for size in (4, 8):
+        both = model(**inputs, patch_size=size).sample
+        alone = model(x=inputs["x"][:1], t=inputs["t"][:1], cap_feats=inputs["cap_feats"][:1], patch_size=size).sample
+        assert torch.allclose(both[0], alone[0], atol=1e-5)
+        longer = [inputs["cap_feats"][0], torch.randn(70, 16)]
+        assert torch.allclose(model(**{**inputs, "cap_feats": longer}, patch_size=size).sample[0], both[0], atol=1e-5)
+
+
+def test_zimage_refuses_omni_inputs_controlnet_and_frame_patches():
+    backbone, inputs = zimage()
+    model = MultiPatchTransformer(backbone)
+    with pytest.raises(ValueError, match="omni inputs"):
+        model(**{**inputs, "x": [[x] for x in inputs["x"]]}, patch_size=4)
+    with pytest.raises(ValueError, match="controlnet_block_samples cannot be used"):
+        model(**inputs, controlnet_block_samples={0: torch.zeros(1)}, patch_size=4)
+    with pytest.raises(TypeError, match="frame patch of 2"):
+        MultiPatchTransformer(zimage(all_f_patch_size=(2,))[0])

@@ -48,7 +48,8 @@ class SplitPolicy(PatchPolicy):
 
 
 def first_block(transformer):
-    for name in ("transformer_blocks", "blocks"):
+    """The first block that sees the image tokens alone, or first (Z-Image's noise refiner sees them alone)."""
+    for name in ("transformer_blocks", "blocks", "noise_refiner"):
         blocks = getattr(transformer, name, None)
         if blocks:
             return blocks[0]
@@ -141,7 +142,7 @@ def test_diffusers_cache_hooks_compose_with_dynamic_patches(name, config):
     assert (uncached - first).abs().max() > 1e-3  # the hook skips work under dynamic patches too
 
 
-@pytest.mark.parametrize("name", ["pixart", "wan", "dit"])
+@pytest.mark.parametrize("name", ["pixart", "wan", "zimage", "dit"])
 def test_ddit_caches_keep_state_per_branch_and_sample(name):
     pipe, kwargs, stock = stock_of(name)
     never = TaylorSeer(interval=1)  # never skips: must change nothing
@@ -290,14 +291,14 @@ class ProbeOnce(PatchPolicy):
         return self.base_size, {}
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "zimage"])
 def test_a_probing_policy_sees_every_cfg_branch_of_each_sample(name):
     pipe, kwargs, stock = stock_of(name)
     policy = ProbeOnce()
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=policy)
     out = latents(pipe(**kwargs(batch=2, steps=STEPS)))
     per_branch = stock[0].numel()  # one prediction of one sample in one branch
-    batched_branches = 2 if name == "sd3" else 1  # Flux calls per branch: its probe sees the call's branch
+    batched_branches = 1 if name == "flux" else 2  # Flux calls per branch: its probe sees the call's branch
     assert policy.shape == (2, batched_branches * per_branch)
     assert torch.allclose(out, stock, atol=ATOL, rtol=0)  # probes leave no trace in the generation
 
@@ -592,3 +593,16 @@ def test_flux2_klein_guides_with_two_calls_per_step_that_share_one_decision():
     for r in ddit.summary(pipe).records:
         calls.setdefault((r["step"], r["sample"]), []).append((r["branch"], r["patch_size"]))
     assert calls[(0, 0)] == [("cond", 4), ("uncond", 4)] and calls[(0, 1)] == [("cond", 2), ("uncond", 2)]
+
+
+def test_z_image_cfg_truncation_drops_the_uncond_branch_mid_generation_and_keeps_the_decisions():
+    """Z-Image stops guiding past cfg_truncation: its later calls carry one branch, not two."""
+    pipe, kwargs, _ = stock_of("zimage")
+    stock = latents(pipe(**kwargs(batch=2, steps=STEPS), cfg_truncation=0.5))
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy(early=4))
+    out = latents(pipe(**kwargs(batch=2, steps=STEPS), cfg_truncation=0.5))
+    assert torch.allclose(out[1], stock[1], atol=ATOL, rtol=0) and (out[0] - stock[0]).abs().max() > 1e-3
+    records = ddit.summary(pipe).records
+    assert [r["patch_size"] for r in records if r["sample"] == 0] == [4] * 4 + [2] * 2
+    assert {r["tokens"] for r in records if r["step"] == STEPS - 1} == {256}  # one branch of 16 x 16 tokens
+    assert {r["tokens"] for r in records if r["step"] == 0 and r["sample"] == 1} == {512}  # two

@@ -12,7 +12,9 @@ from tiny_pipelines import build
 from conftest import TINY_DIT
 
 # a switch inside each tiny pipeline's 6-step schedule (FLUX.2's shift keeps every step above 0.58)
-SWITCH = {"flux": 0.5, "flux2": 0.9, "chroma": 0.5, "qwenimage": 0.5, "sd3": 0.5}
+SWITCH = {"flux": 0.5, "flux2": 0.9, "chroma": 0.5, "qwenimage": 0.5, "zimage": 0.5, "sd3": 0.5}
+PROGRESSIVE = list(SWITCH)
+UNPACKED = ("zimage", "sd3")  # latents on their grid (B, C, H, W); the others pack 2x2 patches as tokens
 
 
 def test_noise_keeps_its_variance_and_an_image_its_values():
@@ -91,14 +93,19 @@ def test_a_pipeline_refuses_it_before_anything_changes():
 
 
 def _inputs(pipe) -> list[torch.Tensor]:
-    """Every ``hidden_states`` the pipeline's transformer is given, in order (a forward pre-hook)."""
+    """Every latent the pipeline's transformer is given, in order (a forward pre-hook), as the pipeline holds it
+    (Z-Image hands its transformer a list of (C, 1, H, W) latents)."""
     seen = []
-    pipe.transformer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["hidden_states"].clone()),
-                                               with_kwargs=True)
+
+    def keep(module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        seen.append(torch.stack(x)[:, :, 0] if isinstance(x, list) else x.clone())
+
+    pipe.transformer.register_forward_pre_hook(keep, with_kwargs=True)
     return seen
 
 
-@pytest.mark.parametrize("name", ["flux", "flux2", "chroma", "qwenimage", "sd3"])
+@pytest.mark.parametrize("name", PROGRESSIVE)
 def test_the_stock_schedule_is_read_from_the_pipeline_and_replayed_exactly(name):
     from ddit.progressive_pipeline import _exact_sigmas, _layout, stock_start
 
@@ -115,29 +122,30 @@ def test_the_stock_schedule_is_read_from_the_pipeline_and_replayed_exactly(name)
     torch.testing.assert_close(replayed.images, stock)
 
 
-@pytest.mark.parametrize("name", ["flux", "flux2", "chroma", "qwenimage", "sd3"])
+@pytest.mark.parametrize("name", PROGRESSIVE)
 def test_a_stock_pipeline_runs_its_early_steps_at_half_resolution(name):
     from ddit.progressive_pipeline import _layout, half_resolution_steps
 
     pipe, call_kwargs = build(name)
     seen = _inputs(pipe)
     stock = pipe(**call_kwargs(batch=2, steps=6)).images
-    first_stock, tokens = seen[0], seen[-1].shape[-1 if name == "sd3" else 1]
+    first_stock, tokens = seen[0], seen[-1].shape[-1 if name in UNPACKED else 1]
     steps = half_resolution_steps(pipe, SWITCH[name], **call_kwargs(batch=2, steps=6))
     seen.clear()
     run = ddit.progressive_call(pipe, SWITCH[name], **call_kwargs(batch=2, steps=6)).images
     calls_per_step = len(seen) // 6  # true CFG (Flux, Qwen-Image) and Chroma call twice a step
     half = [h for h in steps for _ in range(calls_per_step)]
     assert any(half) and not all(half)
-    if name != "sd3":  # packed 2x2: a quarter of the tokens
+    if name not in UNPACKED:  # packed 2x2: a quarter of the tokens
         assert [x.shape[1] for x in seen] == [tokens // 4 if h else tokens for h in half]
     else:
         assert [x.shape[-1] for x in seen] == [tokens // 2 if h else tokens for h in half]
     assert run.shape == stock.shape and torch.isfinite(run).all() and not torch.allclose(run, stock)
     # the first step sees the low frequencies of the stock call's own noise, on the latent grid
     layout, side = _layout(pipe), call_kwargs()["height"]
+    full = layout.to_grid(pipe, first_stock, side, side)
     torch.testing.assert_close(layout.to_grid(pipe, seen[0], side // 2, side // 2),
-                               dct_resize(layout.to_grid(pipe, first_stock, side, side), 8, keep="energy"))
+                               dct_resize(full, full.shape[-1] // 2, keep="energy"))
     above = ddit.progressive_call(pipe, 1.0, **call_kwargs(batch=2, steps=6)).images
     torch.testing.assert_close(above, stock)  # nothing above the switch: the stock call
     again = ddit.progressive_call(pipe, SWITCH[name], **call_kwargs(batch=2, steps=6), return_dict=False)[0]
@@ -234,15 +242,19 @@ def test_a_progressive_row_may_take_its_switch_from_the_spectral_rule():
             build_config(["third_order"], ["none"], progressive=(bad,))
 
 
-@pytest.mark.parametrize("name", ["flux", "flux2", "chroma", "qwenimage", "sd3"])
+@pytest.mark.parametrize("name", PROGRESSIVE)
 def test_progressive_call_keeps_the_pipelines_dtype(name):
     pipe, call_kwargs = build(name)
     pipe = pipe.to(torch.bfloat16)
 
     def call():
-        return {k: v.to(torch.bfloat16) if torch.is_tensor(v) else v for k, v in call_kwargs(batch=2, steps=4).items()}
+        def bf16(v):
+            return v.to(torch.bfloat16) if torch.is_tensor(v) else [bf16(x) for x in v] if isinstance(v, list) else v
+        return {k: bf16(v) for k, v in call_kwargs(batch=2, steps=4).items()}
 
     stock = pipe(**call()).images
     run = ddit.progressive_call(pipe, SWITCH[name], **call()).images
-    assert run.dtype == torch.bfloat16 and torch.isfinite(run).all() and not torch.equal(run, stock)
+    # Z-Image keeps its latents in float32 whatever its transformer's dtype
+    assert run.dtype == stock.dtype == (torch.float32 if name == "zimage" else torch.bfloat16)
+    assert torch.isfinite(run).all() and not torch.equal(run, stock)
     torch.testing.assert_close(ddit.progressive_call(pipe, 1.0, **call()).images, stock)

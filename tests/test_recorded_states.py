@@ -67,6 +67,34 @@ def test_drawn_states_reproduce_the_transformer_outputs_of_the_pipeline(name, tm
         assert kwargs["encoder_hidden_states_mask"].sum(1).unique().tolist() == [5, 8]
 
 
+def test_z_image_lists_of_per_sample_latents_and_prompts_come_back_as_lists(tmp_path):
+    """Z-Image takes its latents and prompts (each of its own length) as lists of one tensor per sample: every
+    drawn row, fed back, gives what the transformer returned for it inside the pipeline."""
+    pipe = PromptPipe("zimage")
+    seen = {}
+
+    def key(x, text):
+        return x.numpy().tobytes() + text.numpy().tobytes()
+
+    def keep(module, args, output):
+        for x, text, y in zip(args[0], args[2], output[0]):
+            seen[key(x, text)] = y.clone()
+
+    handle = pipe.transformer.register_forward_hook(keep)
+    record_states(pipe, ["a red circle", "stripes"], tmp_path, progress=False)
+    handle.remove()
+
+    states = RecordedStates(tmp_path)
+    assert states.describe()["calls"] == 2 * STEPS and len(states) == 2 * STEPS * 2  # CFG batched: 2 rows a call
+    z, kwargs = states.draw(torch.Generator().manual_seed(0), 6)
+    assert isinstance(z, list) and isinstance(kwargs["cap_feats"], list)
+    assert len({len(c) for c in kwargs["cap_feats"]}) > 1  # prompts of different lengths in one batch
+    with torch.no_grad():
+        out = pipe.transformer(z, **kwargs, return_dict=False)[0]
+    for x, text, y in zip(z, kwargs["cap_feats"], out):
+        torch.testing.assert_close(y, seen[key(x, text)], rtol=1e-5, atol=1e-6)
+
+
 def test_prompt_embeddings_are_stored_once_per_prompt(tmp_path):
     record_states(PromptPipe("sd3"), ["one prompt"], tmp_path, progress=False)
     with safe_open(tmp_path / "00000.safetensors", "pt") as f:

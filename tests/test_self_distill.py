@@ -13,6 +13,7 @@ from accelerate.utils import DistributedType
 from diffusers import DiffusionPipeline
 
 import ddit
+from ddit.backbones import as_batch
 from ddit.cli import main
 from ddit.distill import DistillConfig, DistillationLoss
 from ddit.policies import get_policy
@@ -22,8 +23,9 @@ from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
 
 PROMPTS = ["a red circle", "blue stripes on white"]
 #: Short text: the tiny T5s would otherwise pad every prompt to the pipelines' 226 to 512 tokens. Qwen-Image
-#: never pads: its text is not cut.
-SHORT_TEXT = {"flux": 16, "flux2": 16, "chroma": 16, "qwenimage": 512, "sd3": 16, "wan": 16, "pixart": 16}
+#: and Z-Image never pad: their text is not cut.
+SHORT_TEXT = {"flux": 16, "flux2": 16, "chroma": 16, "qwenimage": 512, "zimage": 512, "sd3": 16, "wan": 16,
+              "pixart": 16}
 CONFIG = DistillConfig(steps=2, batch_size=2, num_inference_steps=None, timestep_scale=None)
 
 
@@ -247,7 +249,8 @@ def test_a_bfloat16_pipeline_trains_its_adapter_in_float32_and_keeps_its_dtype(f
     assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images.float()).all()
 
 
-@pytest.mark.parametrize("kind", ["flux", "qwenimage"])  # Qwen-Image: text of each prompt's length, masked
+# Qwen-Image: text of each prompt's length, masked; Z-Image: lists of per-sample latents and prompts
+@pytest.mark.parametrize("kind", ["flux", "qwenimage", "zimage"])
 def test_an_on_policy_round_records_the_latents_coarse_steps_lead_to(kind, folders, tmp_path):
     from ddit.policies import get_policy
     from ddit.recorded_states import RecordedStates
@@ -260,7 +263,7 @@ def test_an_on_policy_round_records_the_latents_coarse_steps_lead_to(kind, folde
     assert len(visited) == len(stock)  # the same prompts and steps, once more
     z_stock, _ = stock.draw(torch.Generator().manual_seed(0), len(stock))
     z_visited, _ = visited.draw(torch.Generator().manual_seed(0), len(visited))
-    assert not torch.equal(z_stock, z_visited)  # coarse steps took the latents elsewhere
+    assert not torch.equal(as_batch(z_stock), as_batch(z_visited))  # coarse steps took the latents elsewhere
     report = json.loads((tmp_path / "on-policy" / "distill.json").read_text())
     assert report["data"]["prompts"] == 4 and report["steps"] == CONFIG.steps  # both recordings, 2 prompts each
     fresh = load(folders[kind])

@@ -1,8 +1,8 @@
 """Tiny, random-weight, *stock* diffusers pipelines, built offline, for tests of ``ddit.enable``.
 
 Not a test module: tests import it. ``build(name)`` returns an unmodified diffusers
-pipeline (FluxPipeline, Flux2Pipeline, ChromaPipeline, QwenImagePipeline, StableDiffusion3Pipeline,
-PixArtSigmaPipeline, SanaPipeline, WanPipeline or DiTPipeline) whose transformer is a
+pipeline (FluxPipeline, Flux2Pipeline, ChromaPipeline, QwenImagePipeline, ZImagePipeline,
+StableDiffusion3Pipeline, PixArtSigmaPipeline, SanaPipeline, WanPipeline or DiTPipeline) whose transformer is a
 few-kilobyte random model, and a ``call_kwargs`` function giving the keyword arguments
 for ``pipe(**kwargs)``. Nothing is downloaded:
 text encoders and tokenizers are ``None`` and prompts are passed as random,
@@ -12,11 +12,12 @@ AutoencoderKL (no downsampling) and ``output_type="pt"``: its output is the deco
 16x16 image, kept inside (0, 1) so the final clamp never bites.
 
 Every latent is 16x16 where the transformer patchifies it (Flux: before its 2x2
-packing), so patch sizes 2, 4 and 8 divide it. ``call_kwargs`` gives one generator and
+packing; Z-Image's is 32x32), so patch sizes 2, 4 and 8 divide it. ``call_kwargs`` gives one generator and
 one set of embeddings per sample, seeded by that sample's seed, so a sample does not
 depend on the rest of its batch. Its ``guidance`` defaults turn classifier-free
-guidance on: SD3, PixArt, Sana and DiT run cond and uncond as one doubled batch, Flux and Qwen-Image
-(true CFG) and Wan make two transformer calls per step. ``guidance=1`` turns it off.
+guidance on: SD3, PixArt, Sana, Z-Image and DiT run cond and uncond as one doubled batch, Flux and
+Qwen-Image (true CFG) and Wan make two transformer calls per step. ``guidance=1`` turns it off.
+Z-Image takes its prompts as lists of per-sample embeddings, each of its own length.
 
 Usage::
 
@@ -55,11 +56,13 @@ from diffusers import (
     StableDiffusion3Pipeline,
     WanPipeline,
     WanTransformer3DModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 
 from ddit.tiny_pipelines import wake_zeros as _wake_zeros
 
-NAMES = ("flux", "flux2", "chroma", "qwenimage", "sd3", "pixart", "sana", "wan", "dit")
+NAMES = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "wan", "dit")
 LATENT = 16  # latent height and width at the transformer's patchify
 TEXT_LEN = 8  # tokens of the fake prompt embeddings
 VAE_SCALE = 8  # the pipelines' vae_scale_factor when vae is None
@@ -193,6 +196,29 @@ def _qwenimage():
     return pipe, call_kwargs
 
 
+def _zimage():
+    """A 32x32 latent: the backbone pads its image tokens to a multiple of 32, which 16x16 at patch 4 is not."""
+    torch.manual_seed(0)
+    transformer = _wake_zeros(ZImageTransformer2DModel(
+        in_channels=16, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+        axes_dims=[4, 6, 6], axes_lens=[128, 32, 32]))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # Z-Image's (the pipeline passes its own sigmas)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
+        seeds = _seeds(batch, seeds)
+        guidance = 4.0 if guidance is None else guidance
+        # the pipeline keeps each prompt's own tokens: 5 to 8 here
+        kw = dict(prompt_embeds=[_randn(1000 + s, 5 + s % 4, 32) for s in seeds], guidance_scale=guidance,
+                  height=2 * LATENT * VAE_SCALE, width=2 * LATENT * VAE_SCALE, num_inference_steps=steps,
+                  generator=generators(seeds), output_type="latent")
+        if guidance > 1:
+            kw.update(negative_prompt_embeds=[_randn(NEG_SEED + 1, 3, 32)] * batch)
+        return kw
+
+    return pipe, call_kwargs
+
+
 def _sd3():
     torch.manual_seed(0)
     transformer = _wake_zeros(SD3Transformer2DModel(
@@ -317,8 +343,8 @@ def _dit():
     return pipe, call_kwargs
 
 
-_BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "sd3": _sd3,
-             "pixart": _pixart, "sana": _sana, "wan": _wan, "dit": _dit}
+_BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
+             "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "dit": _dit}
 
 
 def build(name: str) -> tuple[DiffusionPipeline, Callable[..., dict]]:
@@ -336,8 +362,11 @@ def build(name: str) -> tuple[DiffusionPipeline, Callable[..., dict]]:
     device = torch.device(os.environ.get("DDIT_TEST_DEVICE", "cpu"))
     pipe = _finish(pipe).to(device)
 
+    def to(v):
+        return v.to(device) if isinstance(v, torch.Tensor) else [to(x) for x in v] if isinstance(v, list) else v
+
     def on_device(**kwargs):
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in call_kwargs(**kwargs).items()}
+        return {k: to(v) for k, v in call_kwargs(**kwargs).items()}
 
     return pipe, on_device
 

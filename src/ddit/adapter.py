@@ -249,19 +249,21 @@ class MultiPatchTransformer(nn.Module):
         return super()._apply(fn, recurse)
 
     # -- forward
-    def forward(self, hidden_states: torch.Tensor, *args, patch_size: int | None = None, **kwargs):
+    def forward(self, *args, patch_size: int | None = None, **kwargs):
+        """The backbone's forward (same arguments, same output), run at ``patch_size`` (None: the backbone's)."""
         if not self.attached:
             raise RuntimeError("this adapter's LoRA layers were detached from its backbone: call attach() first")
         base = patch_size is None or patch_size == self.base_patch_size
         self._place_lora(not (base and self._lean))
-        if self.spec.square_only and hidden_states.shape[-1] != hidden_states.shape[-2]:
-            raise ValueError(f"{type(self.backbone).__name__} needs a square latent, "
-                             f"not {hidden_states.shape[-2]}x{hidden_states.shape[-1]}")
+        if self.spec.square_only:
+            h, w = self.spec.latent(self._signature.bind(*args, **kwargs).arguments).shape[-2:]
+            if h != w:
+                raise ValueError(f"{type(self.backbone).__name__} needs a square latent, not {h}x{w}")
         if base:
             self._use_lora(None)
-            return self.backbone(hidden_states, *args, **kwargs)
+            return self.backbone(*args, **kwargs)
 
-        given = self._signature.bind(hidden_states, *args, **kwargs)
+        given = self._signature.bind(*args, **kwargs)
         given.apply_defaults()
         given = given.arguments
         refused = [name for name in self.spec.unsupported if given.get(name) is not None]

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from .adapter import MultiPatchTransformer, config_hash
+from .backbones import as_batch
 from .checkpoint import CheckpointError, TrainingRun
 from .processes import processes
 from .sharding import sharded_like, whole
@@ -91,12 +92,12 @@ class DistillationLoss(nn.Module):
         the whole model is one unit."""
         return getattr(self.model.backbone, "_no_split_modules", None)
 
-    def forward(self, z_t: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    def forward(self, z_t: torch.Tensor | list[torch.Tensor], kwargs: dict) -> torch.Tensor:
         """The loss of each coarse size, as a vector."""
         with torch.no_grad():
-            teacher = self.model(z_t, **kwargs, return_dict=False)[0].float()
+            teacher = as_batch(self.model(z_t, **kwargs, return_dict=False)[0]).float()
         return torch.stack([
-            F.mse_loss(self.model(z_t, patch_size=size, **kwargs, return_dict=False)[0].float(), teacher)
+            F.mse_loss(as_batch(self.model(z_t, patch_size=size, **kwargs, return_dict=False)[0]).float(), teacher)
             for size in self.patch_sizes
         ])
 
@@ -224,13 +225,18 @@ def distill(
         rounding 985.6 to 984 would train at timesteps inference never passes."""
         if isinstance(v, dict):
             return {k: to_device(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [to_device(x) for x in v]
         return v.to(accelerator.device) if torch.is_tensor(v) else v
+
+    def latent_to_device(z):  # a batch, or a list of per-sample latents (Z-Image)
+        return [latent_to_device(x) for x in z] if isinstance(z, list) else z.to(accelerator.device, dtype)
 
     for step in run.steps():
         g = torch.Generator().manual_seed((config.seed * 1_000_003 + step) * 1_009 + accelerator.process_index)
         z_t, kwargs = states.draw(g, config.batch_size)
         with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=mixed):
-            losses = loss_fn(z_t.to(accelerator.device, dtype), to_device(kwargs))
+            losses = loss_fn(latent_to_device(z_t), to_device(kwargs))
         accelerator.backward(losses.mean())
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()

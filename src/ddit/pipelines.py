@@ -27,6 +27,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from .adapter import CONFIG_NAME, HOOK_ATTRIBUTES, MultiPatchTransformer, image_prompts
+from .backbones import as_batch
 from .caches import Cache, diffusers_caches, get_cache
 from .policies import PatchPolicy, ProgressiveResolution, get_policy
 from .runtime import Call, PatchRuntime
@@ -113,20 +114,22 @@ class DynamicPatchTransformer(nn.Module):
             raise ValueError(f"sequential CPU offload (or a device map) {_PER_LAYER_OFFLOAD}")
         if self._group_offload_marks() and _is_group_offload_enabled(self):  # apply_group_offloading(this)
             raise ValueError(f"group offloading {_PER_LAYER_OFFLOAD}")
-        given = self._signature.bind(*args, **kwargs).arguments
-        latent = self.adapter.spec.latent(given)
+        given, spec = self._signature.bind(*args, **kwargs).arguments, self.adapter.spec
+        latent = spec.latent(given)
         self._check_resolution(latent)
-        refused = [name for name in self.adapter.spec.unsupported if given.get(name) is not None]
+        refused = [name for name in spec.unsupported if given.get(name) is not None]
         if refused or image_prompts(given):  # at the first call, not at the first coarse step
             raise ValueError(f"{', '.join(refused + image_prompts(given))} cannot be used with dynamic patches "
                              "(they hold the fine grid's tokens, or the backbone reads them in its own forward)")
         where = self._where
-        cfg = None if self._branch is not None else self._guidance() if self.adapter.spec.batched_cfg else False
-        call = Call(latent, given["timestep"], lambda idx, size: self._run(args, kwargs, len(latent), idx, size),
+        cfg = None if self._branch is not None else self._guidance() if spec.batched_cfg else False
+        call = Call(latent, spec.timestep(given), lambda idx, size: self._run(args, kwargs, len(latent), idx, size),
                     branch=self._branch, branches=None if cfg is None else 1 + cfg,
                     step_index=where.get("step_index"), num_steps=where.get("num_inference_steps"),
                     sigma=where.get("sigma"))
         out = self.runtime(call)
+        if spec.per_sample_lists:
+            out = list(out.unbind())
         return Transformer2DModelOutput(sample=out) if given.get("return_dict", True) else (out,)
 
     def _run(self, args: tuple, kwargs: dict, rows: int, idx: torch.Tensor | None, size: int) -> torch.Tensor:
@@ -136,7 +139,7 @@ class DynamicPatchTransformer(nn.Module):
             keep = self.adapter.spec.unbatched
             given.arguments.update({k: v if k in keep else _cut(v, idx, rows) for k, v in given.arguments.items()})
             args, kwargs = given.args, given.kwargs
-        return self.adapter(*args, **kwargs, patch_size=size)[0]
+        return as_batch(self.adapter(*args, **kwargs, patch_size=size)[0])
 
     def _group_offload_marks(self) -> bool:
         """Cheap signs (checked every call) of group offloading applied to this module: at block level it hooks
@@ -158,9 +161,11 @@ class DynamicPatchTransformer(nn.Module):
 
 
 def _cut(value, idx: torch.Tensor, rows: int):
-    """``value``'s entries for rows ``idx``, if it has one entry per row (tensors, and dicts of them)."""
+    """``value``'s entries for rows ``idx``, if it has one entry per row (tensors, lists, and dicts of them)."""
     if isinstance(value, torch.Tensor) and value.ndim and len(value) == rows:
         return value[idx.to(value.device)]
+    if isinstance(value, list) and len(value) == rows:
+        return [value[i] for i in idx.tolist()]
     if isinstance(value, dict):
         return {k: _cut(v, idx, rows) for k, v in value.items()}
     return value

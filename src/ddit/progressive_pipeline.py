@@ -8,7 +8,7 @@ calls run the sigmas the stock call would run at full size (its resolution-depen
 included: they are read from the pipeline itself, by letting it set its timesteps once), so
 the early steps' latent size is the only change, and a switch above every step's sigma is
 the stock call exactly. Flow-matching pipelines whose call takes ``sigmas`` and
-``latents`` (FLUX.1, FLUX.2, Chroma, Qwen-Image, SD3); others are refused. The text encoders run once per call
+``latents`` (FLUX.1, FLUX.2, Chroma, Qwen-Image, Z-Image, SD3); others are refused. The text encoders run once per call
 (three times in all): negligible beside a large transformer's steps.
 """
 
@@ -28,6 +28,7 @@ from diffusers import (
     FluxPipeline,
     QwenImagePipeline,
     StableDiffusion3Pipeline,
+    ZImagePipeline,
 )
 
 from .policies import ProgressiveResolution, dct_resize
@@ -47,6 +48,7 @@ _FLUX2 = _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
                  lambda pipe, x, h, w: pipe._unpatchify_latents(
                      x.transpose(1, 2).unflatten(2, (h // (2 * pipe.vae_scale_factor), -1))),
                  lambda pipe, x: pipe._patchify_latents(x))
+_PLAIN = _Layout(lambda pipe: pipe.transformer.config.in_channels, lambda pipe, x, h, w: x, lambda pipe, x: x)
 _FLUX = _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
                 lambda pipe, x, h, w: pipe._unpack_latents(x, h, w, pipe.vae_scale_factor),
                 lambda pipe, x: pipe._pack_latents(x, *x.shape))
@@ -59,8 +61,8 @@ LAYOUTS = {
     QwenImagePipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
                                lambda pipe, x, h, w: pipe._unpack_latents(x, h, w, pipe.vae_scale_factor)[:, :, 0],
                                lambda pipe, x: pipe._pack_latents(x, *x.shape)),
-    StableDiffusion3Pipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels,
-                                      lambda pipe, x, h, w: x, lambda pipe, x: x),
+    StableDiffusion3Pipeline: _PLAIN,
+    ZImagePipeline: _PLAIN,
 }
 
 
@@ -139,7 +141,7 @@ def check_progressive(pipe, height: int | None = None, width: int | None = None)
     for flag in ("invert_sigmas", "stochastic_sampling"):  # rising sigmas; fresh noise at the switch
         if pipe.scheduler.config.get(flag):
             raise ValueError(f"progressive resolution needs a scheduler without {flag}=True")
-    default = pipe.default_sample_size * pipe.vae_scale_factor
+    default = getattr(pipe, "default_sample_size", 128) * pipe.vae_scale_factor  # Z-Image has none: 1024
     height, width = height or default, width or default
     multiple = 4 * pipe.vae_scale_factor  # the half size must still fill whole 2x2 patches
     if height % multiple or width % multiple:

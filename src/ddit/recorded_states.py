@@ -10,9 +10,10 @@ recording resumes at the first missing prompt.
 Each file holds every tensor once (the prompt embeddings, the same at every step, are
 stored once, found by content) and, in its metadata, one entry per transformer call
 naming the tensors and non-tensor values of its arguments. A tensor whose first
-dimension is the call's batch size (that of ``hidden_states``) is per sample: one row
-per sample, so a batched classifier-free-guidance call gives a conditional and an
-unconditional sample. Other tensors (Flux's position ids) are shared by the call's rows.
+dimension is the call's batch size (that of the latent, the forward's first argument) is
+per sample: one row per sample, so a batched classifier-free-guidance call gives a
+conditional and an unconditional sample. So is a list of one tensor per sample (Z-Image's
+latents and prompts). Other tensors (Flux's position ids) are shared by the call's rows.
 
 ``RecordedStates(folder, ...)`` draws random rows of random calls (of one or more
 folders) as batches of ``(hidden_states, forward kwargs)`` for ``ddit.distill.distill``.
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 #: ``MultiPatchTransformer``'s choice, which the recorded state must not fix).
 IGNORED = ("return_dict", "patch_size")
 TENSOR = "__tensor__"
+ROWS = "__rows__"
 #: Text whose length follows the prompt (Qwen-Image trims its embeddings to the prompt), and the mask that
 #: lets a batch of such rows be padded with zeros to the longest, as the pipeline pads a batch of prompts.
 TEXT, TEXT_MASK = "encoder_hidden_states", "encoder_hidden_states_mask"
@@ -74,10 +76,12 @@ class CallLog:
         os.replace(tmp, path)
 
     def add(self, kwargs: dict) -> None:
-        if not torch.is_tensor(kwargs.get("hidden_states")):
-            raise RecordingError("the transformer's forward has no hidden_states tensor argument; ddit records "
-                                 "diffusers transformers, whose first argument it is")
-        batch = len(kwargs["hidden_states"])
+        """Log one call, its arguments by name in the forward's order (the latent first)."""
+        latent = next(iter(kwargs.values()), None)
+        if not (torch.is_tensor(latent) or _tensor_list(latent)):
+            raise RecordingError("the transformer's first argument is not a latent (a tensor, or a list of one "
+                                 "tensor per sample); ddit records diffusers transformers, whose first it is")
+        batch = len(latent)
         self.calls.append({"batch": batch, "kwargs": {name: self._encode(name, value, batch)
                                                       for name, value in kwargs.items()
                                                       if name not in IGNORED and value is not None}})
@@ -86,7 +90,9 @@ class CallLog:
         if torch.is_tensor(value):
             key = f"{name}.{_digest(value)}"
             self.tensors.setdefault(key, _dense(value))
-            return {TENSOR: key, "per_sample": value.ndim > 0 and value.shape[0] == batch}
+            return {TENSOR: key, "per_sample": batch is not None and value.ndim > 0 and value.shape[0] == batch}
+        if _tensor_list(value) and len(value) == batch:
+            return {ROWS: [self._encode(f"{name}.{i}", v, None) for i, v in enumerate(value)]}
         if isinstance(value, dict):
             return {k: self._encode(f"{name}.{k}", v, batch) for k, v in value.items()}
         try:
@@ -116,12 +122,12 @@ def _by_name(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
 @contextmanager
 def recording(transformer: torch.nn.Module) -> Iterator[CallLog]:
     """Log every call of ``transformer`` while the block runs."""
-    log, signature = CallLog(), inspect.signature(transformer.forward)
+    # a MultiPatchTransformer is recorded by its backbone's arguments
+    log, signature = CallLog(), getattr(transformer, "_signature", None) or inspect.signature(transformer.forward)
 
     def hook(module, args, kwargs):
-        named = _by_name(signature, args, kwargs)
-        masked = TEXT_MASK in named or TEXT_MASK in signature.parameters  # named: through a MultiPatchTransformer
-        if masked and named.get(TEXT_MASK) is None and torch.is_tensor(named.get(TEXT)):
+        named = _by_name(signature, args, {k: v for k, v in kwargs.items() if k not in IGNORED})
+        if TEXT_MASK in signature.parameters and named.get(TEXT_MASK) is None and torch.is_tensor(named.get(TEXT)):
             named[TEXT_MASK] = torch.ones(named[TEXT].shape[:2], dtype=torch.long)  # every call keeps one
         log.add(named)
 
@@ -205,7 +211,7 @@ class RecordedStates:
         kwargs = _collate(items, self.folder)
         if torch.is_tensor(kwargs.get(TEXT_MASK)) and kwargs[TEXT_MASK].all():
             kwargs[TEXT_MASK] = None  # nothing padded: no mask, as the pipeline passes it (fast attention kernels)
-        return kwargs.pop("hidden_states"), kwargs
+        return kwargs.pop(next(iter(kwargs))), kwargs  # the latent, then the other arguments
 
     def _item(self, c: int, row: int) -> dict:
         path, call = self.calls[c]
@@ -217,6 +223,8 @@ def _decode(value, f, row: int):
     if isinstance(value, dict) and TENSOR in value:
         t = f.get_tensor(value[TENSOR])
         return t[row] if value["per_sample"] else _Shared(t)
+    if isinstance(value, dict) and ROWS in value:
+        return _Row(f.get_tensor(value[ROWS][row][TENSOR]))
     if isinstance(value, dict):
         return {k: _decode(v, f, row) for k, v in value.items()}
     return value
@@ -227,6 +235,17 @@ class _Shared:
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
+
+
+class _Row:
+    """One sample's entry of a per-sample list; a batch of them is a list again (shapes may differ)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+def _tensor_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(torch.is_tensor(v) for v in value)
 
 
 def _pad_text(items: list[dict]) -> list[dict]:
@@ -249,6 +268,8 @@ def _collate(items: list, folder: Path, name: str = "the arguments"):
             differ = sorted(set.union(*keys) - set.intersection(*keys))
             raise _mixed(folder, f"which arguments they pass ({', '.join(differ)})")
         return {k: _collate([i[k] for i in items], folder, k) for k in first}
+    if isinstance(first, _Row):
+        return [i.tensor for i in items]
     if isinstance(first, _Shared):
         if any(i.tensor.shape != first.tensor.shape or not torch.equal(i.tensor, first.tensor) for i in items):
             raise _mixed(folder, name)

@@ -1,5 +1,5 @@
-"""Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, SD3, PixArt-Sigma, Wan), made
-offline, that stock diffusers loads.
+"""Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, Z-Image, SD3, PixArt-Sigma, Wan),
+made offline, that stock diffusers loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt without
 downloading a model, and to test it on the same folders a user would hand it.
@@ -8,7 +8,8 @@ tokenizers built from a hand-written vocabulary (a byte-level CLIP BPE, a charac
 T5 unigram, a byte-level Qwen BPE with its chat template), random CLIP / T5 / UMT5 / Qwen3 /
 Qwen2.5-VL text encoders, a VAE that downsamples by the
 factor the pipeline assumes, a small random transformer and the scheduler.
-Each folder is a few hundred kilobytes and the same bytes every call.
+Each folder is a few hundred kilobytes (Z-Image's 1.7 MB: its timestep MLP is 1024 wide
+at any model width) and the same bytes every call.
 
 Run a saved folder at ``TINY_CALL[kind]``: there the latent is 16x16 where the
 transformer patchifies it (Flux: before its 2x2 packing), so patch sizes 2, 4 and 8
@@ -49,15 +50,18 @@ from diffusers import (
     StableDiffusion3Pipeline,
     WanPipeline,
     WanTransformer3DModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 
-KINDS = ("flux", "flux2", "chroma", "qwenimage", "sd3", "pixart", "wan")
+KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "wan")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
     "flux2": dict(height=SIDE, width=SIDE),  # FLUX.2 [klein]: call it with prompt=..., its first argument is image
     "chroma": dict(height=SIDE, width=SIDE),
     "qwenimage": dict(height=SIDE, width=SIDE),
+    "zimage": dict(height=SIDE, width=SIDE),
     "sd3": dict(height=SIDE, width=SIDE),
     # binning would snap 128 to the 256-pixel bins of the transformer's sample size
     "pixart": dict(height=SIDE, width=SIDE, use_resolution_binning=False),
@@ -144,13 +148,14 @@ def _t5_encoder(tf, tokenizer, d_model: int, umt5: bool = False):
     return (tf.UMT5EncoderModel if umt5 else tf.T5EncoderModel)(config)
 
 
-def _qwen3_encoder(tf, tokenizer, hidden: int):
-    """Qwen3ForCausalLM with 28 layers: FLUX.2 [klein] stacks the hidden states of layers 9, 18 and 27."""
+def _qwen3_encoder(tf, tokenizer, hidden: int, layers: int = 28, causal_lm: bool = True):
+    """Qwen3ForCausalLM with 28 layers: FLUX.2 [klein] stacks the hidden states of layers 9, 18 and 27;
+    Z-Image takes a Qwen3Model's last but one."""
     config = tf.Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden // 2,
-                            max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                            num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                            head_dim=hidden // 2, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=tokenizer.eos_token_id)
-    return tf.Qwen3ForCausalLM(config)
+    return (tf.Qwen3ForCausalLM if causal_lm else tf.Qwen3Model)(config)
 
 
 def _qwen25vl_encoder(tf, tokenizer, hidden: int):
@@ -242,6 +247,19 @@ def _qwenimage(tf) -> DiffusionPipeline:
                              tokenizer=tokenizer, transformer=transformer)
 
 
+def _zimage(tf) -> DiffusionPipeline:
+    """Z-Image: a Qwen3 encoder whose prompt tokens (chat template included) reach the transformer unpadded."""
+    tokenizer = _qwen_tokenizer(tf)
+    transformer = wake_zeros(ZImageTransformer2DModel(
+        in_channels=16, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+        axes_dims=[4, 6, 6], axes_lens=[1024, 32, 32]))
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_qwen3_encoder(tf, tokenizer, 32, layers=2, causal_lm=False), tokenizer=tokenizer,
+        transformer=transformer)
+
+
 def _sd3(tf) -> DiffusionPipeline:
     """Two CLIPs of width 16 (pooled 8 each) side by side, padded to the T5's 32: SD3's layout, shrunk."""
     tokenizer, tokenizer_2, tokenizer_3 = _clip_tokenizer(tf), _clip_tokenizer(tf), _t5_tokenizer(tf, 256)
@@ -281,8 +299,8 @@ def _wan(tf) -> DiffusionPipeline:
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
 
 
-_BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "sd3": _sd3,
-             "pixart": _pixart, "wan": _wan}
+_BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
+             "sd3": _sd3, "pixart": _pixart, "wan": _wan}
 
 
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import plugins
-from .base import BackboneSpec, patchify, sincos_positions, unpatchify
+from .base import BackboneSpec, as_batch, patchify, sincos_positions, unpatchify
 from .chroma import ChromaSpec
 from .dit import DiTSpec
 from .flux import FluxSpec
@@ -20,13 +20,14 @@ from .qwenimage import QwenImageSpec
 from .sana import SanaSpec
 from .sd3 import SD3Spec
 from .wan import WanSpec
+from .zimage import ZImageSpec
 
 BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SanaSpec, SD3Spec, FluxSpec, Flux2Spec,
-                                                 ChromaSpec, QwenImageSpec, WanSpec)
+                                                 ChromaSpec, QwenImageSpec, WanSpec, ZImageSpec)
 
 __all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "PixArtSpec",
-           "QwenImageSpec", "SanaSpec", "SD3Spec", "WanSpec", "patchify", "sincos_positions", "spec_for", "specs",
-           "unpatchify"]
+           "QwenImageSpec", "SanaSpec", "SD3Spec", "WanSpec", "ZImageSpec", "as_batch", "patchify", "sincos_positions",
+           "spec_for", "specs", "unpatchify"]
 
 
 def specs() -> dict[str, type[BackboneSpec]]:

@@ -36,6 +36,8 @@ class BackboneSpec:
     square_only: bool = False
     #: Whether the output projection orders a patch's features (*patch, C) (else (C, *patch)).
     unembed_channels_last: bool = True
+    #: Whether the patch embedding does (a Linear over (*patch, C), as Z-Image's; else (C, *patch), as a Conv).
+    embed_channels_last: bool = False
     #: Forward arguments that only make sense at the fine grid (refused at coarse sizes).
     unsupported: tuple[str, ...] = ()
     #: Forward arguments shared by every row of a batch (never cut when a batch runs in groups).
@@ -45,6 +47,8 @@ class BackboneSpec:
     #: Whether this family's stock pipelines may batch CFG branches in one call; the packed-token families'
     #: pipelines (FLUX, Chroma, Qwen-Image) call once per branch, even where they say they guide (Chroma).
     batched_cfg: bool = True
+    #: Whether the backbone takes its latent, and returns its output, as a list of per-sample tensors (Z-Image).
+    per_sample_lists: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -67,16 +71,24 @@ class BackboneSpec:
         embed, unembed = self.base_layers()
         patch = self.patch(self.base_patch_size)
         dim = embed.weight.shape[0]
-        w_out, b_out = unembed.weight.T, _bias(unembed)
+        w_in, w_out, b_out = embed.weight, unembed.weight.T, _bias(unembed)
+        if self.embed_channels_last:
+            w_in = w_in.reshape(dim, *patch, -1).movedim(-1, 1)
+        else:
+            w_in = w_in.reshape(dim, -1, *patch)
         if self.unembed_channels_last:
             w_out, b_out = w_out.reshape(dim, *patch, -1).movedim(-1, 1), b_out.reshape(*patch, -1).movedim(-1, 0)
         else:
             w_out, b_out = w_out.reshape(dim, -1, *patch), b_out.reshape(-1, *patch)
-        return embed.weight.reshape(dim, -1, *patch), _bias(embed), w_out, b_out
+        return w_in, _bias(embed), w_out, b_out
 
     def latent(self, args: dict) -> torch.Tensor:
         """The latent (B, C, *dims) among the bound forward arguments."""
         return args["hidden_states"]
+
+    def timestep(self, args: dict) -> torch.Tensor:
+        """The timestep among the bound forward arguments."""
+        return args["timestep"]
 
     def pack(self, output: torch.Tensor, args: dict) -> torch.Tensor:
         """The output latent in the form the backbone returns it."""
@@ -96,6 +108,11 @@ class BackboneSpec:
         backbone's forward arguments by name.
         """
         raise NotImplementedError
+
+
+def as_batch(output) -> torch.Tensor:
+    """A transformer's output as one tensor (B, ...): Z-Image returns a list of per-sample tensors."""
+    return torch.stack(list(output)) if isinstance(output, (list, tuple)) else output
 
 
 def _bias(layer: nn.Module) -> torch.Tensor:

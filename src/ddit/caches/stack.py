@@ -21,7 +21,7 @@ from torch import nn
 from ..adapter import MultiPatchTransformer
 
 #: Where diffusers transformers keep their blocks, in the order they run.
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,13 @@ class StackRun:
     """One pass through the block stack, as the first block was called for it."""
 
     block: nn.Module  # the first block
-    arguments: dict  # its forward arguments by name, ``hidden_states`` among them
+    arguments: dict  # its forward arguments by name, the hidden states first
     forwards: tuple[Callable, ...]  # every block's real forward, in order
 
     @property
     def hidden(self) -> torch.Tensor:
-        """The stack's input tokens (rows, tokens, dim)."""
-        return self.arguments["hidden_states"]
+        """The stack's input tokens (rows, tokens, dim): the blocks' first argument."""
+        return next(iter(self.arguments.values()))
 
     def run(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The real blocks' output for ``rows`` (a boolean mask; all rows by default).
@@ -53,7 +53,7 @@ class StackRun:
             if not isinstance(hidden, torch.Tensor):
                 raise TypeError(f"{type(self.block).__name__} returns {type(hidden).__name__}, not the hidden "
                                 "states: feature caches handle single-stream blocks only")
-            bound.arguments["hidden_states"] = hidden
+            bound.arguments[next(iter(bound.arguments))] = hidden
         return hidden
 
 
