@@ -166,7 +166,10 @@ MODELS = {"flux": FLUX, "flux2": FLUX2, "qwenimage": QWEN, "zimage": ZIMAGE, "sd
 def model_config(model: Model, scale: str, depth: int | None) -> dict:
     """The config at ``scale``, with ``depth`` blocks of each kind (None: the model's own)."""
     config = dict(model.config)
-    if scale == "reduced":
+    if scale == "reduced" and model is ZIMAGE:  # the head size stays that of the RoPE axes
+        config["n_heads"] = config["n_kv_heads"] = config["n_heads"] // SHRINK
+        config["dim"] = config["n_heads"] * sum(config["axes_dims"])
+    elif scale == "reduced":
         config["num_attention_heads"] //= SHRINK
         if "caption_projection_dim" in config:
             config["caption_projection_dim"] //= SHRINK  # SD3's width
@@ -175,9 +178,6 @@ def model_config(model: Model, scale: str, depth: int | None) -> dict:
         if model is SANA:  # cross-attention works at the narrowed width
             config["num_cross_attention_heads"] //= SHRINK
             config["cross_attention_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
-        if model is ZIMAGE:  # the head size stays that of the RoPE axes
-            config["n_heads"] = config["n_kv_heads"] = config["n_heads"] // SHRINK
-            config["dim"] = config["n_heads"] * sum(config["axes_dims"])
     if depth is not None:
         if model is ZIMAGE:
             config.update(n_layers=depth, n_refiner_layers=depth)
