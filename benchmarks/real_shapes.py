@@ -1,5 +1,5 @@
 """What a coarse step saves on the real shapes of FLUX.1-dev, FLUX.2-dev, Qwen-Image, Z-Image-Turbo,
-SD3.5-medium, Sana-1.6B and Wan2.1-T2V-1.3B (issue 10, part 4).
+SD3.5-medium, Sana-1.6B, Wan2.1-T2V-1.3B and HunyuanVideo-1.5 (issue 10, part 4).
 
     python benchmarks/real_shapes.py --device cpu     # reduced models, fp32, a few minutes on 2 cores
     python benchmarks/real_shapes.py --device cuda    # full depth, bf16 (benchmarks/gpu/run.sh runs this)
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    HunyuanVideo15Transformer3DModel,
     QwenImageTransformer2DModel,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
@@ -79,6 +80,7 @@ class Model:
     patch: int = 2  # the backbone's own patch, in latent pixels
     latent_arg: str = "hidden_states"  # the forward's names for the latent and the timestep
     timestep_arg: str = "timestep"
+    no_meta: str = ""  # why the model's forward cannot run on the meta device, if it cannot
 
     def spatial(self, scale: str) -> tuple[int, ...]:
         """The latent's dims at ``scale``: the last two are the ones a patch size must divide."""
@@ -160,7 +162,20 @@ WAN = Model(
     "(dim 1536 = 12 x 128, ffn_dim 8960, 30 layers, qk_norm, cross_attn_norm)",
     "480x832, 81 frames", (16, 21, 60, 104), 512, "UMT5, WanPipeline's max_sequence_length",
     1, "CFG: one call per branch, two per step")
-MODELS = {"flux": FLUX, "flux2": FLUX2, "qwenimage": QWEN, "zimage": ZIMAGE, "sd3": SD35, "sana": SANA, "wan": WAN}
+HUNYUAN15 = Model(
+    "HunyuanVideo-1.5", HunyuanVideo15Transformer3DModel,
+    dict(in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
+         num_refiner_layers=2, patch_size=1, patch_size_t=1, text_embed_dim=3584, text_embed_2_dim=1472,
+         image_embed_dim=1152, rope_axes_dim=(16, 56, 56)),
+    "diffusers' HunyuanVideo15Transformer3DModel defaults, which describe HunyuanVideo-1.5 (8.3B: 54 dual-stream "
+    "blocks of 2048 = 16 x 128, patch 1 on a 32-channel 16x VAE, latent + condition + mask = 65 channels in, "
+    "Qwen2.5-VL's 3584 and ByT5's 1472 text features, SigLIP's 1152); not checked against its config.json here",
+    "480x832, 121 frames", (65, 31, 30, 52), 1000, "Qwen2.5-VL padded to the pipeline's 1000, beside 256 ByT5 "
+    "tokens and 729 image-prompt slots (masked out in text-to-video, still in every block)",
+    1, "CFG through its guider: one call per branch, two per step", text_width=3584, patch=1,
+    no_meta="its forward selects text tokens by their mask's values, which meta tensors do not hold")
+MODELS = {"flux": FLUX, "flux2": FLUX2, "qwenimage": QWEN, "zimage": ZIMAGE, "sd3": SD35, "sana": SANA, "wan": WAN,
+          "hunyuanvideo15": HUNYUAN15}
 
 
 def model_config(model: Model, scale: str, depth: int | None) -> dict:
@@ -262,6 +277,12 @@ def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.de
     if model is QWEN:  # packed 2x2 latents, the grid as img_shapes, timestep in [0, 1]; one prompt: no mask
         args.update(hidden_states=patchify(latent, (2, 2)), timestep=full(0.5),
                     img_shapes=[[(1, dims[0] // 2, dims[1] // 2)]] * batch)
+    if model is HUNYUAN15:  # its second text (ByT5) and image-prompt tokens, in proportion to the text's
+        byt5, image = 256 * text // model.text, 729 * text // model.text
+        args.update(encoder_attention_mask=torch.ones(batch, text, device=device),
+                    encoder_hidden_states_2=randn(batch, byt5, 1472),
+                    encoder_attention_mask_2=torch.ones(batch, byt5, device=device),
+                    image_embeds=torch.zeros(batch, image, 1152, device=device, dtype=dtype))
     if model is ZIMAGE:  # lists of per-sample (C, 1, H, W) latents and prompts, timestep in [0, 1]
         args = dict(x=list(latent.unsqueeze(2)), t=full(0.5), cap_feats=[randn(text, model.text_width)] * batch)
     return args
@@ -359,7 +380,7 @@ def denoise(call, inputs: dict, sizes: list[int], model: Model) -> None:
         t = torch.full((len(x),), (1 - i / len(sizes)) * t_scale, device=x.device, dtype=x.dtype)
         latent = list(x) if isinstance(given, list) else x
         v = as_batch(call({**inputs, model.latent_arg: latent, model.timestep_arg: t}, size)[0])
-        x = x - v / len(sizes)
+        x = torch.cat([x[:, :v.shape[1]] - v / len(sizes), x[:, v.shape[1]:]], 1)  # condition channels stay
 
 
 def speedup(costs: dict, fraction: float, coarse: int, base: int) -> float:
@@ -578,6 +599,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     records = {}
     for name in args.models.split(","):
+        if args.device == "meta" and MODELS[name].no_meta:
+            print(f"{name}: skipped on the meta device: {MODELS[name].no_meta}", flush=True)
+            continue
         print(f"{name}: building and timing ({args.scale} scale, {args.device})", flush=True)
         records[name] = measure(name, args, args.out)
     print("\n".join(line for record in records.values() for line in model_section(record)))

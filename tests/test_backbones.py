@@ -7,6 +7,7 @@ from diffusers import (
     DiTTransformer2DModel,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    HunyuanVideo15Transformer3DModel,
     PixArtTransformer2DModel,
     QwenImageTransformer2DModel,
     SanaTransformer2DModel,
@@ -129,18 +130,32 @@ def wan():
 def zimage(**config):
     model = ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
                                      cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64], **config)
-    # lists of one tensor per sample; prompts of their own lengths (padded to 32 and 64 tokens inside)
-    return model, dict(x=list(torch.randn(B, 4, 1, 16, 8)), t=torch.tensor([0.01, 0.9]),
+    # lists of one tensor per sample; prompts of their own lengths (padded to 32 and 64 tokens inside); 48 image
+    # tokens at patch 2, which the backbone pads to 64 (a coarse size, to 32)
+    return model, dict(x=list(torch.randn(B, 4, 1, 24, 8)), t=torch.tensor([0.01, 0.9]),
                        cap_feats=[torch.randn(5, 16), torch.randn(37, 16)])
 
 
+def hunyuanvideo15():  # patch 1, as its 16x video latents have; 9 channels in (latent, condition, mask), 4 out
+    model = HunyuanVideo15Transformer3DModel(in_channels=9, out_channels=4, num_attention_heads=2,
+                                             attention_head_dim=16, num_layers=2, num_refiner_layers=1,
+                                             text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8,
+                                             rope_axes_dim=(4, 6, 6))
+    return model, dict(hidden_states=torch.randn(B, 9, 2, 16, 8), timestep=torch.tensor([10.0, 900.0]),
+                       encoder_hidden_states=torch.randn(B, 5, 16),
+                       encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5]),
+                       encoder_hidden_states_2=torch.randn(B, 3, 8),
+                       encoder_attention_mask_2=torch.tensor([[1, 1, 0], [1] * 3]),
+                       image_embeds=torch.zeros(B, 4, 8))  # text-to-video: no image prompt
+
+
 FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux, "flux2": flux2, "chroma": chroma,
-            "qwenimage": qwenimage, "wan": wan, "zimage": zimage}
+            "qwenimage": qwenimage, "wan": wan, "hunyuanvideo15": hunyuanvideo15, "zimage": zimage}
 # attention q/k/v/out (self, and cross where there is one) + feed-forward in + out, per block;
 # Flux's single blocks: q/k/v + proj_mlp + proj_out; FLUX.2's: the fused qkv-mlp projection and its output;
 # Z-Image: attention q/k/v/out + its gated feed-forward's three, per main layer and per image refiner layer
 LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sana": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2,
-               "chroma": 2 * (6 + 5), "qwenimage": 2 * 6, "wan": 2 * 10, "zimage": 3 * 7}
+               "chroma": 2 * (6 + 5), "qwenimage": 2 * 6, "wan": 2 * 10, "hunyuanvideo15": 2 * 6, "zimage": 3 * 7}
 
 
 @pytest.fixture(params=FAMILIES, scope="module")
@@ -407,7 +422,9 @@ def test_zimage_samples_of_a_batch_do_not_see_each_others_prompts():
         assert torch.allclose(model(**{**inputs, "cap_feats": longer}, patch_size=size).sample[0], both[0], atol=1e-5)
 
 
-def test_zimage_refuses_omni_inputs_controlnet_and_frame_patches():
+def test_zimage_refuses_omni_inputs_controlnet_frame_patches_and_distilling_on_clean_latents(tmp_path):
+    from ddit.distill import distill
+
     backbone, inputs = zimage()
     model = MultiPatchTransformer(backbone)
     with pytest.raises(ValueError, match="omni inputs"):
@@ -416,3 +433,24 @@ def test_zimage_refuses_omni_inputs_controlnet_and_frame_patches():
         model(**inputs, controlnet_block_samples={0: torch.zeros(1)}, patch_size=4)
     with pytest.raises(TypeError, match="frame patch of 2"):
         MultiPatchTransformer(zimage(all_f_patch_size=(2,))[0])
+    with pytest.raises(ValueError, match=r"distil it from its pipeline \(ddit distill --pipeline DIR\)"):
+        distill(model, [(torch.zeros(4, 24, 8), {})], tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+@torch.no_grad()
+def test_hunyuanvideo15_rope_keeps_frames_puts_patches_at_centres_and_image_prompts_reach_coarse_steps():
+    torch.manual_seed(0)
+    backbone, inputs = hunyuanvideo15()
+    spec = spec_for(backbone)
+    cos, sin = backbone.rope(inputs["hidden_states"])
+    assert all(torch.equal(a, b) for a, b in zip(spec.rope((2, 16, 8), 1, "cpu"), (cos, sin)))
+    coarse, _ = spec.rope((2, 4, 2), 4, "cpu")
+    t, h = backbone.rope.rope_dim[:2]
+    rows = coarse.reshape(2, 4, 2, -1)[0, :, 0, t:t + h]
+    expected, _ = get_1d_rotary_pos_embed(h, torch.arange(4) * 4 + 1.5, backbone.rope.theta, use_real=True)
+    assert torch.allclose(rows, expected)
+    assert torch.equal(coarse.reshape(2, 4, 2, -1)[:, 0, 0, :t], cos.reshape(2, 16, 8, -1)[:, 0, 0, :t])
+    model = MultiPatchTransformer(_randomize(backbone))
+    image_prompt = {**inputs, "image_embeds": torch.randn(B, 4, 8)}  # image-to-video's SigLIP tokens
+    assert not torch.allclose(model(**image_prompt, patch_size=4).sample, model(**inputs, patch_size=4).sample)

@@ -28,7 +28,7 @@ DEVICE = torch.device(os.environ.get("DDIT_TEST_DEVICE", "cpu"))  # where tiny_p
 # (Flux and Qwen-Image true CFG, Wan), or without, named by their order (Chroma, though it says it guides); the
 # others batch both branches
 BRANCH_CALLS = {"flux": ("cond", "uncond"), "qwenimage": ("cond", "uncond"), "wan": ("cond", "uncond"),
-                "chroma": (None, "call2")}
+                "hunyuanvideo15": ("pred_cond", "pred_uncond"), "chroma": (None, "call2")}
 
 
 class SplitPolicy(PatchPolicy):
@@ -119,7 +119,8 @@ def test_in_a_mixed_batch_the_fine_sample_equals_its_baseline_twin_and_branches_
     ("flux", FirstBlockCacheConfig(threshold=0.5)),
     ("wan", FirstBlockCacheConfig(threshold=0.5)),
     ("flux", TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, max_order=1)),
-], ids=["flux-first_block", "wan-first_block", "flux-taylorseer"])
+    ("hunyuanvideo15", TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, max_order=1)),
+], ids=["flux-first_block", "wan-first_block", "flux-taylorseer", "hunyuanvideo15-taylorseer"])
 def test_diffusers_cache_hooks_compose_with_dynamic_patches(name, config):
     pipe, kwargs, stock = stock_of(name)
     pipe.transformer.enable_cache(config)
@@ -304,17 +305,20 @@ def test_a_probing_policy_sees_every_cfg_branch_of_each_sample(name):
 
 
 def test_sd3_skip_layer_guidance_makes_an_extra_call_per_step_and_runs():
+    """Its layer list is not per sample, even where it has as many entries as the batch has samples: a mixed
+    batch's fine sample, run in its own group, skips the same layers as in the stock call."""
     pipe, kwargs, _ = stock_of("sd3")
 
     def call():  # fresh generators for every call
-        return {**kwargs(batch=2, steps=STEPS), "skip_guidance_layers": [0]}
+        return {**kwargs(batch=2, steps=STEPS), "skip_guidance_layers": [0, 1]}
 
     stock = latents(pipe(**call()))
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
     assert torch.allclose(latents(pipe(**call())), stock, atol=ATOL, rtol=0)
     ddit.disable(pipe)
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy())
-    assert torch.isfinite(latents(pipe(**call()))).all()
+    out = latents(pipe(**call()))
+    assert torch.allclose(out[1], stock[1], atol=ATOL, rtol=0) and (out[0] - stock[0]).abs().max() > 1e-3
 
 
 def test_caches_that_cannot_work_under_dynamic_patches_are_refused():
@@ -606,3 +610,30 @@ def test_z_image_cfg_truncation_drops_the_uncond_branch_mid_generation_and_keeps
     assert [r["patch_size"] for r in records if r["sample"] == 0] == [4] * 4 + [2] * 2
     assert {r["tokens"] for r in records if r["step"] == STEPS - 1} == {256}  # one branch of 16 x 16 tokens
     assert {r["tokens"] for r in records if r["step"] == 0 and r["sample"] == 1} == {512}  # two
+    ddit.disable(pipe)  # ddit's TaylorSeer starts a sample afresh when its branches go from two to one
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy(early=4),
+                cache=TaylorSeer(interval=2, order=1, warmup=1))
+    cached = latents(pipe(**kwargs(batch=2, steps=STEPS), cfg_truncation=0.5))
+    assert torch.isfinite(cached).all() and ddit.summary(pipe).cache_hits > 0
+
+
+def test_z_image_img2img_truncated_from_its_first_step_reads_its_rows_as_samples(tmp_path):
+    """img2img starting past cfg_truncation never guides: its calls carry one row per image, not two branches."""
+    from diffusers import DiffusionPipeline, ZImageImg2ImgPipeline
+
+    from ddit.tiny_pipelines import TINY_CALL, save_tiny_pipeline
+
+    pipe = ZImageImg2ImgPipeline.from_pipe(DiffusionPipeline.from_pretrained(save_tiny_pipeline("zimage", tmp_path)))
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+
+    def call():
+        return pipe(prompt=["a red circle", "stripes"], image=image, strength=0.6, cfg_truncation=0.1,
+                    num_inference_steps=STEPS, generator=generators([0, 1]), output_type="latent",
+                    **TINY_CALL["zimage"]).images
+
+    stock = call()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy(early=STEPS))
+    out = call()
+    assert {r["sample"] for r in ddit.summary(pipe).records} == {0, 1}  # two samples, not one sample's branches
+    assert torch.allclose(out[1], stock[1], atol=ATOL, rtol=0) and (out[0] - stock[0]).abs().max() > 1e-3

@@ -17,20 +17,20 @@ class PromptPipe:
     (the tiny pipelines have no text encoder; ``tests/test_self_distill.py`` runs real ones)."""
 
     def __init__(self, name):
-        self.pipe, self.call_kwargs = build(name)
+        self.name, (self.pipe, self.call_kwargs) = name, build(name)
         self.transformer, self.device, self.calls = self.pipe.transformer, self.pipe.device, 0
 
     def __call__(self, prompt, generator, output_type, **call):
         self.calls += 1
         kwargs = self.call_kwargs(seeds=[len(prompt)], steps=STEPS)
         kwargs["generator"] = [generator]
-        if "prompt_embeds_mask" in kwargs:  # Qwen-Image trims its text to the prompt's length
+        if self.name == "qwenimage":  # Qwen-Image trims its text to the prompt's length
             n = min(TEXT_LEN, 2 + len(prompt) // 2)
             kwargs.update(prompt_embeds=kwargs["prompt_embeds"][:, :n], prompt_embeds_mask=torch.ones(1, n))
-        return self.pipe(**kwargs)
+        return self.pipe(**{**kwargs, **call})
 
 
-@pytest.mark.parametrize("name", ["flux", "chroma", "qwenimage", "sd3", "pixart", "sana", "wan"])
+@pytest.mark.parametrize("name", ["flux", "chroma", "qwenimage", "sd3", "pixart", "sana", "wan", "hunyuanvideo15"])
 def test_drawn_states_reproduce_the_transformer_outputs_of_the_pipeline(name, tmp_path):
     """Every drawn row, fed back to the transformer, gives what the transformer returned inside the
     pipeline for that row: conditioning, timesteps, shared ids and CFG rows all come back right."""
@@ -55,7 +55,8 @@ def test_drawn_states_reproduce_the_transformer_outputs_of_the_pipeline(name, tm
     handle.remove()
 
     states = RecordedStates(tmp_path)
-    calls_per_prompt = STEPS * (2 if name in ("flux", "chroma", "qwenimage", "wan") else 1)  # a call per CFG branch
+    per_branch = ("flux", "chroma", "qwenimage", "wan", "hunyuanvideo15")
+    calls_per_prompt = STEPS * (2 if name in per_branch else 1)  # a call per CFG branch
     assert states.describe()["calls"] == 2 * calls_per_prompt
     assert len(states) == 2 * STEPS * 2  # every step, cond and uncond, two prompts
     z, kwargs = states.draw(torch.Generator().manual_seed(0), 5)
@@ -93,6 +94,15 @@ def test_z_image_lists_of_per_sample_latents_and_prompts_come_back_as_lists(tmp_
         out = pipe.transformer(z, **kwargs, return_dict=False)[0]
     for x, text, y in zip(z, kwargs["cap_feats"], out):
         torch.testing.assert_close(y, seen[key(x, text)], rtol=1e-5, atol=1e-6)
+
+
+def test_z_image_recordings_of_two_resolutions_are_refused_when_drawn_together(tmp_path):
+    pipe = PromptPipe("zimage")
+    record_states(pipe, ["a red circle", "stripes"], tmp_path, indices=[0], progress=False)
+    record_states(pipe, ["a red circle", "stripes"], tmp_path, call=dict(height=128, width=128), indices=[1],
+                  progress=False)
+    with pytest.raises(RecordingError, match="differ in the latent's shape"):
+        RecordedStates(tmp_path).draw(torch.Generator().manual_seed(0), 8)
 
 
 def test_prompt_embeddings_are_stored_once_per_prompt(tmp_path):

@@ -2,12 +2,14 @@
 
 Not a test module: tests import it. ``build(name)`` returns an unmodified diffusers
 pipeline (FluxPipeline, Flux2Pipeline, ChromaPipeline, QwenImagePipeline, ZImagePipeline,
-StableDiffusion3Pipeline, PixArtSigmaPipeline, SanaPipeline, WanPipeline or DiTPipeline) whose transformer is a
+StableDiffusion3Pipeline, PixArtSigmaPipeline, SanaPipeline, WanPipeline, HunyuanVideo15Pipeline or
+DiTPipeline) whose transformer is a
 few-kilobyte random model, and a ``call_kwargs`` function giving the keyword arguments
 for ``pipe(**kwargs)``. Nothing is downloaded:
 text encoders and tokenizers are ``None`` and prompts are passed as random,
 seed-deterministic embeddings; the text-to-image pipelines run with
-``output_type="latent"`` and ``vae=None``. DiTPipeline always decodes, so it gets a tiny
+``output_type="latent"`` and ``vae=None`` (HunyuanVideo 1.5 reads its latent channels from
+its VAE's config: it gets a tiny one, never run). DiTPipeline always decodes, so it gets a tiny
 AutoencoderKL (no downsampling) and ``output_type="pt"``: its output is the decoded
 16x16 image, kept inside (0, 1) so the final clamp never bites.
 
@@ -16,7 +18,8 @@ packing; Z-Image's is 32x32), so patch sizes 2, 4 and 8 divide it. ``call_kwargs
 one set of embeddings per sample, seeded by that sample's seed, so a sample does not
 depend on the rest of its batch. Its ``guidance`` defaults turn classifier-free
 guidance on: SD3, PixArt, Sana, Z-Image and DiT run cond and uncond as one doubled batch, Flux and
-Qwen-Image (true CFG) and Wan make two transformer calls per step. ``guidance=1`` turns it off.
+Qwen-Image (true CFG), Wan and HunyuanVideo 1.5 (its guider component) make two transformer calls per step.
+``guidance=1`` turns it off (HunyuanVideo 1.5: ``call_kwargs`` sets its guider's scale).
 Z-Image takes its prompts as lists of per-sample embeddings, each of its own length.
 
 Usage::
@@ -34,8 +37,10 @@ from typing import Callable
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLHunyuanVideo15,
     ChromaPipeline,
     ChromaTransformer2DModel,
+    ClassifierFreeGuidance,
     DDIMScheduler,
     DiffusionPipeline,
     DiTPipeline,
@@ -46,6 +51,8 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    HunyuanVideo15Pipeline,
+    HunyuanVideo15Transformer3DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     QwenImagePipeline,
@@ -62,7 +69,7 @@ from diffusers import (
 
 from ddit.tiny_pipelines import wake_zeros as _wake_zeros
 
-NAMES = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "wan", "dit")
+NAMES = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "wan", "hunyuanvideo15", "dit")
 LATENT = 16  # latent height and width at the transformer's patchify
 TEXT_LEN = 8  # tokens of the fake prompt embeddings
 VAE_SCALE = 8  # the pipelines' vae_scale_factor when vae is None
@@ -207,12 +214,12 @@ def _zimage():
 
     def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
         seeds = _seeds(batch, seeds)
-        guidance = 4.0 if guidance is None else guidance
-        # the pipeline keeps each prompt's own tokens: 5 to 8 here
-        kw = dict(prompt_embeds=[_randn(1000 + s, 5 + s % 4, 32) for s in seeds], guidance_scale=guidance,
+        guidance = 4.0 if guidance is None else guidance if guidance > 1 else 0.0  # it guides at any scale above 0
+        # the pipeline keeps each prompt's own tokens: 5 or 33 here, which the backbone pads to 32 or 64
+        kw = dict(prompt_embeds=[_randn(1000 + s, 5 + 28 * (s % 2), 32) for s in seeds], guidance_scale=guidance,
                   height=2 * LATENT * VAE_SCALE, width=2 * LATENT * VAE_SCALE, num_inference_steps=steps,
                   generator=generators(seeds), output_type="latent")
-        if guidance > 1:
+        if guidance > 0:
             kw.update(negative_prompt_embeds=[_randn(NEG_SEED + 1, 3, 32)] * batch)
         return kw
 
@@ -319,6 +326,37 @@ def _wan():
     return pipe, call_kwargs
 
 
+def _hunyuanvideo15():
+    """Patch 2, where HunyuanVideo 1.5 uses 1 (as Sana's tiny pipeline), so that the shared tests' sizes 2, 4 and 8
+    hold; a 16x VAE. Text-to-video: its image prompt is zeros, masked out."""
+    torch.manual_seed(0)
+    transformer = _wake_zeros(HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_refiner_layers=1, patch_size=2, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8,
+        rope_axes_dim=(4, 6, 6)))
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8,) * 5, layers_per_block=1)
+    pipe = HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
+                                  tokenizer_2=None, guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    mask = torch.ones(TEXT_LEN, dtype=torch.long).index_fill_(0, torch.tensor([TEXT_LEN - 1]), 0)  # padding
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
+        seeds = _seeds(batch, seeds)
+        pipe.guider.guidance_scale = 6.0 if guidance is None else guidance  # its guidance is a component's
+        kw = dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, 16), prompt_embeds_mask=mask.expand(batch, -1),
+                  prompt_embeds_2=per_sample(seeds, 2, 4, 8), prompt_embeds_mask_2=torch.ones(batch, 4),
+                  height=LATENT * 16, width=LATENT * 16, num_frames=5,  # 2 latent frames
+                  num_inference_steps=steps, generator=generators(seeds), output_type="latent")
+        if pipe.guider.guidance_scale > 1:
+            kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 16),
+                      negative_prompt_embeds_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+                      negative_prompt_embeds_2=_shared(batch, 2, 4, 8),
+                      negative_prompt_embeds_mask_2=torch.ones(batch, 4))
+        return kw
+
+    return pipe, call_kwargs
+
+
 def _dit():
     torch.manual_seed(0)
     transformer = _wake_zeros(DiTTransformer2DModel(
@@ -344,7 +382,7 @@ def _dit():
 
 
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
-             "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "dit": _dit}
+             "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "hunyuanvideo15": _hunyuanvideo15, "dit": _dit}
 
 
 def build(name: str) -> tuple[DiffusionPipeline, Callable[..., dict]]:

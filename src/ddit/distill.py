@@ -198,6 +198,9 @@ def distill(
     config, accelerator = config or DistillConfig(), accelerator or processes()
     out = Path(out)
     sizes = tuple(config.patch_sizes or model.patch_sizes[1:])
+    if not hasattr(data, "draw") and model.spec.per_sample_lists:
+        raise ValueError(f"{type(model.backbone).__name__} takes lists of per-sample inputs, which clean latents "
+                         "noised here cannot give: distil it from its pipeline (ddit distill --pipeline DIR)")
     states = data if hasattr(data, "draw") else NoisedLatents(
         data, sampler_sigmas(config.num_inference_steps, scheduler), config.timestep_scale, extra_kwargs)
     params, dtype = model.trainable_parameters(), model.dtype

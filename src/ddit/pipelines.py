@@ -46,7 +46,7 @@ class DynamicPatchTransformer(nn.Module):
         self.adapter = adapter
         self.runtime = runtime
         self.pixels_per_latent, self.bins_resolution = pixels_per_latent, bins_resolution
-        self._guidance = guidance or (lambda: None)
+        self._guidance = guidance or (lambda timestep: None)
         self._signature = inspect.signature(adapter.backbone.forward)
         self._branch: str | None = None
         self._where: dict = {}
@@ -122,8 +122,9 @@ class DynamicPatchTransformer(nn.Module):
             raise ValueError(f"{', '.join(refused + image_prompts(given))} cannot be used with dynamic patches "
                              "(they hold the fine grid's tokens, or the backbone reads them in its own forward)")
         where = self._where
-        cfg = None if self._branch is not None else self._guidance() if spec.batched_cfg else False
-        call = Call(latent, spec.timestep(given), lambda idx, size: self._run(args, kwargs, len(latent), idx, size),
+        timestep = spec.timestep(given)
+        cfg = None if self._branch is not None else self._guidance(timestep) if spec.batched_cfg else False
+        call = Call(latent, timestep, lambda idx, size: self._run(args, kwargs, len(latent), idx, size),
                     branch=self._branch, branches=None if cfg is None else 1 + cfg,
                     step_index=where.get("step_index"), num_steps=where.get("num_inference_steps"),
                     sigma=where.get("sigma"))
@@ -135,9 +136,10 @@ class DynamicPatchTransformer(nn.Module):
     def _run(self, args: tuple, kwargs: dict, rows: int, idx: torch.Tensor | None, size: int) -> torch.Tensor:
         """The adapter's output for rows ``idx`` (all: ``None``) of this call, at ``size``."""
         if idx is not None:
-            given = self._signature.bind(*args, **kwargs)
-            keep = self.adapter.spec.unbatched
-            given.arguments.update({k: v if k in keep else _cut(v, idx, rows) for k, v in given.arguments.items()})
+            given, spec = self._signature.bind(*args, **kwargs), self.adapter.spec
+            given.arguments.update({k: v if k in spec.unbatched else [v[i] for i in idx.tolist()]
+                                    if k in spec.per_sample_lists else _cut(v, idx, rows)
+                                    for k, v in given.arguments.items()})
             args, kwargs = given.args, given.kwargs
         return as_batch(self.adapter(*args, **kwargs, patch_size=size)[0])
 
@@ -161,11 +163,9 @@ class DynamicPatchTransformer(nn.Module):
 
 
 def _cut(value, idx: torch.Tensor, rows: int):
-    """``value``'s entries for rows ``idx``, if it has one entry per row (tensors, lists, and dicts of them)."""
+    """``value``'s entries for rows ``idx``, if it has one entry per row (tensors, and dicts of them)."""
     if isinstance(value, torch.Tensor) and value.ndim and len(value) == rows:
         return value[idx.to(value.device)]
-    if isinstance(value, list) and len(value) == rows:
-        return [value[i] for i in idx.tolist()]
     if isinstance(value, dict):
         return {k: _cut(v, idx, rows) for k, v in value.items()}
     return value
@@ -335,17 +335,22 @@ def _scheduler_of(pipe):
     return lambda: getattr(ref(), "scheduler", None)
 
 
-def _guidance_of(pipe) -> Callable[[], bool | None]:
-    """Whether the pipeline's current call batches CFG branches, where it says (SD3's
+def _guidance_of(pipe) -> Callable[[torch.Tensor], bool | None]:
+    """Whether the pipeline's call at a timestep batches CFG branches, where it says (SD3's
     ``do_classifier_free_guidance``); ``None`` leaves it to the runtime (identical halves). Not asked for the
-    families whose pipelines call once per branch (``BackboneSpec.batched_cfg``)."""
+    families whose pipelines call once per branch (``BackboneSpec.batched_cfg``). Z-Image stops guiding
+    once its timestep (its normalised time, 0 at pure noise) passes ``cfg_truncation``, which img2img can
+    do from the first step."""
     ref = weakref.ref(pipe)
 
-    def batched() -> bool | None:
+    def batched(timestep: torch.Tensor) -> bool | None:
         try:
             value = getattr(ref(), "do_classifier_free_guidance", None)
         except AttributeError:  # a property that reads what only a call sets
             return None
+        truncation = getattr(ref(), "_cfg_truncation", None)
+        if value is True and truncation is not None and float(truncation) <= 1:
+            value = float(torch.as_tensor(timestep).flatten()[0]) <= float(truncation)
         return value if isinstance(value, bool) else None
 
     return batched

@@ -211,7 +211,10 @@ class RecordedStates:
         kwargs = _collate(items, self.folder)
         if torch.is_tensor(kwargs.get(TEXT_MASK)) and kwargs[TEXT_MASK].all():
             kwargs[TEXT_MASK] = None  # nothing padded: no mask, as the pipeline passes it (fast attention kernels)
-        return kwargs.pop(next(iter(kwargs))), kwargs  # the latent, then the other arguments
+        latent = kwargs.pop(next(iter(kwargs)))  # the latent, then the other arguments
+        if isinstance(latent, list) and len({x.shape for x in latent}) > 1:
+            raise _mixed(self.folder, "the latent's shape")
+        return latent, kwargs
 
     def _item(self, c: int, row: int) -> dict:
         path, call = self.calls[c]

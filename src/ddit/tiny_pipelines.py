@@ -1,12 +1,12 @@
-"""Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, Z-Image, SD3, PixArt-Sigma, Wan),
-made offline, that stock diffusers loads.
+"""Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, Z-Image, SD3, PixArt-Sigma, Wan,
+HunyuanVideo 1.5), made offline, that stock diffusers loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt without
 downloading a model, and to test it on the same folders a user would hand it.
 ``save_tiny_pipeline(kind, folder)`` writes ``model_index.json`` and every component:
 tokenizers built from a hand-written vocabulary (a byte-level CLIP BPE, a character
-T5 unigram, a byte-level Qwen BPE with its chat template), random CLIP / T5 / UMT5 / Qwen3 /
-Qwen2.5-VL text encoders, a VAE that downsamples by the
+T5 unigram, a byte-level Qwen BPE with its chat template, ByT5's bytes), random CLIP / T5 / UMT5 /
+Qwen3 / Qwen2.5-VL text encoders, a VAE that downsamples by the
 factor the pipeline assumes, a small random transformer and the scheduler.
 Each folder is a few hundred kilobytes (Z-Image's 1.7 MB: its timestep MLP is 1024 wide
 at any model width) and the same bytes every call.
@@ -23,7 +23,9 @@ Needs ``transformers`` 5 or later (for the text encoders and tokenizers).
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import string
 from pathlib import Path
 
@@ -31,10 +33,12 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
+    AutoencoderKLHunyuanVideo15,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
     ChromaPipeline,
     ChromaTransformer2DModel,
+    ClassifierFreeGuidance,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -42,6 +46,8 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    HunyuanVideo15Pipeline,
+    HunyuanVideo15Transformer3DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     QwenImagePipeline,
@@ -54,7 +60,7 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 
-KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "wan")
+KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "wan", "hunyuanvideo15")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
@@ -66,6 +72,7 @@ TINY_CALL = {
     # binning would snap 128 to the 256-pixel bins of the transformer's sample size
     "pixart": dict(height=SIDE, width=SIDE, use_resolution_binning=False),
     "wan": dict(height=SIDE, width=SIDE, num_frames=5),  # 2 latent frames
+    "hunyuanvideo15": dict(height=2 * SIDE, width=2 * SIDE, num_frames=5),  # its VAE's factor 16: 16x16, 2 frames
 }
 CLIP_LENGTH = 77  # the CLIP tokenizers' model_max_length, as in every real checkpoint
 #: Qwen's chat format, which FLUX.2 [klein] wraps every prompt in before encoding it.
@@ -223,18 +230,26 @@ def _chroma(tf) -> DiffusionPipeline:
         text_encoder=_t5_encoder(tf, tokenizer, 32), tokenizer=tokenizer, transformer=transformer)
 
 
+def _prefix_as_tokens(tokenizer, prefix: str, text: str, count: int) -> None:
+    """Add ``text`` (the system instruction inside ``prefix``) to the byte-level ``tokenizer`` as added tokens, so
+    that ``prefix`` counts ``count`` tokens, as under Qwen's own merges: a pipeline that drops that many tokens
+    of its encoded template then keeps the prompt and the template's tail. ``text`` holds no newline, so no added
+    token can reach across the newline before the prompt into it. Each token is a run of whole characters
+    ending in a non-space one, with the spaces before it: a run of spaces alone would also match inside others."""
+    pieces = count - (len(tokenizer(prefix).input_ids) - len(text.encode()))
+    units = re.findall(r"\s*\S", text)
+    cuts = [round(i * len(units) / pieces) for i in range(pieces + 1)]
+    tokenizer.add_tokens(["".join(units[a:b]) for a, b in zip(cuts, cuts[1:])])
+
+
 def _qwenimage(tf) -> DiffusionPipeline:
     """Qwen-Image drops the first tokens of its encoded prompt template (34: its system prefix under Qwen's own
-    merges). The byte-level tokenizer gets that prefix's system instruction as added tokens, so that the prefix
-    counts as many and what is left is the prompt and the template's tail, as with Qwen's tokenizer. No added
-    token holds a newline, so none can reach across the newline before the prompt into it."""
+    merges)."""
     tokenizer = _qwen_tokenizer(tf)
     stock = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
     prefix = stock.prompt_template_encode.split("{}")[0]
     _, text = prefix.split("<|im_start|>")[1].split("<|im_end|>")[0].split("\n")  # "system", "Describe..."
-    pieces = stock.prompt_template_encode_start_idx - (len(tokenizer(prefix).input_ids) - len(text.encode()))
-    cuts = [round(i * len(text) / pieces) for i in range(pieces + 1)]
-    tokenizer.add_tokens([text[a:b] for a, b in zip(cuts, cuts[1:])])
+    _prefix_as_tokens(tokenizer, prefix, text, stock.prompt_template_encode_start_idx)
     transformer = wake_zeros(QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, axes_dims_rope=(4, 6, 6)))
@@ -299,8 +314,34 @@ def _wan(tf) -> DiffusionPipeline:
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
 
 
+def _hunyuanvideo15(tf) -> DiffusionPipeline:
+    """HunyuanVideo 1.5 (text-to-video, patch 1 on a 16x VAE): a Qwen2.5-VL text model whose third-last hidden
+    state it takes after dropping its template's first 108 tokens (the system prefix under Qwen's merges, made
+    to count as many here), and ByT5 for quoted text."""
+    tokenizer = _qwen_tokenizer(tf)
+    defaults = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters
+    system = defaults["system_message"].default
+    prefix = tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": ""}],
+                                           tokenize=False).rsplit("<|im_end|>", 1)[0]  # up to the prompt
+    _prefix_as_tokens(tokenizer, prefix, system, defaults["crop_start"].default)
+    text = tf.Qwen2_5_VLTextModel(tf.Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=2048, rope_scaling={"type": "mrope", "mrope_section": [1, 2, 1]},
+        bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    tokenizer_2 = tf.ByT5Tokenizer()
+    text_2 = tf.T5EncoderModel(tf.T5Config(vocab_size=len(tokenizer_2), d_model=8, d_kv=4, d_ff=16, num_layers=1,
+                                           num_heads=2, relative_attention_num_buckets=8))
+    transformer = wake_zeros(HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(4, 6, 6)))
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8,) * 5, layers_per_block=1)
+    return HunyuanVideo15Pipeline(text_encoder=text, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                                  scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=text_2,
+                                  tokenizer_2=tokenizer_2, guider=ClassifierFreeGuidance(guidance_scale=6.0))
+
+
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
-             "sd3": _sd3, "pixart": _pixart, "wan": _wan}
+             "sd3": _sd3, "pixart": _pixart, "wan": _wan, "hunyuanvideo15": _hunyuanvideo15}
 
 
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:

@@ -47,8 +47,9 @@ class BackboneSpec:
     #: Whether this family's stock pipelines may batch CFG branches in one call; the packed-token families'
     #: pipelines (FLUX, Chroma, Qwen-Image) call once per branch, even where they say they guide (Chroma).
     batched_cfg: bool = True
-    #: Whether the backbone takes its latent, and returns its output, as a list of per-sample tensors (Z-Image).
-    per_sample_lists: bool = False
+    #: Forward arguments that are lists of one tensor per sample (Z-Image's latents and prompts); where there are
+    #: any, the latent is such a list and so is the output.
+    per_sample_lists: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model

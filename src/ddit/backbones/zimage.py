@@ -25,7 +25,7 @@ class ZImageSpec(BackboneSpec):
     lora_target = r"(layers|noise_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))"
     embed_channels_last = True  # a Linear over (1, p, p, C) features
     unsupported = ("controlnet_block_samples", "siglip_feats", "image_noise_mask")
-    per_sample_lists = True
+    per_sample_lists = ("x", "cap_feats")
 
     def __init__(self, model):
         super().__init__(model)

@@ -79,7 +79,8 @@ class Cache(abc.ABC):
         owner = list(group.samples) * (len(hidden) // len(group.samples))
         rows = {s: torch.tensor([r for r, o in enumerate(owner) if o == s], device=hidden.device)
                 for s in group.samples}
-        where = (group.patch_size, tuple(hidden.shape[1:]))  # a new patch size or resolution starts afresh
+        # a new patch size, resolution or number of CFG branches (Z-Image's cfg_truncation) starts afresh
+        where = (group.patch_size, tuple(hidden.shape[1:]), len(hidden) // len(group.samples))
         for s in group.samples:
             if self.states.get(s, {}).get("where") != where:
                 self.states[s] = {"patch_size": group.patch_size, "where": where}
