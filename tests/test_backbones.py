@@ -136,11 +136,11 @@ def zimage(**config):
                        cap_feats=[torch.randn(5, 16), torch.randn(37, 16)])
 
 
-def hunyuanvideo15():  # patch 1, as its 16x video latents have; 9 channels in (latent, condition, mask), 4 out
+def hunyuanvideo15(**config):  # patch 1, as its 16x video latents have; 9 channels in (latent, condition, mask)
     model = HunyuanVideo15Transformer3DModel(in_channels=9, out_channels=4, num_attention_heads=2,
                                              attention_head_dim=16, num_layers=2, num_refiner_layers=1,
                                              text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8,
-                                             rope_axes_dim=(4, 6, 6))
+                                             rope_axes_dim=(4, 6, 6), **config)
     return model, dict(hidden_states=torch.randn(B, 9, 2, 16, 8), timestep=torch.tensor([10.0, 900.0]),
                        encoder_hidden_states=torch.randn(B, 5, 16),
                        encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5]),
@@ -454,3 +454,27 @@ def test_hunyuanvideo15_rope_keeps_frames_puts_patches_at_centres_and_image_prom
     model = MultiPatchTransformer(_randomize(backbone))
     image_prompt = {**inputs, "image_embeds": torch.randn(B, 4, 8)}  # image-to-video's SigLIP tokens
     assert not torch.allclose(model(**image_prompt, patch_size=4).sample, model(**inputs, patch_size=4).sample)
+
+
+@torch.no_grad()
+def test_hunyuanvideo15_image_prompts_and_meanflow_timesteps_reproduce_the_backbone():
+    """Image-to-video (SigLIP tokens, valid) and the distilled models' second timestep (meanflow) take the
+    backbone's own paths in the spec's forward too."""
+    torch.manual_seed(0)
+    backbone, inputs = hunyuanvideo15(use_meanflow=True)
+    model = MultiPatchTransformer(_randomize(backbone))
+    inputs.update(image_embeds=torch.randn(B, 4, 8), timestep_r=torch.tensor([5.0, 700.0]))
+    given = model._signature.bind(**inputs)
+    given.apply_defaults()
+    out = model._patched(PatchHead(*model.spec.base_weights(), scale=1), 1, model.spec.latent(given.arguments),
+                         given.arguments)
+    assert (out - backbone(**inputs).sample).abs().max() <= 1e-5
+
+
+def test_clean_latent_distillation_is_refused_where_the_pipeline_appends_condition_channels(tmp_path):
+    from ddit.distill import distill
+
+    model = MultiPatchTransformer(hunyuanvideo15()[0])
+    with pytest.raises(ValueError, match="takes 9 channels and returns 4: its pipeline appends condition"):
+        distill(model, [(torch.zeros(9, 2, 16, 8), {})], tmp_path)
+    assert not any(tmp_path.iterdir())

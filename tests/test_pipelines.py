@@ -637,3 +637,28 @@ def test_z_image_img2img_truncated_from_its_first_step_reads_its_rows_as_samples
     out = call()
     assert {r["sample"] for r in ddit.summary(pipe).records} == {0, 1}  # two samples, not one sample's branches
     assert torch.allclose(out[1], stock[1], atol=ATOL, rtol=0) and (out[0] - stock[0]).abs().max() > 1e-3
+
+
+class FirstLatent(PatchPolicy):
+    """The base size always; keeps the shape of the latent it is shown."""
+
+    name = "first_latent"
+
+    def choose(self, step):
+        self.shape = tuple(step.latent.shape)
+        return torch.full((self.batch_size,), self.base_size), {}
+
+
+def test_hunyuanvideo15_policies_read_the_latent_without_its_condition_channels_and_hooking_guiders_are_refused():
+    """Its pipeline appends condition and mask channels (9 in, 4 out here) that never change: a policy reads the
+    4 the steps move. Guiders that hook the transformer's layers cannot find them inside the wrapper."""
+    from diffusers import SkipLayerGuidance
+
+    pipe, kwargs, stock = stock_of("hunyuanvideo15")
+    policy = FirstLatent()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=policy)
+    assert torch.allclose(latents(pipe(**kwargs(batch=2, steps=STEPS))), stock, atol=ATOL, rtol=0)
+    assert policy.shape == (2, 4, 2, 16, 16)
+    ddit.disable(pipe)
+    pipe.guider = SkipLayerGuidance(skip_layer_guidance_layers=[0])
+    assert_refused(pipe, "SkipLayerGuidance changes the transformer's layers", None)

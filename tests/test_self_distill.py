@@ -65,6 +65,15 @@ def test_an_adapter_distilled_from_a_pipeline_runs_coarse_steps_in_it(kind, fold
     assert torch.isfinite(out.frames if kind in ("wan", "hunyuanvideo15") else out.images).all()
 
 
+def test_a_default_size_no_coarse_patch_divides_is_refused_before_recording(folders, tmp_path):
+    """HunyuanVideo 1.5 picks its size itself when given none (480x848 here, a 30x53 latent)."""
+    pipe = load(folders["hunyuanvideo15"])
+    with pytest.raises(ValueError, match="do not divide the 30x53 latent of a 480x848 image"):
+        self_distill(pipe, PROMPTS, tmp_path, call={"num_frames": 5, "num_inference_steps": 2}, config=CONFIG,
+                     progress=False)
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
 def test_the_cli_records_once_and_resumes_training(folders, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(["a red circle", "", "blue stripes on white"]) + "\n")

@@ -201,6 +201,11 @@ def distill(
     if not hasattr(data, "draw") and model.spec.per_sample_lists:
         raise ValueError(f"{type(model.backbone).__name__} takes lists of per-sample inputs, which clean latents "
                          "noised here cannot give: distil it from its pipeline (ddit distill --pipeline DIR)")
+    w_in, _, w_out, _ = model.spec.base_weights()
+    if not hasattr(data, "draw") and w_in.shape[1] > w_out.shape[1]:
+        raise ValueError(f"{type(model.backbone).__name__} takes {w_in.shape[1]} channels and returns "
+                         f"{w_out.shape[1]}: its pipeline appends condition channels that noising clean latents "
+                         "would noise too; distil it from its pipeline (ddit distill --pipeline DIR)")
     states = data if hasattr(data, "draw") else NoisedLatents(
         data, sampler_sigmas(config.num_inference_steps, scheduler), config.timestep_scale, extra_kwargs)
     params, dtype = model.trainable_parameters(), model.dtype

@@ -24,17 +24,25 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 
 def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
-    """Height and width of the image the call makes and the VAE's factor, when the pipeline says (else None)."""
+    """Height and width of the image the call makes and the VAE's factor, when the pipeline says (else None):
+    the call's, else its signature's defaults, its ``default_sample_size``, or the size HunyuanVideo 1.5
+    picks from its default aspect ratio."""
     factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None)
     defaults = inspect.signature(pipe.__call__).parameters
+    picked = None
+    if hasattr(pipe, "default_aspect_ratio") and hasattr(pipe, "target_size"):  # HunyuanVideo 1.5
+        aspect = pipe.default_aspect_ratio
+        picked = pipe.video_processor.calculate_default_height_width(aspect[1], aspect[0], pipe.target_size)
     sizes = []
-    for name in ("height", "width"):
+    for i, name in enumerate(("height", "width")):
         value = call.get(name)
         if value is None:
             default = defaults[name].default if name in defaults else None
             value = default if isinstance(default, int) else None
         if value is None and getattr(pipe, "default_sample_size", None) and factor:
             value = pipe.default_sample_size * factor
+        if value is None and picked is not None:
+            value = picked[i]
         sizes.append(value)
     if factor is None or None in sizes:
         return None
@@ -56,7 +64,8 @@ def check_resolution(pipe, call: dict, patch_sizes: Sequence[int]) -> None:
                          "a --height and --width the sizes divide")
     size = image_size(pipe, call)
     if size is None:
-        return
+        raise ValueError(f"ddit cannot tell which size {type(pipe).__name__} makes by default: pass --height and "
+                         "--width")
     height, width, factor = size
     latent = (height // factor, width // factor)
     bad = [s for s in patch_sizes if latent[0] % s or latent[1] % s]

@@ -41,13 +41,17 @@ class DynamicPatchTransformer(nn.Module):
     """A pipeline's transformer that runs each sample at the patch size its policy picks, step by step."""
 
     def __init__(self, adapter: MultiPatchTransformer, runtime: PatchRuntime, pixels_per_latent: int | None = None,
-                 guidance: Callable[[], bool | None] | None = None, bins_resolution: bool = False):
+                 guidance: Callable[[torch.Tensor], bool | None] | None = None, bins_resolution: bool = False):
         super().__init__()
         self.adapter = adapter
         self.runtime = runtime
         self.pixels_per_latent, self.bins_resolution = pixels_per_latent, bins_resolution
         self._guidance = guidance or (lambda timestep: None)
         self._signature = inspect.signature(adapter.backbone.forward)
+        w_in, _, w_out, _ = adapter.spec.base_weights()
+        # the channels the policies read: the noisy latent, without the condition channels that image-to-video and
+        # fill pipelines append after it (HunyuanVideo 1.5, Wan I2V, FLUX Fill), which do not change between steps
+        self._state_channels = w_out.shape[1] if w_out.shape[1] < w_in.shape[1] else None
         self._branch: str | None = None
         self._where: dict = {}
 
@@ -124,7 +128,8 @@ class DynamicPatchTransformer(nn.Module):
         where = self._where
         timestep = spec.timestep(given)
         cfg = None if self._branch is not None else self._guidance(timestep) if spec.batched_cfg else False
-        call = Call(latent, timestep, lambda idx, size: self._run(args, kwargs, len(latent), idx, size),
+        call = Call(latent[:, :self._state_channels], timestep,
+                    lambda idx, size: self._run(args, kwargs, len(latent), idx, size),
                     branch=self._branch, branches=None if cfg is None else 1 + cfg,
                     step_index=where.get("step_index"), num_steps=where.get("num_inference_steps"),
                     sigma=where.get("sigma"))
@@ -254,6 +259,7 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer, policy: str
     if not isinstance(transformer, nn.Module):
         raise ValueError(f"ddit.enable needs a pipeline with a transformer, not {type(pipe).__name__}")
     check_offloading(transformer)
+    _check_guider(getattr(pipe, "guider", None))
     policy = _policy(policy, params)
     cache = get_cache(cache) if isinstance(cache, str) else cache
     if isinstance(adapter, MultiPatchTransformer):
@@ -304,6 +310,18 @@ def disable(pipe):
     return pipe
 
 
+def _check_guider(guider) -> None:
+    """Refuse a diffusers guider that hooks the transformer's layers for some of its calls (skip-layer, perturbed
+    attention, smoothed energy, auto guidance): it looks for them by name in the module it is given, and inside
+    ddit's wrapper they sit under another name."""
+    from diffusers.guiders.guider_utils import BaseGuidance
+
+    if isinstance(guider, BaseGuidance) and type(guider).prepare_models is not BaseGuidance.prepare_models:
+        raise ValueError(f"{type(guider).__name__} changes the transformer's layers for some calls, which it cannot "
+                         "find inside ddit's wrapper: give the pipeline a guider that does not "
+                         "(ClassifierFreeGuidance, AdaptiveProjectedGuidance, ...)")
+
+
 def _policy(policy: str | PatchPolicy, params: dict) -> PatchPolicy:
     if isinstance(policy, str):
         policy = get_policy(policy, **params)
@@ -341,14 +359,14 @@ def _guidance_of(pipe) -> Callable[[torch.Tensor], bool | None]:
     families whose pipelines call once per branch (``BackboneSpec.batched_cfg``). Z-Image stops guiding
     once its timestep (its normalised time, 0 at pure noise) passes ``cfg_truncation``, which img2img can
     do from the first step."""
-    ref = weakref.ref(pipe)
+    ref, z_image = weakref.ref(pipe), type(pipe).__module__.startswith("diffusers.pipelines.z_image")
 
     def batched(timestep: torch.Tensor) -> bool | None:
         try:
             value = getattr(ref(), "do_classifier_free_guidance", None)
         except AttributeError:  # a property that reads what only a call sets
             return None
-        truncation = getattr(ref(), "_cfg_truncation", None)
+        truncation = getattr(ref(), "_cfg_truncation", None) if z_image else None
         if value is True and truncation is not None and float(truncation) <= 1:
             value = float(torch.as_tensor(timestep).flatten()[0]) <= float(truncation)
         return value if isinstance(value, bool) else None

@@ -55,7 +55,8 @@ class Cache(abc.ABC):
         if not spec_for(backbone).single_stream:
             raise ValueError(f"ddit's {self.name!r} cache handles single-stream blocks only, and "
                              f"{type(backbone).__name__}'s blocks are dual-stream; use a diffusers cache config "
-                             "instead (e.g. diffusers.hooks.FirstBlockCacheConfig) where the model supports one")
+                             "instead where the model supports one (diffusers.hooks.TaylorSeerCacheConfig, or FirstBlockCacheConfig "
+                             "on FLUX.1, Qwen-Image and Wan)")
         blocks_of(model)
 
     @abc.abstractmethod
