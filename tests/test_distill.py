@@ -102,6 +102,7 @@ model = adapter()
 distill(model, data_set(), sys.argv[1], CONFIG, progress=False)
 state = PartialState()
 save_file({{k: v.contiguous() for k, v in model.adapter_state_dict().items()}}, f"{{sys.argv[1]}}/rank{{state.process_index}}.safetensors")
+state.destroy_process_group()
 """
 
 
@@ -127,6 +128,7 @@ half = DistillConfig(**{{**CONFIG.__dict__, "steps": 2}})
 for config, resume in ((half, False), (CONFIG, True)):  # every step a checkpoint, gathered from both ranks
     distill(adapter(), data_set(), out + "/resumed", config, progress=False, accelerator=accelerator,
             resume=resume, checkpoint_minutes=0)
+PartialState().destroy_process_group()
 """
 
 

@@ -25,7 +25,7 @@ PROMPTS = ["a red circle", "blue stripes on white"]
 #: Short text: the tiny T5s would otherwise pad every prompt to the pipelines' 226 to 512 tokens. Qwen-Image
 #: and Z-Image never pad: their text is not cut.
 SHORT_TEXT = {"flux": 16, "flux2": 16, "chroma": 16, "qwenimage": 512, "zimage": 512, "sd3": 16, "wan": 16,
-              "pixart": 16}  # HunyuanVideo 1.5's call takes no max_sequence_length
+              "pixart": 16, "sana": 16}  # HunyuanVideo 1.5's call takes no max_sequence_length
 CONFIG = DistillConfig(steps=2, batch_size=2, num_inference_steps=None, timestep_scale=None)
 
 

@@ -134,7 +134,7 @@ class DynamicPatchTransformer(nn.Module):
                     step_index=where.get("step_index"), num_steps=where.get("num_inference_steps"),
                     sigma=where.get("sigma"))
         out = self.runtime(call)
-        if spec.per_sample_lists:
+        if isinstance(next(iter(given.values())), list):  # a list of per-sample latents in, a list out (Z-Image)
             out = list(out.unbind())
         return Transformer2DModelOutput(sample=out) if given.get("return_dict", True) else (out,)
 

@@ -1,12 +1,12 @@
-"""Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, Z-Image, SD3, PixArt-Sigma, Wan,
-HunyuanVideo 1.5), made offline, that stock diffusers loads.
+"""Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, Z-Image, SD3, PixArt-Sigma, Sana,
+Wan, HunyuanVideo 1.5), made offline, that stock diffusers loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt without
 downloading a model, and to test it on the same folders a user would hand it.
 ``save_tiny_pipeline(kind, folder)`` writes ``model_index.json`` and every component:
 tokenizers built from a hand-written vocabulary (a byte-level CLIP BPE, a character
-T5 unigram, a byte-level Qwen BPE with its chat template, ByT5's bytes), random CLIP / T5 / UMT5 /
-Qwen3 / Qwen2.5-VL text encoders, a VAE that downsamples by the
+T5 unigram, a byte-level Qwen BPE with its chat template, ByT5's bytes, a character Gemma), random
+CLIP / T5 / UMT5 / Qwen3 / Qwen2.5-VL / Gemma2 text encoders, a VAE that downsamples by the
 factor the pipeline assumes, a small random transformer and the scheduler.
 Each folder is a few hundred kilobytes (Z-Image's 1.7 MB: its timestep MLP is 1024 wide
 at any model width) and the same bytes every call.
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLHunyuanVideo15,
@@ -52,6 +53,8 @@ from diffusers import (
     PixArtTransformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     WanPipeline,
@@ -60,7 +63,7 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 
-KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "wan", "hunyuanvideo15")
+KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "wan", "hunyuanvideo15")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
@@ -71,6 +74,8 @@ TINY_CALL = {
     "sd3": dict(height=SIDE, width=SIDE),
     # binning would snap 128 to the 256-pixel bins of the transformer's sample size
     "pixart": dict(height=SIDE, width=SIDE, use_resolution_binning=False),
+    # its DC-AE's factor 32: an 8x8 latent, which Sana's sizes 1, 2 and 4 divide; binning off, as for PixArt
+    "sana": dict(height=2 * SIDE, width=2 * SIDE, use_resolution_binning=False),
     "wan": dict(height=SIDE, width=SIDE, num_frames=5),  # 2 latent frames
     "hunyuanvideo15": dict(height=2 * SIDE, width=2 * SIDE, num_frames=5),  # its VAE's factor 16: 16x16, 2 frames
 }
@@ -302,6 +307,27 @@ def _pixart(tf) -> DiffusionPipeline:
         transformer=transformer, scheduler=DPMSolverMultistepScheduler(prediction_type="v_prediction"))
 
 
+def _sana(tf) -> DiffusionPipeline:
+    """Sana: a character Gemma tokenizer and a Gemma2 encoder of width 32, patch 1 on a 32x DC-AE."""
+    tokenizer = tf.GemmaTokenizer(vocab={t: i for i, t in enumerate(
+        ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581", *(c for c in string.printable if not c.isspace())])})
+    text = tf.Gemma2Model(tf.Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    transformer = wake_zeros(SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
+        mlp_ratio=2.0, sample_size=8, patch_size=1))
+    vae = AutoencoderDC(latent_channels=4, attention_head_dim=4, encoder_block_out_channels=(8,) * 6,
+                        decoder_block_out_channels=(8,) * 6, encoder_layers_per_block=(1,) * 6,
+                        decoder_layers_per_block=(1,) * 6, encoder_qkv_multiscales=((),) * 6,
+                        decoder_qkv_multiscales=((),) * 6, upsample_block_type="interpolate",
+                        downsample_block_type="Conv", scaling_factor=0.41407)
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=text, vae=vae, transformer=transformer, scheduler=scheduler)
+
+
 def _wan(tf) -> DiffusionPipeline:
     tokenizer = _t5_tokenizer(tf, 226)
     transformer = wake_zeros(WanTransformer3DModel(
@@ -341,7 +367,7 @@ def _hunyuanvideo15(tf) -> DiffusionPipeline:
 
 
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
-             "sd3": _sd3, "pixart": _pixart, "wan": _wan, "hunyuanvideo15": _hunyuanvideo15}
+             "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "hunyuanvideo15": _hunyuanvideo15}
 
 
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:

@@ -47,8 +47,8 @@ class BackboneSpec:
     #: Whether this family's stock pipelines may batch CFG branches in one call; the packed-token families'
     #: pipelines (FLUX, Chroma, Qwen-Image) call once per branch, even where they say they guide (Chroma).
     batched_cfg: bool = True
-    #: Forward arguments that are lists of one tensor per sample (Z-Image's latents and prompts); where there are
-    #: any, the latent is such a list and so is the output.
+    #: Forward arguments that are lists of one tensor per sample (Z-Image's latents and prompts): a batch run in
+    #: groups cuts them by row. A backbone whose latent is such a list returns a list too.
     per_sample_lists: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
