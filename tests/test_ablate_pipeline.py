@@ -163,22 +163,35 @@ def test_diffusers_cache_hooks_are_rows_of_a_pipeline_ablation_only(tmp_path, ca
     assert "diffusers' cache hooks run in pipeline ablations only (--pipeline)" in capsys.readouterr().err
 
 
-def test_a_video_pipeline_is_compared_frame_by_frame(tmp_path):
+@pytest.mark.parametrize("kind", ["wan", "wan22"])
+def test_a_video_pipeline_is_compared_frame_by_frame(kind, tmp_path):
+    """Wan 2.2's second expert takes its adapter from the folder's transformer_2 subfolder: with every step coarse,
+    its steps (the later half here) run coarse too."""
     from diffusers import DiffusionPipeline
 
     from ddit import MultiPatchTransformer
 
-    folder = save_tiny_pipeline("wan", tmp_path / "wan")
-    MultiPatchTransformer(DiffusionPipeline.from_pretrained(folder).transformer).save_pretrained(tmp_path / "adapter")
+    folder = save_tiny_pipeline(kind, tmp_path / kind)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    MultiPatchTransformer(pipe.transformer).save_pretrained(tmp_path / "adapter")
+    if kind == "wan22":
+        MultiPatchTransformer(pipe.transformer_2).save_pretrained(tmp_path / "adapter" / "transformer_2")
+    fraction = 1.0 if kind == "wan22" else 0.5
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     out = tmp_path / "run"
     assert main(["--pipeline", str(folder), "--adapter", str(tmp_path / "adapter"), "--prompts",
                  str(tmp_path / "prompts.txt"), "--out", str(out), "--steps", "4", "--fewer-steps", "",
-                 "--policies", "fixed", "--policy-param", "fixed.fraction=0.5", "--caches", "none",
+                 "--policies", "fixed", "--policy-param", f"fixed.fraction={fraction}", "--caches", "none",
                  "--height", "128", "--width", "128", "--num-frames", "5", "--pipeline-arg", "max_sequence_length=16",
                  "--no-progress"]) == 0
     frames = load_file(out / "images" / "fixed" / "0000000.safetensors")["images"]
     assert frames.shape == (1, 5, 3, 128, 128) and frames.dtype == torch.uint8
     fixed = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}["fixed"]
-    assert 0 < fixed["ssim_vs_baseline"] < 1 and fixed["coarse_step_fraction"] == 0.5
+    assert 0 < fixed["ssim_vs_baseline"] < 1 and fixed["coarse_step_fraction"] == fraction
     assert (out / "grids" / "prompt000.png").exists()
+    models = json.loads((out / "config.json").read_text())["model"]
+    assert ("adapter_2" in models) == (kind == "wan22")  # a changed second adapter must not resume the run
+    if kind == "wan22":
+        from ddit.ablate.models import fingerprint
+
+        assert models["adapter_2"] == fingerprint({"a": tmp_path / "adapter" / "transformer_2"})["a"]

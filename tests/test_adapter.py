@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
 
 from ddit.adapter import CONFIG_NAME, WEIGHTS_NAME, MultiPatchTransformer
 from ddit.backbones import patchify
@@ -135,6 +137,18 @@ def test_truncated_adapter_file_is_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=str(weights)):
         MultiPatchTransformer.from_pretrained(backbone(), tmp_path)
+
+
+def test_weights_of_another_layout_are_refused_and_leave_the_backbone_stock(tmp_path):
+    MultiPatchTransformer(backbone()).save_pretrained(tmp_path)
+    weights = tmp_path / WEIGHTS_NAME
+    state = load_file(weights)
+    state.pop(sorted(state)[0])
+    save_file(state, weights)
+    stock = backbone()
+    with pytest.raises(CheckpointError, match="do not fit this adapter"):
+        MultiPatchTransformer.from_pretrained(stock, tmp_path)
+    assert not any(isinstance(m, LoraLayer) for m in stock.modules())
 
 
 def test_missing_adapter_is_named(tmp_path):

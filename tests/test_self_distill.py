@@ -25,7 +25,7 @@ PROMPTS = ["a red circle", "blue stripes on white"]
 #: Short text: the tiny T5s would otherwise pad every prompt to the pipelines' 226 to 512 tokens. Qwen-Image
 #: and Z-Image never pad: their text is not cut.
 SHORT_TEXT = {"flux": 16, "flux2": 16, "chroma": 16, "qwenimage": 512, "zimage": 512, "sd3": 16, "wan": 16,
-              "pixart": 16, "sana": 16}  # HunyuanVideo 1.5's call takes no max_sequence_length
+              "wan22": 16, "pixart": 16, "sana": 16}  # HunyuanVideo 1.5's call takes no max_sequence_length
 CONFIG = DistillConfig(steps=2, batch_size=2, num_inference_steps=None, timestep_scale=None)
 
 
@@ -62,7 +62,7 @@ def test_an_adapter_distilled_from_a_pipeline_runs_coarse_steps_in_it(kind, fold
     out = fresh(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent",
                 **call(kind, steps=4))
     assert ddit.summary(fresh).coarse_fraction == 0.5
-    assert torch.isfinite(out.frames if kind in ("wan", "hunyuanvideo15") else out.images).all()
+    assert torch.isfinite(out.frames if kind in ("wan", "wan22", "hunyuanvideo15") else out.images).all()
 
 
 def test_a_default_size_no_coarse_patch_divides_is_refused_before_recording(folders, tmp_path):
@@ -279,3 +279,36 @@ def test_an_on_policy_round_records_the_latents_coarse_steps_lead_to(kind, folde
     fresh = load(folders[kind])
     ddit.enable(fresh, export, policy="fixed", fraction=0.5)
     fresh(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call(kind, steps=4))
+
+
+def test_wan22_distils_an_adapter_for_each_expert_on_its_own_steps_and_on_policy(folders, tmp_path):
+    """Its transformer takes the steps at t >= 750 (2 of 4 here), transformer_2 the others."""
+    from ddit.recorded_states import RecordedStates
+
+    pipe = load(folders["wan22"])
+    export = self_distill(pipe, PROMPTS, tmp_path, call=call("wan22", steps=4), config=CONFIG, progress=False,
+                          on_policy=get_policy("fixed", fraction=0.5))
+    for recording in (tmp_path / "states", tmp_path / "on-policy" / "states"):
+        high, low = RecordedStates(recording), RecordedStates(recording / "transformer_2")
+        assert len(high) == len(low) == 2 * 2 * 2  # 2 prompts x 2 steps x 2 CFG calls each
+        _, kw_high = high.draw(torch.Generator().manual_seed(0), len(high))
+        _, kw_low = low.draw(torch.Generator().manual_seed(0), len(low))
+        assert kw_high["timestep"].min() >= 750 > kw_low["timestep"].max()
+    for run in (tmp_path, tmp_path / "on-policy"):  # one training run per expert
+        assert json.loads((run / "transformer_2" / "distill.json").read_text())["steps"] == CONFIG.steps
+    assert (export / "transformer_2" / "multipatch_config.json").exists()
+
+    fresh = load(folders["wan22"])
+    ddit.enable(fresh, export, policy="fixed", fraction=0.5)
+    out = fresh(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent",
+                **call("wan22", steps=4))
+    assert torch.isfinite(out.frames).all()
+    records = ddit.summary(fresh).records
+    assert sorted({r["step"] for r in records}) == [0, 1, 2, 3]  # both experts' steps run under the policy
+    assert type(fresh.transformer_2).__name__ == "DynamicPatchTransformer"
+
+
+def test_a_recording_where_every_step_falls_on_one_expert_is_refused(folders, tmp_path):
+    pipe = load(folders["wan22"])
+    with pytest.raises(RecordingError, match="pipe.transformer_2 ran no step .* record with more steps"):
+        self_distill(pipe, PROMPTS, tmp_path, call=call("wan22", steps=1), config=CONFIG, progress=False)

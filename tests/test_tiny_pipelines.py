@@ -16,8 +16,8 @@ STEPS = 4
 PIPELINE_CLASS = {"flux": "FluxPipeline", "flux2": "Flux2KleinPipeline", "chroma": "ChromaPipeline",
                   "qwenimage": "QwenImagePipeline", "zimage": "ZImagePipeline", "sd3": "StableDiffusion3Pipeline",
                   "pixart": "PixArtSigmaPipeline", "sana": "SanaPipeline", "wan": "WanPipeline",
-                  "hunyuanvideo15": "HunyuanVideo15Pipeline"}
-VIDEO = ("wan", "hunyuanvideo15")
+                  "wan22": "WanPipeline", "hunyuanvideo15": "HunyuanVideo15Pipeline"}
+VIDEO = ("wan", "wan22", "hunyuanvideo15")
 # Flux and Qwen-Image guide with true CFG only when given a negative prompt; the others guide above a scale of 1
 TRUE_CFG = dict(true_cfg_scale=2.0, negative_prompt="blurry")
 CFG_ON = {"flux": TRUE_CFG, "qwenimage": TRUE_CFG, "hunyuanvideo15": {}}
@@ -88,7 +88,8 @@ def test_the_folder_is_the_same_bytes_every_time(saved, tmp_path):
 def test_ddit_wraps_the_loaded_transformer_and_runs_the_pipeline_from_text(saved):
     kind, folder = saved
     pipe = load(folder)
-    adapter = ddit.MultiPatchTransformer(pipe.transformer, patch_sizes=(4, 8))
+    adapter = {name: ddit.MultiPatchTransformer(getattr(pipe, name), patch_sizes=(4, 8))  # Wan 2.2: both experts
+               for name in ("transformer", "transformer_2") if getattr(pipe, name, None) is not None}
     ddit.enable(pipe, adapter, policy="third_order")
     assert np.isfinite(run(pipe, kind, PROMPTS[0], guidance=True, output_type="np")).all()
     assert len({r["step"] for r in ddit.summary(pipe).records}) == STEPS
@@ -147,7 +148,7 @@ def test_a_kontext_reference_of_another_width_is_refused_with_the_fix(tmp_path):
 
 
 def test_unknown_kinds_and_a_missing_transformers_are_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="one of flux, flux2, chroma, qwenimage, zimage, sd3, pixart, sana, wan, hun"):
+    with pytest.raises(ValueError, match="one of flux, flux2, .* wan, wan22, hun"):
         save_tiny_pipeline("dit", tmp_path)
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match="pip install transformers"):

@@ -32,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Callable
 
 import torch
@@ -304,14 +305,20 @@ def _sana():
     return pipe, call_kwargs
 
 
-def _wan():
-    torch.manual_seed(0)
-    transformer = _wake_zeros(WanTransformer3DModel(
+def _wan_transformer(seed: int = 0) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return _wake_zeros(WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32))
+
+
+def _wan(two_experts: bool = False):
+    """Wan 2.1; with ``two_experts``, Wan 2.2's layout: a second expert takes the steps below t = 750 (3 of 6)."""
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=_wan_transformer(),
+                       transformer_2=_wan_transformer(1) if two_experts else None,
+                       boundary_ratio=0.75 if two_experts else None)
 
     def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
         seeds = _seeds(batch, seeds)
@@ -382,7 +389,8 @@ def _dit():
 
 
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
-             "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "hunyuanvideo15": _hunyuanvideo15, "dit": _dit}
+             "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "hunyuanvideo15": _hunyuanvideo15, "dit": _dit,
+             "wan22": partial(_wan, two_experts=True)}  # not in NAMES: tests/test_experts.py runs it
 
 
 def build(name: str) -> tuple[DiffusionPipeline, Callable[..., dict]]:

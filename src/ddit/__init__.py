@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .adapter import MultiPatchTransformer
-from .pipelines import disable, enable, summary
+from .pipelines import disable, enable, load_adapters, summary
 from .progressive_pipeline import progressive_call
 
-__all__ = ["MultiPatchTransformer", "disable", "enable", "progressive_call", "summary"]
+__all__ = ["MultiPatchTransformer", "disable", "enable", "load_adapters", "progressive_call", "summary"]

@@ -379,7 +379,11 @@ class MultiPatchTransformer(nn.Module):
         state = load_safetensors(file)  # before wrapping, so that a bad file leaves the backbone as it was
         model = cls(backbone, meta["patch_sizes"], lora_config=LoraConfig.from_pretrained(path),
                     shared_lora=meta.get("shared_lora", False))
-        model.load_adapter_state_dict(state, source=file)
+        try:
+            model.load_adapter_state_dict(state, source=file)
+        except Exception:  # the LoRA layers leave again: a refused adapter changes nothing
+            model.detach()
+            raise
         return model
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str | os.PathLike = "state") -> None:

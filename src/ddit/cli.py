@@ -279,9 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(func=_distill)
 
-    p = commands.add_parser("tiny-pipeline", help="write a tiny random, complete pipeline folder (flux, flux2, "
-                            "chroma, qwenimage, sd3, pixart, wan) to try ddit offline")
-    p.add_argument("kind", help="flux, flux2 (FLUX.2 [klein]), chroma, qwenimage (Qwen-Image), sd3, pixart or wan")
+    p = commands.add_parser("tiny-pipeline", help="write a tiny random, complete pipeline folder to try ddit "
+                            "offline")
+    p.add_argument("kind", help="flux, flux2 (FLUX.2 [klein]), chroma, qwenimage (Qwen-Image), zimage (Z-Image), "
+                   "sd3, pixart (PixArt-Sigma), sana, wan, wan22 (Wan 2.2's two experts) or hunyuanvideo15")
     p.add_argument("out", help="folder to write")
     p.set_defaults(func=_tiny_pipeline)
 

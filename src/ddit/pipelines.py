@@ -6,7 +6,8 @@ pipeline's calls exactly as the backbone would, hands each to the shared
 answers what pipelines and users ask of a transformer (config, dtype, device, cache
 contexts, cache hooks, attention processors, gradient checkpointing). A plain
 ``pipe(...)`` then runs the policy; ``disable`` gives the pipeline its stock
-transformer back.
+transformer back. Wan 2.2's two experts get a wrapper each, over one runtime: one
+policy decides every step, whichever expert runs it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import shutil
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,6 +37,8 @@ from .summary import Summary
 
 #: Where ``pipe.save_pretrained`` writes the adapter of an enabled pipeline, beside the stock components.
 ADAPTER_FOLDER = "ddit_adapter"
+#: The components that denoise: ``transformer``, and Wan 2.2's low-noise expert, which takes the later steps.
+EXPERTS = ("transformer", "transformer_2")
 
 
 class DynamicPatchTransformer(nn.Module):
@@ -205,15 +209,15 @@ _PER_LAYER_OFFLOAD = ("places the transformer layer by layer, and coarse steps r
               "instead, before or after ddit.enable; it moves the whole transformer, adapter included")
 
 
-def check_offloading(transformer: nn.Module) -> None:
+def check_offloading(transformer: nn.Module, name: str = "transformer") -> None:
     """Refuse offloading that moves the transformer's layers one by one (accelerate's sequential CPU offload,
     diffusers' group offloading). Model CPU offload moves whole components: ``enable`` and ``disable`` hook
     the new transformer again, as diffusers does after every call."""
     if _placed_layer_by_layer(transformer) or any(p.is_meta for p in transformer.parameters()):
-        raise ValueError(f"pipe.transformer is under sequential CPU offload or a device map (its weights are on "
+        raise ValueError(f"pipe.{name} is under sequential CPU offload or a device map (its weights are on "
                          f"the meta device or placed by accelerate's hooks), which {_PER_LAYER_OFFLOAD}")
     if _is_group_offload_enabled(transformer):
-        raise ValueError(f"pipe.transformer has group offloading enabled, which {_PER_LAYER_OFFLOAD}")
+        raise ValueError(f"pipe.{name} has group offloading enabled, which {_PER_LAYER_OFFLOAD}")
 
 
 def _placed_layer_by_layer(module: nn.Module) -> bool:
@@ -242,72 +246,158 @@ def _model_offload_renewed(pipe):
             pipe.enable_model_cpu_offload(device=device)
 
 
-def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer, policy: str | PatchPolicy = "third_order",
-           cache=None, **params):
+def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
+           policy: str | PatchPolicy = "third_order", cache=None, **params):
     """Run ``policy`` inside ``pipe``: every ``pipe(...)`` after this picks each sample's patch size per step.
 
     ``adapter``: a folder written by ``MultiPatchTransformer.save_pretrained`` (or a pipeline folder
     that ``pipe.save_pretrained`` wrote while enabled), or a ``MultiPatchTransformer`` over
-    ``pipe.transformer``. ``policy``: a name (plugins included; ``params`` go to it) or an instance.
+    ``pipe.transformer``. A pipeline with two experts (Wan 2.2: ``pipe.transformer_2`` takes the
+    low-noise steps) takes the folder's ``transformer_2`` subfolder for the second (``ddit distill
+    --pipeline`` writes both), or a mapping ``{"transformer": ..., "transformer_2": ...}`` of folders
+    or adapters; both experts then share one policy and its history across the switch.
+    ``policy``: a name (plugins included; ``params`` go to it) or an instance.
     ``cache``: ``None``, a ddit cache name or instance, or a diffusers cache config
     (``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``). Everything is checked before the
     pipeline changes. Returns ``pipe``.
     """
     transformer = getattr(pipe, "transformer", None)
-    if isinstance(_uncompiled(transformer), DynamicPatchTransformer):
+    if any(isinstance(_uncompiled(getattr(pipe, name, None)), DynamicPatchTransformer) for name in EXPERTS):
         raise ValueError("ddit.enable: this pipeline is already enabled; call ddit.disable(pipe) first")
     if not isinstance(transformer, nn.Module):
         raise ValueError(f"ddit.enable needs a pipeline with a transformer, not {type(pipe).__name__}")
-    check_offloading(transformer)
+    for name in EXPERTS:
+        expert = getattr(pipe, name, None)
+        if isinstance(expert, nn.Module):
+            check_offloading(expert, name)
+            if getattr(expert, "is_cache_enabled", False):
+                raise ValueError(f"pipe.{name} has a diffusers cache enabled; disable it "
+                                 f"(pipe.{name}.disable_cache()) and pass its config to ddit.enable(..., cache=config)")
     _check_guider(getattr(pipe, "guider", None))
     policy = _policy(policy, params)
     cache = get_cache(cache) if isinstance(cache, str) else cache
-    if isinstance(adapter, MultiPatchTransformer):
-        if adapter.backbone is not transformer:
-            raise ValueError("ddit.enable: the adapter wraps another transformer than pipe.transformer; build it "
-                             "over pipe.transformer, or pass the folder it was saved to")
-        adapter.attach()
-    else:
-        adapter = _load_adapter(transformer, adapter)
+    adapters = _adapters(pipe, adapter)
     try:
+        first = adapters["transformer"]
+        if len(adapters) > 1 and cache is not None:
+            raise ValueError("caches are not supported on a pipeline with two experts (Wan 2.2's transformer and "
+                             "transformer_2): their blocks' features differ at the switch; enable without a cache")
+        if len({a.patch_sizes for a in adapters.values()}) > 1:
+            raise ValueError("the two experts' adapters run different patch sizes "
+                             f"({', '.join(f'{n}: {a.patch_sizes}' for n, a in adapters.items())}); distil them "
+                             "together (ddit distill --pipeline) so that one policy can pick among the same sizes")
         if isinstance(cache, Cache):
-            cache.check(adapter)
+            cache.check(first)
         elif cache is not None:
             check_diffusers_cache(transformer, cache)
-        elif getattr(transformer, "is_cache_enabled", False):
-            raise ValueError(f"{type(transformer).__name__} has a diffusers cache enabled; disable it "
-                             "(transformer.disable_cache()) and pass its config to ddit.enable(..., cache=config)")
-        runtime = PatchRuntime(policy, adapter.patch_sizes, cache=cache if isinstance(cache, Cache) else None,
-                               model=adapter, scheduler=_scheduler_of(pipe), patch=adapter.spec.patch)
-        wrapper = DynamicPatchTransformer(adapter, runtime, _pixels_per_latent(pipe), _guidance_of(pipe),
-                                          "use_resolution_binning" in inspect.signature(pipe.__call__).parameters)
+        runtime = PatchRuntime(policy, first.patch_sizes, cache=cache if isinstance(cache, Cache) else None,
+                               model=first, scheduler=_scheduler_of(pipe), patch=first.spec.patch)
+        binning = "use_resolution_binning" in inspect.signature(pipe.__call__).parameters
+        wrappers = {name: DynamicPatchTransformer(a, runtime, _pixels_per_latent(pipe), _guidance_of(pipe), binning)
+                    for name, a in adapters.items()}
         if cache is not None and not isinstance(cache, Cache):
-            wrapper.enable_cache(cache)
+            wrappers["transformer"].enable_cache(cache)
     except Exception:
-        adapter.detach()
+        for a in adapters.values():
+            a.detach()
         raise
-    if getattr(pipe, "transformer_2", None) is not None:
+    if _calls_second_expert(pipe) and "transformer_2" not in adapters:
         warnings.warn("pipe.transformer_2 (the low-noise expert) stays stock: its steps run at the base size and "
-                      "are not in ddit.summary", stacklevel=2)
-    adapter.set_lean_base(True)
+                      "are not in ddit.summary; give its adapter as the adapter folder's transformer_2 subfolder "
+                      "(ddit distill --pipeline writes it)", stacklevel=2)
     with _model_offload_renewed(pipe):
-        pipe.transformer = wrapper
+        for name, wrapper in wrappers.items():
+            wrapper.adapter.set_lean_base(True)
+            setattr(pipe, name, wrapper)
     pipe.save_pretrained = _SaveWithAdapter(pipe)
     return pipe
 
 
 def disable(pipe):
-    """Give ``pipe`` its stock transformer back (LoRA layers out, ddit's cache hooks off). Returns ``pipe``."""
-    wrapper = _uncompiled(getattr(pipe, "transformer", None))
-    if not isinstance(wrapper, DynamicPatchTransformer):
+    """Give ``pipe`` its stock transformers back (LoRA layers out, ddit's cache hooks off). Returns ``pipe``."""
+    wrappers = _wrappers(pipe)
+    if not wrappers:
         raise ValueError("ddit.disable: this pipeline is not enabled (call ddit.enable(pipe, adapter) first)")
-    if wrapper.runtime.hooks is not None:
-        wrapper.disable_cache()
-    wrapper.adapter.set_lean_base(False)
+    if wrappers["transformer"].runtime.hooks is not None:
+        wrappers["transformer"].disable_cache()
     with _model_offload_renewed(pipe):
-        pipe.transformer = wrapper.adapter.detach()
+        for name, wrapper in wrappers.items():
+            wrapper.adapter.set_lean_base(False)
+            setattr(pipe, name, wrapper.adapter.detach())
     vars(pipe).pop("save_pretrained", None)
     return pipe
+
+
+def load_adapters(pipe, path: str | os.PathLike) -> dict[str, MultiPatchTransformer]:
+    """The adapters saved at ``path`` over ``pipe``'s experts: ``path`` itself for ``pipe.transformer``, and its
+    ``transformer_2`` subfolder, if there is one, for Wan 2.2's ``pipe.transformer_2``. A pipeline folder that
+    ``pipe.save_pretrained`` wrote while enabled holds them in its ``ddit_adapter`` folder."""
+    path = adapter_folder(path)
+    second = getattr(pipe, "transformer_2", None)
+    if (path / "transformer_2" / CONFIG_NAME).exists() and not isinstance(second, nn.Module):
+        raise ValueError(f"{path} holds an adapter for a second expert (transformer_2), but this "
+                         f"{type(pipe).__name__} has none: load the pipeline that it was distilled from")
+    adapters = {"transformer": MultiPatchTransformer.from_pretrained(pipe.transformer, path)}
+    if isinstance(second, nn.Module) and (path / "transformer_2" / CONFIG_NAME).exists():
+        try:
+            adapters["transformer_2"] = MultiPatchTransformer.from_pretrained(second, path / "transformer_2")
+        except Exception:
+            adapters["transformer"].detach()
+            raise
+    return adapters
+
+
+def adapter_folder(path: str | os.PathLike) -> Path:
+    """Where the adapter at ``path`` lies: ``path``, or the ``ddit_adapter`` folder of a pipeline folder that
+    ``pipe.save_pretrained`` wrote while enabled."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).exists() and (path / ADAPTER_FOLDER / CONFIG_NAME).exists():
+        return path / ADAPTER_FOLDER
+    return path
+
+
+def _calls_second_expert(pipe) -> bool:
+    """Whether the pipeline hands some steps to ``pipe.transformer_2`` (Wan 2.2: below its ``boundary_ratio``)."""
+    config = getattr(pipe, "config", None) or {}
+    return isinstance(getattr(pipe, "transformer_2", None), nn.Module) and config.get("boundary_ratio") is not None
+
+
+def _adapters(pipe, adapter) -> dict[str, MultiPatchTransformer]:
+    """``enable``'s ``adapter`` as attached adapters by expert name, each checked to wrap that expert."""
+    if isinstance(adapter, Mapping):
+        unknown = sorted(set(adapter) - set(EXPERTS))
+        if unknown or "transformer" not in adapter:
+            raise ValueError(f"ddit.enable: adapters are given by expert ({', '.join(EXPERTS)}), with one for "
+                             f"transformer; got {sorted(adapter)}")
+        given = dict(adapter)
+    elif isinstance(adapter, MultiPatchTransformer):
+        given = {"transformer": adapter}
+    else:
+        return load_adapters(pipe, adapter)
+    adapters = {}
+    try:
+        for name, value in given.items():
+            expert = getattr(pipe, name, None)
+            if not isinstance(expert, nn.Module):
+                raise ValueError(f"ddit.enable: an adapter is given for pipe.{name}, which this pipeline lacks")
+            if not isinstance(value, MultiPatchTransformer):
+                value = MultiPatchTransformer.from_pretrained(expert, adapter_folder(value))
+            elif value.backbone is not expert:
+                raise ValueError(f"ddit.enable: the adapter wraps another transformer than pipe.{name}; build it "
+                                 f"over pipe.{name}, or pass the folder it was saved to")
+            value.attach()
+            adapters[name] = value
+    except Exception:  # nothing changes on a refusal: the adapters placed so far leave their experts again
+        for placed in adapters.values():
+            placed.detach()
+        raise
+    return adapters
+
+
+def _wrappers(pipe) -> dict[str, "DynamicPatchTransformer"]:
+    """The enabled experts' wrappers by name (none: not enabled)."""
+    found = {name: _uncompiled(getattr(pipe, name, None)) for name in EXPERTS}
+    return {name: w for name, w in found.items() if isinstance(w, DynamicPatchTransformer)}
 
 
 def _check_guider(guider) -> None:
@@ -334,13 +424,6 @@ def _policy(policy: str | PatchPolicy, params: dict) -> PatchPolicy:
         raise ValueError("progressive resolution changes the latent's size between steps, which a pipeline's own "
                          "loop does not allow: run it with ddit.progressive_call(pipe, switch, **call) instead")
     return policy
-
-
-def _load_adapter(transformer: nn.Module, path) -> MultiPatchTransformer:
-    path = Path(path)
-    if not (path / CONFIG_NAME).exists() and (path / ADAPTER_FOLDER / CONFIG_NAME).exists():
-        path = path / ADAPTER_FOLDER  # a pipeline folder saved while enabled
-    return MultiPatchTransformer.from_pretrained(transformer, path)
 
 
 def _uncompiled(module):
@@ -385,21 +468,29 @@ def _pixels_per_latent(pipe) -> int | None:
 
 class _SaveWithAdapter:
     """``pipe.save_pretrained`` of an enabled pipeline: the stock pipeline, and the adapter in
-    ``ADAPTER_FOLDER``; ``ddit.enable(type(pipe).from_pretrained(DIR), DIR)`` gives it back."""
+    ``ADAPTER_FOLDER`` (a second expert's in its ``transformer_2`` subfolder);
+    ``ddit.enable(type(pipe).from_pretrained(DIR), DIR)`` gives it back."""
 
     def __init__(self, pipe):
         self.pipe = weakref.ref(pipe)
 
     def __call__(self, save_directory, *args, **kwargs):
         pipe = self.pipe()
-        wrapper = pipe.transformer
-        wrapper.adapter.save_pretrained(Path(save_directory) / ADAPTER_FOLDER)  # first: a hub push takes it along
-        pipe.transformer = wrapper.adapter.detach()
+        wrappers = _wrappers(pipe)
+        held = {name: getattr(pipe, name) for name in wrappers}  # as they are, compiled or not
+        folder = Path(save_directory) / ADAPTER_FOLDER
+        if "transformer_2" not in wrappers:  # a second expert's adapter from an earlier save is not this one's
+            shutil.rmtree(folder / "transformer_2", ignore_errors=True)
+        for name, wrapper in wrappers.items():  # first: a hub push takes them along
+            wrapper.adapter.save_pretrained(folder if name == "transformer" else folder / name)
         try:
+            for name, wrapper in wrappers.items():
+                setattr(pipe, name, wrapper.adapter.detach())
             type(pipe).save_pretrained(pipe, save_directory, *args, **kwargs)
         finally:
-            wrapper.adapter.attach()
-            pipe.transformer = wrapper
+            for name, wrapper in wrappers.items():
+                wrapper.adapter.attach()
+                setattr(pipe, name, held[name])
 
 
 def summary(pipe) -> Summary:

@@ -25,9 +25,9 @@ import hashlib
 import inspect
 import json
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -140,7 +140,7 @@ def recording(transformer: torch.nn.Module) -> Iterator[CallLog]:
 
 def record_states(pipe, prompts: Iterable[str], folder: str | os.PathLike, call: dict | None = None, *,
                   seed: int = 0, indices: Iterable[int] | None = None, progress: bool = True,
-                  module: torch.nn.Module | None = None) -> Path:
+                  modules: Mapping[str, torch.nn.Module] | None = None) -> Path:
     """Run ``pipe(prompt, **call)`` for each prompt and record its transformer's inputs in ``folder``.
 
     Prompt i runs with a generator seeded ``seed + i`` and is written to
@@ -148,29 +148,51 @@ def record_states(pipe, prompts: Iterable[str], folder: str | os.PathLike, call:
     file recorded from another prompt is refused. ``indices`` restricts the run to some
     prompts (one process's share under accelerate). ``call`` holds the pipeline's own
     arguments (``num_inference_steps``, ``height``, ``guidance_scale``...); the output
-    is kept as a latent, never decoded. ``module`` is what to record (default
-    ``pipe.transformer``; in an enabled pipeline, its ``MultiPatchTransformer``, whose
-    calls carry the full-size latent whatever patch size they run at).
+    is kept as a latent, never decoded. ``modules`` are what to record, by subfolder of
+    ``folder`` ("": the folder itself); by default ``pipe.transformer``, and Wan 2.2's
+    second expert ``pipe.transformer_2`` in ``folder/transformer_2``. In an enabled pipeline,
+    record its ``MultiPatchTransformer``s, whose calls carry the full-size latent whatever
+    patch size they run at.
     """
     folder, prompts = Path(folder), list(prompts)
-    folder.mkdir(parents=True, exist_ok=True)
+    modules = dict(modules or experts(pipe))
+    for sub in modules:
+        (folder / sub).mkdir(parents=True, exist_ok=True)
     todo = []
     for i in (range(len(prompts)) if indices is None else indices):
-        path = folder / f"{i:05d}.safetensors"
-        if not path.exists():
+        paths = [folder / sub / f"{i:05d}.safetensors" for sub in modules]
+        if not all(path.exists() for path in paths):
             todo.append(i)
-        elif (recorded := _metadata(path)["prompt"]) != prompts[i]:
-            raise RecordingError(f"{path} was recorded from the prompt {recorded!r}, not {prompts[i]!r}; "
-                                 "record another prompts file into another folder")
+        for path in paths:
+            if path.exists() and (recorded := _metadata(path)["prompt"]) != prompts[i]:
+                raise RecordingError(f"{path} was recorded from the prompt {recorded!r}, not {prompts[i]!r}; "
+                                     "record another prompts file into another folder")
     device = getattr(pipe, "_execution_device", None) or pipe.device
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # one bar over the prompts, not one per call
     for i in tqdm(todo, desc="record", disable=not progress or not todo):
-        with recording(module or pipe.transformer) as log, torch.inference_mode():
+        with ExitStack() as stack, torch.inference_mode():
+            logs = {sub: stack.enter_context(recording(module)) for sub, module in modules.items()}
             generator = torch.Generator("cpu").manual_seed(seed + i)
             pipe(prompt=prompts[i], generator=generator, output_type="latent", **(call or {}))
-        log.save(folder / f"{i:05d}.safetensors", prompts[i], device=str(device))
+        idle = [sub or "transformer" for sub, log in logs.items() if not log.calls]
+        if idle and len(logs) > 1:  # checked before any file of this prompt is written
+            raise RecordingError(f"pipe.{idle[0]} ran no step for {prompts[i]!r}: every step fell on the other "
+                                 "expert (the pipeline's boundary_ratio); record with more steps")
+        for sub, log in logs.items():
+            log.save(folder / sub / f"{i:05d}.safetensors", prompts[i], device=str(device))
     return folder
+
+
+def experts(pipe) -> dict[str, torch.nn.Module]:
+    """The transformers a pipeline denoises with, by recording subfolder: ``pipe.transformer`` (""), and Wan 2.2's
+    low-noise expert ``pipe.transformer_2``, which takes the steps below its boundary (without a
+    ``boundary_ratio`` the pipeline never calls it)."""
+    found = {"": pipe.transformer}
+    config = getattr(pipe, "config", None)
+    if isinstance(getattr(pipe, "transformer_2", None), torch.nn.Module) and config.get("boundary_ratio") is not None:
+        found["transformer_2"] = pipe.transformer_2
+    return found
 
 
 def _metadata(path: Path) -> dict:

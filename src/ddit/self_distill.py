@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -34,7 +35,7 @@ from .distill import DistillConfig, distill
 from .pipelines import disable, enable
 from .policies import PatchPolicy
 from .processes import processes
-from .recorded_states import RecordedStates, RecordingError, record_states
+from .recorded_states import RecordedStates, RecordingError, experts, record_states
 
 
 def _check_recording(path: Path, identity: dict) -> None:
@@ -63,6 +64,10 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
     visits (``out/on-policy/states``); training then goes on for ``config.steps`` more on
     both recordings together (``out/on-policy``; on the testbed this lowered the error
     where the sampler goes: docs/adapter.md). Returns ``out/on-policy/adapter`` then.
+
+    Wan 2.2's second expert (``pipe.transformer_2``) is recorded beside the first and gets its own
+    adapter, trained on its own steps in ``out/transformer_2`` and copied into the returned
+    folder's ``transformer_2`` subfolder, where ``ddit.enable`` looks for it.
     """
     accelerator = accelerator or processes()
     call, out, prompts = dict(call or {}), Path(out), list(prompts)
@@ -73,11 +78,12 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
                          "transformer cannot do; record the on-policy round under a data-parallel accelerate "
                          "config (or one process), or drop --on-policy")
     check_call(pipe, call)
+    denoisers = experts(pipe)
     try:
-        spec = spec_for(pipe.transformer)
+        specs = [spec_for(module) for module in denoisers.values()]
     except TypeError as err:  # no spec for this transformer: bad input here, not a bug
         raise ValueError(str(err)) from None
-    base = spec.base_patch_size
+    base = specs[0].base_patch_size
     sizes = sorted({base, *(patch_sizes or (2 * base, 4 * base))})
     check_resolution(pipe, call, sizes)
     if pipe.transformer.dtype == torch.float16:
@@ -85,7 +91,7 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
                          "need loss scaling")
     config = config or DistillConfig(num_inference_steps=None, timestep_scale=None)
     identity = json.loads(json.dumps({  # as it reads back from recording.json (a tuple: a list)
-        "transformer": f"{type(pipe.transformer).__name__} {config_hash(pipe.transformer)}",
+        **{sub or "transformer": f"{type(m).__name__} {config_hash(m)}" for sub, m in denoisers.items()},
         "dtype": str(pipe.transformer.dtype), "call": call, "seed": seed}))
     states = out / "states"
     _check_recording(states / "recording.json", identity)
@@ -94,44 +100,64 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
     if accelerator.is_main_process:
         states.mkdir(parents=True, exist_ok=True)
         write_text_atomic(states / "recording.json", json.dumps(identity, indent=1))
+    shares = range(accelerator.process_index, len(prompts), accelerator.num_processes)
     record_states(pipe, prompts, states, call, seed=seed, progress=progress and accelerator.is_main_process,
-                  indices=range(accelerator.process_index, len(prompts), accelerator.num_processes))
+                  indices=shares)
     accelerator.wait_for_everyone()
 
-    model = MultiPatchTransformer(pipe.transformer, sizes[1:], rank=rank, shared_lora=shared_lora)
-    share = dict(checkpoint_minutes=checkpoint_minutes, progress=progress, accelerator=accelerator)
-    with _offloaded(pipe, accelerator.device):
-        export = distill(model, RecordedStates(states), out, config, resume=resume, **share)
+    models = {sub: MultiPatchTransformer(module, sizes[1:], rank=rank, shared_lora=shared_lora)
+              for sub, module in denoisers.items()}
+    share = dict(config=config, resume=resume, checkpoint_minutes=checkpoint_minutes, progress=progress,
+                 accelerator=accelerator)
+    export = _distill_experts(pipe, models, [states], out, **share)
     if on_policy is None:
         return export
 
     visited = out / "on-policy" / "states"
-    # states recorded under another policy, or with another first-round adapter, must not be mixed in
+    # states recorded under another policy, or with other first-round adapters, must not be mixed in
+    trained = {f"{sub}/{k}" if sub else k: v for sub, m in models.items() for k, v in m.adapter_state_dict().items()}
     on_policy_identity = json.loads(json.dumps({**identity, "policy": on_policy.name, "policy_params":
-                                                _scalars(on_policy), "adapter": _digest(model.adapter_state_dict())}))
+                                                _scalars(on_policy), "adapter": _digest(trained)}))
     _check_recording(visited / "recording.json", on_policy_identity)
     if accelerator.is_main_process:
         visited.mkdir(parents=True, exist_ok=True)
         write_text_atomic(visited / "recording.json", json.dumps(on_policy_identity, indent=1))
-    enable(pipe, model, policy=on_policy)
+    enable(pipe, {sub or "transformer": m for sub, m in models.items()}, policy=on_policy)
     try:
-        record_states(pipe, prompts, visited, call, seed=seed, module=model,
-                      progress=progress and accelerator.is_main_process,
-                      indices=range(accelerator.process_index, len(prompts), accelerator.num_processes))
+        record_states(pipe, prompts, visited, call, seed=seed, modules=models,
+                      progress=progress and accelerator.is_main_process, indices=shares)
     finally:
         disable(pipe)
-        model.attach()  # disable gave the pipeline its stock transformer; training needs the LoRA layers back
+        for model in models.values():  # disable gave the pipeline its stock transformers; training needs the LoRA
+            model.attach()
     accelerator.wait_for_everyone()
-    with _offloaded(pipe, accelerator.device):
-        return distill(model, RecordedStates(states, visited), out / "on-policy", config, resume=resume, **share)
+    return _distill_experts(pipe, models, [states, visited], out / "on-policy", **share)
+
+
+def _distill_experts(pipe, models: dict[str, MultiPatchTransformer], recordings: list[Path], out: Path, *,
+                     config: DistillConfig, accelerator: Accelerator, **share) -> Path:
+    """Distil each expert's adapter on its own recorded calls (Wan 2.2's second in ``out/transformer_2``), one at
+    a time, with the pipeline's other components off the device; returns ``out/adapter``, which holds the second
+    expert's adapter in its ``transformer_2`` subfolder, as ``ddit.enable`` and ``load_adapters`` take it. The
+    first expert trains last: its ``out/adapter`` appears only when the other is done."""
+    exports = {}
+    for sub, model in reversed(models.items()):
+        with _offloaded(pipe, accelerator.device, keep=model.backbone):
+            data = RecordedStates(*(folder / sub for folder in recordings))
+            exports[sub] = distill(model, data, out / sub, config, accelerator=accelerator, **share)
+    export = exports.pop("")
+    if accelerator.is_main_process:
+        for sub, folder in exports.items():
+            shutil.copytree(folder, export / sub, dirs_exist_ok=True)
+    accelerator.wait_for_everyone()
+    return export
 
 
 @contextmanager
-def _offloaded(pipe, device) -> Iterator[None]:
-    """The pipeline's other components (text encoders, VAE: FLUX's T5 alone is 9.5 GB) on the CPU while
-    its transformer trains, back on ``device`` after."""
-    others = [c for name, c in pipe.components.items()
-              if isinstance(c, torch.nn.Module) and name != "transformer" and c is not pipe.transformer]
+def _offloaded(pipe, device, keep: torch.nn.Module) -> Iterator[None]:
+    """The pipeline's components other than ``keep``, the transformer that trains (text encoders, VAE, another
+    expert: FLUX's T5 alone is 9.5 GB), on the CPU while it trains, back on ``device`` after."""
+    others = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module) and c is not keep]
     for component in others:
         component.to("cpu")
     try:

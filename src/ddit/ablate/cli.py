@@ -137,7 +137,7 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     import torch
     from accelerate import PartialState
 
-    from ..adapter import MultiPatchTransformer
+    from ..pipelines import adapter_folder, load_adapters
     from ..processes import processes
     from ..pipeline_call import call_arguments, check_call, check_resolution, read_prompts
     from ..weights import load_pipeline
@@ -176,15 +176,19 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
         device = state.device  # one GPU per process, whatever --device says
     pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None).to(device)
     check_call(pipe, call)
-    adapter = MultiPatchTransformer.from_pretrained(pipe.transformer, args.adapter).eval()
-    adapter.detach()  # the baseline rows run the stock transformer
-    check_resolution(pipe, call, adapter.patch_sizes)
+    adapters = load_adapters(pipe, args.adapter)  # Wan 2.2's second expert's from its transformer_2 subfolder
+    for adapter in adapters.values():
+        adapter.eval().detach()  # the baseline rows run the stock transformers
+    check_resolution(pipe, call, adapters["transformer"].patch_sizes)
+    found = adapter_folder(args.adapter)  # a pipeline folder saved while enabled holds it in ddit_adapter
+    models = {"pipeline": Path(args.pipeline) / "transformer", "adapter": found}
+    if "transformer_2" in adapters:
+        models.update(pipeline_2=Path(args.pipeline) / "transformer_2", adapter_2=found / "transformer_2")
     config = PipelineAblationConfig(rows=rows, prompts=prompts, steps=args.steps, num_per_prompt=args.num_per_prompt,
                                     seed=args.seed, batch_size=args.batch_size or 1, call=call,
-                                    model=fingerprint({"pipeline": Path(args.pipeline) / "transformer",
-                                                       "adapter": Path(args.adapter)}),
+                                    model=fingerprint(models),
                                     device=device.type, dtype=str(pipe.transformer.dtype).removeprefix("torch."))
-    run_pipeline_ablation(config, pipe, adapter, args.out, progress=not args.no_progress)
+    run_pipeline_ablation(config, pipe, adapters, args.out, progress=not args.no_progress)
     if state.is_main_process:
         console.print(table(summarize_pipeline(config, args.out)))
         console.print(f"report: {args.out}/report.md")

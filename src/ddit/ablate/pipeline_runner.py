@@ -1,7 +1,7 @@
 """``ddit-ablate --pipeline``: the testbed's rows, run inside a stock diffusers pipeline on the user's prompts.
 
 Every row is one way of calling the same pipeline: the baseline is the stock pipeline
-(``ddit.disable``), a policy or cache row is ``ddit.enable(pipe, adapter, policy, cache)``,
+(``ddit.disable``), a policy or cache row is ``ddit.enable(pipe, adapters, policy, cache)``,
 a fewer-steps row the stock pipeline with fewer steps, a progressive row
 ``ddit.progressive_call`` (the stock transformer on a half-size latent, then full size).
 Sample i of every row is the same prompt and seed (``seed + i``), so it can be compared
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,6 +36,9 @@ from ..runtime import synchronized_clock
 from .config import BASELINE, NO_CACHE, PROGRESSIVE, Row, check_folder
 from .runner import (CALIBRATION, CALIBRATION_SAMPLES, CALIBRATION_SEED_OFFSET, batch_done, save_images,
                      make_policy, read_calibration, read_results, results_file)
+
+#: The adapters by expert, as ``ddit.load_adapters`` gives them: ``transformer``, and Wan 2.2's ``transformer_2``.
+Adapters = Mapping[str, MultiPatchTransformer]
 
 
 @dataclass
@@ -63,7 +67,7 @@ class PipelineAblationConfig:
         return json.loads(json.dumps(asdict(self)))
 
 
-def check_pipeline_rows(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer) -> None:
+def check_pipeline_rows(config: PipelineAblationConfig, pipe, adapters: Adapters) -> None:
     """Enable every row once, without sampling: each policy and cache is checked against this
     pipeline (TeaCache's fit, a cache's blocks) before anything is written."""
     if config.num_samples < 1 or config.batch_size < 1:
@@ -78,17 +82,17 @@ def check_pipeline_rows(config: PipelineAblationConfig, pipe, adapter: MultiPatc
                 raise ValueError(f"row {key}: {err}") from None
         elif _enabled(row):
             try:
-                enable(pipe, adapter, policy=policy or BASELINE, cache=row.make_cache(testbed=False))
+                enable(pipe, adapters, policy=policy or BASELINE, cache=row.make_cache(testbed=False))
             except ValueError as err:
                 raise ValueError(f"row {key}: {err}") from None
             disable(pipe)
 
 
-def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer, out: str | Path, *,
+def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapters: Adapters, out: str | Path, *,
                           progress: bool = True) -> None:
     """Sample every row of ``config`` into ``out`` through ``pipe``, skipping finished batches."""
     out, state = Path(out), PartialState()
-    check_pipeline_rows(config, pipe, adapter)
+    check_pipeline_rows(config, pipe, adapters)
     report = partial(print, file=sys.stderr) if state.is_main_process else None
     if state.is_main_process:  # one writer for config.json, one repairer of torn files, before anyone appends
         check_folder(out, config)
@@ -97,7 +101,7 @@ def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapter: MultiPa
     check_folder(out, config)
     done = {(r["row"], r["sample"]) for r in read_results(out)}
     if state.is_main_process:
-        calibrate_pipeline_rows(config, pipe, adapter, out)
+        calibrate_pipeline_rows(config, pipe, adapters, out)
     state.wait_for_everyone()
     taus = read_calibration(out)
     n, size = config.num_samples, config.batch_size
@@ -107,14 +111,14 @@ def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapter: MultiPa
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     if todo:
-        _warm_up(config, pipe, adapter)
+        _warm_up(config, pipe, adapters)
     with results_file(out, state.process_index).open("a") as log:
         bar = tqdm(todo, total=len(batches), initial=len(batches) - len(todo), unit="batch",
                    desc="ablation", disable=not progress or not state.is_main_process)
         for key, row, start in bar:
             bar.set_postfix_str(key)
             indices = range(start, min(start + size, n))
-            images, wall, decisions = _sample(config, pipe, adapter, row, indices, taus.get(key))
+            images, wall, decisions = _sample(config, pipe, adapters, row, indices, taus.get(key))
             save_images(out, key, start, images)
             for j, i in enumerate(indices):
                 log.write(json.dumps({"row": key, "sample": i, "prompt": config.prompt(i), "seed": config.seed + i,
@@ -130,7 +134,7 @@ def _enabled(row: Row) -> bool:
     return row.policy not in (BASELINE, PROGRESSIVE) or row.cache != NO_CACHE
 
 
-def calibrate_pipeline_rows(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer,
+def calibrate_pipeline_rows(config: PipelineAblationConfig, pipe, adapters: Adapters,
                             out: Path) -> None:
     """tau of every row whose policy calibrates (``budget``), fitted once on the pipeline and kept in
     ``calibration.json``: the uncalibrated policy runs the base schedule on calibration samples (the
@@ -142,7 +146,7 @@ def calibrate_pipeline_rows(config: PipelineAblationConfig, pipe, adapter: Multi
             continue
         prompts = [config.prompts[i % len(config.prompts)] for i in range(CALIBRATION_SAMPLES)]
         traces = []
-        enable(pipe, adapter, policy=policy)
+        enable(pipe, adapters, policy=policy)
         try:
             for start in range(0, len(prompts), config.batch_size):
                 batch = prompts[start:start + config.batch_size]
@@ -157,14 +161,14 @@ def calibrate_pipeline_rows(config: PipelineAblationConfig, pipe, adapter: Multi
         write_text_atomic(out / CALIBRATION, json.dumps(taus, indent=1))
 
 
-def _sample(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer, row: Row, indices: range,
+def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, indices: range,
             tau: float | None):
     """One batch of ``row``: 8-bit images (what a decoded image holds; a video keeps its frames and is a
     quarter of its float size), the batch's wall seconds, and per sample its patch size and whether a
     cache skipped it, per step."""
     if _enabled(row):
         policy = make_policy(row, tau) if row.policy != BASELINE else BASELINE
-        enable(pipe, adapter, policy=policy, cache=row.make_cache(testbed=False))
+        enable(pipe, adapters, policy=policy, cache=row.make_cache(testbed=False))
     try:
         prompts = [config.prompt(i) for i in indices]
 
@@ -176,10 +180,10 @@ def _sample(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer
             call = partial(progressive_call, pipe, row.make_policy())
             half = half_resolution_steps(pipe, row.make_policy(), prompt=prompts, generator=seeded(),
                                          num_inference_steps=row.steps, **config.call)
-        clock = synchronized_clock(adapter.device)
+        clock = synchronized_clock(adapters["transformer"].device)
         output = call(prompt=prompts, generator=seeded(), num_inference_steps=row.steps, output_type="pt",
                       **config.call)
-        wall = synchronized_clock(adapter.device) - clock
+        wall = synchronized_clock(adapters["transformer"].device) - clock
         records = summary(pipe).records if _enabled(row) else []
     finally:
         if _enabled(row):
@@ -187,7 +191,7 @@ def _sample(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer
     images = getattr(output, "frames", None)
     images = output.images if images is None else images
     images = (torch.as_tensor(images).float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    return images, wall, _decisions(records, len(indices), row.steps, adapter.base_patch_size, half)
+    return images, wall, _decisions(records, len(indices), row.steps, adapters["transformer"].base_patch_size, half)
 
 
 def _decisions(records: list[dict], batch: int, steps: int, base: int, half: list[bool] | None = None) -> list[dict]:
@@ -203,13 +207,15 @@ def _decisions(records: list[dict], batch: int, steps: int, base: int, half: lis
     return [{"patch_size": s, "cached": c} for s, c in zip(sizes, cached)]
 
 
-def _warm_up(config: PipelineAblationConfig, pipe, adapter: MultiPatchTransformer) -> None:
+def _warm_up(config: PipelineAblationConfig, pipe, adapters: Adapters) -> None:
     """One untimed call of the stock pipeline and one through every patch size, so that no row pays
-    for first-call setup."""
-    sizes = list(adapter.patch_sizes)
-    call = dict(prompt=config.prompts[0], num_inference_steps=len(sizes), output_type="pt", **config.call)
+    for first-call setup. With two experts (Wan 2.2) the second call runs the rows' steps, the sizes in turn,
+    so that each expert, which takes its own share of the steps, meets every size."""
+    sizes = list(adapters["transformer"].patch_sizes)
+    steps = config.steps if len(adapters) > 1 else len(sizes)
+    call = dict(prompt=config.prompts[0], num_inference_steps=steps, output_type="pt", **config.call)
     pipe(**call)
-    enable(pipe, adapter, policy="fixed", schedule=sizes)
+    enable(pipe, adapters, policy="fixed", schedule=[sizes[i % len(sizes)] for i in range(steps)])
     try:
         pipe(**call)
     finally:
