@@ -1,5 +1,5 @@
 """What a coarse step saves on the real shapes of FLUX.1-dev, FLUX.2-dev, Qwen-Image, Z-Image-Turbo,
-SD3.5-medium, Sana-1.6B, Wan2.1-T2V-1.3B and HunyuanVideo-1.5 (issue 10, part 4).
+SD3.5-medium, Sana-1.6B, Wan2.1-T2V-1.3B, Wan2.2-T2V-A14B (one expert) and HunyuanVideo-1.5 (issue 10, part 4).
 
     python benchmarks/real_shapes.py --device cpu     # reduced models, fp32, a few minutes on 2 cores
     python benchmarks/real_shapes.py --device cuda    # full depth, bf16 (benchmarks/gpu/run.sh runs this)
@@ -162,6 +162,16 @@ WAN = Model(
     "(dim 1536 = 12 x 128, ffn_dim 8960, 30 layers, qk_norm, cross_attn_norm)",
     "480x832, 81 frames", (16, 21, 60, 104), 512, "UMT5, WanPipeline's max_sequence_length",
     1, "CFG: one call per branch, two per step")
+WAN14B = Model(
+    "Wan2.2-T2V-A14B, one expert", WanTransformer3DModel,
+    dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+         text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+         qk_norm="rms_norm_across_heads", eps=1e-6),
+    "Wan's own t2v_A14B config (dim 5120 = 40 x 128, ffn_dim 13824, 40 layers, qk_norm, cross_attn_norm; each of "
+    "the two experts, and Wan2.1-T2V-14B, has this shape); not checked against the Diffusers checkpoint's "
+    "config.json here",
+    "704x1280, 81 frames (720x1280's 90 latent rows admit no coarser patch)", (16, 21, 88, 160), 512,
+    "UMT5, WanPipeline's max_sequence_length", 1, "CFG: one call per branch, two per step")
 HUNYUAN15 = Model(
     "HunyuanVideo-1.5", HunyuanVideo15Transformer3DModel,
     dict(in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
@@ -175,7 +185,10 @@ HUNYUAN15 = Model(
     1, "CFG through its guider: one call per branch, two per step", text_width=3584, patch=1,
     no_meta="its forward selects text tokens by their mask's values, which meta tensors do not hold")
 MODELS = {"flux": FLUX, "flux2": FLUX2, "qwenimage": QWEN, "zimage": ZIMAGE, "sd3": SD35, "sana": SANA, "wan": WAN,
-          "hunyuanvideo15": HUNYUAN15}
+          "wan14b": WAN14B, "hunyuanvideo15": HUNYUAN15}
+#: Run when --models is not given: all but Wan2.2-A14B's expert, whose 73,920 tokens make one reduced CPU run last
+#: longer than the others together (``--models wan14b`` runs it).
+DEFAULT_MODELS = [name for name in MODELS if name != "wan14b"]
 
 
 def model_config(model: Model, scale: str, depth: int | None) -> dict:
@@ -563,7 +576,8 @@ def parse(argv: list[str] | None = None):
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda", "meta"])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"comma-separated, of {', '.join(MODELS)} (default: all but wan14b)")
     parser.add_argument("--scale", choices=["full", "reduced"], help="default: reduced on cpu, else full")
     parser.add_argument("--depth", type=int, help="blocks of each kind (default: the model's; 1 when reduced)")
     parser.add_argument("--repeats", type=int, help="timed rounds (default 7 on cuda, 3 on cpu)")
