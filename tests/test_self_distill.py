@@ -147,24 +147,36 @@ def test_a_transformer_without_a_spec_is_named_with_the_supported_ones(tmp_path)
         self_distill(Pipe(), PROMPTS, tmp_path, progress=False)
 
 
-def test_two_processes_share_the_prompts_and_train_one_adapter(folders, tmp_path):
-    """``accelerate launch`` with two CPU processes (gloo): each records its half of the prompts."""
+#: Each kind's size arguments for the CLI; Wan 2.2 with 4 steps, 2 on each expert.
+CLI_SIZE = {"sd3": ["--num-inference-steps", "2"], "flux": ["--num-inference-steps", "2"],
+            "wan22": ["--num-inference-steps", "4", "--num-frames", "5"]}
+
+
+@pytest.mark.parametrize("kind", ["sd3", "wan22"])
+def test_two_processes_share_the_prompts_and_train_one_adapter(kind, folders, tmp_path):
+    """``accelerate launch`` with two CPU processes (gloo): each records its half of the prompts; Wan 2.2 trains
+    an adapter per expert."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\nblue stripes\na green moon\n")
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    done = subprocess.run([*launch, "-m", "ddit.cli", "distill", "--pipeline", str(folders["sd3"]),
+    done = subprocess.run([*launch, "-m", "ddit.cli", "distill", "--pipeline", str(folders[kind]),
                            "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--steps", "2",
-                           "--batch-size", "2", "--num-inference-steps", "2", "--height", "128", "--width", "128",
+                           "--batch-size", "2", *CLI_SIZE[kind], "--height", "128", "--width", "128",
                            "--pipeline-arg", "max_sequence_length=16"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    states = tmp_path / "run" / "states"
-    assert sorted(p.name for p in states.glob("*.safetensors")) == [f"{i:05d}.safetensors" for i in range(3)]
-    report = json.loads((tmp_path / "run" / "distill.json").read_text())
-    assert report["data"]["prompts"] == 3 and report["steps"] == 2
-    ddit.enable(load(folders["sd3"]), tmp_path / "run" / "adapter")
+    experts = ["", "transformer_2"] if kind == "wan22" else [""]
+    for sub in experts:
+        states = tmp_path / "run" / "states" / sub
+        assert sorted(p.name for p in states.glob("*.safetensors")) == [f"{i:05d}.safetensors" for i in range(3)]
+        report = json.loads((tmp_path / "run" / sub / "distill.json").read_text())
+        assert report["data"]["prompts"] == 3 and report["steps"] == 2
+    pipe = load(folders[kind])
+    ddit.enable(pipe, tmp_path / "run" / "adapter")
+    assert [type(getattr(pipe, name or "transformer")).__name__ for name in experts] == \
+        ["DynamicPatchTransformer"] * len(experts)
 
 
 FSDP_CLI = """
@@ -196,9 +208,12 @@ if accelerator.is_main_process:
 """
 
 
-def test_the_documented_fsdp_config_shards_every_block_and_writes_a_whole_adapter(folders, tmp_path):
+@pytest.mark.parametrize(("kind", "blocks"), [("flux", ["FSDPFluxSingleTransformerBlock", "FSDPFluxTransformerBlock"]),
+                                             ("wan22", ["FSDPWanTransformerBlock"])])
+def test_the_documented_fsdp_config_shards_every_block_and_writes_a_whole_adapter(kind, blocks, folders, tmp_path):
     """``accelerate launch --config_file docs/fsdp.yaml`` on two CPU processes, bfloat16: each of the tiny
-    Flux's blocks is its own FSDP unit (from its ``_no_split_modules``), and the adapter saved is whole."""
+    transformer's blocks is its own FSDP unit (from its ``_no_split_modules``), and the adapter saved is whole
+    (Wan 2.2: both experts', trained one after the other)."""
     config = Path(__file__).parents[1] / "docs" / "fsdp.yaml"
     script, prompts, units = tmp_path / "fsdp.py", tmp_path / "prompts.txt", tmp_path / "units.json"
     script.write_text(FSDP_CLI)
@@ -206,18 +221,21 @@ def test_the_documented_fsdp_config_shards_every_block_and_writes_a_whole_adapte
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
               "--num_processes", "2", "--main_process_port", "0"]
-    done = subprocess.run([*launch, str(script), str(units), "distill", "--pipeline", str(folders["flux"]),
+    side = "64" if kind == "flux" else "128"
+    done = subprocess.run([*launch, str(script), str(units), "distill", "--pipeline", str(folders[kind]),
                            "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--steps", "2",
-                           "--batch-size", "2", "--num-inference-steps", "2", "--dtype", "bfloat16", "--height", "64",
-                           "--width", "64", "--pipeline-arg", "max_sequence_length=16"],
+                           "--batch-size", "2", *CLI_SIZE[kind], "--dtype", "bfloat16", "--height", side,
+                           "--width", side, "--pipeline-arg", "max_sequence_length=16"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(units.read_text()) == ["FSDPDistillationLoss", "FSDPFluxSingleTransformerBlock",
-                                             "FSDPFluxTransformerBlock"]
-    pipe = load(folders["flux"])
+    assert json.loads(units.read_text()) == ["FSDPDistillationLoss", *blocks]
+    pipe = load(folders[kind])
     ddit.enable(pipe, tmp_path / "run" / "adapter", policy="fixed", fraction=0.5)
-    out = pipe(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call("flux", 2))
-    assert torch.isfinite(out.images).all()
+    steps = 4 if kind == "wan22" else 2
+    out = pipe(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent",
+               **call(kind, steps))
+    assert torch.isfinite(out.frames if kind == "wan22" else out.images).all()
+    assert ddit.summary(pipe).coarse_fraction == 0.5
 
 
 def test_an_on_policy_round_under_fsdp_is_refused_before_recording(folders, tmp_path):
