@@ -8,6 +8,7 @@ from peft.tuners.lora import LoraLayer
 from tiny_pipelines import build, latents
 
 import ddit
+from ddit.caches import TaylorSeer
 from ddit.checkpoint import CheckpointError
 from ddit.pipelines import ADAPTER_FOLDER
 from ddit.policies import FixedPolicy
@@ -87,6 +88,27 @@ def test_both_experts_run_coarse_steps_under_one_policy_whose_history_crosses_th
     assert torch.equal(latents(pipe(**kwargs(batch=1, steps=STEPS))), out)
 
 
+def test_a_ddit_cache_starts_over_when_the_second_expert_takes_over():
+    """TaylorSeer computing every 4th step from step 0 would reuse at step 3; the new expert's blocks have
+    no features yet, so step 3 computes, and the next two reuse."""
+    pipe, kwargs = build("wan22")
+    ddit.enable(pipe, both(pipe), policy="baseline", cache=TaylorSeer(interval=4, order=0, warmup=1))
+    out = latents(pipe(**kwargs(batch=1, steps=STEPS)))
+    cached = {r["step"]: r["cached"] for r in ddit.summary(pipe).records if r["branch"] == "cond"}
+    assert cached == {0: False, 1: True, 2: True, 3: False, 4: True, 5: True}
+    assert torch.isfinite(out).all()
+
+
+def test_a_diffusers_cache_config_goes_on_both_experts_and_leaves_with_disable():
+    pipe, kwargs = build("wan22")
+    stock = latents(pipe(**kwargs(batch=1, steps=STEPS)))
+    ddit.enable(pipe, both(pipe), policy="baseline", cache=FirstBlockCacheConfig(threshold=0.0))  # never reuses
+    assert pipe.transformer.adapter.backbone.is_cache_enabled and pipe.transformer_2.adapter.backbone.is_cache_enabled
+    assert torch.allclose(latents(pipe(**kwargs(batch=1, steps=STEPS))), stock, atol=ATOL, rtol=0)
+    ddit.disable(pipe)
+    assert not pipe.transformer.is_cache_enabled and not pipe.transformer_2.is_cache_enabled
+
+
 def test_an_adapter_for_the_first_expert_alone_leaves_the_second_stock_with_a_warning():
     pipe, kwargs = build("wan22")
     low = tokens_per_call(pipe.transformer_2)
@@ -128,9 +150,6 @@ def test_what_two_experts_cannot_do_is_refused_before_anything_changes(tmp_path)
     adapters = both(pipe)
     for adapter in adapters.values():
         adapter.detach()
-    with pytest.raises(ValueError, match="caches are not supported on a pipeline with two experts"):
-        ddit.enable(pipe, adapters, policy="third_order", cache="taylorseer")
-    assert unchanged()
     pipe.transformer_2.enable_cache(FirstBlockCacheConfig(threshold=0.1))  # its hooks would see every size
     with pytest.raises(ValueError, match="pipe.transformer_2 has a diffusers cache enabled"):
         ddit.enable(pipe, adapters, policy="third_order")

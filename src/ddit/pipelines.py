@@ -58,6 +58,7 @@ class DynamicPatchTransformer(nn.Module):
         self._state_channels = w_out.shape[1] if w_out.shape[1] < w_in.shape[1] else None
         self._branch: str | None = None
         self._where: dict = {}
+        self._hooks: nn.Module | None = None  # the backbone, while a diffusers cache config is on its blocks
 
     # -- what a pipeline reads from its transformer
     @property
@@ -106,11 +107,13 @@ class DynamicPatchTransformer(nn.Module):
         """A diffusers cache config on the backbone's blocks, kept per group of one patch size."""
         check_diffusers_cache(self.adapter.backbone, config)
         self.adapter.backbone.enable_cache(config)
-        self.runtime.hooks = self.adapter.backbone
+        self._hooks = self.adapter.backbone
+        self.runtime.use(self.adapter, self._hooks)
 
     def disable_cache(self) -> None:
         self.adapter.backbone.disable_cache()
-        self.runtime.hooks = None
+        self._hooks = None
+        self.runtime.use(self.adapter, None)
 
     def enable_group_offload(self, *args, **kwargs) -> None:
         """Refused (``pipe.enable_group_offload`` calls it): see ``check_offloading``."""
@@ -137,6 +140,7 @@ class DynamicPatchTransformer(nn.Module):
                     branch=self._branch, branches=None if cfg is None else 1 + cfg,
                     step_index=where.get("step_index"), num_steps=where.get("num_inference_steps"),
                     sigma=where.get("sigma"))
+        self.runtime.use(self.adapter, self._hooks)  # Wan 2.2's second expert takes over mid-generation
         out = self.runtime(call)
         if isinstance(next(iter(given.values())), list):  # a list of per-sample latents in, a list out (Z-Image)
             out = list(out.unbind())
@@ -276,28 +280,30 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
     _check_guider(getattr(pipe, "guider", None))
     policy = _policy(policy, params)
     cache = get_cache(cache) if isinstance(cache, str) else cache
-    adapters = _adapters(pipe, adapter)
+    adapters, wrappers = _adapters(pipe, adapter), {}
     try:
         first = adapters["transformer"]
-        if len(adapters) > 1 and cache is not None:
-            raise ValueError("caches are not supported on a pipeline with two experts (Wan 2.2's transformer and "
-                             "transformer_2): their blocks' features differ at the switch; enable without a cache")
         if len({a.patch_sizes for a in adapters.values()}) > 1:
             raise ValueError("the two experts' adapters run different patch sizes "
                              f"({', '.join(f'{n}: {a.patch_sizes}' for n, a in adapters.items())}); distil them "
                              "together (ddit distill --pipeline) so that one policy can pick among the same sizes")
-        if isinstance(cache, Cache):
-            cache.check(first)
-        elif cache is not None:
-            check_diffusers_cache(transformer, cache)
+        for a in adapters.values():
+            if isinstance(cache, Cache):
+                cache.check(a)
+            elif cache is not None:
+                check_diffusers_cache(a.backbone, cache)
         runtime = PatchRuntime(policy, first.patch_sizes, cache=cache if isinstance(cache, Cache) else None,
                                model=first, scheduler=_scheduler_of(pipe), patch=first.spec.patch)
         binning = "use_resolution_binning" in inspect.signature(pipe.__call__).parameters
         wrappers = {name: DynamicPatchTransformer(a, runtime, _pixels_per_latent(pipe), _guidance_of(pipe), binning)
                     for name, a in adapters.items()}
         if cache is not None and not isinstance(cache, Cache):
-            wrappers["transformer"].enable_cache(cache)
+            for wrapper in wrappers.values():
+                wrapper.enable_cache(cache)
     except Exception:
+        for wrapper in wrappers.values():
+            if wrapper._hooks is not None:
+                wrapper.disable_cache()
         for a in adapters.values():
             a.detach()
         raise
@@ -318,8 +324,9 @@ def disable(pipe):
     wrappers = _wrappers(pipe)
     if not wrappers:
         raise ValueError("ddit.disable: this pipeline is not enabled (call ddit.enable(pipe, adapter) first)")
-    if wrappers["transformer"].runtime.hooks is not None:
-        wrappers["transformer"].disable_cache()
+    for wrapper in wrappers.values():
+        if wrapper._hooks is not None:
+            wrapper.disable_cache()
     with _model_offload_renewed(pipe):
         for name, wrapper in wrappers.items():
             wrapper.adapter.set_lean_base(False)

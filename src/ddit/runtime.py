@@ -108,6 +108,18 @@ class PatchRuntime:
         if self.cache is not None:
             self.cache.reset()
 
+    def use(self, model: nn.Module, hooks: nn.Module | None) -> None:
+        """Run the next calls on ``model``, whose diffusers cache hooks (if any) are on ``hooks``. A pipeline with
+        two experts (Wan 2.2) switches once per generation: the generation and the policy's history go on, the
+        ddit cache starts over on the new blocks, and the new model's hooks start from fresh state."""
+        if model is self.model and hooks is self.hooks:
+            return
+        self.model, self.hooks = model, hooks
+        if self.cache is not None:
+            self.cache.reset()
+        if hooks is not None:
+            HookRegistry.check_if_exists_or_initialize(hooks).reset_stateful_hooks(recurse=True)
+
     # -- one call
     def __call__(self, call: Call) -> torch.Tensor:
         g = self._advance(call)
