@@ -58,7 +58,7 @@ class DynamicPatchTransformer(nn.Module):
         self._state_channels = w_out.shape[1] if w_out.shape[1] < w_in.shape[1] else None
         self._branch: str | None = None
         self._where: dict = {}
-        self._hooks: nn.Module | None = None  # the backbone, while a diffusers cache config is on its blocks
+        self._cache_hooks = False  # whether a diffusers cache config is on the backbone's blocks
 
     # -- what a pipeline reads from its transformer
     @property
@@ -107,13 +107,18 @@ class DynamicPatchTransformer(nn.Module):
         """A diffusers cache config on the backbone's blocks, kept per group of one patch size."""
         check_diffusers_cache(self.adapter.backbone, config)
         self.adapter.backbone.enable_cache(config)
-        self._hooks = self.adapter.backbone
+        self._cache_hooks = True
         self.runtime.use(self.adapter, self._hooks)
 
     def disable_cache(self) -> None:
         self.adapter.backbone.disable_cache()
-        self._hooks = None
+        self._cache_hooks = False
         self.runtime.use(self.adapter, None)
+
+    @property
+    def _hooks(self) -> nn.Module | None:
+        """The module whose diffusers cache hooks need a context per group: the backbone, while they are on."""
+        return self.adapter.backbone if self._cache_hooks else None
 
     def enable_group_offload(self, *args, **kwargs) -> None:
         """Refused (``pipe.enable_group_offload`` calls it): see ``check_offloading``."""
@@ -302,7 +307,7 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
                 wrapper.enable_cache(cache)
     except Exception:
         for wrapper in wrappers.values():
-            if wrapper._hooks is not None:
+            if wrapper._cache_hooks:
                 wrapper.disable_cache()
         for a in adapters.values():
             a.detach()
@@ -325,7 +330,7 @@ def disable(pipe):
     if not wrappers:
         raise ValueError("ddit.disable: this pipeline is not enabled (call ddit.enable(pipe, adapter) first)")
     for wrapper in wrappers.values():
-        if wrapper._hooks is not None:
+        if wrapper._cache_hooks:
             wrapper.disable_cache()
     with _model_offload_renewed(pipe):
         for name, wrapper in wrappers.items():
