@@ -3,7 +3,7 @@ one policy: a tiny random stock ``WanPipeline`` whose boundary puts 3 of 6 steps
 
 import pytest
 import torch
-from diffusers.hooks import FirstBlockCacheConfig
+from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 from peft.tuners.lora import LoraLayer
 from tiny_pipelines import build, latents
 
@@ -93,18 +93,34 @@ def test_a_ddit_cache_starts_over_when_the_second_expert_takes_over():
     no features yet, so step 3 computes, and the next two reuse."""
     pipe, kwargs = build("wan22")
     ddit.enable(pipe, both(pipe), policy="baseline", cache=TaylorSeer(interval=4, order=0, warmup=1))
-    out = latents(pipe(**kwargs(batch=1, steps=STEPS)))
-    cached = {r["step"]: r["cached"] for r in ddit.summary(pipe).records if r["branch"] == "cond"}
-    assert cached == {0: False, 1: True, 2: True, 3: False, 4: True, 5: True}
-    assert torch.isfinite(out).all()
+    outs = []
+    for _ in range(2):  # the second generation starts on the first expert again, after one that ended on the other
+        outs.append(latents(pipe(**kwargs(batch=1, steps=STEPS))))
+        cached = {r["step"]: r["cached"] for r in ddit.summary(pipe).records if r["branch"] == "cond"}
+        assert cached == {0: False, 1: True, 2: True, 3: False, 4: True, 5: True}
+    assert torch.isfinite(outs[0]).all() and torch.equal(*outs)
+    with pytest.raises(ValueError, match="TeaCache's rescaling polynomial is fitted to one model"):
+        ddit.enable(ddit.disable(pipe), both(pipe), cache="teacache")
+    assert lora_free(pipe.transformer) and lora_free(pipe.transformer_2)
 
 
-def test_a_diffusers_cache_config_goes_on_both_experts_and_leaves_with_disable():
+@pytest.mark.parametrize("config", [FirstBlockCacheConfig(threshold=0.5),
+                                    TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, max_order=1,
+                                                          cache_identifiers=[r"blocks\.\d+\.(attn1|attn2|ffn)"])],
+                         ids=["first_block", "taylorseer"])
+def test_a_diffusers_cache_config_on_both_experts_is_the_stock_pipeline_cached_the_same_way(config):
     pipe, kwargs = build("wan22")
     stock = latents(pipe(**kwargs(batch=1, steps=STEPS)))
-    ddit.enable(pipe, both(pipe), policy="baseline", cache=FirstBlockCacheConfig(threshold=0.0))  # never reuses
-    assert pipe.transformer.adapter.backbone.is_cache_enabled and pipe.transformer_2.adapter.backbone.is_cache_enabled
-    assert torch.allclose(latents(pipe(**kwargs(batch=1, steps=STEPS))), stock, atol=ATOL, rtol=0)
+    pipe.transformer.enable_cache(config)
+    pipe.transformer_2.enable_cache(config)
+    stock_cached = latents(pipe(**kwargs(batch=1, steps=STEPS)))
+    pipe.transformer.disable_cache()
+    pipe.transformer_2.disable_cache()
+    assert (stock_cached - stock).abs().max() > 1e-3  # the hooks do skip work here
+
+    ddit.enable(pipe, both(pipe), policy="baseline", cache=config)
+    for _ in range(2):  # and again from the first expert, whose hooks last ran a generation ago
+        assert torch.allclose(latents(pipe(**kwargs(batch=1, steps=STEPS))), stock_cached, atol=ATOL, rtol=0)
     ddit.disable(pipe)
     assert not pipe.transformer.is_cache_enabled and not pipe.transformer_2.is_cache_enabled
 

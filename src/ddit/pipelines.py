@@ -30,7 +30,7 @@ from torch import nn
 
 from .adapter import CONFIG_NAME, HOOK_ATTRIBUTES, MultiPatchTransformer, image_prompts
 from .backbones import as_batch
-from .caches import Cache, diffusers_caches, get_cache
+from .caches import Cache, TeaCache, diffusers_caches, get_cache
 from .policies import PatchPolicy, ProgressiveResolution, get_policy
 from .runtime import Call, PatchRuntime
 from .summary import Summary
@@ -106,8 +106,8 @@ class DynamicPatchTransformer(nn.Module):
     def enable_cache(self, config) -> None:
         """A diffusers cache config on the backbone's blocks, kept per group of one patch size."""
         check_diffusers_cache(self.adapter.backbone, config)
+        self._cache_hooks = True  # first: if enabling fails part-way, disable_cache removes what it placed
         self.adapter.backbone.enable_cache(config)
-        self._cache_hooks = True
         self.runtime.use(self.adapter, self._hooks)
 
     def disable_cache(self) -> None:
@@ -292,6 +292,9 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
             raise ValueError("the two experts' adapters run different patch sizes "
                              f"({', '.join(f'{n}: {a.patch_sizes}' for n, a in adapters.items())}); distil them "
                              "together (ddit distill --pipeline) so that one policy can pick among the same sizes")
+        if len(adapters) > 1 and isinstance(cache, TeaCache):
+            raise ValueError("TeaCache's rescaling polynomial is fitted to one model, and the two experts are two "
+                             "models: use cache='taylorseer' or a diffusers cache config on a pipeline with two experts")
         for a in adapters.values():
             if isinstance(cache, Cache):
                 cache.check(a)
@@ -313,8 +316,8 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
             a.detach()
         raise
     if _calls_second_expert(pipe) and "transformer_2" not in adapters:
-        warnings.warn("pipe.transformer_2 (the low-noise expert) stays stock: its steps run at the base size and "
-                      "are not in ddit.summary; give its adapter as the adapter folder's transformer_2 subfolder "
+        warnings.warn("pipe.transformer_2 (the low-noise expert) stays stock: its steps run at the base size, "
+                      "without the cache, and are not in ddit.summary; give its adapter as the adapter folder's transformer_2 subfolder "
                       "(ddit distill --pipeline writes it)", stacklevel=2)
     with _model_offload_renewed(pipe):
         for name, wrapper in wrappers.items():

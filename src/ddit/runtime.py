@@ -75,7 +75,8 @@ class Generation:
 
 
 class PatchRuntime:
-    """Decides, groups, runs and records; one per model (``ddit.enable`` makes one per pipeline).
+    """Decides, groups, runs and records; one per generation loop (``ddit.enable`` makes one per pipeline, shared by
+    Wan 2.2's two experts, between which ``use`` switches).
 
     ``candidates`` are the patch sizes the model runs at, the base size first; ``patch``
     maps a spatial size to the full patch (frames keep theirs in video). ``cache`` is a
