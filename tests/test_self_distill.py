@@ -332,3 +332,16 @@ def test_a_recording_where_every_step_falls_on_one_expert_is_refused(folders, tm
     pipe = load(folders["wan22"])
     with pytest.raises(RecordingError, match="pipe.transformer_2 ran no step .* record with more steps"):
         self_distill(pipe, PROMPTS, tmp_path, call=call("wan22", steps=1), config=CONFIG, progress=False)
+
+
+def test_an_image_to_video_pipeline_and_unrecordable_call_values_are_refused_before_recording(folders, tmp_path):
+    """WanImageToVideoPipeline needs image= in every call; a run's call is recorded as JSON."""
+    from diffusers import WanImageToVideoPipeline
+
+    i2v = WanImageToVideoPipeline.from_pipe(load(folders["wan"]))
+    with pytest.raises(ValueError, match="WanImageToVideoPipeline needs image in every call.*not supported"):
+        self_distill(i2v, PROMPTS, tmp_path, call=call("wan"), config=CONFIG, progress=False)
+    with pytest.raises(ValueError, match="the call's attention_kwargs is a dict"):
+        self_distill(load(folders["wan"]), PROMPTS, tmp_path, config=CONFIG, progress=False,
+                     call={**call("wan"), "attention_kwargs": {"t": torch.ones(1)}})
+    assert not any(tmp_path.iterdir())

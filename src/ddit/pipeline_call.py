@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -76,11 +77,26 @@ def check_resolution(pipe, call: dict, patch_sizes: Sequence[int]) -> None:
 
 
 def check_call(pipe, call: dict) -> None:
-    """Refuse arguments the pipeline does not take, and the ones ddit sets itself."""
+    """Refuse arguments the pipeline does not take, the ones ddit sets itself, values a run cannot record as
+    its settings (JSON), and a pipeline that needs an argument in every call that ddit cannot give."""
     taken = inspect.signature(pipe.__call__).parameters
     unknown = [name for name in call if name not in taken]
     if unknown:
         raise ValueError(f"{type(pipe).__name__} takes no {', '.join(unknown)}; drop the option")
+    needed = [name for name, p in taken.items() if name not in ("self", "prompt", "generator", "output_type")
+              and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in call]
+    if needed:
+        raise ValueError(f"{type(pipe).__name__} needs {', '.join(needed)} in every call, which ddit's pipeline "
+                         "runs cannot give (one value for all prompts, and only numbers, True/False or text): "
+                         "image-to-video pipelines are not supported by ddit distill and ddit-ablate --pipeline yet; "
+                         "ddit.enable(pipe, adapter) runs them from Python")
+    for name, value in call.items():
+        try:
+            json.dumps(value)
+        except TypeError:
+            raise ValueError(f"the call's {name} is a {type(value).__name__}; a run records its call's settings "
+                             "to resume and compare, so they must be numbers, True/False, text or lists of them"
+                             ) from None
     ours = [name for name in ("prompt", "prompt_embeds", "generator", "output_type", "num_images_per_prompt")
             if name in call]
     if ours:

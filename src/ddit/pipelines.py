@@ -294,7 +294,8 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
                              "together (ddit distill --pipeline) so that one policy can pick among the same sizes")
         if len(adapters) > 1 and isinstance(cache, TeaCache):
             raise ValueError("TeaCache's rescaling polynomial is fitted to one model, and the two experts are two "
-                             "models: use cache='taylorseer' or a diffusers cache config on a pipeline with two experts")
+                             "models: use cache='taylorseer' or a diffusers cache config on a pipeline with two "
+                             "experts")
         for a in adapters.values():
             if isinstance(cache, Cache):
                 cache.check(a)
@@ -317,8 +318,8 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
         raise
     if _calls_second_expert(pipe) and "transformer_2" not in adapters:
         warnings.warn("pipe.transformer_2 (the low-noise expert) stays stock: its steps run at the base size, "
-                      "without the cache, and are not in ddit.summary; give its adapter as the adapter folder's transformer_2 subfolder "
-                      "(ddit distill --pipeline writes it)", stacklevel=2)
+                      "without the cache, and are not in ddit.summary; give its adapter as the adapter folder's "
+                      "transformer_2 subfolder (ddit distill --pipeline writes it)", stacklevel=2)
     with _model_offload_renewed(pipe):
         for name, wrapper in wrappers.items():
             wrapper.adapter.set_lean_base(True)
