@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 from peft.tuners.lora import LoraLayer
-from tiny_pipelines import build, latents
+from tiny_pipelines import TEXT_LEN, build, generators, latents, per_sample
 
 import ddit
 from ddit.caches import TaylorSeer
@@ -196,3 +196,55 @@ def test_what_two_experts_cannot_do_is_refused_before_anything_changes(tmp_path)
     with pytest.raises(CheckpointError, match="was made for"):
         ddit.enable(pipe, tmp_path / "b")
     assert lora_free(pipe.transformer) and pipe.transformer is originals[0]
+
+
+def wan22_image_to_video():
+    """Wan 2.2 A14B's image-to-video layout: no image encoder, the image's latent and a mask appended after the
+    noisy latent (16 + 16 + 4 = 36 channels in, 16 out), and two experts."""
+    from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline,
+                           WanTransformer3DModel)
+
+    from ddit.tiny_pipelines import wake_zeros
+
+    def transformer(seed):
+        torch.manual_seed(seed)
+        return wake_zeros(WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+            text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32))
+
+    torch.manual_seed(2)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, image_processor=None,
+                                   image_encoder=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                   transformer=transformer(0), transformer_2=transformer(1), boundary_ratio=0.75)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+
+    def call():
+        return dict(image=image, prompt_embeds=per_sample([0], 1, TEXT_LEN, 16), height=128, width=128,
+                    negative_prompt_embeds=torch.randn(1, TEXT_LEN, 16, generator=torch.Generator().manual_seed(4)),
+                    num_frames=5, num_inference_steps=STEPS, generator=generators([0]), output_type="latent")
+
+    return pipe, call
+
+
+def test_wan22_image_to_video_runs_both_experts_and_its_policy_reads_the_noisy_latent_alone():
+    pipe, call = wan22_image_to_video()
+    stock = latents(pipe(**call()))
+    ddit.enable(pipe, both(pipe), policy="baseline")
+    assert torch.equal(latents(pipe(**call())), stock)
+    ddit.disable(pipe)
+
+    seen = []
+
+    class Seen(FixedPolicy):
+        def choose(self, step):
+            seen.append(step.latent.shape[1])
+            return super().choose(step)
+
+    ddit.enable(pipe, both(pipe), policy=Seen([4] * STEPS))
+    out = latents(pipe(**call()))
+    assert torch.isfinite(out).all() and ddit.summary(pipe).coarse_fraction == 1.0  # both experts coarse
+    assert seen == [16] * STEPS  # the 36 channels in are the noisy latent's 16, then the image's condition
