@@ -154,6 +154,12 @@ def test_an_enabled_two_expert_pipeline_saves_both_adapters_and_loads_them_back(
     ddit.enable(loaded, tmp_path, policy=FixedPolicy([4, 2, 2, 4, 2, 2]))
     assert torch.allclose(latents(loaded(**kwargs(batch=1, steps=STEPS))), out, atol=ATOL, rtol=0)
 
+    ddit.disable(loaded)  # saved again with the first expert's adapter alone: the second's must not linger
+    with pytest.warns(UserWarning, match="stays stock"):
+        ddit.enable(loaded, ddit.MultiPatchTransformer(loaded.transformer), policy="baseline")
+    loaded.save_pretrained(tmp_path)
+    assert not (tmp_path / ADAPTER_FOLDER / "transformer_2").exists()
+
 
 def test_what_two_experts_cannot_do_is_refused_before_anything_changes(tmp_path):
     pipe, kwargs = build("wan22")
