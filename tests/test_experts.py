@@ -151,6 +151,9 @@ def test_an_enabled_two_expert_pipeline_saves_both_adapters_and_loads_them_back(
     assert sorted(adapters) == ["transformer", "transformer_2"]
     for adapter in adapters.values():
         adapter.detach()
+    ddit.enable(loaded, {"transformer": tmp_path, "transformer_2": tmp_path}, policy=FixedPolicy([4, 2, 2, 4, 2, 2]))
+    assert torch.allclose(latents(loaded(**kwargs(batch=1, steps=STEPS))), out, atol=ATOL, rtol=0)  # each its own
+    ddit.disable(loaded)
     ddit.enable(loaded, tmp_path, policy=FixedPolicy([4, 2, 2, 4, 2, 2]))
     assert torch.allclose(latents(loaded(**kwargs(batch=1, steps=STEPS))), out, atol=ATOL, rtol=0)
 

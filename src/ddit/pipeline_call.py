@@ -77,31 +77,36 @@ def check_resolution(pipe, call: dict, patch_sizes: Sequence[int]) -> None:
 
 
 def check_call(pipe, call: dict) -> None:
-    """Refuse arguments the pipeline does not take, the ones ddit sets itself, values a run cannot record as
-    its settings (JSON), and a pipeline that needs an argument in every call that ddit cannot give."""
+    """Refuse a pipeline that takes no prompt or needs an argument in every call that a run cannot give,
+    arguments the pipeline does not take, the ones ddit sets itself, and values a run cannot record as its
+    settings (JSON)."""
     taken = inspect.signature(pipe.__call__).parameters
+    if "prompt" not in taken:
+        raise ValueError(f"{type(pipe).__name__} takes no prompt: ddit distill and ddit-ablate --pipeline run "
+                         "pipelines from text prompts (text-to-image, text-to-video)")
     unknown = [name for name in call if name not in taken]
     if unknown:
         raise ValueError(f"{type(pipe).__name__} takes no {', '.join(unknown)}; drop the option")
-    needed = [name for name, p in taken.items() if name not in ("self", "prompt", "generator", "output_type")
-              and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in call]
-    if needed:
-        raise ValueError(f"{type(pipe).__name__} needs {', '.join(needed)} in every call, which ddit's pipeline "
-                         "runs cannot give (one value for all prompts, and only numbers, True/False or text): "
-                         "image-to-video pipelines are not supported by ddit distill and ddit-ablate --pipeline yet; "
-                         "ddit.enable(pipe, adapter) runs them from Python")
-    for name, value in call.items():
-        try:
-            json.dumps(value)
-        except TypeError:
-            raise ValueError(f"the call's {name} is a {type(value).__name__}; a run records its call's settings "
-                             "to resume and compare, so they must be numbers, True/False, text or lists of them"
-                             ) from None
     ours = [name for name in ("prompt", "prompt_embeds", "generator", "output_type", "num_images_per_prompt")
             if name in call]
     if ours:
         raise ValueError(f"ddit sets {', '.join(ours)} itself (one sample per prompt and seed); drop it from the "
                          "call")
+    needed = [name for name, p in taken.items() if name not in ("self", "prompt", "generator", "output_type")
+              and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in call]
+    if needed:
+        i2v = ("image-to-video pipelines are not supported by ddit distill and ddit-ablate --pipeline yet; "
+               if "image" in needed else "")
+        raise ValueError(f"{type(pipe).__name__} needs {', '.join(needed)} in every call, which ddit's pipeline "
+                         f"runs cannot give (one value for all prompts, recorded as JSON): {i2v}ddit.enable(pipe, "
+                         "adapter) runs it from Python")
+    for name, value in call.items():
+        try:
+            json.dumps(value)
+        except TypeError:
+            raise ValueError(f"the call's {name} ({type(value).__name__}) cannot be written as JSON; a run records "
+                             "its call's settings to resume and compare, so they must be numbers, True/False, "
+                             "text, or lists and dicts of them") from None
 
 
 def named_values(items: list[str], flag: str = "--pipeline-arg") -> dict:

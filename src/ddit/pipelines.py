@@ -397,7 +397,10 @@ def _adapters(pipe, adapter) -> dict[str, MultiPatchTransformer]:
             if not isinstance(expert, nn.Module):
                 raise ValueError(f"ddit.enable: an adapter is given for pipe.{name}, which this pipeline lacks")
             if not isinstance(value, MultiPatchTransformer):
-                value = MultiPatchTransformer.from_pretrained(expert, adapter_folder(value))
+                folder = adapter_folder(value)
+                if name == "transformer_2" and (folder / name / CONFIG_NAME).exists():
+                    folder = folder / name  # the folder ddit distill wrote for both: the second's is inside
+                value = MultiPatchTransformer.from_pretrained(expert, folder)
             elif value.backbone is not expert:
                 raise ValueError(f"ddit.enable: the adapter wraps another transformer than pipe.{name}; build it "
                                  f"over pipe.{name}, or pass the folder it was saved to")
