@@ -16,6 +16,7 @@ import ddit
 from ddit.backbones import as_batch
 from ddit.cli import main
 from ddit.distill import DistillConfig, DistillationLoss
+from ddit.pipeline_call import Prompt
 from ddit.policies import get_policy
 from ddit.recorded_states import RecordingError
 from ddit.self_distill import self_distill
@@ -23,10 +24,13 @@ from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
 
 PROMPTS = ["a red circle", "blue stripes on white"]
 #: Short text: the tiny T5s would otherwise pad every prompt to the pipelines' 226 to 512 tokens. Qwen-Image
-#: and Z-Image never pad: their text is not cut.
+#: and Z-Image never pad: their text is not cut. HunyuanVideo 1.5's call takes no max_sequence_length.
 SHORT_TEXT = {"flux": 16, "flux2": 16, "chroma": 16, "qwenimage": 512, "zimage": 512, "sd3": 16, "wan": 16,
-              "wan22": 16, "pixart": 16, "sana": 16}  # HunyuanVideo 1.5's call takes no max_sequence_length
+              "wan22": 16, "wan22-i2v": 16, "pixart": 16, "sana": 16}
 CONFIG = DistillConfig(steps=2, batch_size=2, num_inference_steps=None, timestep_scale=None)
+#: An image-to-video pipeline's first frame, which each of its prompts carries (a .jsonl prompts file's image:
+#: tests/test_image_prompts.py).
+FIRST_FRAME = {"image": torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(5))}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,9 @@ def call(kind, steps=3):
 def test_an_adapter_distilled_from_a_pipeline_runs_coarse_steps_in_it(kind, folders, tmp_path):
     pipe = load(folders[kind])
     before = {n: p.clone() for n, p in pipe.transformer.named_parameters()}
-    export = self_distill(pipe, PROMPTS, tmp_path, call=call(kind), config=CONFIG, progress=False)
+    first_frame = FIRST_FRAME if kind == "wan22-i2v" else {}
+    prompts = [Prompt(p, first_frame, key=f"{p} [first frame]") if first_frame else p for p in PROMPTS]
+    export = self_distill(pipe, prompts, tmp_path, call=call(kind), config=CONFIG, progress=False)
 
     report = json.loads((tmp_path / "distill.json").read_text())
     assert report["data"]["prompts"] == 2 and report["steps"] == 2
@@ -60,9 +66,9 @@ def test_an_adapter_distilled_from_a_pipeline_runs_coarse_steps_in_it(kind, fold
     assert all(torch.equal(p, before[n]) for n, p in fresh.transformer.named_parameters())
     ddit.enable(fresh, export, policy="fixed", fraction=0.5)
     out = fresh(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent",
-                **call(kind, steps=4))
+                **call(kind, steps=4), **first_frame)
     assert ddit.summary(fresh).coarse_fraction == 0.5
-    assert torch.isfinite(out.frames if kind in ("wan", "wan22", "hunyuanvideo15") else out.images).all()
+    assert torch.isfinite(out.frames if hasattr(out, "frames") else out.images).all()
 
 
 def test_a_default_size_no_coarse_patch_divides_is_refused_before_recording(folders, tmp_path):
@@ -334,13 +340,13 @@ def test_a_recording_where_every_step_falls_on_one_expert_is_refused(folders, tm
         self_distill(pipe, PROMPTS, tmp_path, call=call("wan22", steps=1), config=CONFIG, progress=False)
 
 
-def test_an_image_to_video_pipeline_and_unrecordable_call_values_are_refused_before_recording(folders, tmp_path):
-    """WanImageToVideoPipeline needs image= in every call; a run's call is recorded as JSON."""
-    from diffusers import WanImageToVideoPipeline
-
-    i2v = WanImageToVideoPipeline.from_pipe(load(folders["wan"]))
-    with pytest.raises(ValueError, match="WanImageToVideoPipeline needs image in every call.*not supported"):
-        self_distill(i2v, PROMPTS, tmp_path, call=call("wan"), config=CONFIG, progress=False)
+def test_an_image_to_video_pipeline_without_images_and_unrecordable_call_values_are_refused(folders, tmp_path):
+    """WanImageToVideoPipeline needs image= in every call (a .jsonl prompts file gives each prompt its own); a
+    run's call is recorded as JSON."""
+    with pytest.raises(ValueError, match="WanImageToVideoPipeline needs image in every call \\('a red circle' has "
+                                         "none\\): give each prompt its own in a .jsonl prompts file"):
+        self_distill(load(folders["wan22-i2v"]), PROMPTS, tmp_path, call=call("wan22-i2v"), config=CONFIG,
+                     progress=False)
     with pytest.raises(ValueError, match="the call's attention_kwargs \\(dict\\) cannot be written as JSON"):
         self_distill(load(folders["wan"]), PROMPTS, tmp_path, config=CONFIG, progress=False,
                      call={**call("wan"), "attention_kwargs": {"t": torch.ones(1)}})

@@ -141,7 +141,7 @@ def _self_distill(args, sizes):
     if args.base or args.backbone or args.latents:
         raise ValueError("--pipeline distils the pipeline's own transformer; drop --base, --backbone and --latents")
     if not args.prompts:
-        raise ValueError("--pipeline needs --prompts: a text file with one prompt per line")
+        raise ValueError("--pipeline needs --prompts: a text file with one prompt per line (or a .jsonl file)")
     prompts = read_prompts(args.prompts)
     call = call_arguments(args.pipeline_arg, num_inference_steps=args.num_inference_steps, height=args.height,
                           width=args.width, num_frames=args.num_frames, guidance_scale=args.guidance)
@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for checkpoints and the adapter (OUT/adapter)")
     p.add_argument("--pipeline", help="a diffusers pipeline folder: run it on --prompts, record its transformer's "
                    "inputs (OUT/states) and distil on them")
-    p.add_argument("--prompts", help="with --pipeline: a text file, one prompt per line")
+    p.add_argument("--prompts", help="with --pipeline: a text file, one prompt per line; or a .jsonl file, one "
+                   '{"prompt": ..., "image": "cat.png"} per line, for a pipeline that needs an image per prompt')
     p.add_argument("--height", type=int, help="with --pipeline: image height (default: the pipeline's)")
     p.add_argument("--width", type=int, help="with --pipeline: image width (default: the pipeline's)")
     p.add_argument("--num-frames", type=int, help="with --pipeline: frames of a video pipeline (Wan)")

@@ -34,6 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .pipeline_call import Prompt, as_prompts
+
 #: Forward arguments that say how to return, not what to compute (``patch_size``: a
 #: ``MultiPatchTransformer``'s choice, which the recorded state must not fix).
 IGNORED = ("return_dict", "patch_size")
@@ -138,10 +140,11 @@ def recording(transformer: torch.nn.Module) -> Iterator[CallLog]:
         handle.remove()
 
 
-def record_states(pipe, prompts: Iterable[str], folder: str | os.PathLike, call: dict | None = None, *,
+def record_states(pipe, prompts: Iterable[str | Prompt], folder: str | os.PathLike, call: dict | None = None, *,
                   seed: int = 0, indices: Iterable[int] | None = None, progress: bool = True,
                   modules: Mapping[str, torch.nn.Module] | None = None) -> Path:
-    """Run ``pipe(prompt, **call)`` for each prompt and record its transformer's inputs in ``folder``.
+    """Run ``pipe(prompt, **call)`` for each prompt (with its own arguments, ``Prompt.inputs``) and record its
+    transformer's inputs in ``folder``.
 
     Prompt i runs with a generator seeded ``seed + i`` and is written to
     ``folder/{i:05d}.safetensors``; prompts already there are skipped (a resume), and a
@@ -154,7 +157,7 @@ def record_states(pipe, prompts: Iterable[str], folder: str | os.PathLike, call:
     record its ``MultiPatchTransformer``s, whose calls carry the full-size latent whatever
     patch size they run at.
     """
-    folder, prompts = Path(folder), list(prompts)
+    folder, prompts = Path(folder), as_prompts(prompts)
     modules = dict(modules or experts(pipe))
     for sub in modules:
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -164,8 +167,8 @@ def record_states(pipe, prompts: Iterable[str], folder: str | os.PathLike, call:
         if not all(path.exists() for path in paths):
             todo.append(i)
         for path in paths:
-            if path.exists() and (recorded := _metadata(path)["prompt"]) != prompts[i]:
-                raise RecordingError(f"{path} was recorded from the prompt {recorded!r}, not {prompts[i]!r}; "
+            if path.exists() and (recorded := _metadata(path)["prompt"]) != prompts[i].key:
+                raise RecordingError(f"{path} was recorded from the prompt {recorded!r}, not {prompts[i].key!r}; "
                                      "record another prompts file into another folder")
     device = getattr(pipe, "_execution_device", None) or pipe.device
     if hasattr(pipe, "set_progress_bar_config"):
@@ -174,13 +177,14 @@ def record_states(pipe, prompts: Iterable[str], folder: str | os.PathLike, call:
         with ExitStack() as stack, torch.inference_mode():
             logs = {sub: stack.enter_context(recording(module)) for sub, module in modules.items()}
             generator = torch.Generator("cpu").manual_seed(seed + i)
-            pipe(prompt=prompts[i], generator=generator, output_type="latent", **(call or {}))
+            pipe(prompt=prompts[i].text, generator=generator, output_type="latent", **(call or {}),
+                 **prompts[i].inputs)
         idle = [sub or "transformer" for sub, log in logs.items() if not log.calls]
         if idle and len(logs) > 1:  # checked before any file of this prompt is written
-            raise RecordingError(f"pipe.{idle[0]} ran no step for {prompts[i]!r}: every step fell on the other "
+            raise RecordingError(f"pipe.{idle[0]} ran no step for {prompts[i].label!r}: every step fell on the other "
                                  "expert (the pipeline's boundary_ratio); record with more steps")
         for sub, log in logs.items():
-            log.save(folder / sub / f"{i:05d}.safetensors", prompts[i], device=str(device))
+            log.save(folder / sub / f"{i:05d}.safetensors", prompts[i].key, device=str(device))
     return folder
 
 

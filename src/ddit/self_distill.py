@@ -30,7 +30,7 @@ from accelerate.utils import DistributedType
 from .adapter import MultiPatchTransformer, config_hash
 from .backbones import spec_for
 from .checkpoint import write_text_atomic
-from .pipeline_call import check_call, check_resolution
+from .pipeline_call import Prompt, as_prompts, check_call, check_resolution
 from .distill import DistillConfig, distill
 from .pipelines import disable, enable
 from .policies import PatchPolicy
@@ -46,7 +46,7 @@ def _check_recording(path: Path, identity: dict) -> None:
                                  "options, or another --out")
 
 
-def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: dict | None = None,
+def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, *, call: dict | None = None,
                  patch_sizes: Sequence[int] | None = None, rank: int = 8, shared_lora: bool = False,
                  config: DistillConfig | None = None, seed: int = 0, resume: bool = False,
                  checkpoint_minutes: float = 3.0, progress: bool = True,
@@ -55,8 +55,9 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
 
     ``call`` holds the pipeline's own arguments for the recording (``num_inference_steps``,
     ``height``, ``width``, ``num_frames``, ``guidance_scale``...); prompt i runs from seed
-    ``seed + i``. ``config`` defaults to ``DistillConfig`` without the noise-level
-    fields, which recorded states do not use. The written adapter loads with
+    ``seed + i``, with its own arguments if it is a ``Prompt`` that has some (an image-to-video
+    pipeline's ``image``: ``read_prompts`` of a ``.jsonl`` file). ``config`` defaults to
+    ``DistillConfig`` without the noise-level fields, which recorded states do not use. The written adapter loads with
     ``ddit.enable(pipe, out / "adapter")`` or ``MultiPatchTransformer.from_pretrained``.
 
     ``on_policy``: a second round. The pipeline runs the prompts again with the adapter
@@ -70,14 +71,14 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
     folder's ``transformer_2`` subfolder, where ``ddit.enable`` looks for it.
     """
     accelerator = accelerator or processes()
-    call, out, prompts = dict(call or {}), Path(out), list(prompts)
+    call, out, prompts = dict(call or {}), Path(out), as_prompts(prompts)
     if not prompts:
         raise ValueError("no prompts to record; pass at least one")
     if on_policy is not None and accelerator.distributed_type == DistributedType.FSDP:
         raise ValueError("--on-policy samples the pipeline between two training rounds, which FSDP's sharded "
                          "transformer cannot do; record the on-policy round under a data-parallel accelerate "
                          "config (or one process), or drop --on-policy")
-    check_call(pipe, call)
+    check_call(pipe, call, prompts)
     denoisers = experts(pipe)
     try:
         specs = [spec_for(module) for module in denoisers.values()]
@@ -85,7 +86,7 @@ def self_distill(pipe, prompts: Sequence[str], out: str | os.PathLike, *, call: 
         raise ValueError(str(err)) from None
     base = specs[0].base_patch_size
     sizes = sorted({base, *(patch_sizes or (2 * base, 4 * base))})
-    check_resolution(pipe, call, sizes)
+    check_resolution(pipe, call, sizes, prompts)
     if pipe.transformer.dtype == torch.float16:
         raise ValueError("distil a bfloat16 or float32 pipeline (--dtype bfloat16): float16 training would "
                          "need loss scaling")

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipe = p.add_argument_group("on a diffusers pipeline instead of the testbed")
     pipe.add_argument("--pipeline", help="a diffusers pipeline folder; needs --adapter (e.g. OUT/adapter of "
                       "`ddit distill --pipeline`) and --prompts")
-    pipe.add_argument("--prompts", help="a text file, one prompt per line")
+    pipe.add_argument("--prompts", help="a text file, one prompt per line; or a .jsonl file, one "
+                      '{"prompt": ..., "image": "cat.png"} per line, for a pipeline that needs an image per prompt')
     pipe.add_argument("--num-per-prompt", type=int, default=1, help="samples per prompt and row (default 1)")
     pipe.add_argument("--height", type=int, help="image height (default: the pipeline's)")
     pipe.add_argument("--width", type=int, help="image width (default: the pipeline's)")
@@ -152,7 +153,7 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     if args.backbone or args.evaluator:
         raise ValueError("--backbone and --evaluator are the testbed's; with --pipeline, drop them")
     if not args.prompts:
-        raise ValueError("--pipeline needs --prompts: a text file, one prompt per line")
+        raise ValueError("--pipeline needs --prompts: a text file, one prompt per line (or a .jsonl file)")
     if args.guidance is not None and not args.guidance >= 1:
         raise ValueError(f"--guidance must be at least 1, got {args.guidance}")
     if args.num_per_prompt < 1 or (args.batch_size is not None and args.batch_size < 1):
@@ -175,11 +176,11 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     if state.num_processes > 1 and device.type == "cuda":
         device = state.device  # one GPU per process, whatever --device says
     pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None).to(device)
-    check_call(pipe, call)
+    check_call(pipe, call, prompts)
     adapters = load_adapters(pipe, args.adapter)  # Wan 2.2's second expert's from its transformer_2 subfolder
     for adapter in adapters.values():
         adapter.eval().detach()  # the baseline rows run the stock transformers
-    check_resolution(pipe, call, adapters["transformer"].patch_sizes)
+    check_resolution(pipe, call, adapters["transformer"].patch_sizes, prompts)
     found = adapter_folder(args.adapter)  # a pipeline folder saved while enabled holds it in ddit_adapter
     models = {"pipeline": Path(args.pipeline) / "transformer", "adapter": found}
     if "transformer_2" in adapters:

@@ -50,7 +50,7 @@ def summarize_pipeline(config: PipelineAblationConfig, out: str | Path) -> list[
     base_key = next(iter(config.rows))
     images = {key: load_images(out, key) for key in config.rows}
     base_size = min(min(r["patch_size"]) for r in records[base_key])
-    prompts = [r["prompt"] for r in records[base_key]]
+    prompts = [config.prompt(r["sample"]).label for r in records[base_key]]  # as this run's prompts file names them
 
     summary = []
     for key, row in config.rows.items():
@@ -105,14 +105,14 @@ def _figures(out: Path, config: PipelineAblationConfig, records: dict, images: d
     figures = {}
     policies = [key for key, row in config.rows.items() if row.policy != BASELINE]
     if policies:
-        _patch_sizes(out / "plots/patch_sizes.png", records, policies)
+        _patch_sizes(out / "plots/patch_sizes.png", config, records, policies)
         figures["Patch size per step and prompt (the paper's Fig. 3)"] = "plots/patch_sizes.png"
     keys = list(config.rows)
     for p, prompt in enumerate(config.prompts):
         i = p * config.num_per_prompt  # the prompt's first sample, in every row
         row_images = torch.stack([_still(images[key][i]) for key in keys])
         save_grid(row_images, out / "grids" / f"prompt{p:03d}.png", ncol=len(keys), scale=1)
-        figures[f"Prompt {p}: {prompt!r}; left to right: {', '.join(keys)}"] = f"grids/prompt{p:03d}.png"
+        figures[f"Prompt {p}: {prompt.label!r}; left to right: {', '.join(keys)}"] = f"grids/prompt{p:03d}.png"
     return figures
 
 
@@ -121,7 +121,7 @@ def _still(image: torch.Tensor) -> torch.Tensor:
     return _unit(image[image.shape[0] // 2] if image.ndim == 4 else image) * 2 - 1
 
 
-def _patch_sizes(path: Path, records: dict[str, list[dict]], keys: list[str]) -> None:
+def _patch_sizes(path: Path, config: PipelineAblationConfig, records: dict[str, list[dict]], keys: list[str]) -> None:
     """Per policy row, a heat map of each prompt's mean patch size at each step."""
     fig = Figure(figsize=(5.5, 1.2 + 1.6 * len(keys)), layout="constrained")
     axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
@@ -130,7 +130,7 @@ def _patch_sizes(path: Path, records: dict[str, list[dict]], keys: list[str]) ->
     for ax, key in zip(axes, keys):
         by_prompt = defaultdict(list)
         for r in records[key]:
-            by_prompt[r["prompt"]].append(r["patch_size"])
+            by_prompt[config.prompt(r["sample"]).label].append(r["patch_size"])
         names = list(by_prompt)
         grid = torch.tensor([torch.tensor(by_prompt[n], dtype=torch.float32).mean(0).tolist() for n in names])
         shown = ax.imshow(grid.numpy(), aspect="auto", interpolation="nearest", cmap="viridis", vmin=low, vmax=high)

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..adapter import MultiPatchTransformer
 from ..checkpoint import write_text_atomic
+from ..pipeline_call import Prompt, as_prompts
 from ..pipelines import disable, enable, summary
 from ..progressive_pipeline import check_progressive, half_resolution_steps, progressive_call
 from ..runtime import synchronized_clock
@@ -46,7 +47,7 @@ class PipelineAblationConfig:
     """Rows and what every row shares: prompts, seeds, the pipeline's call arguments, the model."""
 
     rows: dict[str, Row]
-    prompts: list[str]
+    prompts: list[Prompt]  # plain text is taken too
     steps: int = 28
     num_per_prompt: int = 1
     seed: int = 0
@@ -56,15 +57,21 @@ class PipelineAblationConfig:
     device: str = "cpu"
     dtype: str = "float32"
 
+    def __post_init__(self):
+        self.prompts = as_prompts(self.prompts)
+
     @property
     def num_samples(self) -> int:
         return len(self.prompts) * self.num_per_prompt
 
-    def prompt(self, i: int) -> str:
+    def prompt(self, i: int) -> Prompt:
         return self.prompts[i // self.num_per_prompt]
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
+        """As ``config.json`` holds it: each prompt by its key (its text, with its own arguments if any)."""
+        config = asdict(replace(self, prompts=[]))
+        config["prompts"] = [p.key for p in self.prompts]
+        return json.loads(json.dumps(config))
 
 
 def check_pipeline_rows(config: PipelineAblationConfig, pipe, adapters: Adapters) -> None:
@@ -73,6 +80,10 @@ def check_pipeline_rows(config: PipelineAblationConfig, pipe, adapters: Adapters
     if config.num_samples < 1 or config.batch_size < 1:
         raise ValueError("--prompts needs at least one prompt, and --num-per-prompt and --batch-size must be at "
                          "least 1")
+    if config.batch_size > 1 and any(p.inputs for p in config.prompts):
+        raise ValueError("prompts with their own arguments (a .jsonl prompts file's image) run one sample per "
+                         "pipeline call, as a pipeline takes one image for all the prompts of a call: drop "
+                         "--batch-size")
     for key, row in config.rows.items():
         policy = row.make_policy()
         if row.policy == PROGRESSIVE:
@@ -121,7 +132,8 @@ def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapters: Adapte
             images, wall, decisions = _sample(config, pipe, adapters, row, indices, taus.get(key))
             save_images(out, key, start, images)
             for j, i in enumerate(indices):
-                log.write(json.dumps({"row": key, "sample": i, "prompt": config.prompt(i), "seed": config.seed + i,
+                log.write(json.dumps({"row": key, "sample": i, "prompt": config.prompt(i).label,
+                                      "seed": config.seed + i,
                                       "policy": row.policy, "cache": row.cache, "steps": row.steps,
                                       "sec": wall / len(indices), **decisions[j]}) + "\n")
             log.flush()
@@ -152,8 +164,8 @@ def calibrate_pipeline_rows(config: PipelineAblationConfig, pipe, adapters: Adap
                 batch = prompts[start:start + config.batch_size]
                 generators = [torch.Generator("cpu").manual_seed(config.seed + CALIBRATION_SEED_OFFSET + start + j)
                               for j in range(len(batch))]
-                pipe(prompt=batch, generator=generators, num_inference_steps=row.steps, output_type="latent",
-                     **config.call)
+                pipe(**_prompts(batch), generator=generators, num_inference_steps=row.steps,
+                     output_type="latent", **config.call)
                 traces.append(policy.trace)
         finally:
             disable(pipe)
@@ -170,7 +182,7 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
         policy = make_policy(row, tau) if row.policy != BASELINE else BASELINE
         enable(pipe, adapters, policy=policy, cache=row.make_cache(testbed=False))
     try:
-        prompts = [config.prompt(i) for i in indices]
+        prompts = _prompts([config.prompt(i) for i in indices])
 
         def seeded():
             return [torch.Generator("cpu").manual_seed(config.seed + i) for i in indices]
@@ -178,10 +190,10 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
         call, half = pipe, None
         if row.policy == PROGRESSIVE:
             call = partial(progressive_call, pipe, row.make_policy())
-            half = half_resolution_steps(pipe, row.make_policy(), prompt=prompts, generator=seeded(),
+            half = half_resolution_steps(pipe, row.make_policy(), **prompts, generator=seeded(),
                                          num_inference_steps=row.steps, **config.call)
         clock = synchronized_clock(adapters["transformer"].device)
-        output = call(prompt=prompts, generator=seeded(), num_inference_steps=row.steps, output_type="pt",
+        output = call(**prompts, generator=seeded(), num_inference_steps=row.steps, output_type="pt",
                       **config.call)
         wall = synchronized_clock(adapters["transformer"].device) - clock
         records = summary(pipe).records if _enabled(row) else []
@@ -192,6 +204,12 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
     images = output.images if images is None else images
     images = (torch.as_tensor(images).float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
     return images, wall, _decisions(records, len(indices), row.steps, adapters["transformer"].base_patch_size, half)
+
+
+def _prompts(prompts: list[Prompt]) -> dict:
+    """The pipeline arguments of a batch of prompts: their texts, and the arguments of their own, which a batch
+    shares (prompts that have any run one per batch: ``check_pipeline_rows``)."""
+    return dict(prompt=[p.text for p in prompts], **prompts[0].inputs)
 
 
 def _decisions(records: list[dict], batch: int, steps: int, base: int, half: list[bool] | None = None) -> list[dict]:
@@ -213,7 +231,7 @@ def _warm_up(config: PipelineAblationConfig, pipe, adapters: Adapters) -> None:
     so that each expert, which takes its own share of the steps, meets every size."""
     sizes = list(adapters["transformer"].patch_sizes)
     steps = config.steps if len(adapters) > 1 else len(sizes)
-    call = dict(prompt=config.prompts[0], num_inference_steps=steps, output_type="pt", **config.call)
+    call = dict(**_prompts(config.prompts[:1]), num_inference_steps=steps, output_type="pt", **config.call)
     pipe(**call)
     enable(pipe, adapters, policy="fixed", schedule=[sizes[i % len(sizes)] for i in range(steps)])
     try:
