@@ -127,6 +127,17 @@ def wan():
                        timestep=torch.tensor([10, 900]))
 
 
+def wan_i2v():
+    """Wan 2.1 image-to-video: condition channels after the latent's, and CLIP image tokens that the blocks'
+    cross-attention reads through their own projections (it takes the last 512 context tokens as the text)."""
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12,
+                                  out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+                                  image_dim=8, added_kv_proj_dim=24)
+    return model, dict(hidden_states=torch.randn(B, 12, 3, 16, 8), encoder_hidden_states=torch.randn(B, 512, 16),
+                       encoder_hidden_states_image=torch.randn(B, 6, 8), timestep=torch.tensor([10, 900]))
+
+
 def zimage(**config):
     model = ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
                                      cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64], **config)
@@ -150,12 +161,13 @@ def hunyuanvideo15(**config):  # patch 1, as its 16x video latents have; 9 chann
 
 
 FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux, "flux2": flux2, "chroma": chroma,
-            "qwenimage": qwenimage, "wan": wan, "hunyuanvideo15": hunyuanvideo15, "zimage": zimage}
+            "qwenimage": qwenimage, "wan": wan, "wan_i2v": wan_i2v, "hunyuanvideo15": hunyuanvideo15, "zimage": zimage}
 # attention q/k/v/out (self, and cross where there is one) + feed-forward in + out, per block;
 # Flux's single blocks: q/k/v + proj_mlp + proj_out; FLUX.2's: the fused qkv-mlp projection and its output;
 # Z-Image: attention q/k/v/out + its gated feed-forward's three, per main layer and per image refiner layer
 LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sana": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2,
-               "chroma": 2 * (6 + 5), "qwenimage": 2 * 6, "wan": 2 * 10, "hunyuanvideo15": 2 * 6, "zimage": 3 * 7}
+               "chroma": 2 * (6 + 5), "qwenimage": 2 * 6, "wan": 2 * 10, "wan_i2v": 2 * 10, "hunyuanvideo15": 2 * 6,
+               "zimage": 3 * 7}
 
 
 @pytest.fixture(params=FAMILIES, scope="module")
@@ -288,6 +300,17 @@ def test_masked_text_tokens_do_not_reach_a_coarse_output(name):
         assert torch.allclose(out[0], changed[0], atol=1e-5)
     text[0, 0] += 1  # a token under the mask does reach it
     assert not torch.allclose(model(**{**inputs, "encoder_hidden_states": text}, patch_size=4).sample[0], out[0])
+
+
+@torch.no_grad()
+def test_wan_i2v_image_tokens_reach_a_coarse_output():
+    """Wan 2.1 I2V's CLIP image tokens go to every block's cross-attention at a coarse size too."""
+    torch.manual_seed(0)
+    backbone, inputs = wan_i2v()
+    model = MultiPatchTransformer(_randomize(backbone))
+    other = {**inputs, "encoder_hidden_states_image": torch.randn_like(inputs["encoder_hidden_states_image"])}
+    for size in (4, 8):
+        assert not torch.allclose(model(**inputs, patch_size=size).sample, model(**other, patch_size=size).sample)
 
 
 @torch.no_grad()

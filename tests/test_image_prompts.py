@@ -5,7 +5,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from ddit.ablate.cli import main as ablate_main
 from ddit.cli import main
@@ -13,7 +15,8 @@ from ddit.pipeline_call import Prompt, check_call, check_resolution, image_size,
 from ddit.tiny_pipelines import TINY_CALL, save_tiny_pipeline
 
 TEXTS = ["a red circle", "blue stripes on white"]
-SIZE = ["--height", "128", "--width", "128", "--num-frames", "5", "--pipeline-arg", "max_sequence_length=16"]
+SIZE = [*(a for name, value in TINY_CALL["wan22-i2v"].items() for a in (f"--{name.replace('_', '-')}", str(value))),
+        "--pipeline-arg", "max_sequence_length=16"]
 
 
 def write_image(path, seed, size=(128, 128)):
@@ -41,33 +44,65 @@ def i2v(tmp_path_factory):
     return folder, prompts
 
 
-def test_a_jsonl_file_gives_each_prompt_its_images_loaded_and_a_key_that_holds_their_content(tmp_path):
-    write_image(tmp_path / "cat.png", 0)
-    path = write_prompts(tmp_path, [{"prompt": " a cat ", "image": "cat.png", "num_frames": 9}, {"prompt": "a dog"}])
+def test_a_jsonl_file_gives_each_prompt_its_arguments_and_a_key_that_holds_their_content(tmp_path):
+    for i in range(2):
+        write_image(tmp_path / f"{i}.png", i)
+    path = write_prompts(tmp_path, [{"prompt": " a cat ", "image": "0.png", "guidance_scale": 5.0},
+                                    {"prompt": "a dog", "image": "1.png", "guidance_scale": 3.0}])
     cat, dog = read_prompts(path)
-    assert cat.text == "a cat" and isinstance(cat.inputs["image"], Image.Image) and cat.inputs["num_frames"] == 9
-    assert cat.label == "a cat [image=cat.png, num_frames=9]"
-    assert dog == Prompt("a dog") and dog.key == "a dog" and not dog.inputs  # a plain prompt, as in a text file
+    assert cat.text == "a cat" and cat.label == "a cat [image=0.png, guidance_scale=5.0]"
+    assert cat.inputs["image"].size == (128, 128) and cat.inputs["guidance_scale"] == 5.0  # not decoded yet
+    image = cat.call_inputs()["image"]  # decoded for the call, as diffusers' load_image gives it
+    assert isinstance(image, Image.Image) and image.mode == "RGB"
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(tmp_path / "0.png")))
     key = json.loads(cat.key)
-    assert key["prompt"] == "a cat" and key["image"].startswith("sha256:") and key["num_frames"] == 9
+    assert key["prompt"] == "a cat" and key["image"].startswith("sha256:") and key["guidance_scale"] == 5.0
 
-    write_image(tmp_path / "cat.png", 1)  # same file name, other pixels: another prompt
+    write_image(tmp_path / "0.png", 7)  # same file name, other pixels: another prompt, and a stale one
     assert read_prompts(path)[0].key != cat.key
+    with pytest.raises(ValueError, match="0.png changed after the prompts file was read"):
+        cat.call_inputs()
+    write_prompts(tmp_path, [{"prompt": "a dog"}])
+    assert read_prompts(path) == [Prompt("a dog")] and read_prompts(path)[0].key == "a dog"  # as in a text file
     (tmp_path / "plain.txt").write_text('{"prompt": "as text"}\n')
     assert read_prompts(tmp_path / "plain.txt") == [Prompt('{"prompt": "as text"}')]  # only .jsonl is JSON
+
+
+def test_a_prompt_made_in_python_is_known_by_its_arguments_content():
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    same, other = Image.fromarray(pixels), Image.fromarray(pixels + 1)
+    assert Prompt("a", {"image": same}).key == Prompt("a", {"image": Image.fromarray(pixels.copy())}).key
+    assert Prompt("a", {"image": same}).key != Prompt("a", {"image": other}).key
+    assert Prompt("a", {"image": same}) != Prompt("a", {"image": other})
+    tensor = torch.zeros(1, 3, 8, 8)
+    assert Prompt("a", {"image": tensor}).key != Prompt("a", {"image": tensor + 1}).key
+    assert Prompt("a", {"image": tensor}).label == "a [image=<tensor 1x3x8x8>]"
+    with pytest.raises(ValueError, match="a prompt's image \\(object\\) cannot be told apart"):
+        Prompt("a", {"image": object()})
 
 
 @pytest.mark.parametrize("line, message", [
     ("not json", "prompts.jsonl, line 2 is not JSON"),
     ('{"image": "cat.png"}', 'prompts.jsonl, line 2 needs a "prompt" with text'),
     ('["a cat"]', 'line 2 needs a "prompt" with text'),
-    ('{"prompt": "a cat", "image": "missing.png"}', "line 2: cannot read the image .*missing.png for image"),
-    ('{"prompt": "a cat", "image": "broken.png"}', "line 2: cannot read the image .*broken.png"),
+    ('{"prompt": "a cat", "image": "missing.png"}', "line 2: cannot read the image .*missing.png for image \\(no "
+                                                    "such file\\); image paths are relative to the prompts file"),
+    ('{"prompt": "a cat", "image": "broken.png"}', "line 2: cannot read the image .*broken.png for image \\(not an "
+                                                   "image file PIL can read\\)"),
+    ('{"prompt": "a cat", "image": "folder.png"}', "line 2: cannot read the image .*folder.png for image \\(no "
+                                                   "such file\\)"),
+    ('{"prompt": "a cat", "image": "https://x.org/cat.png"}', "line 2: image 'https://x.org/cat.png' is a URL; "
+                                                               "download the image"),
+    ('{"prompt": "a cat", "height": 64}', "line 2 gives height: a run makes one size for all its prompts"),
+    ('{"prompt": "a cat", "image": "cat.png"}', "line 2 gives image, but line 1 gives no argument: every line must "
+                                                "give the same arguments"),
 ])
 def test_a_bad_jsonl_line_is_named_with_its_number_and_the_fix(line, message, tmp_path):
+    write_image(tmp_path / "cat.png", 0)
     (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "folder.png").mkdir()
     path = tmp_path / "prompts.jsonl"
-    path.write_text('{"prompt": "fine"}\n' + line + "\n")
+    path.write_text('\ufeff{"prompt": "fine"}\n' + line + "\n")  # a byte-order mark, as some editors write
     with pytest.raises(ValueError, match=message):
         read_prompts(path)
 
@@ -77,17 +112,20 @@ def test_what_the_prompts_give_is_checked_against_the_pipeline_before_any_work(i
 
     pipe = DiffusionPipeline.from_pretrained(i2v[0])
     image = {"image": Image.new("RGB", (128, 128))}
-    given = [Prompt("a", image, key="a1"), Prompt("b", image, key="b1")]
+    given = [Prompt("a", image), Prompt("b", image)]
     check_call(pipe, {"num_frames": 5}, given)  # every prompt has its image: fine
     cases = [
-        ({}, [given[0], Prompt("b")], "needs image in every call \\('b' has none\\)"),
-        ({}, [Prompt("a", {**image, "colour": 1}, key="a2")], "takes no colour, which the prompts file gives"),
-        ({}, [Prompt("a", {**image, "generator": 1}, key="a3")], "ddit sets generator itself"),
-        ({"image": "x"}, given, "image is given both as an option and in the prompts file"),
+        ({}, [given[0], Prompt("b")], {}, "needs image in every call \\('b' has none\\): give each prompt its own "
+                                          'in a .jsonl prompts file.*"image": "cat.png"'),
+        ({}, [Prompt("a", {**image, "colour": 1})], {}, "takes no colour, which the prompts file gives"),
+        ({}, [Prompt("a", {**image, "generator": 1})], {}, "ddit sets generator itself"),
+        ({}, [Prompt("a", {**image, "num_inference_steps": 3})], dict(sets=("num_inference_steps",)),
+         "ddit sets num_inference_steps itself"),
+        ({"image": "x"}, given, {}, "image is given both as an option and in the prompts file"),
     ]
-    for call, prompts, message in cases:
+    for call, prompts, options, message in cases:
         with pytest.raises(ValueError, match=message):
-            check_call(pipe, call, prompts)
+            check_call(pipe, call, prompts, **options)
 
 
 def test_an_image_sized_pipeline_is_checked_at_the_size_each_image_gives():
@@ -107,11 +145,14 @@ def test_an_image_sized_pipeline_is_checked_at_the_size_each_image_gives():
     assert image_size(pipe, {"image": wide}) == (*expected, 16) and expected[0] < expected[1]
     assert image_size(pipe, {"image": tall})[0] > image_size(pipe, {"image": tall})[1]
     sizes = [p for p in (1, 2, 4, 8) if all(d // 16 % p == 0 for d in expected)]
-    check_resolution(pipe, {}, sizes, [Prompt("wide", {"image": wide}, key="w")])
+    check_resolution(pipe, {}, sizes, [Prompt("wide", {"image": wide}), Prompt("wide too", {"image": wide})])
     too_coarse = 2 * max(sizes)
-    with pytest.raises(ValueError, match=f"patch sizes \\[{too_coarse}\\] do not divide .*sizes its output after "
-                                         "the image of 'wide'"):
-        check_resolution(pipe, {}, [1, too_coarse], [Prompt("wide", {"image": wide}, key="w")])
+    with pytest.raises(ValueError, match=f"patch sizes \\[{too_coarse}\\] do not divide .* sizes its output "
+                                         "after the image \\(of 'wide.*' here\\): use images whose size it picks "
+                                         "is a multiple of"):
+        check_resolution(pipe, {}, [1, too_coarse], [Prompt("wide", {"image": wide})])
+    with pytest.raises(ValueError, match="after the image: .* for 'wide.*', .* for 'tall.*'; a run makes one size"):
+        check_resolution(pipe, {}, [1], [Prompt("wide", {"image": wide}), Prompt("tall", {"image": tall})])
 
 
 def test_image_to_video_distils_from_a_jsonl_file_resumes_and_refuses_another_image(i2v, tmp_path, capsys):
@@ -124,6 +165,12 @@ def test_image_to_video_distils_from_a_jsonl_file_resumes_and_refuses_another_im
     assert [str(p.relative_to(out / "states")) for p in recorded] == [
         "00000.safetensors", "00001.safetensors", "transformer_2/00000.safetensors", "transformer_2/00001.safetensors"]
     assert (out / "adapter" / "transformer_2").is_dir()  # both experts' adapters
+    conditions = []  # after the noisy latent's 16 channels: the prompt's own first frame's latent, and a mask
+    for path in recorded[:2]:
+        latents = [v for k, v in load_file(path).items() if k.startswith("hidden_states.")]
+        assert len(latents) >= 2 and all(torch.equal(x[:, 16:], latents[0][:, 16:]) for x in latents)
+        conditions.append(latents[0][:, 16:32])
+    assert not torch.allclose(*conditions)  # each prompt's own image reached the pipeline
     stamps = [p.stat().st_mtime_ns for p in recorded]
     assert main([*args, "--steps", "3", "--resume"]) == 0
     assert [p.stat().st_mtime_ns for p in recorded] == stamps  # the same prompts and images: nothing recorded twice
@@ -143,7 +190,8 @@ def test_image_to_video_distils_from_a_jsonl_file_resumes_and_refuses_another_im
     other = write_prompts(moved, [{"prompt": t, "image": f"frames/{i}.png"} for i, t in enumerate(TEXTS)])
     capsys.readouterr()
     assert main([*args[:4], str(other), *args[5:], "--steps", "3", "--resume"]) == 2
-    assert "00000.safetensors was recorded from the prompt" in capsys.readouterr().err
+    assert "00000.safetensors was recorded from another prompt than 'a red circle [image=frames/0.png]'" in (
+        capsys.readouterr().err)
     assert [p.stat().st_mtime_ns for p in recorded] == stamps
 
 
@@ -154,10 +202,14 @@ def test_image_to_video_ablates_each_prompt_with_its_image(i2v, tmp_path, capsys
                  "--num-inference-steps", "4", "--steps", "1", *SIZE]) == 0
     args = ["--pipeline", str(folder), "--adapter", str(adapter / "adapter"), "--prompts", str(prompts),
             "--out", str(tmp_path / "ablate"), "--steps", "4", "--fewer-steps", "2", "--policies", "fixed",
-            "--policy-param", "fixed.fraction=0.5",
-            "--caches", "none", "--no-progress", *SIZE]
-    assert ablate_main([*args, "--batch-size", "2"]) == 2
+            "--policy-param", "fixed.fraction=0.5", "--caches", "none", "--no-progress", *SIZE]
+    nowhere = [*args[:1], str(tmp_path / "no-pipeline"), *args[2:]]
+    assert ablate_main([*nowhere, "--batch-size", "2"]) == 2  # refused before the pipeline loads
     assert "run one sample per pipeline call" in capsys.readouterr().err
+    stepped = write_prompts(tmp_path, [{"prompt": "a", "image": str(prompts.parent / "frames" / "0.png"),
+                                        "num_inference_steps": 3}])
+    assert ablate_main([*args[:5], str(stepped), *args[6:]]) == 2
+    assert "ddit sets num_inference_steps itself" in capsys.readouterr().err
     assert not (tmp_path / "ablate").exists()
 
     assert ablate_main(args) == 0
@@ -167,4 +219,3 @@ def test_image_to_video_ablates_each_prompt_with_its_image(i2v, tmp_path, capsys
     assert summary["fixed"]["coarse_step_fraction"] > 0 and summary["fixed"]["ssim_vs_baseline"] < 1
     config = json.loads((tmp_path / "ablate" / "config.json").read_text())
     assert all(json.loads(key)["image"].startswith("sha256:") for key in config["prompts"])
-    assert TINY_CALL["wan22-i2v"]["num_frames"] == 5

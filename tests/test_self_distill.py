@@ -54,7 +54,7 @@ def test_an_adapter_distilled_from_a_pipeline_runs_coarse_steps_in_it(kind, fold
     pipe = load(folders[kind])
     before = {n: p.clone() for n, p in pipe.transformer.named_parameters()}
     first_frame = FIRST_FRAME if kind == "wan22-i2v" else {}
-    prompts = [Prompt(p, first_frame, key=f"{p} [first frame]") if first_frame else p for p in PROMPTS]
+    prompts = [Prompt(p, first_frame) for p in PROMPTS]
     export = self_distill(pipe, prompts, tmp_path, call=call(kind), config=CONFIG, progress=False)
 
     report = json.loads((tmp_path / "distill.json").read_text())

@@ -162,7 +162,8 @@ def _tiny_pipeline(args) -> None:
     from .tiny_pipelines import TINY_CALL, save_tiny_pipeline
 
     folder = save_tiny_pipeline(args.kind, args.out)
-    print(f"wrote a tiny random {args.kind} pipeline to {folder}; run it at {TINY_CALL[args.kind]}")
+    image = " with image=... (a first frame)" if "i2v" in args.kind else ""
+    print(f"wrote a tiny random {args.kind} pipeline to {folder}; run it at {TINY_CALL[args.kind]}{image}")
 
 
 def _calibrate_teacache(args) -> None:
@@ -283,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("tiny-pipeline", help="write a tiny random, complete pipeline folder to try ddit "
                             "offline")
     p.add_argument("kind", help="flux, flux2 (FLUX.2 [klein]), chroma, qwenimage (Qwen-Image), zimage (Z-Image), "
-                   "sd3, pixart (PixArt-Sigma), sana, wan, wan22 (Wan 2.2's two experts) or hunyuanvideo15")
+                   "sd3, pixart (PixArt-Sigma), sana, wan, wan22 (Wan 2.2's two experts), wan22-i2v (their "
+                   "image-to-video: call it with an image too) or hunyuanvideo15")
     p.add_argument("out", help="folder to write")
     p.set_defaults(func=_tiny_pipeline)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import inspect
+import io
 import json
 import os
 from collections.abc import Iterable
@@ -19,23 +20,97 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: What a run makes, which is one size for all its prompts: set once, by an option, never per prompt.
+SIZE_ARGUMENTS = ("height", "width", "num_frames")
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image a prompts file names: read, checked and hashed with the file, decoded only for its call (a
+    thousand 720p frames decoded at once would hold 2.7 GB in every process)."""
+
+    path: Path
+    shown: str  # as the prompts file writes it
+    sha256: str
+    size: tuple[int, int]  # (width, height) as the pipeline will see it (EXIF rotation applied)
+
+    @classmethod
+    def read(cls, path: Path, shown: str) -> ImageFile:
+        if not path.is_file():
+            raise ValueError("no such file")
+        data = path.read_bytes()
+        try:
+            with Image.open(io.BytesIO(data)) as image:  # reads the header alone
+                width, height = image.size
+                turned = image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
+        except UnidentifiedImageError:
+            raise ValueError("not an image file PIL can read") from None
+        return cls(path, shown, hashlib.sha256(data).hexdigest(), (height, width) if turned else (width, height))
+
+    def load(self) -> Image.Image:
+        """The image as diffusers' ``load_image`` gives it (EXIF rotation applied, RGB), if unchanged since read."""
+        data = self.path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise ValueError(f"{self.path} changed after the prompts file was read; restart the run")
+        return ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt, and the pipeline arguments of this prompt alone (``inputs``, images loaded); ``key`` is what
-    a recording or a run checks on resume (the text alone for a plain prompt, else the text with each
-    argument's value, an image by its content's digest), ``label`` what tables and plots show."""
+    """A prompt, and the pipeline arguments of this prompt alone (``inputs``: an image-to-video pipeline's
+    ``image``). ``key`` is what a recording or a run checks on resume: the text alone for a plain prompt,
+    else the text with each argument's value, an image or a tensor by its content's digest; ``label`` is
+    what tables and plots show."""
 
     text: str
     inputs: dict = field(default_factory=dict, repr=False, compare=False)
-    key: str = ""
-    label: str = ""
+    key: str = field(init=False)
+    label: str = field(init=False, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "key", self.key or self.text)
-        object.__setattr__(self, "label", self.label or self.text)
+        key = json.dumps({"prompt": self.text, **{k: _identity(k, v) for k, v in self.inputs.items()}},
+                         sort_keys=True)
+        shown = ", ".join(f"{name}={_shown(value)}" for name, value in self.inputs.items())
+        object.__setattr__(self, "key", key if self.inputs else self.text)
+        object.__setattr__(self, "label", f"{self.text} [{shown}]" if self.inputs else self.text)
+
+    def call_inputs(self) -> dict:
+        """The arguments as the pipeline takes them: image files decoded."""
+        return {k: v.load() if isinstance(v, ImageFile) else v for k, v in self.inputs.items()}
+
+
+def _identity(name: str, value):
+    """A prompt argument's value as its key holds it: images and tensors by the digest of their content."""
+    if isinstance(value, ImageFile):
+        return "sha256:" + value.sha256
+    if isinstance(value, Image.Image):
+        value = torch.from_numpy(np.asarray(value.convert("RGB")).copy())
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        value = torch.as_tensor(value).detach().cpu().contiguous()
+        digest = hashlib.sha256(str((value.dtype, tuple(value.shape))).encode() + value.numpy().tobytes())
+        return "sha256:" + digest.hexdigest()
+    try:
+        json.dumps(value)
+    except TypeError:
+        raise ValueError(f"a prompt's {name} ({type(value).__name__}) cannot be told apart from another's; give "
+                         "numbers, text, images or tensors") from None
+    return value
+
+
+def _shown(value) -> str:
+    if isinstance(value, ImageFile):
+        return value.shown
+    if isinstance(value, Image.Image):
+        return f"<image {value.width}x{value.height}>"
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"<tensor {'x'.join(map(str, value.shape))}>"
+    return json.dumps(value)
 
 
 def as_prompts(prompts: Iterable[str | Prompt]) -> list[Prompt]:
@@ -44,50 +119,55 @@ def as_prompts(prompts: Iterable[str | Prompt]) -> list[Prompt]:
 
 
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
-    """The prompts of a text file (one per line; blank lines are skipped) or of a ``.jsonl`` file."""
+    """The prompts of a text file (one per line; blank lines are skipped) or of a ``.jsonl`` file, whose lines
+    must all give the same arguments (a run makes one size, and compares like with like)."""
     path = Path(path)
+    jsonl = path.suffix.lower() == ".jsonl"
     try:
-        lines = [(n, line.strip()) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-                 if line.strip()]
+        text = path.read_text(encoding="utf-8-sig" if jsonl else "utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read the prompts file {path} ({err}); pass a UTF-8 text file, "
                          "one prompt per line") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise ValueError(f"the prompts file {path} holds no prompt; write one prompt per line")
-    if path.suffix.lower() != ".jsonl":
+    if not jsonl:
         return [Prompt(line) for _, line in lines]
-    return [_json_prompt(path, n, line) for n, line in lines]
+    prompts = [_json_prompt(path, n, line) for n, line in lines]
+    for (n, _), prompt in zip(lines, prompts):
+        if prompt.inputs.keys() != prompts[0].inputs.keys():
+            names = [", ".join(p.inputs) or "no argument" for p in (prompts[0], prompt)]
+            raise ValueError(f"{path}, line {n} gives {names[1]}, but line {lines[0][0]} gives {names[0]}: every "
+                             "line must give the same arguments")
+    return prompts
 
 
 def _json_prompt(path: Path, n: int, line: str) -> Prompt:
-    """Line ``n`` of a ``.jsonl`` prompts file: its images loaded, its key holding their digests."""
-    from diffusers.utils import load_image
-
+    """Line ``n`` of a ``.jsonl`` prompts file: its images read and hashed, not yet decoded."""
     where = f"{path}, line {n}"
+    example = '{"prompt": "a cat", "image": "cat.png"}'
     try:
         given = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where} is not JSON ({err.msg}); write one object per line, e.g. "
-                         '{"prompt": "a cat", "image": "cat.png"}') from None
+        raise ValueError(f"{where} is not JSON ({err.msg}); write one object per line, e.g. {example}") from None
     if not isinstance(given, dict) or not isinstance(given.get("prompt"), str) or not given["prompt"].strip():
-        raise ValueError(f'{where} needs a "prompt" with text, e.g. {{"prompt": "a cat", "image": "cat.png"}}')
+        raise ValueError(f'{where} needs a "prompt" with text, e.g. {example}')
     text = given.pop("prompt").strip()
-    inputs, identity = {}, {}
+    sized = [name for name in SIZE_ARGUMENTS if name in given]
+    if sized:
+        raise ValueError(f"{where} gives {', '.join(sized)}: a run makes one size for all its prompts; give it "
+                         "once, as an option (--height, --width, --num-frames), not per prompt")
     for name, value in given.items():
-        inputs[name] = identity[name] = value
         if isinstance(value, str) and value.lower().endswith(IMAGE_SUFFIXES):
-            file = path.parent / value
+            if "://" in value:
+                raise ValueError(f"{where}: {name} {value!r} is a URL; download the image and give its path, "
+                                 "relative to the prompts file")
             try:
-                inputs[name] = load_image(str(file))
-                identity[name] = "sha256:" + hashlib.sha256(file.read_bytes()).hexdigest()
+                given[name] = ImageFile.read(path.parent / value, value)
             except (OSError, ValueError) as err:
-                raise ValueError(f"{where}: cannot read the image {file} for {name} ({err}); image paths are "
-                                 "relative to the prompts file") from None
-    if not given:
-        return Prompt(text)
-    shown = ", ".join(f"{name}={value}" for name, value in given.items())
-    return Prompt(text, inputs, key=json.dumps({"prompt": text, **identity}, sort_keys=True),
-                  label=f"{text} [{shown}]")
+                raise ValueError(f"{where}: cannot read the image {path.parent / value} for {name} ({err}); "
+                                 "image paths are relative to the prompts file") from None
+    return Prompt(text, given)
 
 
 def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
@@ -124,33 +204,42 @@ def bins_resolution(pipe, call: dict) -> bool:
 
 
 def check_resolution(pipe, call: dict, patch_sizes: Sequence[int], prompts: Sequence[Prompt] = ()) -> None:
-    """Refuse a resolution whose latent some patch size does not divide, before any work (per prompt where its
-    image sets the size); and resolution binning, which would change the resolution after this check (most of
-    Sana's 1024 bins fail its sizes)."""
+    """Refuse a resolution whose latent some patch size does not divide, before any work; where each prompt's
+    image sets the size (HunyuanVideo 1.5 I2V), at each prompt's size, which must be one for all (a run's
+    samples stack, and its recordings batch). And resolution binning, which would change the resolution after
+    this check (most of Sana's 1024 bins fail its sizes)."""
     if bins_resolution(pipe, call):
         raise ValueError(f"{type(pipe).__name__} moves the requested size to its nearest resolution bin, which "
                          "the patch sizes may not divide: pass --pipeline-arg use_resolution_binning=False, with "
                          "a --height and --width the sizes divide")
+    by_image = "height" not in inspect.signature(pipe.__call__).parameters and any(p.inputs for p in prompts)
+    sizes = {}
     for prompt in prompts or [Prompt("")]:
         size = image_size(pipe, {**call, **prompt.inputs})
         if size is None:
             raise ValueError(f"ddit cannot tell which size {type(pipe).__name__} makes by default: pass --height "
                              "and --width")
-        height, width, factor = size
-        latent = (height // factor, width // factor)
-        bad = [s for s in patch_sizes if latent[0] % s or latent[1] % s]
-        if bad:
-            sized = (f"; {type(pipe).__name__} sizes its output after the image of {prompt.label!r}"
-                     if "height" not in inspect.signature(pipe.__call__).parameters and prompt.inputs else "")
-            raise ValueError(f"patch sizes {bad} do not divide the {latent[0]}x{latent[1]} latent of a "
-                             f"{height}x{width} image{sized}; choose --height and --width that are multiples of "
-                             f"{max(patch_sizes) * factor}, or smaller --sizes")
+        sizes.setdefault(size, prompt)
+    if len(sizes) > 1:
+        (a, first), (b, second) = list(sizes.items())[:2]
+        raise ValueError(f"{type(pipe).__name__} sizes its output after the image: {a[0]}x{a[1]} for "
+                         f"{first.label!r}, {b[0]}x{b[1]} for {second.label!r}; a run makes one size, so give "
+                         "images of one aspect ratio, or split the prompts file")
+    (height, width, factor), prompt = next(iter(sizes.items()))
+    latent = (height // factor, width // factor)
+    bad = [s for s in patch_sizes if latent[0] % s or latent[1] % s]
+    if bad:
+        fix = (f"{type(pipe).__name__} sizes its output after the image (of {prompt.label!r} here): use images "
+               f"whose size it picks is a multiple of {max(patch_sizes) * factor}" if by_image else
+               f"choose --height and --width that are multiples of {max(patch_sizes) * factor}")
+        raise ValueError(f"patch sizes {bad} do not divide the {latent[0]}x{latent[1]} latent of a {height}x{width} "
+                         f"image; {fix}, or smaller --sizes")
 
 
-def check_call(pipe, call: dict, prompts: Sequence[Prompt] = ()) -> None:
+def check_call(pipe, call: dict, prompts: Sequence[Prompt] = (), sets: Sequence[str] = ()) -> None:
     """Refuse a pipeline that takes no prompt or needs an argument in every call that neither the run nor every
-    prompt gives, arguments the pipeline does not take, given twice, or ones ddit sets itself, and values a run
-    cannot record as its settings (JSON)."""
+    prompt gives, arguments the pipeline does not take, given twice, or ones ddit sets itself (``sets``: the
+    command's own, such as ``ddit-ablate``'s steps), and values a run cannot record as its settings (JSON)."""
     taken = inspect.signature(pipe.__call__).parameters
     if "prompt" not in taken:
         raise ValueError(f"{type(pipe).__name__} takes no prompt: ddit distill and ddit-ablate --pipeline run "
@@ -163,23 +252,23 @@ def check_call(pipe, call: dict, prompts: Sequence[Prompt] = ()) -> None:
     if unknown:
         raise ValueError(f"{type(pipe).__name__} takes no {', '.join(unknown)}, which the prompts file gives "
                          f"(for {own[unknown[0]].label!r}); drop it from the file")
-    ours = [name for name in ("prompt", "prompt_embeds", "generator", "output_type", "num_images_per_prompt")
-            if name in call or name in own]
+    ours = [name for name in ("prompt", "prompt_embeds", "generator", "output_type", "num_images_per_prompt",
+                              "num_videos_per_prompt", *sets) if name in call or name in own]
     if ours:
-        raise ValueError(f"ddit sets {', '.join(ours)} itself (one sample per prompt and seed); drop it from the "
-                         "call and the prompts file")
+        raise ValueError(f"ddit sets {', '.join(ours)} itself (one sample per prompt and seed; the steps of each "
+                         "row); drop it from the options and the prompts file")
     twice = [name for name in own if name in call]
     if twice:
         raise ValueError(f"{', '.join(twice)} is given both as an option and in the prompts file; give it in one")
     needed = [name for name, p in taken.items() if name not in ("self", "prompt", "generator", "output_type")
               and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in call]
-    if needed:
-        lacking = [p for p in prompts if any(name not in p.inputs for name in needed)]
-        if not prompts or lacking:
-            which = f" ({lacking[0].label!r} has none)" if prompts and lacking else ""
-            raise ValueError(f"{type(pipe).__name__} needs {', '.join(needed)} in every call{which}: give each "
-                             'prompt its own in a .jsonl prompts file, one object per line, e.g. {"prompt": '
-                             f'"a cat", "{needed[0]}": "cat.png"}}')
+    lacking = [p for p in prompts if any(name not in p.inputs for name in needed)]
+    if needed and (lacking or not prompts):
+        which = f" ({lacking[0].label!r} has none)" if lacking else ""
+        value = '"cat.png"' if "image" in needed[0] else "..."
+        raise ValueError(f"{type(pipe).__name__} needs {', '.join(needed)} in every call{which}: give each prompt "
+                         'its own in a .jsonl prompts file, one object per line, e.g. {"prompt": "a cat", '
+                         f'"{needed[0]}": {value}}}, or one value for all with --pipeline-arg NAME=VALUE')
     for name, value in call.items():
         try:
             json.dumps(value)

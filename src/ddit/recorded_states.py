@@ -167,9 +167,10 @@ def record_states(pipe, prompts: Iterable[str | Prompt], folder: str | os.PathLi
         if not all(path.exists() for path in paths):
             todo.append(i)
         for path in paths:
-            if path.exists() and (recorded := _metadata(path)["prompt"]) != prompts[i].key:
-                raise RecordingError(f"{path} was recorded from the prompt {recorded!r}, not {prompts[i].key!r}; "
-                                     "record another prompts file into another folder")
+            if path.exists() and _metadata(path)["prompt"] != prompts[i].key:
+                raise RecordingError(f"{path} was recorded from another prompt than {prompts[i].label!r} (another "
+                                     "text, or other arguments or images of its own); record another prompts file "
+                                     "into another folder")
     device = getattr(pipe, "_execution_device", None) or pipe.device
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # one bar over the prompts, not one per call
@@ -178,7 +179,7 @@ def record_states(pipe, prompts: Iterable[str | Prompt], folder: str | os.PathLi
             logs = {sub: stack.enter_context(recording(module)) for sub, module in modules.items()}
             generator = torch.Generator("cpu").manual_seed(seed + i)
             pipe(prompt=prompts[i].text, generator=generator, output_type="latent", **(call or {}),
-                 **prompts[i].inputs)
+                 **prompts[i].call_inputs())
         idle = [sub or "transformer" for sub, log in logs.items() if not log.calls]
         if idle and len(logs) > 1:  # checked before any file of this prompt is written
             raise RecordingError(f"pipe.{idle[0]} ran no step for {prompts[i].label!r}: every step fell on the other "

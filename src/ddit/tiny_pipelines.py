@@ -2,7 +2,7 @@
 Wan 2.1, Wan 2.2 with its two experts and their image-to-video, HunyuanVideo 1.5), made offline, that stock
 diffusers loads.
 
-Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt without
+Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt (and a first frame) without
 downloading a model, and to test it on the same folders a user would hand it.
 ``save_tiny_pipeline(kind, folder)`` writes ``model_index.json`` and every component:
 tokenizers built from a hand-written vocabulary (a byte-level CLIP BPE, a character

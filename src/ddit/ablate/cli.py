@@ -145,7 +145,7 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     from .config import build_rows, parse_params
     from .models import fingerprint
     from .pipeline_report import summarize_pipeline, table
-    from .pipeline_runner import PipelineAblationConfig, run_pipeline_ablation
+    from .pipeline_runner import PipelineAblationConfig, check_batch, run_pipeline_ablation
 
     if not args.adapter:
         raise ValueError("--pipeline needs --adapter: the adapter folder of that pipeline's transformer "
@@ -161,6 +161,7 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts)
+    check_batch(args.batch_size or 1, prompts)
     call = call_arguments(args.pipeline_arg, height=args.height, width=args.width, num_frames=args.num_frames,
                           guidance_scale=args.guidance)
     rows = build_rows(args.policies, args.caches, steps=args.steps, fewer_steps=args.fewer_steps,
@@ -176,7 +177,7 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     if state.num_processes > 1 and device.type == "cuda":
         device = state.device  # one GPU per process, whatever --device says
     pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None).to(device)
-    check_call(pipe, call, prompts)
+    check_call(pipe, call, prompts, sets=("num_inference_steps",))  # the rows' steps
     adapters = load_adapters(pipe, args.adapter)  # Wan 2.2's second expert's from its transformer_2 subfolder
     for adapter in adapters.values():
         adapter.eval().detach()  # the baseline rows run the stock transformers

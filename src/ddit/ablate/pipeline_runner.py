@@ -80,10 +80,7 @@ def check_pipeline_rows(config: PipelineAblationConfig, pipe, adapters: Adapters
     if config.num_samples < 1 or config.batch_size < 1:
         raise ValueError("--prompts needs at least one prompt, and --num-per-prompt and --batch-size must be at "
                          "least 1")
-    if config.batch_size > 1 and any(p.inputs for p in config.prompts):
-        raise ValueError("prompts with their own arguments (a .jsonl prompts file's image) run one sample per "
-                         "pipeline call, as a pipeline takes one image for all the prompts of a call: drop "
-                         "--batch-size")
+    check_batch(config.batch_size, config.prompts)
     for key, row in config.rows.items():
         policy = row.make_policy()
         if row.policy == PROGRESSIVE:
@@ -164,7 +161,7 @@ def calibrate_pipeline_rows(config: PipelineAblationConfig, pipe, adapters: Adap
                 batch = prompts[start:start + config.batch_size]
                 generators = [torch.Generator("cpu").manual_seed(config.seed + CALIBRATION_SEED_OFFSET + start + j)
                               for j in range(len(batch))]
-                pipe(**_prompts(batch), generator=generators, num_inference_steps=row.steps,
+                pipe(**_call_args(batch), generator=generators, num_inference_steps=row.steps,
                      output_type="latent", **config.call)
                 traces.append(policy.trace)
         finally:
@@ -182,7 +179,7 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
         policy = make_policy(row, tau) if row.policy != BASELINE else BASELINE
         enable(pipe, adapters, policy=policy, cache=row.make_cache(testbed=False))
     try:
-        prompts = _prompts([config.prompt(i) for i in indices])
+        given = _call_args([config.prompt(i) for i in indices])
 
         def seeded():
             return [torch.Generator("cpu").manual_seed(config.seed + i) for i in indices]
@@ -190,10 +187,10 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
         call, half = pipe, None
         if row.policy == PROGRESSIVE:
             call = partial(progressive_call, pipe, row.make_policy())
-            half = half_resolution_steps(pipe, row.make_policy(), **prompts, generator=seeded(),
+            half = half_resolution_steps(pipe, row.make_policy(), **given, generator=seeded(),
                                          num_inference_steps=row.steps, **config.call)
         clock = synchronized_clock(adapters["transformer"].device)
-        output = call(**prompts, generator=seeded(), num_inference_steps=row.steps, output_type="pt",
+        output = call(**given, generator=seeded(), num_inference_steps=row.steps, output_type="pt",
                       **config.call)
         wall = synchronized_clock(adapters["transformer"].device) - clock
         records = summary(pipe).records if _enabled(row) else []
@@ -206,10 +203,18 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
     return images, wall, _decisions(records, len(indices), row.steps, adapters["transformer"].base_patch_size, half)
 
 
-def _prompts(prompts: list[Prompt]) -> dict:
+def check_batch(batch_size: int, prompts: list[Prompt]) -> None:
+    """Prompts with arguments of their own run one sample per pipeline call: a call takes one value of each
+    (one image) for all its prompts."""
+    if batch_size > 1 and any(p.inputs for p in prompts):
+        raise ValueError("prompts with arguments of their own (a .jsonl prompts file's) run one sample per "
+                         "pipeline call, as a call takes one value of each for all its prompts: drop --batch-size")
+
+
+def _call_args(prompts: list[Prompt]) -> dict:
     """The pipeline arguments of a batch of prompts: their texts, and the arguments of their own, which a batch
-    shares (prompts that have any run one per batch: ``check_pipeline_rows``)."""
-    return dict(prompt=[p.text for p in prompts], **prompts[0].inputs)
+    shares (prompts that have any run one per batch: ``check_batch``)."""
+    return dict(prompt=[p.text for p in prompts], **prompts[0].call_inputs())
 
 
 def _decisions(records: list[dict], batch: int, steps: int, base: int, half: list[bool] | None = None) -> list[dict]:
@@ -231,7 +236,7 @@ def _warm_up(config: PipelineAblationConfig, pipe, adapters: Adapters) -> None:
     so that each expert, which takes its own share of the steps, meets every size."""
     sizes = list(adapters["transformer"].patch_sizes)
     steps = config.steps if len(adapters) > 1 else len(sizes)
-    call = dict(**_prompts(config.prompts[:1]), num_inference_steps=steps, output_type="pt", **config.call)
+    call = dict(**_call_args(config.prompts[:1]), num_inference_steps=steps, output_type="pt", **config.call)
     pipe(**call)
     enable(pipe, adapters, policy="fixed", schedule=[sizes[i % len(sizes)] for i in range(steps)])
     try:
