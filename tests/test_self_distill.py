@@ -24,7 +24,8 @@ from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
 
 PROMPTS = ["a red circle", "blue stripes on white"]
 #: Short text: the tiny T5s would otherwise pad every prompt to the pipelines' 226 to 512 tokens. Qwen-Image
-#: and Z-Image never pad: their text is not cut. HunyuanVideo 1.5's call takes no max_sequence_length.
+#: and Z-Image never pad: their text is not cut. HunyuanVideo 1.5's call takes no max_sequence_length; Wan 2.1
+#: I2V's blocks take the last 512 text tokens as the text.
 SHORT_TEXT = {"flux": 16, "flux2": 16, "chroma": 16, "qwenimage": 512, "zimage": 512, "sd3": 16, "wan": 16,
               "wan22": 16, "wan22-i2v": 16, "pixart": 16, "sana": 16}
 CONFIG = DistillConfig(steps=2, batch_size=2, num_inference_steps=None, timestep_scale=None)
@@ -53,7 +54,7 @@ def call(kind, steps=3):
 def test_an_adapter_distilled_from_a_pipeline_runs_coarse_steps_in_it(kind, folders, tmp_path):
     pipe = load(folders[kind])
     before = {n: p.clone() for n, p in pipe.transformer.named_parameters()}
-    first_frame = FIRST_FRAME if kind == "wan22-i2v" else {}
+    first_frame = FIRST_FRAME if kind.endswith("i2v") else {}
     prompts = [Prompt(p, first_frame) for p in PROMPTS]
     export = self_distill(pipe, prompts, tmp_path, call=call(kind), config=CONFIG, progress=False)
 

@@ -16,11 +16,12 @@ STEPS = 4
 PIPELINE_CLASS = {"flux": "FluxPipeline", "flux2": "Flux2KleinPipeline", "chroma": "ChromaPipeline",
                   "qwenimage": "QwenImagePipeline", "zimage": "ZImagePipeline", "sd3": "StableDiffusion3Pipeline",
                   "pixart": "PixArtSigmaPipeline", "sana": "SanaPipeline", "wan": "WanPipeline",
-                  "wan22": "WanPipeline", "wan22-i2v": "WanImageToVideoPipeline",
+                  "wan-i2v": "WanImageToVideoPipeline", "wan22": "WanPipeline", "wan22-i2v": "WanImageToVideoPipeline",
                   "hunyuanvideo15": "HunyuanVideo15Pipeline"}
-VIDEO = ("wan", "wan22", "wan22-i2v", "hunyuanvideo15")
+VIDEO = ("wan", "wan-i2v", "wan22", "wan22-i2v", "hunyuanvideo15")
 #: The first frame of an image-to-video pipeline: the same for every prompt, so that only the prompt differs.
-FIRST_FRAME = {"wan22-i2v": dict(image=torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(5)))}
+FIRST_FRAME = {kind: dict(image=torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(5)))
+               for kind in ("wan-i2v", "wan22-i2v")}
 # Flux and Qwen-Image guide with true CFG only when given a negative prompt; the others guide above a scale of 1
 TRUE_CFG = dict(true_cfg_scale=2.0, negative_prompt="blurry")
 CFG_ON = {"flux": TRUE_CFG, "qwenimage": TRUE_CFG, "hunyuanvideo15": {}}
@@ -152,7 +153,7 @@ def test_a_kontext_reference_of_another_width_is_refused_with_the_fix(tmp_path):
 
 
 def test_unknown_kinds_and_a_missing_transformers_are_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="one of flux, flux2, .* wan, wan22, wan22-i2v, hun"):
+    with pytest.raises(ValueError, match="one of flux, flux2, .* wan, wan-i2v, wan22, wan22-i2v, hun"):
         save_tiny_pipeline("dit", tmp_path)
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match="pip install transformers"):

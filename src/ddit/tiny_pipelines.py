@@ -1,6 +1,6 @@
 """Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, Z-Image, SD3, PixArt-Sigma, Sana,
-Wan 2.1, Wan 2.2 with its two experts and their image-to-video, HunyuanVideo 1.5), made offline, that stock
-diffusers loads.
+Wan 2.1 and Wan 2.2 with its two experts, each also as image-to-video, HunyuanVideo 1.5), made offline, that
+stock diffusers loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt (and a first frame) without
 downloading a model, and to test it on the same folders a user would hand it.
@@ -66,8 +66,8 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 
-KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "wan", "wan22", "wan22-i2v",
-         "hunyuanvideo15")
+KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "wan", "wan-i2v", "wan22",
+         "wan22-i2v", "hunyuanvideo15")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
@@ -81,6 +81,7 @@ TINY_CALL = {
     # its DC-AE's factor 32: an 8x8 latent, which Sana's sizes 1, 2 and 4 divide; binning off, as for PixArt
     "sana": dict(height=2 * SIDE, width=2 * SIDE, use_resolution_binning=False),
     "wan": dict(height=SIDE, width=SIDE, num_frames=5),  # 2 latent frames
+    "wan-i2v": dict(height=SIDE, width=SIDE, num_frames=5),  # Wan 2.1 image-to-video: call it with an image too
     "wan22": dict(height=SIDE, width=SIDE, num_frames=5),  # Wan 2.2's two experts
     "wan22-i2v": dict(height=SIDE, width=SIDE, num_frames=5),  # and its image-to-video: call it with an image too
     "hunyuanvideo15": dict(height=2 * SIDE, width=2 * SIDE, num_frames=5),  # its VAE's factor 16: 16x16, 2 frames
@@ -334,27 +335,36 @@ def _sana(tf) -> DiffusionPipeline:
     return SanaPipeline(tokenizer=tokenizer, text_encoder=text, vae=vae, transformer=transformer, scheduler=scheduler)
 
 
-def _wan_transformer(in_channels: int = 16) -> WanTransformer3DModel:
+def _wan_transformer(in_channels: int = 16, image_dim: int | None = None) -> WanTransformer3DModel:
+    """``image_dim``: Wan 2.1 I2V's, whose blocks also attend to CLIP image tokens through their own projections."""
     return wake_zeros(WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels, out_channels=16,
         text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32))
+        rope_max_seq_len=32, image_dim=image_dim, added_kv_proj_dim=24 if image_dim else None))
 
 
 def _wan(tf, two_experts: bool = False, image_to_video: bool = False) -> DiffusionPipeline:
     """Wan 2.1; with ``two_experts``, Wan 2.2 A14B's layout: ``transformer_2`` takes the steps below t = 750
     (a real checkpoint's ``boundary_ratio`` is in its model_index.json; 0.75 gives each expert half of a short
-    tiny run's steps). ``image_to_video``: Wan 2.2 A14B I2V, no image encoder, the image's latent and a mask
-    after the noisy latent (16 + 16 + 4 = 36 channels in)."""
+    tiny run's steps). ``image_to_video``: the image's latent and a mask after the noisy latent (16 + 16 + 4 = 36
+    channels in); Wan 2.1's also reads the image's CLIP tokens (a 28-pixel CLIP vision model: 5 tokens), Wan 2.2
+    A14B's has no image encoder. Wan 2.1 I2V's blocks take the last 512 text tokens as the text: call it at the
+    pipeline's own max_sequence_length."""
     tokenizer = _t5_tokenizer(tf, 226)
     channels = 36 if image_to_video else 16
-    transformer = _wan_transformer(channels)
+    clip = image_to_video and not two_experts
+    transformer = _wan_transformer(channels, image_dim=8 if clip else None)
     vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])  # spatial factor 8, temporal 4
     shared = dict(tokenizer=tokenizer, text_encoder=_t5_encoder(tf, tokenizer, 16, umt5=True), vae=vae,
                   scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer,
                   transformer_2=_wan_transformer(channels) if two_experts else None,
                   boundary_ratio=0.75 if two_experts else None)
+    if clip:
+        encoder = tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                                         num_attention_heads=2, image_size=28, patch_size=14))
+        processor = tf.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        return WanImageToVideoPipeline(image_processor=processor, image_encoder=encoder, **shared)
     if image_to_video:
         return WanImageToVideoPipeline(image_processor=None, image_encoder=None, **shared)
     return WanPipeline(**shared)
@@ -387,7 +397,8 @@ def _hunyuanvideo15(tf) -> DiffusionPipeline:
 
 
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
-             "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "wan22": partial(_wan, two_experts=True),
+             "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "wan-i2v": partial(_wan, image_to_video=True),
+             "wan22": partial(_wan, two_experts=True),
              "wan22-i2v": partial(_wan, two_experts=True, image_to_video=True), "hunyuanvideo15": _hunyuanvideo15}
 
 
