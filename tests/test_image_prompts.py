@@ -2,6 +2,9 @@
 --pipeline`` and ``ddit-ablate --pipeline``, on the complete tiny Wan 2.2 A14B image-to-video folder."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -219,3 +222,18 @@ def test_image_to_video_ablates_each_prompt_with_its_image(i2v, tmp_path, capsys
     assert summary["fixed"]["coarse_step_fraction"] > 0 and summary["fixed"]["ssim_vs_baseline"] < 1
     config = json.loads((tmp_path / "ablate" / "config.json").read_text())
     assert all(json.loads(key)["image"].startswith("sha256:") for key in config["prompts"])
+
+    # ``accelerate launch`` with two CPU processes: each samples one prompt with its image, as one process did
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    sharded = tmp_path / "sharded"
+    done = subprocess.run([*launch, "-m", "ddit.ablate.cli", *args[:7], str(sharded), *args[8:]], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (sharded / "results-rank1.jsonl").exists()
+    for key in ("baseline", "fixed"):
+        for name in ("0000000", "0000001"):  # sample 1 is rank 1's
+            a, b = (load_file(folder / "images" / key / f"{name}.safetensors")["images"]
+                    for folder in (sharded, tmp_path / "ablate"))
+            assert torch.equal(a, b), (key, name)
