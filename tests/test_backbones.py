@@ -8,6 +8,7 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
+    LTXVideoTransformer3DModel,
     PixArtTransformer2DModel,
     QwenImageTransformer2DModel,
     SanaTransformer2DModel,
@@ -138,6 +139,17 @@ def wan_i2v():
                        encoder_hidden_states_image=torch.randn(B, 6, 8), timestep=torch.tensor([10, 900]))
 
 
+def ltx():
+    """LTX-Video: the pipeline's packed tokens of patch 1, its grid given as num_frames, height and width."""
+    model = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+                                       cross_attention_dim=24, num_layers=2, caption_channels=16)
+    f, h, w = 2, 16, 8
+    return model, dict(hidden_states=torch.randn(B, f * h * w, 4), encoder_hidden_states=torch.randn(B, 5, 16),
+                       timestep=torch.tensor([10.0, 900.0]), encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0],
+                                                                                                  [1] * 5]),
+                       num_frames=f, height=h, width=w, rope_interpolation_scale=(8 / 25, 32, 32))
+
+
 def zimage(**config):
     model = ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
                                      cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64], **config)
@@ -161,13 +173,14 @@ def hunyuanvideo15(**config):  # patch 1, as its 16x video latents have; 9 chann
 
 
 FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux, "flux2": flux2, "chroma": chroma,
-            "qwenimage": qwenimage, "wan": wan, "wan_i2v": wan_i2v, "hunyuanvideo15": hunyuanvideo15, "zimage": zimage}
+            "qwenimage": qwenimage, "wan": wan, "wan_i2v": wan_i2v, "hunyuanvideo15": hunyuanvideo15, "ltx": ltx,
+            "zimage": zimage}
 # attention q/k/v/out (self, and cross where there is one) + feed-forward in + out, per block;
 # Flux's single blocks: q/k/v + proj_mlp + proj_out; FLUX.2's: the fused qkv-mlp projection and its output;
 # Z-Image: attention q/k/v/out + its gated feed-forward's three, per main layer and per image refiner layer
 LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sana": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2,
                "chroma": 2 * (6 + 5), "qwenimage": 2 * 6, "wan": 2 * 10, "wan_i2v": 2 * 10, "hunyuanvideo15": 2 * 6,
-               "zimage": 3 * 7}
+               "ltx": 2 * 10, "zimage": 3 * 7}
 
 
 @pytest.fixture(params=FAMILIES, scope="module")
@@ -311,6 +324,28 @@ def test_wan_i2v_image_tokens_reach_a_coarse_output():
     other = {**inputs, "encoder_hidden_states_image": torch.randn_like(inputs["encoder_hidden_states_image"])}
     for size in (4, 8):
         assert not torch.allclose(model(**inputs, patch_size=size).sample, model(**other, patch_size=size).sample)
+
+
+@torch.no_grad()
+def test_ltx_per_token_timesteps_are_reproduced_and_a_coarse_patch_takes_its_frames():
+    """LTX image-to-video gives the conditioning frame's tokens t = 0: the spec's forward reproduces the backbone
+    with them, and a coarse step matches one whose timestep is each frame's, given per sample."""
+    torch.manual_seed(0)
+    backbone, inputs = ltx()
+    model = MultiPatchTransformer(_randomize(backbone))
+    per_token = torch.full((B, 2 * 16 * 8), 700.0)
+    per_token[:, : 16 * 8] = 0.0  # the first frame: the conditioning image
+    given = model._signature.bind(**{**inputs, "timestep": per_token}, return_dict=False)
+    given.apply_defaults()
+    x = model.spec.latent(given.arguments)
+    head = PatchHead(*model.spec.base_weights(), scale=1)
+    reference = backbone(**{**inputs, "timestep": per_token}, return_dict=False)[0]
+    assert (model._patched(head, 1, x, given.arguments) - reference).abs().max() <= 1e-5
+    assert model.spec.timestep(given.arguments).tolist() == [700.0, 700.0]  # the step's: the noisiest token's
+    coarse = model(**{**inputs, "timestep": per_token}, patch_size=4).sample
+    uniform = model(**{**inputs, "timestep": torch.full((B,), 700.0)}, patch_size=4).sample
+    frames = coarse.reshape(B, 2, 16 * 8, -1), uniform.reshape(B, 2, 16 * 8, -1)
+    assert coarse.isfinite().all() and not torch.allclose(frames[0][:, 0], frames[1][:, 0])  # frame 0 at t = 0
 
 
 @torch.no_grad()

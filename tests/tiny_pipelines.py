@@ -2,8 +2,8 @@
 
 Not a test module: tests import it. ``build(name)`` returns an unmodified diffusers
 pipeline (FluxPipeline, Flux2Pipeline, ChromaPipeline, QwenImagePipeline, ZImagePipeline,
-StableDiffusion3Pipeline, PixArtSigmaPipeline, SanaPipeline, WanPipeline, HunyuanVideo15Pipeline or
-DiTPipeline) whose transformer is a
+StableDiffusion3Pipeline, PixArtSigmaPipeline, SanaPipeline, WanPipeline, HunyuanVideo15Pipeline, LTXPipeline
+or DiTPipeline) whose transformer is a
 few-kilobyte random model, and a ``call_kwargs`` function giving the keyword arguments
 for ``pipe(**kwargs)``. Nothing is downloaded:
 text encoders and tokenizers are ``None`` and prompts are passed as random,
@@ -54,6 +54,8 @@ from diffusers import (
     FluxTransformer2DModel,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
+    LTXPipeline,
+    LTXVideoTransformer3DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     QwenImagePipeline,
@@ -364,6 +366,32 @@ def _hunyuanvideo15():
     return pipe, call_kwargs
 
 
+def _ltx():
+    """LTX-Video 0.9: the pipeline packs its latent into tokens of patch 1 (sizes 1, 2 and 4 here; a 32x VAE
+    and 8x in time when vae is None: 512x512, 9 frames for a 16x16 latent of 2 frames); CFG as one doubled
+    batch, which the pipeline's cache context names "cond_uncond"."""
+    torch.manual_seed(0)
+    transformer = _wake_zeros(LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                         attention_head_dim=12, cross_attention_dim=24, num_layers=2,
+                                                         caption_channels=16))
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
+                       tokenizer=None, transformer=transformer)
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
+        seeds = _seeds(batch, seeds)
+        guidance = 3.0 if guidance is None else guidance
+        kw = dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, 16),
+                  prompt_attention_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long), guidance_scale=guidance,
+                  height=LATENT * 32, width=LATENT * 32, num_frames=9, num_inference_steps=steps,
+                  generator=generators(seeds), output_type="latent")
+        if guidance > 1:
+            kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 16),
+                      negative_prompt_attention_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long))
+        return kw
+
+    return pipe, call_kwargs
+
+
 def _dit():
     torch.manual_seed(0)
     transformer = _wake_zeros(DiTTransformer2DModel(
@@ -390,7 +418,8 @@ def _dit():
 
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
              "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "hunyuanvideo15": _hunyuanvideo15, "dit": _dit,
-             "wan22": partial(_wan, two_experts=True)}  # not in NAMES: tests/test_experts.py runs it
+             # not in NAMES, whose tests assume a base patch of 2: tests/test_experts.py and tests/test_ltx.py run them
+             "wan22": partial(_wan, two_experts=True), "ltx": _ltx}
 
 
 def build(name: str) -> tuple[DiffusionPipeline, Callable[..., dict]]:

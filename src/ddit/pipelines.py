@@ -37,6 +37,8 @@ from .summary import Summary
 
 #: Where ``pipe.save_pretrained`` writes the adapter of an enabled pipeline, beside the stock components.
 ADAPTER_FOLDER = "ddit_adapter"
+#: The cache context of a call that holds both CFG branches as one batch (LTX-Video's pipelines): not a branch.
+BOTH_BRANCHES = "cond_uncond"
 #: The components that denoise: ``transformer``, and Wan 2.2's low-noise expert, which takes the later steps.
 EXPERTS = ("transformer", "transformer_2")
 
@@ -90,9 +92,10 @@ class DynamicPatchTransformer(nn.Module):
     @contextmanager
     def cache_context(self, name: str, **where):
         """Stock Flux and Wan pipelines call once per CFG branch inside ``cache_context("cond")`` /
-        ``("uncond")``: the name keeps the branches' cache state apart; ``where`` (step_index, sigma...)
-        is used when given."""
-        self._branch, self._where = name, where
+        ``("uncond")``: the name keeps the branches' cache state apart (LTX-Video names its batched call
+        ``"cond_uncond"``: both branches, which the runtime tells apart itself); ``where`` (step_index,
+        sigma...) is used when given."""
+        self._branch, self._where = None if name == BOTH_BRANCHES else name, where
         try:
             yield
         finally:

@@ -16,6 +16,7 @@ from .dit import DiTSpec
 from .flux import FluxSpec
 from .flux2 import Flux2Spec
 from .hunyuanvideo15 import HunyuanVideo15Spec
+from .ltx import LTXVideoSpec
 from .pixart import PixArtSpec
 from .qwenimage import QwenImageSpec
 from .sana import SanaSpec
@@ -24,10 +25,11 @@ from .wan import WanSpec
 from .zimage import ZImageSpec
 
 BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SanaSpec, SD3Spec, FluxSpec, Flux2Spec,
-                                                 ChromaSpec, QwenImageSpec, WanSpec, HunyuanVideo15Spec, ZImageSpec)
+                                                 ChromaSpec, QwenImageSpec, WanSpec, HunyuanVideo15Spec, LTXVideoSpec,
+                                                 ZImageSpec)
 
 __all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "HunyuanVideo15Spec",
-           "PixArtSpec", "QwenImageSpec", "SanaSpec", "SD3Spec", "WanSpec", "ZImageSpec", "as_batch", "patchify",
+           "LTXVideoSpec", "PixArtSpec", "QwenImageSpec", "SanaSpec", "SD3Spec", "WanSpec", "ZImageSpec", "as_batch", "patchify",
            "sincos_positions", "spec_for", "specs", "unpatchify"]
 
 
