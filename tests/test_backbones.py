@@ -342,10 +342,15 @@ def test_ltx_per_token_timesteps_are_reproduced_and_a_coarse_patch_takes_its_fra
     reference = backbone(**{**inputs, "timestep": per_token}, return_dict=False)[0]
     assert (model._patched(head, 1, x, given.arguments) - reference).abs().max() <= 1e-5
     assert model.spec.timestep(given.arguments).tolist() == [700.0, 700.0]  # the step's: the noisiest token's
-    coarse = model(**{**inputs, "timestep": per_token}, patch_size=4).sample
-    uniform = model(**{**inputs, "timestep": torch.full((B,), 700.0)}, patch_size=4).sample
-    frames = coarse.reshape(B, 2, 16 * 8, -1), uniform.reshape(B, 2, 16 * 8, -1)
-    assert coarse.isfinite().all() and not torch.allclose(frames[0][:, 0], frames[1][:, 0])  # frame 0 at t = 0
+    coarse = model.spec._coarse_timestep(given.arguments, (2, 4, 2), 4).reshape(B, -1)  # 8 coarse tokens a frame
+    assert torch.equal(coarse, torch.tensor([[0.0] * 8 + [700.0] * 8] * B))
+    assert model(**{**inputs, "timestep": per_token}, patch_size=4).sample.isfinite().all()
+    for t in (torch.full((B, 1), 700.0), torch.full((B, 2 * 16 * 8, 1), 700.0)):  # other pipelines' shapes
+        assert torch.allclose(model(**{**inputs, "timestep": t}, patch_size=4).sample,
+                              model(**{**inputs, "timestep": torch.full((B,), 700.0)}, patch_size=4).sample,
+                              atol=1e-5)
+    with pytest.raises(ValueError, match="tokens are not the \\(None, 16, 8\\) grid the call names"):
+        model(**{**inputs, "num_frames": None}, patch_size=4)
 
 
 @torch.no_grad()

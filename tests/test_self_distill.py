@@ -352,3 +352,13 @@ def test_an_image_to_video_pipeline_without_images_and_unrecordable_call_values_
         self_distill(load(folders["wan"]), PROMPTS, tmp_path, config=CONFIG, progress=False,
                      call={**call("wan"), "attention_kwargs": {"t": torch.ones(1)}})
     assert not any(tmp_path.iterdir())
+
+
+def test_wan21_image_to_video_keeps_its_512_text_tokens(folders, tmp_path):
+    """diffusers' Wan attention takes all but the last 512 context tokens as the image's: shorter text would
+    silently send image tokens through the text projections."""
+    prompts = [Prompt(p, FIRST_FRAME) for p in PROMPTS]
+    with pytest.raises(ValueError, match="keep max_sequence_length at 512"):
+        self_distill(load(folders["wan-i2v"]), prompts, tmp_path, config=CONFIG, progress=False,
+                     call={**TINY_CALL["wan-i2v"], "max_sequence_length": 16})
+    assert not any(tmp_path.iterdir())

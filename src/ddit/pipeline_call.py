@@ -269,6 +269,11 @@ def check_call(pipe, call: dict, prompts: Sequence[Prompt] = (), sets: Sequence[
         raise ValueError(f"{type(pipe).__name__} needs {', '.join(needed)} in every call{which}: give each prompt "
                          'its own in a .jsonl prompts file, one object per line, e.g. {"prompt": "a cat", '
                          f'"{needed[0]}": {value}}}, or one value for all with --pipeline-arg NAME=VALUE')
+    transformer = getattr(pipe, "transformer", None)
+    if (type(transformer).__name__ == "WanTransformer3DModel" and transformer.config.get("added_kv_proj_dim")
+            and call.get("max_sequence_length", 512) != 512):  # diffusers' WanAttnProcessor splits at 512
+        raise ValueError("Wan 2.1 image-to-video's blocks take the last 512 text tokens as the text and the ones "
+                         "before as the image's: keep max_sequence_length at 512 (drop the option)")
     for name, value in call.items():
         try:
             json.dumps(value)

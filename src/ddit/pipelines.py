@@ -481,7 +481,7 @@ def _guidance_of(pipe) -> Callable[[torch.Tensor], bool | None]:
 
 def _pixels_per_latent(pipe) -> int | None:
     """How many image pixels one latent pixel stands for (for error messages about resolutions)."""
-    for name in ("vae_scale_factor_spatial", "vae_scale_factor"):
+    for name in ("vae_scale_factor_spatial", "vae_scale_factor", "vae_spatial_compression_ratio"):  # the last: LTX
         value = getattr(pipe, name, None)
         if isinstance(value, int):
             return value

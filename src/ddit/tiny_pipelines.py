@@ -364,7 +364,10 @@ def _wan(tf, two_experts: bool = False, image_to_video: bool = False) -> Diffusi
         encoder = tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                                                          num_attention_heads=2, image_size=28, patch_size=14))
         processor = tf.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-        return WanImageToVideoPipeline(image_processor=processor, image_encoder=encoder, **shared)
+        pipe = WanImageToVideoPipeline(image_processor=processor, image_encoder=encoder, **shared)
+        # as real folders name it: without torchvision transformers builds its PIL twin, which would be recorded
+        pipe.register_to_config(image_processor=("transformers", "CLIPImageProcessor"))
+        return pipe
     if image_to_video:
         return WanImageToVideoPipeline(image_processor=None, image_encoder=None, **shared)
     return WanPipeline(**shared)
