@@ -1,5 +1,6 @@
 """What a coarse step saves on the real shapes of FLUX.1-dev, FLUX.2-dev, Qwen-Image, Z-Image-Turbo,
-SD3.5-medium, Sana-1.6B, Wan2.1-T2V-1.3B, Wan2.2-T2V-A14B (one expert) and HunyuanVideo-1.5 (issue 10, part 4).
+SD3.5-medium, Sana-1.6B, Wan2.1-T2V-1.3B, Wan2.2-T2V-A14B (one expert), HunyuanVideo-1.5 and LTX-Video 2B
+(issue 10, part 4).
 
     python benchmarks/real_shapes.py --device cpu     # reduced models, fp32, a few minutes on 2 cores
     python benchmarks/real_shapes.py --device cuda    # full depth, bf16 (benchmarks/gpu/run.sh runs this)
@@ -45,6 +46,7 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
+    LTXVideoTransformer3DModel,
     QwenImageTransformer2DModel,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
@@ -184,8 +186,17 @@ HUNYUAN15 = Model(
     "tokens and 729 image-prompt slots (masked out in text-to-video, still in every block)",
     1, "CFG through its guider: one call per branch, two per step", text_width=3584, patch=1,
     no_meta="its forward selects text tokens by their mask's values, which meta tensors do not hold")
+LTX = Model(
+    "LTX-Video 2B", LTXVideoTransformer3DModel,
+    dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+         attention_head_dim=64, cross_attention_dim=2048, num_layers=28, caption_channels=4096),
+    "diffusers' LTXVideoTransformer3DModel defaults, which describe LTX-Video 0.9's 2B model (28 blocks of 2048 = "
+    "32 x 64, patch 1 on a 128-channel VAE at 32x in space and 8x in time, T5's 4096 text features); not checked "
+    "against a checkpoint's config.json here",
+    "768x512, 121 frames", (128, 16, 16, 24), 128, "T5, LTXPipeline's max_sequence_length",
+    2, "CFG: both branches in one call", patch=1)
 MODELS = {"flux": FLUX, "flux2": FLUX2, "qwenimage": QWEN, "zimage": ZIMAGE, "sd3": SD35, "sana": SANA, "wan": WAN,
-          "wan14b": WAN14B, "hunyuanvideo15": HUNYUAN15}
+          "wan14b": WAN14B, "hunyuanvideo15": HUNYUAN15, "ltx": LTX}
 #: Run when --models is not given: all but Wan2.2-A14B's expert, whose 73,920 tokens make one reduced CPU run last
 #: longer than the others together (``--models wan14b`` runs it).
 DEFAULT_MODELS = [name for name in MODELS if name != "wan14b"]
@@ -205,6 +216,8 @@ def model_config(model: Model, scale: str, depth: int | None) -> dict:
             config["ffn_dim"] //= SHRINK
         if model is SANA:  # cross-attention works at the narrowed width
             config["num_cross_attention_heads"] //= SHRINK
+            config["cross_attention_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
+        if model is LTX:  # its cross-attention reads the caption projected to the block width
             config["cross_attention_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
     if depth is not None:
         if model is ZIMAGE:
@@ -296,6 +309,10 @@ def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.de
                     encoder_hidden_states_2=randn(batch, byt5, 1472),
                     encoder_attention_mask_2=torch.ones(batch, byt5, device=device),
                     image_embeds=torch.zeros(batch, image, 1152, device=device, dtype=dtype))
+    if model is LTX:  # tokens of patch 1, the grid by name, RoPE scaled for 25 frames a second; a prompt mask
+        args.update(hidden_states=patchify(latent, (1, 1, 1)), encoder_attention_mask=torch.ones(batch, text,
+                    device=device), num_frames=dims[0], height=dims[1], width=dims[2],
+                    rope_interpolation_scale=(8 / 25, 32, 32))
     if model is ZIMAGE:  # lists of per-sample (C, 1, H, W) latents and prompts, timestep in [0, 1]
         args = dict(x=list(latent.unsqueeze(2)), t=full(0.5), cap_feats=[randn(text, model.text_width)] * batch)
     return args
