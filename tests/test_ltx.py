@@ -80,7 +80,7 @@ def image_to_video():
         decoder_block_out_channels=(8,) * 4, layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
         spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
         decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
-        timestep_conditioning=False, encoder_causal=True, decoder_causal=False)
+        timestep_conditioning=False, encoder_causal=True, decoder_causal=False, patch_size=1)
     i2v = LTXImageToVideoPipeline(scheduler=pipe.scheduler, vae=vae, text_encoder=None, tokenizer=None,
                                   transformer=pipe.transformer)
     i2v.set_progress_bar_config(disable=True)

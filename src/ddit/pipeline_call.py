@@ -174,7 +174,9 @@ def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
     """Height and width of the image the call makes and the VAE's factor, when the pipeline says (else None):
     the call's, else its signature's defaults, its ``default_sample_size``, or the size HunyuanVideo 1.5
     picks from the call's image (image-to-video) or else from its default aspect ratio."""
-    factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None)
+    factor = next((getattr(pipe, name) for name in ("vae_scale_factor_spatial", "vae_scale_factor",
+                                                     "vae_spatial_compression_ratio") if getattr(pipe, name, None)),
+                  None)  # the last: LTX-Video's
     defaults = inspect.signature(pipe.__call__).parameters
     picked = None
     if hasattr(pipe, "target_size") and hasattr(pipe, "video_processor"):  # HunyuanVideo 1.5

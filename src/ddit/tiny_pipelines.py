@@ -1,6 +1,6 @@
 """Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, Z-Image, SD3, PixArt-Sigma, Sana,
-Wan 2.1 and Wan 2.2 with its two experts, each also as image-to-video, HunyuanVideo 1.5), made offline, that
-stock diffusers loads.
+Wan 2.1 and Wan 2.2 with its two experts, each also as image-to-video, HunyuanVideo 1.5, LTX-Video), made
+offline, that stock diffusers loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt (and a first frame) without
 downloading a model, and to test it on the same folders a user would hand it.
@@ -37,6 +37,7 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLHunyuanVideo15,
+    AutoencoderKLLTXVideo,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
     ChromaPipeline,
@@ -51,6 +52,8 @@ from diffusers import (
     FluxTransformer2DModel,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
+    LTXPipeline,
+    LTXVideoTransformer3DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     QwenImagePipeline,
@@ -67,7 +70,7 @@ from diffusers import (
 )
 
 KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "wan", "wan-i2v", "wan22",
-         "wan22-i2v", "hunyuanvideo15")
+         "wan22-i2v", "hunyuanvideo15", "ltx")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
@@ -85,6 +88,7 @@ TINY_CALL = {
     "wan22": dict(height=SIDE, width=SIDE, num_frames=5),  # Wan 2.2's two experts
     "wan22-i2v": dict(height=SIDE, width=SIDE, num_frames=5),  # and its image-to-video: call it with an image too
     "hunyuanvideo15": dict(height=2 * SIDE, width=2 * SIDE, num_frames=5),  # its VAE's factor 16: 16x16, 2 frames
+    "ltx": dict(height=SIDE // 2, width=SIDE // 2, num_frames=9),  # its tiny VAE: 4x in space and time, 16x16x3
 }
 CLIP_LENGTH = 77  # the CLIP tokenizers' model_max_length, as in every real checkpoint
 #: Qwen's chat format, which FLUX.2 [klein] wraps every prompt in before encoding it.
@@ -399,10 +403,28 @@ def _hunyuanvideo15(tf) -> DiffusionPipeline:
                                   tokenizer_2=tokenizer_2, guider=ClassifierFreeGuidance(guidance_scale=6.0))
 
 
+def _ltx(tf) -> DiffusionPipeline:
+    """LTX-Video 0.9 (patch 1: sizes 1, 2 and 4), T5 text, and a VAE that compresses 4x in space and time where
+    LTX's own does 32x and 8x (a 64x64, 9-frame video is a 16x16 latent of 3 frames)."""
+    tokenizer = _t5_tokenizer(tf, 128)
+    transformer = wake_zeros(LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                        attention_head_dim=12, cross_attention_dim=24, num_layers=2,
+                                                        caption_channels=16))
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 4,
+        decoder_block_out_channels=(8,) * 4, layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
+        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+        timestep_conditioning=False, encoder_causal=True, decoder_causal=False, patch_size=1)
+    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, tokenizer=tokenizer,
+                       text_encoder=_t5_encoder(tf, tokenizer, 16), transformer=transformer)
+
+
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
              "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "wan-i2v": partial(_wan, image_to_video=True),
              "wan22": partial(_wan, two_experts=True),
-             "wan22-i2v": partial(_wan, two_experts=True, image_to_video=True), "hunyuanvideo15": _hunyuanvideo15}
+             "wan22-i2v": partial(_wan, two_experts=True, image_to_video=True), "hunyuanvideo15": _hunyuanvideo15,
+             "ltx": _ltx}
 
 
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:
