@@ -97,6 +97,7 @@ def test_a_prompt_made_in_python_is_known_by_its_arguments_content():
     ('{"prompt": "a cat", "image": "https://x.org/cat.png"}', "line 2: image 'https://x.org/cat.png' is a URL; "
                                                                "download the image"),
     ('{"prompt": "a cat", "height": 64}', "line 2 gives height: a run makes one size for all its prompts"),
+    ('{"prompt": "a cat", "width": 64, "num_frames": 9}', "line 2 gives width, num_frames: a run makes one size"),
     ('{"prompt": "a cat", "image": "cat.png"}', "line 2 gives image, but line 1 gives no argument: every line must "
                                                 "give the same arguments"),
 ])
@@ -122,6 +123,7 @@ def test_what_the_prompts_give_is_checked_against_the_pipeline_before_any_work(i
                                           'in a .jsonl prompts file.*"image": "cat.png"'),
         ({}, [Prompt("a", {**image, "colour": 1})], {}, "takes no colour, which the prompts file gives"),
         ({}, [Prompt("a", {**image, "generator": 1})], {}, "ddit sets generator itself"),
+        ({}, [Prompt("a", {**image, "num_videos_per_prompt": 2})], {}, "ddit sets num_videos_per_prompt itself"),
         ({}, [Prompt("a", {**image, "num_inference_steps": 3})], dict(sets=("num_inference_steps",)),
          "ddit sets num_inference_steps itself"),
         ({"image": "x"}, given, {}, "image is given both as an option and in the prompts file"),
