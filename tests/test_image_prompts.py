@@ -206,8 +206,9 @@ def test_image_to_video_ablates_each_prompt_with_its_image(i2v, tmp_path, capsys
     assert main(["distill", "--pipeline", str(folder), "--prompts", str(prompts), "--out", str(adapter),
                  "--num-inference-steps", "4", "--steps", "1", *SIZE]) == 0
     args = ["--pipeline", str(folder), "--adapter", str(adapter / "adapter"), "--prompts", str(prompts),
-            "--out", str(tmp_path / "ablate"), "--steps", "4", "--fewer-steps", "2", "--policies", "fixed",
-            "--policy-param", "fixed.fraction=0.5", "--caches", "none", "--no-progress", *SIZE]
+            "--out", str(tmp_path / "ablate"), "--steps", "4", "--fewer-steps", "2", "--policies", "fixed,budget",
+            "--policy-param", "fixed.fraction=0.5", "--policy-param", "budget.speedup=1.25", "--caches", "none",
+            "--no-progress", *SIZE]
     nowhere = [*args[:1], str(tmp_path / "no-pipeline"), *args[2:]]
     assert ablate_main([*nowhere, "--batch-size", "2"]) == 2  # refused before the pipeline loads
     assert "run one sample per pipeline call" in capsys.readouterr().err
@@ -222,6 +223,8 @@ def test_image_to_video_ablates_each_prompt_with_its_image(i2v, tmp_path, capsys
     labels = {f"{t} [image=frames/{i}.png]" for i, t in enumerate(TEXTS)}
     assert set(summary["fixed"]["per_prompt"]) == labels
     assert summary["fixed"]["coarse_step_fraction"] > 0 and summary["fixed"]["ssim_vs_baseline"] < 1
+    tau = json.loads((tmp_path / "ablate" / "calibration.json").read_text())["budget"]  # fitted on the prompts'
+    assert tau > 0 and set(summary["budget"]["per_prompt"]) == labels  # calibration samples, with their images
     config = json.loads((tmp_path / "ablate" / "config.json").read_text())
     assert all(json.loads(key)["image"].startswith("sha256:") for key in config["prompts"])
 

@@ -286,14 +286,17 @@ def test_a_bfloat16_pipeline_trains_its_adapter_in_float32_and_keeps_its_dtype(f
     assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images.float()).all()
 
 
-# Qwen-Image: text of each prompt's length, masked; Z-Image: lists of per-sample latents and prompts
-@pytest.mark.parametrize("kind", ["flux", "qwenimage", "zimage"])
+# Qwen-Image: text of each prompt's length, masked; Z-Image: lists of per-sample latents and prompts; Wan 2.1
+# image-to-video: each prompt with its own first frame, in both rounds
+@pytest.mark.parametrize("kind", ["flux", "qwenimage", "zimage", "wan-i2v"])
 def test_an_on_policy_round_records_the_latents_coarse_steps_lead_to(kind, folders, tmp_path):
     from ddit.policies import get_policy
     from ddit.recorded_states import RecordedStates
 
     pipe = load(folders[kind])
-    export = self_distill(pipe, PROMPTS, tmp_path, call=call(kind, steps=4), config=CONFIG, progress=False,
+    first_frame = FIRST_FRAME if kind.endswith("i2v") else {}
+    prompts = [Prompt(p, first_frame) for p in PROMPTS]
+    export = self_distill(pipe, prompts, tmp_path, call=call(kind, steps=4), config=CONFIG, progress=False,
                           on_policy=get_policy("fixed", fraction=0.5))
     assert export == tmp_path / "on-policy" / "adapter"
     stock, visited = RecordedStates(tmp_path / "states"), RecordedStates(tmp_path / "on-policy" / "states")
@@ -305,7 +308,8 @@ def test_an_on_policy_round_records_the_latents_coarse_steps_lead_to(kind, folde
     assert report["data"]["prompts"] == 4 and report["steps"] == CONFIG.steps  # both recordings, 2 prompts each
     fresh = load(folders[kind])
     ddit.enable(fresh, export, policy="fixed", fraction=0.5)
-    fresh(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call(kind, steps=4))
+    fresh(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call(kind, steps=4),
+          **first_frame)
 
 
 def test_wan22_distils_an_adapter_for_each_expert_on_its_own_steps_and_on_policy(folders, tmp_path):
