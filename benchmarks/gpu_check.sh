@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 python3 -c "import torch, diffusers, peft; print(torch.__version__, torch.cuda.get_device_name(0),
 diffusers.__version__, peft.__version__)" | tee "$OUT/versions.txt"
 DDIT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_pipelines.py tests/test_progressive.py \
-    tests/test_experts.py tests/test_ltx.py -k "not ablation" 2>&1 | tee "$OUT/pipelines.log"
+    tests/test_experts.py tests/test_ltx.py tests/test_edit_pipelines.py -k "not ablation" 2>&1 | tee "$OUT/pipelines.log"
 python3 -m ddit.ablate.cli --out "$OUT/ablate" --device cuda --dtype bfloat16 --num-per-class 8 \
     --caches none,teacache --batch-size 32 --no-progress 2>&1 | tee "$OUT/ablate.log"
 cp "$OUT/ablate/report.md" "$OUT/ablate/summary.json" "$OUT/" 2>/dev/null

@@ -1,6 +1,6 @@
-"""What a coarse step saves on the real shapes of FLUX.1-dev, FLUX.2-dev, Qwen-Image, Z-Image-Turbo,
-SD3.5-medium, Sana-1.6B, Wan2.1-T2V-1.3B, Wan2.2-T2V-A14B (one expert), HunyuanVideo-1.5 and LTX-Video 2B
-(issue 10, part 4).
+"""What a coarse step saves on the real shapes of FLUX.1-dev (and FLUX.1 Kontext editing), FLUX.2-dev,
+Qwen-Image, Z-Image-Turbo, SD3.5-medium, Sana-1.6B, Wan2.1-T2V-1.3B, Wan2.2-T2V-A14B (one expert),
+HunyuanVideo-1.5 and LTX-Video 2B (issue 10, part 4).
 
     python benchmarks/real_shapes.py --device cpu     # reduced models, fp32, a few minutes on 2 cores
     python benchmarks/real_shapes.py --device cuda    # full depth, bf16 (benchmarks/gpu/run.sh runs this)
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -57,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ddit import MultiPatchTransformer
-from ddit.backbones import as_batch, patchify
+from ddit.backbones import Reference, as_batch, patchify
 from ddit.flops import EXTRA_FORMULAS
 
 SHRINK = 4  # the reduced scale's factor on width, image tokens and text tokens
@@ -83,6 +84,13 @@ class Model:
     latent_arg: str = "hidden_states"  # the forward's names for the latent and the timestep
     timestep_arg: str = "timestep"
     no_meta: str = ""  # why the model's forward cannot run on the meta device, if it cannot
+    reference: tuple[int, int] | None = None  # an edit's reference image beside the latent: its latent's (H, W)
+
+    def reference_dims(self, scale: str) -> tuple[int, int] | None:
+        """The reference's latent (H, W) at ``scale``: half per side when reduced, as the latent's."""
+        if self.reference is None or scale == "full":
+            return self.reference
+        return tuple(d // 2 for d in self.reference)
 
     def spatial(self, scale: str) -> tuple[int, ...]:
         """The latent's dims at ``scale``: the last two are the ones a patch size must divide."""
@@ -117,6 +125,11 @@ FLUX2 = Model(
     "= 15360 text features); not checked against the checkpoint's config.json here",
     "1024x1024", (32, 128, 128), 512, "Mistral, Flux2Pipeline's max_sequence_length",
     1, "guidance-distilled: one row per step", text_width=15360)
+KONTEXT = dataclasses.replace(
+    FLUX, title="FLUX.1-Kontext-dev",
+    source="FLUX.1-dev's config: FLUX.1 Kontext [dev] is the same transformer, given the reference image's packed "
+           "tokens after the latent's (ids with first coordinate 1); not checked against its config.json here",
+    resolution="1024x1024, editing a 1024x1024 image", reference=(128, 128))
 QWEN = Model(
     "Qwen-Image", QwenImageTransformer2DModel,
     dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
@@ -195,7 +208,7 @@ LTX = Model(
     "against a checkpoint's config.json here",
     "768x512, 121 frames", (128, 16, 16, 24), 128, "T5, LTXPipeline's max_sequence_length",
     2, "CFG: both branches in one call", patch=1)
-MODELS = {"flux": FLUX, "flux2": FLUX2, "qwenimage": QWEN, "zimage": ZIMAGE, "sd3": SD35, "sana": SANA, "wan": WAN,
+MODELS = {"flux": FLUX, "flux-kontext": KONTEXT, "flux2": FLUX2, "qwenimage": QWEN, "zimage": ZIMAGE, "sd3": SD35, "sana": SANA, "wan": WAN,
           "wan14b": WAN14B, "hunyuanvideo15": HUNYUAN15, "ltx": LTX}
 #: Run when --models is not given: all but Wan2.2-A14B's expert, whose 73,920 tokens make one reduced CPU run last
 #: longer than the others together (``--models wan14b`` runs it).
@@ -222,7 +235,7 @@ def model_config(model: Model, scale: str, depth: int | None) -> dict:
     if depth is not None:
         if model is ZIMAGE:
             config.update(n_layers=depth, n_refiner_layers=depth)
-        elif model in (FLUX, FLUX2):
+        elif model in (FLUX, KONTEXT, FLUX2):
             config.update(num_layers=depth, num_single_layers=depth)
         elif model is SD35:  # as many plain layers as dual-attention ones
             config.update(num_layers=2 * depth, dual_attention_layers=tuple(range(depth)))
@@ -232,7 +245,7 @@ def model_config(model: Model, scale: str, depth: int | None) -> dict:
 
 
 def depth_label(model: Model, config: dict) -> str:
-    if model in (FLUX, FLUX2):
+    if model in (FLUX, KONTEXT, FLUX2):
         return f"{config['num_layers']} dual-stream + {config['num_single_layers']} single-stream blocks"
     if model is SD35:
         return f"{config['num_layers']} blocks, {len(config['dual_attention_layers'])} of them with dual attention"
@@ -267,7 +280,8 @@ def build(model: Model, config: dict, sizes: tuple[int, ...], device: torch.devi
     return adapter
 
 
-def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.device, dtype: torch.dtype) -> dict:
+def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.device, dtype: torch.dtype,
+                reference: tuple[int, int] | None = None) -> dict:
     """One transformer call's arguments as the stock pipeline passes them (random values)."""
     generator = torch.Generator().manual_seed(0)
     batch = model.batch
@@ -283,13 +297,14 @@ def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.de
                 timestep=full(500.0))
     if model is SD35:
         args["pooled_projections"] = randn(batch, 2048)
-    if model is FLUX:  # packed 2x2 latents, RoPE ids, timestep in [0, 1], distilled guidance
-        h, w = dims[0] // 2, dims[1] // 2
-        ids = torch.zeros(h, w, 3)
-        ids[..., 1], ids[..., 2] = torch.arange(h)[:, None], torch.arange(w)[None]
+    if model in (FLUX, KONTEXT):  # packed 2x2 latents, RoPE ids, timestep in [0, 1], distilled guidance
+        tokens, ids = patchify(latent, (2, 2)), _flux_ids(dims[0] // 2, dims[1] // 2)
+        if reference:  # Kontext: the reference's packed tokens after the latent's, its ids' first coordinate 1
+            tokens = torch.cat([tokens, patchify(randn(batch, model.latent[0], *reference), (2, 2))], 1)
+            ids = torch.cat([ids, _flux_ids(reference[0] // 2, reference[1] // 2, first=1)])
         ids_device = "cpu" if device.type == "meta" else device  # the adapter reads the ids' values
-        args.update(hidden_states=patchify(latent, (2, 2)), pooled_projections=randn(batch, 768),
-                    timestep=full(0.5), guidance=full(3.5), img_ids=ids.reshape(-1, 3).to(ids_device, dtype),
+        args.update(hidden_states=tokens, pooled_projections=randn(batch, 768),
+                    timestep=full(0.5), guidance=full(3.5), img_ids=ids.to(ids_device, dtype),
                     txt_ids=torch.zeros(text, 3).to(ids_device, dtype))
     if model is FLUX2:  # the same, with (t, h, w, l) ids and no pooled text
         h, w = dims[0] // 2, dims[1] // 2
@@ -316,6 +331,13 @@ def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.de
     if model is ZIMAGE:  # lists of per-sample (C, 1, H, W) latents and prompts, timestep in [0, 1]
         args = dict(x=list(latent.unsqueeze(2)), t=full(0.5), cap_feats=[randn(text, model.text_width)] * batch)
     return args
+
+
+def _flux_ids(h: int, w: int, first: int = 0) -> torch.Tensor:
+    """FLUX.1's (first, row, column) ids of an h x w grid of packed tokens, as FluxPipeline makes them."""
+    ids = torch.zeros(h, w, 3)
+    ids[..., 0], ids[..., 1], ids[..., 2] = first, torch.arange(h)[:, None], torch.arange(w)[None]
+    return ids.reshape(-1, 3)
 
 
 def image_tokens(dims: tuple[int, ...], size: int) -> int:
@@ -405,7 +427,7 @@ def denoise(call, inputs: dict, sizes: list[int], model: Model) -> None:
     besides the transformer is a few elementwise ops, here too."""
     given = inputs[model.latent_arg]
     x = as_batch(given)
-    t_scale = 1.0 if model in (FLUX, FLUX2, QWEN, ZIMAGE) else 1000.0
+    t_scale = 1.0 if model in (FLUX, KONTEXT, FLUX2, QWEN, ZIMAGE) else 1000.0
     for i, size in enumerate(sizes):
         t = torch.full((len(x),), (1 - i / len(sizes)) * t_scale, device=x.device, dtype=x.dtype)
         latent = list(x) if isinstance(given, list) else x
@@ -442,7 +464,13 @@ def measure(name: str, args, out: Path) -> dict:
                   batch=model.batch, batch_note=model.batch_note, depth=depth_label(model, config), config=config,
                   dtype=str(dtype).removeprefix("torch."), sizes=list(sizes),
                   tokens={str(s): image_tokens(dims, s) for s in sizes}, build_s=time.perf_counter() - start)
-    inputs = make_inputs(model, dims, text, device, dtype)
+    reference = model.reference_dims(args.scale)
+    if reference:  # its packed tokens at each size (the coarsest up to it that divides the reference)
+        grid = (reference[0] // 2, reference[1] // 2)
+        beside = Reference(0, math.prod(grid), grid, 1)
+        record.update(reference=list(reference),
+                      reference_tokens={str(s): adapter.reference_tokens(beside, s) for s in sizes})
+    inputs = make_inputs(model, dims, text, device, dtype, reference)
     calls = variants(adapter, inputs)
     with torch.inference_mode():
         flops = {key: count_flops(*call) for key, call in calls.items()}
@@ -550,8 +578,10 @@ def model_section(r: dict) -> list[str]:
               "|" + "---|" * (head.count("|") - 1 + 3)]
     for key in ["stock", *map(str, r["sizes"])]:
         size = r["sizes"][0] if key == "stock" else int(key)
-        row = f"| {'stock backbone' if key == 'stock' else 'adapter'} | {size} | {r['tokens'][str(size)]} | " \
-              f"{r['text_tokens']} |"
+        tokens = r["tokens"][str(size)]
+        if "reference_tokens" in r:  # an edit's reference runs beside the latent
+            tokens = f"{tokens} + {r['reference_tokens'][str(size)]} reference"
+        row = f"| {'stock backbone' if key == 'stock' else 'adapter'} | {size} | {tokens} | {r['text_tokens']} |"
         if wall:
             row += f" {1e3 * r['median_s'][key]:.1f} | {r['median_s']['stock'] / r['median_s'][key]:.2f}x |"
         flops = r["flops"][key]

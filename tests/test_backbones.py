@@ -172,15 +172,66 @@ def hunyuanvideo15(**config):  # patch 1, as its 16x video latents have; 9 chann
                        image_embeds=torch.zeros(B, 4, 8))  # text-to-video: no image prompt
 
 
+def _references(ids: torch.Tensor, *grids: tuple[float, int, int]) -> torch.Tensor:
+    """Flux-style ids with reference images' tokens after the latent's: (first id, rows, columns) per reference,
+    placed as FluxKontextPipeline (first id 1) and Flux2Pipeline (10, 20...) place them."""
+    parts = [ids]
+    for first, h, w in grids:
+        ref = _flux_ids(h, w)
+        ref[:, 0] = first
+        parts.append(torch.cat([ref, torch.zeros(h * w, ids.shape[1] - 3)], 1))
+    return torch.cat(parts)
+
+
+def flux_kontext():
+    """A 6x4-token reference (a 12x8 latent, first id 1): 4 divides it, 8 does not, so a step at 8 runs it at 4."""
+    model, inputs = flux()
+    return model, {**inputs, "hidden_states": torch.randn(B, 32 + 24, 64), "img_ids": _references(inputs["img_ids"],
+                                                                                                   (1, 6, 4))}
+
+
+def flux2_references():
+    """Two references: 8x8 tokens (coarse at every size), and 3x5 tokens that only the base size divides; ids with
+    a batch dimension, as Flux2Pipeline passes them."""
+    model, inputs = flux2()
+    ids = _references(inputs["img_ids"], (10, 8, 8), (20, 3, 5))
+    return model, {**inputs, "hidden_states": torch.randn(B, 32 + 64 + 15, 64), "img_ids": ids.expand(B, -1, -1),
+                   "txt_ids": inputs["txt_ids"].expand(B, -1, -1)}
+
+
+def chroma_reference():
+    model, inputs = chroma()
+    mask = torch.cat([inputs["attention_mask"], torch.ones(B, 24)], 1)
+    return model, {**inputs, "hidden_states": torch.randn(B, 32 + 24, 64), "attention_mask": mask,
+                   "img_ids": _references(inputs["img_ids"], (1, 6, 4))}
+
+
+def qwenimage_edit(**config):
+    """Qwen-Image-Edit: a 4x8-token reference image after the latent's, its shape the second in img_shapes."""
+    model, inputs = qwenimage(**config)
+    return model, {**inputs, "hidden_states": torch.randn(B, 32 + 32, 64), "img_shapes": [[(1, 8, 4), (1, 4, 8)]] * B}
+
+
+def qwenimage_edit2511():
+    """Edit-2511's zero_cond_t (references modulated as at t = 0), with a second, 3x4-token reference that only the
+    base size divides."""
+    model, inputs = qwenimage_edit(zero_cond_t=True)
+    return model, {**inputs, "hidden_states": torch.randn(B, 32 + 32 + 12, 64),
+                   "img_shapes": [[(1, 8, 4), (1, 4, 8), (1, 3, 4)]] * B}
+
+
 FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux, "flux2": flux2, "chroma": chroma,
             "qwenimage": qwenimage, "wan": wan, "wan_i2v": wan_i2v, "hunyuanvideo15": hunyuanvideo15, "ltx": ltx,
-            "zimage": zimage}
+            "zimage": zimage, "flux_kontext": flux_kontext, "flux2_references": flux2_references,
+            "chroma_reference": chroma_reference, "qwenimage_edit": qwenimage_edit,
+            "qwenimage_edit2511": qwenimage_edit2511}
 # attention q/k/v/out (self, and cross where there is one) + feed-forward in + out, per block;
 # Flux's single blocks: q/k/v + proj_mlp + proj_out; FLUX.2's: the fused qkv-mlp projection and its output;
 # Z-Image: attention q/k/v/out + its gated feed-forward's three, per main layer and per image refiner layer
 LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sana": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2,
                "chroma": 2 * (6 + 5), "qwenimage": 2 * 6, "wan": 2 * 10, "wan_i2v": 2 * 10, "hunyuanvideo15": 2 * 6,
-               "ltx": 2 * 10, "zimage": 3 * 7}
+               "ltx": 2 * 10, "zimage": 3 * 7, "flux_kontext": 6 + 5, "flux2_references": 6 + 2,
+               "chroma_reference": 2 * (6 + 5), "qwenimage_edit": 2 * 6, "qwenimage_edit2511": 2 * 6}
 
 
 @pytest.fixture(params=FAMILIES, scope="module")
@@ -227,7 +278,8 @@ def test_family_forward_with_the_base_layers_reproduces_the_backbone(family):
     head = PatchHead(*model.spec.base_weights(), scale=1)
     x = model.spec.latent(given.arguments)
     out = as_batch(model._patched(head, model.base_patch_size, x, given.arguments))
-    assert (out - reference).abs().max() <= 1e-5
+    assert out.shape == reference.shape
+    assert (model.generated(out, **inputs) - model.generated(reference, **inputs)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["dit", "pixart", "sd3"])
@@ -390,15 +442,98 @@ def test_qwenimage_rope_puts_coarse_patches_at_the_centres_of_its_centred_positi
     assert torch.equal(seen[0][1], seen[-1][1]) and len(seen[-1][0]) == 8 * 4 // 4  # text as at the fine grid
 
 
-def test_qwenimage_refuses_reference_images_and_the_models_made_for_them():
+def test_qwenimage_refuses_the_layered_model_and_images_of_several_frames():
     backbone, inputs = qwenimage()
     model = MultiPatchTransformer(backbone)
-    with pytest.raises(ValueError, match="reference images of Qwen-Image-Edit"):
+    with pytest.raises(ValueError, match="several frames"):
+        model(**{**inputs, "img_shapes": [[(2, 4, 4)]] * B}, patch_size=4)
+    with pytest.raises(ValueError, match="32 image tokens, but img_shapes names"):
         model(**{**inputs, "img_shapes": [[(1, 8, 4), (1, 8, 4)]] * B}, patch_size=4)
-    with pytest.raises(TypeError, match="zero_cond_t conditions the reference images"):
-        MultiPatchTransformer(qwenimage(zero_cond_t=True)[0])
     with pytest.raises(TypeError, match="3D RoPE"):
         MultiPatchTransformer(qwenimage(use_layer3d_rope=True)[0])
+
+
+@torch.no_grad()
+def test_references_keep_their_own_grids_and_run_as_coarse_as_their_sizes_allow():
+    """An edit pipeline's reference images follow the latent's tokens: the latent (what the policy reads) is the
+    generated grid alone; each reference runs at the coarsest size up to the step's that divides it."""
+    model = MultiPatchTransformer(flux2_references()[0])
+    inputs = flux2_references()[1]
+    assert model.spec.latent(inputs).shape == (B, 16, 16, 8)
+    first, second = model.spec.references(inputs)
+    assert (first.start, first.stop, first.grid, first.index) == (32, 96, (8, 8), 1)
+    assert (second.start, second.stop, second.grid, second.index) == (96, 111, (3, 5), 2)
+    assert [model.reference_size(first, s) for s in (2, 4, 8)] == [2, 4, 8]
+    assert [model.reference_size(second, s) for s in (2, 4, 8)] == [2, 2, 2]  # 3 x 5 tokens: a 6 x 10 latent
+    assert [model.reference_tokens(first, s) for s in (2, 4, 8)] == [64, 16, 4]
+    kontext = MultiPatchTransformer(flux_kontext()[0])
+    reference, = kontext.spec.references(flux_kontext()[1])
+    assert [kontext.reference_size(reference, s) for s in (2, 4, 8)] == [2, 4, 4]  # a 12 x 8 latent
+
+
+@torch.no_grad()
+def test_kontext_references_sit_at_their_own_patch_centres_and_reach_the_coarse_output():
+    torch.manual_seed(0)
+    backbone, inputs = flux_kontext()
+    model = MultiPatchTransformer(_randomize(backbone))
+    seen = []
+    hook = backbone.pos_embed.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        out = model(**inputs, patch_size=8).sample
+    finally:
+        hook.remove()
+    image_ids = seen[0][5:]  # after the 5 text ids
+    assert len(image_ids) == 2 + 6  # the latent's 2 x 1 patches of 4 x 4 tokens, the reference's 3 x 2 of 2 x 2
+    rows, cols = torch.meshgrid(torch.arange(3) * 2 + 0.5, torch.arange(2) * 2 + 0.5, indexing="ij")
+    assert torch.equal(image_ids[2:], torch.stack([torch.ones(6), rows.flatten(), cols.flatten()], -1))
+    assert torch.equal(out[:, 32:], torch.zeros_like(out[:, 32:]))  # the pipeline drops the references' outputs
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["flux_kontext", "flux2_references", "chroma_reference", "qwenimage_edit",
+                                  "qwenimage_edit2511"])
+def test_reference_tokens_reach_the_coarse_output(name):
+    torch.manual_seed(0)
+    backbone, inputs = FAMILIES[name]()
+    model = MultiPatchTransformer(_randomize(backbone))
+    n = model.spec.references(inputs)[0].start
+    other = inputs["hidden_states"].clone()
+    other[:, n:] = torch.randn_like(other[:, n:])
+    for size in (4, 8):
+        out = model(**inputs, patch_size=size).sample[:, :n]
+        assert not torch.allclose(model(**{**inputs, "hidden_states": other}, patch_size=size).sample[:, :n], out)
+
+
+@torch.no_grad()
+def test_qwenimage_edit_references_take_the_next_frames_and_edit_2511_modulates_them_as_at_t_0():
+    backbone, inputs = qwenimage_edit2511()
+    spec = spec_for(backbone)
+    fine = backbone.pos_embed._compute_video_freqs(1, 4, 8, 1)  # the first reference's, at frame 1
+    assert torch.equal(spec._centre_rope((4, 8), 1, frame=1), fine)
+    patches = fine.reshape(2, 2, 4, 2, -1).permute(0, 2, 1, 3, 4).reshape(8, 4, -1)  # its 2 x 2 patches
+    assert torch.allclose(spec._centre_rope((2, 4), 2, frame=1) ** 4, patches.prod(1), atol=1e-4)
+    seen = []
+    backbone.transformer_blocks[0].register_forward_pre_hook(lambda m, args, kw: seen.append(kw), with_kwargs=True)
+    MultiPatchTransformer(_randomize(backbone))(**inputs, patch_size=8)
+    index, (image_rope, _) = seen[0]["modulate_index"], seen[0]["image_rotary_emb"]
+    # the latent's 2 x 1 patches, the first reference's 1 x 2 (coarse), the second's 3 x 4 tokens (fine)
+    assert index.tolist() == [[0] * 2 + [1] * (2 + 12)] * B and len(image_rope) == 2 + 2 + 12
+    assert torch.equal(image_rope[4:], backbone.pos_embed._compute_video_freqs(1, 3, 4, 2))
+
+
+def test_distillation_compares_the_generated_tokens_only():
+    """The teacher's outputs at the references' tokens are dropped by the pipeline; the coarse path's are zeros:
+    the loss compares the generated grid's."""
+    from ddit.distill import DistillationLoss
+    torch.manual_seed(0)
+    backbone, inputs = flux_kontext()
+    model = MultiPatchTransformer(_randomize(backbone))
+    z_t, kwargs = inputs["hidden_states"], {k: v for k, v in inputs.items() if k != "hidden_states"}
+    losses = DistillationLoss(model, (4, 8))(z_t, kwargs)
+    with torch.no_grad():
+        teacher = model(**inputs).sample[:, :32]
+        expected = [torch.nn.functional.mse_loss(model(**inputs, patch_size=s).sample[:, :32], teacher) for s in (4, 8)]
+    assert torch.allclose(losses, torch.stack(expected))
 
 
 def test_qwenimage_trains_on_text_positions_cached_in_an_inference_run():

@@ -1,6 +1,7 @@
 """Recording a stock pipeline's transformer inputs, and drawing them back as distillation batches."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -96,13 +97,14 @@ def test_z_image_lists_of_per_sample_latents_and_prompts_come_back_as_lists(tmp_
         torch.testing.assert_close(y, seen[key(x, text)], rtol=1e-5, atol=1e-6)
 
 
-def test_z_image_recordings_of_two_resolutions_are_refused_when_drawn_together(tmp_path):
+def test_z_image_recordings_of_two_resolutions_are_drawn_in_batches_of_one_resolution(tmp_path):
     pipe = PromptPipe("zimage")
     record_states(pipe, ["a red circle", "stripes"], tmp_path, indices=[0], progress=False)
     record_states(pipe, ["a red circle", "stripes"], tmp_path, call=dict(height=128, width=128), indices=[1],
                   progress=False)
-    with pytest.raises(RecordingError, match="differ in the latent's shape"):
-        RecordedStates(tmp_path).draw(torch.Generator().manual_seed(0), 8)
+    states = RecordedStates(tmp_path)
+    shapes = [{x.shape for x in states.draw(torch.Generator().manual_seed(seed), 8)[0]} for seed in range(12)]
+    assert all(len(s) == 1 for s in shapes) and len(set.union(*shapes)) == 2
 
 
 def test_prompt_embeddings_are_stored_once_per_prompt(tmp_path):
@@ -149,16 +151,16 @@ def test_damaged_and_missing_recordings_are_named(tmp_path):
         RecordedStates(tmp_path)
 
 
-def test_two_resolutions_in_one_folder_are_refused_when_batched(tmp_path):
+def test_two_resolutions_in_one_folder_are_drawn_in_batches_of_one_resolution(tmp_path):
+    """Each batch holds rows of one latent shape, its first row drawn among all."""
     record_states(PromptPipe("flux"), ["a"], tmp_path, progress=False)
     other = PromptPipe("flux")
     original = other.call_kwargs
     other.call_kwargs = lambda **kw: {**original(**kw), "height": 64, "width": 64}
     record_states(other, ["a", "b"], tmp_path, indices=[1], progress=False)
     states = RecordedStates(tmp_path)
-    with pytest.raises(RecordingError, match="differ in hidden_states .*one pipeline at one resolution per folder"):
-        for seed in range(20):
-            states.draw(torch.Generator().manual_seed(seed), 4)
+    drawn = [states.draw(torch.Generator().manual_seed(seed), 4) for seed in range(12)]
+    assert {len(z[0]) for z, _ in drawn} == {16, 64} and all(len(kw["img_ids"]) == z.shape[1] for z, kw in drawn)
 
 
 def test_a_multipatch_model_records_the_base_inputs_of_every_call(tmp_path):
@@ -185,13 +187,30 @@ def test_a_multipatch_model_records_the_base_inputs_of_every_call(tmp_path):
         assert model(z, **kwargs, patch_size=4, return_dict=False)[0].shape == z.shape
 
 
-def test_recordings_that_pass_different_arguments_are_refused_naming_them(tmp_path):
-    record_states(PromptPipe("sd3"), ["a"], tmp_path, progress=False)
-    other = PromptPipe("sd3")
-    original = other.call_kwargs
-    other.call_kwargs = lambda **kw: {**original(**kw), "joint_attention_kwargs": {"scale": 1.0}}
+@pytest.mark.parametrize("first", [None, {}])
+def test_recordings_that_pass_different_arguments_are_refused_naming_them(first, tmp_path):
+    """Before any training; inside the attention kwargs too."""
+    pipe, other = PromptPipe("sd3"), PromptPipe("sd3")
+    for p, value in ((pipe, first), (other, {"scale": 1.0})):
+        p.call_kwargs = partial(lambda original, value, **kw: {**original(**kw), "joint_attention_kwargs": value},
+                                p.call_kwargs, value)
+    record_states(pipe, ["a"], tmp_path, progress=False)
     record_states(other, ["a", "b"], tmp_path, indices=[1], progress=False)
-    states = RecordedStates(tmp_path)
-    with pytest.raises(RecordingError, match=r"differ in which arguments they pass \(joint_attention_kwargs\)"):
-        for seed in range(20):
-            states.draw(torch.Generator().manual_seed(seed), 4)
+    names = "joint_attention_kwargs.scale" if first == {} else "joint_attention_kwargs, joint_attention_kwargs.scale"
+    with pytest.raises(RecordingError, match=rf"differ in which arguments they pass \({names}\)"):
+        RecordedStates(tmp_path)
+
+
+def test_flux2_recordings_of_transposed_sizes_are_drawn_apart_by_their_ids(tmp_path):
+    """FLUX.2 passes its ids per sample: 128x64 and 64x128 give as many tokens, on other grids. The backbone reads
+    one row of ids for all, so a batch's rows must hold the same: ``shared`` names them (its spec's unbatched)."""
+    for i, (height, width) in enumerate(((128, 64), (64, 128))):
+        pipe = PromptPipe("flux2")
+        pipe.call_kwargs = partial(lambda original, size, **kw: {**original(**kw), **size}, pipe.call_kwargs,
+                                   dict(height=height, width=width))
+        record_states(pipe, ["a", "b"], tmp_path, indices=[i], progress=False)
+    states = RecordedStates(tmp_path, shared=("img_ids", "txt_ids"))
+    drawn = [states.draw(torch.Generator().manual_seed(seed), 4)[1]["img_ids"] for seed in range(12)]
+    assert all((ids == ids[:1]).all() for ids in drawn)
+    assert len({ids[0].numpy().tobytes() for ids in drawn}) == 2
+

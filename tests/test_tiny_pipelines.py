@@ -122,7 +122,8 @@ MASK = torch.zeros(1, 1, 128, 128).index_fill_(2, torch.arange(32, 96), 1.0)
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_image_conditioned_pipelines_count_steps_from_where_they_start(kind, cls, extra, tmp_path):
     """img2img and inpainting start at the scheduler's begin index (strength 0.6 of 10 steps: step 4), so a
-    fixed schedule is read at the steps that run; Kontext's reference-image tokens ride along at the same size."""
+    fixed schedule is read at the steps that run; Kontext's reference tokens run beside the latent's
+    (tests/test_edit_pipelines.py)."""
     pipe = getattr(diffusers, cls).from_pipe(load(save_tiny_pipeline(kind, tmp_path)))
     pipe.set_progress_bar_config(disable=True)
     size = {} if cls == "FluxKontextPipeline" else TINY_CALL[kind]
@@ -140,16 +141,6 @@ def test_image_conditioned_pipelines_count_steps_from_where_they_start(kind, cls
     assert torch.isfinite(out).all() and (out - stock).abs().max() > 1e-3
     ddit.disable(pipe)
     assert torch.equal(call(), stock)
-
-
-def test_a_kontext_reference_of_another_width_is_refused_with_the_fix(tmp_path):
-    """Its tokens would not stack under the latent's into one grid (the same width runs, above)."""
-    pipe = diffusers.FluxKontextPipeline.from_pipe(load(save_tiny_pipeline("flux", tmp_path)))
-    pipe.set_progress_bar_config(disable=True)
-    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
-    with pytest.raises(ValueError, match="do not form one grid.*give them the output's width"):
-        pipe(image=torch.rand(1, 3, 128, 64), prompt="a red circle", num_inference_steps=2, height=128, width=128,
-             max_area=128 * 128, _auto_resize=False, output_type="pt")
 
 
 def test_unknown_kinds_and_a_missing_transformers_are_clear_errors(tmp_path, monkeypatch):

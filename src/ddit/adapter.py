@@ -28,7 +28,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 
-from .backbones import patchify, spec_for, unpatchify
+from .backbones import Reference, patchify, spec_for, unpatchify
 from .checkpoint import CheckpointError
 from .sharding import sharded_like, whole
 from .weights import load_safetensors
@@ -280,8 +280,41 @@ class MultiPatchTransformer(nn.Module):
         """The backbone's computation on latent ``x`` with ``head`` as its patchify and unpatchify."""
         patch = self.spec.patch(size)
         grid = tuple(d // p for d, p in zip(x.shape[2:], patch))
-        tokens = self.spec.forward(head.embed(patchify(x, patch)), grid, size // self.base_patch_size, given)
-        return self.spec.pack(unpatchify(head.unembed(tokens), patch, grid) + head.skip(x), given)
+        references = self.spec.references(given)
+        beside = {"references": [self._embedded(r, size, given) for r in references]} if references else {}
+        tokens = self.spec.forward(head.embed(patchify(x, patch)), grid, size // self.base_patch_size, given, **beside)
+        out = self.spec.pack(unpatchify(head.unembed(tokens), patch, grid) + head.skip(x), given)
+        if references:  # the pipeline drops the references' outputs: zeros keep the backbone's output shape
+            out = torch.cat([out, out.new_zeros(len(out), references[-1].stop - out.shape[1], *out.shape[2:])], 1)
+        return out
+
+    def reference_size(self, reference: Reference, size: int) -> int:
+        """The patch size a reference image runs at in a step at ``size``: the coarsest of this adapter's sizes up
+        to ``size`` that divides the reference's grid, so that a reference of any size runs (at worst at the
+        backbone's own patch, where the pipeline resized it to an odd number of tokens)."""
+        if reference.grid is None:
+            return self.base_patch_size
+        dims = [n * self.base_patch_size for n in reference.grid]
+        return max(s for s in self.patch_sizes if s <= size and all(d % s == 0 for d in dims))
+
+    def reference_tokens(self, reference: Reference, size: int) -> int:
+        """How many tokens a reference runs on in a step at ``size``."""
+        scale = self.reference_size(reference, size) // self.base_patch_size
+        return (reference.stop - reference.start) // scale**2
+
+    def generated(self, output: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The part of ``output``, of a call with these arguments, that a pipeline keeps (an edit pipeline drops
+        its reference images' tokens): what distillation compares."""
+        return self.spec.generated(output, self._signature.bind(*args, **kwargs).arguments)
+
+    def _embedded(self, reference: Reference, size: int, given: dict) -> tuple[Reference, torch.Tensor, int]:
+        """A reference's tokens embedded at its size (``reference_size``), and that size's scale."""
+        size, base = self.reference_size(reference, size), self.base_patch_size
+        tokens = self.spec.reference_tokens(given, reference)
+        if size == base:
+            return reference, self.spec.base_layers()[0](tokens), 1
+        latent = unpatchify(tokens, self.spec.patch(base), reference.grid)
+        return reference, self.heads[str(size)].embed(patchify(latent, self.spec.patch(size))), size // base
 
     def _check(self, size: int, hw: tuple[int, int]) -> None:
         sizes = ", ".join(map(str, self.patch_sizes))

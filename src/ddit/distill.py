@@ -94,12 +94,13 @@ class DistillationLoss(nn.Module):
 
     def forward(self, z_t: torch.Tensor | list[torch.Tensor], kwargs: dict) -> torch.Tensor:
         """The loss of each coarse size, as a vector."""
+        def output(size=None):  # what the pipeline keeps of it (not an edit pipeline's reference tokens)
+            return self.model.generated(as_batch(self.model(z_t, patch_size=size, **kwargs, return_dict=False)[0]),
+                                        z_t, **kwargs).float()
+
         with torch.no_grad():
-            teacher = as_batch(self.model(z_t, **kwargs, return_dict=False)[0]).float()
-        return torch.stack([
-            F.mse_loss(as_batch(self.model(z_t, patch_size=size, **kwargs, return_dict=False)[0]).float(), teacher)
-            for size in self.patch_sizes
-        ])
+            teacher = output()
+        return torch.stack([F.mse_loss(output(size), teacher) for size in self.patch_sizes])
 
 
 def backbone_stamp(model: MultiPatchTransformer) -> str:
@@ -198,7 +199,7 @@ def distill(
     config, accelerator = config or DistillConfig(), accelerator or processes()
     out = Path(out)
     sizes = tuple(config.patch_sizes or model.patch_sizes[1:])
-    if not hasattr(data, "draw") and model.spec.per_sample_lists:
+    if not hasattr(data, "draw") and next(iter(model._signature.parameters)) in model.spec.per_sample_lists:
         raise ValueError(f"{type(model.backbone).__name__} takes lists of per-sample inputs, which clean latents "
                          "noised here cannot give: distil it from its pipeline (ddit distill --pipeline DIR)")
     w_in, _, w_out, _ = model.spec.base_weights()

@@ -170,6 +170,17 @@ def _json_prompt(path: Path, n: int, line: str) -> Prompt:
     return Prompt(text, given)
 
 
+#: Edit pipelines that size their output after the call's image unless the call gives a height and width.
+SIZED_BY_IMAGE = ("Flux2Pipeline", "Flux2KleinPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
+                  "QwenImageEditInpaintPipeline")
+
+
+def sized_by_image(pipe, call: dict) -> bool:
+    """Whether this call of an edit pipeline takes its output's size from its image (no height or width given)."""
+    return (type(pipe).__name__ in SIZED_BY_IMAGE and call.get("image") is not None
+            and (call.get("height") is None or call.get("width") is None))
+
+
 def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
     """Height and width of the image the call makes and the VAE's factor, when the pipeline says (else None):
     the call's, else its signature's defaults, its ``default_sample_size``, or the size HunyuanVideo 1.5
@@ -178,6 +189,8 @@ def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
                                                      "vae_spatial_compression_ratio") if getattr(pipe, name, None)),
                   None)  # the last: LTX-Video's
     defaults = inspect.signature(pipe.__call__).parameters
+    if sized_by_image(pipe, call):
+        return None
     picked = None
     if hasattr(pipe, "target_size") and hasattr(pipe, "video_processor"):  # HunyuanVideo 1.5
         width, height = getattr(call.get("image"), "size", None) or getattr(pipe, "default_aspect_ratio", (0, 0))
@@ -196,6 +209,9 @@ def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
         sizes.append(value)
     if factor is None or None in sizes:
         return None
+    if "max_area" in defaults:  # FLUX.1 Kontext: the size's aspect ratio at max_area, in multiples of 2 x factor
+        area, aspect, multiple = call.get("max_area", defaults["max_area"].default), sizes[1] / sizes[0], 2 * factor
+        sizes = [round(side) // multiple * multiple for side in ((area / aspect) ** 0.5, (area * aspect) ** 0.5)]
     return sizes[0], sizes[1], factor
 
 
@@ -218,6 +234,9 @@ def check_resolution(pipe, call: dict, patch_sizes: Sequence[int], prompts: Sequ
     sizes = {}
     for prompt in prompts or [Prompt("")]:
         size = image_size(pipe, {**call, **prompt.inputs})
+        if size is None and sized_by_image(pipe, {**call, **prompt.inputs}):
+            raise ValueError(f"{type(pipe).__name__} sizes its output after each prompt's image unless given a size "
+                             "(one that ddit could check only after the work): pass --height and --width")
         if size is None:
             raise ValueError(f"ddit cannot tell which size {type(pipe).__name__} makes by default: pass --height "
                              "and --width")

@@ -143,11 +143,14 @@ class DynamicPatchTransformer(nn.Module):
         where = self._where
         timestep = spec.timestep(given)
         cfg = None if self._branch is not None else self._guidance(timestep) if spec.batched_cfg else False
+        references = spec.references(given)
         call = Call(latent[:, :self._state_channels], timestep,
-                    lambda idx, size: self._run(args, kwargs, len(latent), idx, size),
+                    lambda idx, size: spec.generated(self._run(args, kwargs, len(latent), idx, size), given),
                     branch=self._branch, branches=None if cfg is None else 1 + cfg,
                     step_index=where.get("step_index"), num_steps=where.get("num_inference_steps"),
-                    sigma=where.get("sigma"))
+                    sigma=where.get("sigma"),
+                    beside=(lambda size: sum(self.adapter.reference_tokens(r, size) for r in references))
+                    if references else None)
         self.runtime.use(self.adapter, self._hooks)  # Wan 2.2's second expert takes over mid-generation
         out = self.runtime(call)
         if isinstance(next(iter(given.values())), list):  # a list of per-sample latents in, a list out (Z-Image)
@@ -158,9 +161,8 @@ class DynamicPatchTransformer(nn.Module):
         """The adapter's output for rows ``idx`` (all: ``None``) of this call, at ``size``."""
         if idx is not None:
             given, spec = self._signature.bind(*args, **kwargs), self.adapter.spec
-            given.arguments.update({k: v if k in spec.unbatched else [v[i] for i in idx.tolist()]
-                                    if k in spec.per_sample_lists else _cut(v, idx, rows)
-                                    for k, v in given.arguments.items()})
+            given.arguments.update({k: _cut(v, idx, rows, k in spec.per_sample_lists)
+                                    for k, v in given.arguments.items() if k not in spec.unbatched})
             args, kwargs = given.args, given.kwargs
         return as_batch(self.adapter(*args, **kwargs, patch_size=size)[0])
 
@@ -183,10 +185,13 @@ class DynamicPatchTransformer(nn.Module):
                              f"multiples of {multiple}{binned}")
 
 
-def _cut(value, idx: torch.Tensor, rows: int):
-    """``value``'s entries for rows ``idx``, if it has one entry per row (tensors, and dicts of them)."""
+def _cut(value, idx: torch.Tensor, rows: int, listed: bool = False):
+    """``value``'s entries for rows ``idx``, if it has one entry per row (tensors, dicts of them, and lists where
+    the spec says they hold one entry per sample: ``listed``)."""
     if isinstance(value, torch.Tensor) and value.ndim and len(value) == rows:
         return value[idx.to(value.device)]
+    if listed and isinstance(value, list) and len(value) == rows:
+        return [value[i] for i in idx.tolist()]
     if isinstance(value, dict):
         return {k: _cut(v, idx, rows) for k, v in value.items()}
     return value

@@ -212,7 +212,9 @@ def _metadata(path: Path) -> dict:
 class RecordedStates:
     """Random batches of recorded transformer inputs: ``draw(generator, n) -> (hidden_states, kwargs)``."""
 
-    def __init__(self, *folders: str | os.PathLike):
+    def __init__(self, *folders: str | os.PathLike, shared: Iterable[str] = ()):
+        """``shared``: arguments the backbone reads once for all rows (its spec's ``unbatched``: FLUX.2's ids,
+        recorded per sample), which a batch's rows must then hold alike."""
         self.folders = [Path(f) for f in folders]
         self.folder = self.folders[0]  # named in errors
         self.files = []
@@ -222,8 +224,21 @@ class RecordedStates:
                 raise RecordingError(f"{folder} holds no recorded states (*.safetensors); record them with "
                                      "ddit.recorded_states.record_states or `ddit distill --pipeline`")
             self.files += files
-        self.calls = [(path, call) for path in self.files for call in json.loads(_metadata(path)["calls"])]
+        self.calls, kinds = [], []
+        for path in self.files:
+            calls = json.loads(_metadata(path)["calls"])
+            with safe_open(path, "pt") as f:
+                kinds += [_kind(f, call, set(shared)) for call in calls]
+            self.calls += [(path, call) for call in calls]
         self.index = [(c, row) for c, (_, call) in enumerate(self.calls) for row in range(call["batch"])]
+        names = [set(_names(call["kwargs"])) for _, call in self.calls]
+        if any(n != names[0] for n in names):
+            differ = sorted(set.union(*names) - set.intersection(*names))
+            raise _mixed(self.folder, f"which arguments they pass ({', '.join(differ)})")
+        self._kind = [kinds[c] for c, _ in self.index]  # of each row
+        self._alike: dict[tuple, list[int]] = {}  # rows by kind: those that can share a batch
+        for i, kind in enumerate(self._kind):
+            self._alike.setdefault(kind, []).append(i)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -233,7 +248,15 @@ class RecordedStates:
                 "samples": len(self.index)}
 
     def draw(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, dict]:
-        picks = torch.randint(len(self.index), (batch_size,), generator=generator).tolist()
+        """``batch_size`` random rows that can share a batch: the first uniformly among all rows, the others among
+        those of its kind (``_kind``): recordings at several resolutions, or of edits with reference images of
+        several sizes, train in batches of one shape each."""
+        if len(self._alike) == 1:
+            picks = torch.randint(len(self.index), (batch_size,), generator=generator).tolist()
+        else:
+            first = int(torch.randint(len(self.index), (1,), generator=generator))
+            alike = self._alike[self._kind[first]]
+            picks = [first] + [alike[i] for i in torch.randint(len(alike), (batch_size - 1,), generator=generator)]
         items = _pad_text([self._item(*self.index[p]) for p in picks])
         kwargs = _collate(items, self.folder)
         if torch.is_tensor(kwargs.get(TEXT_MASK)) and kwargs[TEXT_MASK].all():
@@ -247,6 +270,38 @@ class RecordedStates:
         path, call = self.calls[c]
         with safe_open(path, "pt") as f:
             return _decode(call["kwargs"], f, row)
+
+
+def _kind(f, call: dict, shared: set[str]) -> tuple:
+    """What rows must hold alike to be batched: their latent's shape (read from the open file's header), the
+    tensors their calls share (by content: Flux's position ids; and those named ``shared``, even if recorded per
+    sample) and their other values (Qwen-Image's img_shapes). Text of another length is padded: not part of it."""
+    (_, latent), *others = call["kwargs"].items()
+    if ROWS in latent:
+        shape = tuple(f.get_slice(latent[ROWS][0][TENSOR]).get_shape())
+    else:
+        shape = tuple(f.get_slice(latent[TENSOR]).get_shape())[1:]
+    return shape, tuple((name, _alike(value, name in shared)) for name, value in others)
+
+
+def _alike(value, shared: bool = False):
+    """A recorded argument's part that every row of a batch must hold alike: shared tensors' names (their
+    digests) and JSON values; per-sample tensors are batched row by row."""
+    if isinstance(value, dict) and TENSOR in value:
+        return value[TENSOR] if shared or not value["per_sample"] else None
+    if isinstance(value, dict) and ROWS in value:
+        return None
+    if isinstance(value, dict):
+        return tuple((k, _alike(v)) for k, v in sorted(value.items()))
+    return json.dumps(value, sort_keys=True)
+
+
+def _names(kwargs: dict, prefix: str = "") -> Iterator[str]:
+    """The names of a call's recorded arguments, those inside dicts (attention kwargs) too."""
+    for name, value in kwargs.items():
+        yield prefix + name
+        if isinstance(value, dict) and TENSOR not in value and ROWS not in value:
+            yield from _names(value, f"{prefix}{name}.")
 
 
 def _decode(value, f, row: int):
@@ -314,5 +369,5 @@ def _collate(items: list, folder: Path, name: str = "the arguments"):
 
 
 def _mixed(folder: Path, what: str) -> RecordingError:
-    return RecordingError(f"the calls recorded in {folder} differ in {what} (another resolution or pipeline, or "
-                          "an older ddit?); record one pipeline at one resolution per folder")
+    return RecordingError(f"the calls recorded in {folder} differ in {what} (another pipeline, or an older "
+                          "ddit?); record one pipeline per folder")

@@ -55,6 +55,7 @@ class Call:
     num_steps: int | None = None
     sigma: float | None = None
     probe: Probe | None = None  # the policy's model probe; by default all rows at a size, per sample
+    beside: Callable[[int], int] | None = None  # tokens beside the latent's at a size (an edit's reference images)
 
 
 @dataclass
@@ -248,7 +249,8 @@ class PatchRuntime:
             result = call.run(idx, size)
             seconds = (synchronized_clock(device) - start) / len(samples) if self.timed else None
         dims = tuple(call.latent.shape[2:])
-        tokens, base_tokens = (self._tokens(dims, p) * branches for p in (size, self.base_size))
+        tokens, base_tokens = ((self._tokens(dims, p) + (call.beside(p) if call.beside else 0)) * branches
+                               for p in (size, self.base_size))
         signals = self.policy.trace[-1].signals if self.policy.trace else {}
         reused = self.cache.reused if self.cache is not None else {}
         for s in samples:

@@ -144,7 +144,7 @@ def _distill_experts(pipe, models: dict[str, MultiPatchTransformer], recordings:
     exports = {}
     for sub, model in reversed(models.items()):
         with _offloaded(pipe, accelerator.device, keep=model.backbone):
-            data = RecordedStates(*(folder / sub for folder in recordings))
+            data = RecordedStates(*(folder / sub for folder in recordings), shared=model.spec.unbatched)
             exports[sub] = distill(model, data, out / sub, config, accelerator=accelerator, **share)
     export = exports.pop("")
     if accelerator.is_main_process:

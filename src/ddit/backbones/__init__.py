@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import plugins
-from .base import BackboneSpec, as_batch, patchify, sincos_positions, unpatchify
+from .base import BackboneSpec, Reference, as_batch, patchify, sincos_positions, unpatchify
 from .chroma import ChromaSpec
 from .dit import DiTSpec
 from .flux import FluxSpec
@@ -29,8 +29,8 @@ BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SanaSpec, 
                                                  ZImageSpec)
 
 __all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "HunyuanVideo15Spec",
-           "LTXVideoSpec", "PixArtSpec", "QwenImageSpec", "SanaSpec", "SD3Spec", "WanSpec", "ZImageSpec", "as_batch", "patchify",
-           "sincos_positions", "spec_for", "specs", "unpatchify"]
+           "LTXVideoSpec", "PixArtSpec", "QwenImageSpec", "Reference", "SanaSpec", "SD3Spec", "WanSpec", "ZImageSpec",
+           "as_batch", "patchify", "sincos_positions", "spec_for", "specs", "unpatchify"]
 
 
 def specs() -> dict[str, type[BackboneSpec]]:

@@ -9,12 +9,26 @@ follow the patch grid in row-major order.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from itertools import chain
 
 import torch
 import torch.utils.checkpoint
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference image's tokens beside the generated grid's (FLUX Kontext, FLUX.2 ``image=``, Qwen-Image-Edit):
+    the pipeline appends them to the latent's tokens and drops their outputs. Packed tokens ``start:stop`` of the
+    hidden states; ``grid`` (rows, columns) in those tokens, or None where they do not form one (they then run at
+    the backbone's own patch); ``index`` is the image's place among the call's images, the generated one being 0."""
+
+    start: int
+    stop: int
+    grid: tuple[int, int] | None
+    index: int
 
 
 class BackboneSpec:
@@ -47,8 +61,8 @@ class BackboneSpec:
     #: Whether this family's stock pipelines may batch CFG branches in one call; the packed-token families'
     #: pipelines (FLUX, Chroma, Qwen-Image) call once per branch, even where they say they guide (Chroma).
     batched_cfg: bool = True
-    #: Forward arguments that are lists of one tensor per sample (Z-Image's latents and prompts): a batch run in
-    #: groups cuts them by row. A backbone whose latent is such a list returns a list too.
+    #: Forward arguments that are lists of one entry per sample (Z-Image's latents and prompts, Qwen-Image's
+    #: img_shapes): a batch run in groups cuts them by row. A backbone whose latent is such a list returns a list too.
     per_sample_lists: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
@@ -95,6 +109,19 @@ class BackboneSpec:
         """The output latent in the form the backbone returns it."""
         return output
 
+    def references(self, args: dict) -> list[Reference]:
+        """The reference images' tokens that follow the generated grid's (none, but in edit pipelines)."""
+        return []
+
+    def reference_tokens(self, args: dict, reference: Reference) -> torch.Tensor:
+        """A reference's packed tokens (B, n, features), as the backbone's own patch embedding takes them."""
+        return args["hidden_states"][:, reference.start:reference.stop]
+
+    def generated(self, output: torch.Tensor, args: dict) -> torch.Tensor:
+        """The part of an output that a pipeline keeps: the generated grid's tokens, not its references'."""
+        references = self.references(args)
+        return output[:, :references[0].start] if references else output
+
     def block(self, block: nn.Module, *args, **kwargs):
         """Run one of the backbone's blocks, checkpointed when the backbone has gradient checkpointing on."""
         if torch.is_grad_enabled() and getattr(self.model, "gradient_checkpointing", False):
@@ -106,7 +133,9 @@ class BackboneSpec:
 
         Adds positions, conditions, runs the blocks and the output norm: returns
         the tokens that the output projection would see. ``args`` are the
-        backbone's forward arguments by name.
+        backbone's forward arguments by name. A family with ``references`` also
+        takes ``references``: (reference, its embedded tokens, its scale) for
+        each, to run beside the grid's tokens at their own positions.
         """
         raise NotImplementedError
 

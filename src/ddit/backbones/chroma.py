@@ -3,24 +3,24 @@ output (no pooled text, no guidance), and an attention mask over the text and im
 
 The latent, packing and coarse ids (patch centres in fine units) are Flux's (``FluxSpec``). The
 pipeline's mask is the prompt's padding mask followed by ones for the image tokens: at a coarse
-size its text part is kept and the image part shortened to the coarse tokens.
+size its text part is kept and the image part shortened to the coarse tokens (and references').
 """
 
 from __future__ import annotations
 
 import torch
 
-from .flux import FluxSpec, _image_ids
+from .flux import FluxSpec, with_references
 
 
 class ChromaSpec(FluxSpec):
     model_class = "ChromaTransformer2DModel"
 
-    def forward(self, tokens, grid, scale, args):
-        m, dtype = self.model, tokens.dtype
-        ids = _image_ids(args).reshape(grid[0], scale, grid[1], scale, -1).mean((1, 3)).flatten(0, 1)
+    def forward(self, tokens, grid, scale, args, references=()):
+        m, dtype, n = self.model, tokens.dtype, tokens.shape[1]
         text_ids = args["txt_ids"][0] if args["txt_ids"].ndim == 3 else args["txt_ids"]
-        rope = m.pos_embed(torch.cat((text_ids, ids)))
+        rope = m.pos_embed(torch.cat((text_ids, self.positions(args, grid, scale, references))))
+        tokens = with_references(tokens, references)
         modulations = m.distilled_guidance_layer(m.time_text_embed(args["timestep"].to(dtype) * 1000))
         context = m.context_embedder(args["encoder_hidden_states"])
         text, mask = context.shape[1], args["attention_mask"]
@@ -36,4 +36,4 @@ class ChromaSpec(FluxSpec):
         joined = torch.cat([context, tokens], dim=1)
         for i, block in enumerate(m.single_transformer_blocks):
             joined = self.block(block, hidden_states=joined, temb=modulations[:, 3 * i:3 * i + 3], **kwargs)
-        return m.norm_out(joined[:, text:], modulations[:, -2:])
+        return m.norm_out(joined[:, text:text + n], modulations[:, -2:])

@@ -4,13 +4,20 @@ The adapter is called exactly as the backbone is, with packed tokens and fine
 ``img_ids``; it unpacks them to the latent, which the adapter then patchifies
 at the coarse size, and packs the output back, so a stock FluxPipeline can
 call it. Coarse ids are the centres of the coarse patches in fine units.
+
+Kontext appends a reference image's tokens to the latent's, told apart by
+their first id (1; FLUX.2's references: 10, 20...): each reference keeps its
+own grid and ids, coarsened as far as its size allows (``Reference``), and the
+signal and outputs that matter are the generated grid's alone.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .base import BackboneSpec, patchify, unpatchify
+from .base import BackboneSpec, Reference, patchify, unpatchify
 
 PACK = (2, 2)
 
@@ -32,37 +39,82 @@ class FluxSpec(BackboneSpec):
         return self.model.x_embedder, self.model.proj_out
 
     def latent(self, args):
-        ids = _image_ids(args)
-        if ids is not self._ids:  # pipelines pass the same ids at every step: count the rows once
-            rows = int((ids[:, 2] == ids[0, 2]).sum())  # tokens in the first column
-            cols = len(ids) // rows
-            if len(ids) % rows or not (ids[:, 2].reshape(rows, cols) == ids[:cols, 2]).all():  # rows alike
-                raise ValueError(f"the {len(ids)} image tokens do not form one grid of {rows} rows: reference "
-                                 "images of another size than the output (FLUX Kontext, FLUX.2 image=) cannot "
-                                 "run under dynamic patches; give them the output's width")
-            self._ids, self._rows = ids, rows
-        return unpatchify(args["hidden_states"], PACK, (self._rows, len(ids) // self._rows))
+        rows, cols = self._layout(args)[0]
+        return unpatchify(args["hidden_states"][:, :rows * cols], PACK, (rows, cols))
+
+    def references(self, args):
+        return self._layout(args)[1]
+
+    def _layout(self, args) -> tuple[tuple[int, int], list[Reference]]:
+        """The generated grid (rows, columns) and the references that follow it, each a run of tokens with one
+        first id; read once per ids tensor (text-to-image pipelines pass the same one at every step), from one
+        copy to the CPU."""
+        if args["img_ids"] is not self._ids:
+            ids = _image_ids(args).cpu()
+            first = ids[:, 0]
+            starts = [0, *(torch.nonzero(first[1:] != first[:-1]).flatten() + 1).tolist(), len(ids)]
+            grids = [_grid(ids[a:b]) for a, b in zip(starts, starts[1:])]
+            if grids[0] is None:
+                raise ValueError(f"the first {starts[1]} image tokens (first id {first[0].item():g}) do not form one "
+                                 "grid in row-major order: pass the img_ids the pipeline made for these latents")
+            runs = zip(starts[1:], starts[2:], grids[1:])
+            references = [Reference(a, b, g, i) for i, (a, b, g) in enumerate(runs, 1)]
+            self._ids, self._layout_of_ids = args["img_ids"], (grids[0], references)
+        return self._layout_of_ids
+
+    def positions(self, args, grid, scale, references=()) -> torch.Tensor:
+        """The image ids the blocks see: the grid's at ``scale``, then each reference's at its own scale."""
+        ids = _image_ids(args).float()
+        parts = [_centres(ids[:math.prod(grid) * scale**2], grid, scale)]
+        for reference, _, s in references:
+            rows, cols = reference.grid or (0, 0)
+            parts.append(_centres(ids[reference.start:reference.stop], (rows // s, cols // s), s))
+        return torch.cat(parts)
 
     def pack(self, output, args):
         return patchify(output, PACK)
 
-    def forward(self, tokens, grid, scale, args):
-        m, dtype = self.model, tokens.dtype
-        # the mean of the fine ids a coarse patch covers: its centre, in fine units
-        ids = _image_ids(args).reshape(grid[0], scale, grid[1], scale, -1).mean((1, 3)).flatten(0, 1)
+    def forward(self, tokens, grid, scale, args, references=()):
+        m, dtype, n = self.model, tokens.dtype, tokens.shape[1]
         text_ids = args["txt_ids"][0] if args["txt_ids"].ndim == 3 else args["txt_ids"]
-        rope = m.pos_embed(torch.cat((text_ids, ids)))
+        rope = m.pos_embed(torch.cat((text_ids, self.positions(args, grid, scale, references))))
         timestep, guidance = args["timestep"].to(dtype) * 1000, args["guidance"]
         if guidance is None:
             temb = m.time_text_embed(timestep, args["pooled_projections"])
         else:
             temb = m.time_text_embed(timestep, guidance.to(dtype) * 1000, args["pooled_projections"])
         context = m.context_embedder(args["encoder_hidden_states"])
+        tokens = with_references(tokens, references)
         for block in (*m.transformer_blocks, *m.single_transformer_blocks):
             context, tokens = self.block(block, hidden_states=tokens, encoder_hidden_states=context, temb=temb,
                                          image_rotary_emb=rope,
                                          joint_attention_kwargs=args["joint_attention_kwargs"])
-        return m.norm_out(tokens, temb)
+        return m.norm_out(tokens[:, :n], temb)
+
+
+def with_references(tokens: torch.Tensor, references) -> torch.Tensor:
+    """The grid's tokens followed by the references', as the pipeline orders them."""
+    return torch.cat([tokens, *(t for _, t, _ in references)], 1) if references else tokens
+
+
+def _centres(ids: torch.Tensor, grid: tuple[int, int], scale: int) -> torch.Tensor:
+    """The ids of a ``grid`` of patches ``scale`` fine tokens wide: the mean of the fine ids each covers, its
+    centre in fine units."""
+    if scale == 1:
+        return ids
+    return ids.reshape(grid[0], scale, grid[1], scale, -1).mean((1, 3)).flatten(0, 1)
+
+
+def _grid(ids: torch.Tensor) -> tuple[int, int] | None:
+    """(rows, columns) of tokens whose ids (.., row, column, ..) lie on one grid in row-major order, else None."""
+    rows = int((ids[:, 2] == ids[0, 2]).sum())  # tokens in the first column
+    cols = len(ids) // rows
+    if len(ids) % rows:
+        return None
+    grid = ids[:, 1:3].reshape(rows, cols, 2)
+    if not ((grid[..., 1] == grid[0, :, 1]).all() and (grid[..., 0] == grid[:, :1, 0]).all()):
+        return None
+    return rows, cols
 
 
 def _image_ids(args: dict) -> torch.Tensor:

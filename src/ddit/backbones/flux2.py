@@ -2,16 +2,15 @@
 per call for all blocks, and single-stream blocks on the joined text and image tokens.
 
 The latent, packing and coarse ids (patch centres in fine units) are Flux's (``FluxSpec``).
-Cached reference-image keys and values (``kv_cache``) belong to the fine grid: refused at coarse
-sizes. Reference images passed as tokens beside the latent's are stacked under it, as Kontext's
-are (``FluxSpec.latent``), and refused when their width differs.
+Reference images passed as tokens beside the latent's run as Kontext's do (``FluxSpec``);
+their cached keys and values (``kv_cache``) belong to the fine grid: refused at coarse sizes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .flux import FluxSpec, _image_ids
+from .flux import FluxSpec, with_references
 
 
 class Flux2Spec(FluxSpec):
@@ -21,10 +20,9 @@ class Flux2Spec(FluxSpec):
     lora_target = (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.(linear_in|linear_out))"
                    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)")
 
-    def forward(self, tokens, grid, scale, args):
-        m, dtype = self.model, tokens.dtype
-        # the pipeline's ids are integers; a coarse patch's centre falls between them
-        ids = _image_ids(args).float().reshape(grid[0], scale, grid[1], scale, -1).mean((1, 3)).flatten(0, 1)
+    def forward(self, tokens, grid, scale, args, references=()):
+        m, dtype, n = self.model, tokens.dtype, tokens.shape[1]
+        ids = self.positions(args, grid, scale, references)  # floats: a coarse patch's centre falls between ids
         text_ids = args["txt_ids"][0] if args["txt_ids"].ndim == 3 else args["txt_ids"]
         rope = tuple(torch.cat(parts) for parts in zip(m.pos_embed(text_ids), m.pos_embed(ids)))
         guidance = args["guidance"]
@@ -34,6 +32,7 @@ class Flux2Spec(FluxSpec):
         mod_single = m.single_stream_modulation(temb)
         context = m.context_embedder(args["encoder_hidden_states"])
         kwargs = args["joint_attention_kwargs"]
+        tokens = with_references(tokens, references)
         for block in m.transformer_blocks:
             context, tokens = self.block(block, hidden_states=tokens, encoder_hidden_states=context,
                                          temb_mod_img=mod_img, temb_mod_txt=mod_txt, image_rotary_emb=rope,
@@ -42,4 +41,4 @@ class Flux2Spec(FluxSpec):
         for block in m.single_transformer_blocks:
             joined = self.block(block, hidden_states=joined, encoder_hidden_states=None, temb_mod=mod_single,
                                 image_rotary_emb=rope, joint_attention_kwargs=kwargs)
-        return m.norm_out(joined[:, context.shape[1]:], temb)
+        return m.norm_out(joined[:, context.shape[1]:context.shape[1] + n], temb)
