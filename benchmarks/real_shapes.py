@@ -208,8 +208,8 @@ LTX = Model(
     "against a checkpoint's config.json here",
     "768x512, 121 frames", (128, 16, 16, 24), 128, "T5, LTXPipeline's max_sequence_length",
     2, "CFG: both branches in one call", patch=1)
-MODELS = {"flux": FLUX, "flux-kontext": KONTEXT, "flux2": FLUX2, "qwenimage": QWEN, "zimage": ZIMAGE, "sd3": SD35, "sana": SANA, "wan": WAN,
-          "wan14b": WAN14B, "hunyuanvideo15": HUNYUAN15, "ltx": LTX}
+MODELS = {"flux": FLUX, "flux-kontext": KONTEXT, "flux2": FLUX2, "qwenimage": QWEN, "zimage": ZIMAGE, "sd3": SD35,
+          "sana": SANA, "wan": WAN, "wan14b": WAN14B, "hunyuanvideo15": HUNYUAN15, "ltx": LTX}
 #: Run when --models is not given: all but Wan2.2-A14B's expert, whose 73,920 tokens make one reduced CPU run last
 #: longer than the others together (``--models wan14b`` runs it).
 DEFAULT_MODELS = [name for name in MODELS if name != "wan14b"]

@@ -1,6 +1,6 @@
-"""What a coarse step saves on the shapes of FLUX.1-dev, FLUX.2-dev, Qwen-Image, Z-Image-Turbo, SD3.5-medium,
-Sana-1.6B, Wan2.1-T2V-1.3B and HunyuanVideo-1.5 (issue 10; Wan2.2-A14B's expert runs only when named:
-``real_shapes.py --models wan14b``).
+"""What a coarse step saves on the shapes of FLUX.1-dev (and a FLUX.1 Kontext edit), FLUX.2-dev, Qwen-Image,
+Z-Image-Turbo, SD3.5-medium, Sana-1.6B, Wan2.1-T2V-1.3B, HunyuanVideo-1.5 and LTX-Video 2B (issue 10;
+Wan2.2-A14B's expert runs only when named: ``real_shapes.py --models wan14b``).
 
     .venv/bin/python -m pytest benchmarks/test_real_shapes.py -s
 

@@ -466,9 +466,12 @@ def test_references_keep_their_own_grids_and_run_as_coarse_as_their_sizes_allow(
     assert [model.reference_size(first, s) for s in (2, 4, 8)] == [2, 4, 8]
     assert [model.reference_size(second, s) for s in (2, 4, 8)] == [2, 2, 2]  # 3 x 5 tokens: a 6 x 10 latent
     assert [model.reference_tokens(first, s) for s in (2, 4, 8)] == [64, 16, 4]
-    kontext = MultiPatchTransformer(flux_kontext()[0])
-    reference, = kontext.spec.references(flux_kontext()[1])
+    backbone, inputs = flux_kontext()
+    kontext = MultiPatchTransformer(backbone)
+    reference, = kontext.spec.references(inputs)
     assert [kontext.reference_size(reference, s) for s in (2, 4, 8)] == [2, 4, 4]  # a 12 x 8 latent
+    with pytest.raises(ValueError, match="56 image tokens, but img_ids places 32: pass the img_ids"):
+        kontext(**{**inputs, "img_ids": inputs["img_ids"][:32]}, patch_size=4)  # the reference's ids left out
 
 
 @torch.no_grad()

@@ -153,6 +153,10 @@ def test_edit_pipelines_sized_by_their_images_need_a_size_and_kontext_is_checked
         check_resolution(kontext, {"height": 128, "width": 192}, (2, 4, 8), [image])
     with pytest.raises(ValueError, match="do not divide the 12x18 latent of a 96x144 image"):
         check_resolution(kontext, {"height": 128, "width": 192, "max_area": 128 * 128}, (2, 4, 8), [image])
+    inpaint = diffusers.FluxKontextInpaintPipeline.from_pipe(kontext)  # its size is the image's, whatever it is given
+    with pytest.raises(ValueError, match="FluxKontextInpaintPipeline sizes its output after each prompt's image, "
+                                         "whatever size it is given"):
+        check_resolution(inpaint, {"height": 128, "width": 128}, (2, 4, 8), [image])
 
 
 def test_qwen_image_edit_runs_its_reference_beside_the_latent(tmp_path):
@@ -203,3 +207,21 @@ def test_qwen_image_edit_2511_keeps_a_fine_sample_of_a_mixed_batch_equal_to_stoc
     assert {(r["sample"], r["patch_size"]) for r in ddit.summary(pipe).records} == {(0, 8), (1, 2)}
     torch.testing.assert_close(out[1], stock[1], rtol=0, atol=1e-5)
     assert (out[0] - stock[0]).abs().max() > 1e-3
+
+
+def test_kontext_inpainting_runs_its_reference_beside_the_latent(folders):
+    """The commands refuse it (its size is its image's, checked only after the work); ddit.enable runs it."""
+    pipe = diffusers.FluxKontextInpaintPipeline.from_pipe(load(folders["kontext"]))
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 32, 96, 96))
+
+    def call():
+        return pipe(image=Image.new("RGB", (128, 128), (200, 30, 30)), mask_image=mask, prompt="a red circle",
+                    num_inference_steps=4, strength=1.0, max_area=128 * 128, _auto_resize=False,
+                    generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    stock = call()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="fixed", schedule=[8, 4, 2, 2])
+    out = call()
+    assert [r["tokens"] for r in ddit.summary(pipe).records] == [4 + 4, 16 + 16, 64 + 64, 64 + 64]
+    assert torch.isfinite(out).all() and (out - stock).abs().max() > 1e-3

@@ -171,14 +171,16 @@ def _json_prompt(path: Path, n: int, line: str) -> Prompt:
 
 
 #: Edit pipelines that size their output after the call's image unless the call gives a height and width.
-SIZED_BY_IMAGE = ("Flux2Pipeline", "Flux2KleinPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
-                  "QwenImageEditInpaintPipeline")
+SIZED_BY_IMAGE = ("Flux2Pipeline", "Flux2KleinPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+#: Edit inpainting pipelines that size their output after the call's image whatever size the call gives.
+ALWAYS_SIZED_BY_IMAGE = ("FluxKontextInpaintPipeline", "Flux2KleinInpaintPipeline", "QwenImageEditInpaintPipeline")
 
 
 def sized_by_image(pipe, call: dict) -> bool:
-    """Whether this call of an edit pipeline takes its output's size from its image (no height or width given)."""
-    return (type(pipe).__name__ in SIZED_BY_IMAGE and call.get("image") is not None
-            and (call.get("height") is None or call.get("width") is None))
+    """Whether this call of an edit pipeline takes its output's size from its image, which ddit does not predict."""
+    name = type(pipe).__name__
+    return name in ALWAYS_SIZED_BY_IMAGE or (name in SIZED_BY_IMAGE and call.get("image") is not None
+                                             and (call.get("height") is None or call.get("width") is None))
 
 
 def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
@@ -234,6 +236,10 @@ def check_resolution(pipe, call: dict, patch_sizes: Sequence[int], prompts: Sequ
     sizes = {}
     for prompt in prompts or [Prompt("")]:
         size = image_size(pipe, {**call, **prompt.inputs})
+        if size is None and type(pipe).__name__ in ALWAYS_SIZED_BY_IMAGE:
+            raise ValueError(f"{type(pipe).__name__} sizes its output after each prompt's image, whatever size it is "
+                             "given, and ddit could check that size only after the work: distil and ablate on the "
+                             "same model's edit pipeline without inpainting, then ddit.enable(pipe, adapter) here")
         if size is None and sized_by_image(pipe, {**call, **prompt.inputs}):
             raise ValueError(f"{type(pipe).__name__} sizes its output after each prompt's image unless given a size "
                              "(one that ddit could check only after the work): pass --height and --width")

@@ -215,7 +215,7 @@ class RecordedStates:
     def __init__(self, *folders: str | os.PathLike, shared: Iterable[str] = ()):
         """``shared``: arguments the backbone reads once for all rows (its spec's ``unbatched``: FLUX.2's ids,
         recorded per sample), which a batch's rows must then hold alike."""
-        self.folders = [Path(f) for f in folders]
+        self.folders, shared = [Path(f) for f in folders], frozenset(shared)
         self.folder = self.folders[0]  # named in errors
         self.files = []
         for folder in self.folders:
@@ -228,13 +228,9 @@ class RecordedStates:
         for path in self.files:
             calls = json.loads(_metadata(path)["calls"])
             with safe_open(path, "pt") as f:
-                kinds += [_kind(f, call, set(shared)) for call in calls]
+                kinds += [_kind(f, call, shared) for call in calls]
             self.calls += [(path, call) for call in calls]
         self.index = [(c, row) for c, (_, call) in enumerate(self.calls) for row in range(call["batch"])]
-        names = [set(_names(call["kwargs"])) for _, call in self.calls]
-        if any(n != names[0] for n in names):
-            differ = sorted(set.union(*names) - set.intersection(*names))
-            raise _mixed(self.folder, f"which arguments they pass ({', '.join(differ)})")
         self._kind = [kinds[c] for c, _ in self.index]  # of each row
         self._alike: dict[tuple, list[int]] = {}  # rows by kind: those that can share a batch
         for i, kind in enumerate(self._kind):
@@ -272,10 +268,11 @@ class RecordedStates:
             return _decode(call["kwargs"], f, row)
 
 
-def _kind(f, call: dict, shared: set[str]) -> tuple:
-    """What rows must hold alike to be batched: their latent's shape (read from the open file's header), the
-    tensors their calls share (by content: Flux's position ids; and those named ``shared``, even if recorded per
-    sample) and their other values (Qwen-Image's img_shapes). Text of another length is padded: not part of it."""
+def _kind(f, call: dict, shared: frozenset[str]) -> tuple:
+    """What rows must hold alike to be batched: which arguments their calls pass (SD3's skip-layer guidance adds
+    one to some calls), their latent's shape (read from the open file's header), the tensors their calls share (by
+    content: Flux's position ids; and those named ``shared``, even if recorded per sample) and their other values
+    (Qwen-Image's img_shapes). Text of another length is padded: not part of it."""
     (_, latent), *others = call["kwargs"].items()
     if ROWS in latent:
         shape = tuple(f.get_slice(latent[ROWS][0][TENSOR]).get_shape())
@@ -294,14 +291,6 @@ def _alike(value, shared: bool = False):
     if isinstance(value, dict):
         return tuple((k, _alike(v)) for k, v in sorted(value.items()))
     return json.dumps(value, sort_keys=True)
-
-
-def _names(kwargs: dict, prefix: str = "") -> Iterator[str]:
-    """The names of a call's recorded arguments, those inside dicts (attention kwargs) too."""
-    for name, value in kwargs.items():
-        yield prefix + name
-        if isinstance(value, dict) and TENSOR not in value and ROWS not in value:
-            yield from _names(value, f"{prefix}{name}.")
 
 
 def _decode(value, f, row: int):

@@ -39,8 +39,12 @@ class FluxSpec(BackboneSpec):
         return self.model.x_embedder, self.model.proj_out
 
     def latent(self, args):
-        rows, cols = self._layout(args)[0]
-        return unpatchify(args["hidden_states"][:, :rows * cols], PACK, (rows, cols))
+        (rows, cols), _ = self._layout(args)
+        tokens, placed = args["hidden_states"], args["img_ids"].shape[-2]
+        if tokens.shape[1] != placed:
+            raise ValueError(f"{tokens.shape[1]} image tokens, but img_ids places {placed}: pass the img_ids of these "
+                             "latents (and of their reference images)")
+        return unpatchify(tokens[:, :rows * cols], PACK, (rows, cols))
 
     def references(self, args):
         return self._layout(args)[1]
