@@ -225,3 +225,25 @@ def test_kontext_inpainting_runs_its_reference_beside_the_latent(folders):
     out = call()
     assert [r["tokens"] for r in ddit.summary(pipe).records] == [4 + 4, 16 + 16, 64 + 64, 64 + 64]
     assert torch.isfinite(out).all() and (out - stock).abs().max() > 1e-3
+
+
+def test_qwen_image_edit_plus_runs_two_references_each_as_coarse_as_its_size_allows(tmp_path):
+    """QwenImageEditPlusPipeline (given prompt embeddings) with two references: the 96x64 one resized to 1248x832
+    pixels (52x78 tokens: 4 divides them, 8 does not), the 64x64 one to 1024x1024 (64x64 tokens: 8 does)."""
+    base = load(save_tiny_pipeline("qwenimage", tmp_path))
+    pipe = diffusers.QwenImageEditPlusPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=None,
+                                               tokenizer=None, processor=None, transformer=base.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    images = [Image.new("RGB", (96, 64), (200, 30, 30)), Image.new("RGB", (64, 64), (30, 200, 30))]
+    prompt = dict(prompt_embeds=torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE),
+                  prompt_embeds_mask=torch.ones(1, 7, dtype=torch.long, device=DEVICE))
+
+    def call():
+        return pipe(image=images, height=128, width=128, num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0), output_type="pt", **prompt).images
+
+    stock = call()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="fixed", schedule=[8, 2])
+    out = call()
+    assert [r["tokens"] for r in ddit.summary(pipe).records] == [4 + 26 * 39 + 16 * 16, 64 + 52 * 78 + 64 * 64]
+    assert torch.isfinite(out).all() and (out - stock).abs().max() > 1e-3
