@@ -428,10 +428,13 @@ def denoise(call, inputs: dict, sizes: list[int], model: Model) -> None:
     given = inputs[model.latent_arg]
     x = as_batch(given)
     t_scale = 1.0 if model in (FLUX, KONTEXT, FLUX2, QWEN, ZIMAGE) else 1000.0
+    kept = None  # an edit's prediction for its latent's tokens only: the reference's stay, as in the pipeline
+    if model.reference:
+        kept = int((inputs["img_ids"][:, 0] == 0).sum())
     for i, size in enumerate(sizes):
         t = torch.full((len(x),), (1 - i / len(sizes)) * t_scale, device=x.device, dtype=x.dtype)
         latent = list(x) if isinstance(given, list) else x
-        v = as_batch(call({**inputs, model.latent_arg: latent, model.timestep_arg: t}, size)[0])
+        v = as_batch(call({**inputs, model.latent_arg: latent, model.timestep_arg: t}, size)[0])[:, :kept]
         x = torch.cat([x[:, :v.shape[1]] - v / len(sizes), x[:, v.shape[1]:]], 1)  # condition channels stay
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 10, part 4 on one GPU: the full FLUX.1-dev, SD3.5-medium and Wan2.1-T2V-1.3B transformers (random
-# weights, bf16) timed at p, 2p and 4p through ddit.MultiPatchTransformer, and whole 50-step schedules.
+# weights, bf16) timed at p, 2p and 4p through ddit.MultiPatchTransformer, and whole 50-step schedules; then,
+# if the budget allows, FLUX.1 Kontext editing a 1024x1024 image (flux-kontext: the reference's tokens beside).
 # Writes $OUT/real_shapes.json and $OUT/real_shapes.md (naming the card) after each model, so a run cut
 # short keeps the models it finished; $OUT/run.log and $OUT/env.txt beside them.
 #
@@ -65,7 +66,7 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$OUT/env.txt"
 cat "$OUT/env.txt"
 
-for model in ${DDIT_BENCH_MODELS:-flux sd3 wan}; do
+for model in ${DDIT_BENCH_MODELS:-flux sd3 wan flux-kontext}; do
     left=$((budget - ($(date +%s) - start)))
     if ((left < 30)); then log "$model skipped: ${left}s of the budget left"; continue; fi
     log "$model: ${left}s left"
