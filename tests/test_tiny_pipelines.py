@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 
 import ddit
 from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
@@ -141,6 +142,34 @@ def test_image_conditioned_pipelines_count_steps_from_where_they_start(kind, cls
     assert torch.isfinite(out).all() and (out - stock).abs().max() > 1e-3
     ddit.disable(pipe)
     assert torch.equal(call(), stock)
+
+
+def test_hunyuanvideo15_image_to_video_runs_its_image_prompt_at_every_size(tmp_path):
+    """HunyuanVideo15ImageToVideoPipeline on the tiny folder's components with a tiny SigLIP encoder, its size
+    picked from the image at a 64-pixel target: the baseline policy is stock, and the image reaches coarse steps."""
+    import transformers
+
+    base = load(save_tiny_pipeline("hunyuanvideo15", tmp_path))
+    encoder = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14))
+    pipe = diffusers.HunyuanVideo15ImageToVideoPipeline(
+        **base.components, image_encoder=encoder,
+        feature_extractor=transformers.SiglipImageProcessor(size={"height": 28, "width": 28}))
+    pipe.target_size = 64  # the tiny VAE's 16x: a 4x4 latent
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(colour):
+        return pipe(image=Image.new("RGB", (64, 64), colour), prompt="a red circle", num_frames=5,
+                    num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="pt").frames
+
+    stock = call((200, 30, 30))
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
+    assert torch.allclose(call((200, 30, 30)), stock, atol=1e-5, rtol=0)
+    ddit.disable(pipe)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="fixed", schedule=[4, 4, 4])
+    out = call((200, 30, 30))
+    assert {(r["patch_size"], r["tokens"]) for r in ddit.summary(pipe).records} == {(4, 2)}  # 2 frames of 1 token
+    assert (out - stock).abs().max() > 1e-3 and (call((30, 30, 200)) - out).abs().max() > 1e-3
 
 
 def test_unknown_kinds_and_a_missing_transformers_are_clear_errors(tmp_path, monkeypatch):
