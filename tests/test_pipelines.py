@@ -282,6 +282,61 @@ def test_a_call_that_died_mid_generation_does_not_leak_into_the_next():
     assert torch.equal(latents(pipe(**kwargs(batch=1, steps=STEPS))), clean)
 
 
+@pytest.mark.parametrize("where", ["transformer", "callback"])
+def test_a_call_that_died_at_its_first_step_does_not_hold_the_next_one(where):
+    """Out of memory in the first transformer call, or an interrupt right after it: a retry with another batch
+    starts a new generation (it starts at step 0 and timestep 1000 again, which alone would look like the same
+    step), as a new pipeline call sets its scheduler's timesteps anew."""
+    pipe, kwargs = build("flux")
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="fixed", fraction=0.5)
+    clean = latents(pipe(**kwargs(batch=1, steps=STEPS)))
+    wrapper = pipe.transformer
+
+    def oom(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    def die(pipe, step, t, outputs):
+        raise KeyboardInterrupt
+
+    with pytest.raises((torch.OutOfMemoryError, KeyboardInterrupt)):
+        if where == "transformer":
+            wrapper.adapter.forward, forward = oom, wrapper.adapter.forward
+            try:
+                pipe(**kwargs(batch=2, steps=STEPS))
+            finally:
+                wrapper.adapter.forward = forward
+        else:
+            pipe(**kwargs(batch=2, steps=STEPS), callback_on_step_end=die)
+    assert torch.equal(latents(pipe(**kwargs(batch=1, steps=STEPS))), clean)
+    assert ddit.summary(pipe).coarse_fraction == 0.5
+
+
+def test_a_pipeline_made_from_the_enabled_one_keeps_its_step_count_when_the_first_is_gone():
+    """from_pipe shares the scheduler; the runtime reads it through the pipeline ddit.enable was given, and keeps
+    it when that pipeline is collected (else the step count, hence every schedule, would be lost)."""
+    import gc
+
+    from diffusers import FluxPipeline
+
+    pipe, kwargs = build("flux")
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="fixed", fraction=0.5)
+    other = FluxPipeline.from_pipe(pipe)
+    other.set_progress_bar_config(disable=True)
+    del pipe
+    gc.collect()
+    other(**kwargs(batch=1, steps=STEPS))
+    assert ddit.summary(other).coarse_fraction == 0.5
+
+
+def test_perturbed_attention_guidance_is_refused():
+    from diffusers import StableDiffusion3PAGPipeline
+
+    pipe, _ = build("sd3")
+    pag = StableDiffusion3PAGPipeline.from_pipe(pipe, pag_applied_layers=["blocks.0"])
+    with pytest.raises(ValueError, match="perturbed-attention guidance"):
+        ddit.enable(pag, ddit.MultiPatchTransformer(pag.transformer))
+
+
 class ProbeOnce(PatchPolicy):
     """Probes the model at the base size at every step, keeps the probe's shape, stays at the base size."""
 

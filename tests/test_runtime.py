@@ -2,6 +2,7 @@
 
 import types
 
+import pytest
 import torch
 
 from ddit.policies import PatchPolicy
@@ -92,3 +93,38 @@ def test_a_steps_later_calls_without_a_branch_name_are_named_by_their_order():
     order = [(r["step"], r["branch"]) for r in runtime.records if r["sample"] == 0]
     assert order == [(0, None), (0, "call2"), (1, None), (1, "call2")]
     assert len(policy.seen) == 2  # one decision per step, which the later call follows
+
+
+def test_a_new_schedule_starts_a_new_generation_at_the_same_step_and_timestep():
+    """A pipeline call that died after its first step's transformer call leaves the runtime at step 0, t = 1000;
+    its retry starts there too, but with new timesteps from set_timesteps."""
+    policy, sched = Recorder(), scheduler()
+    runtime = PatchRuntime(policy, (2, 4), scheduler=lambda: sched)
+    runtime(call(torch.zeros(2, 4, 8, 8), 1000.0))
+    sched.timesteps = torch.arange(10)  # set_timesteps of the next pipeline call
+    runtime(call(torch.zeros(1, 4, 8, 8), 1000.0))  # another batch: a continuation would refuse it
+    assert policy.seen == [(0, 10, 1.0, 1)] and runtime.records[0]["sample"] == 0 and len(runtime.records) == 1
+
+
+def test_a_call_that_raises_ends_its_generation():
+    policy, sched = Recorder(), scheduler()
+    runtime = PatchRuntime(policy, (2, 4), scheduler=lambda: sched)
+
+    def dies(idx, size):
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        runtime(Call(torch.zeros(2, 4, 8, 8), torch.tensor([1000.0]), dies))
+    assert runtime.generation is None
+    runtime(call(torch.zeros(1, 4, 8, 8), 1000.0))
+    assert policy.seen == [(0, 10, 1.0, 1)]
+
+
+def test_second_order_schedulers_are_refused():
+    """Heun and KDPM2 call the transformer twice per step: the policy would read predictor and corrector latents
+    as steps."""
+    sched = scheduler()
+    sched.order = 2
+    runtime = PatchRuntime(Recorder(), (2, 4), scheduler=lambda: sched)
+    with pytest.raises(ValueError, match="twice per step .* first-order scheduler"):
+        runtime(call(torch.zeros(1, 4, 8, 8), 1000.0))

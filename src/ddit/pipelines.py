@@ -26,6 +26,7 @@ import torch
 from accelerate.hooks import AlignDevicesHook, CpuOffload
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.pipelines.pag.pag_utils import PAGMixin
 from torch import nn
 
 from .adapter import CONFIG_NAME, HOOK_ATTRIBUTES, MultiPatchTransformer, image_prompts
@@ -291,6 +292,9 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
                 raise ValueError(f"pipe.{name} has a diffusers cache enabled; disable it "
                                  f"(pipe.{name}.disable_cache()) and pass its config to ddit.enable(..., cache=config)")
     _check_guider(getattr(pipe, "guider", None))
+    if isinstance(pipe, PAGMixin):
+        raise ValueError(f"{type(pipe).__name__} batches a third branch per sample (perturbed-attention guidance), "
+                         "which ddit does not tell apart from samples: use the pipeline without PAG")
     policy = _policy(policy, params)
     cache = get_cache(cache) if isinstance(cache, str) else cache
     adapters, wrappers = _adapters(pipe, adapter), {}
@@ -459,8 +463,10 @@ def _uncompiled(module):
 
 
 def _scheduler_of(pipe):
-    ref = weakref.ref(pipe)
-    return lambda: getattr(ref(), "scheduler", None)
+    """The scheduler of the pipeline ``enable`` was given, while it lives; else the one it had, which pipelines
+    made from it by ``from_pipe`` share."""
+    ref, scheduler = weakref.ref(pipe), getattr(pipe, "scheduler", None)
+    return lambda: getattr(ref(), "scheduler", scheduler)
 
 
 def _guidance_of(pipe) -> Callable[[torch.Tensor], bool | None]:

@@ -73,6 +73,7 @@ class Generation:
     groups: frozenset = frozenset()  # this step's (size, samples) groups
     probed: bool = False  # whether this step's decision ran the model
     calls: int = 0  # calls in this step so far
+    schedule: Any = None  # the scheduler's timesteps tensor when the generation started (a new call sets another)
 
 
 class PatchRuntime:
@@ -124,6 +125,13 @@ class PatchRuntime:
 
     # -- one call
     def __call__(self, call: Call) -> torch.Tensor:
+        try:
+            return self._call(call)
+        except BaseException:
+            self.reset()  # a call that died ends its generation: the pipeline's retry starts a new one
+            raise
+
+    def _call(self, call: Call) -> torch.Tensor:
         g = self._advance(call)
         rows = len(call.latent)
         if g.uniform is not None:  # the usual case: one size for the whole call
@@ -144,6 +152,7 @@ class PatchRuntime:
         """Start a generation or a step when the call says so; decide the sizes of a new step."""
         t = float(torch.as_tensor(call.timestep).flatten()[0])
         index = self._step_index(call)
+        schedule = getattr(self.scheduler() if self.scheduler else None, "timesteps", None)
         g = self.generation
         if index is None:  # no step index anywhere: a new timestep is a new step, a higher one a new generation
             new_step = g is None or t != g.timestep
@@ -151,8 +160,11 @@ class PatchRuntime:
         else:
             new_step = g is None or index != g.step
             new_generation = g is None or index < g.step or index == g.step and t != g.timestep
+        # a pipeline call sets its scheduler's timesteps anew: a new tensor is a new generation
+        new_generation = new_generation or schedule is not None and schedule is not g.schedule
         if new_generation:
             g = self._start(call)
+            g.schedule = schedule
         if len(call.latent) % g.samples:
             raise ValueError(f"this call has {len(call.latent)} rows, but the generation has {g.samples} samples: "
                              "a pipeline that changes its batch in the middle of a generation cannot run dynamic "
@@ -180,6 +192,11 @@ class PatchRuntime:
         return (getattr(scheduler, "begin_index", None) or 0) if index is None else index
 
     def _start(self, call: Call) -> Generation:
+        scheduler = self.scheduler() if self.scheduler else None
+        if getattr(scheduler, "order", 1) > 1:
+            raise ValueError(f"{type(scheduler).__name__} calls the transformer twice per step (a second-order "
+                             "solver), and ddit's policies and caches read one call per step: use a first-order "
+                             "scheduler (FlowMatchEulerDiscreteScheduler, DPMSolverMultistepScheduler, UniPC...)")
         latent = call.latent
         if call.branches is not None:
             branches = call.branches

@@ -93,8 +93,9 @@ class ThirdOrderPolicy(PatchPolicy):
         return torch.stack([self.aggregate(patch_std(delta, p)) for p in self.candidates])
 
     def protected(self, index: int, num_steps: int) -> bool:
-        """Whether step ``index`` of ``num_steps`` lies in the fine tail (always the base size)."""
-        return index >= num_steps - round(self.fine_tail * num_steps)
+        """Whether step ``index`` of ``num_steps`` lies in the fine tail (always the base size); no step is where
+        the step count is unknown (0)."""
+        return num_steps > 0 and index >= num_steps - round(self.fine_tail * num_steps)
 
     def schedule(self, signals: torch.Tensor | None, protected: bool = False) -> torch.Tensor:
         """One step's sizes (B,) from its signals (K, B): Eq. 5, then the restart rule; ``None``
