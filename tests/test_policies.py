@@ -301,6 +301,16 @@ def test_calibrate_tau_replays_the_restart_rule():
     assert calibrate_tau([trace], 0.4) > 1e9
 
 
+def test_calibrate_tau_places_the_fine_tail_in_the_whole_schedule():
+    """An img2img trace holds steps 4..9 of 10: a 0.2 fine tail protects steps 8 and 9, not the last 20% of the
+    six recorded steps counted from 0 (then only step 4 could go coarse, and 0.6 would be out of reach)."""
+    trace = [Decision(i, 1 - i / 10, torch.tensor([2]),
+                      {2: torch.zeros(1), 4: torch.tensor([float(i - 3)]), 8: torch.tensor([1e9])}, num_steps=10)
+             for i in range(4, 10)]
+    # 4 coarse steps (4..7, signals 1..4) cost (2 + 4 / 4) / 6 = 0.5 <= 0.6; 3 would cost 0.625
+    assert 4 < calibrate_tau([trace], 0.6, rule=get_policy("third_order", restart=False, fine_tail=0.2)) < 4.001
+
+
 def test_budget_policy_calibrates_then_meets_its_budget():
     latents = torch.randn(12, 3, 4, 8, 8).cumsum(0)
     policy = get_policy("budget", speedup=2)

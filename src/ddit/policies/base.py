@@ -34,6 +34,7 @@ class Decision:
     sigma: float
     sizes: torch.Tensor  # (B,) patch sizes in latent pixels
     signals: dict[int, torch.Tensor] = field(default_factory=dict)  # candidate size -> (B,) value
+    num_steps: int = 0  # of the whole schedule (img2img runs its last steps only); 0: unknown
 
     def rows(self) -> list[dict]:
         """One plain dict per sample: ``step, sigma, sample, patch_size, signal_<p>...``."""
@@ -114,5 +115,5 @@ class PatchPolicy(abc.ABC):
         if not set(sizes.tolist()) <= set(self.candidates):
             raise RuntimeError(f"policy {self.name!r} chose {sizes.tolist()}, not among {self.candidates}")
         signals = {p: v.detach().float().cpu() for p, v in signals.items()}
-        self.trace.append(Decision(step.index, float(step.sigma), sizes, signals))
+        self.trace.append(Decision(step.index, float(step.sigma), sizes, signals, step.num_steps))
         return sizes
