@@ -71,6 +71,18 @@ def test_identical_halves_are_two_cfg_branches_of_each_sample_unless_told_otherw
     assert policy.seen[0][3] == 4
 
 
+def test_two_branches_said_but_halves_that_differ_are_samples():
+    """The guidance a pipeline reports can be stale (a pipeline made from the enabled one by from_pipe, called
+    without guidance, while the first last guided): batched CFG rows hold one latent twice, so rows whose halves
+    differ are samples."""
+    policy = Recorder()
+    PatchRuntime(policy, (2, 4))(call(torch.randn(2, 4, 8, 8), 900.0, branches=2))
+    assert policy.seen[0][3] == 2
+    policy = Recorder()
+    PatchRuntime(policy, (2, 4))(call(torch.randn(1, 4, 8, 8), 900.0, branches=2))  # was: cannot split
+    assert policy.seen[0][3] == 1
+
+
 def test_an_extra_call_with_one_branch_at_the_same_step_is_accepted():
     """SD3's skip-layer guidance: after the batched CFG call, one more with the cond rows only."""
     x = torch.randn(2, 4, 8, 8)

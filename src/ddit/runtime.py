@@ -198,13 +198,14 @@ class PatchRuntime:
                              "solver), and ddit's policies and caches read one call per step: use a first-order "
                              "scheduler (FlowMatchEulerDiscreteScheduler, DPMSolverMultistepScheduler, UniPC...)")
         latent = call.latent
-        if call.branches is not None:
-            branches = call.branches
+        half = len(latent) // 2
+        halves_alike = len(latent) % 2 == 0 and half and torch.equal(latent[:half], latent[half:])
+        if call.branches is not None:  # batched CFG rows hold one latent twice: where they do not, the
+            branches = 1 if call.branches == 2 and not halves_alike else call.branches  # guidance read was stale
         elif call.branch is not None:
             branches = 1
         else:
-            half = len(latent) // 2
-            branches = 2 if len(latent) % 2 == 0 and half and torch.equal(latent[:half], latent[half:]) else 1
+            branches = 2 if halves_alike else 1
         if len(latent) % branches:
             raise ValueError(f"{len(latent)} rows do not split into {branches} CFG branches")
         self.reset()
