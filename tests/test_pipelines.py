@@ -150,13 +150,27 @@ def test_ddit_caches_keep_state_per_branch_and_sample(name):
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline", cache=never)
     assert torch.allclose(latents(pipe(**kwargs(batch=2, steps=STEPS))), stock, atol=ATOL, rtol=0)
     ddit.disable(pipe)
-    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy(),
-                cache=TaylorSeer(interval=2, order=1))
+    cache = KeysSeen(interval=2, order=1)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy(), cache=cache)
     out = latents(pipe(**kwargs(batch=2, steps=STEPS)))
     summary = ddit.summary(pipe)
     assert torch.isfinite(out).all() and summary.cache_hits > 0
-    branches = {r["branch"] for r in summary.records}
-    assert branches == ({"cond", "uncond"} if name == "wan" else {None})
+    branches = {"cond", "uncond"} if name == "wan" else {None}
+    assert {r["branch"] for r in summary.records} == branches
+    # one state per (branch, sample): Wan's two calls per step never share one
+    assert cache.keys == {(b, s) for b in branches for s in (0, 1)}
+
+
+class KeysSeen(TaylorSeer):
+    """TaylorSeer that keeps the keys of the states it was asked about."""
+
+    def reset(self):
+        super().reset()
+        self.keys = getattr(self, "keys", set())
+
+    def reuse(self, group, run, rows):
+        self.keys |= set(rows)
+        return super().reuse(group, run, rows)
 
 
 def assert_refused(pipe, match, adapter, **kwargs):
