@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 import ddit.distill
 from ddit.adapter import MultiPatchTransformer
 from ddit.checkpoint import CheckpointError
-from ddit.distill import DistillConfig, LatentDataset, distill, sampler_sigmas
+from ddit.distill import (DistillationLoss, DistillConfig, LatentDataset, NoisedLatents, distill,
+                          sampler_sigmas)
 from ddit.testbed.base_model import build_base_model
 from ddit.testbed.data import make_dataset
 
@@ -83,6 +84,55 @@ def test_resume_refuses_other_settings(data, tmp_path):
     run(data, tmp_path, DistillConfig(**{**CONFIG.__dict__, "steps": 1}))
     with pytest.raises(CheckpointError, match="only --steps may change"):
         run(data, tmp_path, DistillConfig(**{**CONFIG.__dict__, "lr": 1e-4}), resume=True)
+
+
+def test_gradient_checkpointing_gives_every_size_its_own_gradients(data):
+    """The loss runs every coarse size's forward before one backward: a block recomputed in the backward must
+    run with the LoRA of the size that ran it, not the last size's (which has the same shapes)."""
+    def gradients(checkpointing):
+        model = adapter()
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # as after some training: LoRA that changes the blocks' outputs
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        z, kwargs = NoisedLatents(data, sampler_sigmas(10), 1000.0).draw(torch.Generator().manual_seed(0), 4)
+        DistillationLoss(model, model.patch_sizes[1:])(z, kwargs).sum().backward()
+        return {name: p.grad for name, p in model.named_parameters() if ".lora_" in name}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    for size in (4, 8):
+        names = [name for name in plain if f".patch{size}." in name]
+        assert names and all(plain[n].abs().sum() > 0 for n in names if "lora_A" in n)
+        assert all(torch.allclose(checkpointed[n], plain[n], rtol=1e-4, atol=1e-7) for n in names), size
+
+
+def test_resume_refuses_another_adapter_layout(data, tmp_path):
+    run(data, tmp_path, DistillConfig(**{**CONFIG.__dict__, "steps": 1}))
+    torch.manual_seed(0)
+    wider = MultiPatchTransformer(build_base_model(num_layers=2, num_attention_heads=2, attention_head_dim=8), rank=4)
+    with pytest.raises(CheckpointError, match="resume with the same --sizes, --rank and --shared-lora"):
+        distill(wider, data, tmp_path, CONFIG, progress=False, resume=True)
+
+
+def test_training_some_sizes_leaves_the_others_untouched_and_out_of_the_gradients(data, tmp_path):
+    model = adapter()
+    before = {name: v.clone() for name, v in model.adapter_state_dict().items()}
+    distill(model, data, tmp_path, DistillConfig(**{**CONFIG.__dict__, "patch_sizes": (4,)}), progress=False)
+    after = model.adapter_state_dict()
+    moved = {name for name in after if not torch.equal(after[name], before[name])}
+    assert moved and all(".4." in name or ".patch4." in name for name in moved)
+    assert any(".patch4." in name and "lora_B" in name for name in moved)
+    assert not any(p.requires_grad for p in model.trainable_parameters([8]))  # DDP skips what does not train
+    with pytest.raises(ValueError, match=r"patch sizes \[6\] are not this adapter's coarse sizes"):
+        distill(model, data, tmp_path, DistillConfig(**{**CONFIG.__dict__, "patch_sizes": (6,)}), progress=False)
+
+
+def test_an_accelerate_config_with_mixed_precision_is_refused(data, tmp_path):
+    accelerator = SimpleNamespace(mixed_precision="bf16")  # what accelerate launch with such a config gives
+    with pytest.raises(ValueError, match="mixed_precision: bf16.*set mixed_precision: no"):
+        distill(adapter(), data, tmp_path, CONFIG, progress=False, accelerator=accelerator)
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_sampler_sigmas_are_the_noise_levels_the_sampler_visits():

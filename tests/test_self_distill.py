@@ -15,6 +15,7 @@ from diffusers import DiffusionPipeline
 import ddit
 from ddit.backbones import as_batch
 from ddit.cli import main
+from ddit.adapter import MultiPatchTransformer
 from ddit.distill import DistillConfig, DistillationLoss
 from ddit.pipeline_call import Prompt
 from ddit.policies import get_policy
@@ -63,8 +64,9 @@ def test_an_adapter_distilled_from_a_pipeline_runs_coarse_steps_in_it(kind, fold
     assert torch.isfinite(torch.tensor(report["losses"])).all()
     assert report["config"]["num_inference_steps"] is None  # recorded states carry their own timesteps
 
+    kept = {n.replace(".base_layer", ""): p for n, p in pipe.transformer.named_parameters() if ".lora_" not in n}
+    assert kept.keys() == before.keys() and all(torch.equal(p, before[n]) for n, p in kept.items())  # frozen
     fresh = load(folders[kind])
-    assert all(torch.equal(p, before[n]) for n, p in fresh.transformer.named_parameters())
     ddit.enable(fresh, export, policy="fixed", fraction=0.5)
     out = fresh(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent",
                 **call(kind, steps=4), **first_frame)
@@ -104,6 +106,9 @@ def test_the_cli_records_once_and_resumes_training(folders, tmp_path, capsys):
                                             "and --width that are multiples of 64"),
     (["--num-frames", "5"], "FluxPipeline takes no num_frames; drop the option"),
     (["--pipeline-arg", "max_sequence_length"], "is not name=value"),
+    (["--sizes", "3"], "--sizes 3: patch sizes are multiples of the base patch size 2"),
+    (["--sizes", "0,4"], "--sizes 0,4: patch sizes are multiples"),
+    (["--rank", "0"], "--rank must be at least 1"),
 ])
 def test_bad_options_fail_before_anything_is_recorded(extra, message, folders, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
@@ -310,6 +315,34 @@ def test_an_on_policy_round_records_the_latents_coarse_steps_lead_to(kind, folde
     ddit.enable(fresh, export, policy="fixed", fraction=0.5)
     fresh(prompt=PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **call(kind, steps=4),
           **first_frame)
+
+
+def test_a_resume_goes_on_with_rounds_that_had_not_started(folders, tmp_path):
+    """Killed while recording (no checkpoint yet), then while the on-policy round recorded: each --resume goes on.
+    The first round's adapter is the same in every run (its LoRA starts from the training seed), so the on-policy
+    recording, stamped with it, is the run's own."""
+    from ddit.recorded_states import record_states
+
+    record_states(load(folders["sd3"]), PROMPTS[:1], tmp_path / "states", call("sd3", steps=2))  # killed after one
+    on_policy = dict(call=call("sd3", steps=2), config=CONFIG, progress=False, resume=True)
+    self_distill(load(folders["sd3"]), PROMPTS, tmp_path, **on_policy)
+    assert json.loads((tmp_path / "distill.json").read_text())["steps"] == CONFIG.steps
+    export = self_distill(load(folders["sd3"]), PROMPTS, tmp_path, on_policy=get_policy("fixed", fraction=0.5),
+                          **on_policy)
+    assert json.loads((tmp_path / "on-policy" / "distill.json").read_text())["data"]["prompts"] == 4
+    again = self_distill(load(folders["sd3"]), PROMPTS, tmp_path / "again", call=call("sd3", steps=2),
+                         config=CONFIG, progress=False)
+    first = MultiPatchTransformer.from_pretrained(load(folders["sd3"]).transformer, tmp_path / "adapter")
+    second = MultiPatchTransformer.from_pretrained(load(folders["sd3"]).transformer, again)
+    assert all(torch.equal(v, second.adapter_state_dict()[k]) for k, v in first.adapter_state_dict().items())
+    assert export == tmp_path / "on-policy" / "adapter"
+
+
+def test_recordings_of_a_longer_prompts_file_in_the_folder_are_not_trained_on(folders, tmp_path):
+    self_distill(load(folders["sd3"]), PROMPTS, tmp_path, call=call("sd3", steps=2), config=CONFIG, progress=False)
+    self_distill(load(folders["sd3"]), PROMPTS[:1], tmp_path, call=call("sd3", steps=2), config=CONFIG,
+                 progress=False)
+    assert json.loads((tmp_path / "distill.json").read_text())["data"]["prompts"] == 1
 
 
 def test_wan22_distils_an_adapter_for_each_expert_on_its_own_steps_and_on_policy(folders, tmp_path):

@@ -164,6 +164,7 @@ class MultiPatchTransformer(nn.Module):
             p.requires_grad_(True)  # peft leaves only the last injected adapter trainable
         self._signature = inspect.signature(backbone.forward)
         self._use_lora(None)
+        self.spec.recompute = lambda: self._lora_of(self._lora_active)
 
     # -- what a pipeline reads from its transformer
     @property
@@ -347,6 +348,17 @@ class MultiPatchTransformer(nn.Module):
             if not off:
                 layer._active_adapter = self._lora_name(size)
 
+    @contextmanager
+    def _lora_of(self, size: int | None) -> Iterator[None]:
+        """``size``'s LoRA for a moment: a checkpointed block recomputed in the backward needs the LoRA of the
+        size that ran it, and distillation runs every size's forward before one backward."""
+        was = self._lora_active
+        self._use_lora(size)
+        try:
+            yield
+        finally:
+            self._use_lora(was)
+
     def _lora_name(self, size: int) -> str:
         return "coarse" if self.shared_lora else f"patch{size}"
 
@@ -357,9 +369,13 @@ class MultiPatchTransformer(nn.Module):
         Under FSDP this gathers the shards: every process must call it."""
         return {name: whole(p.detach()) for name, p in self._adapter_parameters().items()}
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """What distillation trains: the heads and the LoRA branches (FSDP's shards once it wrapped them)."""
-        return list(self._adapter_parameters().values())
+    def trainable_parameters(self, sizes: Sequence[int] | None = None) -> list[nn.Parameter]:
+        """What distillation trains: the heads and the LoRA branches (FSDP's shards once it wrapped them), of
+        ``sizes`` only if given (the shared LoRA belongs to every coarse size)."""
+        if sizes is None:
+            return list(self._adapter_parameters().values())
+        names = {str(s) for s in sizes} | {self._lora_name(s) for s in sizes}
+        return [p for name, p in self._adapter_parameters().items() if _size_of(name) in names]
 
     def _adapter_parameters(self) -> dict[str, nn.Parameter]:
         with self._lora_inside():
@@ -487,6 +503,11 @@ def _refused(name: str) -> Callable[..., None]:
     def refused(*args, **kwargs):
         raise ValueError(f"{name}: {REFUSED_CALLS[name]}")
     return refused
+
+
+def _size_of(name: str) -> str:
+    """The size an adapter parameter belongs to: ``heads.4.…`` -> "4", ``….lora_A.patch4.weight`` -> "patch4"."""
+    return name.split(".")[1] if name.startswith("heads.") else name.split(".lora_")[1].split(".")[1]
 
 
 def _is_new(name: str) -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from torch.utils.data import Dataset, default_collate
 
 from .adapter import MultiPatchTransformer, config_hash
 from .backbones import as_batch
-from .checkpoint import CheckpointError, TrainingRun
+from .checkpoint import CheckpointError, TrainingRun, write_text_atomic
 from .processes import processes
 from .sharding import sharded_like, whole
 from .sampling import default_scheduler
@@ -103,6 +104,15 @@ class DistillationLoss(nn.Module):
         return torch.stack([F.mse_loss(output(size), teacher) for size in self.patch_sizes])
 
 
+def check_accelerator(accelerator: Accelerator) -> None:
+    """Refuses an accelerate config's mixed precision: it would run the teacher in bf16 or fp16 under autocast
+    (fp16 with a loss scaler ddit does not use); a bf16 model already trains its adapter in fp32 under autocast."""
+    if accelerator.mixed_precision != "no":
+        raise ValueError(f"the accelerate config sets mixed_precision: {accelerator.mixed_precision}; ddit distils "
+                         "in the model's own dtype (load the pipeline with --dtype bfloat16 for bf16): set "
+                         "mixed_precision: no (accelerate config, or accelerate launch --mixed_precision no)")
+
+
 def backbone_stamp(model: MultiPatchTransformer) -> str:
     return f"{type(model.backbone).__name__} {config_hash(model.backbone)}"
 
@@ -114,13 +124,24 @@ class _AdapterState:
         self.model = model
 
     def state_dict(self) -> dict:
-        return {"backbone": backbone_stamp(self.model), "weights": self.model.adapter_state_dict()}
+        return {"backbone": backbone_stamp(self.model), "layout": self._layout(),
+                "weights": self.model.adapter_state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if state["backbone"] != backbone_stamp(self.model):
             raise CheckpointError(f"this checkpoint distilled an adapter for {state['backbone']}, not for "
                                   f"{backbone_stamp(self.model)}; use another output folder")
+        if state.get("layout", self._layout()) != self._layout():
+            raise CheckpointError(f"this checkpoint trained an adapter with {state['layout']}, not "
+                                  f"{self._layout()}: resume with the same --sizes, --rank and --shared-lora, or "
+                                  "use another output folder")
         self.model.load_adapter_state_dict(state["weights"], source="checkpoint")
+
+    def _layout(self) -> dict:
+        """What the adapter's weights are laid out by: its sizes and its LoRA's."""
+        lora = self.model.lora_config
+        return {"patch_sizes": list(self.model.patch_sizes), "shared_lora": self.model.shared_lora,
+                "rank": lora.r, "alpha": lora.lora_alpha, "targets": str(lora.target_modules)}
 
 
 class _OptimizerState:
@@ -209,7 +230,14 @@ def distill(
                          "would noise too; distil it from its pipeline (ddit distill --pipeline DIR)")
     states = data if hasattr(data, "draw") else NoisedLatents(
         data, sampler_sigmas(config.num_inference_steps, scheduler), config.timestep_scale, extra_kwargs)
-    params, dtype = model.trainable_parameters(), model.dtype
+    check_accelerator(accelerator)
+    bad = [s for s in sizes if s not in model.patch_sizes[1:]]
+    if bad:
+        raise ValueError(f"patch sizes {bad} are not this adapter's coarse sizes {model.patch_sizes[1:]}")
+    trained = set(map(id, model.trainable_parameters(sizes)))
+    for p in model.trainable_parameters():  # another size's are left out: DDP wants every trained one used
+        p.requires_grad_(id(p) in trained)
+    params, dtype = model.trainable_parameters(sizes), model.dtype
     if dtype == torch.float16:
         raise ValueError("distil in bfloat16 or float32: float16 training would need loss scaling")
     sharded = accelerator.distributed_type == DistributedType.FSDP
@@ -221,7 +249,7 @@ def distill(
         p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     loss_fn, opt = accelerator.prepare(DistillationLoss(model, sizes).eval(), opt)
-    params = model.trainable_parameters()  # FSDP replaced them with its shards
+    params = model.trainable_parameters(sizes)  # FSDP replaced them with its shards
     run = TrainingRun(out / "checkpoint.pt", config, desc="distill", minutes=checkpoint_minutes,
                       progress=progress, writer=accelerator.is_main_process,
                       agree=(lambda due: broadcast_object_list([due])[0]) if sharded else None,
@@ -257,9 +285,13 @@ def distill(
         p.data = p.data.to(dtype)
     weights = model.adapter_state_dict()  # every process: FSDP gathers the shards
     export = out / "adapter"
-    if accelerator.is_main_process:
-        model.save_pretrained(export, weights)
-        (out / "distill.json").write_text(json.dumps(
+    if accelerator.is_main_process:  # written beside, then put in place: a kill never leaves half an adapter
+        staging = out / "adapter.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging, weights)
+        shutil.rmtree(export, ignore_errors=True)
+        staging.rename(export)
+        write_text_atomic(out / "distill.json", json.dumps(
             {"config": asdict(config), "backbone": backbone_stamp(model), "patch_sizes": sizes,
              "data": states.describe(), "steps": run.state["step"], "seconds": round(run.state["seconds"], 1),
              "losses": run.state["losses"]}, indent=1))

@@ -212,14 +212,22 @@ def _metadata(path: Path) -> dict:
 class RecordedStates:
     """Random batches of recorded transformer inputs: ``draw(generator, n) -> (hidden_states, kwargs)``."""
 
-    def __init__(self, *folders: str | os.PathLike, shared: Iterable[str] = ()):
+    def __init__(self, *folders: str | os.PathLike, shared: Iterable[str] = (), prompts: int | None = None):
         """``shared``: arguments the backbone reads once for all rows (its spec's ``unbatched``: FLUX.2's ids,
-        recorded per sample), which a batch's rows must then hold alike."""
+        recorded per sample), which a batch's rows must then hold alike. ``prompts``: read the first ``prompts``
+        prompts' files only (those of the prompts file in use: a folder may hold more, from a longer one)."""
         self.folders, shared = [Path(f) for f in folders], frozenset(shared)
         self.folder = self.folders[0]  # named in errors
         self.files = []
         for folder in self.folders:
-            files = sorted(folder.glob("*.safetensors"))
+            if prompts is None:
+                files = sorted(folder.glob("*.safetensors"))
+            else:
+                files = [folder / f"{i:05d}.safetensors" for i in range(prompts)]
+                missing = [f.name for f in files if not f.exists()]
+                if missing:
+                    raise RecordingError(f"{folder} lacks the recorded states of {len(missing)} prompt(s) "
+                                         f"({', '.join(missing[:3])}...): record them first")
             if not files:
                 raise RecordingError(f"{folder} holds no recorded states (*.safetensors); record them with "
                                      "ddit.recorded_states.record_states or `ddit distill --pipeline`")

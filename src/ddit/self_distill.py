@@ -31,7 +31,7 @@ from .adapter import MultiPatchTransformer, config_hash
 from .backbones import spec_for
 from .checkpoint import write_text_atomic
 from .pipeline_call import Prompt, as_prompts, check_call, check_resolution
-from .distill import DistillConfig, distill
+from .distill import DistillConfig, check_accelerator, distill
 from .pipelines import disable, enable
 from .policies import PatchPolicy
 from .processes import processes
@@ -85,6 +85,12 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
     except TypeError as err:  # no spec for this transformer: bad input here, not a bug
         raise ValueError(str(err)) from None
     base = specs[0].base_patch_size
+    if any(s < base or s % base for s in patch_sizes or ()):
+        raise ValueError(f"--sizes {','.join(map(str, patch_sizes))}: patch sizes are multiples of the base patch "
+                         f"size {base} (e.g. {2 * base},{4 * base})")
+    if rank < 1:
+        raise ValueError(f"--rank must be at least 1, not {rank}")
+    check_accelerator(accelerator)
     sizes = sorted({base, *(patch_sizes or (2 * base, 4 * base))})
     check_resolution(pipe, call, sizes, prompts)
     if pipe.transformer.dtype == torch.float16:
@@ -106,10 +112,12 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
                   indices=shares)
     accelerator.wait_for_everyone()
 
-    models = {sub: MultiPatchTransformer(module, sizes[1:], rank=rank, shared_lora=shared_lora)
-              for sub, module in denoisers.items()}
+    with torch.random.fork_rng(devices=[]):  # the LoRA starts from the training seed: a rerun makes the same
+        torch.manual_seed(config.seed)  # first-round adapter, which an on-policy recording is stamped with
+        models = {sub: MultiPatchTransformer(module, sizes[1:], rank=rank, shared_lora=shared_lora)
+                  for sub, module in denoisers.items()}
     share = dict(config=config, resume=resume, checkpoint_minutes=checkpoint_minutes, progress=progress,
-                 accelerator=accelerator)
+                 accelerator=accelerator, prompts=len(prompts))
     export = _distill_experts(pipe, models, [states], out, **share)
     if on_policy is None:
         return export
@@ -136,16 +144,20 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
 
 
 def _distill_experts(pipe, models: dict[str, MultiPatchTransformer], recordings: list[Path], out: Path, *,
-                     config: DistillConfig, accelerator: Accelerator, **share) -> Path:
+                     config: DistillConfig, accelerator: Accelerator, prompts: int, resume: bool, **share) -> Path:
     """Distil each expert's adapter on its own recorded calls (Wan 2.2's second in ``out/transformer_2``), one at
     a time, with the pipeline's other components off the device; returns ``out/adapter``, which holds the second
     expert's adapter in its ``transformer_2`` subfolder, as ``ddit.enable`` and ``load_adapters`` take it. The
-    first expert trains last: its ``out/adapter`` appears only when the other is done."""
+    first expert trains last: its ``out/adapter`` appears only when the other is done. With ``resume``, a round
+    or an expert that had not started yet (no checkpoint) starts fresh."""
     exports = {}
     for sub, model in reversed(models.items()):
         with _offloaded(pipe, accelerator.device, keep=model.backbone):
-            data = RecordedStates(*(folder / sub for folder in recordings), shared=model.spec.unbatched)
-            exports[sub] = distill(model, data, out / sub, config, accelerator=accelerator, **share)
+            data = RecordedStates(*(folder / sub for folder in recordings), shared=model.spec.unbatched,
+                                  prompts=prompts)
+            started = (out / sub / "checkpoint.pt").exists()
+            exports[sub] = distill(model, data, out / sub, config, accelerator=accelerator,
+                                   resume=resume and started, **share)
     export = exports.pop("")
     if accelerator.is_main_process:
         for sub, folder in exports.items():

@@ -9,6 +9,8 @@ follow the patch grid in row-major order.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from itertools import chain
 
@@ -67,6 +69,9 @@ class BackboneSpec:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        #: Called as a block runs checkpointed: the context its recomputation in the backward runs in (the
+        #: adapter's gives the LoRA of the size that ran it, which a later size's forward has since replaced).
+        self.recompute: Callable[[], AbstractContextManager] = nullcontext
 
     @property
     def base_patch_size(self) -> int:
@@ -125,7 +130,9 @@ class BackboneSpec:
     def block(self, block: nn.Module, *args, **kwargs):
         """Run one of the backbone's blocks, checkpointed when the backbone has gradient checkpointing on."""
         if torch.is_grad_enabled() and getattr(self.model, "gradient_checkpointing", False):
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
+            again = self.recompute()
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False,
+                                                     context_fn=lambda: (nullcontext(), again), **kwargs)
         return block(*args, **kwargs)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, ...], scale: int, args: dict) -> torch.Tensor:
