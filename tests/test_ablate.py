@@ -2,6 +2,7 @@
 
 import functools
 import json
+import math
 import random
 import shutil
 import signal
@@ -85,7 +86,7 @@ def finished(model_dirs, tmp_path_factory):
 def _without_timings(out):
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     for line in lines:
-        del line["sec"], line["model_sec"], line["trace"]["seconds"]
+        del line["sec"], line["model_sec"], line["trace"]["seconds"], line["written"]
     return sorted(lines, key=lambda r: (r["row"], r["sample"]))
 
 
@@ -177,6 +178,9 @@ def test_another_configuration_in_the_same_folder_is_refused(finished, capsys):
     ("--batch-size", "-3", "--batch-size must be at least 1"),
     ("--guidance", "-5", "--guidance must be at least 1"),
     ("--steps", "2", "--steps 2 is not more than third_order's warm-up of 3 steps"),
+    ("--caches", "", "--caches is empty"),
+    ("--height", "64", "--height needs --pipeline"),
+    ("--num-per-prompt", "2", "--num-per-prompt needs --pipeline"),
     *([("--device", "cuda", "no CUDA GPU")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_names_and_parameters_say_what_is_known(args, tmp_path, capsys, flag, value, expected):
@@ -350,3 +354,63 @@ def test_killed_at_random_points_and_torn_it_still_ends_as_an_uninterrupted_run(
             victim.write_bytes(data[: rng.randrange(len(data) + 1)])
     assert main(make(out)) == 0
     assert _summary_without_timings(out) == _summary_without_timings(done)
+
+
+def test_a_rows_psnr_is_that_of_its_mean_squared_error_so_one_identical_sample_does_not_make_it_infinite():
+    from ddit.ablate.tables import row_mean
+
+    assert row_mean("psnr_vs_baseline", torch.tensor([float("inf"), 20.0])) == pytest.approx(10 * math.log10(200))
+    assert row_mean("psnr_vs_baseline", torch.tensor([float("inf")] * 2)) == math.inf  # every sample: identical
+    assert row_mean("ssim_vs_baseline", torch.tensor([1.0, 0.5])) == 0.75
+
+
+def test_of_a_samples_records_in_several_processes_files_the_last_written_is_kept(tmp_path):
+    old = {"row": "fixed", "sample": 0, "sec": 9.0, "written": 100.0}  # a killed 2-process run's rank 1
+    new = {"row": "fixed", "sample": 0, "sec": 1.0, "written": 200.0}  # the batch sampled again by one process
+    (tmp_path / "results.jsonl").write_text(json.dumps(new) + "\n")
+    (tmp_path / "results-rank1.jsonl").write_text(json.dumps(old) + "\n")
+    assert runner.read_results(tmp_path) == [new]
+
+
+def test_flops_counted_ahead_leave_none_to_count_in_a_timed_run(model_dirs, monkeypatch):
+    import ddit.sampling
+    from ddit.ablate.models import folders, load_model
+    from ddit.caches import get_cache
+    from ddit.sampling import count_flops_ahead, transformer_velocity
+    from ddit.testbed.base_model import generate
+
+    model = load_model(folders(model_dirs[1], model_dirs[3]))
+    for shape in ((3, 32, 32), (3, 16, 16)):
+        count_flops_ahead(transformer_velocity(model), shape, guidance=2.0)
+    monkeypatch.setattr(ddit.sampling, "count_flops", lambda *a, **kw: pytest.fail("counted in a timed run"))
+    for policy, cache in ((get_policy("fixed", fraction=0.5), get_cache("teacache", coefficients=[1, 0], delta=0.1)),
+                          (get_policy("progressive"), None)):
+        traces = generate(model, torch.arange(2), steps=4, policy=policy, cache=cache).traces
+        assert all(step["flops"] > 0 for trace in traces for step in trace)
+
+
+def test_the_python_api_refuses_to_resume_with_another_model(model_dirs, tmp_path):
+    import ddit.ablate
+    from ddit.ablate.models import folders, load_model
+
+    model = load_model(folders(model_dirs[1], model_dirs[3]))
+    settings = dict(policies=["fixed"], caches=["none"], steps=2, fewer_steps=(), num_per_class=1, batch_size=4,
+                    policy_params={"fixed": {"fraction": 1}}, progress=False)
+    ddit.ablate.run(tmp_path, model=model, **settings)
+    with torch.no_grad():
+        model.heads["4"].embed.weight.add_(0.1)  # other weights
+    with pytest.raises(ValueError, match="another configuration"):
+        ddit.ablate.run(tmp_path, model=model, **settings)
+
+
+def test_an_explicit_progressive_row_stays_beside_the_progressive_policy(args, tmp_path, monkeypatch):
+    import ddit.ablate.runner
+
+    def stop(config, *a, **kw):
+        raise RuntimeError(f"rows: {sorted(config.rows)}")
+
+    monkeypatch.setattr(ddit.ablate.runner, "run_ablation", stop)
+    with pytest.raises(RuntimeError, match=r"progressive\[switch=0.3\]"):
+        from ddit.ablate.cli import build_parser, run
+        run(build_parser().parse_args([*args(tmp_path / "run"), "--policies", "progressive,fixed",
+                                       "--progressive", "0.3"]), None)

@@ -49,6 +49,7 @@ def test_rows_run_inside_the_pipeline_and_are_compared_with_their_twins(setup, t
     assert fixed["coarse_step_fraction"] == pytest.approx(0.4) and fixed["mean_patch_size"] > 2
     assert fixed["ssim_vs_baseline"] < 1 and set(fixed["per_prompt"]) == {"a red circle", "blue stripes on white"}
     assert summary["baseline@3"]["coarse_step_fraction"] == 0
+    assert fixed["cached_step_fraction"] == 0  # no cache: none skipped (a diffusers hook's: unknown, None)
     images = load_file(out / "images" / "fixed" / "0000000.safetensors")["images"]
     assert images.shape == (2, 3, 128, 128) and images.dtype == torch.uint8  # 8-bit, as decoded
     report = (out / "report.md").read_text()
@@ -91,6 +92,11 @@ def test_a_torn_run_resumes_to_the_same_summary(setup, tmp_path):
     (dict(caches="teacache"), "row baseline+teacache: ddit's 'teacache' cache handles single-stream blocks only"),
     (dict(extra=("--num-frames", "5")), "StableDiffusion3Pipeline takes no num_frames"),
     (dict(extra=("--progressive", "delta=0.05")), "the spectral rule needs clean latents of your images"),
+    (dict(extra=("--progressive", "0.001")), "row progressive[switch=0.001]: switch 0.001 is below every step's noise"),
+    (dict(policies=("progressive",), caches="none,first_block_cache"), "progressive resolution runs the stock "
+                                                                       "pipeline (ddit.progressive_call), which "
+                                                                       "takes no cache"),
+    (dict(extra=("--num-per-class", "2")), "--num-per-class is for the testbed only"),
 ])
 def test_rows_that_cannot_run_are_refused_before_anything_is_written(setup, tmp_path, capsys, change, message):
     out = tmp_path / "run"

@@ -379,6 +379,29 @@ def test_wan_i2v_image_tokens_reach_a_coarse_output():
 
 
 @torch.no_grad()
+def test_wan22_ti2v_per_token_timesteps_are_reproduced_and_run_coarse():
+    """Wan 2.2 TI2V (expand_timesteps) gives every token its timestep, its first frame's at 0 in image-to-video:
+    the spec reproduces the backbone with them, and at a coarse size one timestep shared by every token is the
+    per-sample one."""
+    torch.manual_seed(0)
+    backbone, inputs = wan()
+    model = MultiPatchTransformer(_randomize(backbone))
+    per_token = torch.full((B, 3 * 8 * 4), 700.0)
+    per_token[:, : 8 * 4] = 0.0  # the first frame: the conditioning image
+    given = model._signature.bind(**{**inputs, "timestep": per_token}, return_dict=False)
+    given.apply_defaults()
+    head = PatchHead(*model.spec.base_weights(), scale=1)
+    reference = backbone(**{**inputs, "timestep": per_token}, return_dict=False)[0]
+    assert (model._patched(head, 2, model.spec.latent(given.arguments), given.arguments) - reference).abs().max() \
+        <= 1e-5
+    assert model.spec.timestep(given.arguments).tolist() == [700.0, 700.0]  # the step's: the noisiest token's
+    coarse = model(**{**inputs, "timestep": per_token}, patch_size=4).sample
+    shared = model(**{**inputs, "timestep": torch.full((B, 96), 700.0)}, patch_size=4).sample
+    assert coarse.isfinite().all() and not torch.allclose(coarse, shared, atol=1e-3)  # the first frame's t counts
+    assert torch.allclose(shared, model(**{**inputs, "timestep": torch.full((B,), 700.0)}, patch_size=4).sample,
+                          atol=1e-5)
+
+
 def test_ltx_per_token_timesteps_are_reproduced_and_a_coarse_patch_takes_its_frames():
     """LTX image-to-video gives the conditioning frame's tokens t = 0: the spec's forward reproduces the backbone
     with them, and a coarse step matches one whose timestep is each frame's, given per sample."""
@@ -569,6 +592,19 @@ def test_spec_is_chosen_by_class_including_subclasses_and_plugins(monkeypatch):
     assert isinstance(spec_for(subclass), DiTSpec)
     monkeypatch.setattr(ddit.backbones.plugins, "collect", lambda hook: [LinearSpec])
     assert isinstance(spec_for(torch.nn.Linear(2, 2)), LinearSpec)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["flux", "sd3", "qwenimage"])
+def test_a_lora_scale_is_taken_out_before_the_blocks_as_the_stock_forward_does(name, caplog):
+    torch.manual_seed(0)
+    backbone, inputs = FAMILIES[name]()
+    model = MultiPatchTransformer(_randomize(backbone))
+    key = "attention_kwargs" if name == "qwenimage" else "joint_attention_kwargs"
+    plain = model(**inputs, patch_size=4).sample
+    with caplog.at_level("WARNING"):
+        scaled = model(**inputs, **{key: {"scale": 0.5}}, patch_size=4).sample
+    assert torch.equal(scaled, plain) and "scale" not in caplog.text
 
 
 def test_arguments_of_the_fine_grid_are_refused_at_coarse_sizes():

@@ -138,6 +138,8 @@ def test_fine_tail_keeps_the_last_steps_at_the_base_size():
     assert calibrate_tau([trace], 0.3, rule=tail) > 1e9  # 8 at 4 and 2 at 2 cost 0.4: size 8 needed
     with pytest.raises(ValueError, match="out of reach"):  # 2 of 10 steps are never coarse: >= 0.25
         calibrate_tau([trace], 0.2, rule=tail)
+    unknown = synthetic_trace([1.0] * 10, num_steps=0)  # no step count: no tail at run time, nor here
+    assert 1 < calibrate_tau([unknown], 0.3, rule=tail) < 1.001
 
 
 def test_decisions_differ_per_sample_within_a_batch():
@@ -262,11 +264,12 @@ def test_oracle_at_a_budget_fits_its_tolerance_to_the_cost():
 
 # --- budget ---------------------------------------------------------------------------------
 
-def synthetic_trace(signal_4, steps=10, warmup=0):
+def synthetic_trace(signal_4, steps=10, warmup=0, num_steps=None):
     """One sample; the size-4 signal at step i is signal_4[i]; size 8 only below a huge tau."""
     return [
         Decision(i, 1 - i / steps, torch.tensor([2]),
-                 {} if i < warmup else {2: torch.zeros(1), 4: torch.tensor([signal_4[i]]), 8: torch.tensor([1e9])})
+                 {} if i < warmup else {2: torch.zeros(1), 4: torch.tensor([signal_4[i]]), 8: torch.tensor([1e9])},
+                 steps if num_steps is None else num_steps)
         for i in range(steps)
     ]
 

@@ -144,6 +144,60 @@ def test_image_conditioned_pipelines_count_steps_from_where_they_start(kind, cls
     assert torch.equal(call(), stock)
 
 
+class FirstSampleCoarse(ddit.policies.PatchPolicy):
+    """Sample 0 at patch 4 for the first two steps, the others at the base size."""
+
+    name = "first_sample_coarse"
+
+    def choose(self, step):
+        sizes = torch.full((self.batch_size,), self.base_size)
+        sizes[0] = 4 if step.index < 2 else self.base_size
+        return sizes, {}
+
+
+def test_wan_first_and_last_frame_video_runs_a_batch_split_by_size(tmp_path):
+    """Wan 2.1 FLF2V: a transformer with pos_embed_seq_len reads two images' CLIP tokens per sample, rows 2i and
+    2i + 1: a group of samples takes both of each of its samples' (the fine sample equals its stock twin)."""
+    pipe = load(save_tiny_pipeline("wan-i2v", tmp_path))
+    stock = pipe.transformer
+    pipe.transformer = type(stock).from_config({**stock.config, "pos_embed_seq_len": 2 * 5})  # 5 CLIP tokens
+    pipe.transformer.load_state_dict(stock.state_dict(), strict=False)
+    torch.nn.init.normal_(pipe.transformer.condition_embedder.image_embedder.pos_embed, std=0.5)
+
+    def call():
+        return pipe(prompt=PROMPTS, image=IMAGE, last_image=IMAGE.flip(-1), num_inference_steps=STEPS,
+                    generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="latent",
+                    **TINY_CALL["wan-i2v"]).frames
+
+    before = call()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FirstSampleCoarse())
+    after = call()
+    assert torch.allclose(after[1], before[1], atol=1e-5) and (after[0] - before[0]).abs().max() > 1e-3
+    assert {(r["sample"], r["patch_size"]) for r in ddit.summary(pipe).records if r["step"] == 0} == {(0, 4), (1, 2)}
+
+
+def test_wan22_ti2v_per_token_timesteps_run_coarse_steps_in_the_stock_pipeline(tmp_path):
+    """Wan 2.2 TI2V's pipeline (expand_timesteps) hands the transformer one timestep per token."""
+    pipe = diffusers.WanPipeline.from_pretrained(save_tiny_pipeline("wan", tmp_path), expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["timestep"].shape),
+                                               with_kwargs=True)
+
+    def call():
+        return run(pipe, "wan", PROMPTS[0], guidance=True, output_type="latent")
+
+    stock = call()
+    assert seen[0] == (1, 2 * 16 * 16 // 4)  # (batch, tokens): 2 latent frames of 16x16 at patch 2
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
+    assert torch.allclose(call(), stock, atol=1e-5)
+    ddit.disable(pipe)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="fixed", fraction=0.5)
+    coarse = call()
+    assert torch.isfinite(coarse).all() and (coarse - stock).abs().max() > 1e-3
+    assert ddit.summary(pipe).coarse_fraction == 0.5
+
+
 def test_hunyuanvideo15_image_to_video_runs_its_image_prompt_at_every_size(tmp_path):
     """HunyuanVideo15ImageToVideoPipeline on the tiny folder's components with a tiny SigLIP encoder, its size
     picked from the image at a 64-pixel target: the baseline policy is stock, and the image reaches coarse steps."""

@@ -271,6 +271,10 @@ class MultiPatchTransformer(nn.Module):
         refused += image_prompts(given)
         if refused:
             raise ValueError(f"{', '.join(refused)} cannot be used at a coarse patch size")
+        for name in ("joint_attention_kwargs", "attention_kwargs"):
+            if isinstance(given.get(name), dict) and "scale" in given[name]:
+                # a LoRA scale: the stock forward's @apply_lora_scale takes it out before the blocks, which warn
+                given[name] = {k: v for k, v in given[name].items() if k != "scale"}
         x = self.spec.latent(given)
         self._check(patch_size, x.shape[-2:])
         self._use_lora(patch_size)

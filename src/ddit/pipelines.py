@@ -162,7 +162,7 @@ class DynamicPatchTransformer(nn.Module):
         """The adapter's output for rows ``idx`` (all: ``None``) of this call, at ``size``."""
         if idx is not None:
             given, spec = self._signature.bind(*args, **kwargs), self.adapter.spec
-            given.arguments.update({k: _cut(v, idx, rows, k in spec.per_sample_lists)
+            given.arguments.update({k: _cut(v, idx, rows, k in spec.per_sample_lists, k in spec.row_blocks)
                                     for k, v in given.arguments.items() if k not in spec.unbatched})
             args, kwargs = given.args, given.kwargs
         return as_batch(self.adapter(*args, **kwargs, patch_size=size)[0])
@@ -186,11 +186,13 @@ class DynamicPatchTransformer(nn.Module):
                              f"multiples of {multiple}{binned}")
 
 
-def _cut(value, idx: torch.Tensor, rows: int, listed: bool = False):
+def _cut(value, idx: torch.Tensor, rows: int, listed: bool = False, blocked: bool = False):
     """``value``'s entries for rows ``idx``, if it has one entry per row (tensors, dicts of them, and lists where
-    the spec says they hold one entry per sample: ``listed``)."""
+    the spec says they hold one entry per sample: ``listed``), or one block of entries per row (``blocked``)."""
     if isinstance(value, torch.Tensor) and value.ndim and len(value) == rows:
         return value[idx.to(value.device)]
+    if blocked and isinstance(value, torch.Tensor) and value.ndim and len(value) % rows == 0:
+        return value.unflatten(0, (rows, -1))[idx.to(value.device)].flatten(0, 1)
     if listed and isinstance(value, list) and len(value) == rows:
         return [value[i] for i in idx.tolist()]
     if isinstance(value, dict):

@@ -201,21 +201,39 @@ def _traces(records, n, fn, autocast, shapes, branches, flops) -> list[list[dict
     """The runtime's records as per-sample traces, with FLOPs counted once per (size, cached) and
     shape (``shapes``: each step's latent shape, which progressive resolution changes)."""
     traces: list[list[dict]] = [[] for _ in range(n)]
-    velocity = guided(fn, 1.0 if branches == 1 else 2.0, 0)
-    device = fn.model.device if getattr(fn, "model", None) is not None else torch.device("cpu")
     for r in records:
         cached = bool(r["cached"])
-        sample_shape = shapes[r["step"]]
-        key = (r["patch_size"], cached, sample_shape, branches)
-        if key not in flops:  # per sample: no op mixes samples, so a batch costs the sum
-            one = (torch.zeros(1, *sample_shape, device=device), torch.ones(1, device=device) * 500,
-                   torch.zeros(1, dtype=torch.long, device=device))
-            with autocast(), _blocks(fn, cached and _skipped):
-                flops[key] = count_flops(velocity, *one, r["patch_size"])
+        count = _flops(fn, autocast, flops, r["patch_size"], cached, shapes[r["step"]], branches)
         traces[r["sample"]].append(dict(step=r["step"], sigma=r["sigma"], patch_size=r["patch_size"],
-                                        seconds=r["seconds"], flops=flops[key], tokens=r["tokens"], cached=cached,
+                                        seconds=r["seconds"], flops=count, tokens=r["tokens"], cached=cached,
                                         signals=r["signals"]))
     return traces
+
+
+def count_flops_ahead(fn: VelocityFn, sample_shape: tuple[int, ...], guidance: float = 1.0,
+                      bf16: bool = False) -> None:
+    """Counts now the FLOPs that ``sample``'s traces read for ``fn`` at ``sample_shape`` (every patch size, with
+    and without a cache's skip), so that no timed run counts them (the ablation harness times whole runs)."""
+    model = getattr(fn, "model", None)
+    device = model.device if model is not None else torch.device("cpu")
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
+    flops = _FLOPS.setdefault(model if model is not None else fn, {})
+    for size in getattr(fn, "patch_sizes", (1,)):
+        for cached in (False, True) if model is not None else (False,):
+            _flops(fn, autocast, flops, size, cached, tuple(sample_shape), 1 if guidance == 1.0 else 2)
+
+
+def _flops(fn, autocast, flops: dict, size: int, cached: bool, sample_shape: tuple[int, ...], branches: int) -> int:
+    """One sample's FLOPs at a step, counted once per (size, cached, shape, branches): no op mixes samples, so a
+    batch costs the sum."""
+    key = (size, cached, sample_shape, branches)
+    if key not in flops:
+        device = fn.model.device if getattr(fn, "model", None) is not None else torch.device("cpu")
+        one = (torch.zeros(1, *sample_shape, device=device), torch.ones(1, device=device) * 500,
+               torch.zeros(1, dtype=torch.long, device=device))
+        with autocast(), _blocks(fn, cached and _skipped):
+            flops[key] = count_flops(guided(fn, 1.0 if branches == 1 else 2.0, 0), *one, size)
+    return flops[key]
 
 
 def _blocks(fn, stack):

@@ -30,10 +30,11 @@ def run(out: str | Path, policies: Iterable = ("third_order",), caches: Iterable
 
     ``settings`` are ``build_config``'s: ``steps``, ``fewer_steps``, ``num_per_class``, ``seed``,
     ``guidance``, ``batch_size``, ``policy_params``, ``cache_params``, ``sweeps``. ``model`` defaults
-    to the testbed's shipped base model and adapter, ``evaluator`` to the testbed's.
+    to the testbed's shipped base model and adapter, ``evaluator`` to the testbed's; a run resumes only with
+    the same model (its weights' hash), device and dtype.
     """
     from ..testbed.evaluator import load_evaluator
-    from .models import fingerprint, folders, load_model
+    from .models import fingerprint, folders, load_model, state_fingerprint
 
     policy_names, policy_params, policy_classes = _resolve(policies, PatchPolicy, available_policies)
     cache_names, cache_params, cache_classes = _resolve(caches, Cache, available_caches)
@@ -43,6 +44,10 @@ def run(out: str | Path, policies: Iterable = ("third_order",), caches: Iterable
         if model is None:
             found_folders = folders()
             model, settings["model"] = load_model(found_folders), fingerprint(found_folders)
+        else:
+            settings.setdefault("model", state_fingerprint(model))
+        settings.setdefault("device", str(model.device))
+        settings.setdefault("dtype", str(model.dtype).removeprefix("torch."))
         config = build_config(policy_names, cache_names, **settings)
         run_ablation(config, model, out, progress=progress)
         return summarize(config, out, evaluator or load_evaluator())

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "full), each a switch noise level or delta=TOL for the paper's spectral rule (e.g. "
                         "0.4,delta=0.05); '' for none (default: 0.4 on the testbed; none with --pipeline, where FLUX "
                         "and SD3 take switch levels)")
-    p.add_argument("--num-per-class", type=int, default=16,
+    p.add_argument("--num-per-class", type=int,
                    help="testbed: samples per class and row (default 16: a few minutes on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0, help="sample i of every row starts from seed + i")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, >= 1 (default: 2 on the "
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "`ddit distill --pipeline`) and --prompts")
     pipe.add_argument("--prompts", help="a text file, one prompt per line; or a .jsonl file, one "
                       '{"prompt": ..., "image": "cat.png"} per line, for a pipeline that needs an image per prompt')
-    pipe.add_argument("--num-per-prompt", type=int, default=1, help="samples per prompt and row (default 1)")
+    pipe.add_argument("--num-per-prompt", type=int, help="samples per prompt and row (default 1)")
     pipe.add_argument("--height", type=int, help="image height (default: the pipeline's)")
     pipe.add_argument("--width", type=int, help="image width (default: the pipeline's)")
     pipe.add_argument("--num-frames", type=int, help="frames of a video pipeline (Wan)")
@@ -95,11 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Options of one kind of run only: given to the other, they would be ignored.
+PIPELINE_ONLY = ("prompts", "num_per_prompt", "height", "width", "num_frames", "pipeline_arg")
+TESTBED_ONLY = ("num_per_class", "backbone", "evaluator")
+
+
 def run(args: argparse.Namespace, console: Console) -> None:
+    if not args.caches:
+        raise ValueError("--caches is empty: give at least one (none: the policies without a cache)")
+    given = [name for name in (TESTBED_ONLY if args.pipeline else PIPELINE_ONLY) if getattr(args, name) not in (None, [])]
+    if given:
+        option = "--" + given[0].replace("_", "-")
+        raise ValueError(f"{option} is for the testbed only: drop it with --pipeline" if args.pipeline else
+                         f"{option} needs --pipeline (a run on your own pipeline); the testbed does not take it")
     if args.pipeline:
         return run_on_pipeline(args, console)
-    if args.prompts:
-        raise ValueError("--prompts needs --pipeline: the pipeline folder to run them through")
     from ..testbed.evaluator import load_evaluator
     from .config import build_config, parse_params
     from .models import fingerprint, folders, load_model
@@ -115,13 +125,16 @@ def run(args: argparse.Namespace, console: Console) -> None:
     found = folders(args.backbone, args.adapter)
     from ..policies import ProgressiveResolution
 
-    progressive = (ProgressiveResolution.switch,) if args.progressive is None else args.progressive
+    progressive = args.progressive  # by default 0.4, unless the progressive policy is a row already
+    if progressive is None:
+        progressive = () if "progressive" in args.policies else (ProgressiveResolution.switch,)
     config = build_config(args.policies, args.caches, steps=args.steps, fewer_steps=args.fewer_steps,
-                          progressive=progressive if "progressive" not in args.policies else (),
+                          progressive=progressive,
                           policy_params=parse_params(args.policy_param, "--policy-param"),
                           cache_params=parse_params(args.cache_param, "--cache-param"),
                           sweeps=parse_params(args.sweep, "--sweep"),
-                          num_per_class=args.num_per_class, seed=args.seed,
+                          num_per_class=16 if args.num_per_class is None else args.num_per_class,
+                          seed=args.seed,
                           guidance=2.0 if args.guidance is None else args.guidance,
                           batch_size=64 if args.batch_size is None else args.batch_size,
                           model=fingerprint(found), device=args.device,
@@ -150,12 +163,11 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     if not args.adapter:
         raise ValueError("--pipeline needs --adapter: the adapter folder of that pipeline's transformer "
                          "(OUT/adapter of `ddit distill --pipeline`)")
-    if args.backbone or args.evaluator:
-        raise ValueError("--backbone and --evaluator are the testbed's; with --pipeline, drop them")
     if not args.prompts:
         raise ValueError("--pipeline needs --prompts: a text file, one prompt per line (or a .jsonl file)")
     if args.guidance is not None and not args.guidance >= 1:
         raise ValueError(f"--guidance must be at least 1, got {args.guidance}")
+    args.num_per_prompt = 1 if args.num_per_prompt is None else args.num_per_prompt
     if args.num_per_prompt < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise ValueError("--num-per-prompt and --batch-size must be at least 1")
     if args.threads:
@@ -188,7 +200,7 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
         models.update(pipeline_2=Path(args.pipeline) / "transformer_2", adapter_2=found / "transformer_2")
     config = PipelineAblationConfig(rows=rows, prompts=prompts, steps=args.steps, num_per_prompt=args.num_per_prompt,
                                     seed=args.seed, batch_size=args.batch_size or 1, call=call,
-                                    model=fingerprint(models),
+                                    model=fingerprint(models, configs=Path(args.pipeline)),
                                     device=device.type, dtype=str(pipe.transformer.dtype).removeprefix("torch."))
     run_pipeline_ablation(config, pipe, adapters, args.out, progress=not args.no_progress)
     if state.is_main_process:

@@ -166,6 +166,10 @@ def build_rows(policies: list[str], caches: list[str], *, steps: int = 50,
     _check_params("--policy-param", policy_params, [p for p in policies if p != BASELINE])
     _check_params("--cache-param", cache_params, [c for c in caches if c != NO_CACHE])
     _check_params("--sweep", sweeps, [n for n in (*policies, *caches) if n not in (BASELINE, NO_CACHE)])
+    if not testbed and PROGRESSIVE in policies and any(c != NO_CACHE for c in caches):
+        raise ValueError("progressive resolution runs the stock pipeline (ddit.progressive_call), which takes no "
+                         "cache: in a pipeline ablation give it as --progressive SWITCH (a row of its own) and drop "
+                         "it from --policies, or drop the caches")
     if not steps > 0 or any(s <= 0 for s in fewer_steps):
         raise ValueError(f"step counts must be positive, got --steps {steps}, --fewer-steps {fewer_steps}")
     if check is not None:

@@ -31,17 +31,36 @@ def folders(backbone: str | Path | None = None, adapter: str | Path | None = Non
     return found
 
 
-def fingerprint(found: dict[str, Path]) -> dict[str, str]:
+def fingerprint(found: dict[str, Path], configs: Path | None = None) -> dict[str, str]:
     """A hash of each folder's weights and configs: a different model must not resume a run. Its
-    cards' measurements (``eval.json``, ``card.json``) are not the model and are left out."""
-    prints = {}
-    for what, folder in found.items():
-        digest = hashlib.sha256()
-        for file in sorted([*folder.glob("*.safetensors"), *folder.glob("*config.json")]):
-            digest.update(file.name.encode())
-            digest.update(file.read_bytes())
-        prints[what] = digest.hexdigest()[:16]
-    return prints
+    cards' measurements (``eval.json``, ``card.json``) are not the model and are left out. ``configs``:
+    a pipeline folder, whose every component's JSON (configs, the scheduler's, the tokenizers') is hashed too
+    (``components``): another shift or VAE config must not resume a run either."""
+    files = {what: sorted([*folder.glob("*.safetensors"), *folder.glob("*config.json")])
+             for what, folder in found.items()}
+    if configs is not None:
+        files["components"] = sorted([*configs.glob("*.json"), *configs.glob("*/*.json")])
+    return {what: _digest(paths) for what, paths in files.items()}
+
+
+def state_fingerprint(model) -> dict[str, str]:
+    """A hash of a model's weights, for a model given in memory (``ddit.ablate.run(model=...)``)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return {"weights": digest.hexdigest()[:16]}
+
+
+def _digest(paths: list[Path]) -> str:
+    """One hash of files' names and bytes, read in chunks (a FLUX shard is 10 GB)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def load_model(found: dict[str, Path]) -> MultiPatchTransformer:

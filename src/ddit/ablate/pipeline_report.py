@@ -22,7 +22,7 @@ from ..images import save_grid
 from .config import BASELINE
 from .pipeline_runner import PipelineAblationConfig
 from .runner import load_images, read_results
-from .tables import add_wall_speedups, batch_seconds, finite, markdown_table, rich_table
+from .tables import add_wall_speedups, batch_seconds, finite, markdown_table, rich_table, row_mean
 
 COLUMNS = {"sec_per_image": "s/image", "speedup_wall": "x wall", "speedup_wall_range": "x wall over batches",
            "ssim_vs_baseline": "SSIM", "psnr_vs_baseline": "PSNR", "mean_patch_size": "mean patch",
@@ -74,7 +74,7 @@ def _per_sample(images: torch.Tensor, baseline: torch.Tensor, records: list[dict
     for x, y in zip(images, baseline):
         a, b = _unit(x).reshape(-1, *x.shape[-3:]), _unit(y).reshape(-1, *y.shape[-3:])
         ssim.append(structural_similarity_index_measure(a, b, data_range=1.0, reduction="none").mean())
-        psnr.append(peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3)).mean())
+        psnr.append(peak_signal_noise_ratio(a, b, data_range=1.0))  # of the whole video's squared error
     sizes = torch.tensor([r["patch_size"] for r in records], dtype=torch.float32)
     cached = torch.tensor([[math.nan if c is None else c for c in r["cached"]] for r in records],
                           dtype=torch.float32)  # NaN (shown as -): a diffusers hook, whose hits are unknown
@@ -95,7 +95,7 @@ def _unit(images: torch.Tensor) -> torch.Tensor:
 
 def _means(values: dict[str, torch.Tensor], mask: list[bool] | None = None) -> dict[str, float]:
     keep = slice(None) if mask is None else torch.tensor(mask)
-    means = {name: v[keep].double().mean().item() for name, v in values.items()}
+    means = {name: row_mean(name, v[keep]) for name, v in values.items()}
     return {name: None if math.isnan(v) else v for name, v in means.items()}  # NaN: not known
 
 
@@ -155,7 +155,9 @@ def _markdown(config: PipelineAblationConfig, summary: list[dict], figures: dict
         f"{config.num_samples} samples per row ({config.num_per_prompt} per prompt, {len(config.prompts)} prompts), "
         f"{config.steps} steps, seed {config.seed}, batch {config.batch_size}, on {config.device} in {config.dtype}; "
         f"pipeline arguments {json.dumps(config.call)}. Sample i of every row has the prompt and seed of the "
-        "baseline's sample i; SSIM and PSNR compare each sample with that twin. Speed-ups are each batch's "
+        "baseline's sample i; SSIM and PSNR compare each sample with that twin (a row's PSNR: that of its "
+        "samples' mean squared error, a video's over all its frames; identical: every sample equals its twin). "
+        "Speed-ups are each batch's "
         "wall time per image against the baseline's, the policy's decisions included.\n\n"
         f"{SKIPPED}.\n\n## Rows\n\n{rows}{warning}\n## Per prompt\n\n{per_prompt}\n## Figures\n\n{pictures}"
     )

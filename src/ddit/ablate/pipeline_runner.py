@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from ..adapter import MultiPatchTransformer
 from ..checkpoint import write_text_atomic
 from ..pipeline_call import Prompt, as_prompts
+from ..caches import diffusers_caches
 from ..pipelines import disable, enable, summary
 from ..progressive_pipeline import check_progressive, half_resolution_steps, progressive_call
 from ..runtime import synchronized_clock
@@ -86,8 +88,13 @@ def check_pipeline_rows(config: PipelineAblationConfig, pipe, adapters: Adapters
         if row.policy == PROGRESSIVE:
             try:
                 check_progressive(pipe, config.call.get("height"), config.call.get("width"))
+                half = half_resolution_steps(pipe, policy, **_call_args(config.prompts[:1]),
+                                             num_inference_steps=row.steps, **config.call)
             except ValueError as err:
                 raise ValueError(f"row {key}: {err}") from None
+            if all(half):
+                raise ValueError(f"row {key}: switch {policy.switch} is below every step's noise level: nothing "
+                                 "would run at full resolution; give a higher switch (e.g. --progressive 0.4)")
         elif _enabled(row):
             try:
                 enable(pipe, adapters, policy=policy or BASELINE, cache=row.make_cache(testbed=False))
@@ -132,7 +139,7 @@ def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapters: Adapte
                 log.write(json.dumps({"row": key, "sample": i, "prompt": config.prompt(i).label,
                                       "seed": config.seed + i,
                                       "policy": row.policy, "cache": row.cache, "steps": row.steps,
-                                      "sec": wall / len(indices), **decisions[j]}) + "\n")
+                                      "written": time.time(), "sec": wall / len(indices), **decisions[j]}) + "\n")
             log.flush()
             os.fsync(log.fileno())
     state.wait_for_everyone()
@@ -200,7 +207,8 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
     images = getattr(output, "frames", None)
     images = output.images if images is None else images
     images = (torch.as_tensor(images).float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    return images, wall, _decisions(records, len(indices), row.steps, adapters["transformer"].base_patch_size, half)
+    return images, wall, _decisions(records, len(indices), row.steps, adapters["transformer"].base_patch_size, half,
+                                    hooks=row.cache in diffusers_caches())
 
 
 def check_batch(batch_size: int, prompts: list[Prompt]) -> None:
@@ -217,16 +225,17 @@ def _call_args(prompts: list[Prompt]) -> dict:
     return dict(prompt=[p.text for p in prompts], **prompts[0].call_inputs())
 
 
-def _decisions(records: list[dict], batch: int, steps: int, base: int, half: list[bool] | None = None) -> list[dict]:
+def _decisions(records: list[dict], batch: int, steps: int, base: int, half: list[bool] | None = None, *,
+               hooks: bool = False) -> list[dict]:
     """Per sample, its patch size and cache hit at each step (the stock pipeline: base size, no cache;
-    a diffusers cache hook: hits unknown, None). A half-resolution step of progressive resolution
+    a diffusers cache hook, ``hooks``: hits unknown, None). A half-resolution step of progressive resolution
     counts as twice the base size: a token covers the image area of a 2p patch at full size."""
     sizes = [[2 * base if half and half[step] else base for step in range(steps)] for _ in range(batch)]
     cached = [[False] * steps for _ in range(batch)]
     for r in records:
         if r["step"] < steps:
             sizes[r["sample"]][r["step"]] = r["patch_size"]
-            cached[r["sample"]][r["step"]] = r["cached"]  # None: a diffusers hook, which does not say
+            cached[r["sample"]][r["step"]] = r["cached"] if hooks else bool(r["cached"])  # a hook does not say
     return [{"patch_size": s, "cached": c} for s, c in zip(sizes, cached)]
 
 

@@ -24,7 +24,7 @@ from . import adaptivity, plots
 from .config import AblationConfig, effective_params
 from .metrics import fd, per_sample, sfd
 from .runner import load_images, read_calibration, read_results
-from .tables import add_wall_speedups, batch_seconds, finite, markdown_table, rich_table
+from .tables import add_wall_speedups, batch_seconds, finite, markdown_table, rich_table, row_mean
 
 #: Columns of summary.csv and of the tables, with their short titles.
 COLUMNS = {"sec_per_image": "s/image", "speedup_wall": "x wall", "speedup_wall_range": "x wall over batches",
@@ -82,7 +82,7 @@ def summarize(config: AblationConfig, out: str | Path, evaluator: Evaluator) -> 
     figures = plots.plot_all(out, config, records, summary, images, base_size)
     pairs = adaptivity.compare(config, records, base_size)
     if pairs:
-        write_text_atomic(out / "adaptivity.json", json.dumps(pairs, indent=1))
+        write_text_atomic(out / "adaptivity.json", json.dumps(finite(pairs), indent=1, allow_nan=False))
         adaptivity.plot(out / "plots/adaptivity.png", pairs)
         figures["Coarse fraction per step and class: captured (policy, solid) vs available (oracle, dashed)"] = (
             "plots/adaptivity.png")
@@ -96,7 +96,7 @@ def table(summary: list[dict]) -> Table:
 
 
 def _means(values: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> dict[str, float]:
-    return {name: (v if mask is None else v[mask]).double().mean().item() for name, v in values.items()}
+    return {name: row_mean(name, v if mask is None else v[mask]) for name, v in values.items()}
 
 
 def _add_speedups(summary: list[dict], seconds: dict[str, list[float]]) -> None:
@@ -157,7 +157,9 @@ def _markdown(config: AblationConfig, summary: list[dict], quality: dict, figure
         "samples (reals fixed), centred on the measured FD: two rows whose intervals overlap are not told apart "
         "at this sample size. Wall times are "
         "measured on a possibly shared machine and are noisier "
-        "than FLOPs. PSNR of identical images is infinite: shown as identical here, null in summary.json.\n\n"
+        "than FLOPs. A row's PSNR is that of its samples' mean squared error to their twins (a mean of "
+        "per-sample PSNR would be infinite as soon as one sample equals its twin); infinite only when every "
+        "sample does: shown as identical here, null in summary.json.\n\n"
         f"## Rows\n\n{rows}\n{_timing_warnings(summary)}{params}\n## Per class\n\n{per_class}\n"
         f"{sections}## Figures\n\n{pictures}"
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -31,10 +32,11 @@ from tqdm.auto import tqdm
 from ..checkpoint import write_text_atomic
 from ..policies import get_policy
 from ..runtime import synchronized_clock
+from ..sampling import count_flops_ahead, transformer_velocity
 from ..testbed.base_model import generate
-from ..testbed.data import PROMPTS
+from ..testbed.data import CHANNELS, IMAGE_SIZE, PROMPTS
 from ..testbed.evaluate import balanced_labels
-from .config import AblationConfig, Row, check_folder
+from .config import PROGRESSIVE, AblationConfig, Row, check_folder
 
 RESULTS = "results.jsonl"
 CALIBRATION = "calibration.json"
@@ -54,7 +56,7 @@ def run_ablation(config: AblationConfig, model, out: str | Path, *, progress: bo
     todo = [b for b in batches if not batch_done(out, b[0], b[2], min(b[2] + size, n), done, report)]
     labels = config.labels()
     if todo:
-        _warm_up(model, config.guidance)
+        _warm_up(model, config)
     taus = calibrate_rows(config, model, out)
     with results_file(out).open("a") as log:
         bar = tqdm(todo, total=len(batches), initial=len(batches) - len(todo), unit="batch",
@@ -112,14 +114,15 @@ def results_file(out: str | Path, rank: int = 0) -> Path:
 def read_results(out: str | Path, report: Callable[[str], None] | None = None) -> list[dict]:
     """The finished records, one per (row, sample), from every process's file. A line torn by a
     kill is dropped (and cut from its file); a line that is not JSON is skipped; of a sample's
-    several records (a batch sampled again after a crash), the last is kept: it belongs to the
-    batch that wrote the current images. ``report`` gets one line per repair."""
+    several records (a batch sampled again after a crash, maybe by another process), the last
+    written is kept: it belongs to the batch that wrote the current images. ``report`` gets one
+    line per repair."""
     records = {}
     for path in sorted(Path(out).glob("results*.jsonl"), key=lambda p: (p.name != RESULTS, p.name)):
         for record in _read_file(path, report):
             key = (record["row"], record["sample"])
-            records.pop(key, None)  # keep the last, in the order of the file
-            records[key] = record
+            if key not in records or record.get("written", 0) >= records[key].get("written", 0):
+                records[key] = record  # within a file, the later line; across files, the later time
     return list(records.values())
 
 
@@ -182,12 +185,18 @@ def save_images(out: Path, key: str, start: int, images: torch.Tensor) -> None:
     os.replace(path.with_suffix(".tmp"), path)
 
 
-def _warm_up(model, guidance: float) -> None:
-    """One untimed sample through every patch size, so that no row pays for first-call setup
-    or for counting FLOPs."""
+def _warm_up(model, config: AblationConfig) -> None:
+    """One untimed sample through every patch size, so that no row pays for first-call setup; and every FLOP
+    count a row's traces will read (cached steps, progressive's half-size latent), so that none is counted in a
+    timed batch."""
     sizes = list(model.patch_sizes)
-    generate(model, torch.zeros(1, dtype=torch.long), steps=len(sizes), guidance=guidance,
+    generate(model, torch.zeros(1, dtype=torch.long), steps=len(sizes), guidance=config.guidance,
              policy=get_policy("fixed", schedule=sizes))
+    shapes = {(CHANNELS, IMAGE_SIZE, IMAGE_SIZE)}
+    if any(row.policy == PROGRESSIVE for row in config.rows.values()):
+        shapes.add((CHANNELS, IMAGE_SIZE // 2, IMAGE_SIZE // 2))
+    for shape in shapes:
+        count_flops_ahead(transformer_velocity(model), shape, config.guidance)
 
 
 def _record(key: str, row: Row, index: int, label: int, seed: int, wall: float, trace: list[dict]) -> dict:
@@ -195,7 +204,7 @@ def _record(key: str, row: Row, index: int, label: int, seed: int, wall: float, 
     sizes = sorted({p for step in trace for p in step["signals"]})
     return {
         "row": key, "sample": index, "label": label, "prompt": PROMPTS[label], "seed": seed + index,
-        "policy": row.policy, "cache": row.cache, "steps": row.steps,
+        "policy": row.policy, "cache": row.cache, "steps": row.steps, "written": time.time(),
         "sec": wall, "model_sec": sum(step["seconds"] for step in trace), "flops": sum(step["flops"] for step in trace),
         "trace": {
             **{name: [step[name] for step in trace]

@@ -6,11 +6,22 @@ from __future__ import annotations
 import math
 import statistics
 
+import torch
 from rich.table import Table
 
 
+def row_mean(name: str, values: torch.Tensor) -> float:
+    """A row's figure from its samples': their mean; for PSNR, the PSNR of their mean squared error (images in
+    [0, 1]), since one sample equal to its twin would make a mean of per-sample PSNR infinite."""
+    values = values.double()
+    if name == "psnr_vs_baseline":
+        return float(-10 * torch.log10((10 ** (-values / 10)).mean()))
+    return values.mean().item()
+
+
 def fmt(value) -> str:
-    """A cell: 3 significant digits, a range as ``a-b``, ``-`` for none, ``identical`` for infinite PSNR."""
+    """A cell: 3 significant digits, a range as ``a-b``, ``-`` for none, ``identical`` for infinite PSNR (every
+    sample equal to its twin)."""
     if value is None:
         return "-"
     if isinstance(value, list):  # a range

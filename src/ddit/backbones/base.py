@@ -66,6 +66,9 @@ class BackboneSpec:
     #: Forward arguments that are lists of one entry per sample (Z-Image's latents and prompts, Qwen-Image's
     #: img_shapes): a batch run in groups cuts them by row. A backbone whose latent is such a list returns a list too.
     per_sample_lists: tuple[str, ...] = ()
+    #: Forward arguments that may hold several consecutive rows per sample (Wan's first-and-last-frame video: two
+    #: images each): a batch run in groups cuts them by block of rows.
+    row_blocks: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -182,13 +185,16 @@ def sincos_positions(pos_embed: PatchEmbed, grid: tuple[int, int], scale: int) -
 
     A coarse patch sits where its top-left fine patch sat. The fine table is
     the one ``pos_embed`` itself adds: a centre crop of a stored table (SD3), or
-    one recomputed with the backbone's ``base_size`` (DiT, PixArt); a fresh
-    table for the coarse grid with another base size would misplace every patch.
+    one recomputed with the backbone's ``base_size`` (DiT, PixArt), whose rows
+    at stride ``scale`` are the table of the coarse grid itself with the same
+    ``base_size`` (a position is its index times base_size / grid): computed so,
+    on the model's device. Another base size would misplace every patch.
     """
     h, w = grid[0] * scale, grid[1] * scale
     if pos_embed.pos_embed_max_size:
         table = pos_embed.cropped_pos_embed(h * pos_embed.patch_size, w * pos_embed.patch_size)
-    else:
-        table = get_2d_sincos_pos_embed(pos_embed.pos_embed.shape[-1], (h, w), base_size=pos_embed.base_size,
-                                        interpolation_scale=pos_embed.interpolation_scale, output_type="pt")
-    return table.float().reshape(1, h, w, -1)[:, ::scale, ::scale].flatten(1, 2)
+        return table.float().reshape(1, h, w, -1)[:, ::scale, ::scale].flatten(1, 2)
+    table = get_2d_sincos_pos_embed(pos_embed.pos_embed.shape[-1], grid, base_size=pos_embed.base_size,
+                                    interpolation_scale=pos_embed.interpolation_scale,
+                                    device=pos_embed.proj.weight.device, output_type="pt")
+    return table.float().unsqueeze(0)

@@ -40,7 +40,7 @@ def calibrate_tau(traces: Sequence[Sequence[Decision]], target_fraction: float,
             rule.reset(len(trace[0].sizes), candidates[0], candidates)
             for d in trace:
                 sizes = rule.schedule(torch.stack([d.signals[p] for p in candidates]) if d.signals else None,
-                                      rule.protected(d.index, d.num_steps or len(trace)))
+                                      rule.protected(d.index, d.num_steps or 0))  # unknown: as at run time
                 spent += sum(cost[p] / cost[candidates[0]] for p in sizes.tolist())
                 steps += len(sizes)
         return spent / steps
