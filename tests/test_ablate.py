@@ -335,15 +335,24 @@ def test_the_python_api_runs_script_policies_and_the_docs_example_runs_as_writte
 
 
 def test_killed_at_random_points_and_torn_it_still_ends_as_an_uninterrupted_run(finished, tmp_path):
-    """SIGKILL at random moments, and after some kills a results file or an image file cut to a
-    random prefix (a torn write), then a run to the end: the summary of an uninterrupted run."""
+    """SIGKILL at random moments while sampling (after a random number of records), and after some kills a
+    results file or an image file cut to a random prefix (a torn write), then a run to the end: the summary of an
+    uninterrupted run."""
     done, make = finished
     out = tmp_path / "run"
     rng = random.Random(0)
     command = [sys.executable, "-m", "ddit.ablate.cli", *make(out)]
+    results, total = out / "results.jsonl", 4 * len(ROWS)
+    killed_mid_run = 0
     for _ in range(4):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.0, 9.0))  # imports take a few seconds; sampling starts after
+        wait_for = rng.randrange(1, total)  # records, counted over the runs so far
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline and (
+                not results.exists() or results.read_text().count("\n") < wait_for):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))  # somewhere in the batch after
+        killed_mid_run += process.poll() is None and not (out / "summary.json").exists()
         process.send_signal(signal.SIGKILL)
         process.wait()
         files = [out / "results.jsonl", *sorted((out / "images").rglob("*.safetensors"))] if out.exists() else []
@@ -352,6 +361,7 @@ def test_killed_at_random_points_and_torn_it_still_ends_as_an_uninterrupted_run(
             victim = rng.choice(files)
             data = victim.read_bytes()
             victim.write_bytes(data[: rng.randrange(len(data) + 1)])
+    assert killed_mid_run >= 2  # the kills did fall while sampling
     assert main(make(out)) == 0
     assert _summary_without_timings(out) == _summary_without_timings(done)
 

@@ -239,7 +239,7 @@ def test_fsdp_trains_what_data_parallel_trains_and_resumes_from_whole_checkpoint
 
 
 def test_fsdp_version_1_is_refused_before_training(data, tmp_path):
-    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False, mixed_precision="no")
     with pytest.raises(ValueError, match="FSDP version 2 only .* fsdp_version: 2"):
         run(data, tmp_path, accelerator=fsdp1)
     assert not any(tmp_path.iterdir())
