@@ -97,6 +97,7 @@ def test_a_torn_run_resumes_to_the_same_summary(setup, tmp_path):
                                                                        "pipeline (ddit.progressive_call), which "
                                                                        "takes no cache"),
     (dict(extra=("--num-per-class", "2")), "--num-per-class is for the testbed only"),
+    (dict(extra=("--pipeline-arg", "sigmas=[1.0,0.5]")), "ddit sets sigmas itself"),  # would override every row's
 ])
 def test_rows_that_cannot_run_are_refused_before_anything_is_written(setup, tmp_path, capsys, change, message):
     out = tmp_path / "run"

@@ -69,6 +69,8 @@ def test_a_jsonl_file_gives_each_prompt_its_arguments_and_a_key_that_holds_their
     assert read_prompts(path) == [Prompt("a dog")] and read_prompts(path)[0].key == "a dog"  # as in a text file
     (tmp_path / "plain.txt").write_text('{"prompt": "as text"}\n')
     assert read_prompts(tmp_path / "plain.txt") == [Prompt('{"prompt": "as text"}')]  # only .jsonl is JSON
+    (tmp_path / "bom.txt").write_text("a cat\na dog\n", encoding="utf-8-sig")  # as some editors save it
+    assert read_prompts(tmp_path / "bom.txt") == [Prompt("a cat"), Prompt("a dog")]
 
 
 def test_a_prompt_made_in_python_is_known_by_its_arguments_content():
@@ -127,6 +129,8 @@ def test_what_the_prompts_give_is_checked_against_the_pipeline_before_any_work(i
         ({}, [Prompt("a", {**image, "num_inference_steps": 3})], dict(sets=("num_inference_steps",)),
          "ddit sets num_inference_steps itself"),
         ({"image": "x"}, given, {}, "image is given both as an option and in the prompts file"),
+        ({"return_dict": False}, given, {}, "ddit sets return_dict itself"),
+        ({"latents": 0}, given, {}, "ddit sets latents itself"),
     ]
     for call, prompts, options, message in cases:
         with pytest.raises(ValueError, match=message):

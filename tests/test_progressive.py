@@ -115,6 +115,11 @@ def test_the_stock_schedule_is_read_from_the_pipeline_and_replayed_exactly(name)
     start = stock_start(pipe, **call)  # stops before the first step
     assert len(start.sigmas) == 5 and start.sigmas[0] == 1 and (start.sigmas.diff() < 0).all()
     assert "prepare_latents" not in vars(pipe)  # the spy is gone
+    own = pipe.prepare_latents  # an instance's own method (a user's patch) stays
+    pipe.prepare_latents = own
+    stock_start(pipe, **call)
+    assert vars(pipe)["prepare_latents"] is own
+    del pipe.prepare_latents
     pipe.scheduler = _exact_sigmas(pipe.scheduler)
     layout = _layout(pipe)  # the noise as the call takes it (FLUX.2 takes a grid where it returns tokens)
     noise = layout.from_grid(pipe, layout.to_grid(pipe, start.noise, call["height"], call["width"]))
@@ -150,6 +155,35 @@ def test_a_stock_pipeline_runs_its_early_steps_at_half_resolution(name):
     torch.testing.assert_close(above, stock)  # nothing above the switch: the stock call
     again = ddit.progressive_call(pipe, SWITCH[name], **call_kwargs(batch=2, steps=6), return_dict=False)[0]
     torch.testing.assert_close(again, run)
+
+
+@pytest.mark.parametrize("name", PROGRESSIVE)
+def test_the_full_resolution_phase_starts_from_the_upsampled_half_resolution_latent(name, monkeypatch):
+    """The hand-over: the second call's first latent is the first call's last one, DCT-upsampled keeping its
+    amplitude, and the two calls' steps are the stock call's noise levels, each once."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ddit.progressive_pipeline import _layout, stock_start
+
+    pipe, call_kwargs = build(name)
+    steps, step = [], FlowMatchEulerDiscreteScheduler.step
+
+    def spy(self, model_output, timestep, sample, *args, **kwargs):
+        out = step(self, model_output, timestep, sample, *args, **kwargs)
+        steps.append((float(timestep), (out[0] if isinstance(out, tuple) else out.prev_sample).clone()))
+        return out
+
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "step", spy)
+    sigmas = stock_start(pipe, **call_kwargs(batch=2, steps=6)).sigmas
+    seen = _inputs(pipe)
+    ddit.progressive_call(pipe, SWITCH[name], **call_kwargs(batch=2, steps=6))
+    half = sum(ProgressiveResolution(SWITCH[name]).half(float(s)) for s in sigmas)
+    torch.testing.assert_close(torch.tensor([t for t, _ in steps]), sigmas * 1000)
+    layout, side = _layout(pipe), call_kwargs()["height"]
+    early = layout.to_grid(pipe, steps[half - 1][1], side // 2, side // 2)
+    calls = len(seen) // 6
+    first_full = layout.to_grid(pipe, seen[half * calls][:2], side, side)
+    torch.testing.assert_close(first_full.float(), dct_resize(early, 2 * early.shape[-1], keep="amplitude").float())
 
 
 def test_flux2_klein_from_a_complete_folder_runs_progressive_calls(tmp_path):
@@ -206,6 +240,12 @@ def test_progressive_call_refuses_what_it_cannot_run():
         ddit.progressive_call(pipe, 0.5, **call_kwargs(), sigmas=[1.0, 0.5])
     with pytest.raises(ValueError, match="not in PixArtSigmaPipeline"):
         ddit.progressive_call(build("pixart")[0], 0.5, **build("pixart")[1]())
+    flux2, flux2_kwargs = build("flux2")
+    call = {k: v for k, v in flux2_kwargs().items() if k not in ("height", "width")}
+    with pytest.raises(ValueError, match="sizes its output after the image unless given one: pass height="):
+        ddit.progressive_call(flux2, 0.9, **call, image=torch.rand(1, 3, 128, 256))
+    with pytest.raises(ValueError, match="caption_upsample_temperature"):
+        ddit.progressive_call(flux2, 0.9, **flux2_kwargs(), caption_upsample_temperature=0.15)
 
 
 @pytest.mark.parametrize("name", ["teacache", "taylorseer"])

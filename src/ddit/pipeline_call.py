@@ -124,7 +124,7 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     path = Path(path)
     jsonl = path.suffix.lower() == ".jsonl"
     try:
-        text = path.read_text(encoding="utf-8-sig" if jsonl else "utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read the prompts file {path} ({err}); pass a UTF-8 text file, "
                          "one prompt per line") from None
@@ -279,11 +279,13 @@ def check_call(pipe, call: dict, prompts: Sequence[Prompt] = (), sets: Sequence[
     if unknown:
         raise ValueError(f"{type(pipe).__name__} takes no {', '.join(unknown)}, which the prompts file gives "
                          f"(for {own[unknown[0]].label!r}); drop it from the file")
-    ours = [name for name in ("prompt", "prompt_embeds", "generator", "output_type", "num_images_per_prompt",
-                              "num_videos_per_prompt", *sets) if name in call or name in own]
+    schedule = ("sigmas", "timesteps") if "num_inference_steps" in sets else ()  # they override the step count
+    ours = [name for name in ("prompt", "prompt_embeds", "generator", "latents", "output_type", "return_dict",
+                              "callback_on_step_end", "callback_on_step_end_tensor_inputs", "num_images_per_prompt",
+                              "num_videos_per_prompt", *sets, *schedule) if name in call or name in own]
     if ours:
-        raise ValueError(f"ddit sets {', '.join(ours)} itself (one sample per prompt and seed; the steps of each "
-                         "row); drop it from the options and the prompts file")
+        raise ValueError(f"ddit sets {', '.join(ours)} itself (one sample per prompt and seed, its output, the "
+                         "steps of each row); drop it from the options and the prompts file")
     twice = [name for name in own if name in call]
     if twice:
         raise ValueError(f"{', '.join(twice)} is given both as an option and in the prompts file; give it in one")

@@ -31,6 +31,7 @@ from diffusers import (
     ZImagePipeline,
 )
 
+from .pipeline_call import sized_by_image
 from .policies import ProgressiveResolution, dct_resize
 
 
@@ -112,6 +113,7 @@ def stock_start(pipe, **call) -> StockStart:
         return out
 
     scheduler.set_timesteps = timesteps_spy
+    own = pipe.__dict__.get("prepare_latents")  # an instance's own (a user's patch), kept
     stock, pipe.scheduler, pipe.prepare_latents = pipe.scheduler, scheduler, latents_spy
     try:
         pipe(**{**call, "output_type": "latent"})
@@ -119,7 +121,10 @@ def stock_start(pipe, **call) -> StockStart:
         return StockStart(**seen)
     finally:
         pipe.scheduler = stock
-        del pipe.prepare_latents  # the class's own again
+        if own is None:
+            del pipe.prepare_latents  # the class's own again
+        else:
+            pipe.prepare_latents = own
     raise RuntimeError(f"{type(pipe).__name__} never drew its noise and set its timesteps before its first step: "
                        "it cannot run progressive resolution")
 
@@ -157,11 +162,8 @@ def progressive_call(pipe, switch: float | ProgressiveResolution, **call):
     as there. Returns the second call's output, as ``pipe(**call)`` would.
     """
     policy = switch if isinstance(switch, ProgressiveResolution) else ProgressiveResolution(switch)
-    for name in ("sigmas", "latents", "timesteps", "callback_on_step_end", "skip_guidance_layers"):
-        if call.get(name) is not None:  # SD3's skip-layer guidance counts steps from each call's start
-            raise ValueError(f"progressive_call cannot take {name}=: it sets the schedule and the latents itself")
     layout = _layout(pipe)
-    height, width = check_progressive(pipe, call.pop("height", None), call.pop("width", None))
+    height, width = _checked(pipe, call)
     start = stock_start(pipe, height=height, width=width, **call)
     sigmas, half_steps = start.sigmas, sum(policy.half(float(s)) for s in start.sigmas)
     if half_steps == len(sigmas):
@@ -192,8 +194,23 @@ def progressive_call(pipe, switch: float | ProgressiveResolution, **call):
 def half_resolution_steps(pipe, switch: float | ProgressiveResolution, **call) -> list[bool]:
     """Per step of ``progressive_call(pipe, switch, **call)``, whether it runs at half resolution."""
     policy = switch if isinstance(switch, ProgressiveResolution) else ProgressiveResolution(switch)
-    height, width = check_progressive(pipe, call.pop("height", None), call.pop("width", None))
+    height, width = _checked(pipe, call)
     return [policy.half(float(s)) for s in stock_start(pipe, height=height, width=width, **call).sigmas]
+
+
+def _checked(pipe, call: dict) -> tuple[int, int]:
+    """The full height and width (taken out of ``call``), after refusing the call's arguments that two stock calls
+    cannot split between them."""
+    for name in ("sigmas", "latents", "timesteps", "callback_on_step_end", "skip_guidance_layers"):
+        if call.get(name) is not None:  # SD3's skip-layer guidance counts steps from each call's start
+            raise ValueError(f"progressive_call cannot take {name}=: it sets the schedule and the latents itself")
+    if call.get("caption_upsample_temperature") is not None:  # sampled from the global RNG at every call
+        raise ValueError("progressive_call cannot take caption_upsample_temperature=: each of its calls would "
+                         "sample another caption; upsample the prompt once and pass the result as the prompt")
+    if sized_by_image(pipe, call):
+        raise ValueError(f"{type(pipe).__name__} sizes its output after the image unless given one: pass height= "
+                         "and width= to progressive_call")
+    return check_progressive(pipe, call.pop("height", None), call.pop("width", None))
 
 
 def _exact_sigmas(scheduler: FlowMatchEulerDiscreteScheduler) -> FlowMatchEulerDiscreteScheduler:

@@ -32,7 +32,8 @@ class Summary:
         return sum(hits) if hits else None
 
     def table(self):
-        """A rich table: one row per step, each sample's patch size and signal."""
+        """A rich table: one row per step, each sample's patch size, signal and cache hits (x: every call of
+        the sample skipped, ~: some of them, as one CFG branch; .: none; -: not known)."""
         from rich.table import Table
 
         table = Table(title=f"ddit: {self.coarse_fraction:.0%} of steps coarse, "
@@ -40,15 +41,19 @@ class Summary:
         for column in ("step", "sigma", "patch size per sample", "signal per sample", "cached"):
             table.add_column(column)
         steps: dict[int, dict] = {}
+        cached: dict[tuple[int, int], list] = {}  # every call of the sample: its CFG branches may be calls apart
         for r in self.records:
             steps.setdefault(r["step"], {"sigma": r["sigma"]}).setdefault(r["sample"], r)
+            cached.setdefault((r["step"], r["sample"]), []).append(r["cached"])
+        marks = {None: "-", True: "x", False: ".", "some": "~"}
         for step, by_sample in steps.items():
             sigma = by_sample.pop("sigma")
             rows = [by_sample[s] for s in sorted(by_sample)]
             signals = [r["signals"].get(r["patch_size"]) for r in rows]
+            hits = [cached[step, s] for s in sorted(by_sample)]
             table.add_row(str(step), f"{sigma:.3f}", " ".join(str(r["patch_size"]) for r in rows),
                           " ".join("-" if v is None else f"{v:.2e}" for v in signals),
-                          " ".join({None: "-", True: "x", False: "."}[r["cached"]] for r in rows))
+                          " ".join(marks[h[0] if len(set(h)) == 1 else "some"] for h in hits))
         return table
 
     def __str__(self) -> str:
