@@ -102,3 +102,8 @@ def test_a_grid_with_row_labels_writes_them_in_a_margin(tmp_path):
     assert labelled.height == plain.height and labelled.width > plain.width
     margin = labelled.crop((0, 0, labelled.width - plain.width, labelled.height))
     assert margin.getextrema()[0] < 128  # dark text on the white margin
+
+
+def test_eval_of_fewer_than_two_images_is_refused_before_sampling(capsys):
+    assert main(["testbed", "eval", "--num", "1"]) == 2
+    assert "--num must be at least 2" in capsys.readouterr().err

@@ -31,6 +31,9 @@ def _eval(args) -> None:
     from .testbed.evaluate import evaluate_model
     from .testbed.evaluator import load_evaluator
 
+    if args.num < 2 or args.steps < 1:
+        raise ValueError(f"--num must be at least 2 (a Fréchet distance needs two images) and --steps at least 1, "
+                         f"got --num {args.num}, --steps {args.steps}")
     model = load_base_model(args.model) if args.model else load_base_model()
     evaluator = load_evaluator(args.evaluator) if args.evaluator else load_evaluator()
     result = evaluate_model(model, evaluator, num=args.num, steps=args.steps, guidance=args.guidance,

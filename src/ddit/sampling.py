@@ -129,7 +129,9 @@ def sample(
     size), and ``cache`` may skip a sample's blocks; both keep their state per
     sample. FLOPs are counted for one sample once per (model, patch size, cached)
     and reused, outside the timed model calls; the oracle's probes are not counted.
-    A probing policy (the oracle) sees both CFG branches' raw predictions, as in pipelines.
+    A probing policy (the oracle) sees both CFG branches' raw predictions, as in pipelines. One policy
+    object runs every chunk: its ``trace`` then holds the last chunk's only, so a caller that calibrates
+    on it samples in one chunk (``batch_size=len(labels)``).
     """
     if guidance != 1.0 and null_label is None:
         raise ValueError("classifier-free guidance needs null_label (the model's 'no class' id)")

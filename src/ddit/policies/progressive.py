@@ -25,7 +25,13 @@ from .base import PatchPolicy, Step
 
 
 class ProgressiveResolution(PatchPolicy):
-    """Half resolution while sigma > ``switch``, full resolution after; always the base patch size."""
+    """Half resolution while sigma > ``switch``, full resolution after; always the base patch size.
+
+    At the switch the half-resolution latent is DCT-upsampled keeping its amplitude, with no fresh
+    noise: its per-pixel variance is right, but its remaining noise sits in the low frequencies alone
+    (on white noise the low band's coefficients carry 4x the variance the full-resolution model
+    expects at that sigma, the high band none). The later variants that re-noise at the switch
+    (REFERENCE §9) are not built; this is the method as the paper describes it."""
 
     name = "progressive"
     #: Chosen by the rule of docs/policies.md (largest FLOP speed-up with FD <= 1.1x the baseline's) over
