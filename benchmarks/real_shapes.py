@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    HunyuanImageTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
     LTXVideoTransformer3DModel,
     QwenImageTransformer2DModel,
@@ -199,6 +200,17 @@ HUNYUAN15 = Model(
     "tokens and 729 image-prompt slots (masked out in text-to-video, still in every block)",
     1, "CFG through its guider: one call per branch, two per step", text_width=3584, patch=1,
     no_meta="its forward selects text tokens by their mask's values, which meta tensors do not hold")
+HUNYUANIMAGE = Model(
+    "HunyuanImage-2.1", HunyuanImageTransformer2DModel,
+    dict(in_channels=64, out_channels=64, num_attention_heads=28, attention_head_dim=128, num_layers=20,
+         num_single_layers=40, num_refiner_layers=2, patch_size=(1, 1), text_embed_dim=3584, text_embed_2_dim=1472,
+         rope_axes_dim=(64, 64)),
+    "diffusers' HunyuanImageTransformer2DModel defaults, which describe HunyuanImage-2.1 (17B: 20 dual-stream and "
+    "40 single-stream blocks of 3584 = 28 x 128, patch 1 on a 64-channel 32x VAE, Qwen2.5-VL's 3584 text "
+    "features), with ByT5's 1472; not checked against its config.json here",
+    "2048x2048", (64, 64, 64), 1000, "Qwen2.5-VL padded to the pipeline's 1000, beside 128 ByT5 tokens", 1,
+    "CFG through its guider: one call per branch, two per step", text_width=3584, patch=1,
+    no_meta="its forward selects text tokens by their mask's values, which meta tensors do not hold")
 LTX = Model(
     "LTX-Video 2B", LTXVideoTransformer3DModel,
     dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
@@ -209,7 +221,8 @@ LTX = Model(
     "768x512, 121 frames", (128, 16, 16, 24), 128, "T5, LTXPipeline's max_sequence_length",
     2, "CFG: both branches in one call", patch=1)
 MODELS = {"flux": FLUX, "flux-kontext": KONTEXT, "flux2": FLUX2, "qwenimage": QWEN, "zimage": ZIMAGE, "sd3": SD35,
-          "sana": SANA, "wan": WAN, "wan14b": WAN14B, "hunyuanvideo15": HUNYUAN15, "ltx": LTX}
+          "sana": SANA, "hunyuanimage": HUNYUANIMAGE, "wan": WAN, "wan14b": WAN14B, "hunyuanvideo15": HUNYUAN15,
+          "ltx": LTX}
 #: Run when --models is not given: all but Wan2.2-A14B's expert, whose 73,920 tokens make one reduced CPU run last
 #: longer than the others together (``--models wan14b`` runs it).
 DEFAULT_MODELS = [name for name in MODELS if name != "wan14b"]
@@ -235,7 +248,7 @@ def model_config(model: Model, scale: str, depth: int | None) -> dict:
     if depth is not None:
         if model is ZIMAGE:
             config.update(n_layers=depth, n_refiner_layers=depth)
-        elif model in (FLUX, KONTEXT, FLUX2):
+        elif model in (FLUX, KONTEXT, FLUX2, HUNYUANIMAGE):
             config.update(num_layers=depth, num_single_layers=depth)
         elif model is SD35:  # as many plain layers as dual-attention ones
             config.update(num_layers=2 * depth, dual_attention_layers=tuple(range(depth)))
@@ -324,6 +337,11 @@ def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.de
                     encoder_hidden_states_2=randn(batch, byt5, 1472),
                     encoder_attention_mask_2=torch.ones(batch, byt5, device=device),
                     image_embeds=torch.zeros(batch, image, 1152, device=device, dtype=dtype))
+    if model is HUNYUANIMAGE:  # its ByT5 tokens, in proportion to the text's, and both masks
+        byt5 = 128 * text // model.text
+        args.update(encoder_attention_mask=torch.ones(batch, text, device=device),
+                    encoder_hidden_states_2=randn(batch, byt5, 1472),
+                    encoder_attention_mask_2=torch.ones(batch, byt5, device=device))
     if model is LTX:  # tokens of patch 1, the grid by name, RoPE scaled for 25 frames a second; a prompt mask
         args.update(hidden_states=patchify(latent, (1, 1, 1)), encoder_attention_mask=torch.ones(batch, text,
                     device=device), num_frames=dims[0], height=dims[1], width=dims[2],

@@ -7,6 +7,7 @@ from diffusers import (
     DiTTransformer2DModel,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    HunyuanImageTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
     LTXVideoTransformer3DModel,
     PixArtTransformer2DModel,
@@ -172,6 +173,26 @@ def hunyuanvideo15(**config):  # patch 1, as its 16x video latents have; 9 chann
                        image_embeds=torch.zeros(B, 4, 8))  # text-to-video: no image prompt
 
 
+def hunyuanimage(**config):  # HunyuanImage 2.1: patch 1 on a 32x latent, Qwen2.5-VL and ByT5 text
+    model = HunyuanImageTransformer2DModel(**{**dict(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, rope_axes_dim=(8, 8)), **config})
+    return model, dict(hidden_states=torch.randn(B, 4, 16, 8), timestep=torch.tensor([10.0, 900.0]),
+                       encoder_hidden_states=torch.randn(B, 5, 16),
+                       encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5]),
+                       encoder_hidden_states_2=torch.randn(B, 3, 8),
+                       encoder_attention_mask_2=torch.tensor([[1, 1, 0], [1] * 3]))
+
+
+def hunyuanimage_refiner():
+    """The refiner's layout: a 3-D patch on a one-frame 5-D latent, RoPE over (frame, row, column), guidance
+    embedded, no ByT5."""
+    model, inputs = hunyuanimage(patch_size=(1, 1, 1), rope_axes_dim=(4, 6, 6), guidance_embeds=True,
+                                 text_embed_2_dim=None)
+    return model, {**inputs, "hidden_states": torch.randn(B, 4, 1, 16, 8), "guidance": torch.tensor([3500.0] * B),
+                   "encoder_hidden_states_2": None, "encoder_attention_mask_2": None}
+
+
 def _references(ids: torch.Tensor, *grids: tuple[float, int, int]) -> torch.Tensor:
     """Flux-style ids with reference images' tokens after the latent's: (first id, rows, columns) per reference,
     placed as FluxKontextPipeline (first id 1) and Flux2Pipeline (10, 20...) place them."""
@@ -222,6 +243,7 @@ def qwenimage_edit2511():
 
 FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux, "flux2": flux2, "chroma": chroma,
             "qwenimage": qwenimage, "wan": wan, "wan_i2v": wan_i2v, "hunyuanvideo15": hunyuanvideo15, "ltx": ltx,
+            "hunyuanimage": hunyuanimage, "hunyuanimage_refiner": hunyuanimage_refiner,
             "zimage": zimage, "flux_kontext": flux_kontext, "flux2_references": flux2_references,
             "chroma_reference": chroma_reference, "qwenimage_edit": qwenimage_edit,
             "qwenimage_edit2511": qwenimage_edit2511}
@@ -231,7 +253,8 @@ FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux
 LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sana": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2,
                "chroma": 2 * (6 + 5), "qwenimage": 2 * 6, "wan": 2 * 10, "wan_i2v": 2 * 10, "hunyuanvideo15": 2 * 6,
                "ltx": 2 * 10, "zimage": 3 * 7, "flux_kontext": 6 + 5, "flux2_references": 6 + 2,
-               "chroma_reference": 2 * (6 + 5), "qwenimage_edit": 2 * 6, "qwenimage_edit2511": 2 * 6}
+               "chroma_reference": 2 * (6 + 5), "qwenimage_edit": 2 * 6, "qwenimage_edit2511": 2 * 6,
+               "hunyuanimage": 6 + 5, "hunyuanimage_refiner": 6 + 5}
 
 
 @pytest.fixture(params=FAMILIES, scope="module")
@@ -676,6 +699,21 @@ def test_zimage_refuses_omni_inputs_controlnet_frame_patches_and_distilling_on_c
 
 
 @torch.no_grad()
+def test_hunyuanimage_rope_puts_patches_at_centres_and_its_text_reaches_coarse_steps():
+    torch.manual_seed(0)
+    backbone, inputs = hunyuanimage()
+    spec = spec_for(backbone)
+    assert all(torch.equal(a, b) for a, b in zip(spec.rope((16, 8), 1, "cpu"), backbone.rope(inputs["hidden_states"])))
+    coarse, _ = spec.rope((4, 2), 4, "cpu")
+    rows = coarse.reshape(4, 2, -1)[:, 0, :backbone.rope.rope_dim[0]]
+    expected, _ = get_1d_rotary_pos_embed(backbone.rope.rope_dim[0], torch.arange(4) * 4 + 1.5, backbone.rope.theta,
+                                          use_real=True)
+    assert torch.allclose(rows, expected)
+    model = MultiPatchTransformer(_randomize(backbone))
+    quoted = {**inputs, "encoder_hidden_states_2": torch.randn(B, 3, 8)}  # other ByT5 tokens (quoted text)
+    assert not torch.allclose(model(**quoted, patch_size=4).sample, model(**inputs, patch_size=4).sample)
+
+
 def test_hunyuanvideo15_rope_keeps_frames_puts_patches_at_centres_and_image_prompts_reach_coarse_steps():
     torch.manual_seed(0)
     backbone, inputs = hunyuanvideo15()

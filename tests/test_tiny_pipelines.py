@@ -18,20 +18,23 @@ PIPELINE_CLASS = {"flux": "FluxPipeline", "flux2": "Flux2KleinPipeline", "chroma
                   "qwenimage": "QwenImagePipeline", "zimage": "ZImagePipeline", "sd3": "StableDiffusion3Pipeline",
                   "pixart": "PixArtSigmaPipeline", "sana": "SanaPipeline", "wan": "WanPipeline",
                   "wan-i2v": "WanImageToVideoPipeline", "wan22": "WanPipeline", "wan22-i2v": "WanImageToVideoPipeline",
-                  "hunyuanvideo15": "HunyuanVideo15Pipeline", "ltx": "LTXPipeline"}
+                  "hunyuanvideo15": "HunyuanVideo15Pipeline", "ltx": "LTXPipeline",
+                  "hunyuanimage": "HunyuanImagePipeline"}
 VIDEO = ("wan", "wan-i2v", "wan22", "wan22-i2v", "hunyuanvideo15", "ltx")
 #: The first frame of an image-to-video pipeline: the same for every prompt, so that only the prompt differs.
 FIRST_FRAME = {kind: dict(image=torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(5)))
                for kind in ("wan-i2v", "wan22-i2v")}
 # Flux and Qwen-Image guide with true CFG only when given a negative prompt; the others guide above a scale of 1
 TRUE_CFG = dict(true_cfg_scale=2.0, negative_prompt="blurry")
-CFG_ON = {"flux": TRUE_CFG, "qwenimage": TRUE_CFG, "hunyuanvideo15": {}}
-CFG_OFF = {"flux": {}, "qwenimage": {}, "hunyuanvideo15": {}}
+CFG_ON = {"flux": TRUE_CFG, "qwenimage": TRUE_CFG, "hunyuanvideo15": {}, "hunyuanimage": {}}
+CFG_OFF = {"flux": {}, "qwenimage": {}, "hunyuanvideo15": {}, "hunyuanimage": {}}
+#: Pipelines whose guidance is a component (a diffusers guider): its scale, on and off.
+GUIDER_SCALE = {"hunyuanvideo15": 6.0, "hunyuanimage": 3.5}
 #: About 10x under what a prompt, or guidance, moves each tiny random pipeline's image (the smaller of the two,
-#: measured: 0.003 for Qwen-Image, whose text passes an RMSNorm, 0.008 for HunyuanVideo 1.5, 0.015 for FLUX.2
-#: [klein], 0.045 to 0.41 for the others, Sana 0.088 and Z-Image 0.41 among them); the same inputs give the same
-#: image exactly.
-MOVED = {"qwenimage": 2e-4, "hunyuanvideo15": 8e-4, "flux2": 1e-3}
+#: measured: 0.003 for Qwen-Image, whose text passes an RMSNorm, 0.0002 for HunyuanImage 2.1's prompt, 0.008
+#: for HunyuanVideo 1.5, 0.015 for FLUX.2 [klein], 0.045 to 0.41 for the others, Sana 0.088 and Z-Image 0.41
+#: among them); the same inputs give the same image exactly.
+MOVED = {"qwenimage": 2e-4, "hunyuanvideo15": 8e-4, "flux2": 1e-3, "hunyuanimage": 2e-5}
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -47,9 +50,10 @@ def load(folder):
 
 
 def run(pipe, kind, prompt, guidance, **kwargs):
-    if kind == "hunyuanvideo15":  # its guidance is a component's; its VAE decodes one video a call (in diffusers
-        pipe.guider.guidance_scale = 6.0 if guidance else 1.0  # 0.42 a batch's causal mask lands on the heads)
-        if isinstance(prompt, list) and kwargs.get("output_type") != "latent":
+    if kind in GUIDER_SCALE:  # its guidance is a component's
+        pipe.guider.guidance_scale = GUIDER_SCALE[kind] if guidance else 1.0
+    if kind == "hunyuanvideo15":  # its VAE decodes one video a call (in diffusers 0.42 a batch's causal mask lands
+        if isinstance(prompt, list) and kwargs.get("output_type") != "latent":  # on the heads)
             return np.concatenate([run(pipe, kind, p, guidance, **kwargs) for p in prompt])
     cfg = (CFG_ON if guidance else CFG_OFF).get(kind, dict(guidance_scale=4.0 if guidance else 1.0))
     generator = [torch.Generator().manual_seed(0) for _ in ([prompt] if isinstance(prompt, str) else prompt)]
@@ -87,7 +91,7 @@ def test_the_folder_is_the_same_bytes_every_time(saved, tmp_path):
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert all((folder / f).read_bytes() == (again / f).read_bytes() for f in files)
     # Z-Image's timestep MLP is 1024 wide and HunyuanVideo 1.5's ByT5 projection 2048 whatever the model's width
-    limit = {"zimage": 2, "hunyuanvideo15": 20}.get(kind, 1) * 2**20
+    limit = {"zimage": 2, "hunyuanvideo15": 20, "hunyuanimage": 20}.get(kind, 1) * 2**20
     assert sum((folder / f).stat().st_size for f in files) < limit
 
 

@@ -287,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("tiny-pipeline", help="write a tiny random, complete pipeline folder to try ddit "
                             "offline")
     p.add_argument("kind", help="flux, flux2 (FLUX.2 [klein]), chroma, qwenimage (Qwen-Image), zimage (Z-Image), "
-                   "sd3, pixart (PixArt-Sigma), sana, wan, wan-i2v (its image-to-video: call it with an image "
-                   "too), wan22 (Wan 2.2's two experts), wan22-i2v, hunyuanvideo15 or ltx (LTX-Video)")
+                   "sd3, pixart (PixArt-Sigma), sana, hunyuanimage (HunyuanImage 2.1), wan, wan-i2v (its "
+                   "image-to-video: call it with an image too), wan22 (Wan 2.2's two experts), wan22-i2v, "
+                   "hunyuanvideo15 or ltx (LTX-Video)")
     p.add_argument("out", help="folder to write")
     p.set_defaults(func=_tiny_pipeline)
 

@@ -1,5 +1,6 @@
 """Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, Z-Image, SD3, PixArt-Sigma, Sana,
-Wan 2.1 and Wan 2.2 with its two experts, each also as image-to-video, HunyuanVideo 1.5, LTX-Video), made
+HunyuanImage 2.1, Wan 2.1 and Wan 2.2 with its two experts, each also as image-to-video, HunyuanVideo 1.5,
+LTX-Video), made
 offline, that stock diffusers loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt (and a first frame) without
@@ -33,9 +34,11 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    AdaptiveProjectedMixGuidance,
     AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLFlux2,
+    AutoencoderKLHunyuanImage,
     AutoencoderKLHunyuanVideo15,
     AutoencoderKLLTXVideo,
     AutoencoderKLQwenImage,
@@ -50,6 +53,8 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    HunyuanImagePipeline,
+    HunyuanImageTransformer2DModel,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
     LTXPipeline,
@@ -69,8 +74,8 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 
-KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "wan", "wan-i2v", "wan22",
-         "wan22-i2v", "hunyuanvideo15", "ltx")
+KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "hunyuanimage", "wan", "wan-i2v",
+         "wan22", "wan22-i2v", "hunyuanvideo15", "ltx")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
@@ -83,6 +88,7 @@ TINY_CALL = {
     "pixart": dict(height=SIDE, width=SIDE, use_resolution_binning=False),
     # its DC-AE's factor 32: an 8x8 latent, which Sana's sizes 1, 2 and 4 divide; binning off, as for PixArt
     "sana": dict(height=2 * SIDE, width=2 * SIDE, use_resolution_binning=False),
+    "hunyuanimage": dict(height=SIDE, width=SIDE),  # its tiny VAE: 8x where HunyuanImage 2.1's is 32x
     "wan": dict(height=SIDE, width=SIDE, num_frames=5),  # 2 latent frames
     "wan-i2v": dict(height=SIDE, width=SIDE, num_frames=5),  # Wan 2.1 image-to-video: call it with an image too
     "wan22": dict(height=SIDE, width=SIDE, num_frames=5),  # Wan 2.2's two experts
@@ -403,6 +409,34 @@ def _hunyuanvideo15(tf) -> DiffusionPipeline:
                                   tokenizer_2=tokenizer_2, guider=ClassifierFreeGuidance(guidance_scale=6.0))
 
 
+def _hunyuanimage(tf) -> DiffusionPipeline:
+    """HunyuanImage 2.1 (patch 1): Qwen2.5-VL text (the third-last hidden state, after the template's first 34
+    tokens) and ByT5 for quoted text, adaptive projected guidance; a VAE with 32 channels a level (its GroupNorm's
+    32 groups) that compresses 8x where 2.1's compresses 32x. 19 MB, as HunyuanVideo 1.5's: the transformer's ByT5
+    projection is 2048 wide at any model width."""
+    tokenizer = _qwen_tokenizer(tf)
+    ids = dict(bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    text = tf.Qwen2_5_VLForConditionalGeneration(tf.Qwen2_5_VLConfig(  # the class the pipeline names; its vision
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 2, 1]}, **ids),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
+                           fullatt_block_indexes=[0]), **ids))  # tower is never called on text
+    tokenizer_2 = tf.ByT5Tokenizer()
+    text_2 = tf.T5EncoderModel(tf.T5Config(vocab_size=len(tokenizer_2), d_model=8, d_kv=4, d_ff=16, num_layers=1,
+                                           num_heads=2, relative_attention_num_buckets=8))
+    transformer = wake_zeros(HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8, rope_axes_dim=(8, 8)))
+    vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,) * 4,
+                                    layers_per_block=1, spatial_compression_ratio=8, sample_size=SIDE,
+                                    scaling_factor=1.0)
+    return HunyuanImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=4.0), vae=vae, text_encoder=text,
+                                tokenizer=tokenizer, text_encoder_2=text_2, tokenizer_2=tokenizer_2,
+                                transformer=transformer, guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5))
+
+
 def _ltx(tf) -> DiffusionPipeline:
     """LTX-Video 0.9 (patch 1: sizes 1, 2 and 4), T5 text, and a VAE that compresses 4x in space and time where
     LTX's own does 32x and 8x (a 64x64, 9-frame video is a 16x16 latent of 3 frames)."""
@@ -424,7 +458,7 @@ _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qw
              "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "wan-i2v": partial(_wan, image_to_video=True),
              "wan22": partial(_wan, two_experts=True),
              "wan22-i2v": partial(_wan, two_experts=True, image_to_video=True), "hunyuanvideo15": _hunyuanvideo15,
-             "ltx": _ltx}
+             "ltx": _ltx, "hunyuanimage": _hunyuanimage}
 
 
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:

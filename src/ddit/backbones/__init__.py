@@ -15,6 +15,7 @@ from .chroma import ChromaSpec
 from .dit import DiTSpec
 from .flux import FluxSpec
 from .flux2 import Flux2Spec
+from .hunyuanimage import HunyuanImageSpec
 from .hunyuanvideo15 import HunyuanVideo15Spec
 from .ltx import LTXVideoSpec
 from .pixart import PixArtSpec
@@ -25,12 +26,12 @@ from .wan import WanSpec
 from .zimage import ZImageSpec
 
 BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SanaSpec, SD3Spec, FluxSpec, Flux2Spec,
-                                                 ChromaSpec, QwenImageSpec, WanSpec, HunyuanVideo15Spec, LTXVideoSpec,
-                                                 ZImageSpec)
+                                                 ChromaSpec, QwenImageSpec, WanSpec, HunyuanImageSpec,
+                                                 HunyuanVideo15Spec, LTXVideoSpec, ZImageSpec)
 
-__all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "HunyuanVideo15Spec",
-           "LTXVideoSpec", "PixArtSpec", "QwenImageSpec", "Reference", "SanaSpec", "SD3Spec", "WanSpec", "ZImageSpec",
-           "as_batch", "patchify", "sincos_positions", "spec_for", "specs", "unpatchify"]
+__all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "HunyuanImageSpec",
+           "HunyuanVideo15Spec", "LTXVideoSpec", "PixArtSpec", "QwenImageSpec", "Reference", "SanaSpec", "SD3Spec",
+           "WanSpec", "ZImageSpec", "as_batch", "patchify", "sincos_positions", "spec_for", "specs", "unpatchify"]
 
 
 def specs() -> dict[str, type[BackboneSpec]]:
