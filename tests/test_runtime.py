@@ -140,3 +140,16 @@ def test_second_order_schedulers_are_refused():
     runtime = PatchRuntime(Recorder(), (2, 4), scheduler=lambda: sched)
     with pytest.raises(ValueError, match="twice per step .* first-order scheduler"):
         runtime(call(torch.zeros(1, 4, 8, 8), 1000.0))
+
+
+def test_the_summary_marks_a_skip_of_one_cfg_branch_apart_from_a_skip_of_the_whole_sample():
+    from ddit.summary import Summary
+
+    def record(sample, branch, cached):
+        return dict(step=0, sigma=1.0, sample=sample, branch=branch, patch_size=2, tokens=4, base_tokens=4,
+                    cached=cached, seconds=None, signals={})
+
+    records = [record(0, "cond", True), record(0, "uncond", True), record(1, "cond", False), record(1, "uncond", True),
+               record(2, "cond", False), record(2, "uncond", False)]
+    row = str(Summary(records, base_size=2)).splitlines()
+    assert any(line.rstrip(" │|").endswith("x ~ .") for line in row)  # sample 0 both, 1 one branch, 2 none
