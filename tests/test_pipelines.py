@@ -28,7 +28,8 @@ DEVICE = torch.device(os.environ.get("DDIT_TEST_DEVICE", "cpu"))  # where tiny_p
 # (Flux and Qwen-Image true CFG, Wan), or without, named by their order (Chroma, though it says it guides); the
 # others batch both branches
 BRANCH_CALLS = {"flux": ("cond", "uncond"), "qwenimage": ("cond", "uncond"), "wan": ("cond", "uncond"),
-                "hunyuanvideo15": ("pred_cond", "pred_uncond"), "chroma": (None, "call2")}
+                "hunyuanvideo15": ("pred_cond", "pred_uncond"), "hunyuanimage": ("pred_cond", "pred_uncond"),
+                "chroma": (None, "call2")}
 
 
 class SplitPolicy(PatchPolicy):

@@ -11,10 +11,10 @@ from tiny_pipelines import build
 
 from conftest import TINY_DIT
 
-# a switch inside each tiny pipeline's 6-step schedule (FLUX.2's shift keeps every step above 0.58)
-SWITCH = {"flux": 0.5, "flux2": 0.9, "chroma": 0.5, "qwenimage": 0.5, "zimage": 0.5, "sd3": 0.5}
+# a switch inside each tiny pipeline's 6-step schedule (FLUX.2's and HunyuanImage's shifts keep every step above 0.57)
+SWITCH = {"flux": 0.5, "flux2": 0.9, "chroma": 0.5, "qwenimage": 0.5, "zimage": 0.5, "sd3": 0.5, "hunyuanimage": 0.9}
 PROGRESSIVE = list(SWITCH)
-UNPACKED = ("zimage", "sd3")  # latents on their grid (B, C, H, W); the others pack 2x2 patches as tokens
+UNPACKED = ("zimage", "sd3", "hunyuanimage")  # latents on their grid (B, C, H, W); the others pack 2x2 patches as tokens
 
 
 def test_noise_keeps_its_variance_and_an_image_its_values():

@@ -2,14 +2,14 @@
 
 Not a test module: tests import it. ``build(name)`` returns an unmodified diffusers
 pipeline (FluxPipeline, Flux2Pipeline, ChromaPipeline, QwenImagePipeline, ZImagePipeline,
-StableDiffusion3Pipeline, PixArtSigmaPipeline, SanaPipeline, WanPipeline, HunyuanVideo15Pipeline, LTXPipeline
-or DiTPipeline) whose transformer is a
+StableDiffusion3Pipeline, PixArtSigmaPipeline, SanaPipeline, WanPipeline, HunyuanVideo15Pipeline,
+HunyuanImagePipeline, LTXPipeline or DiTPipeline) whose transformer is a
 few-kilobyte random model, and a ``call_kwargs`` function giving the keyword arguments
 for ``pipe(**kwargs)``. Nothing is downloaded:
 text encoders and tokenizers are ``None`` and prompts are passed as random,
 seed-deterministic embeddings; the text-to-image pipelines run with
-``output_type="latent"`` and ``vae=None`` (HunyuanVideo 1.5 reads its latent channels from
-its VAE's config: it gets a tiny one, never run). DiTPipeline always decodes, so it gets a tiny
+``output_type="latent"`` and ``vae=None`` (HunyuanVideo 1.5 and HunyuanImage read their latent channels or
+scale from their VAE's config: they get a tiny one, never run). DiTPipeline always decodes, so it gets a tiny
 AutoencoderKL (no downsampling) and ``output_type="pt"``: its output is the decoded
 16x16 image, kept inside (0, 1) so the final clamp never bites.
 
@@ -18,8 +18,8 @@ packing; Z-Image's is 32x32), so patch sizes 2, 4 and 8 divide it. ``call_kwargs
 one set of embeddings per sample, seeded by that sample's seed, so a sample does not
 depend on the rest of its batch. Its ``guidance`` defaults turn classifier-free
 guidance on: SD3, PixArt, Sana, Z-Image and DiT run cond and uncond as one doubled batch, Flux and
-Qwen-Image (true CFG), Wan and HunyuanVideo 1.5 (its guider component) make two transformer calls per step.
-``guidance=1`` turns it off (HunyuanVideo 1.5: ``call_kwargs`` sets its guider's scale).
+Qwen-Image (true CFG), Wan, HunyuanVideo 1.5 and HunyuanImage (their guider component) make two transformer calls
+per step. ``guidance=1`` turns it off (HunyuanVideo 1.5, HunyuanImage: ``call_kwargs`` sets the guider's scale).
 Z-Image takes its prompts as lists of per-sample embeddings, each of its own length.
 
 Usage::
@@ -37,7 +37,9 @@ from typing import Callable
 
 import torch
 from diffusers import (
+    AdaptiveProjectedMixGuidance,
     AutoencoderKL,
+    AutoencoderKLHunyuanImage,
     AutoencoderKLHunyuanVideo15,
     ChromaPipeline,
     ChromaTransformer2DModel,
@@ -52,6 +54,8 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    HunyuanImagePipeline,
+    HunyuanImageTransformer2DModel,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
     LTXPipeline,
@@ -72,7 +76,8 @@ from diffusers import (
 
 from ddit.tiny_pipelines import wake_zeros as _wake_zeros
 
-NAMES = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "wan", "hunyuanvideo15", "dit")
+NAMES = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "wan", "hunyuanvideo15",
+         "hunyuanimage", "dit")
 LATENT = 16  # latent height and width at the transformer's patchify
 TEXT_LEN = 8  # tokens of the fake prompt embeddings
 VAE_SCALE = 8  # the pipelines' vae_scale_factor when vae is None
@@ -416,8 +421,41 @@ def _dit():
     return pipe, call_kwargs
 
 
+def _hunyuanimage():
+    """Patch 2, where HunyuanImage 2.1 uses 1 (as for HunyuanVideo 1.5), so that the shared tests' sizes 2, 4 and 8
+    hold; an 8x VAE where 2.1's is 32x; its guidance a component, adaptive projected guidance."""
+    torch.manual_seed(0)
+    transformer = _wake_zeros(HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=(2, 2), text_embed_dim=16, text_embed_2_dim=8, rope_axes_dim=(8, 8)))
+    vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,) * 4,
+                                    layers_per_block=1, spatial_compression_ratio=8, sample_size=128,
+                                    scaling_factor=1.0)
+    pipe = HunyuanImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=4.0), vae=vae, text_encoder=None,
+                                tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer,
+                                guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5))
+    mask = torch.ones(TEXT_LEN, dtype=torch.long).index_fill_(0, torch.tensor([TEXT_LEN - 1]), 0)  # padding
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
+        seeds = _seeds(batch, seeds)
+        pipe.guider.guidance_scale = 3.5 if guidance is None else guidance  # its guidance is a component's
+        kw = dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, 16), prompt_embeds_mask=mask.expand(batch, -1),
+                  prompt_embeds_2=per_sample(seeds, 2, 4, 8), prompt_embeds_mask_2=torch.ones(batch, 4),
+                  height=LATENT * 8, width=LATENT * 8, num_inference_steps=steps, generator=generators(seeds),
+                  output_type="latent")
+        if pipe.guider.guidance_scale > 1:
+            kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, 16),
+                      negative_prompt_embeds_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+                      negative_prompt_embeds_2=_shared(batch, 2, 4, 8),
+                      negative_prompt_embeds_mask_2=torch.ones(batch, 4))
+        return kw
+
+    return pipe, call_kwargs
+
+
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
              "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "hunyuanvideo15": _hunyuanvideo15, "dit": _dit,
+             "hunyuanimage": _hunyuanimage,
              # not in NAMES, whose tests assume a base patch of 2: tests/test_experts.py and tests/test_ltx.py run them
              "wan22": partial(_wan, two_experts=True), "ltx": _ltx}
 

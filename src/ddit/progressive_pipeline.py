@@ -8,8 +8,8 @@ calls run the sigmas the stock call would run at full size (its resolution-depen
 included: they are read from the pipeline itself, by letting it set its timesteps once), so
 the early steps' latent size is the only change, and a switch above every step's sigma is
 the stock call exactly. Flow-matching pipelines whose call takes ``sigmas`` and
-``latents`` (FLUX.1, FLUX.2, Chroma, Qwen-Image, Z-Image, SD3); others are refused. The text encoders run once per call
-(three times in all): negligible beside a large transformer's steps.
+``latents`` (FLUX.1, FLUX.2, Chroma, Qwen-Image, Z-Image, SD3, HunyuanImage 2.1); others are refused. The
+text encoders run once per call (three times in all): negligible beside a large transformer's steps.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from diffusers import (
     Flux2KleinPipeline,
     Flux2Pipeline,
     FluxPipeline,
+    HunyuanImagePipeline,
     QwenImagePipeline,
     StableDiffusion3Pipeline,
     ZImagePipeline,
@@ -64,6 +65,7 @@ LAYOUTS = {
                                lambda pipe, x: pipe._pack_latents(x, *x.shape)),
     StableDiffusion3Pipeline: _PLAIN,
     ZImagePipeline: _PLAIN,
+    HunyuanImagePipeline: _PLAIN,
 }
 
 
