@@ -89,7 +89,7 @@ def test_a_torn_run_resumes_to_the_same_summary(setup, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(caches="teacache"), "row baseline+teacache: ddit's 'teacache' cache handles single-stream blocks only"),
+    (dict(caches="teacache"), "row baseline+teacache: TeaCache needs its polynomial fit for this model"),
     (dict(extra=("--num-frames", "5")), "StableDiffusion3Pipeline takes no num_frames"),
     (dict(extra=("--progressive", "delta=0.05")), "the spectral rule needs clean latents of your images"),
     (dict(extra=("--progressive", "0.001")), "row progressive[switch=0.001]: switch 0.001 is below every step's noise"),
@@ -147,7 +147,9 @@ def test_two_processes_share_the_batches_and_match_one_process(setup, tmp_path):
     assert rows == ["baseline", "baseline@3", "fixed"]
 
 
-def test_diffusers_cache_hooks_are_rows_of_a_pipeline_ablation_only(tmp_path, capsys):
+def test_diffusers_cache_hooks_and_teacache_are_rows_of_a_flux_pipeline_ablation(tmp_path, capsys):
+    """FLUX.1 with diffusers' FirstBlockCache and with ddit's TeaCache (the published FLUX.1 fit), each alone and
+    under the patch policy: the paper's composition, in the stock pipeline."""
     from diffusers import DiffusionPipeline
 
     from ddit import MultiPatchTransformer
@@ -158,13 +160,20 @@ def test_diffusers_cache_hooks_are_rows_of_a_pipeline_ablation_only(tmp_path, ca
     out = tmp_path / "run"
     assert main(["--pipeline", str(folder), "--adapter", str(tmp_path / "adapter"), "--prompts",
                  str(tmp_path / "prompts.txt"), "--out", str(out), "--steps", "4", "--fewer-steps", "",
-                 "--policies", "fixed", "--policy-param", "fixed.fraction=0.5", "--caches", "first_block_cache",
-                 "--cache-param", "first_block_cache.threshold=0.5", "--height", "128", "--width", "128",
-                 "--pipeline-arg", "max_sequence_length=16", "--no-progress"]) == 0
+                 "--policies", "fixed", "--policy-param", "fixed.fraction=0.5", "--caches",
+                 "first_block_cache,teacache", "--cache-param", "first_block_cache.threshold=0.5",
+                 "--cache-param", "teacache.coefficients=flux1-dev", "--cache-param", "teacache.delta=1e9",
+                 "--height", "128", "--width", "128", "--pipeline-arg", "max_sequence_length=16",
+                 "--no-progress"]) == 0
     summary = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
-    assert list(summary) == ["baseline", "baseline+first_block_cache", "fixed+first_block_cache"]
+    assert list(summary) == ["baseline", "baseline+first_block_cache", "baseline+teacache", "fixed+first_block_cache",
+                             "fixed+teacache"]
     assert summary["fixed+first_block_cache"]["coarse_step_fraction"] == 0.5
     assert summary["fixed+first_block_cache"]["cached_step_fraction"] is None  # a hook does not say
+    # every step but the first and last skipped, and a sample's first fine step (4 steps: steps 0 and 2 coarse)
+    assert summary["baseline+teacache"]["cached_step_fraction"] == pytest.approx(0.5)
+    assert summary["fixed+teacache"]["cached_step_fraction"] == pytest.approx(0.25)
+    assert summary["fixed+teacache"]["ssim_vs_baseline"] < 1
 
     assert main(["--out", str(tmp_path / "testbed"), "--caches", "first_block_cache"]) == 2
     assert "diffusers' cache hooks run in pipeline ablations only (--pipeline)" in capsys.readouterr().err

@@ -86,6 +86,15 @@ def test_resume_refuses_other_settings(data, tmp_path):
         run(data, tmp_path, DistillConfig(**{**CONFIG.__dict__, "lr": 1e-4}), resume=True)
 
 
+def test_resume_refuses_other_latents(data, tmp_path):
+    """A --latents file edited between runs: same count and shapes, other values."""
+    run(data, tmp_path, DistillConfig(**{**CONFIG.__dict__, "steps": 1}))
+    edited = LatentDataset(data.latents.flip(-1), **data.conditioning)
+    with pytest.raises(CheckpointError, match="run on other inputs: data"):
+        run(edited, tmp_path, resume=True)
+    run(data_set(), tmp_path, resume=True)  # the same values, loaded again: resumes
+
+
 def test_gradient_checkpointing_gives_every_size_its_own_gradients(data):
     """The loss runs every coarse size's forward before one backward: a block recomputed in the backward must
     run with the LoRA of the size that ran it, not the last size's (which has the same shapes)."""
@@ -234,8 +243,10 @@ def test_fsdp_trains_what_data_parallel_trains_and_resumes_from_whole_checkpoint
     moments = [s["exp_avg"].shape for s in checkpoint["optimizer"]["state"].values()]
     assert moments == [v.shape for v in initial.values()]
     more = DistillConfig(**{**CONFIG.__dict__, "steps": 5})
-    run(data_set(), tmp_path / "fsdp" / "resumed", more, resume=True)  # whole checkpoints: on without FSDP
-    assert json.loads((tmp_path / "fsdp" / "resumed" / "distill.json").read_text())["steps"] == 5
+    with pytest.warns(UserWarning, match="trained on 2 processes and goes on with 1"):
+        run(data_set(), tmp_path / "fsdp" / "resumed", more, resume=True)  # whole checkpoints: on without FSDP
+    record = json.loads((tmp_path / "fsdp" / "resumed" / "distill.json").read_text())
+    assert record["steps"] == 5 and record["processes"] == [2, 1]
 
 
 def test_fsdp_version_1_is_refused_before_training(data, tmp_path):

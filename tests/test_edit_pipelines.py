@@ -12,9 +12,11 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
+from test_pipelines import Given
 
 import ddit
 from ddit.ablate.cli import main as ablate_main
+from ddit.caches import TaylorSeer, replace_stack
 from ddit.cli import main
 from ddit.pipeline_call import Prompt, check_resolution
 from ddit.policies import PatchPolicy
@@ -79,6 +81,17 @@ def test_kontext_runs_a_reference_of_another_size_coarse_and_reads_only_the_gene
     assert torch.isfinite(out).all() and (out - stock).abs().max() > 1e-3
     ddit.disable(pipe)
     assert torch.equal(call(), stock)
+
+    # a cache on the dual-stream blocks: the reference's tokens run through them, the output norm sees the generated
+    # grid's alone at coarse sizes; a cache that never skips changes nothing
+    ddit.enable(pipe, adapter, policy="baseline", cache=TaylorSeer(interval=1))
+    torch.testing.assert_close(call(), stock, rtol=0, atol=1e-5)
+    ddit.disable(pipe)
+    ddit.enable(pipe, adapter, policy=SeenLatents([4, 4, 4, 2]), cache=TaylorSeer(interval=2, order=0, warmup=1))
+    cached = call()
+    assert [r["cached"] for r in ddit.summary(pipe).records] == [False, True, False, False]
+    assert torch.isfinite(cached).all() and not torch.equal(cached, out)
+    ddit.disable(pipe)
 
 
 def test_flux2_reference_images_of_two_sizes_run_beside_the_latent(folders):
@@ -207,6 +220,29 @@ def test_qwen_image_edit_2511_keeps_a_fine_sample_of_a_mixed_batch_equal_to_stoc
     assert {(r["sample"], r["patch_size"]) for r in ddit.summary(pipe).records} == {(0, 8), (1, 2)}
     torch.testing.assert_close(out[1], stock[1], rtol=0, atol=1e-5)
     assert (out[0] - stock[0]).abs().max() > 1e-3
+    ddit.disable(pipe)
+
+    # its blocks take two modulations per row: a cache whose samples disagree runs every row (the skipped one's
+    # output is the stand-in's all the same), as no row's share of them can be cut
+    seen = []
+    hook = transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k), with_kwargs=True)
+    call()
+    hook.remove()
+    recorded, probe = {}, [transformer.norm_out.register_forward_pre_hook(lambda m, a: recorded.update(out=a[0])),
+                           transformer.transformer_blocks[0].register_forward_pre_hook(
+                               lambda m, a, k: recorded.update(inp=k["hidden_states"]), with_kwargs=True)]
+    with torch.no_grad():
+        reference = transformer(**seen[0])[0]
+    for h in probe:
+        h.remove()
+    rows = []
+    count = transformer.transformer_blocks[0].attn.register_forward_pre_hook(
+        lambda m, a, k: rows.append(len((*a, *k.values())[0])), with_kwargs=True)
+    with torch.no_grad(), replace_stack(transformer, Given(1, recorded["out"] - recorded["inp"])):
+        mixed = transformer(**seen[0])[0]
+    count.remove()
+    assert rows == [2]
+    torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_kontext_inpainting_runs_its_reference_beside_the_latent(folders):

@@ -13,6 +13,7 @@ from peft.utils import get_peft_model_state_dict
 from tiny_pipelines import NAMES, TEXT_LEN, build, generators, latents, per_sample
 
 import ddit
+from ddit.backbones.chroma import ChromaSpec
 from ddit.caches import TaylorSeer, TeaCache
 from ddit.checkpoint import CheckpointError
 from ddit.pipelines import ADAPTER_FOLDER
@@ -144,7 +145,68 @@ def test_diffusers_cache_hooks_compose_with_dynamic_patches(name, config):
     assert (uncached - first).abs().max() > 1e-3  # the hook skips work under dynamic patches too
 
 
-@pytest.mark.parametrize("name", ["pixart", "wan", "zimage", "dit"])
+DUAL_STREAM = ["flux", "flux2", "chroma", "qwenimage", "sd3", "hunyuanimage", "hunyuanvideo15"]
+
+
+def transformer_call(pipe, kwargs) -> dict:
+    """The arguments of the transformer's first call in a two-sample generation."""
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k) if not seen else None,
+                                                        with_kwargs=True)
+    pipe(**kwargs(batch=2, steps=2))
+    handle.remove()
+    return seen[0]
+
+
+class Given:
+    """A stand-in that computes the first ``rows`` rows, and adds ``residual`` to the others' stack input."""
+
+    def __init__(self, rows, residual):
+        self.rows, self.residual = rows, residual
+
+    def plan(self, run):
+        return torch.arange(len(run.hidden)) < self.rows
+
+    def finish(self, run, output, compute):
+        output[~compute] = (run.hidden + self.residual)[~compute].to(output.dtype)
+        return output
+
+
+@pytest.mark.parametrize("name", DUAL_STREAM)
+def test_a_dual_stream_stack_runs_only_the_rows_that_compute(name):
+    """FLUX's, SD3's... blocks carry text beside the image tokens, and the model's forward joins or splits them
+    between block lists: the blocks run on the computing rows only, the others' blocks step aside, and the
+    skipped rows' stack output is what the stand-in gives at the output norm's input."""
+    from ddit.caches import replace_stack
+    from ddit.caches.stack import blocks_of
+
+    pipe, kwargs = build(name)
+    model, call = pipe.transformer, transformer_call(pipe, kwargs)
+    blocks, seen = blocks_of(model), {}
+    grab = [blocks[0].register_forward_pre_hook(lambda m, a, k: seen.update({"in": (*a, *k.values())[0]}),
+                                                with_kwargs=True),
+            model.norm_out.register_forward_pre_hook(lambda m, a: seen.update({"out": a[0]}))]
+    with torch.no_grad():
+        stock = model(**call)[0]
+    for h in grab:
+        h.remove()
+    residual = seen["out"] - seen["in"][:, :seen["out"].shape[1]]
+    rows = []  # the rows each block's attention ran on
+    counters = [b.attn.register_forward_pre_hook(lambda m, a, k: rows.append(len((*a, *k.values())[0])),
+                                                 with_kwargs=True) for b in blocks]
+    with torch.no_grad(), replace_stack(model, Given(0, residual)):
+        skipped = model(**call)[0]
+    assert rows == []  # no block ran
+    torch.testing.assert_close(skipped, stock, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), replace_stack(model, Given(1, residual)):
+        mixed = model(**call)[0]
+    assert rows == [1] * len(blocks)  # every block ran on the computing row alone
+    torch.testing.assert_close(mixed, stock, rtol=1e-5, atol=1e-5)
+    for h in counters:
+        h.remove()
+
+
+@pytest.mark.parametrize("name", ["pixart", "wan", "zimage", "dit", *DUAL_STREAM])
 def test_ddit_caches_keep_state_per_branch_and_sample(name):
     pipe, kwargs, stock = stock_of(name)
     never = TaylorSeer(interval=1)  # never skips: must change nothing
@@ -156,10 +218,30 @@ def test_ddit_caches_keep_state_per_branch_and_sample(name):
     out = latents(pipe(**kwargs(batch=2, steps=STEPS)))
     summary = ddit.summary(pipe)
     assert torch.isfinite(out).all() and summary.cache_hits > 0
-    branches = {"cond", "uncond"} if name == "wan" else {None}
+    branches = set(BRANCH_CALLS.get(name, (None,)))
     assert {r["branch"] for r in summary.records} == branches
     # one state per (branch, sample): Wan's two calls per step never share one
     assert cache.keys == {(b, s) for b in branches for s in (0, 1)}
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "hunyuanimage"])
+def test_teacache_watches_the_first_dual_stream_blocks_modulated_input(name):
+    """FLUX.1's, SD3's and HunyuanImage 2.1's first block normalises its input with the model's timestep
+    embedding (``norm1(x, emb=temb)``): TeaCache's signal. delta 0 never skips; a large one skips every
+    step but the first and last, of every sample and branch."""
+    pipe, kwargs, stock = stock_of(name)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline",
+                cache=TeaCache(delta=0, coefficients="flux1-dev"))
+    assert torch.allclose(latents(pipe(**kwargs(batch=2, steps=STEPS))), stock, atol=ATOL, rtol=0)
+    ddit.disable(pipe)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy(),
+                cache=TeaCache(delta=1e9, coefficients="flux1-dev"))
+    out = latents(pipe(**kwargs(batch=2, steps=STEPS)))
+    skipped = {(r["step"], r["sample"], r["branch"]): r["cached"] for r in ddit.summary(pipe).records}
+    assert torch.isfinite(out).all() and (out - stock).abs().max() > 1e-3
+    # sample 0 turns fine at step 2 (SplitPolicy): its first fine step computes
+    computes = {(s, 0) for s in (0, STEPS - 1)} | {(s, 1) for s in (0, STEPS - 1)} | {(2, 0)}
+    assert all(cached == ((step, sample) not in computes) for (step, sample, _), cached in skipped.items())
 
 
 class KeysSeen(TaylorSeer):
@@ -194,8 +276,15 @@ def test_bad_input_is_refused_before_anything_changes(tmp_path):
     pipe, kwargs = build("sd3")
     assert_refused(pipe, "not a CacheMixin", ddit.MultiPatchTransformer(pipe.transformer),
                    cache=FirstBlockCacheConfig(threshold=0.2))
+    chroma, _ = build("chroma")
+    with pytest.MonkeyPatch.context() as patch:  # a dual-stream block whose outputs nobody lists
+        patch.setattr(ChromaSpec, "block_outputs", {})
+        assert_refused(chroma, "unknown: ChromaSingleTransformerBlock, ChromaTransformerBlock",
+                       ddit.MultiPatchTransformer(chroma.transformer), cache=TaylorSeer())
+    qwen, _ = build("qwenimage")
+    assert_refused(qwen, "modulated input of QwenImageTransformerBlock", ddit.MultiPatchTransformer(qwen.transformer),
+                   cache=TeaCache(coefficients="flux1-dev"))
     pipe, kwargs = build("sd3")
-    assert_refused(pipe, "dual-stream", ddit.MultiPatchTransformer(pipe.transformer), cache=TaylorSeer())
     flux, _ = build("flux")
     assert_refused(flux, "MagCacheConfig is not supported", ddit.MultiPatchTransformer(flux.transformer),
                    cache=MagCacheConfig(num_inference_steps=STEPS, mag_ratios=[1.0] * STEPS))

@@ -78,16 +78,17 @@ class TrainingRun:
 
     ``steps()`` yields the step numbers still to run with a progress bar,
     checkpoints every few minutes and once at the end. Resuming checks that
-    the config matches the checkpoint's (``steps`` alone may change), so two
-    different runs are never mixed in one folder.
+    the config matches the checkpoint's (``steps`` alone may change), and so does
+    ``identity``: what the config does not hold but the run depends on (its data, its
+    process count), so two different runs are never mixed in one folder.
     """
 
     def __init__(self, path: str | os.PathLike, config, *, desc: str, minutes: float = 3.0,
                  progress: bool = True, writer: bool = True, agree: Callable[[bool], bool] | None = None,
-                 **stateful):
+                 identity: dict | None = None, **stateful):
         """``writer=False`` (every process but the main one of a multi-GPU run) never writes, but still
         takes the stateful objects' states, which may be collectives; ``agree``: see ``Checkpointer``."""
-        self.path, self.config, self.desc = Path(path), config, desc
+        self.path, self.config, self.desc, self.identity = Path(path), config, desc, identity or {}
         self.progress, self.writer = progress and writer, writer
         self.stateful = stateful
         self.state = {"step": 0, "losses": [], "seconds": 0.0}
@@ -96,7 +97,8 @@ class TrainingRun:
     def save(self) -> None:
         states = {name: obj.state_dict() for name, obj in self.stateful.items()}
         if self.writer:
-            save_checkpoint({"config": asdict(self.config), "state": self.state, **states}, self.path)
+            save_checkpoint({"config": asdict(self.config), "identity": self.identity, "state": self.state,
+                             **states}, self.path)
 
     def restore(self) -> None:
         ckpt = load_checkpoint(self.path)
@@ -106,6 +108,13 @@ class TrainingRun:
                 f"{self.path} was written by a run with {saved}, not {mine}; resume with the "
                 "same settings (only --steps may change) or write to another folder"
             )
+        saved = ckpt.get("identity", {})  # checkpoints from before identities hold none
+        changed = {k: (saved[k], v) for k, v in self.identity.items() if k in saved and saved[k] != v}
+        if changed:
+            raise CheckpointError(
+                f"{self.path} was written by a run on other inputs: "
+                + "; ".join(f"{k} {was} then, {now} now" for k, (was, now) in changed.items())
+                + "; resume with the same ones or write to another folder")
         for name, obj in self.stateful.items():
             obj.load_state_dict(ckpt[name])
         self.state = ckpt["state"]

@@ -25,8 +25,10 @@ uninterrupted one.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,6 +79,15 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, i):
         return self.latents[i], {name: value[i] for name, value in self.conditioning.items()}
+
+    def fingerprint(self) -> str:
+        """A hash of every tensor: a resumed run checks that it still trains on the same data."""
+        digest = hashlib.sha256()
+        for name, value in {"latents": self.latents, **self.conditioning}.items():
+            value = value.detach().cpu().contiguous()
+            digest.update(f"{name} {value.dtype} {tuple(value.shape)}".encode())
+            digest.update(value.reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()[:16]
 
 
 class DistillationLoss(nn.Module):
@@ -181,7 +192,8 @@ class NoisedLatents:
         return len(self.data)
 
     def describe(self) -> dict:
-        return {"latents": len(self.data), "noise_levels": len(self.sigmas)}
+        fingerprint = self.data.fingerprint() if hasattr(self.data, "fingerprint") else None
+        return {"latents": len(self.data), "fingerprint": fingerprint, "noise_levels": len(self.sigmas)}
 
     def draw(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, dict]:
         idx = torch.randint(len(self.data), (batch_size,), generator=generator)
@@ -250,12 +262,20 @@ def distill(
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     loss_fn, opt = accelerator.prepare(DistillationLoss(model, sizes).eval(), opt)
     params = model.trainable_parameters(sizes)  # FSDP replaced them with its shards
+    data_description = states.describe()
     run = TrainingRun(out / "checkpoint.pt", config, desc="distill", minutes=checkpoint_minutes,
                       progress=progress, writer=accelerator.is_main_process,
+                      identity={"data": {k: v for k, v in data_description.items() if k != "folders"}},  # may move
                       agree=(lambda due: broadcast_object_list([due])[0]) if sharded else None,
                       adapter=_AdapterState(model), optimizer=_OptimizerState(opt))
     if resume:
         run.restore()
+    segments = run.state.setdefault("processes", [])  # a resumed run may go on with other processes
+    if segments and segments[-1] != accelerator.num_processes and accelerator.is_main_process:
+        warnings.warn(f"{out} was trained on {segments[-1]} processes and goes on with {accelerator.num_processes}: "
+                      "the batch per step changes with them, so the run differs from one on a fixed count")
+    if segments[-1:] != [accelerator.num_processes]:
+        segments.append(accelerator.num_processes)
 
     def to_device(v):
         """Conditioning keeps its dtype: a pipeline hands its transformer fp32 timesteps even in bf16, and
@@ -293,6 +313,6 @@ def distill(
         staging.rename(export)
         write_text_atomic(out / "distill.json", json.dumps(
             {"config": asdict(config), "backbone": backbone_stamp(model), "patch_sizes": sizes,
-             "data": states.describe(), "steps": run.state["step"], "seconds": round(run.state["seconds"], 1),
-             "losses": run.state["losses"]}, indent=1))
+             "data": data_description, "processes": segments, "steps": run.state["step"],
+             "seconds": round(run.state["seconds"], 1), "losses": run.state["losses"]}, indent=1))
     return export

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -259,7 +258,7 @@ class PatchRuntime:
         keys = tuple((call.branch, s) for s in samples)
         stack = None
         if self.cache is not None:
-            stack = partial(self.cache, Group(g.step, g.num_steps or 0, keys, size))
+            stack = self.cache.standing_in(Group(g.step, g.num_steps or 0, keys, size))
         device = call.latent.device
         blocks = replace_stack(self.model, stack) if stack else nullcontext()
         with self._context(call.branch, size, samples, g), blocks:

@@ -233,7 +233,7 @@ def _flops(fn, autocast, flops: dict, size: int, cached: bool, sample_shape: tup
         device = fn.model.device if getattr(fn, "model", None) is not None else torch.device("cpu")
         one = (torch.zeros(1, *sample_shape, device=device), torch.ones(1, device=device) * 500,
                torch.zeros(1, dtype=torch.long, device=device))
-        with autocast(), _blocks(fn, cached and _skipped):
+        with autocast(), _blocks(fn, cached and _Skipped()):
             flops[key] = count_flops(guided(fn, 1.0 if branches == 1 else 2.0, 0), *one, size)
     return flops[key]
 
@@ -243,6 +243,11 @@ def _blocks(fn, stack):
     return replace_stack(fn.model, stack) if stack else nullcontext()
 
 
-def _skipped(run: StackRun) -> torch.Tensor:
-    """A block stack that does nothing: what a cached step costs besides the blocks (for counting)."""
-    return run.hidden
+class _Skipped:
+    """A stand-in that skips every row: what a cached step costs besides the blocks (for counting)."""
+
+    def plan(self, run: StackRun) -> torch.Tensor:
+        return torch.zeros(len(run.hidden), dtype=torch.bool, device=run.hidden.device)
+
+    def finish(self, run: StackRun, output: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
+        return run.hidden

@@ -58,8 +58,11 @@ class BackboneSpec:
     unsupported: tuple[str, ...] = ()
     #: Forward arguments shared by every row of a batch (never cut when a batch runs in groups).
     unbatched: tuple[str, ...] = ()
-    #: Whether every block maps hidden states to hidden states (ddit's feature caches need that).
+    #: Whether every block maps hidden states to hidden states; if not (dual-stream), ddit's feature caches read
+    #: what each block returns from diffusers' ``TransformerBlockRegistry``, or from ``block_outputs``.
     single_stream: bool = True
+    #: Block class name -> the arguments its forward returns, in order, for blocks diffusers' registry lacks.
+    block_outputs: dict[str, tuple[str, ...]] = {}
     #: Whether this family's stock pipelines may batch CFG branches in one call; the packed-token families'
     #: pipelines (FLUX, Chroma, Qwen-Image) call once per branch, even where they say they guide (Chroma).
     batched_cfg: bool = True

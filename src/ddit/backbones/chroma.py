@@ -15,6 +15,8 @@ from .flux import FluxSpec, with_references
 
 class ChromaSpec(FluxSpec):
     model_class = "ChromaTransformer2DModel"
+    block_outputs = {"ChromaTransformerBlock": ("encoder_hidden_states", "hidden_states"),
+                     "ChromaSingleTransformerBlock": ("hidden_states",)}  # on the joined tokens
 
     def forward(self, tokens, grid, scale, args, references=()):
         m, dtype, n = self.model, tokens.dtype, tokens.shape[1]

@@ -18,7 +18,8 @@ from .base import BackboneSpec
 class HunyuanVideo15Spec(BackboneSpec):
     model_class = "HunyuanVideo15Transformer3DModel"
     unembed_channels_last = False  # the output projection's features are (C, t, p, p)
-    single_stream = False  # dual-stream blocks return (image, text) tokens
+    single_stream = False
+    block_outputs = {"HunyuanVideo15TransformerBlock": ("hidden_states", "encoder_hidden_states")}
 
     def patch(self, size):
         return (self.model.config.patch_size_t, size, size)

@@ -10,8 +10,7 @@ import torch
 
 from torch import nn
 
-from ..backbones import spec_for
-from .stack import StackRun, blocks_of
+from .stack import StackRun, StandIn, check_stack
 
 
 @dataclass(frozen=True)
@@ -51,13 +50,7 @@ class Cache(abc.ABC):
 
     def check(self, model: nn.Module) -> None:
         """Refuse, before any work, a model whose blocks this cache cannot stand in for."""
-        backbone = getattr(model, "backbone", model)
-        if not spec_for(backbone).single_stream:
-            raise ValueError(f"ddit's {self.name!r} cache handles single-stream blocks only, and "
-                             f"{type(backbone).__name__}'s blocks are dual-stream; use a diffusers cache config "
-                             "instead where the model supports one (diffusers.hooks.TaylorSeerCacheConfig, or FirstBlockCacheConfig "
-                             "on FLUX.1, Qwen-Image and Wan)")
-        blocks_of(model)
+        check_stack(model)
 
     @abc.abstractmethod
     def reuse(self, group: Group, run: StackRun, rows: dict) -> dict:
@@ -74,30 +67,52 @@ class Cache(abc.ABC):
         """Keep what a computed step leaves for later ones."""
         state["residual"] = output.float() - hidden.float()
 
-    def __call__(self, group: Group, run: StackRun) -> torch.Tensor:
-        """The stack's output for one call: the blocks run only on the rows of samples that compute."""
-        hidden = run.hidden
-        owner = list(group.samples) * (len(hidden) // len(group.samples))
-        rows = {s: torch.tensor([r for r, o in enumerate(owner) if o == s], device=hidden.device)
-                for s in group.samples}
+    def standing_in(self, group: Group) -> StandIn:
+        """This cache for one group's model calls, as ``replace_stack`` takes it."""
+        return _GroupStandIn(self, group)
+
+    def plan(self, group: Group, run: StackRun) -> torch.Tensor:
+        """Which rows run the blocks: those of samples that do not reuse."""
+        hidden, rows = run.hidden, self._rows(group, run.hidden)
         # a new patch size, resolution or number of CFG branches (Z-Image's cfg_truncation) starts afresh
         where = (group.patch_size, tuple(hidden.shape[1:]), len(hidden) // len(group.samples))
         for s in group.samples:
             if self.states.get(s, {}).get("where") != where:
                 self.states[s] = {"patch_size": group.patch_size, "where": where}
         reuse = self.reuse(group, run, rows)
-        compute = torch.tensor([not reuse[s] for s in owner], device=hidden.device)
-        if compute.all():
-            output = run.run()
-        else:
-            output = torch.empty_like(hidden)
-            if compute.any():
-                output[compute] = run.run(compute).to(hidden.dtype)
-            for s, r in rows.items():
-                if reuse[s]:
-                    output[r] = self.predict(self.states[s], group, hidden[r]).to(output.dtype)
-        for s, r in rows.items():
-            if not reuse[s]:
-                self.record(self.states[s], group, hidden[r], output[r])
         self.reused.update(reuse)
+        compute = torch.ones(len(hidden), dtype=torch.bool)
+        for s, r in rows.items():
+            compute[r.cpu()] = not reuse[s]
+        return compute.to(hidden.device)
+
+    def finish(self, group: Group, run: StackRun, output: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
+        """Every row's output: the skipped samples' predicted, the computed ones' recorded."""
+        hidden = run.hidden
+        for s, r in self._rows(group, hidden).items():
+            if self.reused[s]:
+                output[r] = self.predict(self.states[s], group, hidden[r]).to(output.dtype)
+            else:
+                self.record(self.states[s], group, hidden[r], output[r])
         return output
+
+    @staticmethod
+    def _rows(group: Group, hidden: torch.Tensor) -> dict:
+        """Each sample's rows: a call's rows are its group's samples, once per CFG branch."""
+        owner = list(group.samples) * (len(hidden) // len(group.samples))
+        return {s: torch.tensor([r for r, o in enumerate(owner) if o == s], device=hidden.device)
+                for s in group.samples}
+
+
+@dataclass(frozen=True)
+class _GroupStandIn:
+    """A cache bound to one group: what ``replace_stack`` calls."""
+
+    cache: Cache
+    group: Group
+
+    def plan(self, run: StackRun) -> torch.Tensor:
+        return self.cache.plan(self.group, run)
+
+    def finish(self, run: StackRun, output: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
+        return self.cache.finish(self.group, run, output, compute)

@@ -1,11 +1,18 @@
 """The block stack: the part of a transformer that a feature cache skips.
 
-``replace_stack`` lets a function stand in for a model's whole stack of
-transformer blocks during a call: the first block's forward hands its inputs to
-that function and returns what it returns, the other blocks step aside (return
-their input). It patches the blocks, not the model's forward, so it works
-wherever the blocks run: the backbone's own forward (the base patch size) and
-the multi-patch adapter's coarse path alike.
+``replace_stack(model, stand_in)`` lets a stand-in decide, at each model call, which rows
+(samples) run the model's blocks, and what the others get instead. It patches the blocks, not
+the model's forward, so it works wherever the blocks run: the backbone's own forward (the base
+patch size) and the multi-patch adapter's coarse path alike.
+
+- A single-stream stack (one list of one kind of block, each returning its hidden states) runs
+  whole inside the first block's call; the other blocks step aside (return their input).
+- A dual-stream stack (FLUX, SD3, Qwen-Image...: blocks that carry text and image tokens side by
+  side) cannot, since the model's own forward glues its block lists together (FLUX.2 and Chroma
+  join the text and image tokens between them). There the first block's call asks the stand-in;
+  every block runs on the rows that compute, the others stepping aside with their inputs in the
+  order of diffusers' ``TransformerBlockRegistry``; and the stand-in finishes at the input of the
+  model's output norm (``norm_out``), which holds the image tokens, as the stack's input did.
 """
 
 from __future__ import annotations
@@ -13,12 +20,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from ..adapter import MultiPatchTransformer
+from ..backbones import spec_for
 
 #: Where diffusers transformers keep their blocks, in the order they run.
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
@@ -38,59 +47,200 @@ class StackRun:
         return next(iter(self.arguments.values()))
 
     def run(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The real blocks' output for ``rows`` (a boolean mask; all rows by default).
+        """A single-stream stack's output for ``rows`` (a boolean mask; all rows by default).
 
         Arguments with one entry per row (timestep, labels...) are cut to the same rows.
         """
-        arguments = self.arguments
-        if rows is not None:
-            n = len(self.hidden)
-            arguments = {k: v[rows] if isinstance(v, torch.Tensor) and v.ndim and len(v) == n else v
-                         for k, v in arguments.items()}
+        arguments = self.arguments if rows is None else _cut(self.arguments, len(self.hidden), rows)
+        if arguments is None:  # a row's share of some argument cannot be told: all rows run
+            return self.run()[rows]
         bound = inspect.BoundArguments(inspect.signature(self.forwards[0]), dict(arguments))
         for forward in self.forwards:
             hidden = forward(*bound.args, **bound.kwargs)
             if not isinstance(hidden, torch.Tensor):
                 raise TypeError(f"{type(self.block).__name__} returns {type(hidden).__name__}, not the hidden "
-                                "states: feature caches handle single-stream blocks only")
+                                "states: its model's spec must say single_stream = False")
             bound.arguments[next(iter(bound.arguments))] = hidden
         return hidden
 
 
+class StandIn(Protocol):
+    """What stands in for the block stack during model calls: a cache bound to one group of samples."""
+
+    def plan(self, run: StackRun) -> torch.Tensor:
+        """Which rows of ``run.hidden`` run the blocks: one boolean per row."""
+
+    def finish(self, run: StackRun, output: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
+        """The stack's output for every row, given the blocks' ``output`` on the rows that computed (``compute``);
+        the other rows of ``output`` hold nothing to use."""
+
+
 def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a diffusers model (or of the backbone a MultiPatchTransformer wraps)."""
-    if isinstance(model, MultiPatchTransformer):
-        model = model.backbone
+    """The transformer blocks of a diffusers model (or of the backbone a MultiPatchTransformer wraps), in the
+    order they run."""
+    model = model.backbone if isinstance(model, MultiPatchTransformer) else model
     blocks = [b for name in BLOCK_LISTS if isinstance(getattr(model, name, None), nn.ModuleList)
               for b in getattr(model, name)]
-    kinds = sorted({type(b).__name__ for b in blocks})
-    if len(kinds) != 1:
-        raise TypeError(f"feature caches need one stack of one kind of block; {type(model).__name__} has "
-                        f"{', '.join(kinds) or 'none'}")
+    if not blocks:
+        raise TypeError(f"feature caches need the model's blocks, and {type(model).__name__} keeps none in "
+                        f"{', '.join(BLOCK_LISTS)}")
     return blocks
 
 
+def check_stack(model: nn.Module) -> None:
+    """Refuse, before any work, a model whose block stack ``replace_stack`` cannot stand in for."""
+    backbone = model.backbone if isinstance(model, MultiPatchTransformer) else model
+    blocks = blocks_of(backbone)
+    kinds, spec = sorted({type(b).__name__ for b in blocks}), spec_for(backbone)
+    if spec.single_stream:
+        if len(kinds) != 1:
+            raise ValueError(f"a single-stream stack runs as one call of one kind of block; "
+                            f"{type(backbone).__name__} has {', '.join(kinds)}")
+        return
+    unknown = sorted({type(b).__name__ for b in blocks if _outputs(b, spec) is None})
+    if unknown or not isinstance(getattr(backbone, "norm_out", None), nn.Module):
+        raise ValueError(f"ddit's caches stand in for {type(backbone).__name__}'s dual-stream blocks only where "
+                         "they know what each block returns (diffusers' TransformerBlockRegistry, or the spec's "
+                         "block_outputs) and the model has an output norm (norm_out) after them; unknown: "
+                         f"{', '.join(unknown) or 'norm_out'}. Add it to the spec, or use a diffusers cache config "
+                         "where the model supports one")
+
+
 @contextmanager
-def replace_stack(model: nn.Module, stack: Callable[[StackRun], torch.Tensor]) -> Iterator[None]:
-    """While inside, ``model``'s blocks run as one call ``stack(run) -> output tokens``."""
-    blocks = blocks_of(model)
-    forwards = tuple(block.forward for block in blocks)
-    signature = inspect.signature(forwards[0])
+def replace_stack(model: nn.Module, stand_in: StandIn) -> Iterator[None]:
+    """While inside, ``stand_in`` decides at each call of ``model`` which rows run its blocks."""
+    backbone = model.backbone if isinstance(model, MultiPatchTransformer) else model
+    blocks = blocks_of(backbone)
     own = [block.__dict__.get("forward") for block in blocks]  # a forward patched by someone else
-
-    def first(*args, **kwargs):
-        return stack(StackRun(blocks[0], dict(signature.bind(*args, **kwargs).arguments), forwards))
-
-    def step_aside(hidden_states, *args, **kwargs):
-        return hidden_states
-
-    for block, forward in zip(blocks, (first, *[step_aside] * (len(blocks) - 1))):
+    forwards, spec = tuple(block.forward for block in blocks), spec_for(backbone)
+    if spec.single_stream:
+        patched, tail = _single_stream(blocks, forwards, stand_in), None
+    else:
+        patched, finish = _dual_stream(blocks, forwards, stand_in, spec)
+        tail = backbone.norm_out.register_forward_pre_hook(finish, with_kwargs=True)
+    for block, forward in zip(blocks, patched):
         block.forward = forward
     try:
         yield
     finally:
+        if tail is not None:
+            tail.remove()
         for block, forward in zip(blocks, own):
             if forward is None:
                 del block.forward
             else:
                 block.forward = forward
+
+
+def _single_stream(blocks, forwards, stand_in: StandIn) -> list[Callable]:
+    """The first block runs the whole stack on the rows that compute; the others step aside."""
+    signature = inspect.signature(forwards[0])
+
+    def first(*args, **kwargs):
+        run = StackRun(blocks[0], dict(signature.bind(*args, **kwargs).arguments), forwards)
+        compute = stand_in.plan(run)
+        if compute.all():
+            output = run.run()
+        else:
+            output = torch.empty_like(run.hidden)
+            if compute.any():
+                output[compute] = run.run(compute).to(output.dtype)
+        return stand_in.finish(run, output, compute)
+
+    def step_aside(hidden_states, *args, **kwargs):
+        return hidden_states
+
+    return [first, *[step_aside] * (len(blocks) - 1)]
+
+
+def _dual_stream(blocks, forwards, stand_in: StandIn, spec) -> tuple[list[Callable], Callable]:
+    """Every block runs on the rows that compute; the output norm's pre-hook finishes the call."""
+    call: dict = {}  # the model call in flight: its run and which rows compute
+
+    def block_forward(i: int) -> Callable:
+        signature, outputs = inspect.signature(forwards[i]), _outputs(blocks[i], spec)
+
+        def forward(*args, **kwargs):
+            if i == 0:
+                run = StackRun(blocks[0], dict(signature.bind(*args, **kwargs).arguments), forwards)
+                call.update(run=run, compute=stand_in.plan(run))
+            compute = call["compute"]
+            if compute.all():
+                return forwards[i](*args, **kwargs)
+            arguments = signature.bind(*args, **kwargs).arguments
+            inputs = [arguments.get(name) for name in outputs]  # what the block returns, as it came in
+            cut = _cut(arguments, len(compute), compute) if compute.any() else None
+            if cut is None and compute.any():  # a row's share of an argument cannot be told: all rows run
+                return forwards[i](*args, **kwargs)
+            if cut is not None:
+                computed = forwards[i](**cut)
+                computed = computed if isinstance(computed, tuple) else (computed,)
+                for j, value in enumerate(computed):
+                    if value is not None and inputs[j] is not None:
+                        inputs[j] = inputs[j].clone()
+                        inputs[j][compute] = value
+            return tuple(inputs) if len(inputs) > 1 else inputs[0]
+
+        return forward
+
+    def finish(norm_out: nn.Module, args: tuple, kwargs: dict):
+        if not call:  # norm_out called outside a stack call
+            return None
+        if not args:
+            raise TypeError(f"{type(norm_out).__name__} was called without its input as its first positional "
+                            "argument, where ddit's caches finish the stack")
+        run, compute = call.pop("run"), call.pop("compute")
+        hidden, tokens = args[0], args[0].shape[1]
+        if tokens < run.hidden.shape[1]:  # Kontext's coarse path norms the generated grid, not its references
+            name = next(iter(run.arguments))
+            run = replace(run, arguments={**run.arguments, name: run.hidden[:, :tokens]})
+        output = hidden if compute.all() else hidden.clone()
+        return (stand_in.finish(run, output, compute).to(hidden.dtype), *args[1:]), kwargs
+
+    return [block_forward(i) for i in range(len(blocks))], finish
+
+
+def _outputs(block: nn.Module, spec) -> tuple[str, ...] | None:
+    """The arguments a dual-stream block returns, in its return order (the spec's, or diffusers' registry's);
+    None if unknown."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry  # diffusers' own record of block outputs
+
+    if type(block).__name__ in spec.block_outputs:
+        return spec.block_outputs[type(block).__name__]
+    try:
+        meta = TransformerBlockRegistry.get(type(block))
+    except ValueError:
+        return None
+    if meta.return_encoder_hidden_states_index is None:
+        return (meta.hidden_states_argument_name,)
+    names = [None, None]
+    names[meta.return_hidden_states_index] = meta.hidden_states_argument_name
+    names[meta.return_encoder_hidden_states_index] = meta.encoder_hidden_states_argument_name
+    return tuple(names)
+
+
+def _cut(arguments: dict, n: int, rows: torch.Tensor) -> dict | None:
+    """The arguments of ``rows`` alone: a tensor with one entry per row is cut, others pass as they are. None
+    where a row's share cannot be told: a tensor of several entries per row (Qwen-Image-Edit-2511's two
+    modulations) or per-row tensors inside a container (an IP adapter's image embeddings)."""
+    cut = {}
+    for name, value in arguments.items():
+        if torch.is_tensor(value) and value.ndim and len(value) == n:
+            cut[name] = value[rows]
+        elif torch.is_tensor(value) and value.ndim and len(value) > n and len(value) % n == 0:
+            return None
+        elif isinstance(value, (dict, list, tuple)) and any(
+                torch.is_tensor(v) and v.ndim and len(v) == n for v in _leaves(value)):
+            return None
+        else:
+            cut[name] = value
+    return cut
+
+
+def _leaves(value) -> Iterator:
+    """The values inside nested dicts, lists and tuples."""
+    for v in value.values() if isinstance(value, dict) else value:
+        if isinstance(v, (dict, list, tuple)):
+            yield from _leaves(v)
+        else:
+            yield v

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.models.normalization import AdaLayerNormZero
 
 from .base import Cache, Group
 from .stack import StackRun, blocks_of
@@ -30,13 +31,24 @@ def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().mean() / b.abs().mean())
 
 
+#: Fits published with TeaCache, by the name ``coefficients=`` takes (highest degree first).
+PUBLISHED_FITS = {
+    "flux1-dev": [498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861],  # TeaCache4FLUX
+}
+
+
 def modulated_input(run: StackRun) -> torch.Tensor:
-    """The first block's timestep-modulated input (its adaLN output), for DiT's adaLN-zero blocks."""
+    """The first block's timestep-modulated input (its adaLN-zero output): DiT's blocks embed the timestep in
+    their norm; FLUX.1's, SD3's and HunyuanImage 2.1's take the model's embedding as ``temb``."""
     block, arguments = run.block, run.arguments
-    if getattr(block, "norm_type", None) != "ada_norm_zero":
+    if not _adaln_zero(block):
         raise NotImplementedError(UNKNOWN_BLOCK.format(type(block).__name__))
     return block.norm1(run.hidden, arguments.get("timestep"), arguments.get("class_labels"),
-                       hidden_dtype=run.hidden.dtype)[0]
+                       hidden_dtype=run.hidden.dtype, emb=arguments.get("temb"))[0]
+
+
+def _adaln_zero(block) -> bool:
+    return isinstance(getattr(block, "norm1", None), AdaLayerNormZero)
 
 
 def load_teacache_fit(path: str | Path) -> list[float]:
@@ -67,10 +79,15 @@ class TeaCache(Cache):
     #: chosen on the testbed by the issue-13 rule (largest speed-up with FD <= 1.1x): docs/policies.md
     delta: float = 0.025
 
-    def __init__(self, delta: float | None = None, coefficients: Sequence[float] | None = None):
+    def __init__(self, delta: float | None = None, coefficients: Sequence[float] | str | None = None):
         self.delta = type(self).delta if delta is None else delta
         if not self.delta >= 0:
             raise ValueError(f"delta must be >= 0 (0 never skips), got {self.delta}")
+        if isinstance(coefficients, str):
+            if coefficients not in PUBLISHED_FITS:
+                raise ValueError(f"no published TeaCache fit named {coefficients!r}; known: "
+                                 f"{', '.join(PUBLISHED_FITS)}, or pass the coefficients (highest degree first)")
+            coefficients = PUBLISHED_FITS[coefficients]
         self.coefficients = None if coefficients is None else [float(c) for c in coefficients]
         super().__init__()
 
@@ -78,10 +95,11 @@ class TeaCache(Cache):
         super().check(model)
         if self.coefficients is None:
             raise ValueError("TeaCache needs its polynomial fit for this model: pass coefficients=[...] (highest "
-                             "degree first), e.g. load_teacache_fit(PATH); fit them on the model's own generations "
+                             "degree first), e.g. load_teacache_fit(PATH), or a published fit by name "
+                             f"({', '.join(PUBLISHED_FITS)}); fit them on the model's own generations "
                              "with TeaCacheRecorder and fit_teacache (the testbed: `ddit calibrate teacache`)")
         block = blocks_of(model)[0]
-        if getattr(block, "norm_type", None) != "ada_norm_zero" and type(self).indicator is TeaCache.indicator:
+        if not _adaln_zero(block) and type(self).indicator is TeaCache.indicator:
             raise ValueError(UNKNOWN_BLOCK.format(type(block).__name__))
 
     def indicator(self, run: StackRun) -> torch.Tensor:
