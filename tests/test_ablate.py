@@ -424,3 +424,17 @@ def test_an_explicit_progressive_row_stays_beside_the_progressive_policy(args, t
         from ddit.ablate.cli import build_parser, run
         run(build_parser().parse_args([*args(tmp_path / "run"), "--policies", "progressive,fixed",
                                        "--progressive", "0.3"]), None)
+
+
+def test_a_teacache_fit_file_is_read_into_the_rows(tmp_path):
+    """The rows (a run's identity) hold a fit file's numbers, not its path: a resumed run on a re-fitted file is
+    told apart; a published fit's name becomes its numbers too, and a missing file is refused up front."""
+    from ddit.ablate.config import build_rows
+    from ddit.caches import PUBLISHED_FITS, write_teacache_fit
+
+    write_teacache_fit([0, 0, 0, 2, 0], tmp_path / "fit.json")
+    for given, numbers in ((str(tmp_path / "fit.json"), [0, 0, 0, 2, 0]), ("flux1-dev", PUBLISHED_FITS["flux1-dev"])):
+        rows = build_rows(["mean"], ["teacache"], cache_params={"teacache": {"coefficients": given}}, fewer_steps=())
+        assert rows["mean+teacache"].cache_params["coefficients"] == numbers
+    with pytest.raises(ValueError, match="neither a published fit"):
+        build_rows(["mean"], ["teacache"], cache_params={"teacache": {"coefficients": "nope.json"}})

@@ -107,3 +107,44 @@ def test_a_grid_with_row_labels_writes_them_in_a_margin(tmp_path):
 def test_eval_of_fewer_than_two_images_is_refused_before_sampling(capsys):
     assert main(["testbed", "eval", "--num", "1"]) == 2
     assert "--num must be at least 2" in capsys.readouterr().err
+
+
+def test_calibrate_teacache_fits_a_pipelines_transformer_for_teacache_to_take(tmp_path, capsys):
+    """``ddit calibrate teacache --pipeline``: one (input change, output change) pair per prompt and pair of
+    consecutive steps, fitted and written where TeaCache (and ``--cache-param teacache.coefficients=``) reads it."""
+    from diffusers import DiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+    from tiny_pipelines import build
+
+    import ddit
+    from ddit.caches import TeaCache
+    from ddit.calibration import calibrate_teacache_on_pipeline
+    from ddit.tiny_pipelines import save_tiny_pipeline
+
+    folder = save_tiny_pipeline("flux", tmp_path / "flux")
+    prompts, fit = tmp_path / "prompts.txt", tmp_path / "fit.json"
+    prompts.write_text("a red circle\nblue stripes on white\n")
+    args = ["calibrate", "teacache", "--pipeline", str(folder), "--prompts", str(prompts), "--height", "128",
+            "--width", "128", "--pipeline-arg", "max_sequence_length=16", "--out", str(fit)]
+    assert main([*args, "--steps", "6"]) == 2
+    assert "10 pairs of consecutive steps are too few" in capsys.readouterr().err and not fit.exists()
+    assert main([*args, "--steps", "12"]) == 0
+    written = json.loads(fit.read_text())
+    assert len(written["coefficients"]) == 5 and written["pairs"] == 2 * 11
+    assert written["model"] == "FluxTransformer2DModel"
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline",
+                cache=TeaCache(coefficients=fit, delta=1e9))
+    pipe("a red circle", height=128, width=128, num_inference_steps=4, max_sequence_length=16, output_type="latent")
+    assert [r["cached"] for r in ddit.summary(pipe).records] == [False, True, True, False]
+    ddit.disable(pipe)
+
+    qwen, _ = build("qwenimage")  # blocks whose modulated input TeaCache does not know: refused before any call
+    with pytest.raises(ValueError, match="modulated input of QwenImageTransformerBlock"):
+        calibrate_teacache_on_pipeline(qwen, ["a red circle"], tmp_path / "qwen.json")
+    assert "save_pretrained" not in vars(qwen) and not (tmp_path / "qwen.json").exists()
+    assert not any(isinstance(m, LoraLayer) for m in qwen.transformer.modules())
+    assert not any(isinstance(m, LoraLayer) for m in pipe.transformer.modules())  # disabled: stock again
+    with pytest.raises(ValueError, match="neither a published fit"):
+        TeaCache(coefficients=tmp_path / "missing.json")

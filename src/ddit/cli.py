@@ -170,16 +170,43 @@ def _tiny_pipeline(args) -> None:
 
 
 def _calibrate_teacache(args) -> None:
-    from .caches import write_teacache_fit
-    from .testbed.teacache import calibrate_teacache
-    from .testbed.base_model import SHIPPED_BASE, load_base_model
+    if args.pipeline:
+        coefficients = _calibrate_teacache_on_pipeline(args)
+    else:
+        from .caches import write_teacache_fit
+        from .testbed.base_model import SHIPPED_BASE, load_base_model
+        from .testbed.teacache import calibrate_teacache
 
-    coefficients = calibrate_teacache(load_base_model(args.model or SHIPPED_BASE), per_class=args.per_class,
-                                      steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True)
-    out = args.out
-    write_teacache_fit(coefficients, out, command="ddit calibrate teacache", per_class=args.per_class,
-                       steps=args.steps, guidance=args.guidance, seed=args.seed)
-    print(f"TeaCache fit {coefficients} written to {out}")
+        if args.prompts or args.pipeline_arg or args.height or args.width or args.num_frames or args.dtype \
+                or args.device:
+            raise ValueError("--prompts, --height, --width, --num-frames, --dtype, --device and --pipeline-arg need "
+                             "--pipeline")
+        steps, guidance = args.steps or 50, 2.0 if args.guidance is None else args.guidance
+        coefficients = calibrate_teacache(load_base_model(args.model or SHIPPED_BASE), per_class=args.per_class,
+                                          steps=steps, guidance=guidance, seed=args.seed, progress=True)
+        write_teacache_fit(coefficients, args.out, command="ddit calibrate teacache", per_class=args.per_class,
+                           steps=steps, guidance=guidance, seed=args.seed)
+    print(f"TeaCache fit {coefficients} written to {args.out}")
+
+
+def _calibrate_teacache_on_pipeline(args) -> list[float]:
+    import torch
+    from accelerate import PartialState
+
+    from .calibration import calibrate_teacache_on_pipeline
+    from .pipeline_call import call_arguments, read_prompts
+    from .weights import load_pipeline
+
+    if args.model:
+        raise ValueError("--model is the testbed's; with --pipeline the fit is the pipeline's transformer's")
+    if not args.prompts:
+        raise ValueError("--pipeline needs --prompts: a text file with one prompt per line (or a .jsonl file)")
+    prompts = read_prompts(args.prompts)
+    call = call_arguments(args.pipeline_arg, num_inference_steps=args.steps, height=args.height, width=args.width,
+                          num_frames=args.num_frames, guidance_scale=args.guidance)
+    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None)
+    device = args.device or PartialState().device
+    return calibrate_teacache_on_pipeline(pipe.to(device), prompts, args.out, call=call, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,14 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = commands.add_parser("calibrate", help="fit what a method needs to a model")
     calibrate_commands = calibrate.add_subparsers(dest="calibrate_command", required=True)
-    p = calibrate_commands.add_parser("teacache", help="fit TeaCache's rescaling polynomial on the testbed")
+    p = calibrate_commands.add_parser("teacache", help="fit TeaCache's rescaling polynomial on the testbed, or on "
+                                      "a pipeline's generations of prompts (--pipeline)")
     p.add_argument("--model", help="testbed base model folder (default: the shipped one)")
-    p.add_argument("--per-class", type=int, default=8, help="calibration samples per class")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--per-class", type=int, default=8, help="calibration samples per class (testbed)")
+    p.add_argument("--pipeline", help="a diffusers pipeline folder: fit its transformer on --prompts")
+    p.add_argument("--prompts", help="with --pipeline: a text file, one prompt per line (or a .jsonl file)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: 50 on the testbed, the pipeline's own)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: 2.0 on the testbed, the pipeline's)")
+    p.add_argument("--height", type=int, help="with --pipeline: image height (default: the pipeline's)")
+    p.add_argument("--width", type=int, help="with --pipeline: image width (default: the pipeline's)")
+    p.add_argument("--num-frames", type=int, help="with --pipeline: frames of a video pipeline")
+    p.add_argument("--pipeline-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="with --pipeline: any other argument of the pipeline call, as a Python literal; repeatable")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="with --pipeline: load it in this dtype (default: as saved)")
+    p.add_argument("--device", help="with --pipeline: where it runs (default: accelerate's device, a GPU if any)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="teacache.json",
-                   help="JSON file (default: teacache.json here; to ship it, copy it over the testbed's "
+                   help="JSON file (default: teacache.json here; to ship the testbed's, copy it over "
                         "src/ddit/testbed/assets/teacache.json)")
     p.set_defaults(func=_calibrate_teacache)
 

@@ -61,6 +61,20 @@ def load_teacache_fit(path: str | Path) -> list[float]:
                                 "or pass coefficients=[...] (highest degree first)") from None
 
 
+def resolve_fit(coefficients: Sequence[float] | str | Path | None) -> list[float] | None:
+    """Coefficients given as numbers, as a published fit's name (``PUBLISHED_FITS``) or as a fit file."""
+    if isinstance(coefficients, (str, Path)):
+        if str(coefficients) in PUBLISHED_FITS:
+            return list(PUBLISHED_FITS[str(coefficients)])
+        if not Path(coefficients).is_file():
+            raise ValueError(f"TeaCache coefficients {str(coefficients)!r} are neither a published fit "
+                             f"({', '.join(PUBLISHED_FITS)}) nor a fit file; fit one with `ddit calibrate "
+                             "teacache --pipeline DIR --prompts FILE --out FIT.json`, or pass the numbers (highest "
+                             "degree first)")
+        return load_teacache_fit(coefficients)
+    return None if coefficients is None else [float(c) for c in coefficients]
+
+
 def write_teacache_fit(coefficients: Sequence[float], path: str | Path, **about) -> None:
     """Save a fit (and whatever describes how it was made) where ``load_teacache_fit`` finds it."""
     Path(path).write_text(json.dumps({"coefficients": [float(c) for c in coefficients], **about}, indent=1))
@@ -79,25 +93,20 @@ class TeaCache(Cache):
     #: chosen on the testbed by the issue-13 rule (largest speed-up with FD <= 1.1x): docs/policies.md
     delta: float = 0.025
 
-    def __init__(self, delta: float | None = None, coefficients: Sequence[float] | str | None = None):
+    def __init__(self, delta: float | None = None, coefficients: Sequence[float] | str | Path | None = None):
         self.delta = type(self).delta if delta is None else delta
         if not self.delta >= 0:
             raise ValueError(f"delta must be >= 0 (0 never skips), got {self.delta}")
-        if isinstance(coefficients, str):
-            if coefficients not in PUBLISHED_FITS:
-                raise ValueError(f"no published TeaCache fit named {coefficients!r}; known: "
-                                 f"{', '.join(PUBLISHED_FITS)}, or pass the coefficients (highest degree first)")
-            coefficients = PUBLISHED_FITS[coefficients]
-        self.coefficients = None if coefficients is None else [float(c) for c in coefficients]
+        self.coefficients = resolve_fit(coefficients)
         super().__init__()
 
     def check(self, model) -> None:
         super().check(model)
         if self.coefficients is None:
-            raise ValueError("TeaCache needs its polynomial fit for this model: pass coefficients=[...] (highest "
-                             "degree first), e.g. load_teacache_fit(PATH), or a published fit by name "
-                             f"({', '.join(PUBLISHED_FITS)}); fit them on the model's own generations "
-                             "with TeaCacheRecorder and fit_teacache (the testbed: `ddit calibrate teacache`)")
+            raise ValueError("TeaCache needs its polynomial fit for this model: pass coefficients= a fit file, a "
+                             f"published fit by name ({', '.join(PUBLISHED_FITS)}) or the numbers (highest degree "
+                             "first); fit them on the model's own generations with `ddit calibrate teacache "
+                             "--pipeline DIR --prompts FILE --out FIT.json` (the testbed: `ddit calibrate teacache`)")
         block = blocks_of(model)[0]
         if not _adaln_zero(block) and type(self).indicator is TeaCache.indicator:
             raise ValueError(UNKNOWN_BLOCK.format(type(block).__name__))
@@ -133,6 +142,12 @@ class TeaCacheRecorder(Cache):
     def __init__(self) -> None:
         super().__init__()
         self.pairs: list[tuple[float, float]] = []
+
+    def check(self, model) -> None:
+        super().check(model)
+        block = blocks_of(model)[0]
+        if not _adaln_zero(block):
+            raise ValueError(UNKNOWN_BLOCK.format(type(block).__name__))
 
     def reuse(self, group, run, rows):
         indicator = modulated_input(run).float()
