@@ -224,11 +224,12 @@ def test_ddit_caches_keep_state_per_branch_and_sample(name):
     assert cache.keys == {(b, s) for b in branches for s in (0, 1)}
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3", "hunyuanimage"])
-def test_teacache_watches_the_first_dual_stream_blocks_modulated_input(name):
+@pytest.mark.parametrize("name", ["flux", "sd3", "hunyuanimage", "wan"])
+def test_teacache_watches_the_first_blocks_modulated_input_or_wans_timestep_projection(name):
     """FLUX.1's, SD3's and HunyuanImage 2.1's first block normalises its input with the model's timestep
-    embedding (``norm1(x, emb=temb)``): TeaCache's signal. delta 0 never skips; a large one skips every
-    step but the first and last, of every sample and branch."""
+    embedding (``norm1(x, emb=temb)``): TeaCache's signal; on Wan, the timestep projection its blocks take, as
+    TeaCache's Wan code. delta 0 never skips; a large one skips every step but the first and last, of every
+    sample and branch."""
     pipe, kwargs, stock = stock_of(name)
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline",
                 cache=TeaCache(delta=0, coefficients="flux1-dev"))
@@ -242,6 +243,23 @@ def test_teacache_watches_the_first_dual_stream_blocks_modulated_input(name):
     # sample 0 turns fine at step 2 (SplitPolicy): its first fine step computes
     computes = {(s, 0) for s in (0, STEPS - 1)} | {(s, 1) for s in (0, STEPS - 1)} | {(2, 0)}
     assert all(cached == ((step, sample) not in computes) for (step, sample, _), cached in skipped.items())
+
+
+def test_teacache_calibration_on_wan_pairs_the_change_of_its_timestep_projection():
+    from ddit.caches import TeaCacheRecorder
+    from ddit.caches.teacache import rel_l1
+
+    pipe, kwargs = build("wan")
+    seen = []  # the first block's temb at each call: cond, uncond, cond... (Wan calls once per branch)
+    hook = pipe.transformer.blocks[0].register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["temb"] if "temb" in k else a[2]), with_kwargs=True)
+    recorder = TeaCacheRecorder()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline", cache=recorder)
+    pipe(**kwargs(batch=1, steps=STEPS))
+    hook.remove()
+    assert len(seen) == 2 * STEPS and len(recorder.pairs) == 2 * (STEPS - 1)
+    assert recorder.pairs[0][0] == pytest.approx(rel_l1(seen[2].float(), seen[0].float()))
+    assert recorder.pairs[1][0] == pytest.approx(rel_l1(seen[3].float(), seen[1].float()))
 
 
 class KeysSeen(TaylorSeer):

@@ -63,6 +63,9 @@ class BackboneSpec:
     single_stream: bool = True
     #: Block class name -> the arguments its forward returns, in order, for blocks diffusers' registry lacks.
     block_outputs: dict[str, tuple[str, ...]] = {}
+    #: The first block's forward argument TeaCache watches where the block has no adaLN-zero norm (None: TeaCache
+    #: does not know this family; a TeaCache subclass may override ``indicator``).
+    teacache_argument: str | None = None
     #: Whether this family's stock pipelines may batch CFG branches in one call; the packed-token families'
     #: pipelines (FLUX, Chroma, Qwen-Image) call once per branch, even where they say they guide (Chroma).
     batched_cfg: bool = True

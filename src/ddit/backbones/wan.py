@@ -17,6 +17,7 @@ ROPE_THETA = 10000.0  # WanRotaryPosEmbed's default, which WanTransformer3DModel
 class WanSpec(BackboneSpec):
     model_class = "WanTransformer3DModel"
     row_blocks = ("encoder_hidden_states_image",)  # first-and-last-frame video: two images per sample
+    teacache_argument = "temb"  # the timestep projection, which TeaCache's Wan code watches
 
     def __init__(self, model):
         super().__init__(model)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from diffusers.models.normalization import AdaLayerNormZero
 
+from ..backbones import spec_for
 from .base import Cache, Group
 from .stack import StackRun, blocks_of
 
@@ -37,14 +38,30 @@ PUBLISHED_FITS = {
 }
 
 
-def modulated_input(run: StackRun) -> torch.Tensor:
-    """The first block's timestep-modulated input (its adaLN-zero output): DiT's blocks embed the timestep in
-    their norm; FLUX.1's, SD3's and HunyuanImage 2.1's take the model's embedding as ``temb``."""
+def modulated_input(run: StackRun, argument: str | None = None) -> torch.Tensor:
+    """What TeaCache watches at the first block: its timestep-modulated input (its adaLN-zero output; DiT's
+    blocks embed the timestep in their norm, FLUX.1's, SD3's and HunyuanImage 2.1's take the model's embedding
+    as ``temb``), else the forward ``argument`` the backbone's spec names (Wan: ``temb``, the timestep
+    projection, as TeaCache's Wan code watches)."""
     block, arguments = run.block, run.arguments
-    if not _adaln_zero(block):
+    if _adaln_zero(block):
+        return block.norm1(run.hidden, arguments.get("timestep"), arguments.get("class_labels"),
+                           hidden_dtype=run.hidden.dtype, emb=arguments.get("temb"))[0]
+    if argument is None:
         raise NotImplementedError(UNKNOWN_BLOCK.format(type(block).__name__))
-    return block.norm1(run.hidden, arguments.get("timestep"), arguments.get("class_labels"),
-                       hidden_dtype=run.hidden.dtype, emb=arguments.get("temb"))[0]
+    return arguments[argument]
+
+
+def watched_argument(model) -> str | None:
+    """The forward argument TeaCache watches on ``model``'s first block (None: its adaLN-zero output); a
+    ValueError where it knows neither."""
+    block = blocks_of(model)[0]
+    if _adaln_zero(block):
+        return None
+    argument = spec_for(getattr(model, "backbone", model)).teacache_argument
+    if argument is None:
+        raise ValueError(UNKNOWN_BLOCK.format(type(block).__name__))
+    return argument
 
 
 def _adaln_zero(block) -> bool:
@@ -98,6 +115,7 @@ class TeaCache(Cache):
         if not self.delta >= 0:
             raise ValueError(f"delta must be >= 0 (0 never skips), got {self.delta}")
         self.coefficients = resolve_fit(coefficients)
+        self.argument = None  # what check() finds TeaCache watches on the model, if not an adaLN-zero output
         super().__init__()
 
     def check(self, model) -> None:
@@ -107,13 +125,12 @@ class TeaCache(Cache):
                              f"published fit by name ({', '.join(PUBLISHED_FITS)}) or the numbers (highest degree "
                              "first); fit them on the model's own generations with `ddit calibrate teacache "
                              "--pipeline DIR --prompts FILE --out FIT.json` (the testbed: `ddit calibrate teacache`)")
-        block = blocks_of(model)[0]
-        if not _adaln_zero(block) and type(self).indicator is TeaCache.indicator:
-            raise ValueError(UNKNOWN_BLOCK.format(type(block).__name__))
+        if type(self).indicator is TeaCache.indicator:
+            self.argument = watched_argument(model)
 
     def indicator(self, run: StackRun) -> torch.Tensor:
         """What TeaCache watches, one row per model row; override for another block type."""
-        return modulated_input(run)
+        return modulated_input(run, self.argument)
 
     def reuse(self, group: Group, run: StackRun, rows: dict[int, torch.Tensor]) -> dict[int, bool]:
         indicator = self.indicator(run).float()
@@ -142,15 +159,14 @@ class TeaCacheRecorder(Cache):
     def __init__(self) -> None:
         super().__init__()
         self.pairs: list[tuple[float, float]] = []
+        self.argument = None
 
     def check(self, model) -> None:
         super().check(model)
-        block = blocks_of(model)[0]
-        if not _adaln_zero(block):
-            raise ValueError(UNKNOWN_BLOCK.format(type(block).__name__))
+        self.argument = watched_argument(model)
 
     def reuse(self, group, run, rows):
-        indicator = modulated_input(run).float()
+        indicator = modulated_input(run, self.argument).float()
         for s, r in rows.items():
             self.states[s]["next"] = indicator[r]
         return dict.fromkeys(rows, False)
