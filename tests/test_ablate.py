@@ -433,8 +433,9 @@ def test_a_teacache_fit_file_is_read_into_the_rows(tmp_path):
     from ddit.caches import PUBLISHED_FITS, write_teacache_fit
 
     write_teacache_fit([0, 0, 0, 2, 0], tmp_path / "fit.json")
-    for given, numbers in ((str(tmp_path / "fit.json"), [0, 0, 0, 2, 0]), ("flux1-dev", PUBLISHED_FITS["flux1-dev"])):
+    published = PUBLISHED_FITS["flux1-dev"]
+    for given, params in ((str(tmp_path / "fit.json"), {"coefficients": [0, 0, 0, 2, 0]}), ("flux1-dev", published)):
         rows = build_rows(["mean"], ["teacache"], cache_params={"teacache": {"coefficients": given}}, fewer_steps=())
-        assert rows["mean+teacache"].cache_params["coefficients"] == numbers
+        assert rows["mean+teacache"].cache_params == params
     with pytest.raises(ValueError, match="neither a published fit"):
         build_rows(["mean"], ["teacache"], cache_params={"teacache": {"coefficients": "nope.json"}})

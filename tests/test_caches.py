@@ -134,5 +134,5 @@ def test_docs_examples_run():
 
 
 def test_teacache_without_a_fit_for_the_model_refuses_before_sampling(model):
-    with pytest.raises(ValueError, match="coefficients=.*fit_teacache"):
+    with pytest.raises(ValueError, match="coefficients=.*ddit calibrate teacache --pipeline"):
         generate(model, LABELS[:1], steps=3, cache=TeaCache(delta=0.1))

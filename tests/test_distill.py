@@ -93,6 +93,11 @@ def test_resume_refuses_other_latents(data, tmp_path):
     with pytest.raises(CheckpointError, match="run on other inputs: data"):
         run(edited, tmp_path, resume=True)
     run(data_set(), tmp_path, resume=True)  # the same values, loaded again: resumes
+    labels = data.conditioning["class_labels"]
+    both = LatentDataset(data.latents, class_labels=labels, mask=labels > 0)
+    assert both.fingerprint() == LatentDataset(data.latents, mask=labels > 0, class_labels=labels).fingerprint()
+    made = LatentDataset(data.latents, class_labels=labels, identity="made so, seed 0")  # named by how it was made
+    assert made.fingerprint() == "made so, seed 0"
 
 
 def test_gradient_checkpointing_gives_every_size_its_own_gradients(data):

@@ -1,5 +1,6 @@
 """``ddit.enable`` inside tiny random stock diffusers pipelines (Flux, SD3, PixArt-Sigma, Wan, DiT), built offline."""
 
+import inspect
 import os
 
 import pytest
@@ -15,6 +16,7 @@ from tiny_pipelines import NAMES, TEXT_LEN, build, generators, latents, per_samp
 import ddit
 from ddit.backbones.chroma import ChromaSpec
 from ddit.caches import TaylorSeer, TeaCache
+from ddit.caches.stack import blocks_of
 from ddit.checkpoint import CheckpointError
 from ddit.pipelines import ADAPTER_FOLDER
 from ddit.policies import FixedPolicy, PatchPolicy
@@ -176,34 +178,92 @@ class Given:
 def test_a_dual_stream_stack_runs_only_the_rows_that_compute(name):
     """FLUX's, SD3's... blocks carry text beside the image tokens, and the model's forward joins or splits them
     between block lists: the blocks run on the computing rows only, the others' blocks step aside, and the
-    skipped rows' stack output is what the stand-in gives at the output norm's input."""
+    skipped rows' stack output is what the stand-in gives at the output norm's input; on the backbone's own
+    forward and on the adapter's coarse path alike."""
     from ddit.caches import replace_stack
-    from ddit.caches.stack import blocks_of
 
     pipe, kwargs = build(name)
-    model, call = pipe.transformer, transformer_call(pipe, kwargs)
-    blocks, seen = blocks_of(model), {}
-    grab = [blocks[0].register_forward_pre_hook(lambda m, a, k: seen.update({"in": (*a, *k.values())[0]}),
-                                                with_kwargs=True),
-            model.norm_out.register_forward_pre_hook(lambda m, a: seen.update({"out": a[0]}))]
-    with torch.no_grad():
-        stock = model(**call)[0]
-    for h in grab:
-        h.remove()
-    residual = seen["out"] - seen["in"][:, :seen["out"].shape[1]]
+    call = transformer_call(pipe, kwargs)
+    adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    blocks = blocks_of(adapter)
     rows = []  # the rows each block's attention ran on
     counters = [b.attn.register_forward_pre_hook(lambda m, a, k: rows.append(len((*a, *k.values())[0])),
                                                  with_kwargs=True) for b in blocks]
-    with torch.no_grad(), replace_stack(model, Given(0, residual)):
-        skipped = model(**call)[0]
-    assert rows == []  # no block ran
-    torch.testing.assert_close(skipped, stock, rtol=1e-5, atol=1e-5)
-    with torch.no_grad(), replace_stack(model, Given(1, residual)):
-        mixed = model(**call)[0]
-    assert rows == [1] * len(blocks)  # every block ran on the computing row alone
-    torch.testing.assert_close(mixed, stock, rtol=1e-5, atol=1e-5)
+    for size in adapter.patch_sizes[:2]:
+        seen = {}
+        grab = [blocks[0].register_forward_pre_hook(lambda m, a, k: seen.update({"in": (*a, *k.values())[0]}),
+                                                    with_kwargs=True),
+                adapter.backbone.norm_out.register_forward_pre_hook(lambda m, a: seen.update({"out": a[0]}))]
+        with torch.no_grad():
+            stock = adapter(**call, patch_size=size)[0]
+        for h in grab:
+            h.remove()
+        residual = seen["out"] - seen["in"][:, :seen["out"].shape[1]]
+        rows.clear()
+        with torch.no_grad(), replace_stack(adapter, Given(0, residual)):
+            skipped = adapter(**call, patch_size=size)[0]
+        assert rows == []  # no block ran
+        torch.testing.assert_close(skipped, stock, rtol=1e-5, atol=1e-5)
+        with torch.no_grad(), replace_stack(adapter, Given(1, residual)):
+            mixed = adapter(**call, patch_size=size)[0]
+        assert rows == [1] * len(blocks)  # every block ran on the computing row alone
+        torch.testing.assert_close(mixed, stock, rtol=1e-5, atol=1e-5)
     for h in counters:
         h.remove()
+
+
+def test_a_pass_starts_at_the_first_block_that_runs_and_checkpointed_training_is_refused():
+    """SD3's skip-layer guidance may leave out block 0: the plan is made at the first block that runs. A cache in
+    a backward pass with gradient checkpointing would recompute blocks it never saw: refused."""
+    from ddit.caches import replace_stack
+
+    pipe, kwargs = build("sd3")
+    model, call = pipe.transformer, transformer_call(pipe, kwargs)
+    with torch.no_grad():
+        stock = model(**call, skip_layers=[0])[0]
+        with replace_stack(model, Given(1, 0.0)):
+            mixed = model(**call, skip_layers=[0])[0]
+    torch.testing.assert_close(mixed[0], stock[0], rtol=1e-5, atol=1e-5)
+    assert (mixed[1] - stock[1]).abs().max() > 1e-3  # skipped: its input, plus no residual
+    model.enable_gradient_checkpointing()
+    with pytest.raises(ValueError, match="gradient checkpointing on"), replace_stack(model, Given(1, 0.0)):
+        pass
+
+
+class Spy(TaylorSeer):
+    """TaylorSeer reusing the last residual (order 0) at every other step, keeping what each call gave."""
+
+    def __init__(self):
+        super().__init__(interval=2, order=0, warmup=1)
+        self.calls = []
+
+    def finish(self, group, run, output, compute):
+        output = super().finish(group, run, output, compute)
+        self.calls.append((group, run.hidden.clone(), output.clone(), {k: self.reused[k] for k in group.samples}))
+        return output
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "qwenimage"])
+def test_a_skipped_dual_stream_step_adds_the_last_computed_residual_where_the_output_norm_reads(name):
+    """What a dual-stream model's output norm reads at a skipped step is the stack's input there plus the
+    residual (output - input) of the sample's last computed step, and at a computed one the blocks' output."""
+    pipe, kwargs, _ = stock_of(name)
+    spy, read = Spy(), []
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline", cache=spy)
+    hook = pipe.transformer.backbone.norm_out.register_forward_hook(lambda m, a, o: read.append(a[0].clone()))
+    pipe(**kwargs(batch=2, steps=STEPS))
+    hook.remove()
+    assert len(read) == len(spy.calls) and len(read) >= STEPS
+    last = {}  # key -> residual of its last computed step
+    for (group, hidden, output, reused), norm_input in zip(spy.calls, read):
+        torch.testing.assert_close(norm_input, output)
+        for j, key in enumerate(group.samples):
+            assert reused[key] == (group.step % 2 == 1)  # computes at 0, 2, 4: interval 2
+            r = slice(j, None, len(group.samples))
+            if reused[key]:
+                torch.testing.assert_close(output[r], hidden[r] + last[key])
+            else:
+                last[key] = output[r] - hidden[r]
 
 
 @pytest.mark.parametrize("name", ["pixart", "wan", "zimage", "dit", *DUAL_STREAM])
@@ -245,21 +305,32 @@ def test_teacache_watches_the_first_blocks_modulated_input_or_wans_timestep_proj
     assert all(cached == ((step, sample) not in computes) for (step, sample, _), cached in skipped.items())
 
 
-def test_teacache_calibration_on_wan_pairs_the_change_of_its_timestep_projection():
+@pytest.mark.parametrize("name", ["wan", "flux"])
+def test_teacache_calibration_pairs_the_change_of_what_teacache_watches(name):
+    """Wan: the timestep projection its blocks take; FLUX.1: its first block's adaLN-zero output,
+    ``norm1(x, emb=temb)``, recomputed here from the arguments the block received."""
     from ddit.caches import TeaCacheRecorder
     from ddit.caches.teacache import rel_l1
 
-    pipe, kwargs = build("wan")
-    seen = []  # the first block's temb at each call: cond, uncond, cond... (Wan calls once per branch)
-    hook = pipe.transformer.blocks[0].register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["temb"] if "temb" in k else a[2]), with_kwargs=True)
+    pipe, kwargs = build(name)
+    block, seen = first_block(pipe.transformer), []
+
+    def watched(m, a, k):
+        arguments = inspect.signature(type(m).forward).bind(m, *a, **k).arguments  # not the cache's wrapper
+        if name == "wan":
+            seen.append(arguments["temb"])
+        else:
+            seen.append(m.norm1(arguments["hidden_states"], emb=arguments["temb"])[0])
+
+    hook = block.register_forward_pre_hook(watched, with_kwargs=True)
     recorder = TeaCacheRecorder()
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline", cache=recorder)
     pipe(**kwargs(batch=1, steps=STEPS))
     hook.remove()
-    assert len(seen) == 2 * STEPS and len(recorder.pairs) == 2 * (STEPS - 1)
-    assert recorder.pairs[0][0] == pytest.approx(rel_l1(seen[2].float(), seen[0].float()))
-    assert recorder.pairs[1][0] == pytest.approx(rel_l1(seen[3].float(), seen[1].float()))
+    calls = len(seen) // STEPS  # per step: one per CFG branch (cond, uncond)
+    assert len(seen) == calls * STEPS and len(recorder.pairs) == calls * (STEPS - 1)
+    for i in range(calls):
+        assert recorder.pairs[i][0] == pytest.approx(rel_l1(seen[calls + i].float(), seen[i].float()))
 
 
 class KeysSeen(TaylorSeer):
@@ -302,6 +373,10 @@ def test_bad_input_is_refused_before_anything_changes(tmp_path):
     qwen, _ = build("qwenimage")
     assert_refused(qwen, "modulated input of QwenImageTransformerBlock", ddit.MultiPatchTransformer(qwen.transformer),
                    cache=TeaCache(coefficients="flux1-dev"))
+    assert TeaCache(coefficients="flux1-dev").delta == 0.4  # the published fit's own (TeaCache4FLUX's 1.8x)
+    flux, _ = build("flux")  # TeaCache's own delta with FLUX's fit: every step adds more than it, none skips
+    assert_refused(flux, "adds at least 0.18 per step .* at delta 0.025 it never skips",
+                   ddit.MultiPatchTransformer(flux.transformer), cache=TeaCache(coefficients="flux1-dev", delta=0.025))
     pipe, kwargs = build("sd3")
     flux, _ = build("flux")
     assert_refused(flux, "MagCacheConfig is not supported", ddit.MultiPatchTransformer(flux.transformer),
@@ -621,6 +696,30 @@ def test_regional_compilation_compiles_the_blocks_coarse_steps_run(order):
     assert first_block(pipe.transformer.adapter.backbone)._compiled_call_impl is not None
     assert torch.allclose(latents(pipe(**kwargs(batch=2, steps=STEPS))), expected, atol=ATOL, rtol=0)
     assert ddit.summary(pipe).coarse_fraction == pytest.approx(2 / 6)
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_regional_compilation_with_a_ddit_cache_compiles_the_blocks_once(name):
+    """The cache's per-call, per-row decisions stay outside torch.compile: at one size the blocks compile once
+    (a graph per kind of block, as without the cache; traced decisions gave one per call until dynamo's limit),
+    and a partly skipped mixed batch gives the eager run's output."""
+    from torch._dynamo.utils import counters
+
+    def run(compiled, policy, cache):
+        torch._dynamo.reset()
+        counters.clear()
+        pipe, kwargs = build(name)
+        if compiled:
+            pipe.transformer.compile_repeated_blocks(backend="eager")
+        ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=policy, cache=cache)
+        return latents(pipe(**kwargs(batch=2, steps=STEPS))), counters["stats"]["unique_graphs"]
+
+    _, alone = run(True, "baseline", None)
+    _, cached = run(True, "baseline", TaylorSeer(interval=2, order=1, warmup=1))
+    assert cached == alone == len({type(b) for b in blocks_of(build(name)[0].transformer)})
+    eager, _ = run(False, SplitPolicy(), TaylorSeer(interval=2, order=1, warmup=1))
+    compiled, _ = run(True, SplitPolicy(), TaylorSeer(interval=2, order=1, warmup=1))
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=ATOL)
 
 
 def test_a_compiled_wrapper_is_refused_pointing_to_regional_compilation():

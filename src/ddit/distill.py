@@ -69,10 +69,14 @@ class DistillConfig:
 
 
 class LatentDataset(Dataset):
-    """Clean latents with per-sample conditioning: ``LatentDataset(images, class_labels=labels)``."""
+    """Clean latents with per-sample conditioning: ``LatentDataset(images, class_labels=labels)``.
 
-    def __init__(self, latents: torch.Tensor, **conditioning: torch.Tensor):
-        self.latents, self.conditioning = latents, conditioning
+    ``identity``: how the data was made, where that names it better than its values do (generated data, whose
+    last bits may differ between machines); by default a resumed run checks a hash of the values.
+    """
+
+    def __init__(self, latents: torch.Tensor, *, identity: str | None = None, **conditioning: torch.Tensor):
+        self.latents, self.conditioning, self.identity = latents, conditioning, identity
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -81,13 +85,18 @@ class LatentDataset(Dataset):
         return self.latents[i], {name: value[i] for name, value in self.conditioning.items()}
 
     def fingerprint(self) -> str:
-        """A hash of every tensor: a resumed run checks that it still trains on the same data."""
-        digest = hashlib.sha256()
-        for name, value in {"latents": self.latents, **self.conditioning}.items():
-            value = value.detach().cpu().contiguous()
-            digest.update(f"{name} {value.dtype} {tuple(value.shape)}".encode())
-            digest.update(value.reshape(-1).view(torch.uint8).numpy())
-        return digest.hexdigest()[:16]
+        """What a resumed run checks that it still trains on: ``identity``, else a hash of every tensor."""
+        return self.identity or digest({"latents": self.latents, **self.conditioning})
+
+
+def digest(tensors: dict) -> str:
+    """A short hash of named tensors' values (in name order), as an identity."""
+    hashed = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        hashed.update(f"{name} {value.dtype} {tuple(value.shape)}".encode())
+        hashed.update(value.reshape(-1).view(torch.uint8).numpy())
+    return hashed.hexdigest()[:16]
 
 
 class DistillationLoss(nn.Module):
@@ -193,7 +202,11 @@ class NoisedLatents:
 
     def describe(self) -> dict:
         fingerprint = self.data.fingerprint() if hasattr(self.data, "fingerprint") else None
-        return {"latents": len(self.data), "fingerprint": fingerprint, "noise_levels": len(self.sigmas)}
+        shared = {k: v for k, v in self.extra_kwargs.items() if torch.is_tensor(v)}
+        return {"latents": len(self.data), "fingerprint": fingerprint,
+                "noise_levels": [round(float(t), 6) for t in self.sigmas],
+                "shared": {**{k: repr(v) for k, v in self.extra_kwargs.items() if k not in shared},
+                           **({"tensors": digest(shared)} if shared else {})}}
 
     def draw(self, generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, dict]:
         idx = torch.randint(len(self.data), (batch_size,), generator=generator)
@@ -263,6 +276,8 @@ def distill(
     loss_fn, opt = accelerator.prepare(DistillationLoss(model, sizes).eval(), opt)
     params = model.trainable_parameters(sizes)  # FSDP replaced them with its shards
     data_description = states.describe()
+    if accelerator.num_processes > 1:  # every process checks the main one's: one verdict on resume, never a hang
+        data_description = broadcast_object_list([data_description])[0]
     run = TrainingRun(out / "checkpoint.pt", config, desc="distill", minutes=checkpoint_minutes,
                       progress=progress, writer=accelerator.is_main_process,
                       identity={"data": {k: v for k, v in data_description.items() if k != "folders"}},  # may move

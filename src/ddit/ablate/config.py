@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..caches import available_caches, diffusers_caches, get_cache, load_teacache_fit
-from ..caches.teacache import resolve_fit
+from ..caches.teacache import PUBLISHED_FITS, resolve_fit
 from ..checkpoint import write_text_atomic
 from ..policies import available_policies, get_policy, spectral_switch
 from ..testbed.data import PROMPTS, make_dataset
@@ -158,9 +158,12 @@ def build_rows(policies: list[str], caches: list[str], *, steps: int = 50,
     names' and before the rows'.
     """
     policy_params, cache_params, sweeps = policy_params or {}, cache_params or {}, sweeps or {}
-    if isinstance(cache_params.get("teacache", {}).get("coefficients"), str):  # a fit file: its numbers, so that
-        teacache = cache_params["teacache"]  # a resumed run on a re-fitted file is refused, not mixed
-        cache_params = {**cache_params, "teacache": {**teacache, "coefficients": resolve_fit(teacache["coefficients"])}}
+    fit = cache_params.get("teacache", {}).get("coefficients")
+    if isinstance(fit, str):  # a fit file or a published fit: its numbers (a resumed run on a re-fitted file is
+        teacache = {**cache_params["teacache"], "coefficients": resolve_fit(fit)}  # refused, not mixed), and a
+        if fit in PUBLISHED_FITS:  # published fit's own delta
+            teacache.setdefault("delta", PUBLISHED_FITS[fit]["delta"])
+        cache_params = {**cache_params, "teacache": teacache}
     _check_names("patch policy", policies, available_policies())
     hooks = [c for c in caches if c in diffusers_caches()]
     if testbed and hooks:

@@ -54,7 +54,7 @@ class Cache(abc.ABC):
 
     @abc.abstractmethod
     def reuse(self, group: Group, run: StackRun, rows: dict) -> dict:
-        """Per sample of the group, whether to skip its blocks; ``rows`` are each sample's row indices.
+        """Per sample of the group, whether to skip its blocks; ``rows`` are each sample's rows (a slice).
 
         ``self.states[sample]`` is the sample's state; it holds at least its ``patch_size``.
         """
@@ -72,8 +72,8 @@ class Cache(abc.ABC):
         return _GroupStandIn(self, group)
 
     def plan(self, group: Group, run: StackRun) -> torch.Tensor:
-        """Which rows run the blocks: those of samples that do not reuse."""
-        hidden, rows = run.hidden, self._rows(group, run.hidden)
+        """Which rows run the blocks (on the CPU): those of samples that do not reuse."""
+        hidden, rows = run.hidden, self._rows(group)
         # a new patch size, resolution or number of CFG branches (Z-Image's cfg_truncation) starts afresh
         where = (group.patch_size, tuple(hidden.shape[1:]), len(hidden) // len(group.samples))
         for s in group.samples:
@@ -83,13 +83,13 @@ class Cache(abc.ABC):
         self.reused.update(reuse)
         compute = torch.ones(len(hidden), dtype=torch.bool)
         for s, r in rows.items():
-            compute[r.cpu()] = not reuse[s]
-        return compute.to(hidden.device)
+            compute[r] = not reuse[s]
+        return compute
 
     def finish(self, group: Group, run: StackRun, output: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
         """Every row's output: the skipped samples' predicted, the computed ones' recorded."""
         hidden = run.hidden
-        for s, r in self._rows(group, hidden).items():
+        for s, r in self._rows(group).items():
             if self.reused[s]:
                 output[r] = self.predict(self.states[s], group, hidden[r]).to(output.dtype)
             else:
@@ -97,11 +97,10 @@ class Cache(abc.ABC):
         return output
 
     @staticmethod
-    def _rows(group: Group, hidden: torch.Tensor) -> dict:
-        """Each sample's rows: a call's rows are its group's samples, once per CFG branch."""
-        owner = list(group.samples) * (len(hidden) // len(group.samples))
-        return {s: torch.tensor([r for r, o in enumerate(owner) if o == s], device=hidden.device)
-                for s in group.samples}
+    def _rows(group: Group) -> dict:
+        """Each sample's rows, as a slice: a call's rows are its group's samples, once per CFG branch (no index
+        tensor, so no copy to the device)."""
+        return {s: slice(j, None, len(group.samples)) for j, s in enumerate(group.samples)}
 
 
 @dataclass(frozen=True)

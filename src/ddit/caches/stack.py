@@ -18,6 +18,7 @@ patch size) and the multi-patch adapter's coarse path alike.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -31,6 +32,16 @@ from ..backbones import spec_for
 
 #: Where diffusers transformers keep their blocks, in the order they run.
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
+
+
+def _eager(fn: Callable) -> Callable:
+    """``fn``'s own frame outside torch.compile, the real blocks it calls compiled as ever
+    (compile_repeated_blocks): its decisions, per call and row, would otherwise become guards that fail at
+    every call. What it calls besides the blocks is ``_bookkeeping``."""
+    return torch.compiler.disable(fn, recursive=False)
+
+
+_bookkeeping = torch.compiler.disable  # never traced, nor what it calls
 
 
 @dataclass(frozen=True)
@@ -51,9 +62,14 @@ class StackRun:
 
         Arguments with one entry per row (timestep, labels...) are cut to the same rows.
         """
-        arguments = self.arguments if rows is None else _cut(self.arguments, len(self.hidden), rows)
-        if arguments is None:  # a row's share of some argument cannot be told: all rows run
-            return self.run()[rows]
+        if rows is not None:
+            index = rows.nonzero().flatten().to(self.hidden.device)
+            arguments = _cut(self.arguments, len(self.hidden), index)
+            if arguments is None:  # a row's share of some argument cannot be told: all rows run
+                _warn_uncut(self.block)
+                return self.run().index_select(0, index)
+        else:
+            arguments = self.arguments
         bound = inspect.BoundArguments(inspect.signature(self.forwards[0]), dict(arguments))
         for forward in self.forwards:
             hidden = forward(*bound.args, **bound.kwargs)
@@ -63,16 +79,18 @@ class StackRun:
             bound.arguments[next(iter(bound.arguments))] = hidden
         return hidden
 
+    run = _eager(run)  # the blocks compiled, not the loop
+
 
 class StandIn(Protocol):
     """What stands in for the block stack during model calls: a cache bound to one group of samples."""
 
     def plan(self, run: StackRun) -> torch.Tensor:
-        """Which rows of ``run.hidden`` run the blocks: one boolean per row."""
+        """Which rows of ``run.hidden`` run the blocks: one boolean per row (best on the CPU: read once per call)."""
 
     def finish(self, run: StackRun, output: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
-        """The stack's output for every row, given the blocks' ``output`` on the rows that computed (``compute``);
-        the other rows of ``output`` hold nothing to use."""
+        """The stack's output for every row, given the blocks' ``output`` on the rows that computed (``compute``,
+        on the CPU); the other rows of ``output`` hold nothing to use."""
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
@@ -110,6 +128,10 @@ def check_stack(model: nn.Module) -> None:
 def replace_stack(model: nn.Module, stand_in: StandIn) -> Iterator[None]:
     """While inside, ``stand_in`` decides at each call of ``model`` which rows run its blocks."""
     backbone = model.backbone if isinstance(model, MultiPatchTransformer) else model
+    if torch.is_grad_enabled() and getattr(backbone, "gradient_checkpointing", False):
+        raise ValueError("a feature cache skips blocks at inference; with gradient checkpointing on and gradients "
+                         "enabled their recomputation would not see it: run under torch.no_grad(), or turn "
+                         "gradient checkpointing off")
     blocks = blocks_of(backbone)
     own = [block.__dict__.get("forward") for block in blocks]  # a forward patched by someone else
     forwards, spec = tuple(block.forward for block in blocks), spec_for(backbone)
@@ -119,7 +141,7 @@ def replace_stack(model: nn.Module, stand_in: StandIn) -> Iterator[None]:
         patched, finish = _dual_stream(blocks, forwards, stand_in, spec)
         tail = backbone.norm_out.register_forward_pre_hook(finish, with_kwargs=True)
     for block, forward in zip(blocks, patched):
-        block.forward = forward
+        block.forward = _eager(forward)
     try:
         yield
     finally:
@@ -132,20 +154,48 @@ def replace_stack(model: nn.Module, stand_in: StandIn) -> Iterator[None]:
                 block.forward = forward
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Which rows of one call run the blocks, read once on the CPU (no device sync per block)."""
+
+    compute: torch.Tensor  # boolean per row, on the CPU
+    index: torch.Tensor | None  # the computing rows' indices on the device, when only some compute
+
+    @property
+    def all(self) -> bool:
+        return self.index is None and bool(self.compute[:1].all())
+
+    @property
+    def none(self) -> bool:
+        return self.index is None and not self.all
+
+
+@_bookkeeping
+def _plan(stand_in: StandIn, run: StackRun) -> _Plan:
+    compute = stand_in.plan(run).cpu()
+    some = bool(compute.any()) and not bool(compute.all())
+    return _Plan(compute, compute.nonzero().flatten().to(run.hidden.device) if some else None)
+
+
+@_bookkeeping
+def _finish(stand_in: StandIn, run: StackRun, output: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    return stand_in.finish(run, output, plan.compute)
+
+
 def _single_stream(blocks, forwards, stand_in: StandIn) -> list[Callable]:
     """The first block runs the whole stack on the rows that compute; the others step aside."""
     signature = inspect.signature(forwards[0])
 
     def first(*args, **kwargs):
         run = StackRun(blocks[0], dict(signature.bind(*args, **kwargs).arguments), forwards)
-        compute = stand_in.plan(run)
-        if compute.all():
+        plan = _plan(stand_in, run)
+        if plan.all:
             output = run.run()
         else:
             output = torch.empty_like(run.hidden)
-            if compute.any():
-                output[compute] = run.run(compute).to(output.dtype)
-        return stand_in.finish(run, output, compute)
+            if plan.index is not None:
+                output.index_copy_(0, plan.index, run.run(plan.compute).to(output.dtype))
+        return _finish(stand_in, run, output, plan)
 
     def step_aside(hidden_states, *args, **kwargs):
         return hidden_states
@@ -154,50 +204,77 @@ def _single_stream(blocks, forwards, stand_in: StandIn) -> list[Callable]:
 
 
 def _dual_stream(blocks, forwards, stand_in: StandIn, spec) -> tuple[list[Callable], Callable]:
-    """Every block runs on the rows that compute; the output norm's pre-hook finishes the call."""
-    call: dict = {}  # the model call in flight: its run and which rows compute
+    """Every block runs on the rows that compute; the output norm's pre-hook finishes the call. A pass starts at
+    the first block that runs in it (SD3's skip-layer guidance may leave out block 0)."""
+    call: dict = {}  # the model call in flight: its run, its plan and the last block that ran
 
     def block_forward(i: int) -> Callable:
         signature, outputs = inspect.signature(forwards[i]), _outputs(blocks[i], spec)
 
-        def forward(*args, **kwargs):
-            if i == 0:
-                run = StackRun(blocks[0], dict(signature.bind(*args, **kwargs).arguments), forwards)
-                call.update(run=run, compute=stand_in.plan(run))
-            compute = call["compute"]
-            if compute.all():
-                return forwards[i](*args, **kwargs)
+        @_bookkeeping
+        def before(args, kwargs) -> tuple[tuple | None, list | None]:
+            """What to run this block on ((args, kwargs), or None: no row), and its inputs to put the computed
+            rows into (None: it runs on every row)."""
+            if not call or i <= call["last"]:  # a new pass (or one that an exception cut short)
+                run = StackRun(blocks[i], dict(signature.bind(*args, **kwargs).arguments), forwards)
+                call.update(run=run, plan=_plan(stand_in, run))
+            call["last"], plan = i, call["plan"]
+            if plan.all:
+                return (args, kwargs), None
             arguments = signature.bind(*args, **kwargs).arguments
             inputs = [arguments.get(name) for name in outputs]  # what the block returns, as it came in
-            cut = _cut(arguments, len(compute), compute) if compute.any() else None
-            if cut is None and compute.any():  # a row's share of an argument cannot be told: all rows run
-                return forwards[i](*args, **kwargs)
-            if cut is not None:
-                computed = forwards[i](**cut)
-                computed = computed if isinstance(computed, tuple) else (computed,)
-                for j, value in enumerate(computed):
-                    if value is not None and inputs[j] is not None:
-                        inputs[j] = inputs[j].clone()
-                        inputs[j][compute] = value
+            if plan.none:
+                return None, inputs
+            cut = _cut(arguments, len(plan.compute), plan.index)
+            if cut is None:  # a row's share of an argument cannot be told: all rows run
+                _warn_uncut(blocks[i])
+                return (args, kwargs), None
+            bound = inspect.BoundArguments(signature, cut)
+            return (bound.args, bound.kwargs), inputs
+
+        @_bookkeeping
+        def after(computed, inputs: list):
+            """The block's output for every row: the computed rows put into its inputs."""
+            index = call["plan"].index
+            computed = computed if isinstance(computed, tuple) else (computed,)
+            for j, value in enumerate(computed):
+                if value is not None and inputs[j] is not None:
+                    inputs[j] = inputs[j].index_copy(0, index, value.to(inputs[j].dtype))
             return tuple(inputs) if len(inputs) > 1 else inputs[0]
+
+        def forward(*args, **kwargs):
+            run_on, inputs = before(args, kwargs)
+            if run_on is None:
+                return tuple(inputs) if len(inputs) > 1 else inputs[0]
+            computed = forwards[i](*run_on[0], **run_on[1])
+            return computed if inputs is None else after(computed, inputs)
 
         return forward
 
+    @_bookkeeping
     def finish(norm_out: nn.Module, args: tuple, kwargs: dict):
         if not call:  # norm_out called outside a stack call
             return None
         if not args:
             raise TypeError(f"{type(norm_out).__name__} was called without its input as its first positional "
                             "argument, where ddit's caches finish the stack")
-        run, compute = call.pop("run"), call.pop("compute")
+        run, plan = call["run"], call["plan"]
+        call.clear()
         hidden, tokens = args[0], args[0].shape[1]
         if tokens < run.hidden.shape[1]:  # Kontext's coarse path norms the generated grid, not its references
             name = next(iter(run.arguments))
             run = replace(run, arguments={**run.arguments, name: run.hidden[:, :tokens]})
-        output = hidden if compute.all() else hidden.clone()
-        return (stand_in.finish(run, output, compute).to(hidden.dtype), *args[1:]), kwargs
+        output = hidden if plan.all else hidden.clone()
+        return (stand_in.finish(run, output, plan.compute).to(hidden.dtype), *args[1:]), kwargs
 
     return [block_forward(i) for i in range(len(blocks))], finish
+
+
+@_bookkeeping
+def _warn_uncut(block: nn.Module) -> None:
+    warnings.warn(f"ddit's cache could not cut {type(block).__name__}'s arguments by row (one holds several "
+                  "entries per row): every row ran the blocks, so the samples it skipped saved no compute",
+                  stacklevel=3)
 
 
 def _outputs(block: nn.Module, spec) -> tuple[str, ...] | None:
@@ -219,28 +296,21 @@ def _outputs(block: nn.Module, spec) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def _cut(arguments: dict, n: int, rows: torch.Tensor) -> dict | None:
-    """The arguments of ``rows`` alone: a tensor with one entry per row is cut, others pass as they are. None
-    where a row's share cannot be told: a tensor of several entries per row (Qwen-Image-Edit-2511's two
-    modulations) or per-row tensors inside a container (an IP adapter's image embeddings)."""
-    cut = {}
-    for name, value in arguments.items():
-        if torch.is_tensor(value) and value.ndim and len(value) == n:
-            cut[name] = value[rows]
-        elif torch.is_tensor(value) and value.ndim and len(value) > n and len(value) % n == 0:
-            return None
-        elif isinstance(value, (dict, list, tuple)) and any(
-                torch.is_tensor(v) and v.ndim and len(v) == n for v in _leaves(value)):
-            return None
-        else:
-            cut[name] = value
-    return cut
+@_bookkeeping
+def _cut(arguments: dict, n: int, index: torch.Tensor) -> dict | None:
+    """The arguments of the rows at ``index`` alone: a tensor with one entry per row is cut, in containers too
+    (rotary embeddings per row, an IP adapter's image embeddings); others pass as they are. None where a row's
+    share cannot be told: an argument of several entries per row (Qwen-Image-Edit-2511's two modulations)."""
+    if any(torch.is_tensor(v) and v.ndim and len(v) > n and len(v) % n == 0 for v in arguments.values()):
+        return None
+    return {name: _cut_value(value, n, index) for name, value in arguments.items()}
 
 
-def _leaves(value) -> Iterator:
-    """The values inside nested dicts, lists and tuples."""
-    for v in value.values() if isinstance(value, dict) else value:
-        if isinstance(v, (dict, list, tuple)):
-            yield from _leaves(v)
-        else:
-            yield v
+def _cut_value(value, n: int, index: torch.Tensor):
+    if torch.is_tensor(value) and value.ndim and len(value) == n:
+        return value.index_select(0, index.to(value.device))
+    if isinstance(value, dict):
+        return {k: _cut_value(v, n, index) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cut_value(v, n, index) for v in value)
+    return value

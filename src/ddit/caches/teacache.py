@@ -32,9 +32,11 @@ def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().mean() / b.abs().mean())
 
 
-#: Fits published with TeaCache, by the name ``coefficients=`` takes (highest degree first).
+#: Fits published with TeaCache, by the name ``coefficients=`` takes (highest degree first), each with the delta
+#: it defaults to: TeaCache4FLUX's 1.8x setting (0.4; it also gives 0.25, 0.6 and 0.8), which the DDiT paper pairs
+#: with DDiT.
 PUBLISHED_FITS = {
-    "flux1-dev": [498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861],  # TeaCache4FLUX
+    "flux1-dev": {"coefficients": [498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861], "delta": 0.4},
 }
 
 
@@ -82,7 +84,7 @@ def resolve_fit(coefficients: Sequence[float] | str | Path | None) -> list[float
     """Coefficients given as numbers, as a published fit's name (``PUBLISHED_FITS``) or as a fit file."""
     if isinstance(coefficients, (str, Path)):
         if str(coefficients) in PUBLISHED_FITS:
-            return list(PUBLISHED_FITS[str(coefficients)])
+            return list(PUBLISHED_FITS[str(coefficients)]["coefficients"])
         if not Path(coefficients).is_file():
             raise ValueError(f"TeaCache coefficients {str(coefficients)!r} are neither a published fit "
                              f"({', '.join(PUBLISHED_FITS)}) nor a fit file; fit one with `ddit calibrate "
@@ -90,6 +92,12 @@ def resolve_fit(coefficients: Sequence[float] | str | Path | None) -> list[float
                              "degree first)")
         return load_teacache_fit(coefficients)
     return None if coefficients is None else [float(c) for c in coefficients]
+
+
+def least_step(coefficients: Sequence[float]) -> float:
+    """The least a step adds to TeaCache's sum: the fit (clipped at 0) at its lowest for input changes in [0, 1]."""
+    changes = np.linspace(0.0, 1.0, 10_001)
+    return float(np.clip(np.polyval(coefficients, changes), 0.0, None).min())
 
 
 def write_teacache_fit(coefficients: Sequence[float], path: str | Path, **about) -> None:
@@ -111,7 +119,9 @@ class TeaCache(Cache):
     delta: float = 0.025
 
     def __init__(self, delta: float | None = None, coefficients: Sequence[float] | str | Path | None = None):
-        self.delta = type(self).delta if delta is None else delta
+        if delta is None:  # a published fit comes with its own; another fit's scale is the model's
+            delta = PUBLISHED_FITS.get(str(coefficients), {}).get("delta", type(self).delta)
+        self.delta = delta
         if not self.delta >= 0:
             raise ValueError(f"delta must be >= 0 (0 never skips), got {self.delta}")
         self.coefficients = resolve_fit(coefficients)
@@ -127,6 +137,11 @@ class TeaCache(Cache):
                              "--pipeline DIR --prompts FILE --out FIT.json` (the testbed: `ddit calibrate teacache`)")
         if type(self).indicator is TeaCache.indicator:
             self.argument = watched_argument(model)
+        least = least_step(self.coefficients)
+        if least >= self.delta > 0:
+            raise ValueError(f"TeaCache with these coefficients adds at least {least:.3g} per step (the fit's least "
+                             f"value for changes 0 to 1), so at delta {self.delta:g} it never skips: use a delta "
+                             f"above it (TeaCache's FLUX.1 settings: 0.25 to 0.8)")
 
     def indicator(self, run: StackRun) -> torch.Tensor:
         """What TeaCache watches, one row per model row; override for another block type."""

@@ -22,7 +22,8 @@ SHIPPED_ADAPTER = ASSETS / "adapter"
 def distillation_data(num_images: int = 20000, seed: int = 0, null_fraction: float = 0.1) -> LatentDataset:
     images, labels = make_dataset(num_images, seed)
     drop = torch.rand(num_images, generator=torch.Generator().manual_seed(seed + 1)) < null_fraction
-    return LatentDataset(images, class_labels=torch.where(drop, NULL_LABEL, labels))
+    made = f"testbed distillation_data({num_images}, seed={seed}, null_fraction={null_fraction})"
+    return LatentDataset(images, class_labels=torch.where(drop, NULL_LABEL, labels), identity=made)
 
 
 def load_multipatch_model(base: str | Path = SHIPPED_BASE,
