@@ -148,3 +148,11 @@ def test_calibrate_teacache_fits_a_pipelines_transformer_for_teacache_to_take(tm
     assert not any(isinstance(m, LoraLayer) for m in pipe.transformer.modules())  # disabled: stock again
     with pytest.raises(ValueError, match="neither a published fit"):
         TeaCache(coefficients=tmp_path / "missing.json")
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
+    with pytest.raises(ValueError, match="this pipeline is enabled"):
+        calibrate_teacache_on_pipeline(pipe, ["a red circle"], tmp_path / "again.json")
+    ddit.disable(pipe)
+    pipe.set_progress_bar_config(desc="mine")
+    calibrate_teacache_on_pipeline(pipe, ["a"] * 2, tmp_path / "new" / "fit.json", progress=False,
+                                   call=dict(height=128, width=128, num_inference_steps=12, max_sequence_length=16))
+    assert (tmp_path / "new" / "fit.json").is_file() and pipe._progress_bar_config == {"desc": "mine"}

@@ -1,4 +1,5 @@
 import pytest
+import torch
 from conftest import TINY_DIT
 
 from ddit.checkpoint import CheckpointError
@@ -42,3 +43,17 @@ def test_a_config_that_is_not_json_is_named(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config.json is not valid JSON.*save_pretrained"):
         load_pretrained_transformer(tmp_path)
+
+
+def test_a_pipeline_loads_in_its_transformers_saved_dtype_unless_told(tmp_path):
+    """diffusers' own default is float32: a bf16 FLUX would take twice its memory."""
+    from diffusers import DiffusionPipeline
+
+    from ddit.tiny_pipelines import save_tiny_pipeline
+    from ddit.weights import load_pipeline
+
+    folder = save_tiny_pipeline("flux", tmp_path / "fp32")
+    assert load_pipeline(folder).transformer.dtype == torch.float32
+    DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert load_pipeline(tmp_path / "bf16").transformer.dtype == torch.bfloat16
+    assert load_pipeline(tmp_path / "bf16", torch.float32).transformer.dtype == torch.float32

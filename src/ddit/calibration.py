@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .adapter import MultiPatchTransformer
 from .caches import TeaCacheRecorder, fit_teacache, write_teacache_fit
 from .pipeline_call import Prompt, as_prompts, check_call
-from .pipelines import disable, enable
+from .pipelines import DynamicPatchTransformer, disable, enable
 from .recorded_states import experts
 
 #: Fewer (input change, output change) pairs than this leave a degree-4 fit unconstrained.
@@ -34,34 +34,39 @@ def calibrate_teacache_on_pipeline(pipe, prompts: Sequence[str | Prompt], out: s
     ``call`` holds the pipeline's own arguments (``num_inference_steps``, ``height``, ``guidance_scale``...),
     which should be those the cache will run at; prompt i runs from seed ``seed + i``.
     """
-    call, prompts = dict(call or {}), as_prompts(prompts)
+    call, prompts, out = dict(call or {}), as_prompts(prompts), Path(out)
     if not prompts:
         raise ValueError("no prompts to calibrate on; pass at least one")
+    if isinstance(pipe.transformer, DynamicPatchTransformer):
+        raise ValueError("this pipeline is enabled: TeaCache is fitted on the stock transformer; ddit.disable(pipe) "
+                         "first")
     if len(experts(pipe)) > 1:
         raise ValueError("a pipeline with two experts (Wan 2.2) needs a fit per expert, which one TeaCache cannot "
                          "hold; ddit refuses TeaCache there")
     check_call(pipe, call, prompts)
     recorder = TeaCacheRecorder()
     recorder.check(pipe.transformer)  # before the adapter's layers go into it
+    out.parent.mkdir(parents=True, exist_ok=True)  # a bad folder fails now, not after the generations
     adapter = MultiPatchTransformer(pipe.transformer)
     try:
         enable(pipe, adapter, policy="baseline", cache=recorder)  # every step computes
     except Exception:
         adapter.detach()
         raise
+    bars = dict(getattr(pipe, "_progress_bar_config", {}))
     try:
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)  # one bar over the prompts, not one per call
+        pipe.set_progress_bar_config(disable=True)  # one bar over the prompts, not one per call
         for i, prompt in enumerate(tqdm(prompts, desc="calibrate teacache", disable=not progress)):
             with torch.inference_mode():
                 pipe(prompt=prompt.text, generator=torch.Generator("cpu").manual_seed(seed + i),
                      output_type="latent", **call, **prompt.call_inputs())
     finally:
         disable(pipe)
+        pipe._progress_bar_config = bars
     if len(recorder.pairs) < MIN_PAIRS:
         raise ValueError(f"{len(recorder.pairs)} pairs of consecutive steps are too few for TeaCache's degree-4 "
                          f"fit (at least {MIN_PAIRS}): give more prompts or steps")
     coefficients = fit_teacache(recorder.pairs)
-    write_teacache_fit(coefficients, Path(out), model=type(pipe.transformer).__name__, prompts=len(prompts),
+    write_teacache_fit(coefficients, out, model=type(pipe.transformer).__name__, prompts=len(prompts),
                        pairs=len(recorder.pairs), call={k: repr(v) for k, v in call.items()}, seed=seed)
     return coefficients

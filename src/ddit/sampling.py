@@ -233,7 +233,7 @@ def _flops(fn, autocast, flops: dict, size: int, cached: bool, sample_shape: tup
         device = fn.model.device if getattr(fn, "model", None) is not None else torch.device("cpu")
         one = (torch.zeros(1, *sample_shape, device=device), torch.ones(1, device=device) * 500,
                torch.zeros(1, dtype=torch.long, device=device))
-        with autocast(), _blocks(fn, cached and _Skipped()):
+        with torch.no_grad(), autocast(), _blocks(fn, cached and _Skipped()):
             flops[key] = count_flops(guided(fn, 1.0 if branches == 1 else 2.0, 0), *one, size)
     return flops[key]
 

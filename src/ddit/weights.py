@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -55,20 +56,29 @@ def load_pretrained_transformer(folder: str | Path):
     return load_diffusers_model(model_class, folder)
 
 
+#: safetensors' names of the floating dtypes a transformer is saved in.
+SAVED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
 def load_pipeline(folder: str | Path, dtype: torch.dtype | None = None):
-    """A diffusers pipeline folder (``save_pretrained``'s, with ``model_index.json``), in ``dtype``."""
+    """A diffusers pipeline folder (``save_pretrained``'s, with ``model_index.json``), in ``dtype`` (None: its
+    transformer's dtype as saved; diffusers' own default would be float32, twice a bf16 model's memory)."""
     from diffusers import DiffusionPipeline
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder} holds no model_index.json; pass a diffusers pipeline folder "
                               "(one written by pipe.save_pretrained, or a downloaded checkpoint)")
-    for weights in folder.glob("*/*.safetensors"):
+    saved = None  # the transformer's dtype as saved: the pipeline's, unless dtype says otherwise
+    for weights in sorted(folder.glob("*/*.safetensors")):
         try:  # the header only: a real model's weights are too large to read twice
-            safe_open(weights, "pt").keys()
+            with safe_open(weights, "pt") as f:
+                keys = list(f.keys())
+                if weights.parent.name == "transformer" and keys and saved is None:  # its weights' most dtype
+                    saved = SAVED_DTYPES.get(Counter(f.get_slice(k).get_dtype() for k in keys).most_common(1)[0][0])
         except Exception as err:
             raise CheckpointError(f"weights file {weights} is truncated or corrupt ({err}); restore it") from None
     try:
-        return DiffusionPipeline.from_pretrained(folder, dtype=dtype)
+        return DiffusionPipeline.from_pretrained(folder, dtype=dtype or saved)
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"cannot load the pipeline in {folder}: {err}") from err

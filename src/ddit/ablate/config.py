@@ -11,6 +11,7 @@ import ast
 import inspect
 import itertools
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -159,10 +160,10 @@ def build_rows(policies: list[str], caches: list[str], *, steps: int = 50,
     """
     policy_params, cache_params, sweeps = policy_params or {}, cache_params or {}, sweeps or {}
     fit = cache_params.get("teacache", {}).get("coefficients")
-    if isinstance(fit, str):  # a fit file or a published fit: its numbers (a resumed run on a re-fitted file is
-        teacache = {**cache_params["teacache"], "coefficients": resolve_fit(fit)}  # refused, not mixed), and a
-        if fit in PUBLISHED_FITS:  # published fit's own delta
-            teacache.setdefault("delta", PUBLISHED_FITS[fit]["delta"])
+    if isinstance(fit, (str, os.PathLike)):  # a fit file or a published fit: its numbers (a resumed run on a
+        teacache = {**cache_params["teacache"], "coefficients": resolve_fit(fit)}  # re-fitted file is refused,
+        if str(fit) in PUBLISHED_FITS:  # not mixed), and a published fit's own delta
+            teacache.setdefault("delta", PUBLISHED_FITS[str(fit)]["delta"])
         cache_params = {**cache_params, "teacache": teacache}
     _check_names("patch policy", policies, available_policies())
     hooks = [c for c in caches if c in diffusers_caches()]

@@ -307,10 +307,15 @@ def _cut(arguments: dict, n: int, index: torch.Tensor) -> dict | None:
 
 
 def _cut_value(value, n: int, index: torch.Tensor):
+    """A tensor of ``n`` entries cut to ``index``; in a tuple or list, the tensors only if all of them have ``n``
+    entries (a pair of per-token rotary tables, one of which happens to have ``n`` tokens, passes whole)."""
     if torch.is_tensor(value) and value.ndim and len(value) == n:
         return value.index_select(0, index.to(value.device))
     if isinstance(value, dict):
         return {k: _cut_value(v, n, index) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
+        tensors = [v for v in value if torch.is_tensor(v) and v.ndim]
+        if any(len(v) != n for v in tensors):
+            return value
         return type(value)(_cut_value(v, n, index) for v in value)
     return value

@@ -33,7 +33,7 @@ class TaylorSeer(Cache):
                              f"interval={self.interval}, order={self.order}, warmup={self.warmup}")
         super().__init__()
 
-    def reuse(self, group: Group, run: StackRun, rows: dict[int, torch.Tensor]) -> dict[int, bool]:
+    def reuse(self, group: Group, run: StackRun, rows: dict[tuple, slice]) -> dict[tuple, bool]:
         return {s: self.states[s].get("computed", 0) >= self.warmup
                 and group.step - self.states[s]["last"] < self.interval for s in rows}
 

@@ -12,6 +12,7 @@ model's own generations, then ``fit_teacache`` (the testbed does this in
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,9 +43,9 @@ PUBLISHED_FITS = {
 
 def modulated_input(run: StackRun, argument: str | None = None) -> torch.Tensor:
     """What TeaCache watches at the first block: its timestep-modulated input (its adaLN-zero output; DiT's
-    blocks embed the timestep in their norm, FLUX.1's, SD3's and HunyuanImage 2.1's take the model's embedding
-    as ``temb``), else the forward ``argument`` the backbone's spec names (Wan: ``temb``, the timestep
-    projection, as TeaCache's Wan code watches)."""
+    blocks embed the timestep in their norm, FLUX.1's, SD3's, HunyuanImage 2.1's and HunyuanVideo 1.5's take
+    the model's embedding as ``temb``), else the forward ``argument`` the backbone's spec names (Wan: ``temb``,
+    the timestep projection, as TeaCache's Wan code watches)."""
     block, arguments = run.block, run.arguments
     if _adaln_zero(block):
         return block.norm1(run.hidden, arguments.get("timestep"), arguments.get("class_labels"),
@@ -80,9 +81,9 @@ def load_teacache_fit(path: str | Path) -> list[float]:
                                 "or pass coefficients=[...] (highest degree first)") from None
 
 
-def resolve_fit(coefficients: Sequence[float] | str | Path | None) -> list[float] | None:
+def resolve_fit(coefficients: Sequence[float] | str | os.PathLike | None) -> list[float] | None:
     """Coefficients given as numbers, as a published fit's name (``PUBLISHED_FITS``) or as a fit file."""
-    if isinstance(coefficients, (str, Path)):
+    if isinstance(coefficients, (str, os.PathLike)):
         if str(coefficients) in PUBLISHED_FITS:
             return list(PUBLISHED_FITS[str(coefficients)]["coefficients"])
         if not Path(coefficients).is_file():
@@ -90,8 +91,13 @@ def resolve_fit(coefficients: Sequence[float] | str | Path | None) -> list[float
                              f"({', '.join(PUBLISHED_FITS)}) nor a fit file; fit one with `ddit calibrate "
                              "teacache --pipeline DIR --prompts FILE --out FIT.json`, or pass the numbers (highest "
                              "degree first)")
-        return load_teacache_fit(coefficients)
-    return None if coefficients is None else [float(c) for c in coefficients]
+        coefficients = load_teacache_fit(coefficients)
+    if coefficients is None:
+        return None
+    coefficients = [float(c) for c in coefficients]
+    if not np.isfinite(coefficients).all():
+        raise ValueError(f"TeaCache coefficients {coefficients} are not all finite: fit them again")
+    return coefficients
 
 
 def least_step(coefficients: Sequence[float]) -> float:
@@ -125,6 +131,11 @@ class TeaCache(Cache):
         if not self.delta >= 0:
             raise ValueError(f"delta must be >= 0 (0 never skips), got {self.delta}")
         self.coefficients = resolve_fit(coefficients)
+        if self.coefficients is not None and least_step(self.coefficients) >= self.delta > 0:
+            least = least_step(self.coefficients)
+            raise ValueError(f"TeaCache with these coefficients adds at least {least:.3g} per step (the fit's least "
+                             f"value for input changes 0 to 1), so at delta {self.delta:g} it never skips: use a "
+                             f"delta above {least:.3g}")
         self.argument = None  # what check() finds TeaCache watches on the model, if not an adaLN-zero output
         super().__init__()
 
@@ -137,17 +148,13 @@ class TeaCache(Cache):
                              "--pipeline DIR --prompts FILE --out FIT.json` (the testbed: `ddit calibrate teacache`)")
         if type(self).indicator is TeaCache.indicator:
             self.argument = watched_argument(model)
-        least = least_step(self.coefficients)
-        if least >= self.delta > 0:
-            raise ValueError(f"TeaCache with these coefficients adds at least {least:.3g} per step (the fit's least "
-                             f"value for changes 0 to 1), so at delta {self.delta:g} it never skips: use a delta "
-                             f"above it (TeaCache's FLUX.1 settings: 0.25 to 0.8)")
+
 
     def indicator(self, run: StackRun) -> torch.Tensor:
         """What TeaCache watches, one row per model row; override for another block type."""
         return modulated_input(run, self.argument)
 
-    def reuse(self, group: Group, run: StackRun, rows: dict[int, torch.Tensor]) -> dict[int, bool]:
+    def reuse(self, group: Group, run: StackRun, rows: dict[tuple, slice]) -> dict[tuple, bool]:
         indicator = self.indicator(run).float()
         always = group.step in (0, group.num_steps - 1)
         skip = {}
@@ -194,6 +201,12 @@ class TeaCacheRecorder(Cache):
 
 
 def fit_teacache(pairs: Sequence[tuple[float, float]]) -> list[float]:
-    """TeaCache's degree-4 polynomial, output change as a function of input change; highest degree first."""
-    x, y = np.array(pairs).T
+    """TeaCache's degree-4 polynomial, output change as a function of input change; highest degree first. Pairs
+    that are not finite (a 0 / 0 change, an overflow) are left out; too few finite ones are refused."""
+    pairs = np.array(pairs, dtype=np.float64).reshape(-1, 2)
+    finite = pairs[np.isfinite(pairs).all(1)]
+    if len(finite) < 5:
+        raise ValueError(f"{len(finite)} finite (input change, output change) pairs of {len(pairs)}: a degree-4 fit "
+                         "needs more; give more prompts or steps")
+    x, y = finite.T
     return np.polyfit(x, y, 4).tolist()
