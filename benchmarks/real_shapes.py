@@ -60,6 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ddit import MultiPatchTransformer
 from ddit.backbones import Reference, as_batch, patchify
+from ddit.caches import SkipAll, replace_stack
 from ddit.flops import EXTRA_FORMULAS
 
 SHRINK = 4  # the reduced scale's factor on width, image tokens and text tokens
@@ -382,12 +383,24 @@ def ready(adapter: MultiPatchTransformer, size: int):
     yield
 
 
+@contextlib.contextmanager
+def skipping(adapter: MultiPatchTransformer, size: int):
+    """The adapter at ``size`` with its block stack skipped, as a feature cache (TeaCache, TaylorSeer) skips it
+    at a cached step: what such a step still costs (embedding, conditioning, output head)."""
+    with ready(adapter, size), replace_stack(adapter, SkipAll()):
+        yield
+
+
 def variants(adapter: MultiPatchTransformer, inputs: dict) -> dict:
-    """name -> (context, call): the stock backbone at p, then the adapter at each of its sizes."""
+    """name -> (context, call): the stock backbone at p, then the adapter at each of its sizes, and at each
+    size a step a cache skips (``"2 skipped"``)."""
     calls = {"stock": (lambda: bare(adapter), lambda: adapter.backbone(**inputs, return_dict=False))}
     for size in adapter.patch_sizes:
         calls[size] = (lambda size=size: ready(adapter, size),
                        lambda size=size: adapter(**inputs, patch_size=size, return_dict=False))
+    for size in adapter.patch_sizes:
+        calls[f"{size} skipped"] = (lambda size=size: skipping(adapter, size),
+                                    lambda size=size: adapter(**inputs, patch_size=size, return_dict=False))
     return calls
 
 
@@ -528,8 +541,9 @@ def summarise(record: dict) -> None:
     for kind, key in (("wall", "median_s"), ("flops", "flops")):
         if key not in record:
             continue
-        costs = {("stock" if k == "stock" else int(k)): v for k, v in record[key].items()}
+        costs = {("stock" if k == "stock" else int(k)): v for k, v in record[key].items() if "skipped" not in k}
         record[f"{kind}_speedup"] = {str(s): costs["stock"] / costs[s] for s in record["sizes"]}
+        record[f"{kind}_skipped_share"] = {str(s): record[key][f"{s} skipped"] / costs[s] for s in record["sizes"]}
         record[f"{kind}_schedules"] = {str(s): {str(f): speedup(costs, f, s, base) for f in FRACTIONS}
                                        for s in coarse}
         record[f"{kind}_fraction_for_paper"] = {str(s): fraction_for(costs, PAPER_FLUX_SPEEDUP, s, base)
@@ -618,10 +632,15 @@ def model_section(r: dict) -> list[str]:
         flops = r["flops"][key]
         row += f" {flops / 1e12:.3g} | {r['flops']['stock'] / flops:.2f}x | {r['attention_flops'][key] / flops:.0%} |"
         lines.append(row)
+    kinds = ["wall", "flops"] if wall else ["flops"]
+    lines += ["", "A step a feature cache skips (TeaCache, TaylorSeer: the blocks stood in for; embedding, "
+              "conditioning and output head still run), as a share of a full step at its size"
+              + (" (wall; FLOPs in brackets): " if wall else " (FLOPs): ")
+              + ", ".join(f"{s}: " + " ".join(_percent(r[f"{k}_skipped_share"][str(s)], k) for k in kinds)
+                          for s in r["sizes"]) + "."]
     coarse = r["sizes"][1:]
     if not coarse:
         return lines + [""]
-    kinds = ["wall", "flops"] if wall else ["flops"]
     lines += ["", "Whole schedules, the first fraction of the steps at the coarse size"
               + (" (wall from the medians above; FLOPs in brackets):" if wall else " (FLOPs):"), "",
               "| coarse size | " + " | ".join(f"{f:.0%} coarse" for f in FRACTIONS)
@@ -643,6 +662,10 @@ def model_section(r: dict) -> list[str]:
 
 def _x(value: float, kind: str) -> str:
     return f"{value:.2f}x" if kind == "wall" else f"({value:.2f}x)"
+
+
+def _percent(value: float, kind: str) -> str:
+    return f"{value:.2%}" if kind == "wall" else f"({value:.2%})"
 
 
 def _share(value: float | None, kind: str) -> str:

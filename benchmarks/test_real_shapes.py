@@ -23,12 +23,14 @@ BUDGET_S = float(os.environ.get("DDIT_BENCH_BUDGET_S", 150))
 
 
 def check(records: dict) -> None:
-    """The adapter at the base size is the stock call; each coarser size costs fewer FLOPs."""
+    """The adapter at the base size is the stock call; each coarser size costs fewer FLOPs, and so does a step
+    a cache skips at each size."""
     for name, record in records.items():
         flops = record["flops"]
         sizes = [str(s) for s in record["sizes"]]
         assert flops[sizes[0]] == flops["stock"], name
         assert all(flops[a] > flops[b] for a, b in zip(sizes, sizes[1:])), name
+        assert all(flops[f"{s} skipped"] < flops[s] for s in sizes), name  # a cache's skipped step: less
 
 
 @pytest.mark.parametrize("device", [os.environ.get("DDIT_BENCH_DEVICE", "cpu"), "meta"])

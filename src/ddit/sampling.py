@@ -30,7 +30,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from .adapter import MultiPatchTransformer
-from .caches import Cache, StackRun, replace_stack
+from .caches import Cache, SkipAll, replace_stack
 from .flops import count_flops
 from .policies import BaselinePolicy, PatchPolicy, ProgressiveResolution, dct_resize
 from .runtime import Call, PatchRuntime
@@ -233,7 +233,7 @@ def _flops(fn, autocast, flops: dict, size: int, cached: bool, sample_shape: tup
         device = fn.model.device if getattr(fn, "model", None) is not None else torch.device("cpu")
         one = (torch.zeros(1, *sample_shape, device=device), torch.ones(1, device=device) * 500,
                torch.zeros(1, dtype=torch.long, device=device))
-        with torch.no_grad(), autocast(), _blocks(fn, cached and _Skipped()):
+        with torch.no_grad(), autocast(), _blocks(fn, cached and SkipAll()):
             flops[key] = count_flops(guided(fn, 1.0 if branches == 1 else 2.0, 0), *one, size)
     return flops[key]
 
@@ -241,13 +241,3 @@ def _flops(fn, autocast, flops: dict, size: int, cached: bool, sample_shape: tup
 def _blocks(fn, stack):
     """Inside, ``fn``'s model runs its block stack as ``stack`` (a falsy ``stack``: as it is)."""
     return replace_stack(fn.model, stack) if stack else nullcontext()
-
-
-class _Skipped:
-    """A stand-in that skips every row: what a cached step costs besides the blocks (for counting)."""
-
-    def plan(self, run: StackRun) -> torch.Tensor:
-        return torch.zeros(len(run.hidden), dtype=torch.bool, device=run.hidden.device)
-
-    def finish(self, run: StackRun, output: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
-        return run.hidden

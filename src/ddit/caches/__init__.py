@@ -5,7 +5,7 @@ See docs/caches.md for the design, the built-ins and writing new ones.
 
 from .base import Cache, Group
 from .registry import BUILTIN_CACHES, available_caches, diffusers_caches, get_cache
-from .stack import StackRun, StandIn, blocks_of, replace_stack
+from .stack import SkipAll, StackRun, StandIn, blocks_of, replace_stack
 from .taylorseer import TaylorSeer
 from .teacache import (
     PUBLISHED_FITS, TeaCache, TeaCacheRecorder, fit_teacache, load_teacache_fit, modulated_input,
@@ -13,7 +13,7 @@ from .teacache import (
 )
 
 __all__ = [
-    "Cache", "Group", "BUILTIN_CACHES", "available_caches", "diffusers_caches", "get_cache", "StackRun", "StandIn",
-    "blocks_of", "replace_stack", "TaylorSeer", "TeaCache", "TeaCacheRecorder", "PUBLISHED_FITS", "fit_teacache",
+    "Cache", "Group", "BUILTIN_CACHES", "available_caches", "diffusers_caches", "get_cache", "SkipAll", "StackRun",
+    "StandIn", "blocks_of", "replace_stack", "TaylorSeer", "TeaCache", "TeaCacheRecorder", "PUBLISHED_FITS", "fit_teacache",
     "load_teacache_fit", "modulated_input", "write_teacache_fit",
 ]

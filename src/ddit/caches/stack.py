@@ -93,6 +93,17 @@ class StandIn(Protocol):
         on the CPU); the other rows of ``output`` hold nothing to use."""
 
 
+class SkipAll:
+    """A stand-in that skips every row: what a step a cache skips costs besides the blocks (for counting and
+    timing it)."""
+
+    def plan(self, run: StackRun) -> torch.Tensor:
+        return torch.zeros(len(run.hidden), dtype=torch.bool)
+
+    def finish(self, run: StackRun, output: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
+        return run.hidden
+
+
 def blocks_of(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a diffusers model (or of the backbone a MultiPatchTransformer wraps), in the
     order they run."""
