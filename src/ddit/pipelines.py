@@ -33,6 +33,7 @@ from .adapter import CONFIG_NAME, HOOK_ATTRIBUTES, MultiPatchTransformer, image_
 from .backbones import as_batch
 from .caches import Cache, TeaCache, diffusers_caches, get_cache
 from .policies import PatchPolicy, ProgressiveResolution, get_policy
+from .precise_latents import PreciseLatents
 from .runtime import Call, PatchRuntime
 from .summary import Summary
 
@@ -48,10 +49,12 @@ class DynamicPatchTransformer(nn.Module):
     """A pipeline's transformer that runs each sample at the patch size its policy picks, step by step."""
 
     def __init__(self, adapter: MultiPatchTransformer, runtime: PatchRuntime, pixels_per_latent: int | None = None,
-                 guidance: Callable[[torch.Tensor], bool | None] | None = None, bins_resolution: bool = False):
+                 guidance: Callable[[torch.Tensor], bool | None] | None = None, bins_resolution: bool = False,
+                 precise: PreciseLatents | None = None):
         super().__init__()
         self.adapter = adapter
         self.runtime = runtime
+        self._precise = precise or PreciseLatents()
         self.pixels_per_latent, self.bins_resolution = pixels_per_latent, bins_resolution
         self._guidance = guidance or (lambda timestep: None)
         self._signature = inspect.signature(adapter.backbone.forward)
@@ -145,13 +148,18 @@ class DynamicPatchTransformer(nn.Module):
         timestep = spec.timestep(given)
         cfg = None if self._branch is not None else self._guidance(timestep) if spec.batched_cfg else False
         references = spec.references(given)
+        self._precise.watch(self.runtime.scheduler() if self.runtime.scheduler else None)
+        first, hidden = next(iter(given.items()))
+        precise = self._precise.latent_for(hidden)
+        if precise is not None:
+            precise = spec.latent({**given, first: precise})[:, :self._state_channels]
         call = Call(latent[:, :self._state_channels], timestep,
                     lambda idx, size: spec.generated(self._run(args, kwargs, len(latent), idx, size), given),
                     branch=self._branch, branches=None if cfg is None else 1 + cfg,
                     step_index=where.get("step_index"), num_steps=where.get("num_inference_steps"),
                     sigma=where.get("sigma"),
                     beside=(lambda size: sum(self.adapter.reference_tokens(r, size) for r in references))
-                    if references else None)
+                    if references else None, precise=precise)
         self.runtime.use(self.adapter, self._hooks)  # Wan 2.2's second expert takes over mid-generation
         out = self.runtime(call)
         if isinstance(next(iter(given.values())), list):  # a list of per-sample latents in, a list out (Z-Image)
@@ -318,8 +326,9 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
         runtime = PatchRuntime(policy, first.patch_sizes, cache=cache if isinstance(cache, Cache) else None,
                                model=first, scheduler=_scheduler_of(pipe), patch=first.spec.patch)
         binning = "use_resolution_binning" in inspect.signature(pipe.__call__).parameters
-        wrappers = {name: DynamicPatchTransformer(a, runtime, _pixels_per_latent(pipe), _guidance_of(pipe), binning)
-                    for name, a in adapters.items()}
+        precise = PreciseLatents()  # one for both experts: they share the scheduler
+        wrappers = {name: DynamicPatchTransformer(a, runtime, _pixels_per_latent(pipe), _guidance_of(pipe), binning,
+                                                  precise) for name, a in adapters.items()}
         if cache is not None and not isinstance(cache, Cache):
             for wrapper in wrappers.values():
                 wrapper.enable_cache(cache)
@@ -348,6 +357,7 @@ def disable(pipe):
     if not wrappers:
         raise ValueError("ddit.disable: this pipeline is not enabled (call ddit.enable(pipe, adapter) first)")
     for wrapper in wrappers.values():
+        wrapper._precise.unwatch()
         if wrapper._cache_hooks:
             wrapper.disable_cache()
     with _model_offload_renewed(pipe):

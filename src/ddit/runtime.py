@@ -55,6 +55,7 @@ class Call:
     sigma: float | None = None
     probe: Probe | None = None  # the policy's model probe; by default all rows at a size, per sample
     beside: Callable[[int], int] | None = None  # tokens beside the latent's at a size (an edit's reference images)
+    precise: torch.Tensor | None = None  # ``latent`` unrounded, for the policy (a bf16 pipeline's float32 twin)
 
 
 @dataclass
@@ -230,7 +231,8 @@ class PatchRuntime:
         policy probed the model (a probe's state must not be what a group call reuses)."""
         g.probed = False
         g.sizes = self.policy.decide(Step(g.step, g.num_steps or 0, g.sigma, call.timestep,
-                                          call.latent[: g.samples], self._probe(call, g)))
+                                          (call.latent if call.precise is None else call.precise)[: g.samples],
+                                          self._probe(call, g)))
         sizes = g.sizes.tolist()
         g.uniform = sizes[0] if len(set(sizes)) == 1 else None
         groups = frozenset((p, tuple(i for i, q in enumerate(sizes) if q == p)) for p in set(sizes))
