@@ -17,8 +17,10 @@ patch size) and the multi-patch adapter's coarse path alike.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -193,9 +195,23 @@ def _finish(stand_in: StandIn, run: StackRun, output: torch.Tensor, plan: _Plan)
     return stand_in.finish(run, output, plan.compute)
 
 
+def _signature(forward: Callable) -> inspect.Signature:
+    """A block forward's signature, worked out once per function: a model call enters ``replace_stack`` once per
+    group, and the 57 blocks of FLUX cost milliseconds each time otherwise."""
+    function = getattr(forward, "__func__", None)
+    if function is None:  # a forward patched on the instance: its own
+        return inspect.signature(forward)
+    if function not in _SIGNATURES:
+        _SIGNATURES[function] = inspect.signature(forward)
+    return _SIGNATURES[function]
+
+
+_SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _single_stream(blocks, forwards, stand_in: StandIn) -> list[Callable]:
     """The first block runs the whole stack on the rows that compute; the others step aside."""
-    signature = inspect.signature(forwards[0])
+    signature = _signature(forwards[0])
 
     def first(*args, **kwargs):
         run = StackRun(blocks[0], dict(signature.bind(*args, **kwargs).arguments), forwards)
@@ -220,7 +236,7 @@ def _dual_stream(blocks, forwards, stand_in: StandIn, spec) -> tuple[list[Callab
     call: dict = {}  # the model call in flight: its run, its plan and the last block that ran
 
     def block_forward(i: int) -> Callable:
-        signature, outputs = inspect.signature(forwards[i]), _outputs(blocks[i], spec)
+        signature, outputs = _signature(forwards[i]), _outputs(blocks[i], spec)
 
         @_bookkeeping
         def before(args, kwargs) -> tuple[tuple | None, list | None]:
@@ -288,15 +304,13 @@ def _warn_uncut(block: nn.Module) -> None:
                   stacklevel=3)
 
 
-def _outputs(block: nn.Module, spec) -> tuple[str, ...] | None:
-    """The arguments a dual-stream block returns, in its return order (the spec's, or diffusers' registry's);
-    None if unknown."""
+@functools.cache
+def _registered_outputs(block_class: type) -> tuple[str, ...] | None:
+    """The arguments a block class returns, in its return order, per diffusers' registry; None if unknown."""
     from diffusers.hooks._helpers import TransformerBlockRegistry  # diffusers' own record of block outputs
 
-    if type(block).__name__ in spec.block_outputs:
-        return spec.block_outputs[type(block).__name__]
     try:
-        meta = TransformerBlockRegistry.get(type(block))
+        meta = TransformerBlockRegistry.get(block_class)
     except ValueError:
         return None
     if meta.return_encoder_hidden_states_index is None:
@@ -305,6 +319,12 @@ def _outputs(block: nn.Module, spec) -> tuple[str, ...] | None:
     names[meta.return_hidden_states_index] = meta.hidden_states_argument_name
     names[meta.return_encoder_hidden_states_index] = meta.encoder_hidden_states_argument_name
     return tuple(names)
+
+
+def _outputs(block: nn.Module, spec) -> tuple[str, ...] | None:
+    """The arguments a dual-stream block returns, in its return order (the spec's, or diffusers' registry's);
+    None if unknown."""
+    return spec.block_outputs.get(type(block).__name__) or _registered_outputs(type(block))
 
 
 @_bookkeeping
