@@ -100,6 +100,7 @@ class PatchRuntime:
         self.records: list[dict] = []
         self.generation: Generation | None = None
         self._token_counts: dict[tuple, int] = {}
+        self._timestep: tuple = (None, math.nan)  # the last timestep tensor and its value
 
     @property
     def base_size(self) -> int:
@@ -150,7 +151,7 @@ class PatchRuntime:
 
     def _advance(self, call: Call) -> Generation:
         """Start a generation or a step when the call says so; decide the sizes of a new step."""
-        t = float(torch.as_tensor(call.timestep).flatten()[0])
+        t = self._timestep_value(call.timestep)
         index = self._step_index(call)
         schedule = getattr(self.scheduler() if self.scheduler else None, "timesteps", None)
         g = self.generation
@@ -179,6 +180,13 @@ class PatchRuntime:
         if call.branch is None and g.calls > 1:  # a later call of the step that no cache context names (Chroma's
             call.branch = f"call{g.calls}"  # uncond, SD3's skip-layer guidance): its own cache state and context
         return g
+
+    def _timestep_value(self, timestep) -> float:
+        """The call's timestep as a number, read from the device once per timestep tensor: a step's CFG calls
+        share one, and a read at the second would stall the device until the first call's work is done."""
+        if timestep is not self._timestep[0]:
+            self._timestep = (timestep, float(torch.as_tensor(timestep).flatten()[0]))
+        return self._timestep[1]
 
     def _step_index(self, call: Call) -> int | None:
         """The index of the step in progress: the call's, else the scheduler's (None before its first step:
