@@ -14,7 +14,8 @@ log() { echo "gpu_check.sh: $*" | tee -a "$OUT/check.log"; }
 source benchmarks/gpu/setup.sh
 export PYTHONPATH="$PWD/tests:$PYTHONPATH"
 DDIT_TEST_DEVICE=cuda timeout -k 10 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_pipelines.py \
-    tests/test_progressive.py tests/test_experts.py tests/test_ltx.py tests/test_edit_pipelines.py -k "not ablation" \
+    tests/test_progressive.py tests/test_experts.py tests/test_ltx.py tests/test_edit_pipelines.py \
+    tests/test_precise_latents.py -k "not ablation" \
     2>&1 | tee "$OUT/pipelines.log"
 timeout -k 10 120 "$PY" -m ddit.ablate.cli --out "$OUT/ablate" --device cuda --dtype bfloat16 --num-per-class 8 \
     --caches none,teacache --batch-size 32 --no-progress 2>&1 | tee "$OUT/ablate.log"
