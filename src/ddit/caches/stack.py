@@ -148,13 +148,15 @@ def replace_stack(model: nn.Module, stand_in: StandIn) -> Iterator[None]:
     blocks = blocks_of(backbone)
     own = [block.__dict__.get("forward") for block in blocks]  # a forward patched by someone else
     forwards, spec = tuple(block.forward for block in blocks), spec_for(backbone)
+    # compiled blocks (compile_repeated_blocks) would trace their patched forward: keep its decisions out
+    compiled = any(getattr(block, "_compiled_call_impl", None) is not None for block in blocks)
     if spec.single_stream:
         patched, tail = _single_stream(blocks, forwards, stand_in), None
     else:
-        patched, finish = _dual_stream(blocks, forwards, stand_in, spec)
+        patched, finish = _dual_stream(blocks, forwards, stand_in, spec, compiled)
         tail = backbone.norm_out.register_forward_pre_hook(finish, with_kwargs=True)
     for block, forward in zip(blocks, patched):
-        block.forward = _eager(forward)
+        block.forward = _eager(forward) if compiled else forward
     try:
         yield
     finally:
@@ -230,15 +232,16 @@ def _single_stream(blocks, forwards, stand_in: StandIn) -> list[Callable]:
     return [first, *[step_aside] * (len(blocks) - 1)]
 
 
-def _dual_stream(blocks, forwards, stand_in: StandIn, spec) -> tuple[list[Callable], Callable]:
+def _dual_stream(blocks, forwards, stand_in: StandIn, spec, compiled: bool) -> tuple[list[Callable], Callable]:
     """Every block runs on the rows that compute; the output norm's pre-hook finishes the call. A pass starts at
     the first block that runs in it (SD3's skip-layer guidance may leave out block 0)."""
     call: dict = {}  # the model call in flight: its run, its plan and the last block that ran
 
     def block_forward(i: int) -> Callable:
         signature, outputs = _signature(forwards[i]), _outputs(blocks[i], spec)
+        outside = _bookkeeping if compiled else (lambda f: f)  # wrapping costs 10 us a function, twice a block
 
-        @_bookkeeping
+        @outside
         def before(args, kwargs) -> tuple[tuple | None, list | None]:
             """What to run this block on ((args, kwargs), or None: no row), and its inputs to put the computed
             rows into (None: it runs on every row)."""
@@ -259,7 +262,7 @@ def _dual_stream(blocks, forwards, stand_in: StandIn, spec) -> tuple[list[Callab
             bound = inspect.BoundArguments(signature, cut)
             return (bound.args, bound.kwargs), inputs
 
-        @_bookkeeping
+        @outside
         def after(computed, inputs: list):
             """The block's output for every row: the computed rows put into its inputs."""
             index = call["plan"].index
