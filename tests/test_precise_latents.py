@@ -1,7 +1,8 @@
 """A bf16 pipeline's policy reads float32 latents: its scheduler's twin steps them with the same model outputs."""
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+import pytest
+from diffusers import EulerAncestralDiscreteScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from tiny_pipelines import build, latents
 
 import ddit
@@ -104,3 +105,13 @@ def test_a_bf16_pipelines_policy_reads_float32_latents_and_its_images_stay_stock
     first, second = latents(pipe(**call())), latents(pipe(**call()))
     assert torch.equal(first, second)  # a second generation starts a twin of its own
     ddit.disable(pipe)
+
+
+def test_a_scheduler_that_draws_noise_is_not_followed_and_says_so():
+    scheduler, precise = EulerAncestralDiscreteScheduler(), PreciseLatents()
+    precise.watch(scheduler)
+    scheduler.set_timesteps(4)
+    z = torch.randn(1, 4, 8, 8).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="EulerAncestralDiscreteScheduler may draw noise"):
+        z = scheduler.step(torch.zeros_like(z), scheduler.timesteps[0], z, return_dict=False)[0]
+    assert precise.latent_for(z) is None  # the policy reads the pipeline's own latents

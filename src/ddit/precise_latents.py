@@ -12,6 +12,7 @@ Only deterministic schedulers are followed (a stochastic step would draw noise t
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 
 import torch
@@ -63,7 +64,14 @@ class PreciseLatents:
                                     and torch.equal(sample, rounded)):
             return  # the generation goes on
         self._latent = self._rounded = self._twin = None
-        if sample.dtype == torch.float32 or not _deterministic(scheduler, kwargs):
+        if sample.dtype == torch.float32:
+            return
+        if not _deterministic(scheduler, kwargs):
+            warnings.warn(f"ddit's policy reads this pipeline's {str(sample.dtype).removeprefix('torch.')} latents: "
+                          f"{type(scheduler).__name__} may draw noise in a step, which a float32 twin would draw "
+                          "twice; third differences of rounded latents are mostly rounding noise, so set the "
+                          "policy's tau on this pipeline (the budget policy fits it) or use a deterministic "
+                          f"scheduler ({', '.join(DETERMINISTIC)})", stacklevel=3)
             return
         twin = copy.deepcopy(scheduler)
         vars(twin).pop("step", None)  # the copy steps as the class does
