@@ -14,6 +14,6 @@ from .teacache import (
 
 __all__ = [
     "Cache", "Group", "BUILTIN_CACHES", "available_caches", "diffusers_caches", "get_cache", "SkipAll", "StackRun",
-    "StandIn", "blocks_of", "replace_stack", "TaylorSeer", "TeaCache", "TeaCacheRecorder", "PUBLISHED_FITS", "fit_teacache",
-    "load_teacache_fit", "modulated_input", "write_teacache_fit",
+    "StandIn", "blocks_of", "replace_stack", "TaylorSeer", "TeaCache", "TeaCacheRecorder", "PUBLISHED_FITS",
+    "fit_teacache", "load_teacache_fit", "modulated_input", "write_teacache_fit",
 ]
