@@ -234,12 +234,13 @@ def _zimage():
     return pipe, call_kwargs
 
 
-def _sd3():
+def _sd3(dual_attention_layers=()):
+    """SD3; with ``dual_attention_layers`` (0,): SD3.5 Medium's, whose first blocks add a second self-attention."""
     torch.manual_seed(0)
     transformer = _wake_zeros(SD3Transformer2DModel(
         sample_size=LATENT, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
         joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
-        pos_embed_max_size=LATENT))
+        pos_embed_max_size=LATENT, dual_attention_layers=dual_attention_layers))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD3-medium's
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None,
                                     tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
@@ -456,8 +457,9 @@ def _hunyuanimage():
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
              "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "hunyuanvideo15": _hunyuanvideo15, "dit": _dit,
              "hunyuanimage": _hunyuanimage,
-             # not in NAMES, whose tests assume a base patch of 2: tests/test_experts.py and tests/test_ltx.py run them
-             "wan22": partial(_wan, two_experts=True), "ltx": _ltx}
+             # not in NAMES (whose tests assume a base patch of 2, and one model per family): tests/test_experts.py,
+             # tests/test_ltx.py and the TeaCache tests of tests/test_pipelines.py run them
+             "wan22": partial(_wan, two_experts=True), "ltx": _ltx, "sd35m": partial(_sd3, dual_attention_layers=(0,))}
 
 
 def build(name: str) -> tuple[DiffusionPipeline, Callable[..., dict]]:

@@ -63,9 +63,9 @@ class BackboneSpec:
     single_stream: bool = True
     #: Block class name -> the arguments its forward returns, in order, for blocks diffusers' registry lacks.
     block_outputs: dict[str, tuple[str, ...]] = {}
-    #: The first block's forward argument TeaCache watches where the block has no adaLN-zero norm (None: TeaCache
-    #: does not know this family; a TeaCache subclass may override ``indicator``).
-    teacache_argument: str | None = None
+    #: Block class names whose TeaCache signal ``teacache_input`` computes, where their norm1 is no adaLN-zero norm
+    #: (whose output TeaCache reads itself); a stack starting with another block refuses TeaCache.
+    teacache_blocks: tuple[str, ...] = ()
     #: Whether this family's stock pipelines may batch CFG branches in one call; the packed-token families'
     #: pipelines (FLUX, Chroma, Qwen-Image) call once per branch, even where they say they guide (Chroma).
     batched_cfg: bool = True
@@ -110,6 +110,12 @@ class BackboneSpec:
         else:
             w_out, b_out = w_out.reshape(dim, -1, *patch), b_out.reshape(-1, *patch)
         return w_in, _bias(embed), w_out, b_out
+
+    def teacache_input(self, block: nn.Module, hidden: torch.Tensor, arguments: dict) -> torch.Tensor:
+        """What TeaCache watches at ``block`` (one of ``teacache_blocks``) as the first block of a pass: its
+        timestep-modulated input, one row per row of ``hidden``, computed as the block computes it from its forward
+        ``arguments`` (by name)."""
+        raise NotImplementedError(f"{type(self).__name__} lists teacache_blocks but computes no teacache_input")
 
     def latent(self, args: dict) -> torch.Tensor:
         """The latent (B, C, *dims) among the bound forward arguments."""

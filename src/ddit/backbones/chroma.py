@@ -17,6 +17,11 @@ class ChromaSpec(FluxSpec):
     model_class = "ChromaTransformer2DModel"
     block_outputs = {"ChromaTransformerBlock": ("encoder_hidden_states", "hidden_states"),
                      "ChromaSingleTransformerBlock": ("hidden_states",)}  # on the joined tokens
+    teacache_blocks = ("ChromaTransformerBlock",)
+
+    def teacache_input(self, block, hidden, arguments):
+        """The adaLN-zero output of the image stream, from the block's six rows of the model's approximator."""
+        return block.norm1(hidden, emb=arguments["temb"][:, :6])[0]
 
     def forward(self, tokens, grid, scale, args, references=()):
         m, dtype, n = self.model, tokens.dtype, tokens.shape[1]

@@ -9,6 +9,7 @@ their cached keys and values (``kv_cache``) belong to the fine grid: refused at 
 from __future__ import annotations
 
 import torch
+from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 
 from .flux import FluxSpec, with_references
 
@@ -19,6 +20,12 @@ class Flux2Spec(FluxSpec):
     # image-stream attention and feed-forward of the double blocks; the single blocks' fused projections
     lora_target = (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.(linear_in|linear_out))"
                    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)")
+    teacache_blocks = ("Flux2TransformerBlock",)
+
+    def teacache_input(self, block, hidden, arguments):
+        """The image stream's norm1 output, shifted and scaled by the model's shared modulation of double blocks."""
+        (shift, scale, _), _ = Flux2Modulation.split(arguments["temb_mod_img"], 2)
+        return (1 + scale) * block.norm1(hidden) + shift
 
     def forward(self, tokens, grid, scale, args, references=()):
         m, dtype, n = self.model, tokens.dtype, tokens.shape[1]

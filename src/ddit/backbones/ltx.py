@@ -20,6 +20,7 @@ class LTXVideoSpec(BackboneSpec):
     unembed_channels_last = False  # the pipeline unpacks a token's features as (C, t, p, p)
     unsupported = ("video_coords",)
     unbatched = ("rope_interpolation_scale",)  # three scales, not one per row, even as a tensor
+    teacache_blocks = ("LTXVideoTransformerBlock",)
 
     def __init__(self, model):
         super().__init__(model)
@@ -32,6 +33,14 @@ class LTXVideoSpec(BackboneSpec):
 
     def base_layers(self):
         return self.model.proj_in, self.model.proj_out
+
+    def teacache_input(self, block, hidden, arguments):
+        """norm1's output shifted and scaled by the block's share of the (per-token) timestep modulation."""
+        temb = arguments["temb"]
+        ada = block.scale_shift_table[None, None].to(temb.device) + temb.reshape(
+            len(hidden), temb.size(1), len(block.scale_shift_table), -1)
+        shift, scale = ada.unbind(dim=2)[:2]
+        return block.norm1(hidden) * (1 + scale) + shift
 
     def latent(self, args):
         return unpatchify(args["hidden_states"], (1, 1, 1), self._grid(args))

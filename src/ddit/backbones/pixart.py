@@ -8,6 +8,13 @@ from .base import BackboneSpec, sincos_positions
 class PixArtSpec(BackboneSpec):
     model_class = "PixArtTransformer2DModel"
     unsupported = ("attention_mask",)  # a mask over the fine image tokens
+    teacache_blocks = ("BasicTransformerBlock",)
+
+    def teacache_input(self, block, hidden, arguments):
+        """adaLN-single: norm1's output shifted and scaled by the block's share of the timestep modulation."""
+        modulation = block.scale_shift_table[None] + arguments["timestep"].reshape(len(hidden), 6, -1)
+        shift, scale = modulation.chunk(6, dim=1)[:2]
+        return block.norm1(hidden) * (1 + scale) + shift
 
     def base_layers(self):
         return self.model.pos_embed.proj, self.model.proj_out

@@ -27,6 +27,7 @@ class QwenImageSpec(BackboneSpec):
     single_stream = False
     batched_cfg = False  # true CFG calls once per branch
     per_sample_lists = ("img_shapes",)  # one entry per sample (Edit-2511's stock forward counts them)
+    teacache_blocks = ("QwenImageTransformerBlock",)
     pack = FluxSpec.pack
 
     def __init__(self, model):
@@ -42,6 +43,12 @@ class QwenImageSpec(BackboneSpec):
 
     def base_layers(self):
         return self.model.img_in, self.model.proj_out
+
+    def teacache_input(self, block, hidden, arguments):
+        """The image stream's modulated norm1 output, by the block's own ``_modulate`` (Edit-2511 modulates the
+        reference's tokens apart: ``modulate_index``)."""
+        modulation = block.img_mod(arguments["temb"]).chunk(2, dim=-1)[0]
+        return block._modulate(block.img_norm1(hidden), modulation, arguments.get("modulate_index"))[0]
 
     def latent(self, args):
         shapes = _shapes(args["img_shapes"])

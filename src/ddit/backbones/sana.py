@@ -15,6 +15,13 @@ class SanaSpec(BackboneSpec):
     # self- and cross-attention, and the 1x1 convolutions in and out of the convolutional feed-forward
     lora_target = r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.(conv_inverted|conv_point))"
     unsupported = ("attention_mask", "controlnet_block_samples")  # image-token inputs, of the fine grid
+    teacache_blocks = ("SanaTransformerBlock",)
+
+    def teacache_input(self, block, hidden, arguments):
+        """adaLN-single, as PixArt's."""
+        modulation = block.scale_shift_table[None] + arguments["timestep"].reshape(len(hidden), 6, -1)
+        shift, scale = modulation.chunk(6, dim=1)[:2]
+        return (block.norm1(hidden) * (1 + scale) + shift).to(hidden.dtype)
 
     def base_layers(self):
         return self.model.patch_embed.proj, self.model.proj_out

@@ -9,6 +9,11 @@ class SD3Spec(BackboneSpec):
     model_class = "SD3Transformer2DModel"
     unsupported = ("block_controlnet_hidden_states",)  # residuals on the fine tokens
     single_stream = False  # joint blocks return (text, image) tokens
+    teacache_blocks = ("JointTransformerBlock",)  # SD3.5 Medium's dual-attention first block (SD3's is adaLN-zero)
+
+    def teacache_input(self, block, hidden, arguments):
+        """The first of SD3.5 Medium's two modulations of norm1's output (its self-attention's input)."""
+        return block.norm1(hidden, emb=arguments["temb"])[0]
 
     def base_layers(self):
         return self.model.pos_embed.proj, self.model.proj_out

@@ -17,7 +17,7 @@ ROPE_THETA = 10000.0  # WanRotaryPosEmbed's default, which WanTransformer3DModel
 class WanSpec(BackboneSpec):
     model_class = "WanTransformer3DModel"
     row_blocks = ("encoder_hidden_states_image",)  # first-and-last-frame video: two images per sample
-    teacache_argument = "temb"  # the timestep projection, which TeaCache's Wan code watches
+    teacache_blocks = ("WanTransformerBlock",)
 
     def __init__(self, model):
         super().__init__(model)
@@ -32,6 +32,10 @@ class WanSpec(BackboneSpec):
 
     def base_layers(self):
         return self.model.patch_embedding, self.model.proj_out
+
+    def teacache_input(self, block, hidden, arguments):
+        """The timestep projection the blocks take (``temb``), which TeaCache's Wan code watches."""
+        return arguments["temb"]
 
     def timestep(self, args):
         """The step's timestep: the noisiest token's, where tokens have their own (Wan 2.2 TI2V: its first frame

@@ -26,6 +26,7 @@ class ZImageSpec(BackboneSpec):
     embed_channels_last = True  # a Linear over (1, p, p, C) features
     unsupported = ("controlnet_block_samples", "siglip_feats", "image_noise_mask")
     per_sample_lists = ("x", "cap_feats")
+    teacache_blocks = ("ZImageTransformerBlock",)
 
     def __init__(self, model):
         super().__init__(model)
@@ -41,6 +42,12 @@ class ZImageSpec(BackboneSpec):
 
     def base_layers(self):
         return self.model.all_x_embedder[self.key], self.model.all_final_layer[self.key].linear
+
+    def teacache_input(self, block, hidden, arguments):
+        """The main layers' first attention input: norm1's output scaled by its timestep modulation (Z-Image shifts
+        nothing), over the image and caption tokens the layers run on together."""
+        scale = block.adaLN_modulation(arguments["adaln_input"]).unsqueeze(1).chunk(4, dim=2)[0]
+        return block.attention_norm1(hidden) * (1 + scale)
 
     def latent(self, args):
         x = args["x"]

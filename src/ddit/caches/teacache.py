@@ -21,6 +21,7 @@ import torch
 from diffusers.models.normalization import AdaLayerNormZero
 
 from ..backbones import spec_for
+from ..backbones.base import BackboneSpec
 from .base import Cache, Group
 from .stack import StackRun, blocks_of
 
@@ -41,30 +42,30 @@ PUBLISHED_FITS = {
 }
 
 
-def modulated_input(run: StackRun, argument: str | None = None) -> torch.Tensor:
-    """What TeaCache watches at the first block: its timestep-modulated input (its adaLN-zero output; DiT's
-    blocks embed the timestep in their norm, FLUX.1's, SD3's, HunyuanImage 2.1's and HunyuanVideo 1.5's take
-    the model's embedding as ``temb``), else the forward ``argument`` the backbone's spec names (Wan: ``temb``,
-    the timestep projection, as TeaCache's Wan code watches)."""
+def modulated_input(run: StackRun, spec: BackboneSpec | None = None) -> torch.Tensor:
+    """What TeaCache watches at the first block of a pass: its timestep-modulated input. Where the block's norm1
+    is adaLN-zero (DiT, FLUX.1, SD3, HunyuanImage 2.1, HunyuanVideo 1.5) its output; else what the backbone's
+    ``spec`` computes for its ``teacache_blocks`` (PixArt, Sana, LTX, Z-Image, FLUX.2, Chroma, Qwen-Image,
+    SD3.5 Medium; on Wan the timestep projection its blocks take, as TeaCache's Wan code watches)."""
     block, arguments = run.block, run.arguments
     if _adaln_zero(block):
         return block.norm1(run.hidden, arguments.get("timestep"), arguments.get("class_labels"),
                            hidden_dtype=run.hidden.dtype, emb=arguments.get("temb"))[0]
-    if argument is None:
+    if spec is None or type(block).__name__ not in spec.teacache_blocks:
         raise NotImplementedError(UNKNOWN_BLOCK.format(type(block).__name__))
-    return arguments[argument]
+    return spec.teacache_input(block, run.hidden, arguments)
 
 
-def watched_argument(model) -> str | None:
-    """The forward argument TeaCache watches on ``model``'s first block (None: its adaLN-zero output); a
-    ValueError where it knows neither."""
+def watched_spec(model) -> BackboneSpec | None:
+    """The spec that computes what TeaCache watches on ``model``'s first block (None: its adaLN-zero output); a
+    ValueError where neither knows it."""
     block = blocks_of(model)[0]
     if _adaln_zero(block):
         return None
-    argument = spec_for(getattr(model, "backbone", model)).teacache_argument
-    if argument is None:
+    spec = spec_for(getattr(model, "backbone", model))
+    if type(block).__name__ not in spec.teacache_blocks:
         raise ValueError(UNKNOWN_BLOCK.format(type(block).__name__))
-    return argument
+    return spec
 
 
 def _adaln_zero(block) -> bool:
@@ -136,7 +137,7 @@ class TeaCache(Cache):
             raise ValueError(f"TeaCache with these coefficients adds at least {least:.3g} per step (the fit's least "
                              f"value for input changes 0 to 1), so at delta {self.delta:g} it never skips: use a "
                              f"delta above {least:.3g}")
-        self.argument = None  # what check() finds TeaCache watches on the model, if not an adaLN-zero output
+        self.spec = None  # the spec check() finds computes what TeaCache watches, if not an adaLN-zero output
         super().__init__()
 
     def check(self, model) -> None:
@@ -147,12 +148,12 @@ class TeaCache(Cache):
                              "first); fit them on the model's own generations with `ddit calibrate teacache "
                              "--pipeline DIR --prompts FILE --out FIT.json` (the testbed: `ddit calibrate teacache`)")
         if type(self).indicator is TeaCache.indicator:
-            self.argument = watched_argument(model)
+            self.spec = watched_spec(model)
 
 
     def indicator(self, run: StackRun) -> torch.Tensor:
         """What TeaCache watches, one row per model row; override for another block type."""
-        return modulated_input(run, self.argument)
+        return modulated_input(run, self.spec)
 
     def reuse(self, group: Group, run: StackRun, rows: dict[tuple, slice]) -> dict[tuple, bool]:
         indicator = self.indicator(run).float()
@@ -181,14 +182,14 @@ class TeaCacheRecorder(Cache):
     def __init__(self) -> None:
         super().__init__()
         self.pairs: list[tuple[float, float]] = []
-        self.argument = None
+        self.spec = None
 
     def check(self, model) -> None:
         super().check(model)
-        self.argument = watched_argument(model)
+        self.spec = watched_spec(model)
 
     def reuse(self, group, run, rows):
-        indicator = modulated_input(run, self.argument).float()
+        indicator = modulated_input(run, self.spec).float()
         for s, r in rows.items():
             self.states[s]["next"] = indicator[r]
         return dict.fromkeys(rows, False)
