@@ -555,7 +555,7 @@ def end_to_end(adapter: MultiPatchTransformer, inputs: dict, model: Model, recor
     warm by now); skipped when the per-step medians say they would not end before ``--deadline``."""
     base, coarse = record["sizes"][0], record["sizes"][1]
     sizes = schedule(args.steps, 0.5, coarse, base)
-    median = {("stock" if k == "stock" else int(k)): v for k, v in record["median_s"].items()}
+    median = {("stock" if k == "stock" else int(k)): v for k, v in record["median_s"].items() if "skipped" not in k}
     predicted = {"stock": args.steps * median["stock"], "ddit": sum(median[s] for s in sizes)}
     result = dict(steps=args.steps, schedule=f"first 50% of the steps at {coarse}, the rest at {base}",
                   predicted_s=predicted, predicted_speedup=predicted["stock"] / predicted["ddit"])
