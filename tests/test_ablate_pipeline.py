@@ -73,7 +73,10 @@ def test_progressive_resolution_is_a_row_of_a_pipeline_ablation(setup, tmp_path)
     assert images.shape == (2, 3, 128, 128)
 
 
-def test_a_torn_run_resumes_to_the_same_summary(setup, tmp_path):
+def test_a_torn_run_resumes_to_the_same_summary(setup, tmp_path, monkeypatch):
+    """Resumed under ``--cpu-offload`` (diffusers' model CPU offload, onto the CPU here): the same results."""
+    from diffusers import DiffusionPipeline
+
     out = tmp_path / "run"
     assert main(args(setup, out)) == 0
     straight = json.loads((out / "summary.json").read_text())
@@ -81,7 +84,12 @@ def test_a_torn_run_resumes_to_the_same_summary(setup, tmp_path):
     lines = results.read_text().splitlines(keepends=True)
     results.write_text("".join(lines[:3]) + lines[3][:20])  # a kill in the middle of a line
     (out / "images" / "fixed" / "0000002.safetensors").unlink()
-    assert main(args(setup, out)) == 0
+    offloads = []
+    monkeypatch.setattr(DiffusionPipeline, "enable_model_cpu_offload",
+                        lambda pipe, *a, real=DiffusionPipeline.enable_model_cpu_offload, **k:
+                        offloads.append(k.get("device")) or real(pipe, *a, **k))
+    assert main(args(setup, out, "--cpu-offload")) == 0
+    assert offloads and all(torch.device(d).type == "cpu" for d in offloads)
     resumed = json.loads((out / "summary.json").read_text())
     for a, b in zip(straight, resumed):
         for name in ("ssim_vs_baseline", "psnr_vs_baseline", "mean_patch_size", "coarse_step_fraction"):

@@ -1,5 +1,7 @@
 """Backbone specs on the tiny random config of each family (REFERENCE.md section 2)."""
 
+import inspect
+
 import pytest
 import torch
 from diffusers import (
@@ -753,3 +755,34 @@ def test_clean_latent_distillation_is_refused_where_the_pipeline_appends_conditi
     with pytest.raises(ValueError, match="takes 9 channels and returns 4: its pipeline appends condition"):
         distill(model, [(torch.zeros(9, 2, 16, 8), {})], tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+@torch.no_grad()
+def test_teacache_watches_what_the_first_blocks_attention_receives(family):
+    """TeaCache's signal (``ddit.caches.teacache.modulated_input``) is the first block's input as the block
+    modulates it for its (self-)attention: per row (each row has its own timestep here), at the base size and on
+    the coarse path's arguments, references and Edit-2511's ``modulate_index`` included. Wan watches the timestep
+    projection instead (tests/test_pipelines.py)."""
+    from ddit.caches.stack import StackRun, blocks_of
+    from ddit.caches.teacache import modulated_input, watched_spec
+
+    name, model, inputs, _ = family
+    if name.startswith("wan"):
+        pytest.skip("Wan: the timestep projection, not an attention input")
+    spec, block = watched_spec(model), blocks_of(model)[0]
+    attention = next(getattr(block, n) for n in ("attn1", "attn", "attention") if hasattr(block, n))
+    signature, watched, received = inspect.signature(block.forward), [], []
+    hooks = [block.register_forward_pre_hook(lambda m, a, k: watched.append(modulated_input(
+                 StackRun(m, dict(signature.bind(*a, **k).arguments), ()), spec)), with_kwargs=True),
+             attention.register_forward_pre_hook(
+                 lambda m, a, k: received.append(k.get("hidden_states", a[0] if a else None)), with_kwargs=True)]
+    try:
+        for size in (None, 2 * model.base_patch_size):
+            model(**inputs, patch_size=size)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(watched) == len(received) == 2
+    for seen, given in zip(watched, received):
+        assert seen.shape == given.shape and len(seen) == B
+        torch.testing.assert_close(seen, given)

@@ -104,6 +104,16 @@ def test_a_grid_with_row_labels_writes_them_in_a_margin(tmp_path):
     assert margin.getextrema()[0] < 128  # dark text on the white margin
 
 
+@pytest.mark.parametrize("command, message", [
+    (["distill", "--prompts", "p.txt"], "--prompts and --cpu-offload need --pipeline"),
+    (["distill", "--cpu-offload"], "--prompts and --cpu-offload need --pipeline"),
+    (["calibrate", "teacache", "--cpu-offload"], "--cpu-offload and --pipeline-arg need --pipeline"),
+])
+def test_pipeline_options_without_a_pipeline_are_refused(command, message, tmp_path, capsys):
+    assert main([*command, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_eval_of_fewer_than_two_images_is_refused_before_sampling(capsys):
     assert main(["testbed", "eval", "--num", "1"]) == 2
     assert "--num must be at least 2" in capsys.readouterr().err
@@ -133,6 +143,14 @@ def test_calibrate_teacache_fits_a_pipelines_transformer_for_teacache_to_take(tm
     written = json.loads(fit.read_text())
     assert len(written["coefficients"]) == 5 and written["pairs"] == 2 * 11
     assert written["model"] == "FluxTransformer2DModel"
+    offloads = []
+    with pytest.MonkeyPatch.context() as patch:  # diffusers' model CPU offload, onto the CPU here: the same fit
+        patch.setattr(DiffusionPipeline, "enable_model_cpu_offload",
+                      lambda pipe, *a, real=DiffusionPipeline.enable_model_cpu_offload, **k:
+                      offloads.append(k.get("device")) or real(pipe, *a, **k))
+        assert main([*args[:-1], str(tmp_path / "offloaded.json"), "--steps", "12", "--cpu-offload"]) == 0
+    offloaded = json.loads((tmp_path / "offloaded.json").read_text())["coefficients"]
+    assert offloads and offloaded == pytest.approx(written["coefficients"], rel=1e-4)  # an ill-conditioned fit
 
     pipe = DiffusionPipeline.from_pretrained(folder)
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline",

@@ -74,6 +74,26 @@ def test_an_adapter_distilled_from_a_pipeline_runs_coarse_steps_in_it(kind, fold
     assert torch.isfinite(out.frames if hasattr(out, "frames") else out.images).all()
 
 
+def test_a_pipeline_under_model_cpu_offload_distils_the_same_adapter_and_stays_offloaded(folders, tmp_path):
+    """Recorded under the pipeline's offload hooks, trained with them off (the transformer alone on the device),
+    put back after: onto the CPU here, where they move nothing, so the adapter is the one without them (to the
+    ~1e-7 by which the stock pipeline's own latents move under its hooks)."""
+    from safetensors.torch import load_file
+
+    plain = self_distill(load(folders["flux"]), PROMPTS, tmp_path / "plain", call=call("flux"), config=CONFIG,
+                         progress=False)
+    pipe = load(folders["flux"])
+    pipe.enable_model_cpu_offload(device="cpu")
+    offloaded = self_distill(pipe, PROMPTS, tmp_path / "offloaded", call=call("flux"), config=CONFIG,
+                             progress=False)
+    weights = sorted(p.relative_to(plain) for p in plain.rglob("*.safetensors"))
+    assert weights and weights == sorted(p.relative_to(offloaded) for p in offloaded.rglob("*.safetensors"))
+    for name in weights:
+        a, b = load_file(plain / name), load_file(offloaded / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
+    assert pipe._all_hooks and "_hf_hook" in vars(pipe.transformer)  # still under model CPU offload
+
+
 def test_a_default_size_no_coarse_patch_divides_is_refused_before_recording(folders, tmp_path):
     """HunyuanVideo 1.5 picks its size itself when given none (480x848 here, a 30x53 latent)."""
     pipe = load(folders["hunyuanvideo15"])
@@ -94,7 +114,7 @@ def test_the_cli_records_once_and_resumes_training(folders, tmp_path, capsys):
     assert [p.name for p in recorded] == ["00000.safetensors", "00001.safetensors"]
     stamps = [p.stat().st_mtime_ns for p in recorded]
 
-    assert main([*args, "--steps", "3", "--resume"]) == 0
+    assert main([*args, "--steps", "3", "--resume", "--cpu-offload"]) == 0  # offloading changes no option
     assert [p.stat().st_mtime_ns for p in recorded] == stamps  # nothing recorded twice
     report = json.loads((tmp_path / "run" / "distill.json").read_text())
     assert report["steps"] == 3 and len(report["losses"]) == 3

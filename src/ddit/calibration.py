@@ -57,7 +57,7 @@ def calibrate_teacache_on_pipeline(pipe, prompts: Sequence[str | Prompt], out: s
     try:
         pipe.set_progress_bar_config(disable=True)  # one bar over the prompts, not one per call
         for i, prompt in enumerate(tqdm(prompts, desc="calibrate teacache", disable=not progress)):
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: weights model CPU offload moves stay trainable
                 pipe(prompt=prompt.text, generator=torch.Generator("cpu").manual_seed(seed + i),
                      output_type="latent", **call, **prompt.call_inputs())
     finally:

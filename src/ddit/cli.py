@@ -105,8 +105,8 @@ def _distill(args) -> None:
     if args.pipeline:
         export = _self_distill(args, sizes)
     else:
-        if args.prompts:
-            raise ValueError("--prompts needs --pipeline: the pipeline folder to run them through")
+        if args.prompts or args.cpu_offload:
+            raise ValueError("--prompts and --cpu-offload need --pipeline: the pipeline folder to run them through")
         if args.backbone:
             if not args.latents:
                 raise ValueError("--backbone needs --latents: a safetensors file with 'latents' "
@@ -138,6 +138,7 @@ def _self_distill(args, sizes):
 
     from .distill import DistillConfig
     from .pipeline_call import call_arguments, named_values, read_prompts
+    from .processes import processes
     from .self_distill import self_distill
     from .weights import load_pipeline
 
@@ -153,12 +154,14 @@ def _self_distill(args, sizes):
         from .policies import get_policy
 
         on_policy = get_policy(args.on_policy, **named_values(args.on_policy_param, "--on-policy-param"))
-    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None)
+    accelerator = processes()  # first: it sets up the processes of `accelerate launch`
+    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None,
+                         device=accelerator.device, cpu_offload=args.cpu_offload)
     config = DistillConfig(steps=args.steps, batch_size=4 if args.batch_size is None else args.batch_size,
                            lr=args.lr, num_inference_steps=None, timestep_scale=None, seed=args.seed)
     return self_distill(pipe, prompts, args.out, call=call, patch_sizes=sizes, rank=args.rank,
                         shared_lora=args.shared_lora, config=config, seed=args.seed, resume=args.resume,
-                        checkpoint_minutes=args.checkpoint_minutes, on_policy=on_policy)
+                        checkpoint_minutes=args.checkpoint_minutes, on_policy=on_policy, accelerator=accelerator)
 
 
 def _tiny_pipeline(args) -> None:
@@ -178,9 +181,9 @@ def _calibrate_teacache(args) -> None:
         from .testbed.teacache import calibrate_teacache
 
         if args.prompts or args.pipeline_arg or args.height or args.width or args.num_frames or args.dtype \
-                or args.device:
-            raise ValueError("--prompts, --height, --width, --num-frames, --dtype, --device and --pipeline-arg need "
-                             "--pipeline")
+                or args.device or args.cpu_offload:
+            raise ValueError("--prompts, --height, --width, --num-frames, --dtype, --device, --cpu-offload and "
+                             "--pipeline-arg need --pipeline")
         steps, guidance = args.steps or 50, 2.0 if args.guidance is None else args.guidance
         coefficients = calibrate_teacache(load_base_model(args.model or SHIPPED_BASE), per_class=args.per_class,
                                           steps=steps, guidance=guidance, seed=args.seed, progress=True)
@@ -204,9 +207,9 @@ def _calibrate_teacache_on_pipeline(args) -> list[float]:
     prompts = read_prompts(args.prompts)
     call = call_arguments(args.pipeline_arg, num_inference_steps=args.steps, height=args.height, width=args.width,
                           num_frames=args.num_frames, guidance_scale=args.guidance)
-    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None)
-    device = args.device or PartialState().device
-    return calibrate_teacache_on_pipeline(pipe.to(device), prompts, args.out, call=call, seed=args.seed)
+    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None,
+                         device=args.device or PartialState().device, cpu_offload=args.cpu_offload)
+    return calibrate_teacache_on_pipeline(pipe, prompts, args.out, call=call, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a parameter of the --on-policy policy, e.g. fraction=0.5 (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="with --pipeline: load it in this dtype (default: as saved)")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="with --pipeline: diffusers' model CPU offload (pipe.enable_model_cpu_offload()): each "
+                        "component on the GPU only while it runs, for a GPU that holds the transformer but not "
+                        "every component at once")
     p.add_argument("--base", help="testbed base model folder (default: the shipped one)")
     p.add_argument("--backbone", help="a diffusers transformer folder, instead of the testbed")
     p.add_argument("--latents", help="with --backbone: safetensors with 'latents' and conditioning tensors")
@@ -337,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pipeline: any other argument of the pipeline call, as a Python literal; repeatable")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="with --pipeline: load it in this dtype (default: as saved)")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="with --pipeline: diffusers' model CPU offload (pipe.enable_model_cpu_offload()): each "
+                        "component on the GPU only while it runs, for a GPU that holds the transformer but not "
+                        "every component at once")
     p.add_argument("--device", help="with --pipeline: where it runs (default: accelerate's device, a GPU if any)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="teacache.json",

@@ -175,7 +175,9 @@ def record_states(pipe, prompts: Iterable[str | Prompt], folder: str | os.PathLi
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # one bar over the prompts, not one per call
     for i in tqdm(todo, desc="record", disable=not progress or not todo):
-        with ExitStack() as stack, torch.inference_mode():
+        # no_grad, not inference_mode: model CPU offload moves the weights inside the call, and weights made in
+        # inference mode could not train after
+        with ExitStack() as stack, torch.no_grad():
             logs = {sub: stack.enter_context(recording(module)) for sub, module in modules.items()}
             generator = torch.Generator("cpu").manual_seed(seed + i)
             pipe(prompt=prompts[i].text, generator=generator, output_type="latent", **(call or {}),

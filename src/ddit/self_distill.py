@@ -103,7 +103,10 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
     states = out / "states"
     _check_recording(states / "recording.json", identity)
 
-    pipe.to(accelerator.device)
+    if getattr(pipe, "_all_hooks", None):  # pipe.enable_model_cpu_offload(): records so, onto this process's device
+        pipe.enable_model_cpu_offload(device=accelerator.device)
+    else:
+        pipe.to(accelerator.device)
     if accelerator.is_main_process:
         states.mkdir(parents=True, exist_ok=True)
         write_text_atomic(states / "recording.json", json.dumps(identity, indent=1))
@@ -169,15 +172,22 @@ def _distill_experts(pipe, models: dict[str, MultiPatchTransformer], recordings:
 @contextmanager
 def _offloaded(pipe, device, keep: torch.nn.Module) -> Iterator[None]:
     """The pipeline's components other than ``keep``, the transformer that trains (text encoders, VAE, another
-    expert: FLUX's T5 alone is 9.5 GB), on the CPU while it trains, back on ``device`` after."""
+    expert: FLUX's T5 alone is 9.5 GB), on the CPU while it trains, back on ``device`` after (under model CPU
+    offload: its hooks, taken off while training moves ``keep`` itself, put back)."""
+    hooked = bool(getattr(pipe, "_all_hooks", None))
+    if hooked:
+        pipe.remove_all_hooks()
     others = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module) and c is not keep]
     for component in others:
         component.to("cpu")
     try:
         yield
     finally:
-        for component in others:
-            component.to(device)
+        if hooked:
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            for component in others:
+                component.to(device)
 
 
 def _scalars(obj) -> dict:

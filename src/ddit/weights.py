@@ -60,9 +60,12 @@ def load_pretrained_transformer(folder: str | Path):
 SAVED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
-def load_pipeline(folder: str | Path, dtype: torch.dtype | None = None):
+def load_pipeline(folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                  cpu_offload: bool = False):
     """A diffusers pipeline folder (``save_pretrained``'s, with ``model_index.json``), in ``dtype`` (None: its
-    transformer's dtype as saved; diffusers' own default would be float32, twice a bf16 model's memory)."""
+    transformer's dtype as saved; diffusers' own default would be float32, twice a bf16 model's memory), on
+    ``device``; with ``cpu_offload``, under diffusers' model CPU offload onto ``device``: each component there
+    only while it runs, for a GPU that holds the transformer but not every component at once."""
     from diffusers import DiffusionPipeline
 
     folder = Path(folder)
@@ -79,6 +82,11 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype | None = None):
         except Exception as err:
             raise CheckpointError(f"weights file {weights} is truncated or corrupt ({err}); restore it") from None
     try:
-        return DiffusionPipeline.from_pretrained(folder, dtype=dtype or saved)
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype or saved)
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"cannot load the pipeline in {folder}: {err}") from err
+    if cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    elif device is not None:
+        pipe.to(device)
+    return pipe

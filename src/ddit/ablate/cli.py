@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--num-frames", type=int, help="frames of a video pipeline (Wan)")
     pipe.add_argument("--pipeline-arg", action="append", default=[], metavar="NAME=VALUE",
                       help="any other argument of the pipeline call, as a Python literal (repeatable)")
+    pipe.add_argument("--cpu-offload", action="store_true", default=None,  # None: not given (PIPELINE_ONLY)
+                      help="diffusers' model CPU offload (pipe.enable_model_cpu_offload()): each component on the "
+                           "GPU only while it runs, for a GPU that holds the transformer but not every component at "
+                           "once; wall times then include the moves, on every row")
     p.add_argument("--device", help="where the model runs, e.g. cuda or cuda:1 (default: cpu on the testbed; "
                    "with --pipeline, accelerate's device for this process)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Options of one kind of run only: given to the other, they would be ignored.
-PIPELINE_ONLY = ("prompts", "num_per_prompt", "height", "width", "num_frames", "pipeline_arg")
+PIPELINE_ONLY = ("prompts", "num_per_prompt", "height", "width", "num_frames", "pipeline_arg", "cpu_offload")
 TESTBED_ONLY = ("num_per_class", "backbone", "evaluator")
 
 
@@ -188,7 +192,8 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     device = _device(args.device) if args.device else state.device
     if state.num_processes > 1 and device.type == "cuda":
         device = state.device  # one GPU per process, whatever --device says
-    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None).to(device)
+    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None, device=device,
+                         cpu_offload=args.cpu_offload)
     check_call(pipe, call, prompts, sets=("num_inference_steps",))  # the rows' steps
     adapters = load_adapters(pipe, args.adapter)  # Wan 2.2's second expert's from its transformer_2 subfolder
     for adapter in adapters.values():

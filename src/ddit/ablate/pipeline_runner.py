@@ -196,10 +196,11 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
             call = partial(progressive_call, pipe, row.make_policy())
             half = half_resolution_steps(pipe, row.make_policy(), **given, generator=seeded(),
                                          num_inference_steps=row.steps, **config.call)
-        clock = synchronized_clock(adapters["transformer"].device)
+        device = pipe._execution_device  # under model CPU offload the transformer waits on the CPU between calls
+        clock = synchronized_clock(device)
         output = call(**given, generator=seeded(), num_inference_steps=row.steps, output_type="pt",
                       **config.call)
-        wall = synchronized_clock(adapters["transformer"].device) - clock
+        wall = synchronized_clock(device) - clock
         records = summary(pipe).records if _enabled(row) else []
     finally:
         if _enabled(row):
