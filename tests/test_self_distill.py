@@ -217,7 +217,7 @@ FSDP_CLI = """
 import json, sys
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import DistributedType
-import ddit.self_distill
+import ddit.processes
 from ddit.cli import main
 
 plugin = FullyShardedDataParallelPlugin()  # from the environment accelerate launch set from the config file
@@ -235,7 +235,7 @@ def spy(*objects):
 
 
 accelerator.prepare = spy
-ddit.self_distill.processes = lambda: accelerator
+ddit.processes.processes = lambda: accelerator  # what `ddit distill` asks for
 main(sys.argv[2:])
 if accelerator.is_main_process:
     (open(sys.argv[1], "w")).write(json.dumps(units))
