@@ -73,10 +73,7 @@ def test_progressive_resolution_is_a_row_of_a_pipeline_ablation(setup, tmp_path)
     assert images.shape == (2, 3, 128, 128)
 
 
-def test_a_torn_run_resumes_to_the_same_summary(setup, tmp_path, monkeypatch):
-    """Resumed under ``--cpu-offload`` (diffusers' model CPU offload, onto the CPU here): the same results."""
-    from diffusers import DiffusionPipeline
-
+def test_a_torn_run_resumes_to_the_same_summary(setup, tmp_path):
     out = tmp_path / "run"
     assert main(args(setup, out)) == 0
     straight = json.loads((out / "summary.json").read_text())
@@ -84,16 +81,35 @@ def test_a_torn_run_resumes_to_the_same_summary(setup, tmp_path, monkeypatch):
     lines = results.read_text().splitlines(keepends=True)
     results.write_text("".join(lines[:3]) + lines[3][:20])  # a kill in the middle of a line
     (out / "images" / "fixed" / "0000002.safetensors").unlink()
-    offloads = []
-    monkeypatch.setattr(DiffusionPipeline, "enable_model_cpu_offload",
-                        lambda pipe, *a, real=DiffusionPipeline.enable_model_cpu_offload, **k:
-                        offloads.append(k.get("device")) or real(pipe, *a, **k))
-    assert main(args(setup, out, "--cpu-offload")) == 0
-    assert offloads and all(torch.device(d).type == "cpu" for d in offloads)
+    assert main(args(setup, out)) == 0
     resumed = json.loads((out / "summary.json").read_text())
     for a, b in zip(straight, resumed):
         for name in ("ssim_vs_baseline", "psnr_vs_baseline", "mean_patch_size", "coarse_step_fraction"):
             assert a[name] == b[name], (a["row"], name)
+
+
+def test_model_cpu_offload_gives_the_same_rows_and_is_part_of_the_configuration(setup, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """``--cpu-offload``: diffusers' model CPU offload, onto the CPU here (its hooks copy the weights between
+    ``cpu`` and ``cpu:0``); the rows' quality is that without it. Its wall times include the moves, so a run
+    cannot resume with the other setting."""
+    from diffusers import DiffusionPipeline
+
+    plain, offloaded = tmp_path / "plain", tmp_path / "offloaded"
+    assert main(args(setup, plain)) == 0
+    offloads = []
+    monkeypatch.setattr(DiffusionPipeline, "enable_model_cpu_offload",
+                        lambda pipe, *a, real=DiffusionPipeline.enable_model_cpu_offload, **k:
+                        offloads.append(k.get("device")) or real(pipe, *a, **k))
+    assert main(args(setup, offloaded, "--cpu-offload")) == 0
+    assert offloads and all(torch.device(d).type == "cpu" for d in offloads)
+    for a, b in zip(*(json.loads((o / "summary.json").read_text()) for o in (plain, offloaded))):
+        for name in ("ssim_vs_baseline", "mean_patch_size", "coarse_step_fraction"):
+            assert a[name] == pytest.approx(b[name], abs=1e-6), (a["row"], name)
+    assert "under model CPU offload" in (offloaded / "report.md").read_text()
+    capsys.readouterr()
+    assert main(args(setup, plain, "--cpu-offload")) == 2
+    assert "cpu_offload: false -> true" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change, message", [

@@ -74,23 +74,28 @@ def test_an_adapter_distilled_from_a_pipeline_runs_coarse_steps_in_it(kind, fold
     assert torch.isfinite(out.frames if hasattr(out, "frames") else out.images).all()
 
 
-def test_a_pipeline_under_model_cpu_offload_distils_the_same_adapter_and_stays_offloaded(folders, tmp_path):
-    """Recorded under the pipeline's offload hooks, trained with them off (the transformer alone on the device),
-    put back after: onto the CPU here, where they move nothing, so the adapter is the one without them (to the
-    ~1e-7 by which the stock pipeline's own latents move under its hooks)."""
+def test_a_pipeline_under_model_cpu_offload_distils_the_same_adapter_and_stays_offloaded(folders, tmp_path,
+                                                                                          monkeypatch):
+    """Recorded under the pipeline's offload hooks (the on-policy round too), trained with them off (the
+    transformer alone on the device), put back after. Onto the CPU here, where the hooks copy the weights
+    between ``cpu`` and ``cpu:0``: the adapters are those without offload, to float tolerance."""
+    import ddit.self_distill
     from safetensors.torch import load_file
 
-    plain = self_distill(load(folders["flux"]), PROMPTS, tmp_path / "plain", call=call("flux"), config=CONFIG,
-                         progress=False)
+    on_policy = dict(call=call("flux"), config=CONFIG, progress=False, on_policy=get_policy("fixed", fraction=0.5))
+    plain = self_distill(load(folders["flux"]), PROMPTS, tmp_path / "plain", **on_policy)
     pipe = load(folders["flux"])
     pipe.enable_model_cpu_offload(device="cpu")
-    offloaded = self_distill(pipe, PROMPTS, tmp_path / "offloaded", call=call("flux"), config=CONFIG,
-                             progress=False)
+    hooks_while_training = []
+    monkeypatch.setattr(ddit.self_distill, "distill", lambda *a, real=ddit.self_distill.distill, **k:
+                        hooks_while_training.append(len(pipe._all_hooks)) or real(*a, **k))
+    offloaded = self_distill(pipe, PROMPTS, tmp_path / "offloaded", **on_policy)
+    assert hooks_while_training == [0, 0]  # both rounds
     weights = sorted(p.relative_to(plain) for p in plain.rglob("*.safetensors"))
     assert weights and weights == sorted(p.relative_to(offloaded) for p in offloaded.rglob("*.safetensors"))
     for name in weights:
         a, b = load_file(plain / name), load_file(offloaded / name)
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-3, rtol=0) for k in a)
     assert pipe._all_hooks and "_hf_hook" in vars(pipe.transformer)  # still under model CPU offload
 
 

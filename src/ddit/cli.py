@@ -155,8 +155,9 @@ def _self_distill(args, sizes):
 
         on_policy = get_policy(args.on_policy, **named_values(args.on_policy_param, "--on-policy-param"))
     accelerator = processes()  # first: it sets up the processes of `accelerate launch`
+    # on the CPU until self_distill has checked its input (offload keeps it there too)
     pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None,
-                         device=accelerator.device, cpu_offload=args.cpu_offload)
+                         device=accelerator.device if args.cpu_offload else None, cpu_offload=args.cpu_offload)
     config = DistillConfig(steps=args.steps, batch_size=4 if args.batch_size is None else args.batch_size,
                            lr=args.lr, num_inference_steps=None, timestep_scale=None, seed=args.seed)
     return self_distill(pipe, prompts, args.out, call=call, patch_sizes=sizes, rank=args.rank,

@@ -155,7 +155,8 @@ def _distill_experts(pipe, models: dict[str, MultiPatchTransformer], recordings:
     or an expert that had not started yet (no checkpoint) starts fresh."""
     exports = {}
     for sub, model in reversed(models.items()):
-        with _offloaded(pipe, accelerator.device, keep=model.backbone):
+        with _offloaded(pipe, accelerator.device, keep=model.backbone,
+                        sharded=accelerator.distributed_type == DistributedType.FSDP):
             data = RecordedStates(*(folder / sub for folder in recordings), shared=model.spec.unbatched,
                                   prompts=prompts)
             started = (out / sub / "checkpoint.pt").exists()
@@ -170,10 +171,11 @@ def _distill_experts(pipe, models: dict[str, MultiPatchTransformer], recordings:
 
 
 @contextmanager
-def _offloaded(pipe, device, keep: torch.nn.Module) -> Iterator[None]:
+def _offloaded(pipe, device, keep: torch.nn.Module, sharded: bool = False) -> Iterator[None]:
     """The pipeline's components other than ``keep``, the transformer that trains (text encoders, VAE, another
-    expert: FLUX's T5 alone is 9.5 GB), on the CPU while it trains, back on ``device`` after (under model CPU
-    offload: its hooks, taken off while training moves ``keep`` itself, put back)."""
+    expert: FLUX's T5 alone is 9.5 GB), on the CPU while it trains, back on ``device`` after. Under model CPU
+    offload its hooks come off while training moves ``keep`` itself, and go back after, unless FSDP has
+    ``sharded`` the transformers (nothing samples after an FSDP training: on-policy rounds are refused there)."""
     hooked = bool(getattr(pipe, "_all_hooks", None))
     if hooked:
         pipe.remove_all_hooks()
@@ -183,7 +185,7 @@ def _offloaded(pipe, device, keep: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        if hooked:
+        if hooked and not sharded:
             pipe.enable_model_cpu_offload(device=device)
         else:
             for component in others:

@@ -206,7 +206,8 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     config = PipelineAblationConfig(rows=rows, prompts=prompts, steps=args.steps, num_per_prompt=args.num_per_prompt,
                                     seed=args.seed, batch_size=args.batch_size or 1, call=call,
                                     model=fingerprint(models, configs=Path(args.pipeline)),
-                                    device=device.type, dtype=str(pipe.transformer.dtype).removeprefix("torch."))
+                                    device=device.type, dtype=str(pipe.transformer.dtype).removeprefix("torch."),
+                                    cpu_offload=bool(args.cpu_offload))
     run_pipeline_ablation(config, pipe, adapters, args.out, progress=not args.no_progress)
     if state.is_main_process:
         console.print(table(summarize_pipeline(config, args.out)))

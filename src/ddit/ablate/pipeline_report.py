@@ -153,7 +153,8 @@ def _markdown(config: PipelineAblationConfig, summary: list[dict], figures: dict
     return (
         f"# Pipeline ablation: {out.name}\n\n"
         f"{config.num_samples} samples per row ({config.num_per_prompt} per prompt, {len(config.prompts)} prompts), "
-        f"{config.steps} steps, seed {config.seed}, batch {config.batch_size}, on {config.device} in {config.dtype}; "
+        f"{config.steps} steps, seed {config.seed}, batch {config.batch_size}, on {config.device} in {config.dtype}"
+        f"{' under model CPU offload (wall times include the components moves)' if config.cpu_offload else ''}; "
         f"pipeline arguments {json.dumps(config.call)}. Sample i of every row has the prompt and seed of the "
         "baseline's sample i; SSIM and PSNR compare each sample with that twin (a row's PSNR: that of its "
         "samples' mean squared error, a video's over all its frames; identical: every sample equals its twin). "

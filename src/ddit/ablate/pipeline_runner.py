@@ -58,6 +58,7 @@ class PipelineAblationConfig:
     model: dict = field(default_factory=dict)  # fingerprint of the pipeline's transformer and the adapter
     device: str = "cpu"
     dtype: str = "float32"
+    cpu_offload: bool = False  # diffusers' model CPU offload: wall times include the components' moves
 
     def __post_init__(self):
         self.prompts = as_prompts(self.prompts)
