@@ -11,9 +11,10 @@ from conftest import TINY_DIT
 from ddit import plugins
 from ddit.adapter import MultiPatchTransformer
 from ddit.caches import (
-    Cache, Group, TaylorSeer, TeaCache, available_caches, get_cache, load_teacache_fit,
-    write_teacache_fit,
+    Cache, Group, TaylorSeer, TeaCache, available_caches, delta_for_share, get_cache, load_teacache_fit,
+    skipped_share, write_teacache_fit,
 )
+from ddit.caches.teacache import skipped_steps
 from ddit.policies import FixedPolicy, PatchPolicy
 from ddit.sampling import sample
 from ddit.testbed.base_model import build_base_model, generate
@@ -89,6 +90,21 @@ def test_a_sample_does_not_depend_on_its_group_with_a_cache(model):
                          cache=cache)
         assert cached(alone) == cached(together)[i : i + 1]
         assert torch.allclose(alone.images[0], together.images[i], atol=1e-5)
+
+
+def test_teacache_rule_on_a_recorded_trajectory_and_the_least_delta_for_a_share():
+    """With the identity fit the rescaled change is the change: 0.1 a step accumulates to 0.3, past 0.25, at the
+    third step that may skip. Above delta 0.2 half the steps skip; the most any delta skips is all but the first
+    and last."""
+    identity, changes = [0, 0, 0, 1, 0], [0.1] * 5  # six steps
+    assert skipped_steps(identity, 0.25, changes) == [False, True, True, False, True, False]
+    assert skipped_steps(identity, 0.0, changes) == [False] * 6  # delta 0 never skips
+    # 0.1 skips; 0.1 + 0.3 computes and starts again; 0.05 and 0.1 skip; the last step computes
+    assert skipped_steps(identity, 0.25, [0.1, 0.3, 0.05, 0.05, 0.2]) == [False, True, False, True, True, False]
+    assert skipped_share(identity, 0.25, [changes, changes[:2]]) == pytest.approx((3 + 1) / (6 + 3))
+    assert delta_for_share(identity, [changes], 0.5) == pytest.approx(0.2)
+    assert skipped_share(identity, 0.2, [changes]) < 0.5 <= skipped_share(identity, 0.2 + 1e-9, [changes])
+    assert delta_for_share(identity, [changes], 0.7) is None  # 4 of 6 at most
 
 
 def test_taylorseer_extrapolates_a_linear_residual_exactly():

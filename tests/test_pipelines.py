@@ -371,6 +371,33 @@ def test_teacache_calibration_pairs_the_change_of_what_teacache_watches(name):
         assert recorder.pairs[i][0] == pytest.approx(rel_l1(seen[calls + i].float(), seen[i].float()))
 
 
+def test_teacache_skips_where_its_calibration_says_until_the_first_skip():
+    """The delta that ``delta_for_share`` gives for a share of the steps, on trajectories recorded with every step
+    computed: the real cache skips first at the step, and in the branches, that the estimate says (until then
+    the trajectories are the same), and the estimate's delta is the least that reaches the share."""
+    from ddit.caches import TeaCacheRecorder, delta_for_share, fit_teacache, skipped_share
+    from ddit.caches.teacache import skipped_steps
+
+    pipe, kwargs = build("flux")
+    recorder, steps = TeaCacheRecorder(), 12
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline", cache=recorder)
+    pipe(**kwargs(batch=1, steps=steps))
+    ddit.disable(pipe)
+    fit = fit_teacache(recorder.pairs)
+    delta = delta_for_share(fit, recorder.sequences, 0.3)
+    assert len(recorder.sequences) == 2 and all(len(c) == steps - 1 for c in recorder.sequences)  # cond, uncond
+    assert skipped_share(fit, delta * 0.999, recorder.sequences) < 0.3 <= skipped_share(fit, delta, recorder.sequences)
+    estimated = [skipped_steps(fit, delta, changes) for changes in recorder.sequences]
+    first = min(skips.index(True) for skips in estimated if True in skips)
+
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline",
+                cache=TeaCache(delta=delta, coefficients=fit))
+    pipe(**kwargs(batch=1, steps=steps))
+    skipped = sorted((r["step"], r["branch"]) for r in ddit.summary(pipe).records if r["cached"])
+    assert skipped[0][0] == first
+    assert sum(step == first for step, _ in skipped) == sum(skips[first] for skips in estimated)
+
+
 class KeysSeen(TaylorSeer):
     """TaylorSeer that keeps the keys of the states it was asked about."""
 

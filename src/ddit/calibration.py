@@ -17,13 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import MultiPatchTransformer
-from .caches import TeaCacheRecorder, fit_teacache, write_teacache_fit
+from .caches import TeaCacheRecorder, delta_for_share, fit_teacache, write_teacache_fit
 from .pipeline_call import Prompt, as_prompts, check_call
 from .pipelines import DynamicPatchTransformer, disable, enable
 from .recorded_states import experts
 
 #: Fewer (input change, output change) pairs than this leave a degree-4 fit unconstrained.
 MIN_PAIRS = 20
+#: Shares of the steps for which the fit file gives the delta that skips them on the calibration's trajectories.
+GUIDE_SHARES = (0.2, 0.3, 0.4, 0.5, 0.6)
 
 
 def calibrate_teacache_on_pipeline(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, *,
@@ -67,6 +69,8 @@ def calibrate_teacache_on_pipeline(pipe, prompts: Sequence[str | Prompt], out: s
         raise ValueError(f"{len(recorder.pairs)} pairs of consecutive steps are too few for TeaCache's degree-4 "
                          f"fit (at least {MIN_PAIRS}): give more prompts or steps")
     coefficients = fit_teacache(recorder.pairs)
+    deltas = {str(share): delta_for_share(coefficients, recorder.sequences, share) for share in GUIDE_SHARES}
     write_teacache_fit(coefficients, out, model=type(pipe.transformer).__name__, prompts=len(prompts),
-                       pairs=len(recorder.pairs), call={k: repr(v) for k, v in call.items()}, seed=seed)
+                       pairs=len(recorder.pairs), call={k: repr(v) for k, v in call.items()}, seed=seed,
+                       delta_for_skipped_share=deltas)
     return coefficients

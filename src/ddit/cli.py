@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -176,6 +177,11 @@ def _tiny_pipeline(args) -> None:
 def _calibrate_teacache(args) -> None:
     if args.pipeline:
         coefficients = _calibrate_teacache_on_pipeline(args)
+        guide = json.loads(Path(args.out).read_text())["delta_for_skipped_share"]
+        print("On these prompts' trajectories (every step computed; a skip moves them a little), TeaCache skips "
+              + ", ".join(f"{float(share):.0%} of the steps from delta {delta:.4g}" for share, delta in guide.items()
+                          if delta is not None)
+              + "; measure the real trade-off with ddit-ablate --sweep \"teacache.delta=[...]\"")
     else:
         from .caches import write_teacache_fit
         from .testbed.base_model import SHIPPED_BASE, load_base_model

@@ -8,12 +8,12 @@ from .registry import BUILTIN_CACHES, available_caches, diffusers_caches, get_ca
 from .stack import SkipAll, StackRun, StandIn, blocks_of, replace_stack
 from .taylorseer import TaylorSeer
 from .teacache import (
-    PUBLISHED_FITS, TeaCache, TeaCacheRecorder, fit_teacache, load_teacache_fit, modulated_input,
-    write_teacache_fit,
+    PUBLISHED_FITS, TeaCache, TeaCacheRecorder, delta_for_share, fit_teacache, load_teacache_fit, modulated_input,
+    skipped_share, write_teacache_fit,
 )
 
 __all__ = [
     "Cache", "Group", "BUILTIN_CACHES", "available_caches", "diffusers_caches", "get_cache", "SkipAll", "StackRun",
     "StandIn", "blocks_of", "replace_stack", "TaylorSeer", "TeaCache", "TeaCacheRecorder", "PUBLISHED_FITS",
-    "fit_teacache", "load_teacache_fit", "modulated_input", "write_teacache_fit",
+    "delta_for_share", "fit_teacache", "load_teacache_fit", "modulated_input", "skipped_share", "write_teacache_fit",
 ]

@@ -107,6 +107,44 @@ def least_step(coefficients: Sequence[float]) -> float:
     return float(np.clip(np.polyval(coefficients, changes), 0.0, None).min())
 
 
+def teacache_step(distance: float, change: float, coefficients: Sequence[float], delta: float) -> tuple[float, bool]:
+    """TeaCache's rule at a step that may skip: add the rescaled input ``change`` (clipped at 0: a fitted polynomial
+    can dip below zero near no change; a change cannot) to the accumulated ``distance``; skip while the sum stays
+    below ``delta``, else compute and start again from 0. Returns the new sum and whether to skip."""
+    distance += max(float(np.polyval(coefficients, change)), 0.0)
+    return (distance, True) if distance < delta else (0.0, False)
+
+
+def skipped_steps(coefficients: Sequence[float], delta: float, changes: Sequence[float]) -> list[bool]:
+    """Which steps TeaCache at ``delta`` skips on a trajectory whose input changes between consecutive steps are
+    ``changes`` (one fewer than the steps): the first and last steps always compute."""
+    skips, distance = [False], 0.0
+    for change in changes[:-1]:
+        distance, skip = teacache_step(distance, change, coefficients, delta)
+        skips.append(skip)
+    return skips + [False] * bool(changes)
+
+
+def skipped_share(coefficients: Sequence[float], delta: float, sequences: Sequence[Sequence[float]]) -> float:
+    """The share of all steps TeaCache at ``delta`` skips on ``sequences`` (``TeaCacheRecorder.sequences``)."""
+    skips = [s for changes in sequences for s in skipped_steps(coefficients, delta, changes)]
+    return sum(skips) / max(len(skips), 1)
+
+
+def delta_for_share(coefficients: Sequence[float], sequences: Sequence[Sequence[float]], share: float) -> float | None:
+    """The least delta at which TeaCache skips at least ``share`` of the steps on ``sequences`` (by bisection);
+    None where no delta does (the first and last steps always compute). An estimate for the real run: the
+    sequences were recorded with every step computed, and a skip moves the trajectory a little."""
+    rescaled = [max(float(np.polyval(coefficients, c)), 0.0) for changes in sequences for c in changes]
+    low, high = 0.0, sum(rescaled) + 1.0  # above every sum: every step that may skip does
+    if skipped_share(coefficients, high, sequences) < share:
+        return None
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (low, middle) if skipped_share(coefficients, middle, sequences) >= share else (middle, high)
+    return high
+
+
 def write_teacache_fit(coefficients: Sequence[float], path: str | Path, **about) -> None:
     """Save a fit (and whatever describes how it was made) where ``load_teacache_fit`` finds it."""
     Path(path).write_text(json.dumps({"coefficients": [float(c) for c in coefficients], **about}, indent=1))
@@ -165,23 +203,22 @@ class TeaCache(Cache):
             if always or previous is None:
                 state["distance"], skip[s] = 0.0, False
                 continue
-            # a fitted polynomial can dip below zero near no change; a change cannot
-            state["distance"] += max(float(np.polyval(self.coefficients, rel_l1(indicator[r], previous))), 0.0)
-            skip[s] = state["distance"] < self.delta
-            if not skip[s]:
-                state["distance"] = 0.0
+            state["distance"], skip[s] = teacache_step(state["distance"], rel_l1(indicator[r], previous),
+                                                       self.coefficients, self.delta)
         return skip
 
 
 class TeaCacheRecorder(Cache):
     """Computes every step and records, per sample and step, (input change, output change) of the stack:
-    the pairs that ``fit_teacache`` fits."""
+    the ``pairs`` that ``fit_teacache`` fits; and the input changes of each sample, branch and call in step order
+    (``sequences``), on which ``delta_for_share`` estimates what a delta skips."""
 
     name = "teacache_calibration"
 
     def __init__(self) -> None:
         super().__init__()
         self.pairs: list[tuple[float, float]] = []
+        self.sequences: list[list[float]] = []
         self.spec = None
 
     def check(self, model) -> None:
@@ -197,7 +234,12 @@ class TeaCacheRecorder(Cache):
     def record(self, state, group, hidden, output):
         indicator, output = state.pop("next"), output.float()
         if "indicator" in state:
-            self.pairs.append((rel_l1(indicator, state["indicator"]), rel_l1(output, state["output"])))
+            change = rel_l1(indicator, state["indicator"])
+            self.pairs.append((change, rel_l1(output, state["output"])))
+            state["changes"].append(change)
+        else:  # a sample's first step in a call
+            state["changes"] = []
+            self.sequences.append(state["changes"])
         state["indicator"], state["output"] = indicator, output
 
 
