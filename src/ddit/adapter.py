@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,10 +32,12 @@ from torch import nn
 from .backbones import Reference, patchify, spec_for, unpatchify
 from .checkpoint import CheckpointError
 from .sharding import sharded_like, whole
-from .weights import load_safetensors
+from .weights import load_safetensors, local_or_hub
 
 CONFIG_NAME = "multipatch_config.json"
 WEIGHTS_NAME = "multipatch.safetensors"
+#: The files ``save_pretrained`` writes (the LoRA's config is peft's): all a Hub download of an adapter fetches.
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_config.json")
 #: What accelerate's and diffusers' hooks attach to the one module they hook: a wrapper that lent them
 #: from the module inside it would look hooked when it is not (and removing them would fail).
 HOOK_ATTRIBUTES = frozenset({"_hf_hook", "_old_forward", "_diffusers_hook"})
@@ -413,10 +416,25 @@ class MultiPatchTransformer(nn.Module):
             "shared_lora": self.shared_lora,
         }, indent=2))
 
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload a ddit multi-patch adapter") -> str:
+        """Save the adapter to the Hub repository ``repo_id`` (created if missing), where ``from_pretrained`` and
+        ``ddit.enable(pipe, repo_id)`` find it; returns the commit's URL. (A folder ``ddit distill`` wrote, with
+        Wan 2.2's second expert inside: ``huggingface_hub.upload_folder(repo_id=..., folder_path=...)``.)"""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message).commit_url
+
     @classmethod
-    def from_pretrained(cls, backbone: nn.Module, path: str | os.PathLike) -> "MultiPatchTransformer":
-        """Wrap ``backbone`` with the adapter saved at ``path``; refuses an adapter made for another backbone."""
-        path = Path(path)
+    def from_pretrained(cls, backbone: nn.Module, path: str | os.PathLike,
+                        revision: str | None = None) -> "MultiPatchTransformer":
+        """Wrap ``backbone`` with the adapter saved at ``path``: a folder, or a Hub repository id (``owner/name``,
+        at ``revision``); refuses an adapter made for another backbone."""
+        path = local_or_hub(path, ADAPTER_FILES, revision)
         try:
             meta = json.loads((path / CONFIG_NAME).read_text())
         except FileNotFoundError:

@@ -29,13 +29,14 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.pipelines.pag.pag_utils import PAGMixin
 from torch import nn
 
-from .adapter import CONFIG_NAME, HOOK_ATTRIBUTES, MultiPatchTransformer, image_prompts
+from .adapter import ADAPTER_FILES, CONFIG_NAME, HOOK_ATTRIBUTES, MultiPatchTransformer, image_prompts
 from .backbones import as_batch
 from .caches import Cache, TeaCache, diffusers_caches, get_cache
 from .policies import PatchPolicy, ProgressiveResolution, get_policy
 from .precise_latents import PreciseLatents
 from .runtime import Call, PatchRuntime
 from .summary import Summary
+from .weights import local_or_hub
 
 #: Where ``pipe.save_pretrained`` writes the adapter of an enabled pipeline, beside the stock components.
 ADAPTER_FOLDER = "ddit_adapter"
@@ -389,8 +390,11 @@ def load_adapters(pipe, path: str | os.PathLike) -> dict[str, MultiPatchTransfor
 
 def adapter_folder(path: str | os.PathLike) -> Path:
     """Where the adapter at ``path`` lies: ``path``, or the ``ddit_adapter`` folder of a pipeline folder that
-    ``pipe.save_pretrained`` wrote while enabled."""
-    path = Path(path)
+    ``pipe.save_pretrained`` wrote while enabled; ``path`` may be a Hub repository id (``owner/name``) holding
+    either, of which only the adapters' files are downloaded."""
+    path = local_or_hub(path, [f"{folder}{name}" for folder in ("", "transformer_2/", f"{ADAPTER_FOLDER}/",
+                                                                 f"{ADAPTER_FOLDER}/transformer_2/")
+                               for name in ADAPTER_FILES])
     if not (path / CONFIG_NAME).exists() and (path / ADAPTER_FOLDER / CONFIG_NAME).exists():
         return path / ADAPTER_FOLDER
     return path

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -11,6 +14,27 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .checkpoint import CheckpointError
+
+
+#: A Hugging Face Hub repository id (``owner/name``), as a path that is no local folder may be.
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def local_or_hub(path: str | os.PathLike, files: Sequence[str], revision: str | None = None) -> Path:
+    """``path`` as a local folder; where none is there and it reads as a Hub repository id (``owner/name``), the
+    folder huggingface_hub downloads its ``files`` to (patterns; or finds them in its cache, offline too)."""
+    folder = Path(path)
+    if folder.exists() or not REPO_ID.match(str(path)):
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path), revision=revision, allow_patterns=list(files)))
+    except Exception as err:  # not found, private, offline without it in the cache, no network...
+        raise CheckpointError(f"there is no folder {path} here, and the Hub repository {path} cannot be had "
+                              f"({type(err).__name__}: {err}); check the path or repository id, log in "
+                              "(`hf auth login`) for a private repository, or download it where the Hub is "
+                              "reachable and pass its folder") from err
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,108 @@
+"""Adapters on the Hugging Face Hub: ``ddit.enable(pipe, "owner/name")``, ``from_pretrained`` and
+``push_to_hub``. No Hub is reachable here: downloads are served from huggingface_hub's own cache, laid out as it
+lays out a download (offline mode), and uploads are caught at ``HfApi``."""
+
+import fnmatch
+import shutil
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import constants
+from safetensors.torch import load_file
+from tiny_pipelines import build, latents
+
+import ddit
+from ddit.adapter import WEIGHTS_NAME
+from ddit.checkpoint import CheckpointError
+from ddit.pipelines import ADAPTER_FOLDER
+from ddit.policies import FixedPolicy
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+COARSE_FIRST = [4, 4, 2, 2, 2, 2]
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An offline Hub cache; ``hub(repo_id, folder)`` puts ``folder``'s files there as repo_id's main revision."""
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def publish(repo_id, folder):
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(folder, repo / "snapshots" / REVISION)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(REVISION)
+
+    return publish
+
+
+def test_an_adapter_on_the_hub_enables_a_pipeline_as_its_folder_does(hub, tmp_path, monkeypatch):
+    pipe, kwargs = build("flux")
+    ddit.MultiPatchTransformer(pipe.transformer).save_pretrained(tmp_path / "adapter")
+    pipe, kwargs = build("flux")  # LoRA-free again
+    ddit.enable(pipe, tmp_path / "adapter", policy=FixedPolicy(COARSE_FIRST))
+    expected = latents(pipe(**kwargs(batch=1, steps=6)))
+    ddit.disable(pipe)
+
+    hub("someone/tiny-flux-ddit", tmp_path / "adapter")
+    ddit.enable(pipe, "someone/tiny-flux-ddit", policy=FixedPolicy(COARSE_FIRST))
+    assert torch.equal(latents(pipe(**kwargs(batch=1, steps=6))), expected)
+    assert ddit.summary(pipe).coarse_fraction == pytest.approx(2 / 6)
+    ddit.disable(pipe)
+
+    # a repository holding a whole pipeline saved while enabled: its adapter folder, and nothing else, is fetched
+    pipeline_repo = tmp_path / "pipeline-repo"
+    shutil.copytree(tmp_path / "adapter", pipeline_repo / ADAPTER_FOLDER)
+    (pipeline_repo / "transformer").mkdir()
+    (pipeline_repo / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"large weights")
+    hub("someone/tiny-flux-pipeline", pipeline_repo)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, real=huggingface_hub.snapshot_download,
+                        **k: asked.append(k["allow_patterns"]) or real(repo_id, **k))
+    adapters = ddit.load_adapters(pipe, "someone/tiny-flux-pipeline")
+    assert set(adapters) == {"transformer"}
+    adapters["transformer"].detach()
+    files = [str(p.relative_to(pipeline_repo)) for p in pipeline_repo.rglob("*") if p.is_file()]
+    fetched = {f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in asked[0])}
+    assert fetched == {f for f in files if f.startswith(ADAPTER_FOLDER)} and len(fetched) == 3
+
+
+def test_a_repository_that_cannot_be_had_is_refused_naming_it(hub, tmp_path):
+    pipe, _ = build("flux")
+    original = pipe.transformer
+    with pytest.raises(CheckpointError, match="no folder someone/missing here, and the Hub repository "
+                                              "someone/missing cannot be had"):
+        ddit.enable(pipe, "someone/missing")
+    assert pipe.transformer is original
+    with pytest.raises(CheckpointError, match="cannot be had"):
+        ddit.MultiPatchTransformer.from_pretrained(original, "someone/missing", revision="v1")
+
+
+def test_push_to_hub_uploads_what_from_pretrained_reads_back(hub, tmp_path, monkeypatch):
+    pipe, _ = build("flux")
+    adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    for p in adapter.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.01)
+    calls = []
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message):
+        calls.append(("upload", repo_id, commit_message))
+        shutil.copytree(folder_path, tmp_path / "uploaded")
+        return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{REVISION}",
+                                          commit_message=commit_message, commit_description="", oid=REVISION)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, private=None, exist_ok=False: calls.append(("create", repo_id, private)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    url = adapter.push_to_hub("someone/tiny-flux-ddit", private=True)
+    assert url.endswith(REVISION) and [c[0] for c in calls] == ["create", "upload"] and calls[0][2] is True
+    saved = load_file(tmp_path / "uploaded" / WEIGHTS_NAME)
+    adapter.detach()
+
+    hub("someone/tiny-flux-ddit", tmp_path / "uploaded")
+    pipe, _ = build("flux")
+    loaded = ddit.MultiPatchTransformer.from_pretrained(pipe.transformer, "someone/tiny-flux-ddit")
+    state = loaded.adapter_state_dict()
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
