@@ -102,9 +102,12 @@ def test_teacache_rule_on_a_recorded_trajectory_and_the_least_delta_for_a_share(
     # 0.1 skips; 0.1 + 0.3 computes and starts again; 0.05 and 0.1 skip; the last step computes
     assert skipped_steps(identity, 0.25, [0.1, 0.3, 0.05, 0.05, 0.2]) == [False, True, False, True, True, False]
     assert skipped_share(identity, 0.25, [changes, changes[:2]]) == pytest.approx((3 + 1) / (6 + 3))
-    assert delta_for_share(identity, [changes], 0.5) == pytest.approx(0.2)
+    # half the steps skip from just above 0.2 up to 0.4 (above it, a fourth): the middle of that range
     assert skipped_share(identity, 0.2, [changes]) < 0.5 <= skipped_share(identity, 0.2 + 1e-9, [changes])
+    assert delta_for_share(identity, [changes], 0.5) == pytest.approx(0.3)
+    assert delta_for_share(identity, [changes], 0.6) == pytest.approx(0.6)  # the most: from 0.4, told as 0.4 x 1.5
     assert delta_for_share(identity, [changes], 0.7) is None  # 4 of 6 at most
+    assert delta_for_share(identity, [changes + [float("nan")]], 0.5) is not None  # a bad change drops out
 
 
 def test_taylorseer_extrapolates_a_linear_residual_exactly():

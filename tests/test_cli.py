@@ -145,7 +145,7 @@ def test_calibrate_teacache_fits_a_pipelines_transformer_for_teacache_to_take(tm
     assert written["model"] == "FluxTransformer2DModel"
     guide = written["delta_for_skipped_share"]  # deltas that skip more steps are larger
     assert list(guide) == ["0.2", "0.3", "0.4", "0.5", "0.6"] and guide["0.2"] <= guide["0.5"]
-    assert "TeaCache skips 20% of the steps from delta" in capsys.readouterr().out
+    assert "TeaCache skips 20% of the steps at delta" in capsys.readouterr().out
     offloads = []
     with pytest.MonkeyPatch.context() as patch:  # diffusers' model CPU offload, onto the CPU here: the same fit
         patch.setattr(DiffusionPipeline, "enable_model_cpu_offload",

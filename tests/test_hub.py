@@ -78,6 +78,10 @@ def test_a_repository_that_cannot_be_had_is_refused_naming_it(hub, tmp_path):
     assert pipe.transformer is original
     with pytest.raises(CheckpointError, match="cannot be had"):
         ddit.MultiPatchTransformer.from_pretrained(original, "someone/missing", revision="v1")
+    # a missing folder given as a Path, or as ./x/y, is a missing folder: never a repository
+    for missing in (tmp_path.relative_to(tmp_path.parent) / "adapter", "./someone/missing"):
+        with pytest.raises(CheckpointError, match="no multi-patch adapter at"):
+            ddit.MultiPatchTransformer.from_pretrained(original, missing)
 
 
 def test_push_to_hub_uploads_what_from_pretrained_reads_back(hub, tmp_path, monkeypatch):
@@ -87,8 +91,8 @@ def test_push_to_hub_uploads_what_from_pretrained_reads_back(hub, tmp_path, monk
         torch.nn.init.normal_(p, std=0.01)
     calls = []
 
-    def upload_folder(self, *, repo_id, folder_path, commit_message):
-        calls.append(("upload", repo_id, commit_message))
+    def upload_folder(self, *, repo_id, folder_path, commit_message, delete_patterns):
+        calls.append(("upload", repo_id, delete_patterns))
         shutil.copytree(folder_path, tmp_path / "uploaded")
         return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{REVISION}",
                                           commit_message=commit_message, commit_description="", oid=REVISION)
@@ -98,6 +102,7 @@ def test_push_to_hub_uploads_what_from_pretrained_reads_back(hub, tmp_path, monk
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     url = adapter.push_to_hub("someone/tiny-flux-ddit", private=True)
     assert url.endswith(REVISION) and [c[0] for c in calls] == ["create", "upload"] and calls[0][2] is True
+    assert calls[1][2] == ["transformer_2/*"]  # an earlier second expert's adapter would load beside this one
     saved = load_file(tmp_path / "uploaded" / WEIGHTS_NAME)
     adapter.detach()
 

@@ -177,10 +177,11 @@ def _tiny_pipeline(args) -> None:
 def _calibrate_teacache(args) -> None:
     if args.pipeline:
         coefficients = _calibrate_teacache_on_pipeline(args)
-        guide = json.loads(Path(args.out).read_text())["delta_for_skipped_share"]
+        guide = {share: delta for share, delta in
+                 json.loads(Path(args.out).read_text())["delta_for_skipped_share"].items() if delta is not None}
         print("On these prompts' trajectories (every step computed; a skip moves them a little), TeaCache skips "
-              + ", ".join(f"{float(share):.0%} of the steps from delta {delta:.4g}" for share, delta in guide.items()
-                          if delta is not None)
+              + (", ".join(f"{float(share):.0%} of the steps at delta {delta:.6g}" for share, delta in guide.items())
+                 or "20% of the steps at no delta (too few steps between the first and the last?)")
               + "; measure the real trade-off with ddit-ablate --sweep \"teacache.delta=[...]\"")
     else:
         from .caches import write_teacache_fit

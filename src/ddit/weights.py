@@ -21,10 +21,11 @@ REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def local_or_hub(path: str | os.PathLike, files: Sequence[str], revision: str | None = None) -> Path:
-    """``path`` as a local folder; where none is there and it reads as a Hub repository id (``owner/name``), the
-    folder huggingface_hub downloads its ``files`` to (patterns; or finds them in its cache, offline too)."""
-    folder = Path(path)
-    if folder.exists() or not REPO_ID.match(str(path)):
+    """``path`` as a local folder; where none is there and it is a string that reads as a Hub repository id
+    (``owner/name``), as diffusers' ``from_pretrained`` reads one, the folder huggingface_hub downloads its
+    ``files`` to (patterns; or finds them in its cache, offline too)."""
+    folder = Path(path)  # only a string names a repository, and ./x or ../x never does
+    if folder.exists() or not isinstance(path, str) or path.startswith(".") or not REPO_ID.match(path):
         return folder
     from huggingface_hub import snapshot_download
 

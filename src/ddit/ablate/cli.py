@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int,
                    help="samples per batch; part of the configuration (default: 64 on the testbed, 1 with --pipeline)")
     p.add_argument("--backbone", help="a diffusers class-conditional DiT folder (default: the testbed base)")
-    p.add_argument("--adapter", help="its multi-patch adapter folder (default: the testbed adapter)")
+    p.add_argument("--adapter", help="its multi-patch adapter folder (default: the testbed adapter); with "
+                   "--pipeline also a Hub repository id, owner/name")
     p.add_argument("--evaluator", help="an evaluator folder (default: the testbed's)")
     pipe = p.add_argument_group("on a diffusers pipeline instead of the testbed")
     pipe.add_argument("--pipeline", help="a diffusers pipeline folder; needs --adapter (e.g. OUT/adapter of "

@@ -132,17 +132,29 @@ def skipped_share(coefficients: Sequence[float], delta: float, sequences: Sequen
 
 
 def delta_for_share(coefficients: Sequence[float], sequences: Sequence[Sequence[float]], share: float) -> float | None:
-    """The least delta at which TeaCache skips at least ``share`` of the steps on ``sequences`` (by bisection);
-    None where no delta does (the first and last steps always compute). An estimate for the real run: the
-    sequences were recorded with every step computed, and a skip moves the trajectory a little."""
+    """A delta at which TeaCache skips at least ``share`` of the steps on ``sequences``: the middle of the range
+    of deltas that skip the same steps as the least such delta (by bisection), not its edge, where one step's sum
+    sits and the smallest change of the trajectory would make it compute. None where no delta reaches the share
+    (the first and last steps always compute). An estimate for the real run: the sequences were recorded with
+    every step computed, and a skip moves the trajectory a little."""
     rescaled = [max(float(np.polyval(coefficients, c)), 0.0) for changes in sequences for c in changes]
-    low, high = 0.0, sum(rescaled) + 1.0  # above every sum: every step that may skip does
-    if skipped_share(coefficients, high, sequences) < share:
+    top = sum(r for r in rescaled if np.isfinite(r)) + 1.0  # above every sum: every step that may skip does
+
+    def least(target: float) -> float | None:
+        low, high = 0.0, top
+        if skipped_share(coefficients, high, sequences) < target:
+            return None
+        for _ in range(100):
+            middle = (low + high) / 2
+            low, high = (low, middle) if skipped_share(coefficients, middle, sequences) >= target else (middle, high)
+        return high
+
+    first = least(share)
+    if first is None:
         return None
-    for _ in range(100):
-        middle = (low + high) / 2
-        low, high = (low, middle) if skipped_share(coefficients, middle, sequences) >= share else (middle, high)
-    return high
+    steps = sum(len(changes) + 1 for changes in sequences)
+    after = least(skipped_share(coefficients, first, sequences) + 0.5 / steps)  # one more step skipped
+    return (first + (2 * first if after is None else after)) / 2
 
 
 def write_teacache_fit(coefficients: Sequence[float], path: str | Path, **about) -> None:
