@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,8 +197,13 @@ PartialState().destroy_process_group()
 """
 
 
+#: What a rank prints when a native thread of the CPU process group aborts it (std::terminate): seen once in a
+#: fresh-clone CI run of the FSDP test (2026-12-04), not reproduced in reruns; such a run starts over, once.
+NATIVE_ABORT = "terminate called without an active exception"
+
+
 def launch(script: str, tmp_path: Path, out: Path) -> None:
-    """``accelerate launch`` with two CPU processes (gloo)."""
+    """``accelerate launch`` with two CPU processes (gloo); once more from scratch after a native abort."""
     path = tmp_path / "script.py"
     path.write_text(script.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
@@ -205,6 +211,9 @@ def launch(script: str, tmp_path: Path, out: Path) -> None:
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", "0", str(path), str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and NATIVE_ABORT in done.stderr:
+        shutil.rmtree(out, ignore_errors=True)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
