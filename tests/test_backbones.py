@@ -1,6 +1,8 @@
 """Backbone specs on the tiny random config of each family (REFERENCE.md section 2)."""
 
 import inspect
+import math
+from functools import partial
 
 import pytest
 import torch
@@ -13,9 +15,11 @@ from diffusers import (
     HunyuanVideo15Transformer3DModel,
     LTXVideoTransformer3DModel,
     PixArtTransformer2DModel,
+    QwenImage21Transformer2DModel,
     QwenImageTransformer2DModel,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
+    SkyReelsV2Transformer3DModel,
     WanTransformer3DModel,
     ZImageTransformer2DModel,
 )
@@ -142,6 +146,43 @@ def wan_i2v():
                        encoder_hidden_states_image=torch.randn(B, 6, 8), timestep=torch.tensor([10, 900]))
 
 
+def qwenimage21(condition: tuple[int, int] | None = None):
+    """Qwen-Image 2.1: an 8x8 target after 5 text tokens (the first prompt's last two padding), each 4 target
+    tokens one slot of img_mask; ``condition``: a condition image's (rows, columns), its slots inside the text."""
+    model = QwenImage21Transformer2DModel(in_channels=8, out_channels=8, num_layers=2, attention_head_dim=16,
+                                          num_attention_heads=2, context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6))
+    rows, cols = 8, 8
+    before, after = [False] * 3, [False] * 2  # text around a condition image's slots
+    slots = [True] * (math.prod(condition) // 4) if condition else []
+    img_mask = torch.tensor([before + slots + after + [True] * (rows * cols // 4)] * B)
+    text = len(before) + len(slots) + len(after)
+    valid = torch.ones(B, text, dtype=torch.bool)
+    valid[0, -2:] = False
+    shapes = [*([(1, *condition)] if condition else []), (1, rows, cols)]
+    tokens = sum(math.prod(s) for s in shapes)
+    return model, dict(hidden_states=torch.randn(B, tokens, 8), encoder_hidden_states=torch.randn(B, text, 16),
+                       timestep=torch.tensor([0.01, 0.9]), img_shapes=[shapes] * B, img_mask=img_mask,
+                       encoder_hidden_states_mask=valid)
+
+
+def skyreels():
+    """SkyReels-V2 text-to-video, with its fps embedding (inject_sample_info: the 14B models')."""
+    model = SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                         in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32,
+                                         num_layers=2, rope_max_seq_len=32, inject_sample_info=True)
+    return model, dict(hidden_states=torch.randn(B, 4, 3, 16, 8), encoder_hidden_states=torch.randn(B, 5, 16),
+                       timestep=torch.tensor([10, 900]), fps=[0, 1])
+
+
+def skyreels_df(**config):
+    """SkyReels-V2 diffusion forcing: a timestep per latent frame, and causal blocks of two frames."""
+    model = SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                         in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32,
+                                         num_layers=2, rope_max_seq_len=32, num_frame_per_block=2, **config)
+    return model, dict(hidden_states=torch.randn(B, 4, 4, 16, 8), encoder_hidden_states=torch.randn(B, 5, 16),
+                       timestep=torch.tensor([[0, 0, 500, 900], [10, 10, 20, 20]]), enable_diffusion_forcing=True)
+
+
 def ltx():
     """LTX-Video: the pipeline's packed tokens of patch 1, its grid given as num_frames, height and width."""
     model = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
@@ -244,7 +285,9 @@ def qwenimage_edit2511():
 
 
 FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux, "flux2": flux2, "chroma": chroma,
-            "qwenimage": qwenimage, "wan": wan, "wan_i2v": wan_i2v, "hunyuanvideo15": hunyuanvideo15, "ltx": ltx,
+            "qwenimage": qwenimage, "qwenimage21": qwenimage21,
+            "qwenimage21_edit": partial(qwenimage21, condition=(4, 6)), "wan": wan, "wan_i2v": wan_i2v, "skyreels": skyreels,
+            "skyreels_df": skyreels_df, "hunyuanvideo15": hunyuanvideo15, "ltx": ltx,
             "hunyuanimage": hunyuanimage, "hunyuanimage_refiner": hunyuanimage_refiner,
             "zimage": zimage, "flux_kontext": flux_kontext, "flux2_references": flux2_references,
             "chroma_reference": chroma_reference, "qwenimage_edit": qwenimage_edit,
@@ -254,6 +297,7 @@ FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux
 # Z-Image: attention q/k/v/out + its gated feed-forward's three, per main layer and per image refiner layer
 LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sana": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2,
                "chroma": 2 * (6 + 5), "qwenimage": 2 * 6, "wan": 2 * 10, "wan_i2v": 2 * 10, "hunyuanvideo15": 2 * 6,
+               "skyreels": 2 * 10, "skyreels_df": 2 * 10, "qwenimage21": 2 * 7, "qwenimage21_edit": 2 * 7,
                "ltx": 2 * 10, "zimage": 3 * 7, "flux_kontext": 6 + 5, "flux2_references": 6 + 2,
                "chroma_reference": 2 * (6 + 5), "qwenimage_edit": 2 * 6, "qwenimage_edit2511": 2 * 6,
                "hunyuanimage": 6 + 5, "hunyuanimage_refiner": 6 + 5}
@@ -404,6 +448,34 @@ def test_wan_i2v_image_tokens_reach_a_coarse_output():
 
 
 @torch.no_grad()
+def test_skyreels_diffusion_forcing_runs_each_sample_with_its_fps_and_keeps_frame_blocks_causal():
+    """SkyReels-V2's stock forward adds the fps embedding to per-frame modulation for one sample only (a batch of
+    two fails to broadcast); the spec gives each row its own, so a batch is its rows run alone, the backbone's own
+    layers included (at the base size the adapter calls the stock forward, which fails as before). A
+    coarse token attends to its own and earlier blocks of frames only, as a fine one does."""
+    torch.manual_seed(0)
+    backbone, inputs = skyreels_df(inject_sample_info=True)
+    backbone = _randomize(backbone)
+    model, inputs = MultiPatchTransformer(backbone), {**inputs, "fps": [0, 1]}
+    alone = [{k: v[i:i + 1] for k, v in inputs.items() if k != "enable_diffusion_forcing"} for i in range(B)]
+    for row in alone:
+        row["enable_diffusion_forcing"] = True
+    reference = torch.cat([backbone(**row).sample for row in alone])
+    given = model._signature.bind(**inputs)
+    given.apply_defaults()
+    base = model._patched(PatchHead(*model.spec.base_weights(), scale=1), model.base_patch_size,
+                          inputs["hidden_states"], given.arguments)
+    assert (base - reference).abs().max() <= 1e-5
+    coarse = model(**inputs, patch_size=4).sample
+    assert (coarse - torch.cat([model(**row, patch_size=4).sample for row in alone])).abs().max() <= 1e-5
+    assert (model(**{**inputs, "fps": [1, 1]}, patch_size=4).sample[0] - coarse[0]).abs().max() > 1e-4  # it counts
+    later = inputs["hidden_states"].clone()
+    later[:, :, 2:] += 1  # the second block of two frames
+    moved = model(**{**inputs, "hidden_states": later}, patch_size=4).sample
+    assert (moved[:, :, :2] - coarse[:, :, :2]).abs().max() <= 1e-5 < (moved[:, :, 2:] - coarse[:, :, 2:]).abs().max()
+
+
+@torch.no_grad()
 def test_wan22_ti2v_per_token_timesteps_are_reproduced_and_run_coarse():
     """Wan 2.2 TI2V (expand_timesteps) gives every token its timestep, its first frame's at 0 in image-to-video:
     the spec reproduces the backbone with them, and at a coarse size one timestep shared by every token is the
@@ -488,6 +560,53 @@ def test_qwenimage_rope_puts_coarse_patches_at_the_centres_of_its_centred_positi
         for size in (2, 4):
             model(**inputs, patch_size=size)
     assert torch.equal(seen[0][1], seen[-1][1]) and len(seen[-1][0]) == 8 * 4 // 4  # text as at the fine grid
+
+
+def test_qwenimage21_rope_puts_coarse_patches_at_centres_and_keeps_the_prefix():
+    """As for Qwen-Image: a coarse target token's phase, to the power of the fine tokens it covers, is their
+    product; text and a condition image keep the positions the backbone gives them."""
+    backbone, inputs = qwenimage21(condition=(4, 6))
+    seen = []
+    backbone.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, args, kw: seen.append(kw["rotary_emb"]), with_kwargs=True)
+    model = MultiPatchTransformer(backbone)
+    with torch.no_grad():
+        for size in (1, 2, 4):
+            model(**inputs, patch_size=size)
+    fine, prefix = seen[0][-64:], len(seen[0]) - 64
+    for s, coarse in zip((2, 4), seen[1:]):
+        grid = 8 // s
+        patches = fine.reshape(grid, s, grid, s, -1).permute(0, 2, 1, 3, 4).reshape(grid * grid, s * s, -1)
+        assert torch.equal(coarse[:prefix], seen[0][:prefix]) and len(coarse) == prefix + grid * grid
+        assert torch.allclose(coarse[prefix:] ** (s * s), patches.prod(1), atol=1e-4)
+
+
+@torch.no_grad()
+def test_qwenimage21_kv_cache_serves_every_size_and_each_group_of_rows():
+    """The pipeline's KV cache holds the prefix (text, condition image) from the first step: the prefix does not
+    depend on the target (block-causal attention), so a cache filled at one size serves steps at any other; a
+    batch run in groups fills its rows group by group (``CacheRows``)."""
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+    from ddit.backbones.qwenimage21 import CacheRows
+
+    torch.manual_seed(0)
+    backbone, inputs = qwenimage21(condition=(4, 6))
+    model = MultiPatchTransformer(_randomize(backbone))
+    full = {size: model.generated(model(**inputs, patch_size=size).sample, **inputs) for size in (1, 2, 4)}
+    for first, later in ((4, 1), (1, 2), (2, 4)):
+        cache = QwenImage21KVCache(2)
+        extracted = model(**inputs, patch_size=first, kv_cache=cache, kv_cache_mode="extract").sample
+        torch.testing.assert_close(model.generated(extracted, **inputs), full[first])
+        cached = model(**inputs, patch_size=later, kv_cache=cache, kv_cache_mode="cached").sample
+        assert cached.shape[1] == 64
+        torch.testing.assert_close(cached, full[later])
+    cache = QwenImage21KVCache(2)
+    for row, size in ((1, 2), (0, 4)):
+        alone = {k: [v[row]] if k == "img_shapes" else v[row:row + 1] for k, v in inputs.items()}
+        rows = CacheRows(cache, torch.tensor([row]), B)
+        model(**alone, patch_size=size, kv_cache=rows, kv_cache_mode="extract")
+    torch.testing.assert_close(model(**inputs, kv_cache=cache, kv_cache_mode="cached").sample, full[1])
 
 
 def test_qwenimage_refuses_the_layered_model_and_images_of_several_frames():
@@ -767,8 +886,8 @@ def test_teacache_watches_what_the_first_blocks_attention_receives(family):
     from ddit.caches.teacache import modulated_input, watched_spec
 
     name, model, inputs, _ = family
-    if name.startswith("wan"):
-        pytest.skip("Wan: the timestep projection, not an attention input")
+    if name.startswith(("wan", "skyreels")):
+        pytest.skip("Wan and SkyReels-V2: the timestep projection, not an attention input")
     spec, block = watched_spec(model), blocks_of(model)[0]
     attention = next(getattr(block, n) for n in ("attn1", "attn", "attention") if hasattr(block, n))
     signature, watched, received = inspect.signature(block.forward), [], []

@@ -100,10 +100,19 @@ def test_push_to_hub_uploads_what_from_pretrained_reads_back(hub, tmp_path, monk
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
                         lambda self, repo_id, private=None, exist_ok=False: calls.append(("create", repo_id, private)))
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    url = adapter.push_to_hub("someone/tiny-flux-ddit", private=True)
+    monkeypatch.setattr(huggingface_hub.HfApi, "file_exists", lambda self, repo_id, name: False)
+    url = adapter.push_to_hub("someone/tiny-flux-ddit", private=True, base_model="black-forest-labs/FLUX.1-dev")
     assert url.endswith(REVISION) and [c[0] for c in calls] == ["create", "upload"] and calls[0][2] is True
     assert calls[1][2] == ["transformer_2/*"]  # an earlier second expert's adapter would load beside this one
     saved = load_file(tmp_path / "uploaded" / WEIGHTS_NAME)
+    card = huggingface_hub.ModelCard.load(tmp_path / "uploaded" / "README.md")
+    assert card.data.base_model == "black-forest-labs/FLUX.1-dev" and "FluxTransformer2DModel" in card.data.tags
+    assert 'ddit.enable(pipe, "someone/tiny-flux-ddit"' in card.text and "patch sizes 4 and 8" in card.text
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "file_exists", lambda self, repo_id, name: name == "README.md")
+    shutil.rmtree(tmp_path / "uploaded")
+    adapter.push_to_hub("someone/tiny-flux-ddit")  # a card already there (perhaps edited) stays
+    assert not (tmp_path / "uploaded" / "README.md").exists() and (tmp_path / "uploaded" / WEIGHTS_NAME).is_file()
     adapter.detach()
 
     hub("someone/tiny-flux-ddit", tmp_path / "uploaded")

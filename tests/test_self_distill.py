@@ -28,7 +28,7 @@ PROMPTS = ["a red circle", "blue stripes on white"]
 #: and Z-Image never pad: their text is not cut. HunyuanVideo 1.5's call takes no max_sequence_length; Wan 2.1
 #: I2V's blocks take the last 512 text tokens as the text.
 SHORT_TEXT = {"flux": 16, "flux2": 16, "chroma": 16, "qwenimage": 512, "zimage": 512, "sd3": 16, "wan": 16,
-              "wan22": 16, "wan22-i2v": 16, "pixart": 16, "sana": 16, "ltx": 16}
+              "wan22": 16, "wan22-i2v": 16, "pixart": 16, "sana": 16, "ltx": 16, "skyreels": 16, "skyreels-df": 16}
 CONFIG = DistillConfig(steps=2, batch_size=2, num_inference_steps=None, timestep_scale=None)
 #: An image-to-video pipeline's first frame, which each of its prompts carries (a .jsonl prompts file's image:
 #: tests/test_image_prompts.py).
@@ -86,6 +86,7 @@ def test_a_pipeline_under_model_cpu_offload_distils_the_same_adapter_and_stays_o
     plain = self_distill(load(folders["flux"]), PROMPTS, tmp_path / "plain", **on_policy)
     pipe = load(folders["flux"])
     pipe.enable_model_cpu_offload(device="cpu")
+    pipe._offload_gpu_id = 1  # as an offload onto cuda:1 leaves it, which diffusers keeps when given index 0
     hooks_while_training = []
     monkeypatch.setattr(ddit.self_distill, "distill", lambda *a, real=ddit.self_distill.distill, **k:
                         hooks_while_training.append(len(pipe._all_hooks)) or real(*a, **k))
@@ -97,6 +98,7 @@ def test_a_pipeline_under_model_cpu_offload_distils_the_same_adapter_and_stays_o
         a, b = load_file(plain / name), load_file(offloaded / name)
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-3, rtol=0) for k in a)
     assert pipe._all_hooks and "_hf_hook" in vars(pipe.transformer)  # still under model CPU offload
+    assert pipe._offload_device == torch.device("cpu", 0)  # onto this process's device, not index 1
 
 
 def test_a_default_size_no_coarse_patch_divides_is_refused_before_recording(folders, tmp_path):

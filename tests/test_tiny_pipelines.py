@@ -19,8 +19,9 @@ PIPELINE_CLASS = {"flux": "FluxPipeline", "flux2": "Flux2KleinPipeline", "chroma
                   "pixart": "PixArtSigmaPipeline", "sana": "SanaPipeline", "wan": "WanPipeline",
                   "wan-i2v": "WanImageToVideoPipeline", "wan22": "WanPipeline", "wan22-i2v": "WanImageToVideoPipeline",
                   "hunyuanvideo15": "HunyuanVideo15Pipeline", "ltx": "LTXPipeline",
-                  "hunyuanimage": "HunyuanImagePipeline"}
-VIDEO = ("wan", "wan-i2v", "wan22", "wan22-i2v", "hunyuanvideo15", "ltx")
+                  "hunyuanimage": "HunyuanImagePipeline", "skyreels": "SkyReelsV2Pipeline",
+                  "skyreels-df": "SkyReelsV2DiffusionForcingPipeline"}
+VIDEO = ("wan", "wan-i2v", "wan22", "wan22-i2v", "hunyuanvideo15", "ltx", "skyreels", "skyreels-df")
 #: The first frame of an image-to-video pipeline: the same for every prompt, so that only the prompt differs.
 FIRST_FRAME = {kind: dict(image=torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(5)))
                for kind in ("wan-i2v", "wan22-i2v")}
@@ -52,8 +53,10 @@ def load(folder):
 def run(pipe, kind, prompt, guidance, **kwargs):
     if kind in GUIDER_SCALE:  # its guidance is a component's
         pipe.guider.guidance_scale = GUIDER_SCALE[kind] if guidance else 1.0
-    if kind == "hunyuanvideo15":  # its VAE decodes one video a call (in diffusers 0.42 a batch's causal mask lands
-        if isinstance(prompt, list) and kwargs.get("output_type") != "latent":  # on the heads)
+    # HunyuanVideo 1.5's VAE decodes one video a call (in diffusers 0.42 a batch's causal mask lands on the heads);
+    # SkyReels-V2's stock diffusion forcing adds its fps embedding to a batch of one only (it does not broadcast)
+    if kind == "skyreels-df" or kind == "hunyuanvideo15" and kwargs.get("output_type") != "latent":
+        if isinstance(prompt, list):
             return np.concatenate([run(pipe, kind, p, guidance, **kwargs) for p in prompt])
     cfg = (CFG_ON if guidance else CFG_OFF).get(kind, dict(guidance_scale=4.0 if guidance else 1.0))
     generator = [torch.Generator().manual_seed(0) for _ in ([prompt] if isinstance(prompt, str) else prompt)]

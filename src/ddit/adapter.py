@@ -418,18 +418,24 @@ class MultiPatchTransformer(nn.Module):
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload a ddit multi-patch adapter",
-                    state_dict: dict[str, torch.Tensor] | None = None) -> str:
+                    state_dict: dict[str, torch.Tensor] | None = None, base_model: str | None = None) -> str:
         """Save the adapter to the Hub repository ``repo_id`` (created if missing), where ``from_pretrained`` and
         ``ddit.enable(pipe, repo_id)`` find it; returns the commit's URL. A second expert's adapter left there
         (``transformer_2/``) goes: it would be loaded beside this one. ``state_dict`` as ``save_pretrained``
-        takes it (under FSDP every process gathers ``adapter_state_dict()``, then one pushes). A folder
-        ``ddit distill`` wrote, Wan 2.2's second expert inside: ``huggingface_hub.upload_folder``."""
+        takes it (under FSDP every process gathers ``adapter_state_dict()``, then one pushes). A repository
+        without a README.md gets a model card (``ddit.hub_card``) that names ``base_model``, the Hub id of the
+        model the adapter was distilled for; one with a card keeps it. A folder ``ddit distill`` wrote, Wan 2.2's
+        second expert inside: ``huggingface_hub.upload_folder``."""
         from huggingface_hub import HfApi
+
+        from .hub_card import adapter_card
 
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, state_dict)
+            if not api.file_exists(repo_id, "README.md"):
+                adapter_card(self, repo_id, base_model).save(Path(folder) / "README.md")
             return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                                      delete_patterns=["transformer_2/*"]).commit_url
 

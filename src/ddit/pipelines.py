@@ -171,8 +171,11 @@ class DynamicPatchTransformer(nn.Module):
         """The adapter's output for rows ``idx`` (all: ``None``) of this call, at ``size``."""
         if idx is not None:
             given, spec = self._signature.bind(*args, **kwargs), self.adapter.spec
-            given.arguments.update({k: _cut(v, idx, rows, k in spec.per_sample_lists, k in spec.row_blocks)
-                                    for k, v in given.arguments.items() if k not in spec.unbatched})
+            for k, v in given.arguments.items():
+                if k not in spec.unbatched:
+                    cut = spec.cut(k, v, idx, rows)
+                    given.arguments[k] = _cut(v, idx, rows, k in spec.per_sample_lists, k in spec.row_blocks) \
+                        if cut is NotImplemented else cut
             args, kwargs = given.args, given.kwargs
         return as_batch(self.adapter(*args, **kwargs, patch_size=size)[0])
 
@@ -261,6 +264,13 @@ def _placed_layer_by_layer(module: nn.Module) -> bool:
     return not aligned or len({str(h.execution_device) for h in hooks}) > 1
 
 
+def offload_onto(pipe, device: torch.device | str) -> None:
+    """``pipe.enable_model_cpu_offload(device=device)``, onto that very device: diffusers reads GPU index 0 as
+    unset and keeps an earlier offload's index, so a pipeline offloaded onto cuda:1 would stay there."""
+    pipe._offload_gpu_id = torch.device(device).index or 0
+    pipe.enable_model_cpu_offload(device=device)
+
+
 @contextmanager
 def _model_offload_renewed(pipe):
     """Under ``pipe.enable_model_cpu_offload()`` each component carries a hook that moves it to the GPU when
@@ -272,7 +282,7 @@ def _model_offload_renewed(pipe):
         yield
     finally:
         if device is not None:
-            pipe.enable_model_cpu_offload(device=device)
+            offload_onto(pipe, device)
 
 
 def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,

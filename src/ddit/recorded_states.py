@@ -38,7 +38,8 @@ from .pipeline_call import Prompt, as_prompts
 
 #: Forward arguments that say how to return, not what to compute (``patch_size``: a
 #: ``MultiPatchTransformer``'s choice, which the recorded state must not fix).
-IGNORED = ("return_dict", "patch_size")
+#: Not recorded: a pipeline's cache of a prefix's keys and values (Qwen-Image 2.1), which a replay recomputes.
+IGNORED = ("return_dict", "patch_size", "kv_cache", "kv_cache_mode")
 TENSOR = "__tensor__"
 ROWS = "__rows__"
 #: Text whose length follows the prompt (Qwen-Image trims its embeddings to the prompt), and the mask that

@@ -196,7 +196,9 @@ class PatchRuntime:
         scheduler = self.scheduler() if self.scheduler else None
         if scheduler is None or not hasattr(scheduler, "step_index"):
             return None
-        index = scheduler.step_index
+        index, g = scheduler.step_index, self.generation
+        if index is None and g is not None and g.step >= 0 and g.schedule is getattr(scheduler, "timesteps", None):
+            return None  # not stepped since this generation began: SkyReels-V2's diffusion forcing steps copies
         return (getattr(scheduler, "begin_index", None) or 0) if index is None else index
 
     def _start(self, call: Call) -> Generation:

@@ -32,7 +32,7 @@ from .backbones import spec_for
 from .checkpoint import write_text_atomic
 from .pipeline_call import Prompt, as_prompts, check_call, check_resolution
 from .distill import DistillConfig, check_accelerator, distill
-from .pipelines import disable, enable
+from .pipelines import disable, enable, offload_onto
 from .policies import PatchPolicy
 from .processes import processes
 from .recorded_states import RecordedStates, RecordingError, experts, record_states
@@ -104,7 +104,7 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
     _check_recording(states / "recording.json", identity)
 
     if getattr(pipe, "_all_hooks", None):  # pipe.enable_model_cpu_offload(): records so, onto this process's device
-        pipe.enable_model_cpu_offload(device=accelerator.device)
+        offload_onto(pipe, accelerator.device)
     else:
         pipe.to(accelerator.device)
     if accelerator.is_main_process:
@@ -186,7 +186,7 @@ def _offloaded(pipe, device, keep: torch.nn.Module, sharded: bool = False) -> It
         yield
     finally:
         if hooked and not sharded:
-            pipe.enable_model_cpu_offload(device=device)
+            offload_onto(pipe, device)
         else:
             for component in others:
                 component.to(device)

@@ -1,7 +1,6 @@
 """Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, Z-Image, SD3, PixArt-Sigma, Sana,
 HunyuanImage 2.1, Wan 2.1 and Wan 2.2 with its two experts, each also as image-to-video, HunyuanVideo 1.5,
-LTX-Video), made
-offline, that stock diffusers loads.
+LTX-Video, SkyReels-V2 and its diffusion forcing), made offline, that stock diffusers loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt (and a first frame) without
 downloading a model, and to test it on the same folders a user would hand it.
@@ -66,7 +65,11 @@ from diffusers import (
     SanaPipeline,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
+    SkyReelsV2DiffusionForcingPipeline,
+    SkyReelsV2Pipeline,
+    SkyReelsV2Transformer3DModel,
     StableDiffusion3Pipeline,
+    UniPCMultistepScheduler,
     WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
@@ -75,7 +78,7 @@ from diffusers import (
 )
 
 KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "hunyuanimage", "wan", "wan-i2v",
-         "wan22", "wan22-i2v", "hunyuanvideo15", "ltx")
+         "wan22", "wan22-i2v", "hunyuanvideo15", "ltx", "skyreels", "skyreels-df")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
@@ -95,6 +98,8 @@ TINY_CALL = {
     "wan22-i2v": dict(height=SIDE, width=SIDE, num_frames=5),  # and its image-to-video: call it with an image too
     "hunyuanvideo15": dict(height=2 * SIDE, width=2 * SIDE, num_frames=5),  # its VAE's factor 16: 16x16, 2 frames
     "ltx": dict(height=SIDE // 2, width=SIDE // 2, num_frames=9),  # its tiny VAE: 4x in space and time, 16x16x3
+    "skyreels": dict(height=SIDE, width=SIDE, num_frames=5),  # Wan's VAE: 2 latent frames
+    "skyreels-df": dict(height=SIDE, width=SIDE, num_frames=5),  # diffusion forcing: a timestep per latent frame
 }
 CLIP_LENGTH = 77  # the CLIP tokenizers' model_max_length, as in every real checkpoint
 #: Qwen's chat format, which FLUX.2 [klein] wraps every prompt in before encoding it.
@@ -383,6 +388,23 @@ def _wan(tf, two_experts: bool = False, image_to_video: bool = False) -> Diffusi
     return WanPipeline(**shared)
 
 
+def _skyreels(tf, diffusion_forcing: bool = False) -> DiffusionPipeline:
+    """SkyReels-V2: Wan 2.1's text encoder, VAE and blocks, under UniPC with flow sigmas as its checkpoints have it.
+    Its diffusion forcing pipeline gives each latent frame its own timestep, and passes an fps flag that the
+    transformer embeds (``inject_sample_info``, as the DF checkpoints set it); its text-to-video one passes none."""
+    tokenizer = _t5_tokenizer(tf, 226)
+    transformer = wake_zeros(SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+        inject_sample_info=diffusion_forcing))
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    pipeline = SkyReelsV2DiffusionForcingPipeline if diffusion_forcing else SkyReelsV2Pipeline
+    return pipeline(tokenizer=tokenizer, text_encoder=_t5_encoder(tf, tokenizer, 16, umt5=True), vae=vae,
+                    scheduler=scheduler, transformer=transformer)
+
+
 def _hunyuanvideo15(tf) -> DiffusionPipeline:
     """HunyuanVideo 1.5 (text-to-video, patch 1 on a 16x VAE): a Qwen2.5-VL text model whose third-last hidden
     state it takes after dropping its template's first 108 tokens (the system prefix under Qwen's merges, made
@@ -458,7 +480,8 @@ _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qw
              "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "wan-i2v": partial(_wan, image_to_video=True),
              "wan22": partial(_wan, two_experts=True),
              "wan22-i2v": partial(_wan, two_experts=True, image_to_video=True), "hunyuanvideo15": _hunyuanvideo15,
-             "ltx": _ltx, "hunyuanimage": _hunyuanimage}
+             "ltx": _ltx, "hunyuanimage": _hunyuanimage, "skyreels": _skyreels,
+             "skyreels-df": partial(_skyreels, diffusion_forcing=True)}
 
 
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:

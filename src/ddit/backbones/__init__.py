@@ -20,18 +20,21 @@ from .hunyuanvideo15 import HunyuanVideo15Spec
 from .ltx import LTXVideoSpec
 from .pixart import PixArtSpec
 from .qwenimage import QwenImageSpec
+from .qwenimage21 import QwenImage21Spec
 from .sana import SanaSpec
 from .sd3 import SD3Spec
+from .skyreels_v2 import SkyReelsV2Spec
 from .wan import WanSpec
 from .zimage import ZImageSpec
 
 BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SanaSpec, SD3Spec, FluxSpec, Flux2Spec,
-                                                 ChromaSpec, QwenImageSpec, WanSpec, HunyuanImageSpec,
-                                                 HunyuanVideo15Spec, LTXVideoSpec, ZImageSpec)
+                                                 ChromaSpec, QwenImageSpec, QwenImage21Spec, WanSpec, HunyuanImageSpec,
+                                                 HunyuanVideo15Spec, LTXVideoSpec, ZImageSpec, SkyReelsV2Spec)
 
 __all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "HunyuanImageSpec",
-           "HunyuanVideo15Spec", "LTXVideoSpec", "PixArtSpec", "QwenImageSpec", "Reference", "SanaSpec", "SD3Spec",
-           "WanSpec", "ZImageSpec", "as_batch", "patchify", "sincos_positions", "spec_for", "specs", "unpatchify"]
+           "HunyuanVideo15Spec", "LTXVideoSpec", "PixArtSpec", "QwenImageSpec", "QwenImage21Spec", "Reference",
+           "SanaSpec", "SD3Spec", "SkyReelsV2Spec", "WanSpec", "ZImageSpec", "as_batch", "patchify", "sincos_positions",
+           "spec_for", "specs", "unpatchify"]
 
 
 def specs() -> dict[str, type[BackboneSpec]]:

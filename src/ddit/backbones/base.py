@@ -117,6 +117,11 @@ class BackboneSpec:
         ``arguments`` (by name)."""
         raise NotImplementedError(f"{type(self).__name__} lists teacache_blocks but computes no teacache_input")
 
+    def cut(self, name: str, value, idx: torch.Tensor, rows: int):
+        """Forward argument ``name`` for rows ``idx`` of ``rows``, where a batch runs in groups of one patch size;
+        ``NotImplemented``: cut as tensors, and the lists and blocks this spec names, are cut."""
+        return NotImplemented
+
     def latent(self, args: dict) -> torch.Tensor:
         """The latent (B, C, *dims) among the bound forward arguments."""
         return args["hidden_states"]

@@ -1,0 +1,87 @@
+"""Qwen-Image 2.1 in its stock pipeline, given prompt embeddings (its Qwen3-VL encoder is not built here): the
+pipeline's KV cache of the prefix (text, condition images) serves coarse and fine steps alike, and each group of
+samples a mixed batch runs in keeps its own rows of it."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKLQwenImage21,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImage21Pipeline,
+    QwenImage21Transformer2DModel,
+)
+from test_pipelines import SplitPolicy
+
+import ddit
+from ddit.caches import TaylorSeer, TeaCache
+
+STEPS = 4
+
+
+class Template:
+    """What the pipeline's constructor asks of its processor (the system prompt's token count); the prompt
+    embeddings given to each call leave it unused."""
+
+    tokenizer = SimpleNamespace(encode=lambda text: [0])
+
+    def apply_chat_template(self, messages, **kwargs):
+        return [[0]]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    transformer = QwenImage21Transformer2DModel(in_channels=64, out_channels=64, num_layers=2, attention_head_dim=16,
+                                                num_attention_heads=2, context_in_dim=16, mlp_ratio=2,
+                                                axes_dims_rope=(4, 6, 6))
+    for p in transformer.parameters():  # zero-initialised layers too, so that outputs depend on everything
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    vae = AutoencoderKLQwenImage21(base_dim=4, decoder_base_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1)
+    pipe = QwenImage21Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=None,
+                               processor=Template(), transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, steps=STEPS, **kwargs):
+    """Two samples with true CFG, their prompts of different lengths (the first padded), 256x256: a 16x16 latent."""
+    text = torch.Generator().manual_seed(1)
+    embeds, negative = torch.randn(2, 7, 16, generator=text), torch.randn(2, 7, 16, generator=text)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, -2:] = 0
+    return pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
+                negative_prompt_embeds_mask=torch.ones(2, 7, dtype=torch.long), true_cfg_scale=3.0, height=256,
+                width=256, num_inference_steps=steps, output_type="latent",
+                generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+@torch.no_grad()
+def test_base_size_is_stock_and_the_kv_cache_changes_nothing_at_mixed_sizes(pipe):
+    stock = generate(pipe)
+    adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    ddit.enable(pipe, adapter, policy="baseline")
+    assert torch.equal(generate(pipe), stock)
+    ddit.disable(pipe)
+    ddit.enable(pipe, adapter, policy=SplitPolicy(coarse=4, early=2))  # sample 0 coarse, sample 1 fine: two groups
+    cached, recomputed = generate(pipe), generate(pipe, use_kv_cache=False)
+    sizes = sorted((r["step"], r["sample"], r["patch_size"]) for r in ddit.summary(pipe).records if r["branch"] == "cond")
+    ddit.disable(pipe)
+    assert sizes == [(s, i, 4 if i == 0 and s < 2 else 1) for s in range(STEPS) for i in (0, 1)]
+    torch.testing.assert_close(cached, recomputed)
+    assert (cached[0] - stock[0]).abs().max() > 1e-3 and torch.allclose(cached[1], stock[1], atol=1e-5)
+
+
+@torch.no_grad()
+def test_caches_skip_steps_in_the_pipeline(pipe):
+    """The first step runs the whole sequence (and fills the KV cache), the later ones the target alone: the
+    caches take the second step's sequence as new, as they take a new size's."""
+    adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    for cache in (TeaCache(delta=1e9, coefficients="flux1-dev"), TaylorSeer(interval=2, order=1, warmup=1)):
+        ddit.enable(pipe, adapter, policy="fixed", fraction=0.5, cache=cache)
+        assert generate(pipe, steps=6).isfinite().all()
+        cached = [r["cached"] for r in ddit.summary(pipe).records if r["branch"] == "cond" and r["sample"] == 0]
+        ddit.disable(pipe)
+        assert cached == [False, False, True, False, True, False]
