@@ -150,7 +150,8 @@ def qwenimage21(condition: tuple[int, int] | None = None):
     """Qwen-Image 2.1: an 8x8 target after 5 text tokens (the first prompt's last two padding), each 4 target
     tokens one slot of img_mask; ``condition``: a condition image's (rows, columns), its slots inside the text."""
     model = QwenImage21Transformer2DModel(in_channels=8, out_channels=8, num_layers=2, attention_head_dim=16,
-                                          num_attention_heads=2, context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6))
+                                          num_attention_heads=2, context_in_dim=16, mlp_ratio=2,
+                                          axes_dims_rope=(4, 6, 6))
     rows, cols = 8, 8
     before, after = [False] * 3, [False] * 2  # text around a condition image's slots
     slots = [True] * (math.prod(condition) // 4) if condition else []
@@ -286,8 +287,8 @@ def qwenimage_edit2511():
 
 FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux, "flux2": flux2, "chroma": chroma,
             "qwenimage": qwenimage, "qwenimage21": qwenimage21,
-            "qwenimage21_edit": partial(qwenimage21, condition=(4, 6)), "wan": wan, "wan_i2v": wan_i2v, "skyreels": skyreels,
-            "skyreels_df": skyreels_df, "hunyuanvideo15": hunyuanvideo15, "ltx": ltx,
+            "qwenimage21_edit": partial(qwenimage21, condition=(4, 6)), "wan": wan, "wan_i2v": wan_i2v,
+            "skyreels": skyreels, "skyreels_df": skyreels_df, "hunyuanvideo15": hunyuanvideo15, "ltx": ltx,
             "hunyuanimage": hunyuanimage, "hunyuanimage_refiner": hunyuanimage_refiner,
             "zimage": zimage, "flux_kontext": flux_kontext, "flux2_references": flux2_references,
             "chroma_reference": chroma_reference, "qwenimage_edit": qwenimage_edit,

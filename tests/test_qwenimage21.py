@@ -2,6 +2,7 @@
 pipeline's KV cache of the prefix (text, condition images) serves coarse and fine steps alike, and each group of
 samples a mixed batch runs in keeps its own rows of it."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -67,7 +68,8 @@ def test_base_size_is_stock_and_the_kv_cache_changes_nothing_at_mixed_sizes(pipe
     ddit.disable(pipe)
     ddit.enable(pipe, adapter, policy=SplitPolicy(coarse=4, early=2))  # sample 0 coarse, sample 1 fine: two groups
     cached, recomputed = generate(pipe), generate(pipe, use_kv_cache=False)
-    sizes = sorted((r["step"], r["sample"], r["patch_size"]) for r in ddit.summary(pipe).records if r["branch"] == "cond")
+    records = [r for r in ddit.summary(pipe).records if r["branch"] == "cond"]
+    sizes = sorted((r["step"], r["sample"], r["patch_size"]) for r in records)
     ddit.disable(pipe)
     assert sizes == [(s, i, 4 if i == 0 and s < 2 else 1) for s in range(STEPS) for i in (0, 1)]
     torch.testing.assert_close(cached, recomputed)
@@ -85,3 +87,48 @@ def test_caches_skip_steps_in_the_pipeline(pipe):
         cached = [r["cached"] for r in ddit.summary(pipe).records if r["branch"] == "cond" and r["sample"] == 0]
         ddit.disable(pipe)
         assert cached == [False, False, True, False, True, False]
+
+
+class Prompted:
+    """The pipeline with prompt embeddings of a length that follows the prompt, as its encoder gives them."""
+
+    def __init__(self, pipe):
+        self.pipe, self.transformer, self.device = pipe, pipe.transformer, pipe.device
+
+    def __call__(self, prompt, generator, output_type, **call):
+        n, text = 3 + len(prompt) % 5, torch.Generator().manual_seed(len(prompt))
+        return self.pipe(prompt_embeds=torch.randn(1, n, 16, generator=text),
+                         negative_prompt_embeds=torch.randn(1, 4, 16, generator=text), true_cfg_scale=3.0,
+                         height=256, width=256, generator=generator, output_type=output_type, **call)
+
+
+def test_recorded_calls_replay_without_the_kv_cache_and_distil_in_batches_of_one_text_length(pipe, tmp_path):
+    """The pipeline's KV cache is not recorded (a replay recomputes the prefix); img_mask follows the text's
+    length, so rows of prompts of other lengths are drawn apart."""
+    from ddit.distill import DistillConfig, distill
+    from ddit.recorded_states import RecordedStates, record_states
+
+    seen = {}
+    handle = pipe.transformer.register_forward_hook(
+        lambda m, a, k, out: seen.setdefault(k["hidden_states"].numpy().tobytes() + k["encoder_hidden_states"]
+                                              .numpy().tobytes(), out[0][:, -256:].clone()), with_kwargs=True)
+    record_states(Prompted(pipe), ["a red circle", "stripes"], tmp_path / "states", call={"num_inference_steps": 2},
+                  progress=False)
+    handle.remove()
+    states = RecordedStates(tmp_path / "states")
+    for seed in range(4):
+        z, kwargs = states.draw(torch.Generator().manual_seed(seed), 3)
+        assert "kv_cache" not in kwargs and len({len(t) for t in kwargs["encoder_hidden_states"]}) == 1
+        with torch.no_grad():
+            out = pipe.transformer(hidden_states=z, **kwargs, return_dict=False)[0][:, -256:]
+        for row in range(len(z)):
+            key = z[row:row + 1].numpy().tobytes() + kwargs["encoder_hidden_states"][row:row + 1].numpy().tobytes()
+            torch.testing.assert_close(out[row:row + 1], seen[key], rtol=1e-5, atol=1e-6)
+    model = ddit.MultiPatchTransformer(pipe.transformer)
+    try:
+        distill(model, states, tmp_path / "run", DistillConfig(steps=2, batch_size=2, num_inference_steps=None,
+                                                                        timestep_scale=None), progress=False)
+    finally:
+        model.detach()
+    report = json.loads((tmp_path / "run" / "distill.json").read_text())
+    assert report["steps"] == 2 and torch.isfinite(torch.tensor(report["losses"])).all()

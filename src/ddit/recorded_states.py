@@ -45,6 +45,7 @@ ROWS = "__rows__"
 #: Text whose length follows the prompt (Qwen-Image trims its embeddings to the prompt), and the mask that
 #: lets a batch of such rows be padded with zeros to the longest, as the pipeline pads a batch of prompts.
 TEXT, TEXT_MASK = "encoder_hidden_states", "encoder_hidden_states_mask"
+PADDED = (TEXT, TEXT_MASK)
 
 
 class RecordingError(ValueError):
@@ -283,13 +284,22 @@ def _kind(f, call: dict, shared: frozenset[str]) -> tuple:
     """What rows must hold alike to be batched: which arguments their calls pass (SD3's skip-layer guidance adds
     one to some calls), their latent's shape (read from the open file's header), the tensors their calls share (by
     content: Flux's position ids; and those named ``shared``, even if recorded per sample) and their other values
-    (Qwen-Image's img_shapes). Text of another length is padded: not part of it."""
+    (Qwen-Image's img_shapes), and the shapes of their per-sample tensors (Qwen-Image 2.1's img_mask follows its
+    text). Text of another length is padded: not part of it."""
     (_, latent), *others = call["kwargs"].items()
     if ROWS in latent:
         shape = tuple(f.get_slice(latent[ROWS][0][TENSOR]).get_shape())
     else:
         shape = tuple(f.get_slice(latent[TENSOR]).get_shape())[1:]
-    return shape, tuple((name, _alike(value, name in shared)) for name, value in others)
+    return shape, tuple((name, _alike(value, name in shared), None if name in PADDED else _row_shape(f, value))
+                        for name, value in others)
+
+
+def _row_shape(f, value) -> tuple | None:
+    """The shape of one row of a per-sample tensor, read from the open file's header."""
+    if isinstance(value, dict) and TENSOR in value and value["per_sample"]:
+        return tuple(f.get_slice(value[TENSOR]).get_shape())[1:]
+    return None
 
 
 def _alike(value, shared: bool = False):
