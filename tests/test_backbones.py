@@ -583,10 +583,11 @@ def test_qwenimage21_rope_puts_coarse_patches_at_centres_and_keeps_the_prefix():
 
 
 @torch.no_grad()
-def test_qwenimage21_kv_cache_serves_every_size_and_each_group_of_rows():
-    """The pipeline's KV cache holds the prefix (text, condition image) from the first step: the prefix does not
-    depend on the target (block-causal attention), so a cache filled at one size serves steps at any other; a
-    batch run in groups fills its rows group by group (``CacheRows``)."""
+def test_qwenimage21_kv_cache_keeps_a_prefix_per_size_and_each_group_of_rows():
+    """The pipeline's KV cache holds the prefix (text, condition image) from the first step. The prefix does not
+    depend on the target (block-causal attention), but it does on the size's LoRA, which runs on every token: each
+    size keeps its own, filled at its first call ("cached" then runs as "extract"); a batch run in groups fills
+    its rows group by group (``CacheRows``). Outputs are those without a cache, with trained LoRA weights."""
     from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
 
     from ddit.backbones.qwenimage21 import CacheRows
@@ -594,20 +595,21 @@ def test_qwenimage21_kv_cache_serves_every_size_and_each_group_of_rows():
     torch.manual_seed(0)
     backbone, inputs = qwenimage21(condition=(4, 6))
     model = MultiPatchTransformer(_randomize(backbone))
+    for p in model.trainable_parameters():  # LoRA B starts at zero: as if trained
+        torch.nn.init.normal_(p, std=0.05)
     full = {size: model.generated(model(**inputs, patch_size=size).sample, **inputs) for size in (1, 2, 4)}
-    for first, later in ((4, 1), (1, 2), (2, 4)):
-        cache = QwenImage21KVCache(2)
-        extracted = model(**inputs, patch_size=first, kv_cache=cache, kv_cache_mode="extract").sample
-        torch.testing.assert_close(model.generated(extracted, **inputs), full[first])
-        cached = model(**inputs, patch_size=later, kv_cache=cache, kv_cache_mode="cached").sample
-        assert cached.shape[1] == 64
-        torch.testing.assert_close(cached, full[later])
     cache = QwenImage21KVCache(2)
-    for row, size in ((1, 2), (0, 4)):
+    for step, size in enumerate((4, 1, 4, 2, 1, 2)):
+        out = model(**inputs, patch_size=size, kv_cache=cache, kv_cache_mode="cached" if step else "extract").sample
+        torch.testing.assert_close(model.generated(out, **inputs), full[size])
+        assert out.shape[1] == (64 if step in (2, 4, 5) else 5 + 24 + 64)  # all tokens where a size fills its cache
+    cache = QwenImage21KVCache(2)
+    for row in (1, 0):
         alone = {k: [v[row]] if k == "img_shapes" else v[row:row + 1] for k, v in inputs.items()}
-        rows = CacheRows(cache, torch.tensor([row]), B)
-        model(**alone, patch_size=size, kv_cache=rows, kv_cache_mode="extract")
-    torch.testing.assert_close(model(**inputs, kv_cache=cache, kv_cache_mode="cached").sample, full[1])
+        model(**alone, patch_size=2, kv_cache=CacheRows(cache, torch.tensor([row]), B), kv_cache_mode="extract")
+    cached = model(**inputs, patch_size=2, kv_cache=cache, kv_cache_mode="cached").sample
+    assert cached.shape[1] == 64
+    torch.testing.assert_close(cached, full[2])
 
 
 def test_qwenimage_refuses_the_layered_model_and_images_of_several_frames():

@@ -109,6 +109,9 @@ def test_push_to_hub_uploads_what_from_pretrained_reads_back(hub, tmp_path, monk
     assert card.data.base_model == "black-forest-labs/FLUX.1-dev" and "FluxTransformer2DModel" in card.data.tags
     assert 'ddit.enable(pipe, "someone/tiny-flux-ddit"' in card.text and "patch sizes 4 and 8" in card.text
 
+    with pytest.raises(ValueError, match="is not a Hub repository id"):  # before anything is uploaded
+        adapter.push_to_hub("someone/tiny-flux-ddit", base_model="./runs/flux/pipeline")
+    assert len(calls) == 2
     monkeypatch.setattr(huggingface_hub.HfApi, "file_exists", lambda self, repo_id, name: name == "README.md")
     shutil.rmtree(tmp_path / "uploaded")
     adapter.push_to_hub("someone/tiny-flux-ddit")  # a card already there (perhaps edited) stays

@@ -50,6 +50,20 @@ def test_the_twin_integrates_the_pipelines_own_outputs_in_float32_and_leaves_its
         assert "step" not in vars(scheduler)
 
 
+def test_the_twin_replaces_the_latent_where_a_call_holds_it_first_or_last_among_its_tokens():
+    """Most pipelines pass the latent first (Flux's edits append reference tokens); Qwen-Image 2.1 appends it after
+    its condition images' tokens."""
+    scheduler, precise = FlowMatchEulerDiscreteScheduler(), PreciseLatents()
+    precise.watch(scheduler)
+    scheduler.set_timesteps(STEPS)
+    z = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    z = scheduler.step(velocity(z, 0), scheduler.timesteps[0], z, return_dict=False)[0]
+    twin, condition = precise._latent, torch.zeros(2, 6, 4, dtype=torch.bfloat16)
+    torch.testing.assert_close(precise.latent_for(torch.cat([z, condition], 1)), torch.cat([twin, condition], 1))
+    torch.testing.assert_close(precise.latent_for(torch.cat([condition, z], 1)), torch.cat([condition, twin], 1))
+    assert not torch.equal(twin, z.float()) and precise.latent_for(torch.cat([condition, z + 1], 1)) is None
+
+
 def test_third_differences_of_the_twin_are_not_rounding_noise():
     """The policies' signal on a smooth flow: bf16 latents bury it under rounding, the twin's keep it."""
     z0 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)

@@ -54,15 +54,17 @@ def generate(pipe, steps=STEPS, **kwargs):
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, -2:] = 0
     return pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
-                negative_prompt_embeds_mask=torch.ones(2, 7, dtype=torch.long), true_cfg_scale=3.0, height=256,
-                width=256, num_inference_steps=steps, output_type="latent",
-                generator=torch.Generator().manual_seed(0), **kwargs).images
+                negative_prompt_embeds_mask=torch.ones(2, 7, dtype=torch.long), true_cfg_scale=3.0,
+                num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(0),
+                **{"height": 256, "width": 256, **kwargs}).images
 
 
 @torch.no_grad()
 def test_base_size_is_stock_and_the_kv_cache_changes_nothing_at_mixed_sizes(pipe):
     stock = generate(pipe)
     adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    for p in adapter.trainable_parameters():  # LoRA B starts at zero: as if trained, so that a size's LoRA counts
+        torch.nn.init.normal_(p, std=0.05)
     ddit.enable(pipe, adapter, policy="baseline")
     assert torch.equal(generate(pipe), stock)
     ddit.disable(pipe)
@@ -78,7 +80,7 @@ def test_base_size_is_stock_and_the_kv_cache_changes_nothing_at_mixed_sizes(pipe
 
 @torch.no_grad()
 def test_caches_skip_steps_in_the_pipeline(pipe):
-    """The first step runs the whole sequence (and fills the KV cache), the later ones the target alone: the
+    """A size's first step runs the whole sequence (and fills its KV cache), its later ones the target alone: the
     caches take the second step's sequence as new, as they take a new size's."""
     adapter = ddit.MultiPatchTransformer(pipe.transformer)
     for cache in (TeaCache(delta=1e9, coefficients="flux1-dev"), TaylorSeer(interval=2, order=1, warmup=1)):
@@ -86,7 +88,8 @@ def test_caches_skip_steps_in_the_pipeline(pipe):
         assert generate(pipe, steps=6).isfinite().all()
         cached = [r["cached"] for r in ddit.summary(pipe).records if r["branch"] == "cond" and r["sample"] == 0]
         ddit.disable(pipe)
-        assert cached == [False, False, True, False, True, False]
+        # TeaCache computes the last step, TaylorSeer forecasts it
+        assert cached == [False, False, True, False, False, not isinstance(cache, TeaCache)]
 
 
 class Prompted:
@@ -132,3 +135,17 @@ def test_recorded_calls_replay_without_the_kv_cache_and_distil_in_batches_of_one
         model.detach()
     report = json.loads((tmp_path / "run" / "distill.json").read_text())
     assert report["steps"] == 2 and torch.isfinite(torch.tensor(report["losses"])).all()
+
+
+def test_a_resolution_whose_coarse_target_does_not_fill_its_slots_is_refused_at_the_first_call(pipe):
+    """320x320: a 20x20 latent, which sizes 2 and 4 divide, but at size 4 a 5x5 target: 25 tokens, not slots of 4."""
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
+    calls = []
+    handle = pipe.transformer.adapter.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="5x5 tokens at patch size 4, which does not fill"):
+            generate(pipe, height=320, width=320)
+    finally:
+        handle.remove()
+        ddit.disable(pipe)
+    assert not calls  # before any step ran

@@ -30,6 +30,7 @@ def test_base_size_is_stock_and_each_step_is_decided_once(folder):
     stock = generate(pipe, kind)
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
     assert torch.equal(generate(pipe, kind), stock)
+    assert torch.equal(generate(pipe, kind), stock)  # again: diffusion forcing copies the watched scheduler
     ddit.disable(pipe)
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="fixed", fraction=0.4)
     coarse = generate(pipe, kind)

@@ -29,10 +29,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 
-from .backbones import Reference, patchify, spec_for, unpatchify
+from .backbones import BackboneSpec, Reference, patchify, spec_for, unpatchify
 from .checkpoint import CheckpointError
 from .sharding import sharded_like, whole
-from .weights import load_safetensors, local_or_hub
+from .weights import REPO_ID, load_safetensors, local_or_hub
 
 CONFIG_NAME = "multipatch_config.json"
 WEIGHTS_NAME = "multipatch.safetensors"
@@ -265,11 +265,16 @@ class MultiPatchTransformer(nn.Module):
                 raise ValueError(f"{type(self.backbone).__name__} needs a square latent, not {h}x{w}")
         if base:
             self._use_lora(None)
+            if type(self.spec).sized is not BackboneSpec.sized:
+                given = self._signature.bind(*args, **kwargs)
+                given.arguments.update(self.spec.sized(given.arguments, self.base_patch_size))
+                args, kwargs = given.args, given.kwargs
             return self.backbone(*args, **kwargs)
 
         given = self._signature.bind(*args, **kwargs)
         given.apply_defaults()
         given = given.arguments
+        given.update(self.spec.sized(given, patch_size))
         refused = [name for name in self.spec.unsupported if given.get(name) is not None]
         refused += image_prompts(given)
         if refused:
@@ -430,6 +435,9 @@ class MultiPatchTransformer(nn.Module):
 
         from .hub_card import adapter_card
 
+        if base_model is not None and not REPO_ID.fullmatch(base_model):
+            raise ValueError(f"base_model={base_model!r} is not a Hub repository id (owner/name): the card's metadata "
+                             "names the Hub model the adapter was distilled for; pass its id, or none")
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as folder:

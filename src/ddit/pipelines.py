@@ -196,6 +196,7 @@ class DynamicPatchTransformer(nn.Module):
             raise ValueError(f"patch sizes {', '.join(map(str, sizes))} need a latent whose height and width are "
                              f"multiples of {sizes[-1]}, not {h}x{w}: use an image height and width that are "
                              f"multiples of {multiple}{binned}")
+        self.adapter.spec.check_sizes(tuple(latent.shape[2:]), tuple(sizes))
 
 
 def _cut(value, idx: torch.Tensor, rows: int, listed: bool = False, blocked: bool = False):
@@ -266,8 +267,14 @@ def _placed_layer_by_layer(module: nn.Module) -> bool:
 
 def offload_onto(pipe, device: torch.device | str) -> None:
     """``pipe.enable_model_cpu_offload(device=device)``, onto that very device: diffusers reads GPU index 0 as
-    unset and keeps an earlier offload's index, so a pipeline offloaded onto cuda:1 would stay there."""
-    pipe._offload_gpu_id = torch.device(device).index or 0
+    unset and keeps an earlier offload's index, so a pipeline offloaded onto cuda:1 would stay there (and reads a
+    bare "cuda" as that index too, where torch reads the current device)."""
+    device = torch.device(device)
+    index = device.index
+    if index is None:  # a bare "cuda" is the current device, as torch reads it
+        current = getattr(getattr(torch, device.type, None), "current_device", None)
+        index = current() if device.type != "cpu" and current is not None else 0
+    pipe._offload_gpu_id = index
     pipe.enable_model_cpu_offload(device=device)
 
 

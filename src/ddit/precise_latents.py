@@ -12,6 +12,7 @@ Only deterministic schedulers are followed (a stochastic step would draw noise t
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 import weakref
 
@@ -32,12 +33,17 @@ class PreciseLatents:
         self._watched: weakref.WeakSet = weakref.WeakSet()
 
     def watch(self, scheduler) -> None:
-        """Wrap ``scheduler.step`` (once; a scheduler swapped in after ``enable`` is wrapped at its first use)."""
+        """Wrap ``scheduler.step`` (once; a scheduler swapped in after ``enable`` is wrapped at its first use).
+
+        The wrapper is bound to the scheduler, so that a copy the pipeline makes of it (SkyReels-V2's diffusion
+        forcing copies one per frame) steps itself, as its class does, and is not followed."""
         if scheduler is None or scheduler in self._watched or not hasattr(scheduler, "step"):
             return
         original = scheduler.step
 
-        def step(model_output, timestep, sample, *args, **kwargs):
+        def step(bound, model_output, timestep, sample, *args, **kwargs):
+            if bound is not scheduler:  # a deepcopy's rebound wrapper
+                return type(bound).step(bound, model_output, timestep, sample, *args, **kwargs)
             self._before(scheduler, sample, kwargs)
             out = original(model_output, timestep, sample, *args, **kwargs)
             if self._twin is not None:
@@ -48,7 +54,7 @@ class PreciseLatents:
                 self._rounded = rounded
             return out
 
-        scheduler.step = step
+        scheduler.step = types.MethodType(step, scheduler)
         self._watched.add(scheduler)
 
     def unwatch(self) -> None:
@@ -79,19 +85,22 @@ class PreciseLatents:
 
     def latent_for(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """``hidden`` (a transformer call's first argument) with the float32 latent in place of the rounded one
-        it holds at its start (its first rows, tokens and channels; every row block of a batched CFG call), or
-        None if it holds no rounded latent of the last step."""
+        it holds at its start (its first rows, tokens and channels; every row block of a batched CFG call) or at
+        the end of its tokens (Qwen-Image 2.1 puts condition images' tokens first), or None if it holds no rounded
+        latent of the last step."""
         rounded, latent = self._rounded, self._latent
-        if rounded is None or not torch.is_tensor(hidden) or hidden.ndim != rounded.ndim:
+        if rounded is None or not torch.is_tensor(hidden) or hidden.ndim != rounded.ndim or hidden.ndim < 2:
             return None
         if len(hidden) % len(rounded) or any(h < r for h, r in zip(hidden.shape[1:], rounded.shape[1:])):
             return None
-        lead = (slice(None), *(slice(0, r) for r in rounded.shape[1:]))
-        blocks = hidden.float().unflatten(0, (-1, len(rounded)))
-        if not torch.equal(hidden[: len(rounded)][lead], rounded):
-            return None
-        blocks[(slice(None), *lead)] = latent.to(blocks.device)
-        return blocks.flatten(0, 1)
+        rest = [slice(0, r) for r in rounded.shape[2:]]
+        tokens, count = hidden.shape[1], rounded.shape[1]
+        for where in ((slice(None), slice(0, count), *rest), (slice(None), slice(tokens - count, tokens), *rest)):
+            if torch.equal(hidden[: len(rounded)][where], rounded):
+                blocks = hidden.float().unflatten(0, (-1, len(rounded)))
+                blocks[(slice(None), *where)] = latent.to(blocks.device)
+                return blocks.flatten(0, 1)
+        return None
 
 
 def _deterministic(scheduler, kwargs: dict) -> bool:

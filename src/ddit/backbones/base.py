@@ -117,6 +117,15 @@ class BackboneSpec:
         ``arguments`` (by name)."""
         raise NotImplementedError(f"{type(self).__name__} lists teacache_blocks but computes no teacache_input")
 
+    def check_sizes(self, dims: tuple[int, ...], sizes: tuple[int, ...]) -> None:
+        """Refuse, at a pipeline's first call, a latent of ``dims`` that one of ``sizes`` cannot run (beyond their
+        dividing it, which the runtime checks)."""
+
+    def sized(self, arguments: dict, size: int) -> dict:
+        """Forward arguments (by name) that a call at patch ``size`` takes in place of the ones given: a state the
+        backbone keeps across calls that depends on the size (Qwen-Image 2.1's KV cache). None by default."""
+        return {}
+
     def cut(self, name: str, value, idx: torch.Tensor, rows: int):
         """Forward argument ``name`` for rows ``idx`` of ``rows``, where a batch runs in groups of one patch size;
         ``NotImplemented``: cut as tensors, and the lists and blocks this spec names, are cut."""

@@ -16,7 +16,7 @@ import math
 import torch
 from diffusers.models.transformers import transformer_qwenimage21 as qwen21
 
-from .base import BackboneSpec, unpatchify
+from .base import BackboneSpec, patchify, unpatchify
 
 SLOT = 4  # tokens per image slot of the joint sequence (qwen21._IMG_TOKENS_PER_SLOT)
 
@@ -35,11 +35,35 @@ class QwenImage21Spec(BackboneSpec):
     def base_layers(self):
         return self.model.img_in, self.model.proj_out
 
+    def check_sizes(self, dims, sizes):
+        rows, cols = dims[-2:]
+        base = self.base_patch_size
+        unfilled = [s for s in sizes if (rows // s) * (cols // s) % SLOT]
+        if unfilled:
+            raise ValueError(f"a {rows}x{cols} latent gives a target of {rows // unfilled[0]}x{cols // unfilled[0]} "
+                             f"tokens at patch size {unfilled[0]}, which does not fill Qwen-Image 2.1's slots of "
+                             f"{SLOT} tokens: use latent sides that are multiples of {2 * max(sizes) // base} (image "
+                             "sides in multiples of that times the VAE's 16 pixels), or leave that patch size out")
+
     def teacache_input(self, block, hidden, arguments):
         """The first norm's output modulated by the block's own ``_modulate`` (the text and condition images as at
         t = 0, the target at its timestep)."""
         modulation = arguments["modulation"].chunk(2, dim=-1)[0]
         return block._modulate(block.img_norm1(hidden), modulation, arguments.get("target_token_mask"))[0]
+
+    def sized(self, arguments, size):
+        """Each patch size keeps its own cache of the prefix: the size's LoRA runs on the prefix too, so its keys and
+        values differ by size. The first call of a size for rows whose prefix it holds none of fills it
+        ("extract": the backbone then returns the whole sequence's outputs, of which the pipeline keeps the
+        target's, as ever)."""
+        cache = arguments.get("kv_cache")
+        if cache is None:
+            return {}
+        if not isinstance(cache, CacheRows):
+            cache = CacheRows(cache, None, len(arguments["hidden_states"]))
+        cache, held = cache.at_size(size)
+        mode = arguments.get("kv_cache_mode")
+        return {"kv_cache": cache, "kv_cache_mode": "extract" if mode == "cached" and not held else mode}
 
     def cut(self, name, value, idx, rows):
         """The pipeline's KV cache, cut to the rows of a group (``CacheRows``)."""
@@ -64,7 +88,7 @@ class QwenImage21Spec(BackboneSpec):
     def pack(self, output, args):
         """Target tokens (B, tokens, C), after zeros where the backbone returns the prefix's outputs (all but in
         the KV cache's "cached" mode), which the pipeline drops."""
-        tokens = output.flatten(2).transpose(1, 2)
+        tokens = patchify(output, self.patch(self.base_patch_size))
         if args["kv_cache_mode"] == "cached":
             return tokens
         prefix = _joint_length(args["img_mask"]) - _target_tokens(args)
@@ -129,30 +153,47 @@ class QwenImage21Spec(BackboneSpec):
 
 
 class CacheRows:
-    """Rows ``idx`` of a pipeline's ``QwenImage21KVCache`` (of ``rows`` rows), for a group of samples that runs
-    apart from the others at another patch size: each group stores and reads its own rows of one cache."""
+    """Rows ``idx`` (None: all) of a pipeline's ``QwenImage21KVCache`` of ``rows`` rows: a group of samples that
+    runs apart from the others, at another patch size, stores and reads its own rows."""
 
-    def __init__(self, cache, idx: torch.Tensor, rows: int):
+    def __init__(self, cache, idx: torch.Tensor | None, rows: int):
         self.cache, self.idx, self.rows = cache, idx, rows
 
     def get_layer(self, index: int) -> "_LayerRows":
         return _LayerRows(self.cache.get_layer(index), self.idx, self.rows)
 
+    def at_size(self, size: int) -> tuple["CacheRows", bool]:
+        """These rows of the cache that patch ``size`` keeps beside the pipeline's (made at its first use), and
+        whether they hold the prefix already; they are taken as held from now on (the call about to run fills
+        them if not)."""
+        sizes = vars(self.cache).setdefault("ddit_sizes", {})
+        if size not in sizes:
+            layers = len(self.cache.layer_caches)
+            sizes[size] = qwen21.QwenImage21KVCache(layers), torch.zeros(self.rows, dtype=torch.bool)
+        cache, held = sizes[size]
+        rows = slice(None) if self.idx is None else self.idx
+        filled = bool(held[rows].all())
+        held[rows] = True
+        return CacheRows(cache, self.idx, self.rows), filled
+
 
 class _LayerRows:
-    def __init__(self, layer, idx: torch.Tensor, rows: int):
+    def __init__(self, layer, idx: torch.Tensor | None, rows: int):
         self.layer, self.idx, self.rows = layer, idx, rows
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        layer, idx = self.layer, self.idx.to(k.device)
+        layer = self.layer
+        if self.idx is None:
+            layer.store(k, v)
+            return
         if layer.k is None or layer.k.shape != (self.rows, *k.shape[1:]):
             layer.k, layer.v = k.new_zeros(self.rows, *k.shape[1:]), v.new_zeros(self.rows, *v.shape[1:])
+        idx = self.idx.to(k.device)
         layer.k[idx], layer.v[idx] = k, v
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.layer.get()
-        idx = self.idx.to(k.device)
-        return k[idx], v[idx]
+        return (k, v) if self.idx is None else (k[self.idx.to(k.device)], v[self.idx.to(v.device)])
 
 
 def _after(mask: torch.Tensor | None, start: int) -> torch.Tensor | None:
