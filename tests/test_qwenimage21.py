@@ -79,6 +79,19 @@ def test_base_size_is_stock_and_the_kv_cache_changes_nothing_at_mixed_sizes(pipe
 
 
 @torch.no_grad()
+def test_several_images_per_prompt_run_apart_with_their_own_cache_rows(pipe):
+    """num_images_per_prompt=2: four latents under two prompts' img_mask rows (samples share one layout)."""
+    adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    for p in adapter.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    ddit.enable(pipe, adapter, policy=SplitPolicy(coarse=2, early=3))
+    cached, recomputed = (generate(pipe, num_images_per_prompt=2, use_kv_cache=cache) for cache in (True, False))
+    ddit.disable(pipe)
+    assert cached.shape[0] == 4
+    torch.testing.assert_close(cached, recomputed)
+
+
+@torch.no_grad()
 def test_caches_skip_steps_in_the_pipeline(pipe):
     """A size's first step runs the whole sequence (and fills its KV cache), its later ones the target alone: the
     caches take the second step's sequence as new, as they take a new size's."""

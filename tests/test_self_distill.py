@@ -28,7 +28,8 @@ PROMPTS = ["a red circle", "blue stripes on white"]
 #: and Z-Image never pad: their text is not cut. HunyuanVideo 1.5's call takes no max_sequence_length; Wan 2.1
 #: I2V's blocks take the last 512 text tokens as the text.
 SHORT_TEXT = {"flux": 16, "flux2": 16, "chroma": 16, "qwenimage": 512, "zimage": 512, "sd3": 16, "wan": 16,
-              "wan22": 16, "wan22-i2v": 16, "pixart": 16, "sana": 16, "ltx": 16, "skyreels": 16, "skyreels-df": 16}
+              "wan22": 16, "wan22-i2v": 16, "pixart": 16, "sana": 16, "ltx": 16, "skyreels": 16,
+              "skyreels-df": 16}
 CONFIG = DistillConfig(steps=2, batch_size=2, num_inference_steps=None, timestep_scale=None)
 #: An image-to-video pipeline's first frame, which each of its prompts carries (a .jsonl prompts file's image:
 #: tests/test_image_prompts.py).
@@ -418,11 +419,12 @@ def test_an_image_to_video_pipeline_without_images_and_unrecordable_call_values_
     assert not any(tmp_path.iterdir())
 
 
-def test_wan21_image_to_video_keeps_its_512_text_tokens(folders, tmp_path):
-    """diffusers' Wan attention takes all but the last 512 context tokens as the image's: shorter text would
-    silently send image tokens through the text projections."""
+@pytest.mark.parametrize("kind", ["wan-i2v", "skyreels-i2v"])
+def test_wan21_image_to_video_keeps_its_512_text_tokens(kind, folders, tmp_path):
+    """diffusers' Wan attention (and SkyReels-V2's) takes all but the last 512 context tokens as the image's:
+    shorter text would silently send image tokens through the text projections."""
     prompts = [Prompt(p, FIRST_FRAME) for p in PROMPTS]
     with pytest.raises(ValueError, match="keep max_sequence_length at 512"):
-        self_distill(load(folders["wan-i2v"]), prompts, tmp_path, config=CONFIG, progress=False,
-                     call={**TINY_CALL["wan-i2v"], "max_sequence_length": 16})
+        self_distill(load(folders[kind]), prompts, tmp_path, config=CONFIG, progress=False,
+                     call={**TINY_CALL[kind], "max_sequence_length": 16})
     assert not any(tmp_path.iterdir())

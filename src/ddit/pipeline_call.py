@@ -299,9 +299,11 @@ def check_call(pipe, call: dict, prompts: Sequence[Prompt] = (), sets: Sequence[
                          'its own in a .jsonl prompts file, one object per line, e.g. {"prompt": "a cat", '
                          f'"{needed[0]}": {value}}}, or one value for all with --pipeline-arg NAME=VALUE')
     transformer = getattr(pipe, "transformer", None)
-    if (type(transformer).__name__ == "WanTransformer3DModel" and transformer.config.get("added_kv_proj_dim")
-            and call.get("max_sequence_length", 512) != 512):  # diffusers' WanAttnProcessor splits at 512
-        raise ValueError("Wan 2.1 image-to-video's blocks take the last 512 text tokens as the text and the ones "
+    family = {"WanTransformer3DModel": "Wan 2.1", "SkyReelsV2Transformer3DModel": "SkyReels-V2"}.get(
+        type(transformer).__name__)
+    if (family and transformer.config.get("added_kv_proj_dim")
+            and call.get("max_sequence_length", 512) != 512):  # diffusers' attention processors split at 512
+        raise ValueError(f"{family} image-to-video's blocks take the last 512 text tokens as the text and the ones "
                          "before as the image's: keep max_sequence_length at 512 (drop the option)")
     for name, value in call.items():
         try:

@@ -1,6 +1,7 @@
 """Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, Z-Image, SD3, PixArt-Sigma, Sana,
 HunyuanImage 2.1, Wan 2.1 and Wan 2.2 with its two experts, each also as image-to-video, HunyuanVideo 1.5,
-LTX-Video, SkyReels-V2 and its diffusion forcing), made offline, that stock diffusers loads.
+LTX-Video, SkyReels-V2, also image-to-video, and its diffusion forcing), made offline, that stock diffusers
+loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt (and a first frame) without
 downloading a model, and to test it on the same folders a user would hand it.
@@ -66,6 +67,7 @@ from diffusers import (
     SanaTransformer2DModel,
     SD3Transformer2DModel,
     SkyReelsV2DiffusionForcingPipeline,
+    SkyReelsV2ImageToVideoPipeline,
     SkyReelsV2Pipeline,
     SkyReelsV2Transformer3DModel,
     StableDiffusion3Pipeline,
@@ -78,7 +80,7 @@ from diffusers import (
 )
 
 KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "hunyuanimage", "wan", "wan-i2v",
-         "wan22", "wan22-i2v", "hunyuanvideo15", "ltx", "skyreels", "skyreels-df")
+         "wan22", "wan22-i2v", "hunyuanvideo15", "ltx", "skyreels", "skyreels-i2v", "skyreels-df")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
@@ -99,6 +101,7 @@ TINY_CALL = {
     "hunyuanvideo15": dict(height=2 * SIDE, width=2 * SIDE, num_frames=5),  # its VAE's factor 16: 16x16, 2 frames
     "ltx": dict(height=SIDE // 2, width=SIDE // 2, num_frames=9),  # its tiny VAE: 4x in space and time, 16x16x3
     "skyreels": dict(height=SIDE, width=SIDE, num_frames=5),  # Wan's VAE: 2 latent frames
+    "skyreels-i2v": dict(height=SIDE, width=SIDE, num_frames=5),  # call it with an image too
     "skyreels-df": dict(height=SIDE, width=SIDE, num_frames=5),  # diffusion forcing: a timestep per latent frame
 }
 CLIP_LENGTH = 77  # the CLIP tokenizers' model_max_length, as in every real checkpoint
@@ -388,21 +391,32 @@ def _wan(tf, two_experts: bool = False, image_to_video: bool = False) -> Diffusi
     return WanPipeline(**shared)
 
 
-def _skyreels(tf, diffusion_forcing: bool = False) -> DiffusionPipeline:
+def _skyreels(tf, diffusion_forcing: bool = False, image_to_video: bool = False) -> DiffusionPipeline:
     """SkyReels-V2: Wan 2.1's text encoder, VAE and blocks, under UniPC with flow sigmas as its checkpoints have it.
     Its diffusion forcing pipeline gives each latent frame its own timestep, and passes an fps flag that the
-    transformer embeds (``inject_sample_info``, as the DF checkpoints set it); its text-to-video one passes none."""
+    transformer embeds (``inject_sample_info``, as the DF checkpoints set it); its text-to-video one passes none.
+    Image-to-video: Wan 2.1 I2V's layout (the image's latent and a mask after the noisy latent, CLIP image tokens
+    the blocks attend to), its CLIP encoder with a projection, behind a CLIPProcessor."""
     tokenizer = _t5_tokenizer(tf, 226)
     transformer = wake_zeros(SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
-        inject_sample_info=diffusion_forcing))
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36 if image_to_video else 16,
+        out_channels=16, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+        inject_sample_info=diffusion_forcing, image_dim=8 if image_to_video else None,
+        added_kv_proj_dim=24 if image_to_video else None))
     vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    shared = dict(tokenizer=tokenizer, text_encoder=_t5_encoder(tf, tokenizer, 16, umt5=True), vae=vae,
+                  scheduler=scheduler, transformer=transformer)
+    if image_to_video:
+        encoder = tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(
+            hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+            patch_size=14, projection_dim=8))
+        images = tf.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        processor = tf.CLIPProcessor(image_processor=images, tokenizer=_clip_tokenizer(tf))
+        return SkyReelsV2ImageToVideoPipeline(image_encoder=encoder, image_processor=processor, **shared)
     pipeline = SkyReelsV2DiffusionForcingPipeline if diffusion_forcing else SkyReelsV2Pipeline
-    return pipeline(tokenizer=tokenizer, text_encoder=_t5_encoder(tf, tokenizer, 16, umt5=True), vae=vae,
-                    scheduler=scheduler, transformer=transformer)
+    return pipeline(**shared)
 
 
 def _hunyuanvideo15(tf) -> DiffusionPipeline:
@@ -481,6 +495,7 @@ _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qw
              "wan22": partial(_wan, two_experts=True),
              "wan22-i2v": partial(_wan, two_experts=True, image_to_video=True), "hunyuanvideo15": _hunyuanvideo15,
              "ltx": _ltx, "hunyuanimage": _hunyuanimage, "skyreels": _skyreels,
+             "skyreels-i2v": partial(_skyreels, image_to_video=True),
              "skyreels-df": partial(_skyreels, diffusion_forcing=True)}
 
 
