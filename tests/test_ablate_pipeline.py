@@ -203,10 +203,11 @@ def test_diffusers_cache_hooks_and_teacache_are_rows_of_a_flux_pipeline_ablation
     assert "diffusers' cache hooks run in pipeline ablations only (--pipeline)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["wan", "wan22"])
+@pytest.mark.parametrize("kind", ["wan", "wan22", "skyreels-df"])
 def test_a_video_pipeline_is_compared_frame_by_frame(kind, tmp_path):
     """Wan 2.2's second expert takes its adapter from the folder's transformer_2 subfolder: with every step coarse,
-    its steps (the later half here) run coarse too."""
+    its steps (the later half here) run coarse too. SkyReels-V2's diffusion forcing steps per-frame copies of its
+    scheduler."""
     from diffusers import DiffusionPipeline
 
     from ddit import MultiPatchTransformer
