@@ -14,7 +14,7 @@ from ddit.caches import (
     Cache, Group, TaylorSeer, TeaCache, available_caches, delta_for_share, get_cache, load_teacache_fit,
     skipped_share, write_teacache_fit,
 )
-from ddit.caches.teacache import skipped_steps
+from ddit.caches.teacache import least_step, skipped_steps
 from ddit.policies import FixedPolicy, PatchPolicy
 from ddit.sampling import sample
 from ddit.testbed.base_model import build_base_model, generate
@@ -150,6 +150,14 @@ def test_docs_examples_run():
     namespace = {}
     for block in re.findall(r"```python\n(.*?)```", docs, flags=re.S):
         exec(block, namespace)
+
+
+def test_published_fits_come_with_their_delta_which_can_skip():
+    for name, delta in (("flux1-dev", 0.4), ("ltx-video-0.9.1", 0.05)):
+        cache = TeaCache(coefficients=name)
+        assert cache.delta == delta and len(cache.coefficients) == 5 and least_step(cache.coefficients) < delta
+    with pytest.raises(ValueError, match="neither a published fit .*flux1-dev, ltx-video-0.9.1"):
+        TeaCache(coefficients="ltx-video")
 
 
 def test_teacache_without_a_fit_for_the_model_refuses_before_sampling(model):
