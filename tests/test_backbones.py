@@ -10,6 +10,7 @@ from diffusers import (
     ChromaTransformer2DModel,
     DiTTransformer2DModel,
     Flux2Transformer2DModel,
+    Flux3Transformer2DModel,
     FluxTransformer2DModel,
     HunyuanImageTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
@@ -144,6 +145,30 @@ def wan_i2v():
                                   image_dim=8, added_kv_proj_dim=24)
     return model, dict(hidden_states=torch.randn(B, 12, 3, 16, 8), encoder_hidden_states=torch.randn(B, 512, 16),
                        encoder_hidden_states_image=torch.randn(B, 6, 8), timestep=torch.tensor([10, 900]))
+
+
+def flux3(condition: bool = False, flow_map: bool = False):
+    """FLUX.3: packed tokens of an 8x4 grid with (t, h, w, l) ids, text ids along l; ``condition``: a 4x4
+    reference image as its own argument; ``flow_map``: a step-distilled model, given the step's target."""
+    model = Flux3Transformer2DModel(in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=2,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                    timestep_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4),
+                                    flow_map=flow_map)
+    text_ids = torch.zeros(5, 4)
+    text_ids[:, 3] = torch.arange(5)
+    inputs = dict(hidden_states=torch.randn(B, 32, 16), encoder_hidden_states=torch.randn(B, 5, 16),
+                  timestep=torch.tensor([0.01, 0.9]), img_ids=_ids4(8, 4), txt_ids=text_ids)
+    if condition:
+        inputs.update(image_cond_hidden_states=torch.randn(B, 16, 16), image_cond_ids=_ids4(4, 4, first=10))
+    if flow_map:
+        inputs["target_timestep"] = torch.tensor([0.0, 0.7])
+    return model, inputs
+
+
+def _ids4(h, w, first=0):
+    ids = torch.zeros(h, w, 4)
+    ids[..., 0], ids[..., 1], ids[..., 2] = first, torch.arange(h)[:, None], torch.arange(w)[None]
+    return ids.reshape(-1, 4)
 
 
 def qwenimage21(condition: tuple[int, int] | None = None):
@@ -286,7 +311,8 @@ def qwenimage_edit2511():
 
 
 FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux, "flux2": flux2, "chroma": chroma,
-            "qwenimage": qwenimage, "qwenimage21": qwenimage21,
+            "qwenimage": qwenimage, "qwenimage21": qwenimage21, "flux3": flux3,
+            "flux3_reference_flow_map": partial(flux3, condition=True, flow_map=True),
             "qwenimage21_edit": partial(qwenimage21, condition=(4, 6)), "wan": wan, "wan_i2v": wan_i2v,
             "skyreels": skyreels, "skyreels_df": skyreels_df, "hunyuanvideo15": hunyuanvideo15, "ltx": ltx,
             "hunyuanimage": hunyuanimage, "hunyuanimage_refiner": hunyuanimage_refiner,
@@ -299,6 +325,7 @@ FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux
 LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sana": 2 * 10, "sd3": 2 * 6, "flux": 6 + 5, "flux2": 6 + 2,
                "chroma": 2 * (6 + 5), "qwenimage": 2 * 6, "wan": 2 * 10, "wan_i2v": 2 * 10, "hunyuanvideo15": 2 * 6,
                "skyreels": 2 * 10, "skyreels_df": 2 * 10, "qwenimage21": 2 * 7, "qwenimage21_edit": 2 * 7,
+               "flux3": 3 * 6, "flux3_reference_flow_map": 3 * 6,
                "ltx": 2 * 10, "zimage": 3 * 7, "flux_kontext": 6 + 5, "flux2_references": 6 + 2,
                "chroma_reference": 2 * (6 + 5), "qwenimage_edit": 2 * 6, "qwenimage_edit2511": 2 * 6,
                "hunyuanimage": 6 + 5, "hunyuanimage_refiner": 6 + 5}
@@ -335,7 +362,7 @@ def test_lora_sits_on_every_block_attention_and_feed_forward(family):
     layers = [n for n, m in model.backbone.named_modules() if m in model._lora_layers]
     assert len(layers) == LORA_LAYERS[name]
     assert all(n.split(".")[0] in ("transformer_blocks", "single_transformer_blocks", "blocks", "layers",
-                                   "noise_refiner") for n in layers)
+                                   "noise_refiner", "mode_blocks") for n in layers)
     assert all(set(layer.lora_A) == {f"patch{s}" for s in model.patch_sizes[1:]} for layer in model._lora_layers)
 
 
@@ -580,6 +607,16 @@ def test_qwenimage21_rope_puts_coarse_patches_at_centres_and_keeps_the_prefix():
         patches = fine.reshape(grid, s, grid, s, -1).permute(0, 2, 1, 3, 4).reshape(grid * grid, s * s, -1)
         assert torch.equal(coarse[:prefix], seen[0][:prefix]) and len(coarse) == prefix + grid * grid
         assert torch.allclose(coarse[prefix:] ** (s * s), patches.prod(1), atol=1e-4)
+
+
+def test_flux3_feature_caches_are_refused_before_any_step():
+    """Its per-mode blocks run beside the block lists the caches stand in for: refused, naming the blocks."""
+    from ddit.caches import TaylorSeer, TeaCache
+
+    model = MultiPatchTransformer(flux3()[0])
+    for cache in (TaylorSeer(), TeaCache(coefficients="flux1-dev")):
+        with pytest.raises(ValueError, match="Flux3SingleTransformerBlock"):
+            cache.check(model)
 
 
 @torch.no_grad()
@@ -891,6 +928,8 @@ def test_teacache_watches_what_the_first_blocks_attention_receives(family):
     name, model, inputs, _ = family
     if name.startswith(("wan", "skyreels")):
         pytest.skip("Wan and SkyReels-V2: the timestep projection, not an attention input")
+    if name.startswith("flux3"):
+        pytest.skip("FLUX.3: ddit's caches are refused (test_flux3_feature_caches_are_refused_before_any_step)")
     spec, block = watched_spec(model), blocks_of(model)[0]
     attention = next(getattr(block, n) for n in ("attn1", "attn", "attention") if hasattr(block, n))
     signature, watched, received = inspect.signature(block.forward), [], []

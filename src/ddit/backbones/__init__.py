@@ -15,6 +15,7 @@ from .chroma import ChromaSpec
 from .dit import DiTSpec
 from .flux import FluxSpec
 from .flux2 import Flux2Spec
+from .flux3 import Flux3Spec
 from .hunyuanimage import HunyuanImageSpec
 from .hunyuanvideo15 import HunyuanVideo15Spec
 from .ltx import LTXVideoSpec
@@ -27,11 +28,11 @@ from .skyreels_v2 import SkyReelsV2Spec
 from .wan import WanSpec
 from .zimage import ZImageSpec
 
-BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SanaSpec, SD3Spec, FluxSpec, Flux2Spec,
+BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SanaSpec, SD3Spec, FluxSpec, Flux2Spec, Flux3Spec,
                                                  ChromaSpec, QwenImageSpec, QwenImage21Spec, WanSpec, HunyuanImageSpec,
                                                  HunyuanVideo15Spec, LTXVideoSpec, ZImageSpec, SkyReelsV2Spec)
 
-__all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "HunyuanImageSpec",
+__all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "Flux3Spec", "HunyuanImageSpec",
            "HunyuanVideo15Spec", "LTXVideoSpec", "PixArtSpec", "QwenImageSpec", "QwenImage21Spec", "Reference",
            "SanaSpec", "SD3Spec", "SkyReelsV2Spec", "WanSpec", "ZImageSpec", "as_batch", "patchify", "sincos_positions",
            "spec_for", "specs", "unpatchify"]
