@@ -615,8 +615,21 @@ def test_flux3_feature_caches_are_refused_before_any_step():
 
     model = MultiPatchTransformer(flux3()[0])
     for cache in (TaylorSeer(), TeaCache(coefficients="flux1-dev")):
-        with pytest.raises(ValueError, match="Flux3SingleTransformerBlock"):
+        with pytest.raises(ValueError, match="do not run on Flux3Transformer2DModel: its per-mode blocks"):
             cache.check(model)
+
+
+@torch.no_grad()
+def test_flux3_refuses_what_its_stock_forward_refuses_and_references_among_the_latents_tokens():
+    backbone, inputs = flux3(flow_map=True)
+    model = MultiPatchTransformer(backbone)
+    with pytest.raises(ValueError, match="required by, and only by, a flow-map transformer"):
+        model(**{**inputs, "target_timestep": None}, patch_size=4)
+    with pytest.raises(ValueError, match="go together"):
+        model(**inputs, image_cond_hidden_states=torch.randn(B, 16, 16), patch_size=4)
+    ids = torch.cat([inputs["img_ids"][:16], inputs["img_ids"][16:] + torch.tensor([1.0, 0, 0, 0])])
+    with pytest.raises(ValueError, match="takes reference images as image_cond_hidden_states"):
+        model(**{**inputs, "img_ids": ids}, patch_size=4)
 
 
 @torch.no_grad()

@@ -427,4 +427,7 @@ def test_wan21_image_to_video_keeps_its_512_text_tokens(kind, folders, tmp_path)
     with pytest.raises(ValueError, match="keep max_sequence_length at 512"):
         self_distill(load(folders[kind]), prompts, tmp_path, config=CONFIG, progress=False,
                      call={**TINY_CALL[kind], "max_sequence_length": 16})
+    own = [prompts[0], Prompt(PROMPTS[1], {**FIRST_FRAME, "max_sequence_length": 16})]  # a .jsonl prompt's own
+    with pytest.raises(ValueError, match="keep max_sequence_length at 512"):
+        self_distill(load(folders[kind]), own, tmp_path, config=CONFIG, progress=False, call=TINY_CALL[kind])
     assert not any(tmp_path.iterdir())

@@ -301,10 +301,12 @@ def check_call(pipe, call: dict, prompts: Sequence[Prompt] = (), sets: Sequence[
     transformer = getattr(pipe, "transformer", None)
     family = {"WanTransformer3DModel": "Wan 2.1", "SkyReelsV2Transformer3DModel": "SkyReels-V2"}.get(
         type(transformer).__name__)
-    if (family and transformer.config.get("added_kv_proj_dim")
-            and call.get("max_sequence_length", 512) != 512):  # diffusers' attention processors split at 512
+    lengths = {p.inputs.get("max_sequence_length", call.get("max_sequence_length", 512)) for p in prompts}
+    lengths.add(call.get("max_sequence_length", 512))
+    if family and transformer.config.get("added_kv_proj_dim") and lengths != {512}:  # diffusers splits at 512
         raise ValueError(f"{family} image-to-video's blocks take the last 512 text tokens as the text and the ones "
-                         "before as the image's: keep max_sequence_length at 512 (drop the option)")
+                         "before as the image's: keep max_sequence_length at 512 (drop the option, and the prompts "
+                         "file's)")
     for name, value in call.items():
         try:
             json.dumps(value)

@@ -395,7 +395,7 @@ def _skyreels(tf, diffusion_forcing: bool = False, image_to_video: bool = False)
     """SkyReels-V2: Wan 2.1's text encoder, VAE and blocks, under UniPC with flow sigmas as its checkpoints have it.
     Its diffusion forcing pipeline gives each latent frame its own timestep, and passes an fps flag that the
     transformer embeds (``inject_sample_info``, as the DF checkpoints set it); its text-to-video one passes none.
-    Image-to-video: Wan 2.1 I2V's layout (the image's latent and a mask after the noisy latent, CLIP image tokens
+    Image-to-video: Wan 2.1 I2V's layout (a mask and the image's latent after the noisy latent, CLIP image tokens
     the blocks attend to), its CLIP encoder with a projection, behind a CLIPProcessor."""
     tokenizer = _t5_tokenizer(tf, 226)
     transformer = wake_zeros(SkyReelsV2Transformer3DModel(

@@ -66,6 +66,8 @@ class BackboneSpec:
     #: Block class names whose TeaCache signal ``teacache_input`` computes, where their norm1 is no adaLN-zero norm
     #: (whose output TeaCache reads itself); a stack starting with another block refuses TeaCache.
     teacache_blocks: tuple[str, ...] = ()
+    #: Why ddit's feature caches cannot run on this family, if they cannot (refused before any step).
+    caches_refused: str = ""
     #: Whether this family's stock pipelines may batch CFG branches in one call; the packed-token families'
     #: pipelines (FLUX, Chroma, Qwen-Image) call once per branch, even where they say they guide (Chroma).
     batched_cfg: bool = True

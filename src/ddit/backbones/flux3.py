@@ -5,7 +5,8 @@ Image, reference-image and text tokens first run their own blocks apart, then jo
 per token: the image's at its timestep, the references' and the text's at t = 0. Reference images
 come as their own argument (``image_cond_hidden_states``, with their own embedder and ids): they
 keep their grid at every size. ddit's feature caches are refused (the per-mode blocks run beside
-the block lists they read).
+the block lists they read). diffusers 0.42 runs FLUX.3 in modular pipelines only (``Flux3ModularPipeline``,
+one transformer call per CFG branch), which ``ddit.enable`` does not take.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class Flux3Spec(FluxSpec):
     model_class = "Flux3Transformer2DModel"
     unsupported = ()
     unbatched = ("img_ids", "txt_ids", "image_cond_ids")
-    batched_cfg = True  # no stock pipeline in diffusers 0.42 says: the runtime tells CFG rows by their identical halves
+    caches_refused = "its per-mode blocks run beside the block lists ddit's feature caches stand in for"
     # the image's own blocks and the joint blocks: attention and feed-forward
     lora_target = (r"(mode_blocks\.image|single_transformer_blocks)\.\d+\."
                    r"(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.(linear_in|linear_out))")
@@ -28,8 +29,19 @@ class Flux3Spec(FluxSpec):
     def base_layers(self):
         return self.model.x_embedders["image"], self.model.proj_out
 
+    def references(self, args):
+        """None among the latent's tokens: FLUX.3 takes reference images as ``image_cond_hidden_states``."""
+        if super().references(args):
+            raise ValueError("img_ids place several images among hidden_states; FLUX.3 takes reference images as "
+                             "image_cond_hidden_states (with image_cond_ids), as its pipelines pass them")
+        return []
+
     def forward(self, tokens, grid, scale, args, references=()):
         m, dtype, (b, n) = self.model, tokens.dtype, tokens.shape[:2]
+        if (args["target_timestep"] is not None) != bool(m.config.flow_map):  # the stock forward's own checks
+            raise ValueError("`target_timestep` is required by, and only by, a flow-map transformer (`flow_map=True`).")
+        if (args["image_cond_hidden_states"] is None) != (args["image_cond_ids"] is None):
+            raise ValueError("`image_cond_hidden_states` and `image_cond_ids` go together.")
         time = self._embedding(args["timestep"].to(dtype) * 1000, dtype)
         rest = self._embedding(tokens.new_zeros(b), dtype)
         if args["target_timestep"] is not None:  # a flow map: the step's target, added to every mode's embedding

@@ -123,6 +123,8 @@ def check_stack(model: nn.Module) -> None:
     backbone = model.backbone if isinstance(model, MultiPatchTransformer) else model
     blocks = blocks_of(backbone)
     kinds, spec = sorted({type(b).__name__ for b in blocks}), spec_for(backbone)
+    if spec.caches_refused:
+        raise ValueError(f"ddit's feature caches do not run on {type(backbone).__name__}: {spec.caches_refused}")
     if spec.single_stream:
         if len(kinds) != 1:
             raise ValueError(f"a single-stream stack runs as one call of one kind of block; "
