@@ -60,6 +60,21 @@ def test_without_an_index_a_new_timestep_is_a_step_and_a_higher_one_a_new_genera
     assert len(runtime.records) == 2  # its records only, one per sample
 
 
+def test_without_an_index_a_branch_that_calls_again_at_the_same_timestep_starts_a_step():
+    """SkyReels-V2's diffusion forcing steps copies of its scheduler (no index) and gives integer timesteps,
+    which repeat where a long schedule's steps lie closer than 1 apart: its cond call coming again is the next
+    step, not a third call of this one."""
+    policy = Recorder()
+    runtime = PatchRuntime(policy, (2, 4))
+    x = torch.randn(1, 4, 8, 8)
+    for t in (999.0, 999.0, 998.0):
+        runtime(call(x, t, branch="cond"))
+        runtime(call(x, t, branch="uncond"))
+    assert [s[0] for s in policy.seen] == [0, 1, 2]
+    assert [(r["step"], r["branch"]) for r in runtime.records] == [
+        (s, b) for s in range(3) for b in ("cond", "uncond")]
+
+
 def test_identical_halves_are_two_cfg_branches_of_each_sample_unless_told_otherwise():
     x = torch.randn(2, 4, 8, 8)
     doubled = torch.cat([x, x])

@@ -20,12 +20,14 @@ import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate.hooks import AlignDevicesHook, CpuOffload
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.modular_pipelines.components_manager import CustomOffloadHook
 from diffusers.pipelines.pag.pag_utils import PAGMixin
 from torch import nn
 
@@ -59,6 +61,10 @@ class DynamicPatchTransformer(nn.Module):
         self.pixels_per_latent, self.bins_resolution = pixels_per_latent, bins_resolution
         self._guidance = guidance or (lambda timestep: None)
         self._signature = inspect.signature(adapter.backbone.forward)
+        # diffusers' modular pipelines pass a transformer only the arguments its forward's signature names: this
+        # one names the backbone's (a partial, not a closure, so that a deepcopy calls the copy)
+        self.forward = partial(type(self).forward, self)
+        self.forward.__signature__ = self._signature
         w_in, _, w_out, _ = adapter.spec.base_weights()
         # the channels the policies read: the noisy latent, without the condition channels that image-to-video and
         # fill pipelines append after it (HunyuanVideo 1.5, Wan I2V, FLUX Fill), which do not change between steps
@@ -136,6 +142,11 @@ class DynamicPatchTransformer(nn.Module):
     def forward(self, *args, **kwargs):
         if "_hf_hook" in self.__dict__ and _placed_layer_by_layer(self):  # pipe.enable_sequential_cpu_offload()
             raise ValueError(f"sequential CPU offload (or a device map) {_PER_LAYER_OFFLOAD}")
+        if isinstance(self.adapter.backbone.__dict__.get("_hf_hook"), CustomOffloadHook):
+            raise ValueError("a ComponentsManager's auto CPU offload, enabled after ddit.enable, hooks the stock "
+                             "transformer inside ddit's wrapper, and moves it without the adapter's layers: call "
+                             "ddit.disable(pipe) and ddit.enable(pipe, ...) again, which moves the hook onto the "
+                             "wrapper")
         if self._group_offload_marks() and _is_group_offload_enabled(self):  # apply_group_offloading(this)
             raise ValueError(f"group offloading {_PER_LAYER_OFFLOAD}")
         given, spec = self._signature.bind(*args, **kwargs).arguments, self.adapter.spec
@@ -258,7 +269,7 @@ def _placed_layer_by_layer(module: nn.Module) -> bool:
     splits it) rather than the whole module: model CPU offload, or a device map that puts it whole on one device
     (every hook then only aligns inputs with that device and offloads nothing)."""
     hook = module.__dict__.get("_hf_hook")
-    if hook is None or isinstance(hook, CpuOffload):
+    if hook is None or isinstance(hook, (CpuOffload, CustomOffloadHook)):  # the latter: a ComponentsManager's
         return False
     hooks = [m.__dict__["_hf_hook"] for m in module.modules() if "_hf_hook" in m.__dict__]
     aligned = all(isinstance(h, AlignDevicesHook) and not h.offload for h in hooks)
@@ -276,6 +287,17 @@ def offload_onto(pipe, device: torch.device | str) -> None:
         index = current() if device.type != "cpu" and current is not None else 0
     pipe._offload_gpu_id = index
     pipe.enable_model_cpu_offload(device=device)
+
+
+def _move_manager_offload(pipe, old: nn.Module, new: nn.Module) -> None:
+    """A modular pipeline's ``ComponentsManager.enable_auto_cpu_offload()`` hooks each model it holds, to move the
+    whole model to the GPU when called: the hook moves from ``old`` to ``new``, which takes ``old``'s place."""
+    manager = getattr(pipe, "_components_manager", None)
+    for user_hook in getattr(manager, "model_hooks", None) or []:
+        if user_hook.model is old:
+            user_hook.remove()
+            user_hook.model = new
+            user_hook.attach()
 
 
 @contextmanager
@@ -364,6 +386,7 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
     with _model_offload_renewed(pipe):
         for name, wrapper in wrappers.items():
             wrapper.adapter.set_lean_base(True)
+            _move_manager_offload(pipe, _uncompiled(getattr(pipe, name)), wrapper)
             setattr(pipe, name, wrapper)
     pipe.save_pretrained = _SaveWithAdapter(pipe)
     return pipe
@@ -381,6 +404,7 @@ def disable(pipe):
     with _model_offload_renewed(pipe):
         for name, wrapper in wrappers.items():
             wrapper.adapter.set_lean_base(False)
+            _move_manager_offload(pipe, wrapper, wrapper.adapter.backbone)
             setattr(pipe, name, wrapper.adapter.detach())
     vars(pipe).pop("save_pretrained", None)
     return pipe
@@ -552,7 +576,7 @@ class _SaveWithAdapter:
         try:
             for name, wrapper in wrappers.items():
                 setattr(pipe, name, wrapper.adapter.detach())
-            type(pipe).save_pretrained(pipe, save_directory, *args, **kwargs)
+            type(pipe).save_pretrained(pipe, os.fspath(save_directory), *args, **kwargs)  # modular: str only
         finally:
             for name, wrapper in wrappers.items():
                 wrapper.adapter.attach()

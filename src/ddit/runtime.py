@@ -6,7 +6,7 @@ the same way for a stock pipeline and for ddit's own sampler (so the harness
 measures what pipeline users run):
 
 - it recognises denoising steps (by the step index the call or the scheduler gives,
-  else by a change of timestep) and generations (the step index or the timestep goes
+  else by a change of timestep or a named CFG branch calling again) and generations (the step index or the timestep goes
   back, or the front end resets it), and asks the patch policy for every sample's
   size once per step;
 - a sample's classifier-free-guidance branches share that decision, whether they
@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -73,6 +73,7 @@ class Generation:
     groups: frozenset = frozenset()  # this step's (size, samples) groups
     probed: bool = False  # whether this step's decision ran the model
     calls: int = 0  # calls in this step so far
+    named: set = field(default_factory=set)  # the branch names this step's calls gave so far
     schedule: Any = None  # the scheduler's timesteps tensor when the generation started (a new call sets another)
 
 
@@ -155,8 +156,9 @@ class PatchRuntime:
         index = self._step_index(call)
         schedule = getattr(self.scheduler() if self.scheduler else None, "timesteps", None)
         g = self.generation
-        if index is None:  # no step index anywhere: a new timestep is a new step, a higher one a new generation
-            new_step = g is None or t != g.timestep
+        if index is None:  # no step index anywhere: a new timestep is a new step, a higher one a new generation;
+            # so is a branch that already ran at this timestep (diffusion forcing's integer timesteps can repeat)
+            new_step = g is None or t != g.timestep or call.branch is not None and call.branch in g.named
             new_generation = g is None or t > g.timestep
         else:
             new_step = g is None or index != g.step
@@ -174,9 +176,10 @@ class PatchRuntime:
             g.step = g.step + 1 if index is None else index
             g.timestep = t
             g.num_steps, g.sigma = self._where(call, g.step, t)
-            g.calls = 0
+            g.calls, g.named = 0, set()
             self._decide(g, call)
         g.calls += 1
+        g.named.add(call.branch)
         if call.branch is None and g.calls > 1:  # a later call of the step that no cache context names (Chroma's
             call.branch = f"call{g.calls}"  # uncond, SD3's skip-layer guidance): its own cache state and context
         return g

@@ -1,0 +1,233 @@
+"""``ddit.enable`` inside diffusers' modular pipelines: FLUX.1, SD3, Wan, Qwen-Image, and FLUX.3 (base and
+flow-map distilled), which diffusers 0.42 runs in modular pipelines only.
+
+Each is the family's stock auto blocks with only the denoise step kept, given a tiny transformer; prompts come as
+embeddings. One FLUX.1 pipeline is loaded whole from a tiny complete folder and runs from text.
+"""
+
+import inspect
+import os
+
+import pytest
+import torch
+from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, Flux3Transformer2DModel
+from diffusers.modular_pipelines import (
+    ComponentsManager,
+    Flux3AutoBlocks,
+    Flux3DistilledAutoBlocks,
+    FluxAutoBlocks,
+    ModularPipeline,
+    QwenImageAutoBlocks,
+    StableDiffusion3AutoBlocks,
+    WanBlocks,
+)
+from diffusers.modular_pipelines import components_manager as cm_module
+from diffusers.modular_pipelines.components_manager import CustomOffloadHook
+from tiny_pipelines import build
+
+import ddit
+from ddit.caches import TeaCache
+from ddit.policies import FixedPolicy, PatchPolicy
+from ddit.tiny_pipelines import save_tiny_pipeline
+
+STEPS = 4
+EARLY_COARSE = [4, 4, 2, 2]  # patch 4 on a base of 2: a quarter of the tokens
+ATOL = 1e-5
+DEVICE = torch.device(os.environ.get("DDIT_TEST_DEVICE", "cpu"))
+BLOCKS = {"flux": FluxAutoBlocks, "sd3": StableDiffusion3AutoBlocks, "wan": WanBlocks,
+          "qwenimage": QwenImageAutoBlocks, "flux3": Flux3AutoBlocks, "flux3-distilled": Flux3DistilledAutoBlocks}
+
+
+def _flux3(flow_map: bool) -> Flux3Transformer2DModel:
+    torch.manual_seed(0)
+    return Flux3Transformer2DModel(in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=2,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                   timestep_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4),
+                                   flow_map=flow_map).eval()
+
+
+def modular(name: str):
+    """The stock modular pipeline of ``name``'s denoise step, and ``call(**overrides)`` running it on two samples
+    with guidance where the family guides (latents out; fresh generators every call)."""
+    blocks = BLOCKS[name]()
+    for step in list(blocks.sub_blocks):
+        if step != "denoise":
+            blocks.sub_blocks.pop(step)
+    pipe = blocks.init_pipeline()
+    expected = {c.name for c in blocks.expected_components}
+    guider = {"guider": ClassifierFreeGuidance(guidance_scale=4.0)} if "guider" in expected else {}
+    inputs = {i.name for i in blocks.inputs}
+    if name.startswith("flux3"):
+        pipe.update_components(transformer=_flux3(flow_map=name == "flux3-distilled").to(DEVICE),
+                               scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **guider)
+        text = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+        given = dict(prompt_embeds=text, height=128, width=64, num_inference_steps=STEPS)
+        if guider:
+            given["negative_prompt_embeds"] = torch.zeros_like(text)
+    else:
+        stock, call_kwargs = build(name)
+        pipe.update_components(transformer=stock.transformer, scheduler=stock.scheduler, **guider)
+        given = {k: v for k, v in call_kwargs(batch=2, steps=STEPS).items() if k in inputs and k != "generator"}
+        if name == "wan":  # modular Wan reads the latent's channels from its VAE (none here): 4, given as noise
+            given["latents"] = torch.randn(2, 4, 2, 16, 16, generator=torch.Generator().manual_seed(2))
+
+    def call(**overrides):
+        kw = {**given, **overrides}
+        return pipe(**kw, generator=[torch.Generator().manual_seed(s) for s in range(2)], output="latents")
+
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, call
+
+
+def image_block(transformer):
+    """The first block that sees the image tokens alone."""
+    if isinstance(transformer, Flux3Transformer2DModel):
+        return transformer.mode_blocks["image"][0]
+    return (getattr(transformer, "transformer_blocks", None) or transformer.blocks)[0]
+
+
+@pytest.fixture(params=list(BLOCKS))
+def name(request):
+    return request.param
+
+
+def test_the_baseline_is_the_stock_modular_pipeline_and_disable_restores_it(name):
+    pipe, call = modular(name)
+    stock, original = call(), pipe.transformer
+    ddit.enable(pipe, ddit.MultiPatchTransformer(original), policy="baseline")
+    assert torch.allclose(call(), stock, atol=ATOL, rtol=0)
+    ddit.disable(pipe)
+    assert pipe.transformer is original
+    assert torch.equal(call(), stock)
+
+
+def test_coarse_steps_run_on_a_quarter_of_the_image_tokens_and_repeat_exactly(name):
+    pipe, call = modular(name)
+    stock = call()
+    tokens = []
+    image_block(pipe.transformer).register_forward_pre_hook(
+        lambda m, args, kw: tokens.append(kw.get("hidden_states", args[0] if args else None).shape[1]),
+        with_kwargs=True)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy(EARLY_COARSE))
+    out = call()
+    first = tokens[:]
+    assert (out - stock).abs().max() > 1e-3 and torch.isfinite(out).all()
+    assert torch.equal(call(), out)
+    per_step = first[:: len(first) // STEPS]  # a guider's calls come one after another within a step
+    assert per_step == [per_step[0]] * 2 + [4 * per_step[0]] * 2
+    summary = ddit.summary(pipe)
+    assert [r["patch_size"] for r in summary.records if r["sample"] == 0 and r["branch"] is None] == EARLY_COARSE
+    assert summary.token_saving == pytest.approx(2 * (1 - 1 / 4) / STEPS)
+
+
+class SplitPolicy(PatchPolicy):
+    """Sample 0 at patch 4 for the first two steps; sample 1 always at the base size."""
+
+    name = "split"
+
+    def choose(self, step):
+        sizes = torch.full((self.batch_size,), self.base_size)
+        if step.index < 2:
+            sizes[0] = 4
+        return sizes, {}
+
+
+@pytest.mark.parametrize("name", ["flux3", "wan", "qwenimage"])
+def test_in_a_mixed_batch_the_fine_sample_equals_its_baseline_twin(name):
+    """A guider's cond and uncond calls share each sample's decision, and the rows run in groups of one size."""
+    pipe, call = modular(name)
+    stock = call()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy())
+    out = call()
+    assert torch.allclose(out[1], stock[1], atol=ATOL, rtol=0)
+    assert (out[0] - stock[0]).abs().max() > 1e-3
+    records = ddit.summary(pipe).records
+    for step in (0, 1):
+        sizes = {(r["branch"], r["sample"]): r["patch_size"] for r in records if r["step"] == step}
+        assert len(sizes) == 4 and {b for b, _ in sizes} == {None, "call2"}  # two guider calls, named by order
+        assert all(size == (4 if sample == 0 else 2) for (_, sample), size in sizes.items())
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_ddit_caches_start_over_at_each_generation_without_the_stock_pipelines_reset(name):
+    """A modular pipeline never calls ``_reset_stateful_cache`` after a call, as a stock one does: the new
+    generation is told by the scheduler's new timesteps, so a second call repeats the first exactly."""
+    pipe, call = modular(name)
+    stock = call()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy(),
+                cache=TeaCache(delta=1e9, coefficients="flux1-dev"))
+    out = call()
+    skipped = [r["cached"] for r in ddit.summary(pipe).records]
+    assert any(skipped) and not all(skipped) and (out - stock).abs().max() > 1e-3
+    assert torch.equal(call(), out)
+    assert [r["cached"] for r in ddit.summary(pipe).records] == skipped
+
+
+def test_the_wrapper_names_the_backbones_arguments_as_modular_denoisers_read_them():
+    """FLUX.3's and Qwen-Image's denoise steps pass the transformer only what its forward's signature names."""
+    pipe, _ = modular("qwenimage")
+    backbone = pipe.transformer
+    ddit.enable(pipe, ddit.MultiPatchTransformer(backbone), policy="baseline")
+    assert inspect.signature(pipe.transformer.forward) == inspect.signature(backbone.forward)
+    assert "img_shapes" in inspect.signature(pipe.transformer.forward).parameters
+
+
+def test_a_modular_flux_folder_runs_from_text_and_saves_with_its_adapter(tmp_path):
+    folder = save_tiny_pipeline("flux", tmp_path / "flux")
+    pipe = ModularPipeline.from_pretrained(str(folder))
+    pipe.load_components(dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(p):
+        return p(prompt=["a red square", "a blue circle"], height=64, width=64, num_inference_steps=STEPS,
+                 generator=[torch.Generator().manual_seed(s) for s in range(2)], output="latents")
+
+    adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters():  # not the initial weights: the reload must bring these back
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    ddit.enable(pipe, adapter, policy=FixedPolicy(EARLY_COARSE))
+    out = call(pipe)
+    assert ddit.summary(pipe).coarse_fraction == pytest.approx(0.5)
+    pipe.save_pretrained(tmp_path / "saved", overwrite_modular_index=True)
+    assert (tmp_path / "saved" / "modular_model_index.json").exists()
+    assert (tmp_path / "saved" / "ddit_adapter" / "multipatch_config.json").exists()
+
+    again = ModularPipeline.from_pretrained(str(tmp_path / "saved"))
+    again.load_components(dtype=torch.float32)
+    again.set_progress_bar_config(disable=True)
+    assert type(again.transformer).__name__ == "FluxTransformer2DModel"  # saved stock, the adapter beside it
+    ddit.enable(again, tmp_path / "saved", policy=FixedPolicy(EARLY_COARSE))
+    assert torch.allclose(call(again), out, atol=ATOL, rtol=0)
+
+
+def test_a_components_managers_auto_offload_moves_with_the_wrapper(monkeypatch):
+    """``ComponentsManager.enable_auto_cpu_offload`` hooks each model to move it whole when called: enable moves
+    the transformer's hook onto ddit's wrapper (adapter included), disable back. On this CPU-only machine the
+    execution device is the CPU, so the moves themselves are not exercised, only where the hook sits."""
+    monkeypatch.setattr(cm_module.TorchDeviceBackend, "mem_get_info", lambda self: (1 << 40, 1 << 40))
+    manager = ComponentsManager()
+    pipe, call = modular("flux3")
+    backbone = pipe.transformer
+    manager.add("transformer", backbone)
+    pipe._components_manager = manager  # as ModularPipeline.from_pretrained(..., components_manager=) sets it
+    manager.enable_auto_cpu_offload(device="cpu")
+    assert isinstance(backbone._hf_hook, CustomOffloadHook)
+    stock = call()
+
+    ddit.enable(pipe, ddit.MultiPatchTransformer(backbone), policy="baseline")
+    wrapper = pipe.transformer
+    assert isinstance(wrapper._hf_hook, CustomOffloadHook) and not hasattr(backbone, "_hf_hook")
+    assert [h.model for h in manager.model_hooks] == [wrapper]
+    assert torch.allclose(call(), stock, atol=ATOL, rtol=0)
+    assert "img_ids" in inspect.signature(wrapper.forward).parameters  # accelerate's hook keeps the signature
+
+    ddit.disable(pipe)
+    assert pipe.transformer is backbone and isinstance(backbone._hf_hook, CustomOffloadHook)
+    assert [h.model for h in manager.model_hooks] == [backbone] and not hasattr(wrapper, "_hf_hook")
+
+    manager.disable_auto_cpu_offload()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(backbone), policy="baseline")
+    manager.enable_auto_cpu_offload(device="cpu")  # after ddit.enable: it hooks the transformer it holds
+    with pytest.raises(ValueError, match="enabled after ddit.enable.*ddit.disable"):
+        call()
