@@ -6,6 +6,7 @@ embeddings. One FLUX.1 pipeline is loaded whole from a tiny complete folder and 
 """
 
 import inspect
+import json
 import os
 
 import pytest
@@ -60,7 +61,7 @@ def modular(name: str):
     if name.startswith("flux3"):
         pipe.update_components(transformer=_flux3(flow_map=name == "flux3-distilled").to(DEVICE),
                                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **guider)
-        text = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+        text = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
         given = dict(prompt_embeds=text, height=128, width=64, num_inference_steps=STEPS)
         if guider:
             given["negative_prompt_embeds"] = torch.zeros_like(text)
@@ -69,7 +70,7 @@ def modular(name: str):
         pipe.update_components(transformer=stock.transformer, scheduler=stock.scheduler, **guider)
         given = {k: v for k, v in call_kwargs(batch=2, steps=STEPS).items() if k in inputs and k != "generator"}
         if name == "wan":  # modular Wan reads the latent's channels from its VAE (none here): 4, given as noise
-            given["latents"] = torch.randn(2, 4, 2, 16, 16, generator=torch.Generator().manual_seed(2))
+            given["latents"] = torch.randn(2, 4, 2, 16, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
 
     def call(**overrides):
         kw = {**given, **overrides}
@@ -163,6 +164,32 @@ def test_ddit_caches_start_over_at_each_generation_without_the_stock_pipelines_r
     assert [r["cached"] for r in ddit.summary(pipe).records] == skipped
 
 
+def test_wan22s_modular_pipeline_runs_both_experts_under_one_policy(tmp_path):
+    """Wan 2.2's modular pipeline hands the steps below its boundary to ``transformer_2``: each expert gets its
+    adapter, and the one policy decides every step, whichever expert runs it."""
+    pipe = ModularPipeline.from_pretrained(str(save_tiny_pipeline("wan22", tmp_path / "wan22")))
+    pipe.load_components(dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call():
+        return pipe(prompt="a red circle", num_inference_steps=STEPS, height=128, width=128, num_frames=5,
+                    max_sequence_length=16, generator=torch.Generator().manual_seed(0), output="latents")
+
+    stock, tokens = call(), {"transformer": [], "transformer_2": []}
+    for name in tokens:
+        getattr(pipe, name).blocks[0].register_forward_pre_hook(
+            lambda m, args, kw, name=name: tokens[name].append(kw.get("hidden_states", args[0]).shape[1]),
+            with_kwargs=True)
+    adapters = {name: ddit.MultiPatchTransformer(getattr(pipe, name)) for name in tokens}
+    ddit.enable(pipe, adapters, policy=FixedPolicy([4] * STEPS))
+    out = call()
+    assert tokens["transformer"] and tokens["transformer_2"]  # both experts ran, each at a quarter of the tokens
+    fine = 2 * 8 * 8  # 2 latent frames of 16x16 at patch 2
+    assert set(tokens["transformer"]) == set(tokens["transformer_2"]) == {fine // 4}
+    assert [r["patch_size"] for r in ddit.summary(pipe).records if r["branch"] is None] == [4] * STEPS
+    assert (out - stock).abs().max() > 1e-3
+
+
 def test_the_wrapper_names_the_backbones_arguments_as_modular_denoisers_read_them():
     """FLUX.3's and Qwen-Image's denoise steps pass the transformer only what its forward's signature names."""
     pipe, _ = modular("qwenimage")
@@ -231,3 +258,77 @@ def test_a_components_managers_auto_offload_moves_with_the_wrapper(monkeypatch):
     manager.enable_auto_cpu_offload(device="cpu")  # after ddit.enable: it hooks the transformer it holds
     with pytest.raises(ValueError, match="enabled after ddit.enable.*ddit.disable"):
         call()
+
+
+@pytest.fixture(scope="module")
+def modular_folders(tmp_path_factory):
+    """Modular FLUX.1 and Wan folders (``modular_model_index.json`` only), saved from tiny complete folders."""
+    root, folders = tmp_path_factory.mktemp("modular"), {}
+    for kind in ("flux", "wan"):
+        pipe = ModularPipeline.from_pretrained(str(save_tiny_pipeline(kind, root / f"{kind}-stock")))
+        pipe.load_components(dtype=torch.float32)
+        pipe.save_pretrained(str(root / kind), overwrite_modular_index=True)
+        folders[kind] = root / kind
+    (root / "prompts.txt").write_text("a red circle\nblue stripes on white\n")
+    return folders, root / "prompts.txt"
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan"])
+def test_a_modular_pipeline_folder_distils_and_ablates_from_the_command_line(kind, modular_folders, tmp_path):
+    from safetensors.torch import load_file
+
+    from ddit.ablate.cli import main as ablate
+    from ddit.cli import main
+
+    folders, prompts = modular_folders
+    assert not (folders[kind] / "model_index.json").exists()
+    size = ["--height", "128", "--width", "128", "--pipeline-arg", "max_sequence_length=16",
+            *(["--num-frames", "5"] if kind == "wan" else [])]
+    assert main(["distill", "--pipeline", str(folders[kind]), "--prompts", str(prompts), "--out", str(tmp_path / "d"),
+                 "--steps", "2", "--batch-size", "2", "--num-inference-steps", "3", *size]) == 0
+    assert len(list((tmp_path / "d" / "states").glob("*.safetensors"))) == 2
+    out = tmp_path / "run"
+    assert ablate(["--pipeline", str(folders[kind]), "--adapter", str(tmp_path / "d" / "adapter"), "--prompts",
+                   str(prompts), "--out", str(out), "--steps", "4", "--fewer-steps", "3", "--policies", "fixed",
+                   "--policy-param", "fixed.fraction=0.5", "--caches", "none", "--no-progress", *size]) == 0
+    summary = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert list(summary) == ["baseline", "baseline@3", "fixed"]
+    assert summary["baseline"]["ssim_vs_baseline"] == pytest.approx(1.0)
+    assert summary["fixed"]["coarse_step_fraction"] == 0.5 and summary["fixed"]["ssim_vs_baseline"] < 1
+    images = load_file(out / "images" / "fixed" / "0000000.safetensors")["images"]
+    assert images.shape == ((1, 5, 3, 128, 128) if kind == "wan" else (1, 3, 128, 128))  # decoded, 8-bit
+    assert images.dtype == torch.uint8
+    fit = tmp_path / "fit.json"  # TeaCache's fit on the modular pipeline's own generations
+    assert main(["calibrate", "teacache", "--pipeline", str(folders[kind]), "--prompts", str(prompts), "--steps", "12",
+                 "--out", str(fit), *size]) == 0
+    calls_per_step = 2 if kind == "wan" else 1  # Wan's guider calls once per branch; modular FLUX.1 does not guide
+    assert json.loads(fit.read_text())["pairs"] == 2 * calls_per_step * 11
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cpu-offload"], "is a modular pipeline, which offloads through a ComponentsManager"),
+    (["--pipeline-arg", "output='images'"], "FluxModularPipeline takes no output; drop the option"),
+    (["--pipeline-arg", "guidance_scal=3.0"], "takes no guidance_scal"),
+])
+def test_what_a_modular_folder_cannot_take_is_refused_before_anything_is_recorded(extra, message, modular_folders,
+                                                                                   tmp_path, capsys):
+    from ddit.cli import main
+
+    folders, prompts = modular_folders
+    assert main(["distill", "--pipeline", str(folders["flux"]), "--prompts", str(prompts), "--out",
+                 str(tmp_path / "d"), "--height", "128", "--width", "128", *extra]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "d" / "states").exists()
+
+
+def test_progressive_rows_are_refused_on_a_modular_pipeline(modular_folders, tmp_path, capsys):
+    from ddit.ablate.cli import main as ablate
+
+    folders, prompts = modular_folders
+    adapter = tmp_path / "adapter"
+    pipe = ModularPipeline.from_pretrained(str(folders["flux"]))
+    pipe.load_components(dtype=torch.float32)
+    ddit.MultiPatchTransformer(pipe.transformer).save_pretrained(adapter)
+    assert ablate(["--pipeline", str(folders["flux"]), "--adapter", str(adapter), "--prompts", str(prompts),
+                   "--out", str(tmp_path / "run"), "--steps", "4", "--progressive", "0.5", "--policies", "baseline",
+                   "--caches", "none", "--height", "128", "--width", "128", "--no-progress"]) == 2
+    assert "progressive resolution runs in" in capsys.readouterr().err and not (tmp_path / "run").exists()

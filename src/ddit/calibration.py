@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .adapter import MultiPatchTransformer
 from .caches import TeaCacheRecorder, delta_for_share, fit_teacache, write_teacache_fit
-from .pipeline_call import Prompt, as_prompts, check_call
+from .pipeline_call import Prompt, as_prompts, check_call, run_pipeline
 from .pipelines import DynamicPatchTransformer, disable, enable
 from .recorded_states import experts
 
@@ -60,8 +60,8 @@ def calibrate_teacache_on_pipeline(pipe, prompts: Sequence[str | Prompt], out: s
         pipe.set_progress_bar_config(disable=True)  # one bar over the prompts, not one per call
         for i, prompt in enumerate(tqdm(prompts, desc="calibrate teacache", disable=not progress)):
             with torch.no_grad():  # not inference_mode: weights model CPU offload moves stay trainable
-                pipe(prompt=prompt.text, generator=torch.Generator("cpu").manual_seed(seed + i),
-                     output_type="latent", **call, **prompt.call_inputs())
+                run_pipeline(pipe, prompt=prompt.text, generator=torch.Generator("cpu").manual_seed(seed + i),
+                             output_type="latent", **call, **prompt.call_inputs())
     finally:
         disable(pipe)
         pipe._progress_bar_config = bars

@@ -5,6 +5,9 @@ A prompts file is text, one prompt per line; or JSON Lines (``.jsonl``), one obj
 line: ``{"prompt": "...", "image": "cat.png"}``, whose other keys are that prompt's own
 pipeline arguments (an image-to-video pipeline's ``image``). A text value that names an
 image file (``IMAGE_SUFFIXES``, relative to the prompts file) is loaded as that image.
+
+The pipeline is a ``DiffusionPipeline`` or one of diffusers' modular pipelines (FLUX.3 runs in
+those only): ``call_parameters`` and ``run_pipeline`` read and call either alike.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType, SimpleNamespace
 from typing import Sequence
 
 import numpy as np
 import torch
+from diffusers.modular_pipelines import ModularPipeline
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -170,6 +175,32 @@ def _json_prompt(path: Path, n: int, line: str) -> Prompt:
     return Prompt(text, given)
 
 
+def call_parameters(pipe) -> MappingProxyType:
+    """The arguments a pipeline call takes, with their defaults: its ``__call__``'s, or a modular pipeline's block
+    inputs (each optional here: their ``required`` flag also marks what earlier blocks make, such as latents)."""
+    if not isinstance(pipe, ModularPipeline):
+        return inspect.signature(pipe.__call__).parameters
+    return MappingProxyType({p.name: inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default)
+                             for p in pipe.blocks.inputs if p.name})
+
+
+def run_pipeline(pipe, *, output_type: str = "pil", **call):
+    """``pipe(**call, output_type=output_type)``, whose output has ``.images`` (``.frames`` for a video), for a
+    ``DiffusionPipeline`` or a modular one. A modular pipeline is asked for its ``latents`` (``"latent"``; its
+    decode step still runs: not every family's skips) or its decoded ``images`` or ``videos``; a one-prompt list
+    is passed as its text (FLUX.3's text encoder takes one prompt per call, as a string)."""
+    if not isinstance(pipe, ModularPipeline):
+        return pipe(**call, output_type=output_type)
+    prompt = call.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        call["prompt"] = prompt[0]
+    decoded = "pt" if output_type == "latent" else output_type  # the cheapest decoded output that every one takes
+    video = "videos" in {o.name for o in pipe.blocks.outputs}
+    name = "latents" if output_type == "latent" else "videos" if video else "images"
+    out = pipe(**call, output_type=decoded, output=name)
+    return SimpleNamespace(frames=out) if video and name != "latents" else SimpleNamespace(images=out)
+
+
 #: Edit pipelines that size their output after the call's image unless the call gives a height and width.
 SIZED_BY_IMAGE = ("Flux2Pipeline", "Flux2KleinPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 #: Edit inpainting pipelines that size their output after the call's image whatever size the call gives.
@@ -190,7 +221,7 @@ def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
     factor = next((getattr(pipe, name) for name in ("vae_scale_factor_spatial", "vae_scale_factor",
                                                      "vae_spatial_compression_ratio") if getattr(pipe, name, None)),
                   None)  # the last: LTX-Video's
-    defaults = inspect.signature(pipe.__call__).parameters
+    defaults = call_parameters(pipe)
     if sized_by_image(pipe, call):
         return None
     picked = None
@@ -219,7 +250,7 @@ def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
 
 def bins_resolution(pipe, call: dict) -> bool:
     """Whether the call moves the size it is given to one of the pipeline's bins (PixArt, Sana by default)."""
-    parameter = inspect.signature(pipe.__call__).parameters.get("use_resolution_binning")
+    parameter = call_parameters(pipe).get("use_resolution_binning")
     return parameter is not None and call.get("use_resolution_binning", parameter.default) is True
 
 
@@ -232,7 +263,7 @@ def check_resolution(pipe, call: dict, patch_sizes: Sequence[int], prompts: Sequ
         raise ValueError(f"{type(pipe).__name__} moves the requested size to its nearest resolution bin, which "
                          "the patch sizes may not divide: pass --pipeline-arg use_resolution_binning=False, with "
                          "a --height and --width the sizes divide")
-    by_image = "height" not in inspect.signature(pipe.__call__).parameters and any(p.inputs for p in prompts)
+    by_image = "height" not in call_parameters(pipe) and any(p.inputs for p in prompts)
     sizes = {}
     for prompt in prompts or [Prompt("")]:
         size = image_size(pipe, {**call, **prompt.inputs})
@@ -267,7 +298,7 @@ def check_call(pipe, call: dict, prompts: Sequence[Prompt] = (), sets: Sequence[
     """Refuse a pipeline that takes no prompt or needs an argument in every call that neither the run nor every
     prompt gives, arguments the pipeline does not take, given twice, or ones ddit sets itself (``sets``: the
     command's own, such as ``ddit-ablate``'s steps), and values a run cannot record as its settings (JSON)."""
-    taken = inspect.signature(pipe.__call__).parameters
+    taken = call_parameters(pipe)
     if "prompt" not in taken:
         raise ValueError(f"{type(pipe).__name__} takes no prompt: ddit distill and ddit-ablate --pipeline run "
                          "pipelines from prompts (text-to-image, text-to-video, image-to-video)")

@@ -35,6 +35,7 @@ from .adapter import ADAPTER_FILES, CONFIG_NAME, HOOK_ATTRIBUTES, MultiPatchTran
 from .backbones import as_batch
 from .caches import Cache, TeaCache, diffusers_caches, get_cache
 from .policies import PatchPolicy, ProgressiveResolution, get_policy
+from .pipeline_call import call_parameters
 from .precise_latents import PreciseLatents
 from .runtime import Call, PatchRuntime
 from .summary import Summary
@@ -365,7 +366,7 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
                 check_diffusers_cache(a.backbone, cache)
         runtime = PatchRuntime(policy, first.patch_sizes, cache=cache if isinstance(cache, Cache) else None,
                                model=first, scheduler=_scheduler_of(pipe), patch=first.spec.patch)
-        binning = "use_resolution_binning" in inspect.signature(pipe.__call__).parameters
+        binning = "use_resolution_binning" in call_parameters(pipe)
         precise = PreciseLatents()  # one for both experts: they share the scheduler
         wrappers = {name: DynamicPatchTransformer(a, runtime, _pixels_per_latent(pipe), _guidance_of(pipe), binning,
                                                   precise) for name, a in adapters.items()}

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .pipeline_call import Prompt, as_prompts
+from .pipeline_call import Prompt, as_prompts, run_pipeline
 
 #: Forward arguments that say how to return, not what to compute (``patch_size``: a
 #: ``MultiPatchTransformer``'s choice, which the recorded state must not fix).
@@ -182,8 +182,8 @@ def record_states(pipe, prompts: Iterable[str | Prompt], folder: str | os.PathLi
         with ExitStack() as stack, torch.no_grad():
             logs = {sub: stack.enter_context(recording(module)) for sub, module in modules.items()}
             generator = torch.Generator("cpu").manual_seed(seed + i)
-            pipe(prompt=prompts[i].text, generator=generator, output_type="latent", **(call or {}),
-                 **prompts[i].call_inputs())
+            run_pipeline(pipe, prompt=prompts[i].text, generator=generator, output_type="latent", **(call or {}),
+                         **prompts[i].call_inputs())
         idle = [sub or "transformer" for sub, log in logs.items() if not log.calls]
         if idle and len(logs) > 1:  # checked before any file of this prompt is written
             raise RecordingError(f"pipe.{idle[0]} ran no step for {prompts[i].label!r}: every step fell on the other "

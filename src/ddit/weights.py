@@ -87,16 +87,25 @@ SAVED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float
 
 def load_pipeline(folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                   cpu_offload: bool = False):
-    """A diffusers pipeline folder (``save_pretrained``'s, with ``model_index.json``), in ``dtype`` (None: its
-    transformer's dtype as saved; diffusers' own default would be float32, twice a bf16 model's memory), on
-    ``device``; with ``cpu_offload``, under diffusers' model CPU offload onto ``device``: each component there
-    only while it runs, for a GPU that holds the transformer but not every component at once."""
+    """A diffusers pipeline folder (``save_pretrained``'s, with ``model_index.json``; or a modular pipeline's,
+    with ``modular_model_index.json`` only, such as FLUX.3's), in ``dtype`` (None: its transformer's dtype as
+    saved; diffusers' own default would be float32, twice a bf16 model's memory), on ``device``; with
+    ``cpu_offload``, under diffusers' model CPU offload onto ``device``: each component there only while it runs,
+    for a GPU that holds the transformer but not every component at once."""
     from diffusers import DiffusionPipeline
+    from diffusers.modular_pipelines import ModularPipeline
 
     folder = Path(folder)
-    if not (folder / "model_index.json").is_file():
-        raise CheckpointError(f"{folder} holds no model_index.json; pass a diffusers pipeline folder "
-                              "(one written by pipe.save_pretrained, or a downloaded checkpoint)")
+    modular = not (folder / "model_index.json").is_file() and (folder / "modular_model_index.json").is_file()
+    if not modular and not (folder / "model_index.json").is_file():
+        raise CheckpointError(f"{folder} holds no model_index.json (nor a modular pipeline's "
+                              "modular_model_index.json); pass a diffusers pipeline folder (one written by "
+                              "pipe.save_pretrained, or a downloaded checkpoint)")
+    if modular and cpu_offload:
+        raise CheckpointError(f"{folder} is a modular pipeline, which offloads through a ComponentsManager's auto "
+                              "CPU offload, not --cpu-offload: drop --cpu-offload, or run ddit from Python with "
+                              "ModularPipeline.from_pretrained(..., components_manager=manager) and "
+                              "manager.enable_auto_cpu_offload()")
     saved = None  # the transformer's dtype as saved: the pipeline's, unless dtype says otherwise
     for weights in sorted(folder.glob("*/*.safetensors")):
         try:  # the header only: a real model's weights are too large to read twice
@@ -107,7 +116,11 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype | None = None, device: 
         except Exception as err:
             raise CheckpointError(f"weights file {weights} is truncated or corrupt ({err}); restore it") from None
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype or saved)
+        if modular:
+            pipe = ModularPipeline.from_pretrained(str(folder))
+            pipe.load_components(dtype=dtype or saved or torch.float32)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype or saved)
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(f"cannot load the pipeline in {folder}: {err}") from err
     if cpu_offload:

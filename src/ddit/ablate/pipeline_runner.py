@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..adapter import MultiPatchTransformer
 from ..checkpoint import write_text_atomic
-from ..pipeline_call import Prompt, as_prompts
+from ..pipeline_call import Prompt, as_prompts, run_pipeline
 from ..caches import diffusers_caches
 from ..pipelines import disable, enable, summary
 from ..progressive_pipeline import check_progressive, half_resolution_steps, progressive_call
@@ -169,8 +169,8 @@ def calibrate_pipeline_rows(config: PipelineAblationConfig, pipe, adapters: Adap
                 batch = prompts[start:start + config.batch_size]
                 generators = [torch.Generator("cpu").manual_seed(config.seed + CALIBRATION_SEED_OFFSET + start + j)
                               for j in range(len(batch))]
-                pipe(**_call_args(batch), generator=generators, num_inference_steps=row.steps,
-                     output_type="latent", **config.call)
+                run_pipeline(pipe, **_call_args(batch), generator=generators, num_inference_steps=row.steps,
+                             output_type="latent", **config.call)
                 traces.append(policy.trace)
         finally:
             disable(pipe)
@@ -192,7 +192,7 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
         def seeded():
             return [torch.Generator("cpu").manual_seed(config.seed + i) for i in indices]
 
-        call, half = pipe, None
+        call, half = partial(run_pipeline, pipe), None
         if row.policy == PROGRESSIVE:
             call = partial(progressive_call, pipe, row.make_policy())
             half = half_resolution_steps(pipe, row.make_policy(), **given, generator=seeded(),
@@ -248,9 +248,9 @@ def _warm_up(config: PipelineAblationConfig, pipe, adapters: Adapters) -> None:
     sizes = list(adapters["transformer"].patch_sizes)
     steps = config.steps if len(adapters) > 1 else len(sizes)
     call = dict(**_call_args(config.prompts[:1]), num_inference_steps=steps, output_type="pt", **config.call)
-    pipe(**call)
+    run_pipeline(pipe, **call)
     enable(pipe, adapters, policy="fixed", schedule=[sizes[i % len(sizes)] for i in range(steps)])
     try:
-        pipe(**call)
+        run_pipeline(pipe, **call)
     finally:
         disable(pipe)
