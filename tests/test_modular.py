@@ -228,36 +228,65 @@ def test_a_modular_flux_folder_runs_from_text_and_saves_with_its_adapter(tmp_pat
     assert torch.allclose(call(again), out, atol=ATOL, rtol=0)
 
 
+class Small(torch.nn.Linear):
+    """Another model a components manager holds (its hooks read each model's device)."""
+
+    @property
+    def device(self):
+        return self.weight.device
+
+
 def test_a_components_managers_auto_offload_moves_with_the_wrapper(monkeypatch):
     """``ComponentsManager.enable_auto_cpu_offload`` hooks each model to move it whole when called: enable moves
-    the transformer's hook onto ddit's wrapper (adapter included), disable back. On this CPU-only machine the
-    execution device is the CPU, so the moves themselves are not exercised, only where the hook sits."""
+    the transformer's hook onto ddit's wrapper (adapter included), disable back; where the manager hooks its models
+    again (offload enabled after ddit.enable, a model added), the next call moves it onto the wrapper. On this
+    CPU-only machine the execution device is the CPU, so the moves themselves are not exercised, only where the
+    hooks sit and what the offload strategy would size."""
     monkeypatch.setattr(cm_module.TorchDeviceBackend, "mem_get_info", lambda self: (1 << 40, 1 << 40))
     manager = ComponentsManager()
     pipe, call = modular("flux3")
     backbone = pipe.transformer
     manager.add("transformer", backbone)
+    manager.add("other", Small(3, 3))
     pipe._components_manager = manager  # as ModularPipeline.from_pretrained(..., components_manager=) sets it
     manager.enable_auto_cpu_offload(device="cpu")
     assert isinstance(backbone._hf_hook, CustomOffloadHook)
     stock = call()
 
+    def hooked_models():
+        """The model the transformer's hook holds, and the models of that hook in the other model's list."""
+        hooks = {h.model_id.rsplit("_", 1)[0]: h for h in manager.model_hooks}
+        mine = hooks["transformer"]
+        return mine.model, [h.model for h in hooks["other"].hook.other_hooks if h is mine]
+
     ddit.enable(pipe, ddit.MultiPatchTransformer(backbone), policy="baseline")
     wrapper = pipe.transformer
     assert isinstance(wrapper._hf_hook, CustomOffloadHook) and not hasattr(backbone, "_hf_hook")
-    assert [h.model for h in manager.model_hooks] == [wrapper]
+    assert hooked_models() == (wrapper, [wrapper])  # the other model's hook would offload the wrapper
+    assert wrapper.get_memory_footprint() > backbone.get_memory_footprint()  # what the strategy sizes: the adapter
     assert torch.allclose(call(), stock, atol=ATOL, rtol=0)
     assert "img_ids" in inspect.signature(wrapper.forward).parameters  # accelerate's hook keeps the signature
 
+    manager.add("another", Small(3, 3))  # the manager hooks the models it holds again: the backbone
+    assert isinstance(backbone._hf_hook, CustomOffloadHook)
+    assert torch.allclose(call(), stock, atol=ATOL, rtol=0)
+    assert isinstance(wrapper._hf_hook, CustomOffloadHook) and not hasattr(backbone, "_hf_hook")
+
     ddit.disable(pipe)
     assert pipe.transformer is backbone and isinstance(backbone._hf_hook, CustomOffloadHook)
-    assert [h.model for h in manager.model_hooks] == [backbone] and not hasattr(wrapper, "_hf_hook")
+    assert hooked_models()[0] is backbone and not hasattr(wrapper, "_hf_hook")
 
     manager.disable_auto_cpu_offload()
     ddit.enable(pipe, ddit.MultiPatchTransformer(backbone), policy="baseline")
     manager.enable_auto_cpu_offload(device="cpu")  # after ddit.enable: it hooks the transformer it holds
-    with pytest.raises(ValueError, match="enabled after ddit.enable.*ddit.disable"):
-        call()
+    assert torch.allclose(call(), stock, atol=ATOL, rtol=0)
+    assert hooked_models()[0] is pipe.transformer and not hasattr(backbone, "_hf_hook")
+
+    ddit.disable(pipe)
+    pipe._components_manager = None  # a hook no manager of this pipeline placed cannot be moved: refused first
+    with pytest.raises(ValueError, match="names no manager that holds it"):
+        ddit.enable(pipe, ddit.MultiPatchTransformer(backbone), policy="baseline")
+    assert pipe.transformer is backbone
 
 
 @pytest.fixture(scope="module")

@@ -205,6 +205,13 @@ class MultiPatchTransformer(nn.Module):
                 return _refused(name)
             return getattr(backbone, name)
 
+    def get_memory_footprint(self) -> int:
+        """Bytes of the backbone, the heads and the LoRA layers, wherever these sit (a components manager's
+        offload strategy sizes what to move by it; the backbone's own would leave the adapter out)."""
+        modules = (self, *self._lora_layers)  # the LoRA layers: not in parameters() while out of the backbone
+        tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
     # -- the LoRA layers in the backbone
     def detach(self) -> nn.Module:
         """Take the LoRA layers out of the backbone: it is the stock model again (to save it, or to give it

@@ -73,6 +73,7 @@ class DynamicPatchTransformer(nn.Module):
         self._branch: str | None = None
         self._where: dict = {}
         self._cache_hooks = False  # whether a diffusers cache config is on the backbone's blocks
+        self._manager: Callable[[], object] = lambda: None  # a modular pipeline's ComponentsManager (weakly held)
 
     # -- what a pipeline reads from its transformer
     @property
@@ -144,10 +145,11 @@ class DynamicPatchTransformer(nn.Module):
         if "_hf_hook" in self.__dict__ and _placed_layer_by_layer(self):  # pipe.enable_sequential_cpu_offload()
             raise ValueError(f"sequential CPU offload (or a device map) {_PER_LAYER_OFFLOAD}")
         if isinstance(self.adapter.backbone.__dict__.get("_hf_hook"), CustomOffloadHook):
-            raise ValueError("a ComponentsManager's auto CPU offload, enabled after ddit.enable, hooks the stock "
-                             "transformer inside ddit's wrapper, and moves it without the adapter's layers: call "
-                             "ddit.disable(pipe) and ddit.enable(pipe, ...) again, which moves the hook onto the "
-                             "wrapper")
+            # the manager hooked the models it holds again (auto offload enabled after ddit.enable, or a model
+            # added to or removed from the manager): the hook comes onto this wrapper, which the call then enters
+            if not _move_manager_offload(self._manager(), self.adapter.backbone, self):
+                raise ValueError(f"{_UNKNOWN_MANAGER}; or call ddit.disable(pipe) before the manager hooks its models")
+            return self(*args, **kwargs)
         if self._group_offload_marks() and _is_group_offload_enabled(self):  # apply_group_offloading(this)
             raise ValueError(f"group offloading {_PER_LAYER_OFFLOAD}")
         given, spec = self._signature.bind(*args, **kwargs).arguments, self.adapter.spec
@@ -290,15 +292,22 @@ def offload_onto(pipe, device: torch.device | str) -> None:
     pipe.enable_model_cpu_offload(device=device)
 
 
-def _move_manager_offload(pipe, old: nn.Module, new: nn.Module) -> None:
+_UNKNOWN_MANAGER = ("the transformer carries a ComponentsManager's auto CPU offload hook, which would move it without "
+                    "the adapter's layers, but the pipeline names no manager that holds it (pipe._components_manager), "
+                    "so ddit cannot move the hook onto its wrapper: load the pipeline with "
+                    "ModularPipeline.from_pretrained(..., components_manager=manager)")
+
+
+def _move_manager_offload(manager, old: nn.Module, new: nn.Module) -> bool:
     """A modular pipeline's ``ComponentsManager.enable_auto_cpu_offload()`` hooks each model it holds, to move the
-    whole model to the GPU when called: the hook moves from ``old`` to ``new``, which takes ``old``'s place."""
-    manager = getattr(pipe, "_components_manager", None)
+    whole model to the GPU when called: the hook moves from ``old`` to ``new``, which takes ``old``'s place.
+    Returns whether ``old`` is free of such a hook now."""
     for user_hook in getattr(manager, "model_hooks", None) or []:
         if user_hook.model is old:
             user_hook.remove()
             user_hook.model = new
             user_hook.attach()
+    return not isinstance(old.__dict__.get("_hf_hook"), CustomOffloadHook)
 
 
 @contextmanager
@@ -335,10 +344,14 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
         raise ValueError("ddit.enable: this pipeline is already enabled; call ddit.disable(pipe) first")
     if not isinstance(transformer, nn.Module):
         raise ValueError(f"ddit.enable needs a pipeline with a transformer, not {type(pipe).__name__}")
+    manager = getattr(pipe, "_components_manager", None)
     for name in EXPERTS:
         expert = getattr(pipe, name, None)
         if isinstance(expert, nn.Module):
             check_offloading(expert, name)
+            hooked = isinstance(expert.__dict__.get("_hf_hook"), CustomOffloadHook)
+            if hooked and not any(h.model is expert for h in getattr(manager, "model_hooks", None) or []):
+                raise ValueError(f"pipe.{name}: {_UNKNOWN_MANAGER}")
             if getattr(expert, "is_cache_enabled", False):
                 raise ValueError(f"pipe.{name} has a diffusers cache enabled; disable it "
                                  f"(pipe.{name}.disable_cache()) and pass its config to ddit.enable(..., cache=config)")
@@ -386,8 +399,9 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
                       "transformer_2 subfolder (ddit distill --pipeline writes it)", stacklevel=2)
     with _model_offload_renewed(pipe):
         for name, wrapper in wrappers.items():
+            wrapper._manager = weakref.ref(manager) if manager is not None else wrapper._manager
             wrapper.adapter.set_lean_base(True)
-            _move_manager_offload(pipe, _uncompiled(getattr(pipe, name)), wrapper)
+            _move_manager_offload(manager, _uncompiled(getattr(pipe, name)), wrapper)
             setattr(pipe, name, wrapper)
     pipe.save_pretrained = _SaveWithAdapter(pipe)
     return pipe
@@ -405,7 +419,7 @@ def disable(pipe):
     with _model_offload_renewed(pipe):
         for name, wrapper in wrappers.items():
             wrapper.adapter.set_lean_base(False)
-            _move_manager_offload(pipe, wrapper, wrapper.adapter.backbone)
+            _move_manager_offload(wrapper._manager(), wrapper, wrapper.adapter.backbone)
             setattr(pipe, name, wrapper.adapter.detach())
     vars(pipe).pop("save_pretrained", None)
     return pipe

@@ -6,7 +6,7 @@ per token: the image's at its timestep, the references' and the text's at t = 0.
 come as their own argument (``image_cond_hidden_states``, with their own embedder and ids): they
 keep their grid at every size. ddit's feature caches are refused (the per-mode blocks run beside
 the block lists they read). diffusers 0.42 runs FLUX.3 in modular pipelines only (``Flux3ModularPipeline``,
-one transformer call per CFG branch), which ``ddit.enable`` does not take.
+one transformer call per CFG branch), which ``ddit.enable`` takes (docs/pipelines.md).
 """
 
 from __future__ import annotations
