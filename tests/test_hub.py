@@ -123,3 +123,30 @@ def test_push_to_hub_uploads_what_from_pretrained_reads_back(hub, tmp_path, monk
     loaded = ddit.MultiPatchTransformer.from_pretrained(pipe.transformer, "someone/tiny-flux-ddit")
     state = loaded.adapter_state_dict()
     assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+
+
+def test_a_pipeline_on_the_hub_loads_by_its_id_for_the_commands(hub, tmp_path, capsys):
+    """``ddit distill --pipeline owner/name`` (and ``ddit-ablate``, ``ddit calibrate``) take a Hub id, as
+    ``from_pretrained`` does: diffusers' own download picks the pipeline's files; a modular pipeline's index is
+    fetched alone, and its components from where it points."""
+    from diffusers import FluxPipeline
+    from diffusers.modular_pipelines import ModularPipeline
+
+    from ddit.cli import main
+    from ddit.tiny_pipelines import save_tiny_pipeline
+    from ddit.weights import load_pipeline
+
+    hub("someone/tiny-flux", save_tiny_pipeline("flux", tmp_path / "flux"))
+    pipe = load_pipeline("someone/tiny-flux")
+    assert isinstance(pipe, FluxPipeline) and REVISION in str(pipe.config._name_or_path)
+    modular = ModularPipeline.from_pretrained(str(tmp_path / "flux"))
+    modular.load_components(dtype=torch.float32)
+    modular.save_pretrained(str(tmp_path / "modular"), overwrite_modular_index=True)
+    hub("someone/tiny-flux-modular", tmp_path / "modular")
+    assert type(load_pipeline("someone/tiny-flux-modular")).__name__ == "FluxModularPipeline"
+
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    assert main(["distill", "--pipeline", "someone/missing", "--prompts", str(tmp_path / "prompts.txt"), "--out",
+                 str(tmp_path / "run")]) == 2
+    assert "the Hub repository someone/missing cannot be had" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("distill", help="train a multi-patch adapter against its frozen backbone (Eq. 1): "
                             "on the testbed, on given latents, or on a pipeline's own inputs (--pipeline)")
     p.add_argument("--out", required=True, help="folder for checkpoints and the adapter (OUT/adapter)")
-    p.add_argument("--pipeline", help="a diffusers pipeline folder: run it on --prompts, record its transformer's "
-                   "inputs (OUT/states) and distil on them")
+    p.add_argument("--pipeline", help="a diffusers pipeline folder (modular too) or Hub id (owner/name): run it on "
+                   "--prompts, record its transformer's inputs (OUT/states) and distil on them")
     p.add_argument("--prompts", help="with --pipeline: a text file, one prompt per line; or a .jsonl file, one "
                    '{"prompt": ..., "image": "cat.png"} per line, for a pipeline that needs an image per prompt')
     p.add_argument("--height", type=int, help="with --pipeline: image height (default: the pipeline's)")
@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "a pipeline's generations of prompts (--pipeline)")
     p.add_argument("--model", help="testbed base model folder (default: the shipped one)")
     p.add_argument("--per-class", type=int, default=8, help="calibration samples per class (testbed)")
-    p.add_argument("--pipeline", help="a diffusers pipeline folder: fit its transformer on --prompts")
+    p.add_argument("--pipeline", help="a diffusers pipeline folder (modular too) or Hub id (owner/name): fit its "
+                   "transformer on --prompts")
     p.add_argument("--prompts", help="with --pipeline: a text file, one prompt per line (or a .jsonl file)")
     p.add_argument("--steps", type=int, help="sampler steps (default: 50 on the testbed, the pipeline's own)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: 2.0 on the testbed, the pipeline's)")

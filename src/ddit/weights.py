@@ -24,8 +24,8 @@ def local_or_hub(path: str | os.PathLike, files: Sequence[str], revision: str | 
     """``path`` as a local folder; where none is there and it is a string that reads as a Hub repository id
     (``owner/name``), as diffusers' ``from_pretrained`` reads one, the folder huggingface_hub downloads its
     ``files`` to (patterns; or finds them in its cache, offline too)."""
-    folder = Path(path)  # only a string names a repository, and ./x or ../x never does
-    if folder.exists() or not isinstance(path, str) or path.startswith(".") or not REPO_ID.match(path):
+    folder = Path(path)
+    if not names_repository(path):
         return folder
     from huggingface_hub import snapshot_download
 
@@ -36,6 +36,31 @@ def local_or_hub(path: str | os.PathLike, files: Sequence[str], revision: str | 
                               f"({type(err).__name__}: {err}); check the path or repository id, log in "
                               "(`hf auth login`) for a private repository, or download it where the Hub is "
                               "reachable and pass its folder") from err
+
+
+def names_repository(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is no local folder but a Hub repository id: only a string names one, ./x or ../x never."""
+    return (not Path(path).exists() and isinstance(path, str) and not path.startswith(".")
+            and REPO_ID.match(path) is not None)
+
+
+def pipeline_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a local folder; where it names a Hub repository, the folder its download lies in: what
+    ``DiffusionPipeline.from_pretrained`` would fetch (its components, not single-file checkpoints beside them;
+    from huggingface_hub's cache, offline too), or a modular pipeline's ``modular_model_index.json``, whose
+    components ``load_components`` fetches from where it points."""
+    if not names_repository(path):
+        return Path(path)
+    from diffusers import DiffusionPipeline
+
+    index = local_or_hub(path, ["model_index.json", "modular_model_index.json"])
+    if not (index / "model_index.json").is_file():
+        return index
+    try:
+        return Path(DiffusionPipeline.download(str(path)))
+    except Exception as err:
+        raise CheckpointError(f"the Hub repository {path}'s pipeline cannot be downloaded ({type(err).__name__}: "
+                              f"{err}); download it where the Hub is reachable and pass its folder") from err
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -88,14 +113,15 @@ SAVED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float
 def load_pipeline(folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                   cpu_offload: bool = False):
     """A diffusers pipeline folder (``save_pretrained``'s, with ``model_index.json``; or a modular pipeline's,
-    with ``modular_model_index.json`` only, such as FLUX.3's), in ``dtype`` (None: its transformer's dtype as
+    with ``modular_model_index.json`` only, such as FLUX.3's) or Hub repository id (``pipeline_folder``), in
+    ``dtype`` (None: its transformer's dtype as
     saved; diffusers' own default would be float32, twice a bf16 model's memory), on ``device``; with
     ``cpu_offload``, under diffusers' model CPU offload onto ``device``: each component there only while it runs,
     for a GPU that holds the transformer but not every component at once."""
     from diffusers import DiffusionPipeline
     from diffusers.modular_pipelines import ModularPipeline
 
-    folder = Path(folder)
+    folder = pipeline_folder(folder)
     modular = not (folder / "model_index.json").is_file() and (folder / "modular_model_index.json").is_file()
     if not modular and not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder} holds no model_index.json (nor a modular pipeline's "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from rich.console import Console
 
@@ -75,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--pipeline also a Hub repository id, owner/name")
     p.add_argument("--evaluator", help="an evaluator folder (default: the testbed's)")
     pipe = p.add_argument_group("on a diffusers pipeline instead of the testbed")
-    pipe.add_argument("--pipeline", help="a diffusers pipeline folder; needs --adapter (e.g. OUT/adapter of "
-                      "`ddit distill --pipeline`) and --prompts")
+    pipe.add_argument("--pipeline", help="a diffusers pipeline folder (modular too) or Hub id (owner/name); needs "
+                      "--adapter (e.g. OUT/adapter of `ddit distill --pipeline`) and --prompts")
     pipe.add_argument("--prompts", help="a text file, one prompt per line; or a .jsonl file, one "
                       '{"prompt": ..., "image": "cat.png"} per line, for a pipeline that needs an image per prompt')
     pipe.add_argument("--num-per-prompt", type=int, help="samples per prompt and row (default 1)")
@@ -159,7 +158,7 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     from ..pipelines import adapter_folder, load_adapters
     from ..processes import processes
     from ..pipeline_call import call_arguments, check_call, check_resolution, read_prompts
-    from ..weights import load_pipeline
+    from ..weights import load_pipeline, pipeline_folder
     from .config import build_rows, parse_params
     from .models import fingerprint
     from .pipeline_report import summarize_pipeline, table
@@ -193,7 +192,8 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     device = _device(args.device) if args.device else state.device
     if state.num_processes > 1 and device.type == "cuda":
         device = state.device  # one GPU per process, whatever --device says
-    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None, device=device,
+    folder = pipeline_folder(args.pipeline)  # a Hub repository id: its download
+    pipe = load_pipeline(folder, getattr(torch, args.dtype) if args.dtype else None, device=device,
                          cpu_offload=args.cpu_offload)
     check_call(pipe, call, prompts, sets=("num_inference_steps",))  # the rows' steps
     adapters = load_adapters(pipe, args.adapter)  # Wan 2.2's second expert's from its transformer_2 subfolder
@@ -201,12 +201,12 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
         adapter.eval().detach()  # the baseline rows run the stock transformers
     check_resolution(pipe, call, adapters["transformer"].patch_sizes, prompts)
     found = adapter_folder(args.adapter)  # a pipeline folder saved while enabled holds it in ddit_adapter
-    models = {"pipeline": Path(args.pipeline) / "transformer", "adapter": found}
+    models = {"pipeline": folder / "transformer", "adapter": found}
     if "transformer_2" in adapters:
-        models.update(pipeline_2=Path(args.pipeline) / "transformer_2", adapter_2=found / "transformer_2")
+        models.update(pipeline_2=folder / "transformer_2", adapter_2=found / "transformer_2")
     config = PipelineAblationConfig(rows=rows, prompts=prompts, steps=args.steps, num_per_prompt=args.num_per_prompt,
                                     seed=args.seed, batch_size=args.batch_size or 1, call=call,
-                                    model=fingerprint(models, configs=Path(args.pipeline)),
+                                    model=fingerprint(models, configs=folder),
                                     device=device.type, dtype=str(pipe.transformer.dtype).removeprefix("torch."),
                                     cpu_offload=bool(args.cpu_offload))
     run_pipeline_ablation(config, pipe, adapters, args.out, progress=not args.no_progress)
