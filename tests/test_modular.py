@@ -190,6 +190,50 @@ def test_wan22s_modular_pipeline_runs_both_experts_under_one_policy(tmp_path):
     assert (out - stock).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kind, blocks, image", [("ltx", None, False), ("flux", "FluxKontextAutoBlocks", True),
+                                                  ("wan-i2v", "WanImage2VideoAutoBlocks", True)])
+def test_modular_pipelines_loaded_whole_run_from_text_and_images(kind, blocks, image, tmp_path):
+    """Families whose modular denoise steps name their guider calls (LTX-Video: ``pred_cond``, ``pred_uncond``), or
+    take a reference image (FLUX.1 Kontext: its tokens beside the latent's) or a first frame (Wan 2.1
+    image-to-video), loaded from tiny complete folders and run from text."""
+    import diffusers.modular_pipelines as modular_pipelines
+    from PIL import Image
+
+    from ddit.backbones import spec_for
+    from ddit.tiny_pipelines import TINY_CALL
+
+    folder = str(save_tiny_pipeline(kind, tmp_path / kind))
+    pipe = (getattr(modular_pipelines, blocks)().init_pipeline(folder) if blocks
+            else ModularPipeline.from_pretrained(folder))
+    pipe.load_components(dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    given = dict(prompt="a red circle", num_inference_steps=STEPS, max_sequence_length=16, **TINY_CALL[kind])
+    if image:  # Kontext's made at the image's size, not moved to its preferred ones (1024x1024 and the like)
+        given.update(image=Image.new("RGB", (given["width"], given["height"]), (200, 30, 30)), _auto_resize=False,
+                     max_area=given["width"] * given["height"])
+    taken = {i.name for i in pipe.blocks.inputs}
+
+    def call():
+        return pipe(**{k: v for k, v in given.items() if k in taken}, generator=torch.Generator().manual_seed(0),
+                    output="latents")
+
+    stock = call()
+    base = spec_for(pipe.transformer).base_patch_size
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
+    assert torch.equal(call(), stock)
+    ddit.disable(pipe)
+    schedule = [4 * base] * 2 + [base] * (STEPS - 2)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy(schedule))
+    out = call()
+    records = ddit.summary(pipe).records
+    assert (out - stock).abs().max() > 1e-3 and torch.isfinite(out).all()
+    branches = sorted({str(r["branch"]) for r in records})
+    assert branches == {"ltx": ["pred_cond", "pred_uncond"], "flux": ["None"]}.get(kind, ["None", "call2"])
+    assert [r["patch_size"] for r in records if str(r["branch"]) == branches[0]] == schedule
+    if kind == "flux":  # Kontext's reference tokens run beside the latent's: as many, from an image of its size
+        assert records[-1]["base_tokens"] == 2 * (given["height"] // 16) * (given["width"] // 16)
+
+
 def test_the_wrapper_names_the_backbones_arguments_as_modular_denoisers_read_them():
     """FLUX.3's and Qwen-Image's denoise steps pass the transformer only what its forward's signature names."""
     pipe, _ = modular("qwenimage")
