@@ -234,6 +234,57 @@ def test_modular_pipelines_loaded_whole_run_from_text_and_images(kind, blocks, i
         assert records[-1]["base_tokens"] == 2 * (given["height"] // 16) * (given["width"] // 16)
 
 
+@torch.no_grad()
+def test_qwen_image_21s_modular_pipeline_keeps_its_kv_cache_at_mixed_sizes():
+    """Qwen-Image 2.1's denoise step keeps a KV cache of the prompt per guider branch, filled at the first step:
+    ddit keeps one per patch size inside it, so that a batch split by size gives what recomputing gives."""
+    from diffusers import QwenImage21Transformer2DModel
+    from diffusers.modular_pipelines import QwenImage21AutoBlocks
+
+    torch.manual_seed(0)
+    transformer = QwenImage21Transformer2DModel(in_channels=64, out_channels=64, num_layers=2, attention_head_dim=16,
+                                                num_attention_heads=2, context_in_dim=16, mlp_ratio=2,
+                                                axes_dims_rope=(4, 6, 6))
+    for p in transformer.parameters():  # zero-initialised layers too, so that outputs depend on everything
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    blocks = QwenImage21AutoBlocks()
+    for step in list(blocks.sub_blocks):
+        if step != "denoise":
+            blocks.sub_blocks.pop(step)
+    pipe = blocks.init_pipeline()
+    pipe.update_components(transformer=transformer.eval().to(DEVICE), guider=ClassifierFreeGuidance(guidance_scale=3),
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    text = torch.Generator().manual_seed(1)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, -2:] = 0  # the first prompt two tokens shorter
+    given = dict(prompt_embeds=torch.randn(2, 7, 16, generator=text), prompt_embeds_mask=mask,
+                 negative_prompt_embeds=torch.randn(2, 7, 16, generator=text),
+                 negative_prompt_embeds_mask=torch.ones(2, 7, dtype=torch.long),
+                 image_pad_mask=torch.zeros(2, 7, dtype=torch.bool),
+                 negative_image_pad_mask=torch.zeros(2, 7, dtype=torch.bool))
+    given = {k: v.to(DEVICE) for k, v in given.items()}
+
+    def call(**kwargs):
+        return pipe(**given, height=256, width=256, num_inference_steps=STEPS, output="latents",
+                    generator=torch.Generator().manual_seed(0), **kwargs)
+
+    stock = call()
+    adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    for p in adapter.trainable_parameters():  # LoRA B starts at zero: as if trained, so that a size's LoRA counts
+        torch.nn.init.normal_(p, std=0.05)
+    ddit.enable(pipe, adapter, policy="baseline")
+    assert torch.equal(call(), stock)
+    ddit.disable(pipe)
+    ddit.enable(pipe, adapter, policy=SplitPolicy())  # sample 0 at patch 4 for two steps, sample 1 at patch 1
+    cached, recomputed = call(), call(use_kv_cache=False)
+    sizes = {(r["step"], r["sample"]): r["patch_size"] for r in ddit.summary(pipe).records}
+    assert sizes == {(s, i): 4 if i == 0 and s < 2 else 1 for s in range(STEPS) for i in (0, 1)}
+    torch.testing.assert_close(cached, recomputed)
+    assert (cached[0] - stock[0]).abs().max() > 1e-3 and torch.allclose(cached[1], stock[1], atol=ATOL)
+
+
 def test_the_wrapper_names_the_backbones_arguments_as_modular_denoisers_read_them():
     """FLUX.3's and Qwen-Image's denoise steps pass the transformer only what its forward's signature names."""
     pipe, _ = modular("qwenimage")
