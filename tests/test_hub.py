@@ -129,22 +129,46 @@ def test_a_pipeline_on_the_hub_loads_by_its_id_for_the_commands(hub, tmp_path, c
     """``ddit distill --pipeline owner/name`` (and ``ddit-ablate``, ``ddit calibrate``) take a Hub id, as
     ``from_pretrained`` does: diffusers' own download picks the pipeline's files; a modular pipeline's index is
     fetched alone, and its components from where it points."""
+    import json
+
     from diffusers import FluxPipeline
     from diffusers.modular_pipelines import ModularPipeline
 
     from ddit.cli import main
     from ddit.tiny_pipelines import save_tiny_pipeline
-    from ddit.weights import load_pipeline
+    from ddit.weights import load_pipeline, transformer_source
 
     hub("someone/tiny-flux", save_tiny_pipeline("flux", tmp_path / "flux"))
     pipe = load_pipeline("someone/tiny-flux")
     assert isinstance(pipe, FluxPipeline) and REVISION in str(pipe.config._name_or_path)
-    modular = ModularPipeline.from_pretrained(str(tmp_path / "flux"))
-    modular.load_components(dtype=torch.float32)
-    modular.save_pretrained(str(tmp_path / "modular"), overwrite_modular_index=True)
-    hub("someone/tiny-flux-modular", tmp_path / "modular")
-    assert type(load_pipeline("someone/tiny-flux-modular")).__name__ == "FluxModularPipeline"
 
+    modular = ModularPipeline.from_pretrained(str(tmp_path / "flux"))
+    modular.load_components(dtype=torch.bfloat16)
+    modular.save_pretrained(str(tmp_path / "modular"), overwrite_modular_index=True)
+    index = json.loads((tmp_path / "modular" / "modular_model_index.json").read_text())
+    (tmp_path / "index-only").mkdir()  # the index alone, pointing at the saved components
+    (tmp_path / "index-only" / "modular_model_index.json").write_text(json.dumps(index))
+    hub("someone/tiny-flux-modular", tmp_path / "index-only")
+    loaded = load_pipeline("someone/tiny-flux-modular")
+    assert type(loaded).__name__ == "FluxModularPipeline"
+    assert loaded.transformer.dtype == torch.bfloat16  # as saved, read where the index points
+    assert transformer_source(loaded, tmp_path / "index-only") == tmp_path / "modular" / "transformer"
+
+    index["transformer"][2]["pretrained_model_name_or_path"] = "someone/tiny-flux"  # on the Hub: dtype unknown
+    (tmp_path / "index-only" / "modular_model_index.json").write_text(json.dumps(index))
+    hub("someone/elsewhere", tmp_path / "index-only")
+    with pytest.raises(CheckpointError, match="lies elsewhere .*someone/tiny-flux.*pass --dtype"):
+        load_pipeline("someone/elsewhere")
+    assert load_pipeline("someone/elsewhere", dtype=torch.float32).transformer.dtype == torch.float32
+
+    index["transformer"][2]["pretrained_model_name_or_path"] = str(tmp_path / "gone")
+    (tmp_path / "index-only" / "modular_model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"could not load transformer \\({tmp_path / 'gone'}, transformer\\)"):
+        load_pipeline(tmp_path / "index-only", dtype=torch.float32)  # load_components only logs it
+
+    hub("someone/no-pipeline", tmp_path / "flux" / "transformer")
+    with pytest.raises(CheckpointError, match="someone/no-pipeline holds no diffusers pipeline"):
+        load_pipeline("someone/no-pipeline")
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     assert main(["distill", "--pipeline", "someone/missing", "--prompts", str(tmp_path / "prompts.txt"), "--out",
                  str(tmp_path / "run")]) == 2

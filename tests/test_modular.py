@@ -398,7 +398,8 @@ def modular_folders(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["flux", "wan"])
-def test_a_modular_pipeline_folder_distils_and_ablates_from_the_command_line(kind, modular_folders, tmp_path):
+def test_a_modular_pipeline_folder_distils_and_ablates_from_the_command_line(kind, modular_folders, tmp_path,
+                                                                              capsys):
     from safetensors.torch import load_file
 
     from ddit.ablate.cli import main as ablate
@@ -411,6 +412,7 @@ def test_a_modular_pipeline_folder_distils_and_ablates_from_the_command_line(kin
     assert main(["distill", "--pipeline", str(folders[kind]), "--prompts", str(prompts), "--out", str(tmp_path / "d"),
                  "--steps", "2", "--batch-size", "2", "--num-inference-steps", "3", *size]) == 0
     assert len(list((tmp_path / "d" / "states").glob("*.safetensors"))) == 2
+    assert "3/3" not in capsys.readouterr().err  # one bar over the prompts, none per 3-step pipeline call
     out = tmp_path / "run"
     assert ablate(["--pipeline", str(folders[kind]), "--adapter", str(tmp_path / "d" / "adapter"), "--prompts",
                    str(prompts), "--out", str(out), "--steps", "4", "--fewer-steps", "3", "--policies", "fixed",
@@ -456,3 +458,25 @@ def test_progressive_rows_are_refused_on_a_modular_pipeline(modular_folders, tmp
                    "--out", str(tmp_path / "run"), "--steps", "4", "--progressive", "0.5", "--policies", "baseline",
                    "--caches", "none", "--height", "128", "--width", "128", "--no-progress"]) == 2
     assert "progressive resolution runs in" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_modular_pipelines_size_is_checked_as_it_makes_it(modular_folders, tmp_path):
+    """The size checks read a modular pipeline's own defaults and factors: Z-Image's latent is its VAE's 8x, not
+    its image processor's 16x; modular Wan's default size is its ``default_height``; and a modular pipeline given an
+    image with no size may take its size from the image (FLUX.2's and Qwen-Image-Edit's do): refused up front."""
+    from PIL import Image
+
+    from ddit.pipeline_call import Prompt, check_resolution, image_size
+
+    zimage = ModularPipeline.from_pretrained(str(save_tiny_pipeline("zimage", tmp_path / "zimage")))
+    zimage.load_components(dtype=torch.float32)
+    assert zimage.vae_scale_factor_spatial == 16 and image_size(zimage, {"height": 96, "width": 96}) == (96, 96, 8)
+    check_resolution(zimage, {"height": 96, "width": 96}, [2, 4])  # a 12x12 latent, as the pipeline makes
+    wan = ModularPipeline.from_pretrained(str(modular_folders[0]["wan"]))
+    assert image_size(wan, {}) == (wan.default_height, wan.default_width, 8)
+    flux2 = ModularPipeline.from_pretrained(str(save_tiny_pipeline("flux2", tmp_path / "flux2")))
+    flux2.load_components(dtype=torch.float32)
+    edit = [Prompt("make it blue", {"image": Image.new("RGB", (96, 64))})]
+    with pytest.raises(ValueError, match="sizes its output after each prompt's image unless given a size"):
+        check_resolution(flux2, {}, [2, 4], edit)
+    check_resolution(flux2, {"height": 128, "width": 128}, [2, 4], edit)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .adapter import MultiPatchTransformer
 from .caches import TeaCacheRecorder, delta_for_share, fit_teacache, write_teacache_fit
-from .pipeline_call import Prompt, as_prompts, check_call, run_pipeline
+from .pipeline_call import Prompt, as_prompts, check_call, progress_bars_off, run_pipeline
 from .pipelines import DynamicPatchTransformer, disable, enable
 from .recorded_states import experts
 
@@ -55,16 +55,14 @@ def calibrate_teacache_on_pipeline(pipe, prompts: Sequence[str | Prompt], out: s
     except Exception:
         adapter.detach()
         raise
-    bars = dict(getattr(pipe, "_progress_bar_config", {}))
     try:
-        pipe.set_progress_bar_config(disable=True)  # one bar over the prompts, not one per call
-        for i, prompt in enumerate(tqdm(prompts, desc="calibrate teacache", disable=not progress)):
-            with torch.no_grad():  # not inference_mode: weights model CPU offload moves stay trainable
-                run_pipeline(pipe, prompt=prompt.text, generator=torch.Generator("cpu").manual_seed(seed + i),
-                             output_type="latent", **call, **prompt.call_inputs())
+        with progress_bars_off(pipe):  # one bar over the prompts, not one per call
+            for i, prompt in enumerate(tqdm(prompts, desc="calibrate teacache", disable=not progress)):
+                with torch.no_grad():  # not inference_mode: weights model CPU offload moves stay trainable
+                    run_pipeline(pipe, prompt=prompt.text, generator=torch.Generator("cpu").manual_seed(seed + i),
+                                 output_type="latent", **call, **prompt.call_inputs())
     finally:
         disable(pipe)
-        pipe._progress_bar_config = bars
     if len(recorder.pairs) < MIN_PAIRS:
         raise ValueError(f"{len(recorder.pairs)} pairs of consecutive steps are too few for TeaCache's degree-4 "
                          f"fit (at least {MIN_PAIRS}): give more prompts or steps")

@@ -18,7 +18,8 @@ import inspect
 import io
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
@@ -175,6 +176,26 @@ def _json_prompt(path: Path, n: int, line: str) -> Prompt:
     return Prompt(text, given)
 
 
+@contextmanager
+def progress_bars_off(pipe) -> Iterator[None]:
+    """No progress bar per pipeline call while inside (one bar over the prompts instead): a modular pipeline's
+    bars belong to its blocks, nested (its denoise loop inside a sequence of blocks)."""
+    owners, todo = [], [pipe._blocks] if isinstance(pipe, ModularPipeline) else [pipe]
+    while todo:
+        owner = todo.pop()
+        owners.append(owner)
+        todo.extend((getattr(owner, "sub_blocks", None) or {}).values() if owner is not pipe else ())
+    owners = [o for o in owners if hasattr(o, "set_progress_bar_config")]
+    saved = [dict(getattr(o, "_progress_bar_config", {})) for o in owners]
+    for owner in owners:
+        owner.set_progress_bar_config(disable=True)
+    try:
+        yield
+    finally:
+        for owner, config in zip(owners, saved):
+            owner._progress_bar_config = config
+
+
 def call_parameters(pipe) -> MappingProxyType:
     """The arguments a pipeline call takes, with their defaults: its ``__call__``'s, or a modular pipeline's block
     inputs (each optional here: their ``required`` flag also marks what earlier blocks make, such as latents)."""
@@ -208,19 +229,30 @@ ALWAYS_SIZED_BY_IMAGE = ("FluxKontextInpaintPipeline", "Flux2KleinInpaintPipelin
 
 
 def sized_by_image(pipe, call: dict) -> bool:
-    """Whether this call of an edit pipeline takes its output's size from its image, which ddit does not predict."""
+    """Whether this call of an edit pipeline takes its output's size from its image, which ddit does not predict
+    (a modular pipeline given an image: several families' do, FLUX.2's and Qwen-Image-Edit's among them)."""
     name = type(pipe).__name__
-    return name in ALWAYS_SIZED_BY_IMAGE or (name in SIZED_BY_IMAGE and call.get("image") is not None
+    by_image = name in SIZED_BY_IMAGE or isinstance(pipe, ModularPipeline)
+    return name in ALWAYS_SIZED_BY_IMAGE or (by_image and call.get("image") is not None
                                              and (call.get("height") is None or call.get("width") is None))
+
+
+def latent_factor(pipe) -> int | None:
+    """Image pixels per latent pixel where the transformer takes the latent (before any packing into tokens), when
+    the pipeline says. Z-Image's modular pipeline gives its image processor's factor (its VAE's 8 times its 2x2
+    packing) as ``vae_scale_factor_spatial``, and its VAE's as ``vae_scale_factor``."""
+    names = ("vae_scale_factor_spatial", "vae_scale_factor", "vae_spatial_compression_ratio")  # the last: LTX's
+    if type(pipe).__name__ == "ZImageModularPipeline":
+        names = names[1:]
+    return next((getattr(pipe, name) for name in names if isinstance(getattr(pipe, name, None), int)), None)
 
 
 def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
     """Height and width of the image the call makes and the VAE's factor, when the pipeline says (else None):
-    the call's, else its signature's defaults, its ``default_sample_size``, or the size HunyuanVideo 1.5
-    picks from the call's image (image-to-video) or else from its default aspect ratio."""
-    factor = next((getattr(pipe, name) for name in ("vae_scale_factor_spatial", "vae_scale_factor",
-                                                     "vae_spatial_compression_ratio") if getattr(pipe, name, None)),
-                  None)  # the last: LTX-Video's
+    the call's, else its signature's defaults, its ``default_sample_size``, the size HunyuanVideo 1.5
+    picks from the call's image (image-to-video) or else from its default aspect ratio, or a modular
+    pipeline's ``default_height`` and ``default_width``."""
+    factor = latent_factor(pipe)
     defaults = call_parameters(pipe)
     if sized_by_image(pipe, call):
         return None
@@ -239,6 +271,8 @@ def image_size(pipe, call: dict) -> tuple[int, int, int] | None:
             value = pipe.default_sample_size * factor
         if value is None and picked is not None:
             value = picked[i]
+        if value is None and isinstance(getattr(pipe, f"default_{name}", None), int):
+            value = getattr(pipe, f"default_{name}")
         sizes.append(value)
     if factor is None or None in sizes:
         return None

@@ -35,7 +35,7 @@ from .adapter import ADAPTER_FILES, CONFIG_NAME, HOOK_ATTRIBUTES, MultiPatchTran
 from .backbones import as_batch
 from .caches import Cache, TeaCache, diffusers_caches, get_cache
 from .policies import PatchPolicy, ProgressiveResolution, get_policy
-from .pipeline_call import call_parameters
+from .pipeline_call import call_parameters, latent_factor
 from .precise_latents import PreciseLatents
 from .runtime import Call, PatchRuntime
 from .summary import Summary
@@ -381,7 +381,7 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
                                model=first, scheduler=_scheduler_of(pipe), patch=first.spec.patch)
         binning = "use_resolution_binning" in call_parameters(pipe)
         precise = PreciseLatents()  # one for both experts: they share the scheduler
-        wrappers = {name: DynamicPatchTransformer(a, runtime, _pixels_per_latent(pipe), _guidance_of(pipe), binning,
+        wrappers = {name: DynamicPatchTransformer(a, runtime, latent_factor(pipe), _guidance_of(pipe), binning,
                                                   precise) for name, a in adapters.items()}
         if cache is not None and not isinstance(cache, Cache):
             for wrapper in wrappers.values():
@@ -560,15 +560,6 @@ def _guidance_of(pipe) -> Callable[[torch.Tensor], bool | None]:
         return value if isinstance(value, bool) else None
 
     return batched
-
-
-def _pixels_per_latent(pipe) -> int | None:
-    """How many image pixels one latent pixel stands for (for error messages about resolutions)."""
-    for name in ("vae_scale_factor_spatial", "vae_scale_factor", "vae_spatial_compression_ratio"):  # the last: LTX
-        value = getattr(pipe, name, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 class _SaveWithAdapter:

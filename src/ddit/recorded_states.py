@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .pipeline_call import Prompt, as_prompts, run_pipeline
+from .pipeline_call import Prompt, as_prompts, progress_bars_off, run_pipeline
 
 #: Forward arguments that say how to return, not what to compute (``patch_size``: a
 #: ``MultiPatchTransformer``'s choice, which the recorded state must not fix).
@@ -174,22 +174,21 @@ def record_states(pipe, prompts: Iterable[str | Prompt], folder: str | os.PathLi
                                      "text, or other arguments or images of its own); record another prompts file "
                                      "into another folder")
     device = getattr(pipe, "_execution_device", None) or pipe.device
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)  # one bar over the prompts, not one per call
-    for i in tqdm(todo, desc="record", disable=not progress or not todo):
-        # no_grad, not inference_mode: model CPU offload moves the weights inside the call, and weights made in
-        # inference mode could not train after
-        with ExitStack() as stack, torch.no_grad():
-            logs = {sub: stack.enter_context(recording(module)) for sub, module in modules.items()}
-            generator = torch.Generator("cpu").manual_seed(seed + i)
-            run_pipeline(pipe, prompt=prompts[i].text, generator=generator, output_type="latent", **(call or {}),
-                         **prompts[i].call_inputs())
-        idle = [sub or "transformer" for sub, log in logs.items() if not log.calls]
-        if idle and len(logs) > 1:  # checked before any file of this prompt is written
-            raise RecordingError(f"pipe.{idle[0]} ran no step for {prompts[i].label!r}: every step fell on the other "
-                                 "expert (the pipeline's boundary_ratio); record with more steps")
-        for sub, log in logs.items():
-            log.save(folder / sub / f"{i:05d}.safetensors", prompts[i].key, device=str(device))
+    with progress_bars_off(pipe):  # one bar over the prompts, not one per call
+        for i in tqdm(todo, desc="record", disable=not progress or not todo):
+            # no_grad, not inference_mode: model CPU offload moves the weights inside the call, and weights made in
+            # inference mode could not train after
+            with ExitStack() as stack, torch.no_grad():
+                logs = {sub: stack.enter_context(recording(module)) for sub, module in modules.items()}
+                generator = torch.Generator("cpu").manual_seed(seed + i)
+                run_pipeline(pipe, prompt=prompts[i].text, generator=generator, output_type="latent",
+                             **(call or {}), **prompts[i].call_inputs())
+            idle = [sub or "transformer" for sub, log in logs.items() if not log.calls]
+            if idle and len(logs) > 1:  # checked before any file of this prompt is written
+                raise RecordingError(f"pipe.{idle[0]} ran no step for {prompts[i].label!r}: every step fell on the "
+                                     "other expert (the pipeline's boundary_ratio); record with more steps")
+            for sub, log in logs.items():
+                log.save(folder / sub / f"{i:05d}.safetensors", prompts[i].key, device=str(device))
     return folder
 
 

@@ -55,6 +55,9 @@ def pipeline_folder(path: str | os.PathLike) -> Path:
 
     index = local_or_hub(path, ["model_index.json", "modular_model_index.json"])
     if not (index / "model_index.json").is_file():
+        if not (index / "modular_model_index.json").is_file():
+            raise CheckpointError(f"the Hub repository {path} holds no diffusers pipeline (no model_index.json, nor "
+                                  "a modular pipeline's modular_model_index.json); pass a pipeline's repository")
         return index
     try:
         return Path(DiffusionPipeline.download(str(path)))
@@ -106,6 +109,49 @@ def load_pretrained_transformer(folder: str | Path):
     return load_diffusers_model(model_class, folder)
 
 
+def _saved_dtype(folder: Path, pipeline: bool = True) -> torch.dtype | None:
+    """The dtype most of the transformer's weights are saved in, in a pipeline folder (its ``transformer``
+    subfolder; every component's weights file's header is checked on the way) or in the transformer's own."""
+    saved = None
+    for weights in sorted(folder.glob("*/*.safetensors" if pipeline else "*.safetensors")):
+        try:  # the header only: a real model's weights are too large to read twice
+            with safe_open(weights, "pt") as f:
+                keys = list(f.keys())
+                ours = weights.parent.name == "transformer" or not pipeline
+                if ours and keys and saved is None:  # its weights' most dtype
+                    saved = SAVED_DTYPES.get(Counter(f.get_slice(k).get_dtype() for k in keys).most_common(1)[0][0])
+        except Exception as err:
+            raise CheckpointError(f"weights file {weights} is truncated or corrupt ({err}); restore it") from None
+    return saved
+
+
+def transformer_source(pipe, folder: Path) -> Path | str:
+    """Where a pipeline's transformer is loaded from: ``folder/transformer``, or the folder a modular pipeline's
+    index points at, or, where that is no local folder, the Hub source as diffusers writes it
+    (``repo|subfolder|variant|revision``)."""
+    if (folder / "transformer").is_dir():
+        return folder / "transformer"
+    spec = getattr(pipe, "_component_specs", {}).get("transformer")
+    where = getattr(spec, "pretrained_model_name_or_path", None)
+    if isinstance(where, str) and (Path(where) / (spec.subfolder or "")).is_dir():
+        return Path(where) / (spec.subfolder or "")
+    return "|".join(str(getattr(spec, name, None)) for name in ("pretrained_model_name_or_path", "subfolder",
+                                                                 "variant", "revision"))
+
+
+def _check_components(pipe, folder: Path) -> None:
+    """A modular pipeline's ``load_components`` only logs a component it cannot load: refuse it here, before any
+    work, naming each and where its index points."""
+    missing = [f"{name} ({spec.pretrained_model_name_or_path}, {spec.subfolder or 'no subfolder'})"
+               for name, spec in pipe._component_specs.items()
+               if spec.default_creation_method == "from_pretrained" and spec.pretrained_model_name_or_path
+               and getattr(pipe, name, None) is None]
+    if missing:
+        raise CheckpointError(f"the modular pipeline in {folder} could not load {'; '.join(missing)}: the "
+                              "warnings above say why (a missing folder or package, a gated repository, no network "
+                              "without the files in the cache)")
+
+
 #: safetensors' names of the floating dtypes a transformer is saved in.
 SAVED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -132,19 +178,18 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype | None = None, device: 
                               "CPU offload, not --cpu-offload: drop --cpu-offload, or run ddit from Python with "
                               "ModularPipeline.from_pretrained(..., components_manager=manager) and "
                               "manager.enable_auto_cpu_offload()")
-    saved = None  # the transformer's dtype as saved: the pipeline's, unless dtype says otherwise
-    for weights in sorted(folder.glob("*/*.safetensors")):
-        try:  # the header only: a real model's weights are too large to read twice
-            with safe_open(weights, "pt") as f:
-                keys = list(f.keys())
-                if weights.parent.name == "transformer" and keys and saved is None:  # its weights' most dtype
-                    saved = SAVED_DTYPES.get(Counter(f.get_slice(k).get_dtype() for k in keys).most_common(1)[0][0])
-        except Exception as err:
-            raise CheckpointError(f"weights file {weights} is truncated or corrupt ({err}); restore it") from None
+    saved = _saved_dtype(folder)  # the pipeline's, unless dtype says otherwise
     try:
         if modular:
             pipe = ModularPipeline.from_pretrained(str(folder))
-            pipe.load_components(dtype=dtype or saved or torch.float32)
+            source = transformer_source(pipe, folder)
+            saved = saved or (_saved_dtype(source, pipeline=False) if isinstance(source, Path) else None)
+            if dtype is None and saved is None:
+                raise CheckpointError(f"{folder} is a modular pipeline whose transformer lies elsewhere ({source}), "
+                                      "so its saved dtype cannot be read before loading: pass --dtype (bfloat16 for "
+                                      "most models), the same on every run of this output folder")
+            pipe.load_components(dtype=dtype or saved)
+            _check_components(pipe, folder)
         else:
             pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype or saved)
     except (OSError, ValueError, TypeError) as err:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
@@ -158,7 +159,7 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     from ..pipelines import adapter_folder, load_adapters
     from ..processes import processes
     from ..pipeline_call import call_arguments, check_call, check_resolution, read_prompts
-    from ..weights import load_pipeline, pipeline_folder
+    from ..weights import load_pipeline, pipeline_folder, transformer_source
     from .config import build_rows, parse_params
     from .models import fingerprint
     from .pipeline_report import summarize_pipeline, table
@@ -201,12 +202,14 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
         adapter.eval().detach()  # the baseline rows run the stock transformers
     check_resolution(pipe, call, adapters["transformer"].patch_sizes, prompts)
     found = adapter_folder(args.adapter)  # a pipeline folder saved while enabled holds it in ddit_adapter
-    models = {"pipeline": folder / "transformer", "adapter": found}
+    source = transformer_source(pipe, folder)  # a modular pipeline's may lie outside the folder, or on the Hub
+    models = {"pipeline": source if isinstance(source, Path) else folder / "transformer", "adapter": found}
     if "transformer_2" in adapters:
         models.update(pipeline_2=folder / "transformer_2", adapter_2=found / "transformer_2")
     config = PipelineAblationConfig(rows=rows, prompts=prompts, steps=args.steps, num_per_prompt=args.num_per_prompt,
                                     seed=args.seed, batch_size=args.batch_size or 1, call=call,
-                                    model=fingerprint(models, configs=folder),
+                                    model={**fingerprint(models, configs=folder),
+                                           **({} if isinstance(source, Path) else {"pipeline": source})},
                                     device=device.type, dtype=str(pipe.transformer.dtype).removeprefix("torch."),
                                     cpu_offload=bool(args.cpu_offload))
     run_pipeline_ablation(config, pipe, adapters, args.out, progress=not args.no_progress)

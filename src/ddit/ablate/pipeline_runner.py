@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..adapter import MultiPatchTransformer
 from ..checkpoint import write_text_atomic
-from ..pipeline_call import Prompt, as_prompts, run_pipeline
+from ..pipeline_call import Prompt, as_prompts, progress_bars_off, run_pipeline
 from ..caches import diffusers_caches
 from ..pipelines import disable, enable, summary
 from ..progressive_pipeline import check_progressive, half_resolution_steps, progressive_call
@@ -116,34 +116,33 @@ def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapters: Adapte
     state.wait_for_everyone()
     check_folder(out, config)
     done = {(r["row"], r["sample"]) for r in read_results(out)}
-    if state.is_main_process:
-        calibrate_pipeline_rows(config, pipe, adapters, out)
-    state.wait_for_everyone()
-    taus = read_calibration(out)
-    n, size = config.num_samples, config.batch_size
-    batches = [(key, row, start) for start in range(0, n, size) for key, row in config.rows.items()
-               if (start // size) % state.num_processes == state.process_index]
-    todo = [b for b in batches if not batch_done(out, b[0], b[2], min(b[2] + size, n), done, report)]
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    if todo:
-        _warm_up(config, pipe, adapters)
-    with results_file(out, state.process_index).open("a") as log:
-        bar = tqdm(todo, total=len(batches), initial=len(batches) - len(todo), unit="batch",
-                   desc="ablation", disable=not progress or not state.is_main_process)
-        for key, row, start in bar:
-            bar.set_postfix_str(key)
-            indices = range(start, min(start + size, n))
-            images, wall, decisions = _sample(config, pipe, adapters, row, indices, taus.get(key))
-            save_images(out, key, start, images)
-            for j, i in enumerate(indices):
-                log.write(json.dumps({"row": key, "sample": i, "prompt": config.prompt(i).label,
-                                      "seed": config.seed + i,
-                                      "policy": row.policy, "cache": row.cache, "steps": row.steps,
-                                      "written": time.time(), "sec": wall / len(indices), **decisions[j]}) + "\n")
-            log.flush()
-            os.fsync(log.fileno())
-    state.wait_for_everyone()
+    with progress_bars_off(pipe):  # the table's bar, not one per pipeline call
+        if state.is_main_process:
+            calibrate_pipeline_rows(config, pipe, adapters, out)
+        state.wait_for_everyone()
+        taus = read_calibration(out)
+        n, size = config.num_samples, config.batch_size
+        batches = [(key, row, start) for start in range(0, n, size) for key, row in config.rows.items()
+                   if (start // size) % state.num_processes == state.process_index]
+        todo = [b for b in batches if not batch_done(out, b[0], b[2], min(b[2] + size, n), done, report)]
+        if todo:
+            _warm_up(config, pipe, adapters)
+        with results_file(out, state.process_index).open("a") as log:
+            bar = tqdm(todo, total=len(batches), initial=len(batches) - len(todo), unit="batch",
+                       desc="ablation", disable=not progress or not state.is_main_process)
+            for key, row, start in bar:
+                bar.set_postfix_str(key)
+                indices = range(start, min(start + size, n))
+                images, wall, decisions = _sample(config, pipe, adapters, row, indices, taus.get(key))
+                save_images(out, key, start, images)
+                for j, i in enumerate(indices):
+                    log.write(json.dumps({"row": key, "sample": i, "prompt": config.prompt(i).label,
+                                          "seed": config.seed + i,
+                                          "policy": row.policy, "cache": row.cache, "steps": row.steps,
+                                          "written": time.time(), "sec": wall / len(indices), **decisions[j]}) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+        state.wait_for_everyone()
 
 
 def _enabled(row: Row) -> bool:
