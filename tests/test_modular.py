@@ -480,3 +480,35 @@ def test_a_modular_pipelines_size_is_checked_as_it_makes_it(modular_folders, tmp
     with pytest.raises(ValueError, match="sizes its output after each prompt's image unless given a size"):
         check_resolution(flux2, {}, [2, 4], edit)
     check_resolution(flux2, {"height": 128, "width": 128}, [2, 4], edit)
+
+
+@pytest.mark.parametrize("kind", ["flux", "wan"])
+def test_asked_for_latents_a_modular_pipeline_skips_its_decode_step(kind, modular_folders):
+    """Recording and calibration ask for latents: the VAE never decodes them (seconds per call for a video),
+    and the latents are the whole pipeline's."""
+    from ddit.pipeline_call import run_pipeline
+
+    pipe = ModularPipeline.from_pretrained(str(modular_folders[0][kind]))
+    pipe.load_components(dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt=["a red circle"], height=128, width=128, num_inference_steps=2, max_sequence_length=16,
+                **({"num_frames": 5} if kind == "wan" else {}))
+    whole = pipe(**call, generator=torch.Generator().manual_seed(0), output="latents")
+    decodes, decode = [], pipe.vae.decode
+    pipe.vae.decode = lambda *args, **kwargs: decodes.append(1) or decode(*args, **kwargs)
+    latents = run_pipeline(pipe, **call, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert torch.equal(latents, whole) and not decodes
+    assert "decode" in pipe._blocks.sub_blocks  # the pipeline has its decode step back
+    decoded = run_pipeline(pipe, **call, generator=torch.Generator().manual_seed(0), output_type="pt")
+    images = decoded.frames if kind == "wan" else decoded.images
+    assert decodes and images.shape[-2:] == (128, 128) and 0 <= images.min() and images.max() <= 1
+
+
+def test_an_ablation_of_flux3_in_batches_of_several_prompts_is_refused_before_anything_is_written(tmp_path):
+    from ddit.ablate.pipeline_runner import PipelineAblationConfig, run_pipeline_ablation
+
+    pipe, _ = modular("flux3")  # its text encoder takes one prompt per call, as a string
+    config = PipelineAblationConfig(rows={}, prompts=["a red circle", "blue stripes"], batch_size=2)
+    with pytest.raises(ValueError, match="Flux3ModularPipeline's text encoder takes one prompt per call"):
+        run_pipeline_ablation(config, pipe, {}, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -20,6 +20,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
@@ -202,24 +203,43 @@ def call_parameters(pipe) -> MappingProxyType:
     if not isinstance(pipe, ModularPipeline):
         return inspect.signature(pipe.__call__).parameters
     return MappingProxyType({p.name: inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default)
-                             for p in pipe.blocks.inputs if p.name})
+                             for p in pipe._blocks.inputs if p.name})  # pipe.blocks would be a deep copy
 
 
 def run_pipeline(pipe, *, output_type: str = "pil", **call):
     """``pipe(**call, output_type=output_type)``, whose output has ``.images`` (``.frames`` for a video), for a
-    ``DiffusionPipeline`` or a modular one. A modular pipeline is asked for its ``latents`` (``"latent"``; its
-    decode step still runs: not every family's skips) or its decoded ``images`` or ``videos``; a one-prompt list
-    is passed as its text (FLUX.3's text encoder takes one prompt per call, as a string)."""
+    ``DiffusionPipeline`` or a modular one. A modular pipeline is asked for its ``latents`` (``"latent"``, without
+    running its decode step; unpacked, where a stock pipeline's may be packed into tokens) or its decoded
+    ``images`` or ``videos``; a one-prompt list is passed as its text (FLUX.3's text encoder takes one prompt per
+    call, as a string)."""
     if not isinstance(pipe, ModularPipeline):
         return pipe(**call, output_type=output_type)
     prompt = call.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         call["prompt"] = prompt[0]
-    decoded = "pt" if output_type == "latent" else output_type  # the cheapest decoded output that every one takes
-    video = "videos" in {o.name for o in pipe.blocks.outputs}
-    name = "latents" if output_type == "latent" else "videos" if video else "images"
-    out = pipe(**call, output_type=decoded, output=name)
-    return SimpleNamespace(frames=out) if video and name != "latents" else SimpleNamespace(images=out)
+    if output_type == "latent":
+        with _undecoded(pipe):
+            return SimpleNamespace(images=pipe(**call, output="latents"))
+    video = "videos" in {o.name for o in pipe._blocks.outputs}
+    out = pipe(**call, output_type=output_type, output="videos" if video else "images")
+    return SimpleNamespace(frames=out) if video else SimpleNamespace(images=out)
+
+
+@contextmanager
+def _undecoded(pipe) -> Iterator[None]:
+    """A modular pipeline without its decode step (every family's last) while inside: asked for latents, it would
+    decode them all the same, and a video's VAE decode costs seconds per call."""
+    blocks = pipe._blocks
+    if "decode" not in blocks.sub_blocks:
+        yield
+        return
+    lean = deepcopy(blocks)
+    lean.sub_blocks.pop("decode")
+    pipe._blocks = lean
+    try:
+        yield
+    finally:
+        pipe._blocks = blocks
 
 
 #: Edit pipelines that size their output after the call's image unless the call gives a height and width.

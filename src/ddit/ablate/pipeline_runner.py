@@ -40,6 +40,8 @@ from .config import BASELINE, NO_CACHE, PROGRESSIVE, Row, check_folder
 from .runner import (CALIBRATION, CALIBRATION_SAMPLES, CALIBRATION_SEED_OFFSET, batch_done, save_images,
                      make_policy, read_calibration, read_results, results_file)
 
+#: Pipelines whose text encoder takes one prompt per call: a batch of several prompts fails inside diffusers.
+ONE_PROMPT_PER_CALL = ("Flux3ModularPipeline", "Flux3DistilledModularPipeline")
 #: The adapters by expert, as ``ddit.load_adapters`` gives them: ``transformer``, and Wan 2.2's ``transformer_2``.
 Adapters = Mapping[str, MultiPatchTransformer]
 
@@ -84,6 +86,9 @@ def check_pipeline_rows(config: PipelineAblationConfig, pipe, adapters: Adapters
         raise ValueError("--prompts needs at least one prompt, and --num-per-prompt and --batch-size must be at "
                          "least 1")
     check_batch(config.batch_size, config.prompts)
+    if config.batch_size > 1 and type(pipe).__name__ in ONE_PROMPT_PER_CALL:
+        raise ValueError(f"{type(pipe).__name__}'s text encoder takes one prompt per call (a string): drop "
+                         "--batch-size")
     for key, row in config.rows.items():
         policy = row.make_policy()
         if row.policy == PROGRESSIVE:
