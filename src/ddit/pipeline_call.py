@@ -185,7 +185,7 @@ def progress_bars_off(pipe) -> Iterator[None]:
     while todo:
         owner = todo.pop()
         owners.append(owner)
-        todo.extend((getattr(owner, "sub_blocks", None) or {}).values() if owner is not pipe else ())
+        todo.extend((getattr(owner, "sub_blocks", None) or {}).values())
     owners = [o for o in owners if hasattr(o, "set_progress_bar_config")]
     saved = [dict(getattr(o, "_progress_bar_config", {})) for o in owners]
     for owner in owners:
