@@ -234,6 +234,24 @@ def test_modular_pipelines_loaded_whole_run_from_text_and_images(kind, blocks, i
         assert records[-1]["base_tokens"] == 2 * (given["height"] // 16) * (given["width"] // 16)
 
 
+def test_flux3s_image_conditioned_blocks_run_its_references_beside_coarse_steps():
+    """FLUX.3's image-conditioned denoise (``image_cond_latents``: reference latents as their own argument, which
+    keep their grid at every size): the baseline is stock, and a fine sample equals its twin beside a coarse one."""
+    pipe, call = modular("flux3")
+    references = [torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(7)).to(DEVICE)]
+    stock = call(image_cond_latents=references)
+    assert (stock - call()).abs().max() > 1e-3  # the references count
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
+    assert torch.allclose(call(image_cond_latents=references), stock, atol=ATOL, rtol=0)
+    ddit.disable(pipe)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=SplitPolicy())
+    out = call(image_cond_latents=references)
+    assert torch.allclose(out[1], stock[1], atol=ATOL, rtol=0) and (out[0] - stock[0]).abs().max() > 1e-3
+    ddit.disable(pipe)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy([4] * STEPS))
+    assert (call(image_cond_latents=references) - call()).abs().max() > 1e-3  # coarse steps see them too
+
+
 @torch.no_grad()
 def test_qwen_image_21s_modular_pipeline_keeps_its_kv_cache_at_mixed_sizes():
     """Qwen-Image 2.1's denoise step keeps a KV cache of the prompt per guider branch, filled at the first step:
