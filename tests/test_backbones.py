@@ -25,6 +25,7 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
+from tiny_pipelines import ltx2_transformer
 
 import ddit.backbones
 from ddit.adapter import MultiPatchTransformer, PatchHead
@@ -220,6 +221,16 @@ def ltx():
                        num_frames=f, height=h, width=w, rope_interpolation_scale=(8 / 25, 32, 32))
 
 
+def ltx2():
+    """LTX-2: video tokens of patch 1, the grid given as num_frames, height and width; 5 audio tokens beside them."""
+    f, h, w = 2, 16, 8
+    return ltx2_transformer(), dict(
+        hidden_states=torch.randn(B, f * h * w, 4), audio_hidden_states=torch.randn(B, 5, 4),
+        encoder_hidden_states=torch.randn(B, 5, 32), audio_encoder_hidden_states=torch.randn(B, 5, 32),
+        timestep=torch.tensor([10.0, 900.0]), encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1] * 5]),
+        num_frames=f, height=h, width=w, audio_num_frames=5)
+
+
 def zimage(**config):
     model = ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
                                      cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64], **config)
@@ -315,6 +326,7 @@ FAMILIES = {"dit": dit, "pixart": pixart, "sana": sana, "sd3": sd3, "flux": flux
             "flux3_reference_flow_map": partial(flux3, condition=True, flow_map=True),
             "qwenimage21_edit": partial(qwenimage21, condition=(4, 6)), "wan": wan, "wan_i2v": wan_i2v,
             "skyreels": skyreels, "skyreels_df": skyreels_df, "hunyuanvideo15": hunyuanvideo15, "ltx": ltx,
+            "ltx2": ltx2,
             "hunyuanimage": hunyuanimage, "hunyuanimage_refiner": hunyuanimage_refiner,
             "zimage": zimage, "flux_kontext": flux_kontext, "flux2_references": flux2_references,
             "chroma_reference": chroma_reference, "qwenimage_edit": qwenimage_edit,
@@ -326,7 +338,7 @@ LORA_LAYERS = {"dit": 2 * 6, "pixart": 2 * 10, "sana": 2 * 10, "sd3": 2 * 6, "fl
                "chroma": 2 * (6 + 5), "qwenimage": 2 * 6, "wan": 2 * 10, "wan_i2v": 2 * 10, "hunyuanvideo15": 2 * 6,
                "skyreels": 2 * 10, "skyreels_df": 2 * 10, "qwenimage21": 2 * 7, "qwenimage21_edit": 2 * 7,
                "flux3": 3 * 6, "flux3_reference_flow_map": 3 * 6,
-               "ltx": 2 * 10, "zimage": 3 * 7, "flux_kontext": 6 + 5, "flux2_references": 6 + 2,
+               "ltx": 2 * 10, "ltx2": 2 * 10, "zimage": 3 * 7, "flux_kontext": 6 + 5, "flux2_references": 6 + 2,
                "chroma_reference": 2 * (6 + 5), "qwenimage_edit": 2 * 6, "qwenimage_edit2511": 2 * 6,
                "hunyuanimage": 6 + 5, "hunyuanimage_refiner": 6 + 5}
 
@@ -374,7 +386,7 @@ def test_family_forward_with_the_base_layers_reproduces_the_backbone(family):
     given.apply_defaults()
     head = PatchHead(*model.spec.base_weights(), scale=1)
     x = model.spec.latent(given.arguments)
-    out = as_batch(model._patched(head, model.base_patch_size, x, given.arguments))
+    out = as_batch(model._patched(head, model.base_patch_size, x, given.arguments)[0])
     assert out.shape == reference.shape
     assert (model.generated(out, **inputs) - model.generated(reference, **inputs)).abs().max() <= 1e-5
 
@@ -492,7 +504,7 @@ def test_skyreels_diffusion_forcing_runs_each_sample_with_its_fps_and_keeps_fram
     given = model._signature.bind(**inputs)
     given.apply_defaults()
     base = model._patched(PatchHead(*model.spec.base_weights(), scale=1), model.base_patch_size,
-                          inputs["hidden_states"], given.arguments)
+                          inputs["hidden_states"], given.arguments)[0]
     assert (base - reference).abs().max() <= 1e-5
     coarse = model(**inputs, patch_size=4).sample
     assert (coarse - torch.cat([model(**row, patch_size=4).sample for row in alone])).abs().max() <= 1e-5
@@ -517,7 +529,7 @@ def test_wan22_ti2v_per_token_timesteps_are_reproduced_and_run_coarse():
     given.apply_defaults()
     head = PatchHead(*model.spec.base_weights(), scale=1)
     reference = backbone(**{**inputs, "timestep": per_token}, return_dict=False)[0]
-    assert (model._patched(head, 2, model.spec.latent(given.arguments), given.arguments) - reference).abs().max() \
+    assert (model._patched(head, 2, model.spec.latent(given.arguments), given.arguments)[0] - reference).abs().max() \
         <= 1e-5
     assert model.spec.timestep(given.arguments).tolist() == [700.0, 700.0]  # the step's: the noisiest token's
     coarse = model(**{**inputs, "timestep": per_token}, patch_size=4).sample
@@ -540,7 +552,7 @@ def test_ltx_per_token_timesteps_are_reproduced_and_a_coarse_patch_takes_its_fra
     x = model.spec.latent(given.arguments)
     head = PatchHead(*model.spec.base_weights(), scale=1)
     reference = backbone(**{**inputs, "timestep": per_token}, return_dict=False)[0]
-    assert (model._patched(head, 1, x, given.arguments) - reference).abs().max() <= 1e-5
+    assert (model._patched(head, 1, x, given.arguments)[0] - reference).abs().max() <= 1e-5
     assert model.spec.timestep(given.arguments).tolist() == [700.0, 700.0]  # the step's: the noisiest token's
     coarse = model.spec._coarse_timestep(given.arguments, (2, 4, 2), 4).reshape(B, -1)  # 8 coarse tokens a frame
     assert torch.equal(coarse, torch.tensor([[0.0] * 8 + [700.0] * 8] * B))
@@ -563,7 +575,7 @@ def test_sana_with_sincos_positions_reproduces_the_backbone_and_runs_coarse():
     given = model._signature.bind(**inputs)
     given.apply_defaults()
     out = model._patched(PatchHead(*model.spec.base_weights(), scale=1), 1, model.spec.latent(given.arguments),
-                         given.arguments)
+                         given.arguments)[0]
     assert (out - backbone(**inputs).sample).abs().max() <= 1e-5
     assert model(**inputs, patch_size=4).sample.isfinite().all()
 
@@ -916,7 +928,7 @@ def test_hunyuanvideo15_image_prompts_and_meanflow_timesteps_reproduce_the_backb
     given = model._signature.bind(**inputs)
     given.apply_defaults()
     out = model._patched(PatchHead(*model.spec.base_weights(), scale=1), 1, model.spec.latent(given.arguments),
-                         given.arguments)
+                         given.arguments)[0]
     assert (out - backbone(**inputs).sample).abs().max() <= 1e-5
 
 
@@ -941,8 +953,8 @@ def test_teacache_watches_what_the_first_blocks_attention_receives(family):
     name, model, inputs, _ = family
     if name.startswith(("wan", "skyreels")):
         pytest.skip("Wan and SkyReels-V2: the timestep projection, not an attention input")
-    if name.startswith("flux3"):
-        pytest.skip("FLUX.3: ddit's caches are refused (test_flux3_feature_caches_are_refused_before_any_step)")
+    if model.spec.caches_refused:  # FLUX.3, LTX-2: tested where they are refused
+        pytest.skip(f"ddit's caches are refused on {name}: {model.spec.caches_refused}")
     spec, block = watched_spec(model), blocks_of(model)[0]
     attention = next(getattr(block, n) for n in ("attn1", "attn", "attention") if hasattr(block, n))
     signature, watched, received = inspect.signature(block.forward), [], []

@@ -28,7 +28,7 @@ PROMPTS = ["a red circle", "blue stripes on white"]
 #: and Z-Image never pad: their text is not cut. HunyuanVideo 1.5's call takes no max_sequence_length; Wan 2.1
 #: I2V's blocks take the last 512 text tokens as the text.
 SHORT_TEXT = {"flux": 16, "flux2": 16, "chroma": 16, "qwenimage": 512, "zimage": 512, "sd3": 16, "wan": 16,
-              "wan22": 16, "wan22-i2v": 16, "pixart": 16, "sana": 16, "ltx": 16, "skyreels": 16,
+              "wan22": 16, "wan22-i2v": 16, "pixart": 16, "sana": 16, "ltx": 16, "ltx2": 16, "skyreels": 16,
               "skyreels-df": 16}
 CONFIG = DistillConfig(steps=2, batch_size=2, num_inference_steps=None, timestep_scale=None)
 #: An image-to-video pipeline's first frame, which each of its prompts carries (a .jsonl prompts file's image:

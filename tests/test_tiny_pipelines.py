@@ -18,11 +18,12 @@ PIPELINE_CLASS = {"flux": "FluxPipeline", "flux2": "Flux2KleinPipeline", "chroma
                   "qwenimage": "QwenImagePipeline", "zimage": "ZImagePipeline", "sd3": "StableDiffusion3Pipeline",
                   "pixart": "PixArtSigmaPipeline", "sana": "SanaPipeline", "wan": "WanPipeline",
                   "wan-i2v": "WanImageToVideoPipeline", "wan22": "WanPipeline", "wan22-i2v": "WanImageToVideoPipeline",
-                  "hunyuanvideo15": "HunyuanVideo15Pipeline", "ltx": "LTXPipeline",
+                  "hunyuanvideo15": "HunyuanVideo15Pipeline", "ltx": "LTXPipeline", "ltx2": "LTX2Pipeline",
                   "hunyuanimage": "HunyuanImagePipeline", "skyreels": "SkyReelsV2Pipeline",
                   "skyreels-i2v": "SkyReelsV2ImageToVideoPipeline",
                   "skyreels-df": "SkyReelsV2DiffusionForcingPipeline"}
-VIDEO = ("wan", "wan-i2v", "wan22", "wan22-i2v", "hunyuanvideo15", "ltx", "skyreels", "skyreels-i2v", "skyreels-df")
+VIDEO = ("wan", "wan-i2v", "wan22", "wan22-i2v", "hunyuanvideo15", "ltx", "ltx2", "skyreels", "skyreels-i2v",
+         "skyreels-df")
 #: The first frame of an image-to-video pipeline: the same for every prompt, so that only the prompt differs.
 FIRST_FRAME = {kind: dict(image=torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(5)))
                for kind in ("wan-i2v", "wan22-i2v", "skyreels-i2v")}

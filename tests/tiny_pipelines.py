@@ -3,7 +3,7 @@
 Not a test module: tests import it. ``build(name)`` returns an unmodified diffusers
 pipeline (FluxPipeline, Flux2Pipeline, ChromaPipeline, QwenImagePipeline, ZImagePipeline,
 StableDiffusion3Pipeline, PixArtSigmaPipeline, SanaPipeline, WanPipeline, HunyuanVideo15Pipeline,
-HunyuanImagePipeline, LTXPipeline or DiTPipeline) whose transformer is a
+HunyuanImagePipeline, LTXPipeline, LTX2Pipeline or DiTPipeline) whose transformer is a
 few-kilobyte random model, and a ``call_kwargs`` function giving the keyword arguments
 for ``pipe(**kwargs)``. Nothing is downloaded:
 text encoders and tokenizers are ``None`` and prompts are passed as random,
@@ -58,6 +58,8 @@ from diffusers import (
     HunyuanImageTransformer2DModel,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
+    LTX2Pipeline,
+    LTX2VideoTransformer3DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
     PixArtSigmaPipeline,
@@ -74,6 +76,7 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 
+from ddit.tiny_pipelines import tiny_pipeline
 from ddit.tiny_pipelines import wake_zeros as _wake_zeros
 
 NAMES = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "wan", "hunyuanvideo15",
@@ -454,12 +457,46 @@ def _hunyuanimage():
     return pipe, call_kwargs
 
 
+def ltx2_transformer() -> LTX2VideoTransformer3DModel:
+    """The tiny LTX-2 transformer of ``ddit.tiny_pipelines``: video (4 channels, patch 1) and audio (4 channels)
+    streams, two blocks."""
+    return tiny_pipeline("ltx2").transformer
+
+
+LTX2_CAPTION, LTX2_TEXT_LAYERS = 32, 2  # the prompt embeddings the connectors take: every text layer stacked
+
+
+def _ltx2():
+    """LTX-2: video and audio in one transformer, which returns both. Patch 1 (sizes 1, 2 and 4 here); the tiny
+    folder's VAEs, never run, 2x in space and time: 32x32, 5 frames for a 16x16 latent of 3 frames. Each step calls
+    the transformer up to three times: CFG as one doubled batch ("cond_uncond"), then spatio-temporal guidance
+    ("uncond_stg") and modality isolation ("uncond_modality"), one row per sample each. The text connectors are
+    real (tiny); the prompts are embeddings."""
+    pipe = LTX2Pipeline(**{**tiny_pipeline("ltx2").components, "text_encoder": None, "tokenizer": None})
+    width = LTX2_CAPTION * (LTX2_TEXT_LAYERS + 1)
+
+    def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):
+        seeds = _seeds(batch, seeds)
+        guidance = 3.0 if guidance is None else guidance
+        mask = torch.ones(batch, TEXT_LEN, dtype=torch.long)
+        kw = dict(prompt_embeds=per_sample(seeds, 1, TEXT_LEN, width), prompt_attention_mask=mask,
+                  guidance_scale=guidance, audio_guidance_scale=guidance, spatio_temporal_guidance_blocks=[1],
+                  height=LATENT * 2, width=LATENT * 2, num_frames=5, frame_rate=25.0, num_inference_steps=steps,
+                  generator=generators(seeds), output_type="latent")
+        if guidance > 1:
+            kw.update(negative_prompt_embeds=_shared(batch, 1, TEXT_LEN, width), negative_prompt_attention_mask=mask)
+        return kw
+
+    return pipe, call_kwargs
+
+
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
              "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "hunyuanvideo15": _hunyuanvideo15, "dit": _dit,
              "hunyuanimage": _hunyuanimage,
              # not in NAMES (whose tests assume a base patch of 2, and one model per family): tests/test_experts.py,
-             # tests/test_ltx.py and the TeaCache tests of tests/test_pipelines.py run them
-             "wan22": partial(_wan, two_experts=True), "ltx": _ltx, "sd35m": partial(_sd3, dual_attention_layers=(0,))}
+             # tests/test_ltx.py, tests/test_ltx2.py and the TeaCache tests of tests/test_pipelines.py run them
+             "wan22": partial(_wan, two_experts=True), "ltx": _ltx, "ltx2": _ltx2,
+             "sd35m": partial(_sd3, dual_attention_layers=(0,))}
 
 
 def build(name: str) -> tuple[DiffusionPipeline, Callable[..., dict]]:

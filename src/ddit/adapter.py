@@ -22,7 +22,6 @@ from typing import Sequence
 import torch
 from diffusers.hooks.layerwise_casting import _is_layerwise_casting_active
 from diffusers.models.attention_processor import Attention
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -293,20 +292,22 @@ class MultiPatchTransformer(nn.Module):
         x = self.spec.latent(given)
         self._check(patch_size, x.shape[-2:])
         self._use_lora(patch_size)
-        out = self._patched(self.heads[str(patch_size)], patch_size, x, given)
-        return Transformer2DModelOutput(sample=out) if given["return_dict"] else (out,)
+        outputs = self._patched(self.heads[str(patch_size)], patch_size, x, given)
+        return self.spec.output(outputs, given["return_dict"])
 
-    def _patched(self, head: PatchHead, size: int, x: torch.Tensor, given: dict) -> torch.Tensor:
-        """The backbone's computation on latent ``x`` with ``head`` as its patchify and unpatchify."""
+    def _patched(self, head: PatchHead, size: int, x: torch.Tensor, given: dict) -> tuple[torch.Tensor, ...]:
+        """The backbone's computation on latent ``x`` with ``head`` as its patchify and unpatchify: its outputs,
+        the latent's first."""
         patch = self.spec.patch(size)
         grid = tuple(d // p for d, p in zip(x.shape[2:], patch))
         references = self.spec.references(given)
         beside = {"references": [self._embedded(r, size, given) for r in references]} if references else {}
         tokens = self.spec.forward(head.embed(patchify(x, patch)), grid, size // self.base_patch_size, given, **beside)
+        tokens, *others = tokens if isinstance(tokens, tuple) else (tokens,)
         out = self.spec.pack(unpatchify(head.unembed(tokens), patch, grid) + head.skip(x), given)
         if references:  # the pipeline drops the references' outputs: zeros keep the backbone's output shape
             out = torch.cat([out, out.new_zeros(len(out), references[-1].stop - out.shape[1], *out.shape[2:])], 1)
-        return out
+        return (out, *others)
 
     def reference_size(self, reference: Reference, size: int) -> int:
         """The patch size a reference image runs at in a step at ``size``: the coarsest of this adapter's sizes up

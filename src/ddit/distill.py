@@ -114,14 +114,16 @@ class DistillationLoss(nn.Module):
         return getattr(self.model.backbone, "_no_split_modules", None)
 
     def forward(self, z_t: torch.Tensor | list[torch.Tensor], kwargs: dict) -> torch.Tensor:
-        """The loss of each coarse size, as a vector."""
-        def output(size=None):  # what the pipeline keeps of it (not an edit pipeline's reference tokens)
-            return self.model.generated(as_batch(self.model(z_t, patch_size=size, **kwargs, return_dict=False)[0]),
-                                        z_t, **kwargs).float()
+        """The loss of each coarse size, as a vector: summed over the backbone's outputs (LTX-2's audio too, which
+        a coarse video step changes through the streams' cross-attention)."""
+        def outputs(size=None):  # what the pipeline keeps of them (not an edit pipeline's reference tokens)
+            out, *others = self.model(z_t, patch_size=size, **kwargs, return_dict=False)
+            return [self.model.generated(as_batch(out), z_t, **kwargs).float(), *(o.float() for o in others)]
 
         with torch.no_grad():
-            teacher = output()
-        return torch.stack([F.mse_loss(output(size), teacher) for size in self.patch_sizes])
+            teacher = outputs()
+        return torch.stack([sum(F.mse_loss(o, t) for o, t in zip(outputs(size), teacher))
+                            for size in self.patch_sizes])
 
 
 def check_accelerator(accelerator: Accelerator) -> None:

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from accelerate.hooks import AlignDevicesHook, CpuOffload
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.modular_pipelines.components_manager import CustomOffloadHook
 from diffusers.pipelines.pag.pag_utils import PAGMixin
 from torch import nn
@@ -169,20 +168,21 @@ class DynamicPatchTransformer(nn.Module):
         if precise is not None:
             precise = spec.latent({**given, first: precise})[:, :self._state_channels]
         call = Call(latent[:, :self._state_channels], timestep,
-                    lambda idx, size: spec.generated(self._run(args, kwargs, len(latent), idx, size), given),
+                    lambda idx, size: _generated(spec, self._run(args, kwargs, len(latent), idx, size), given),
                     branch=self._branch, branches=None if cfg is None else 1 + cfg,
                     step_index=where.get("step_index"), num_steps=where.get("num_inference_steps"),
                     sigma=where.get("sigma"),
                     beside=(lambda size: sum(self.adapter.reference_tokens(r, size) for r in references))
                     if references else None, precise=precise)
         self.runtime.use(self.adapter, self._hooks)  # Wan 2.2's second expert takes over mid-generation
-        out = self.runtime(call)
+        out, *others = _outputs(self.runtime(call))
         if isinstance(next(iter(given.values())), list):  # a list of per-sample latents in, a list out (Z-Image)
             out = list(out.unbind())
-        return Transformer2DModelOutput(sample=out) if given.get("return_dict", True) else (out,)
+        return spec.output((out, *others), given.get("return_dict", True))
 
-    def _run(self, args: tuple, kwargs: dict, rows: int, idx: torch.Tensor | None, size: int) -> torch.Tensor:
-        """The adapter's output for rows ``idx`` (all: ``None``) of this call, at ``size``."""
+    def _run(self, args: tuple, kwargs: dict, rows: int, idx: torch.Tensor | None, size: int):
+        """The adapter's output for rows ``idx`` (all: ``None``) of this call, at ``size``; a tuple, the latent's
+        first, where the backbone has several (LTX-2's video and audio)."""
         if idx is not None:
             given, spec = self._signature.bind(*args, **kwargs), self.adapter.spec
             for k, v in given.arguments.items():
@@ -191,7 +191,9 @@ class DynamicPatchTransformer(nn.Module):
                     given.arguments[k] = _cut(v, idx, rows, k in spec.per_sample_lists, k in spec.row_blocks) \
                         if cut is NotImplemented else cut
             args, kwargs = given.args, given.kwargs
-        return as_batch(self.adapter(*args, **kwargs, patch_size=size)[0])
+        result = self.adapter(*args, **kwargs, patch_size=size)
+        fields = len(self.adapter.spec.output_fields)
+        return as_batch(result[0]) if fields == 1 else (as_batch(result[0]), *(result[i] for i in range(1, fields)))
 
     def _group_offload_marks(self) -> bool:
         """Cheap signs (checked every call) of group offloading applied to this module: at block level it hooks
@@ -211,6 +213,18 @@ class DynamicPatchTransformer(nn.Module):
                              f"multiples of {sizes[-1]}, not {h}x{w}: use an image height and width that are "
                              f"multiples of {multiple}{binned}")
         self.adapter.spec.check_sizes(tuple(latent.shape[2:]), tuple(sizes))
+
+
+def _outputs(result) -> tuple:
+    """A call's outputs as a tuple, the latent's first: one tensor, or a backbone's several (LTX-2)."""
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _generated(spec, result, given: dict):
+    """The part of a call's ``result`` a pipeline keeps (``BackboneSpec.generated``), its other outputs as they are."""
+    out, *others = _outputs(result)
+    out = spec.generated(out, given)
+    return (out, *others) if others else out
 
 
 def _cut(value, idx: torch.Tensor, rows: int, listed: bool = False, blocked: bool = False):

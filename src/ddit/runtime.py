@@ -36,7 +36,8 @@ from torch import nn
 from .caches import Cache, Group, replace_stack
 from .policies import PatchPolicy, Probe, Step
 
-#: ``run(rows, patch_size)``: the model's output for ``rows`` (indices; ``None``: all) at ``patch_size``.
+#: ``run(rows, patch_size)``: the model's output for ``rows`` (indices; ``None``: all) at ``patch_size`` (a tuple,
+#: the latent's first, where the model has several outputs).
 RunRows = Callable[[torch.Tensor | None, int], torch.Tensor]
 
 
@@ -145,9 +146,7 @@ class PatchRuntime:
             idx = (row_sizes == size).nonzero().flatten()
             samples = tuple(sorted(set(owner[idx].tolist())))
             result = self._run_group(g, call, idx.to(call.latent.device), size, samples, rows // g.samples)
-            if out is None:
-                out = result.new_empty((rows, *result.shape[1:]))
-            out[idx.to(out.device)] = result
+            out = _put(out, result, idx, rows)
         return out
 
     def _advance(self, call: Call) -> Generation:
@@ -263,6 +262,7 @@ class PatchRuntime:
                 if call.probe is not None:
                     return call.probe(size, latent)
                 out = call.run(None, size)
+                out = out[0] if isinstance(out, tuple) else out  # the latent's prediction (not LTX-2's audio)
                 return out.reshape(-1, g.samples, *out.shape[1:]).transpose(0, 1).reshape(g.samples, -1)
 
         return probe
@@ -309,6 +309,17 @@ class PatchRuntime:
             lead = (1,) * (len(dims) - len(patch))
             self._token_counts[key] = math.prod(d // p for d, p in zip(dims, (*lead, *patch)))
         return self._token_counts[key]
+
+
+def _put(out, result, idx: torch.Tensor, rows: int):
+    """A group's ``result`` into rows ``idx`` of the call's ``out`` (None: made here, for ``rows`` rows); tuples
+    output by output, where the model returns several (LTX-2's video and audio)."""
+    if isinstance(result, tuple):
+        return tuple(_put(o, r, idx, rows) for o, r in zip(out or (None,) * len(result), result))
+    if out is None:
+        out = result.new_empty((rows, *result.shape[1:]))
+    out[idx.to(out.device)] = result
+    return out
 
 
 def synchronized_clock(device: torch.device) -> float:

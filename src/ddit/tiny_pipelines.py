@@ -1,14 +1,14 @@
 """Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, Z-Image, SD3, PixArt-Sigma, Sana,
 HunyuanImage 2.1, Wan 2.1 and Wan 2.2 with its two experts, each also as image-to-video, HunyuanVideo 1.5,
-LTX-Video, SkyReels-V2, also image-to-video, and its diffusion forcing), made offline, that stock diffusers
-loads.
+LTX-Video, LTX-2 (video and audio), SkyReels-V2, also image-to-video, and its diffusion forcing), made offline,
+that stock diffusers loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt (and a first frame) without
 downloading a model, and to test it on the same folders a user would hand it.
 ``save_tiny_pipeline(kind, folder)`` writes ``model_index.json`` and every component:
 tokenizers built from a hand-written vocabulary (a byte-level CLIP BPE, a character
 T5 unigram, a byte-level Qwen BPE with its chat template, ByT5's bytes, a character Gemma), random
-CLIP / T5 / UMT5 / Qwen3 / Qwen2.5-VL / Gemma2 text encoders, a VAE that downsamples by the
+CLIP / T5 / UMT5 / Qwen3 / Qwen2.5-VL / Gemma 2 / Gemma 3 text encoders, a VAE that downsamples by the
 factor the pipeline assumes, a small random transformer and the scheduler.
 Each folder is a few hundred kilobytes (Z-Image's 1.7 MB: its timestep MLP is 1024 wide
 at any model width) and the same bytes every call.
@@ -40,6 +40,8 @@ from diffusers import (
     AutoencoderKLFlux2,
     AutoencoderKLHunyuanImage,
     AutoencoderKLHunyuanVideo15,
+    AutoencoderKLLTX2Audio,
+    AutoencoderKLLTX2Video,
     AutoencoderKLLTXVideo,
     AutoencoderKLQwenImage,
     AutoencoderKLWan,
@@ -57,6 +59,8 @@ from diffusers import (
     HunyuanImageTransformer2DModel,
     HunyuanVideo15Pipeline,
     HunyuanVideo15Transformer3DModel,
+    LTX2Pipeline,
+    LTX2VideoTransformer3DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
     PixArtSigmaPipeline,
@@ -80,7 +84,7 @@ from diffusers import (
 )
 
 KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "hunyuanimage", "wan", "wan-i2v",
-         "wan22", "wan22-i2v", "hunyuanvideo15", "ltx", "skyreels", "skyreels-i2v", "skyreels-df")
+         "wan22", "wan22-i2v", "hunyuanvideo15", "ltx", "ltx2", "skyreels", "skyreels-i2v", "skyreels-df")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
@@ -100,6 +104,7 @@ TINY_CALL = {
     "wan22-i2v": dict(height=SIDE, width=SIDE, num_frames=5),  # and its image-to-video: call it with an image too
     "hunyuanvideo15": dict(height=2 * SIDE, width=2 * SIDE, num_frames=5),  # its VAE's factor 16: 16x16, 2 frames
     "ltx": dict(height=SIDE // 2, width=SIDE // 2, num_frames=9),  # its tiny VAE: 4x in space and time, 16x16x3
+    "ltx2": dict(height=SIDE // 4, width=SIDE // 4, num_frames=5),  # its tiny VAE: 2x in space and time, 16x16x3
     "skyreels": dict(height=SIDE, width=SIDE, num_frames=5),  # Wan's VAE: 2 latent frames
     "skyreels-i2v": dict(height=SIDE, width=SIDE, num_frames=5),  # call it with an image too
     "skyreels-df": dict(height=SIDE, width=SIDE, num_frames=5),  # diffusion forcing: a timestep per latent frame
@@ -162,6 +167,12 @@ def _qwen_tokenizer(tf):
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = QWEN_CHAT
     return tokenizer
+
+
+def _gemma_tokenizer(tf):
+    """Gemma's tokenizer over single printable characters (Sana's Gemma 2, LTX-2's Gemma 3)."""
+    return tf.GemmaTokenizer(vocab={t: i for i, t in enumerate(
+        ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581", *(c for c in string.printable if not c.isspace())])})
 
 
 # -- text encoders: random, from tiny configs whose widths the transformers take
@@ -334,8 +345,7 @@ def _pixart(tf) -> DiffusionPipeline:
 
 def _sana(tf) -> DiffusionPipeline:
     """Sana: a character Gemma tokenizer and a Gemma2 encoder of width 32, patch 1 on a 32x DC-AE."""
-    tokenizer = tf.GemmaTokenizer(vocab={t: i for i, t in enumerate(
-        ["<pad>", "<eos>", "<bos>", "<unk>", "\u2581", *(c for c in string.printable if not c.isspace())])})
+    tokenizer = _gemma_tokenizer(tf)
     text = tf.Gemma2Model(tf.Gemma2Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
@@ -490,11 +500,62 @@ def _ltx(tf) -> DiffusionPipeline:
                        text_encoder=_t5_encoder(tf, tokenizer, 16), transformer=transformer)
 
 
+def _ltx2(tf) -> DiffusionPipeline:
+    """LTX-2: video and audio from one transformer (patch 1: sizes 1, 2 and 4), Gemma 3 (its vision tower one block
+    of width 8) whose every layer's hidden state the connectors take, and VAEs and a vocoder at diffusers' own test
+    sizes (the video's 2x in space and time where LTX-2's is 32x and 8x: a 32x32, 5-frame video is a 16x16 latent
+    of 3 frames). Its stock
+    spatio-temporal guidance perturbs block 28, which two blocks lack: pass ``spatio_temporal_guidance_blocks=[1]``."""
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    tokenizer = _gemma_tokenizer(tf)
+    text = tf.Gemma3TextConfig(
+        vocab_size=len(tokenizer) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    vision = tf.SiglipVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28, patch_size=14)  # never run from text
+    n = len(tokenizer)  # the image tokens' ids, past the text's
+    text_encoder = tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=n,
+        boi_token_index=n + 1, eoi_token_index=n + 2))
+    connectors = LTX2TextConnectors(  # every text layer's hidden state, and the embeddings': 3 x 32 wide
+        caption_channels=32, text_proj_in_factor=3, video_connector_num_attention_heads=4,
+        video_connector_attention_head_dim=8, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=4,
+        audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
+        rope_double_precision=False, causal_temporal_positioning=False, rope_type="split")
+    transformer = wake_zeros(LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2, audio_attention_head_dim=4,
+        audio_cross_attention_dim=8, num_layers=2, caption_channels=32, rope_double_precision=False,
+        rope_type="split"))
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
+        layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
+        upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=1, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False)
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
+        resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
+        mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8)
+    vocoder = LTX2Vocoder(
+        in_channels=16, hidden_channels=32, out_channels=2, upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2],
+        resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]], leaky_relu_negative_slope=0.1,
+        output_sampling_rate=16000)
+    return LTX2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae,
+                        text_encoder=text_encoder, tokenizer=tokenizer, connectors=connectors,
+                        transformer=transformer, vocoder=vocoder)
+
+
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
              "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "wan-i2v": partial(_wan, image_to_video=True),
              "wan22": partial(_wan, two_experts=True),
              "wan22-i2v": partial(_wan, two_experts=True, image_to_video=True), "hunyuanvideo15": _hunyuanvideo15,
-             "ltx": _ltx, "hunyuanimage": _hunyuanimage, "skyreels": _skyreels,
+             "ltx": _ltx, "ltx2": _ltx2, "hunyuanimage": _hunyuanimage, "skyreels": _skyreels,
              "skyreels-i2v": partial(_skyreels, image_to_video=True),
              "skyreels-df": partial(_skyreels, diffusion_forcing=True)}
 
@@ -506,12 +567,16 @@ def save_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:
     ``TINY_CALL[kind]``. Seeded: the same weights every call, and the caller's random
     state is left as it was.
     """
+    folder = Path(folder)
+    tiny_pipeline(kind).save_pretrained(folder)
+    return folder
+
+
+def tiny_pipeline(kind: str) -> DiffusionPipeline:
+    """The random-weight ``kind`` pipeline that ``save_tiny_pipeline`` writes, in memory."""
     if kind not in _BUILDERS:
         raise ValueError(f"unknown tiny pipeline {kind!r}; one of {', '.join(KINDS)}")
     tf = _transformers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        pipe = _BUILDERS[kind](tf)
-    folder = Path(folder)
-    pipe.save_pretrained(folder)
-    return folder
+        return _BUILDERS[kind](tf)

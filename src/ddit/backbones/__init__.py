@@ -19,6 +19,7 @@ from .flux3 import Flux3Spec
 from .hunyuanimage import HunyuanImageSpec
 from .hunyuanvideo15 import HunyuanVideo15Spec
 from .ltx import LTXVideoSpec
+from .ltx2 import LTX2Spec
 from .pixart import PixArtSpec
 from .qwenimage import QwenImageSpec
 from .qwenimage21 import QwenImage21Spec
@@ -30,10 +31,12 @@ from .zimage import ZImageSpec
 
 BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SanaSpec, SD3Spec, FluxSpec, Flux2Spec, Flux3Spec,
                                                  ChromaSpec, QwenImageSpec, QwenImage21Spec, WanSpec, HunyuanImageSpec,
-                                                 HunyuanVideo15Spec, LTXVideoSpec, ZImageSpec, SkyReelsV2Spec)
+                                                 HunyuanVideo15Spec, LTXVideoSpec, LTX2Spec, ZImageSpec,
+                                                 SkyReelsV2Spec)
 
 __all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "Flux3Spec", "HunyuanImageSpec",
-           "HunyuanVideo15Spec", "LTXVideoSpec", "PixArtSpec", "QwenImageSpec", "QwenImage21Spec", "Reference",
+           "HunyuanVideo15Spec", "LTX2Spec", "LTXVideoSpec",
+           "PixArtSpec", "QwenImageSpec", "QwenImage21Spec", "Reference",
            "SanaSpec", "SD3Spec", "SkyReelsV2Spec", "WanSpec", "ZImageSpec", "as_batch", "patchify", "sincos_positions",
            "spec_for", "specs", "unpatchify"]
 

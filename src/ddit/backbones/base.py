@@ -17,6 +17,7 @@ from itertools import chain
 import torch
 import torch.utils.checkpoint
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 
@@ -77,6 +78,11 @@ class BackboneSpec:
     #: Forward arguments that may hold several consecutive rows per sample (Wan's first-and-last-frame video: two
     #: images each): a batch run in groups cuts them by block of rows.
     row_blocks: tuple[str, ...] = ()
+
+    #: The backbone's output class and its fields, in the order of its tuple output: the first is the latent's
+    #: prediction; any others (LTX-2's audio) ``forward`` returns after the latent's tokens, finished.
+    output_class: type = Transformer2DModelOutput
+    output_fields: tuple[str, ...] = ("sample",)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -145,6 +151,10 @@ class BackboneSpec:
         """The output latent in the form the backbone returns it."""
         return output
 
+    def output(self, outputs: tuple, return_dict: bool):
+        """What the backbone's forward returns, from its ``outputs`` in ``output_fields`` order."""
+        return self.output_class(**dict(zip(self.output_fields, outputs))) if return_dict else tuple(outputs)
+
     def references(self, args: dict) -> list[Reference]:
         """The reference images' tokens that follow the generated grid's (none, but in edit pipelines)."""
         return []
@@ -170,7 +180,8 @@ class BackboneSpec:
         """Run the backbone on embedded ``tokens`` of a ``grid`` ``scale`` times coarser than its own.
 
         Adds positions, conditions, runs the blocks and the output norm: returns
-        the tokens that the output projection would see. ``args`` are the
+        the tokens that the output projection would see (followed by the
+        backbone's other outputs, as a tuple, where ``output_fields`` names more). ``args`` are the
         backbone's forward arguments by name. A family with ``references`` also
         takes ``references``: (reference, its embedded tokens, its scale) for
         each, to run beside the grid's tokens at their own positions.

@@ -1,0 +1,207 @@
+"""LTX-2: one transformer denoises a video and its audio, and returns both. Only the video changes patch size; the
+audio keeps its tokens, and its output is what the backbone computes beside the coarse video. The backbone alone,
+and the stock ``LTX2Pipeline`` (tests/tiny_pipelines.py: prompt embeddings through its real tiny text connectors;
+CFG, spatio-temporal and modality guidance: three calls a step)."""
+
+import pytest
+import torch
+from diffusers import LTX2ImageToVideoPipeline
+from peft.tuners.lora import LoraLayer
+from tiny_pipelines import build, ltx2_transformer
+
+import ddit
+from ddit.adapter import MultiPatchTransformer, PatchHead
+from ddit.distill import DistillationLoss
+from ddit.policies import PatchPolicy
+
+B, GRID = 2, (2, 8, 8)  # two samples; latent frames, rows, columns
+STEPS, TOKENS = 6, 3 * 16 * 16  # the pipeline's video: 3 latent frames of 16x16
+
+
+def randomized():
+    return ltx2_transformer().eval()  # its zero-initialised layers woken: outputs depend on everything
+
+
+def inputs(**changes):
+    g = torch.Generator().manual_seed(0)
+    f, h, w = GRID
+    return {**dict(hidden_states=torch.randn(B, f * h * w, 4, generator=g),
+                   audio_hidden_states=torch.randn(B, 5, 4, generator=g),
+                   encoder_hidden_states=torch.randn(B, 6, 32, generator=g),
+                   audio_encoder_hidden_states=torch.randn(B, 6, 32, generator=g),
+                   encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6]),
+                   audio_encoder_attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6]),
+                   timestep=torch.tensor([10.0, 900.0]), num_frames=f, height=h, width=w, audio_num_frames=5),
+            **changes}
+
+
+def image_to_video():
+    """Image-to-video's timesteps: one per video token, the first frame's at t = 0; the audio's one per sample."""
+    t = torch.full((B, GRID[0] * GRID[1] * GRID[2]), 700.0)
+    t[:, : GRID[1] * GRID[2]] = 0.0
+    return dict(timestep=t, audio_timestep=torch.full((B,), 700.0))
+
+
+@torch.no_grad()
+def test_both_outputs_are_the_backbones_at_the_base_size_and_through_the_spec_forward():
+    backbone = randomized()
+    model = MultiPatchTransformer(backbone)
+    layers = backbone.proj_in, backbone.proj_out, backbone._gradient_checkpointing_func
+    for changes in ({}, image_to_video()):
+        video, audio = backbone(**inputs(**changes), return_dict=False)
+        for size in (None, 1):
+            out = model(**inputs(**changes), patch_size=size)
+            assert torch.equal(out.sample, video) and torch.equal(out.audio_sample, audio)
+        given = model._signature.bind(**inputs(**changes), return_dict=False)
+        given.apply_defaults()
+        head = PatchHead(*model.spec.base_weights(), scale=1)  # the backbone's own layers, through the spec
+        out = model._patched(head, 1, model.spec.latent(given.arguments), given.arguments)
+        assert len(out) == 2
+        assert (out[0] - video).abs().max() <= 1e-5 and (out[1] - audio).abs().max() <= 1e-5
+    assert (backbone.proj_in, backbone.proj_out, backbone._gradient_checkpointing_func) == layers  # put back
+    assert model.spec.timestep(inputs(**image_to_video())).tolist() == [700.0, 700.0]
+
+
+@torch.no_grad()
+def test_a_coarse_step_keeps_the_audio_tokens_and_changes_the_audio_only_through_cross_attention():
+    model = MultiPatchTransformer(randomized())
+    seen = []
+    model.backbone.transformer_blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["hidden_states"].shape[1],
+                                                  kwargs["audio_hidden_states"].shape[1])), with_kwargs=True)
+    base = model(**inputs(), return_dict=False)
+    for size in (2, 4):
+        video, audio = model(**inputs(), patch_size=size, return_dict=False)
+        assert video.shape == base[0].shape and audio.shape == base[1].shape
+        assert video.isfinite().all() and not torch.allclose(audio, base[1], atol=1e-4)
+        alone = model(**inputs(isolate_modalities=True), patch_size=size, return_dict=False)[1]
+        assert (alone - model(**inputs(isolate_modalities=True), return_dict=False)[1]).abs().max() <= 1e-5
+    assert set(seen) == {(128, 5), (128 // 4, 5), (128 // 16, 5)}  # the video's tokens at sizes 1, 2, 4; 5 audio
+    coarse = model(**inputs(**image_to_video()), patch_size=4).sample
+    assert coarse.isfinite().all() and not torch.allclose(coarse, model(**inputs(timestep=torch.full(
+        (B,), 700.0)), patch_size=4).sample, atol=1e-3)  # the first frame's t = 0 counts
+
+
+def test_a_coarse_token_spans_the_fine_tokens_it_holds():
+    model = MultiPatchTransformer(randomized())
+    fine = model.backbone.rope.prepare_video_coords(B, *GRID, torch.device("cpu"), fps=25.0)
+    coarse = model.spec._coarse_bounds(fine, (GRID[0], GRID[1] // 2, GRID[2] // 2), 2)
+    assert coarse.shape == (B, 3, 2 * 4 * 4, 2)
+    centres = fine.mean(-1).reshape(B, 3, GRID[0], 4, 2, 4, 2).mean((4, 6)).flatten(2)
+    assert torch.allclose(coarse.mean(-1), centres)  # at the centre of its fine tokens; frames keep theirs
+    assert torch.equal(coarse[:, 0, :16], fine[:, 0, :1].expand(B, 16, 2))
+
+
+def test_lora_sits_on_the_videos_layers_and_fine_token_arguments_are_refused_at_coarse_sizes():
+    model = MultiPatchTransformer(randomized())
+    names = {n.split(".", 2)[2] for n, m in model.backbone.named_modules() if isinstance(m, LoraLayer)}
+    assert names == {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                     "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"}
+    tokens = GRID[0] * GRID[1] * GRID[2]
+    with pytest.raises(ValueError, match="video_self_attention_mask cannot be used at a coarse patch size"):
+        model(**inputs(video_self_attention_mask=torch.ones(B, tokens, tokens)), patch_size=2)
+    with pytest.raises(ValueError, match="video tokens are not the \\(2, 8, 4\\) grid the call names"):
+        model(**inputs(width=4), patch_size=2)
+
+
+def test_distillation_counts_the_audio_and_checkpointing_gives_every_size_its_own_gradients():
+    """A coarse video step changes the audio output too: the loss compares both. The backbone's own gradient
+    checkpointing recomputes a block with the LoRA of the size that ran it."""
+    def gradients(checkpointing):
+        backbone = randomized()
+        torch.manual_seed(0)  # peft's LoRA A
+        model = MultiPatchTransformer(backbone)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        x, rest = inputs()["hidden_states"], {k: v for k, v in inputs().items() if k != "hidden_states"}
+        loss = DistillationLoss(model, model.patch_sizes[1:])(x, rest)
+        loss.sum().backward()
+        return model, loss.detach(), {name: p.grad for name, p in model.named_parameters() if ".lora_" in name}
+
+    model, loss, plain = gradients(False)
+    with torch.no_grad():
+        teacher = model(**inputs(), return_dict=False)
+        student = model(**inputs(), patch_size=2, return_dict=False)
+    assert torch.allclose(loss[0], sum(torch.nn.functional.mse_loss(s, t) for s, t in zip(student, teacher)))
+    checkpointed = gradients(True)[2]
+    for size in (2, 4):
+        names = [name for name in plain if f".patch{size}." in name]
+        assert names and all(plain[n].abs().sum() > 0 for n in names if "lora_A" in n)
+        assert all(torch.allclose(checkpointed[n], plain[n], rtol=1e-4, atol=1e-7) for n in names), size
+
+
+class OneCoarse(PatchPolicy):
+    """Sample 0 at patch 4 for the first two steps, sample 1 always at the base size."""
+
+    name = "one_coarse"
+
+    def choose(self, step):
+        return torch.tensor([4 if step.index < 2 else 1, 1]), {}
+
+
+def test_the_stock_pipeline_runs_the_baseline_unchanged_and_disable_restores_it():
+    pipe, kwargs = build("ltx2")
+    stock = pipe(**kwargs(batch=2, steps=STEPS))
+    original = pipe.transformer
+    ddit.enable(pipe, ddit.MultiPatchTransformer(original), policy="baseline")
+    out = pipe(**kwargs(batch=2, steps=STEPS))
+    assert torch.equal(out.frames, stock.frames) and torch.equal(out.audio, stock.audio)
+    ddit.disable(pipe)
+    assert pipe.transformer is original and not any(isinstance(m, LoraLayer) for m in original.modules())
+    out = pipe(**kwargs(batch=2, steps=STEPS))
+    assert torch.equal(out.frames, stock.frames) and torch.equal(out.audio, stock.audio)
+
+
+def test_the_stock_pipeline_runs_coarse_video_steps_and_every_guidance_call_of_a_sample_shares_its_size():
+    pipe, kwargs = build("ltx2")
+    stock = pipe(**kwargs(batch=2, steps=STEPS))
+    seen = []
+    pipe.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((len(kwargs["hidden_states"]), kwargs["hidden_states"].shape[1],
+                                                  kwargs["audio_hidden_states"].shape[1])), with_kwargs=True)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=OneCoarse())
+    out = pipe(**kwargs(batch=2, steps=STEPS))
+    audio = stock.audio.shape[2]  # audio tokens: one per latent audio frame, never coarsened
+    # a step: CFG's doubled batch, then STG's and modality isolation's rows, each in two groups of one size
+    step = [(2, TOKENS, audio), (2, TOKENS // 16, audio)] + [(1, TOKENS, audio), (1, TOKENS // 16, audio)] * 2
+    assert seen[:6] == step and seen[6:12] == step and set(seen[12:]) == {(4, TOKENS, audio), (2, TOKENS, audio)}
+    records = ddit.summary(pipe).records
+    assert {r["branch"] for r in records} == {None, "uncond_stg", "uncond_modality"}
+    assert [r["patch_size"] for r in records if r["sample"] == 0] == [4] * 6 + [1] * 12
+    assert (out.frames[0] - stock.frames[0]).abs().max() > 1e-3 and (out.audio[0] - stock.audio[0]).abs().max() > 1e-4
+    assert torch.allclose(out.frames[1], stock.frames[1], atol=1e-5)  # sample 1 ran the stock steps, video
+    assert torch.allclose(out.audio[1], stock.audio[1], atol=1e-5)  # and audio
+
+
+def test_image_to_video_runs_coarse_steps_with_its_per_token_timesteps():
+    """``LTX2ImageToVideoPipeline`` gives each video token its timestep (the first frame's 0) and the audio one per
+    sample."""
+    pipe, kwargs = build("ltx2")
+    i2v = LTX2ImageToVideoPipeline(**pipe.components)
+    i2v.set_progress_bar_config(disable=True)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)).to(pipe.device)
+
+    def call():  # image_crf=0: no re-compression, which takes PIL images
+        return {**kwargs(batch=2, steps=4), "image": images, "image_crf": 0}
+
+    stock = i2v(**call())
+    modulation = []
+    i2v.transformer.transformer_blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: modulation.append(kwargs["temb"].shape[:2]), with_kwargs=True)
+    ddit.enable(i2v, ddit.MultiPatchTransformer(i2v.transformer), policy=OneCoarse())
+    out = i2v(**call())
+    assert modulation[:2] == [(2, TOKENS), (2, TOKENS // 16)]  # one modulation per token, coarse ones too
+    assert [r["patch_size"] for r in ddit.summary(i2v).records if r["sample"] == 0] == [4] * 6 + [1] * 6
+    assert (out.frames[0] - stock.frames[0]).abs().max() > 1e-3
+    assert torch.allclose(out.frames[1], stock.frames[1], atol=1e-5)
+    assert torch.allclose(out.audio[1], stock.audio[1], atol=1e-5)
+
+
+def test_feature_caches_are_refused_before_any_step():
+    pipe, kwargs = build("ltx2")
+    adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    with pytest.raises(ValueError, match="ddit's feature caches do not run on LTX2VideoTransformer3DModel: its blocks"):
+        ddit.enable(pipe, adapter, policy="baseline", cache="teacache")
