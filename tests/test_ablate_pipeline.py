@@ -1,6 +1,7 @@
 """``ddit-ablate --pipeline``: rows through ``ddit.enable`` in a complete tiny pipeline, resumable and sharded."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -236,3 +237,28 @@ def test_a_video_pipeline_is_compared_frame_by_frame(kind, tmp_path):
         from ddit.ablate.models import fingerprint
 
         assert models["adapter_2"] == fingerprint({"a": tmp_path / "adapter" / "transformer_2"})["a"]
+
+
+def test_ltx2s_audio_is_compared_with_its_twins_beside_the_video(tmp_path):
+    """LTX-2 generates audio with the video: its rows keep the waveforms and score them against the baseline's."""
+    from diffusers import DiffusionPipeline
+
+    from ddit import MultiPatchTransformer
+
+    folder = save_tiny_pipeline("ltx2", tmp_path / "ltx2")
+    MultiPatchTransformer(DiffusionPipeline.from_pretrained(folder).transformer).save_pretrained(tmp_path / "adapter")
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    out = tmp_path / "run"
+    assert main(["--pipeline", str(folder), "--adapter", str(tmp_path / "adapter"), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--out", str(out), "--steps", "4", "--fewer-steps", "",
+                 "--policies", "fixed", "--policy-param", "fixed.fraction=0.5", "--caches", "none",
+                 "--height", "32", "--width", "32", "--num-frames", "5", "--pipeline-arg", "max_sequence_length=16",
+                 "--pipeline-arg", "spatio_temporal_guidance_blocks=[1]", "--no-progress"]) == 0
+    saved = load_file(out / "images" / "fixed" / "0000000.safetensors")
+    assert saved["images"].shape == (1, 5, 3, 32, 32) and saved["audio"].ndim == 3  # (samples, channels, time)
+    summary = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert summary["baseline"]["audio_snr_vs_baseline"] is None  # identical: infinite, null in JSON
+    fixed = summary["fixed"]
+    assert math.isfinite(fixed["audio_snr_vs_baseline"]) and 0 < fixed["ssim_vs_baseline"] < 1
+    assert fixed["per_prompt"]["a red circle"]["audio_snr_vs_baseline"] == fixed["audio_snr_vs_baseline"]
+    assert "audio SNR (dB)" in (out / "report.md").read_text()

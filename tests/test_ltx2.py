@@ -82,6 +82,32 @@ def test_a_coarse_step_keeps_the_audio_tokens_and_changes_the_audio_only_through
         (B,), 700.0)), patch_size=4).sample, atol=1e-3)  # the first frame's t = 0 counts
 
 
+@torch.no_grad()
+def test_timesteps_of_every_shape_and_dtype_the_backbone_takes_run_coarse():
+    """Per sample as (B,) or (B, 1), per token, floats or integers: each as at the base size."""
+    model = MultiPatchTransformer(randomized())
+    tokens = GRID[0] * GRID[1] * GRID[2]
+    for size in (2, 4):
+        per_sample = model(**inputs(timestep=torch.tensor([10.0, 900.0])), patch_size=size).sample
+        assert torch.equal(model(**inputs(timestep=torch.tensor([[10.0], [900.0]])), patch_size=size).sample,
+                           per_sample)
+        audio = dict(audio_timestep=torch.tensor([10.0, 900.0]))  # per token, the audio's is given (as in I2V)
+        per_token = model(**inputs(timestep=torch.tensor([[10.0], [900.0]]).expand(B, tokens), **audio),
+                          patch_size=size)
+        assert torch.allclose(per_token.sample, per_sample, atol=1e-5)
+        integers = model(**inputs(timestep=torch.tensor([[10], [900]]).expand(B, tokens), **audio), patch_size=size)
+        assert torch.allclose(integers.sample, per_sample, atol=1e-5)
+
+
+def test_the_backbone_is_put_back_when_a_coarse_forward_fails():
+    backbone = randomized()
+    model = MultiPatchTransformer(backbone)
+    layers = backbone.proj_in, backbone.proj_out, backbone._gradient_checkpointing_func
+    with pytest.raises(RuntimeError):
+        model(**inputs(audio_hidden_states=torch.randn(B, 5, 3)), patch_size=2)  # the audio's channels: wrong
+    assert (backbone.proj_in, backbone.proj_out, backbone._gradient_checkpointing_func) == layers
+
+
 def test_a_coarse_token_spans_the_fine_tokens_it_holds():
     model = MultiPatchTransformer(randomized())
     fine = model.backbone.rope.prepare_video_coords(B, *GRID, torch.device("cpu"), fps=25.0)
@@ -155,7 +181,7 @@ def test_the_stock_pipeline_runs_the_baseline_unchanged_and_disable_restores_it(
     assert torch.equal(out.frames, stock.frames) and torch.equal(out.audio, stock.audio)
 
 
-def test_the_stock_pipeline_runs_coarse_video_steps_and_every_guidance_call_of_a_sample_shares_its_size():
+def test_coarse_video_steps_in_the_stock_pipeline_and_a_samples_guidance_calls_share_its_size():
     pipe, kwargs = build("ltx2")
     stock = pipe(**kwargs(batch=2, steps=STEPS))
     seen = []
@@ -198,6 +224,21 @@ def test_image_to_video_runs_coarse_steps_with_its_per_token_timesteps():
     assert (out.frames[0] - stock.frames[0]).abs().max() > 1e-3
     assert torch.allclose(out.frames[1], stock.frames[1], atol=1e-5)
     assert torch.allclose(out.audio[1], stock.audio[1], atol=1e-5)
+
+
+def test_calls_whose_video_tokens_are_not_the_named_grid_are_refused_at_the_first_call():
+    """LTX-2's keyframe (DFR) pipeline names no grid; the condition and IC-LoRA pipelines append tokens to it."""
+    pipe, kwargs = build("ltx2")
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
+    given = {}
+    pipe.transformer.adapter.backbone.register_forward_pre_hook(lambda m, a, kw: given.update(kw), with_kwargs=True)
+    pipe(**kwargs(batch=1, steps=1))
+    unnamed = {k: v for k, v in given.items() if k not in ("num_frames", "height", "width")}
+    with pytest.raises(ValueError, match="video tokens are not the \\(None, None, None\\) grid the call names"):
+        pipe.transformer(**unnamed)
+    appended = torch.cat([given["hidden_states"], given["hidden_states"][:, :16]], 1)
+    with pytest.raises(ValueError, match=f"the {TOKENS + 16} video tokens are not the \\(3, 16, 16\\) grid"):
+        pipe.transformer(**{**given, "hidden_states": appended})
 
 
 def test_feature_caches_are_refused_before_any_step():

@@ -32,7 +32,8 @@ Usage::
 from __future__ import annotations
 
 import os
-from functools import partial
+from copy import deepcopy
+from functools import cache, partial
 from typing import Callable
 
 import torch
@@ -458,9 +459,15 @@ def _hunyuanimage():
 
 
 def ltx2_transformer() -> LTX2VideoTransformer3DModel:
-    """The tiny LTX-2 transformer of ``ddit.tiny_pipelines``: video (4 channels, patch 1) and audio (4 channels)
-    streams, two blocks."""
-    return tiny_pipeline("ltx2").transformer
+    """A copy of the tiny LTX-2 transformer of ``ddit.tiny_pipelines``: video (4 channels, patch 1) and audio (4
+    channels) streams, two blocks."""
+    return deepcopy(_tiny_ltx2().transformer)
+
+
+@cache
+def _tiny_ltx2() -> DiffusionPipeline:
+    """``ddit.tiny_pipelines``' LTX-2 pipeline, built once (its Gemma 3, VAEs and vocoder too); callers copy."""
+    return tiny_pipeline("ltx2")
 
 
 LTX2_CAPTION, LTX2_TEXT_LAYERS = 32, 2  # the prompt embeddings the connectors take: every text layer stacked
@@ -472,7 +479,8 @@ def _ltx2():
     the transformer up to three times: CFG as one doubled batch ("cond_uncond"), then spatio-temporal guidance
     ("uncond_stg") and modality isolation ("uncond_modality"), one row per sample each. The text connectors are
     real (tiny); the prompts are embeddings."""
-    pipe = LTX2Pipeline(**{**tiny_pipeline("ltx2").components, "text_encoder": None, "tokenizer": None})
+    text = ("text_encoder", "tokenizer")
+    pipe = LTX2Pipeline(**{k: None if k in text else deepcopy(v) for k, v in _tiny_ltx2().components.items()})
     width = LTX2_CAPTION * (LTX2_TEXT_LAYERS + 1)
 
     def call_kwargs(batch=1, seeds=None, steps=6, guidance=None):

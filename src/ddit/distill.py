@@ -109,13 +109,15 @@ class DistillationLoss(nn.Module):
     @property
     def _no_split_modules(self) -> list[str] | None:
         """The backbone's block classes, which accelerate's FSDP shards one by one when its config names
-        none (``docs/fsdp.yaml``); None (the testbed DiT, whose forward reaches into its first block):
-        the whole model is one unit."""
-        return getattr(self.model.backbone, "_no_split_modules", None)
+        none (``docs/fsdp.yaml``): those it keeps whole, else those it repeats (LTX-Video and LTX-2 name only
+        these); None (the testbed DiT, whose forward reaches into its first block): the whole model is one unit."""
+        backbone = self.model.backbone
+        return getattr(backbone, "_no_split_modules", None) or getattr(backbone, "_repeated_blocks", None) or None
 
     def forward(self, z_t: torch.Tensor | list[torch.Tensor], kwargs: dict) -> torch.Tensor:
-        """The loss of each coarse size, as a vector: summed over the backbone's outputs (LTX-2's audio too, which
-        a coarse video step changes through the streams' cross-attention)."""
+        """The loss of each coarse size, as a vector: summed over the backbone's outputs, each one's mean squared
+        error counting once (LTX-2's audio, a few hundred tokens, as much as its video's thousands: a coarse
+        video step changes the audio through the streams' cross-attention)."""
         def outputs(size=None):  # what the pipeline keeps of them (not an edit pipeline's reference tokens)
             out, *others = self.model(z_t, patch_size=size, **kwargs, return_dict=False)
             return [self.model.generated(as_batch(out), z_t, **kwargs).float(), *(o.float() for o in others)]

@@ -193,7 +193,7 @@ class DynamicPatchTransformer(nn.Module):
             args, kwargs = given.args, given.kwargs
         result = self.adapter(*args, **kwargs, patch_size=size)
         fields = len(self.adapter.spec.output_fields)
-        return as_batch(result[0]) if fields == 1 else (as_batch(result[0]), *(result[i] for i in range(1, fields)))
+        return as_batch(result[0]) if fields == 1 else (as_batch(result[0]), *result[1:fields])
 
     def _group_offload_marks(self) -> bool:
         """Cheap signs (checked every call) of group offloading applied to this module: at block level it hooks

@@ -38,7 +38,8 @@ from .policies import PatchPolicy, Probe, Step
 
 #: ``run(rows, patch_size)``: the model's output for ``rows`` (indices; ``None``: all) at ``patch_size`` (a tuple,
 #: the latent's first, where the model has several outputs).
-RunRows = Callable[[torch.Tensor | None, int], torch.Tensor]
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+RunRows = Callable[[torch.Tensor | None, int], Outputs]
 
 
 @dataclass
@@ -127,14 +128,14 @@ class PatchRuntime:
             HookRegistry.check_if_exists_or_initialize(hooks).reset_stateful_hooks(recurse=True)
 
     # -- one call
-    def __call__(self, call: Call) -> torch.Tensor:
+    def __call__(self, call: Call) -> Outputs:
         try:
             return self._call(call)
         except BaseException:
             self.reset()  # a call that died ends its generation: the pipeline's retry starts a new one
             raise
 
-    def _call(self, call: Call) -> torch.Tensor:
+    def _call(self, call: Call) -> Outputs:
         g = self._advance(call)
         rows = len(call.latent)
         if g.uniform is not None:  # the usual case: one size for the whole call
@@ -269,7 +270,7 @@ class PatchRuntime:
 
     # -- one group of one size
     def _run_group(self, g: Generation, call: Call, idx, size: int, samples: tuple[int, ...],
-                   branches: int) -> torch.Tensor:
+                   branches: int) -> Outputs:
         keys = tuple((call.branch, s) for s in samples)
         stack = None
         if self.cache is not None:

@@ -504,8 +504,8 @@ def _ltx2(tf) -> DiffusionPipeline:
     """LTX-2: video and audio from one transformer (patch 1: sizes 1, 2 and 4), Gemma 3 (its vision tower one block
     of width 8) whose every layer's hidden state the connectors take, and VAEs and a vocoder at diffusers' own test
     sizes (the video's 2x in space and time where LTX-2's is 32x and 8x: a 32x32, 5-frame video is a 16x16 latent
-    of 3 frames). Its stock
-    spatio-temporal guidance perturbs block 28, which two blocks lack: pass ``spatio_temporal_guidance_blocks=[1]``."""
+    of 3 frames). Its stock spatio-temporal guidance perturbs block 28, which two blocks lack: pass
+    ``spatio_temporal_guidance_blocks=[1]``."""
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
     from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 

@@ -2,7 +2,7 @@
 
 A pipeline has no evaluator of its own: quality is how close each sample stays to the
 stock pipeline's sample of the same prompt and seed (SSIM and PSNR, torchmetrics; a video
-is compared frame by frame). LPIPS and CLIP score need weights that this harness never
+is compared frame by frame; LTX-2's audio by its signal-to-noise ratio against the twin's waveform). LPIPS and CLIP score need weights that this harness never
 downloads; the report says when they were skipped.
 """
 
@@ -27,15 +27,22 @@ from .tables import add_wall_speedups, batch_seconds, finite, markdown_table, ri
 COLUMNS = {"sec_per_image": "s/image", "speedup_wall": "x wall", "speedup_wall_range": "x wall over batches",
            "ssim_vs_baseline": "SSIM", "psnr_vs_baseline": "PSNR", "mean_patch_size": "mean patch",
            "coarse_step_fraction": "coarse steps", "cached_step_fraction": "cached steps"}
-PROMPT_COLUMNS = {k: v for k, v in COLUMNS.items() if k not in ("sec_per_image", "speedup_wall",
-                                                               "speedup_wall_range")}
+#: Where the pipeline generates audio beside the images (LTX-2).
+AUDIO_COLUMNS = {"audio_snr_vs_baseline": "audio SNR (dB)"}
+TIMING = ("sec_per_image", "speedup_wall", "speedup_wall_range")
 SKIPPED = ("LPIPS and CLIP score: skipped (their weights are not downloaded by ddit-ablate; SSIM and PSNR "
            "against the baseline twin stand in for them)")
 
 
 def table(summary: list[dict]):
     """The summary as a rich table, for the terminal."""
-    return rich_table("ddit-ablate on a pipeline (SSIM, PSNR: against the baseline)", COLUMNS, summary)
+    return rich_table("ddit-ablate on a pipeline (SSIM, PSNR: against the baseline)", _columns(summary), summary)
+
+
+def _columns(summary: list[dict], per_prompt: bool = False) -> dict[str, str]:
+    """The table's columns: the audio's where the pipeline made audio; the timings but per prompt."""
+    columns = {**COLUMNS, **(AUDIO_COLUMNS if "audio_snr_vs_baseline" in summary[0] else {})}
+    return {k: v for k, v in columns.items() if not (per_prompt and k in TIMING)}
 
 
 def summarize_pipeline(config: PipelineAblationConfig, out: str | Path) -> list[dict]:
@@ -49,12 +56,15 @@ def summarize_pipeline(config: PipelineAblationConfig, out: str | Path) -> list[
         raise RuntimeError(f"rows {', '.join(missing)} in {out} are not finished; rerun the ablation to complete them")
     base_key = next(iter(config.rows))
     images = {key: load_images(out, key) for key in config.rows}
+    audio = {key: load_images(out, key, "audio") for key in config.rows}
     base_size = min(min(r["patch_size"]) for r in records[base_key])
     prompts = [config.prompt(r["sample"]).label for r in records[base_key]]  # as this run's prompts file names them
 
     summary = []
     for key, row in config.rows.items():
         values = _per_sample(images[key], images[base_key], records[key], base_size)
+        if audio[key] is not None and audio[base_key] is not None:
+            values["audio_snr_vs_baseline"] = _snr(audio[key], audio[base_key])
         per_prompt = {p: _means(values, [q == p for q in prompts]) for p in dict.fromkeys(prompts)}
         summary.append({"row": key, "policy": row.policy, "cache": row.cache, "steps": row.steps,
                         "params": {"policy": row.policy_params, "cache": row.cache_params},
@@ -86,6 +96,13 @@ def _per_sample(images: torch.Tensor, baseline: torch.Tensor, records: list[dict
         "coarse_step_fraction": (sizes > base).float().mean(1),
         "cached_step_fraction": cached.mean(1),
     }
+
+
+def _snr(audio: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """Per sample, the twin's waveform power over the difference's, in dB: infinite where they are equal
+    (torchmetrics' SNR adds an epsilon, which would make a baseline row read as a finite number)."""
+    noise = (audio - baseline).flatten(1).square().sum(1).double()
+    return 10 * torch.log10(baseline.flatten(1).square().sum(1).double() / noise)
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:
@@ -143,8 +160,8 @@ def _patch_sizes(path: Path, config: PipelineAblationConfig, records: dict[str, 
 
 
 def _markdown(config: PipelineAblationConfig, summary: list[dict], figures: dict[str, str], out: Path) -> str:
-    rows = markdown_table(COLUMNS, [([r["row"]], r) for r in summary], ["row"])
-    per_prompt = markdown_table(PROMPT_COLUMNS, [([r["row"], p], v) for r in summary
+    rows = markdown_table(_columns(summary), [([r["row"]], r) for r in summary], ["row"])
+    per_prompt = markdown_table(_columns(summary, per_prompt=True), [([r["row"], p], v) for r in summary
                                                   for p, v in r["per_prompt"].items()], ["row", "prompt"])
     pictures = "".join(f"### {title}\n\n![{title}]({path})\n\n" for title, path in figures.items())
     busy = summary[0].get("batch_seconds_spread")
@@ -157,7 +174,8 @@ def _markdown(config: PipelineAblationConfig, summary: list[dict], figures: dict
         f"{' under model CPU offload (wall times include the components moves)' if config.cpu_offload else ''}; "
         f"pipeline arguments {json.dumps(config.call)}. Sample i of every row has the prompt and seed of the "
         "baseline's sample i; SSIM and PSNR compare each sample with that twin (a row's PSNR: that of its "
-        "samples' mean squared error, a video's over all its frames; identical: every sample equals its twin). "
+        "samples' mean squared error, a video's over all its frames; identical: every sample equals its twin; "
+        "an audio SNR likewise, of the twin's waveform over the difference). "
         "Speed-ups are each batch's "
         "wall time per image against the baseline's, the policy's decisions included.\n\n"
         f"{SKIPPED}.\n\n## Rows\n\n{rows}{warning}\n## Per prompt\n\n{per_prompt}\n## Figures\n\n{pictures}"

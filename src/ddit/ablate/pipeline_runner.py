@@ -138,8 +138,8 @@ def run_pipeline_ablation(config: PipelineAblationConfig, pipe, adapters: Adapte
             for key, row, start in bar:
                 bar.set_postfix_str(key)
                 indices = range(start, min(start + size, n))
-                images, wall, decisions = _sample(config, pipe, adapters, row, indices, taus.get(key))
-                save_images(out, key, start, images)
+                images, audio, wall, decisions = _sample(config, pipe, adapters, row, indices, taus.get(key))
+                save_images(out, key, start, images, audio)
                 for j, i in enumerate(indices):
                     log.write(json.dumps({"row": key, "sample": i, "prompt": config.prompt(i).label,
                                           "seed": config.seed + i,
@@ -185,8 +185,8 @@ def calibrate_pipeline_rows(config: PipelineAblationConfig, pipe, adapters: Adap
 def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, indices: range,
             tau: float | None):
     """One batch of ``row``: 8-bit images (what a decoded image holds; a video keeps its frames and is a
-    quarter of its float size), the batch's wall seconds, and per sample its patch size and whether a
-    cache skipped it, per step."""
+    quarter of its float size), the audio generated with them (LTX-2's waveforms; else None), the batch's wall
+    seconds, and per sample its patch size and whether a cache skipped it, per step."""
     if _enabled(row):
         policy = make_policy(row, tau) if row.policy != BASELINE else BASELINE
         enable(pipe, adapters, policy=policy, cache=row.make_cache(testbed=False))
@@ -213,7 +213,9 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
     images = getattr(output, "frames", None)
     images = output.images if images is None else images
     images = (torch.as_tensor(images).float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    return images, wall, _decisions(records, len(indices), row.steps, adapters["transformer"].base_patch_size, half,
+    audio = getattr(output, "audio", None)
+    audio = None if audio is None else torch.as_tensor(audio).float().cpu()
+    return images, audio, wall, _decisions(records, len(indices), row.steps, adapters["transformer"].base_patch_size, half,
                                     hooks=row.cache in diffusers_caches())
 
 

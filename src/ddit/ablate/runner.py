@@ -170,18 +170,20 @@ def batch_done(out: Path, key: str, start: int, stop: int, done: set, report) ->
     return ok
 
 
-def load_images(out: str | Path, key: str) -> torch.Tensor:
-    """All images of a row, in sample order."""
-    files = sorted((Path(out) / "images" / key).glob("*.safetensors"))
-    return torch.cat([load_file(f)["images"] for f in files])
+def load_images(out: str | Path, key: str, name: str = "images") -> torch.Tensor | None:
+    """All images of a row, in sample order (``name="audio"``: its audio, None where it has none)."""
+    files = [load_file(f) for f in sorted((Path(out) / "images" / key).glob("*.safetensors"))]
+    return torch.cat([f[name] for f in files]) if all(name in f for f in files) else None
 
 
-def save_images(out: Path, key: str, start: int, images: torch.Tensor) -> None:
+def save_images(out: Path, key: str, start: int, images: torch.Tensor, audio: torch.Tensor | None = None) -> None:
+    """A batch's images (and the audio generated with them, LTX-2's), in one file, written whole or not at all."""
     folder = out / "images" / key
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{start:07d}.safetensors"
     images = images if images.dtype == torch.uint8 else images.float()  # a pipeline's: 8-bit, as decoded
-    save_file({"images": images.contiguous()}, path.with_suffix(".tmp"))
+    saved = {"images": images.contiguous(), **({} if audio is None else {"audio": audio.float().contiguous()})}
+    save_file(saved, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
 
 

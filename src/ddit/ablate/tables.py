@@ -10,18 +10,23 @@ import torch
 from rich.table import Table
 
 
+#: Figures in decibels, which a row takes from its samples' mean noise power, not their mean (one sample equal to
+#: its twin would make that infinite).
+DECIBELS = ("psnr_vs_baseline", "audio_snr_vs_baseline")
+
+
 def row_mean(name: str, values: torch.Tensor) -> float:
     """A row's figure from its samples': their mean; for PSNR, the PSNR of their mean squared error (images in
-    [0, 1]), since one sample equal to its twin would make a mean of per-sample PSNR infinite."""
+    [0, 1]), and for an audio SNR likewise."""
     values = values.double()
-    if name == "psnr_vs_baseline":
+    if name in DECIBELS:
         return float(-10 * torch.log10((10 ** (-values / 10)).mean()))
     return values.mean().item()
 
 
 def fmt(value) -> str:
-    """A cell: 3 significant digits, a range as ``a-b``, ``-`` for none, ``identical`` for infinite PSNR (every
-    sample equal to its twin)."""
+    """A cell: 3 significant digits, a range as ``a-b``, ``-`` for none, ``identical`` for an infinite PSNR or SNR
+    (every sample equal to its twin)."""
     if value is None:
         return "-"
     if isinstance(value, list):  # a range

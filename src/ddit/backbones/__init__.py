@@ -34,11 +34,10 @@ BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SanaSpec, 
                                                  HunyuanVideo15Spec, LTXVideoSpec, LTX2Spec, ZImageSpec,
                                                  SkyReelsV2Spec)
 
-__all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "Flux3Spec", "HunyuanImageSpec",
-           "HunyuanVideo15Spec", "LTX2Spec", "LTXVideoSpec",
-           "PixArtSpec", "QwenImageSpec", "QwenImage21Spec", "Reference",
-           "SanaSpec", "SD3Spec", "SkyReelsV2Spec", "WanSpec", "ZImageSpec", "as_batch", "patchify", "sincos_positions",
-           "spec_for", "specs", "unpatchify"]
+__all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "Flux3Spec",
+           "HunyuanImageSpec", "HunyuanVideo15Spec", "LTX2Spec", "LTXVideoSpec", "PixArtSpec", "QwenImageSpec",
+           "QwenImage21Spec", "Reference", "SanaSpec", "SD3Spec", "SkyReelsV2Spec", "WanSpec", "ZImageSpec", "as_batch",
+           "patchify", "sincos_positions", "spec_for", "specs", "unpatchify"]
 
 
 def specs() -> dict[str, type[BackboneSpec]]:

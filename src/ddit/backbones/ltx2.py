@@ -14,6 +14,7 @@ gives per token in image-to-video (the first frame at t = 0; a coarse patch lies
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -25,7 +26,7 @@ from .base import BackboneSpec, patchify, unpatchify
 
 class LTX2Spec(BackboneSpec):
     model_class = "LTX2VideoTransformer3DModel"
-    unembed_channels_last = False  # the pipeline unpacks a token's features as (C, t, p, p)
+    unembed_channels_last = False  # the pipeline packs a token's features as (C, t, p, p)
     # the video's own attention LoRA'd (attn1, attn2) and its feed-forward; the audio's layers stay as they are
     lora_target = r"transformer_blocks\.\d+\.(attn\d\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
     unsupported = ("video_self_attention_mask", "video_keyframes_mask")  # one value per fine token (pair)
@@ -39,6 +40,7 @@ class LTX2Spec(BackboneSpec):
         if (model.config.patch_size, model.config.patch_size_t) != (1, 1):
             raise TypeError("ddit's LTX-2 spec takes patch 1 in space and time, as LTX-2's configs do, not "
                             f"{model.config.patch_size}x{model.config.patch_size_t}")
+        self._identities = nn.Identity(), nn.Identity()  # the same modules every call: nothing new to guard on
 
     def patch(self, size):
         return (1, size, size)
@@ -65,8 +67,8 @@ class LTX2Spec(BackboneSpec):
         if fine is None:
             fine = m.rope.prepare_video_coords(len(tokens), *self._grid(args), tokens.device, fps=args["fps"])
         t = args["timestep"]
-        if t.ndim > 1:  # one per token: one per coarse token
-            t = self._coarse(t.reshape(len(t), -1)[..., None], grid, scale)[..., 0]
+        if t[0].numel() == math.prod(grid) * scale * scale:  # one per fine token: one per coarse token
+            t = self._coarse(t.reshape(len(t), -1, 1).float(), grid, scale)[..., 0].to(t.dtype)
         coarse = dict(args, hidden_states=tokens, video_coords=self._coarse_bounds(fine, grid, scale), timestep=t,
                       audio_timestep=args["timestep"] if args["audio_timestep"] is None else args["audio_timestep"],
                       return_dict=False)
@@ -77,24 +79,26 @@ class LTX2Spec(BackboneSpec):
     def _bypassed(self):
         """The video's patch embedding and output projection as identities, as the adapter's heads run them; and
         the backbone's gradient checkpointing through ``block``, whose recomputation runs the LoRA of the size
-        that ran it."""
+        that ran it. The backbone is changed while inside: one thread at a time (as its LoRA's active size is)."""
         m = self.model
         saved = m.proj_in, m.proj_out, m.__dict__.get("_gradient_checkpointing_func")  # diffusers sets one (None)
-        m.proj_in, m.proj_out = nn.Identity(), nn.Identity()
-        m._gradient_checkpointing_func = lambda block, *args: self.block(block, *args)
         try:
+            m.proj_in, m.proj_out = self._identities
+            m._gradient_checkpointing_func = self.block
             yield
         finally:
             m.proj_in, m.proj_out, m._gradient_checkpointing_func = saved
 
     def _grid(self, args) -> tuple[int, int, int]:
         """The fine token grid (frames, rows, columns) the call names, checked against its tokens."""
-        grid = args["num_frames"], args["height"], args["width"]
+        grid = args.get("num_frames"), args.get("height"), args.get("width")  # a bound call's: given or not
         tokens = args["hidden_states"].shape[1]
         if None in grid or grid[0] * grid[1] * grid[2] != tokens:
-            raise ValueError(f"the {tokens} video tokens are not the {grid} grid the call names (conditioning "
-                             "tokens appended to the video's, as LTX2ConditionPipeline's): LTX-2 runs dynamic "
-                             "patches where the video's tokens are its latent grid")
+            raise ValueError(f"the {tokens} video tokens are not the {grid} grid the call names as num_frames, "
+                             "height and width (an LTX-2 pipeline that appends conditioning or reference tokens "
+                             "to the video's, or names no grid: condition, IC-LoRA, keyframes): LTX-2 runs dynamic "
+                             "patches where the video's tokens are its latent grid (LTX2Pipeline, "
+                             "LTX2ImageToVideoPipeline)")
         return grid
 
     def _coarse_bounds(self, fine: torch.Tensor, grid: tuple[int, int, int], scale: int) -> torch.Tensor:
@@ -106,6 +110,7 @@ class LTX2Spec(BackboneSpec):
         return torch.stack([fine[..., 0].amin((4, 6)), fine[..., 1].amax((4, 6))], -1).flatten(2, 4)
 
     def _coarse(self, fine: torch.Tensor, grid: tuple[int, int, int], scale: int) -> torch.Tensor:
-        """(B, fine tokens, D) -> (B, coarse tokens, D): the mean over each coarse patch's fine tokens."""
+        """(B, fine tokens, D) -> (B, coarse tokens, D): the mean over each coarse patch's fine tokens (image-to-video's
+        timesteps are one per frame, and a coarse patch lies within one)."""
         f, h, w = grid
         return fine.reshape(len(fine), f, h, scale, w, scale, -1).mean((3, 5)).flatten(1, 3)
