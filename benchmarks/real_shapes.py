@@ -48,6 +48,7 @@ from diffusers import (
     FluxTransformer2DModel,
     HunyuanImageTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
+    LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     QwenImageTransformer2DModel,
     SanaTransformer2DModel,
@@ -221,12 +222,27 @@ LTX = Model(
     "against a checkpoint's config.json here",
     "768x512, 121 frames", (128, 16, 16, 24), 128, "T5, LTXPipeline's max_sequence_length",
     2, "CFG: both branches in one call", patch=1)
+LTX2 = Model(
+    "LTX-2 19B", LTX2VideoTransformer3DModel,
+    dict(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+         attention_head_dim=128, cross_attention_dim=4096, audio_in_channels=128, audio_out_channels=128,
+         audio_num_attention_heads=32, audio_attention_head_dim=64, audio_cross_attention_dim=2048, num_layers=48,
+         caption_channels=3840),
+    "diffusers' LTX2VideoTransformer3DModel defaults, which describe LTX-2's 19B model (48 blocks, each a video "
+    "stream of 4096 = 32 x 128 and an audio stream of 2048 = 32 x 64 with cross-attention both ways, patch 1 on a "
+    "128-channel VAE at 32x in space and 8x in time, Gemma 3's 3840 text features); not checked against a "
+    "checkpoint's config.json here",
+    "768x512, 121 frames at 24 fps", (128, 16, 16, 24), 1024, "Gemma 3 through the text connectors, LTX2Pipeline's "
+    "max_sequence_length; the audio's 126 tokens (5 s at 25 latent frames a second) run beside the video's at "
+    "every size", 2, "CFG: both branches in one call (spatio-temporal and modality guidance add a call of one row "
+    "each)", text_width=3840, patch=1)
 MODELS = {"flux": FLUX, "flux-kontext": KONTEXT, "flux2": FLUX2, "qwenimage": QWEN, "zimage": ZIMAGE, "sd3": SD35,
           "sana": SANA, "hunyuanimage": HUNYUANIMAGE, "wan": WAN, "wan14b": WAN14B, "hunyuanvideo15": HUNYUAN15,
-          "ltx": LTX}
+          "ltx": LTX, "ltx2": LTX2}
 #: Run when --models is not given: all but Wan2.2-A14B's expert, whose 73,920 tokens make one reduced CPU run last
-#: longer than the others together (``--models wan14b`` runs it).
-DEFAULT_MODELS = [name for name in MODELS if name != "wan14b"]
+#: longer than the others together, and LTX-2 (``--models wan14b,ltx2`` runs them).
+DEFAULT_MODELS = [name for name in MODELS if name not in ("wan14b", "ltx2")]
+AUDIO_TOKENS = 126  # LTX-2's audio latent frames for 121 video frames at 24 fps
 
 
 def model_config(model: Model, scale: str, depth: int | None) -> dict:
@@ -244,8 +260,12 @@ def model_config(model: Model, scale: str, depth: int | None) -> dict:
         if model is SANA:  # cross-attention works at the narrowed width
             config["num_cross_attention_heads"] //= SHRINK
             config["cross_attention_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
-        if model is LTX:  # its cross-attention reads the caption projected to the block width
+        if model in (LTX, LTX2):  # its cross-attention reads the caption projected to the block width
             config["cross_attention_dim"] = config["num_attention_heads"] * config["attention_head_dim"]
+        if model is LTX2:  # and so does the audio's, at its own width
+            config["audio_num_attention_heads"] //= SHRINK
+            config["audio_cross_attention_dim"] = (config["audio_num_attention_heads"]
+                                                   * config["audio_attention_head_dim"])
     if depth is not None:
         if model is ZIMAGE:
             config.update(n_layers=depth, n_refiner_layers=depth)
@@ -347,6 +367,13 @@ def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.de
         args.update(hidden_states=patchify(latent, (1, 1, 1)), encoder_attention_mask=torch.ones(batch, text,
                     device=device), num_frames=dims[0], height=dims[1], width=dims[2],
                     rope_interpolation_scale=(8 / 25, 32, 32))
+    if model is LTX2:  # the audio's tokens beside the video's (as many fewer as its frames), its own text and masks
+        audio = AUDIO_TOKENS * dims[0] // model.latent[1]
+        args.update(hidden_states=patchify(latent, (1, 1, 1)), audio_hidden_states=randn(batch, audio, 128),
+                    audio_encoder_hidden_states=randn(batch, text, model.text_width), sigma=full(500.0),
+                    encoder_attention_mask=torch.ones(batch, text, device=device),
+                    audio_encoder_attention_mask=torch.ones(batch, text, device=device), num_frames=dims[0],
+                    height=dims[1], width=dims[2], fps=24.0, audio_num_frames=audio)
     if model is ZIMAGE:  # lists of per-sample (C, 1, H, W) latents and prompts, timestep in [0, 1]
         args = dict(x=list(latent.unsqueeze(2)), t=full(0.5), cap_feats=[randn(text, model.text_width)] * batch)
     return args
@@ -393,12 +420,12 @@ def skipping(adapter: MultiPatchTransformer, size: int):
 
 def variants(adapter: MultiPatchTransformer, inputs: dict) -> dict:
     """name -> (context, call): the stock backbone at p, then the adapter at each of its sizes, and at each
-    size a step a cache skips (``"2 skipped"``)."""
+    size a step a cache skips (``"2 skipped"``), where ddit's caches run on the family."""
     calls = {"stock": (lambda: bare(adapter), lambda: adapter.backbone(**inputs, return_dict=False))}
     for size in adapter.patch_sizes:
         calls[size] = (lambda size=size: ready(adapter, size),
                        lambda size=size: adapter(**inputs, patch_size=size, return_dict=False))
-    for size in adapter.patch_sizes:
+    for size in adapter.patch_sizes if not adapter.spec.caches_refused else ():
         calls[f"{size} skipped"] = (lambda size=size: skipping(adapter, size),
                                     lambda size=size: adapter(**inputs, patch_size=size, return_dict=False))
     return calls
@@ -543,7 +570,8 @@ def summarise(record: dict) -> None:
             continue
         costs = {("stock" if k == "stock" else int(k)): v for k, v in record[key].items() if "skipped" not in k}
         record[f"{kind}_speedup"] = {str(s): costs["stock"] / costs[s] for s in record["sizes"]}
-        record[f"{kind}_skipped_share"] = {str(s): record[key][f"{s} skipped"] / costs[s] for s in record["sizes"]}
+        if f"{record['sizes'][0]} skipped" in record[key]:
+            record[f"{kind}_skipped_share"] = {str(s): record[key][f"{s} skipped"] / costs[s] for s in record["sizes"]}
         record[f"{kind}_schedules"] = {str(s): {str(f): speedup(costs, f, s, base) for f in FRACTIONS}
                                        for s in coarse}
         record[f"{kind}_fraction_for_paper"] = {str(s): fraction_for(costs, PAPER_FLUX_SPEEDUP, s, base)
@@ -633,7 +661,8 @@ def model_section(r: dict) -> list[str]:
         row += f" {flops / 1e12:.3g} | {r['flops']['stock'] / flops:.2f}x | {r['attention_flops'][key] / flops:.0%} |"
         lines.append(row)
     kinds = ["wall", "flops"] if wall else ["flops"]
-    lines += ["", "A step a feature cache skips (TeaCache, TaylorSeer: the blocks stood in for; embedding, "
+    lines += ["", "ddit's feature caches do not run on this family."] if "flops_skipped_share" not in r else [
+              "", "A step a feature cache skips (TeaCache, TaylorSeer: the blocks stood in for; embedding, "
               "conditioning and output head still run), as a share of a full step at its size"
               + (" (wall; FLOPs in brackets): " if wall else " (FLOPs): ")
               + ", ".join(f"{s}: " + " ".join(_percent(r[f"{k}_skipped_share"][str(s)], k) for k in kinds)

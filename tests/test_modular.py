@@ -190,10 +190,12 @@ def test_wan22s_modular_pipeline_runs_both_experts_under_one_policy(tmp_path):
     assert (out - stock).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("kind, blocks, image", [("ltx", None, False), ("flux", "FluxKontextAutoBlocks", True),
+@pytest.mark.parametrize("kind, blocks, image", [("ltx", None, False), ("ltx2", "LTX2AutoBlocks", False),
+                                                  ("flux", "FluxKontextAutoBlocks", True),
                                                   ("wan-i2v", "WanImage2VideoAutoBlocks", True)])
 def test_modular_pipelines_loaded_whole_run_from_text_and_images(kind, blocks, image, tmp_path):
-    """Families whose modular denoise steps name their guider calls (LTX-Video: ``pred_cond``, ``pred_uncond``), or
+    """Families whose modular denoise steps name their guider calls (LTX-Video: ``pred_cond``, ``pred_uncond``; LTX-2
+    also its spatio-temporal and modality passes, each a call of the transformer that returns video and audio), or
     take a reference image (FLUX.1 Kontext: its tokens beside the latent's) or a first frame (Wan 2.1
     image-to-video), loaded from tiny complete folders and run from text."""
     import diffusers.modular_pipelines as modular_pipelines
@@ -228,7 +230,9 @@ def test_modular_pipelines_loaded_whole_run_from_text_and_images(kind, blocks, i
     records = ddit.summary(pipe).records
     assert (out - stock).abs().max() > 1e-3 and torch.isfinite(out).all()
     branches = sorted({str(r["branch"]) for r in records})
-    assert branches == {"ltx": ["pred_cond", "pred_uncond"], "flux": ["None"]}.get(kind, ["None", "call2"])
+    assert branches == {"ltx": ["pred_cond", "pred_uncond"], "flux": ["None"],
+                        "ltx2": ["pred_cond", "pred_cond_modality", "pred_cond_stg", "pred_uncond"]
+                        }.get(kind, ["None", "call2"])
     assert [r["patch_size"] for r in records if str(r["branch"]) == branches[0]] == schedule
     if kind == "flux":  # Kontext's reference tokens run beside the latent's: as many, from an image of its size
         assert records[-1]["base_tokens"] == 2 * (given["height"] // 16) * (given["width"] // 16)
