@@ -5,7 +5,7 @@ CFG, spatio-temporal and modality guidance: three calls a step)."""
 
 import pytest
 import torch
-from diffusers import LTX2ImageToVideoPipeline
+from diffusers import LTX2ImageToVideoPipeline, LTX2VideoTransformer3DModel
 from peft.tuners.lora import LoraLayer
 from tiny_pipelines import build, ltx2_transformer
 
@@ -13,6 +13,7 @@ import ddit
 from ddit.adapter import MultiPatchTransformer, PatchHead
 from ddit.distill import DistillationLoss
 from ddit.policies import PatchPolicy
+from ddit.tiny_pipelines import wake_zeros
 
 B, GRID = 2, (2, 8, 8)  # two samples; latent frames, rows, columns
 STEPS, TOKENS = 6, 3 * 16 * 16  # the pipeline's video: 3 latent frames of 16x16
@@ -60,6 +61,29 @@ def test_both_outputs_are_the_backbones_at_the_base_size_and_through_the_spec_fo
         assert (out[0] - video).abs().max() <= 1e-5 and (out[1] - audio).abs().max() <= 1e-5
     assert (backbone.proj_in, backbone.proj_out, backbone._gradient_checkpointing_func) == layers  # put back
     assert model.spec.timestep(inputs(**image_to_video())).tolist() == [700.0, 700.0]
+
+
+@torch.no_grad()
+def test_ltx23s_blocks_are_reproduced_through_the_spec_and_run_coarse():
+    """LTX-2.3: gated attention, cross-attention modulated by the prompt and by the other stream's sigma
+    (use_cross_timestep), text at each stream's own width, and spatio-temporal guidance perturbing one row."""
+    config = dict(gated_attn=True, audio_gated_attn=True, cross_attn_mod=True, audio_cross_attn_mod=True,
+                  use_prompt_embeddings=False, perturbed_attn=True)
+    base = {k: v for k, v in ltx2_transformer().config.items() if not k.startswith("_")}  # the tiny 2.0's sizes
+    torch.manual_seed(0)
+    backbone = wake_zeros(LTX2VideoTransformer3DModel(**{**base, **config})).eval()
+    model = MultiPatchTransformer(backbone)
+    call = inputs(encoder_hidden_states=torch.randn(B, 6, 16), audio_encoder_hidden_states=torch.randn(B, 6, 8),
+                  sigma=torch.tensor([10.0, 900.0]), use_cross_timestep=True, spatio_temporal_guidance_blocks=[1],
+                  perturbation_mask=torch.tensor([0.0, 1.0]))
+    reference = backbone(**call, return_dict=False)
+    given = model._signature.bind(**call, return_dict=False)
+    given.apply_defaults()
+    out = model._patched(PatchHead(*model.spec.base_weights(), scale=1), 1, model.spec.latent(given.arguments),
+                         given.arguments)
+    assert all((o - r).abs().max() <= 1e-5 for o, r in zip(out, reference))
+    coarse = model(**call, patch_size=2, return_dict=False)
+    assert [c.shape for c in coarse] == [r.shape for r in reference] and all(c.isfinite().all() for c in coarse)
 
 
 @torch.no_grad()
