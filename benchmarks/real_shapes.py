@@ -420,12 +420,12 @@ def skipping(adapter: MultiPatchTransformer, size: int):
 
 def variants(adapter: MultiPatchTransformer, inputs: dict) -> dict:
     """name -> (context, call): the stock backbone at p, then the adapter at each of its sizes, and at each
-    size a step a cache skips (``"2 skipped"``), where ddit's caches run on the family."""
+    size a step a cache skips (``"2 skipped"``)."""
     calls = {"stock": (lambda: bare(adapter), lambda: adapter.backbone(**inputs, return_dict=False))}
     for size in adapter.patch_sizes:
         calls[size] = (lambda size=size: ready(adapter, size),
                        lambda size=size: adapter(**inputs, patch_size=size, return_dict=False))
-    for size in adapter.patch_sizes if not adapter.spec.caches_refused else ():
+    for size in adapter.patch_sizes:
         calls[f"{size} skipped"] = (lambda size=size: skipping(adapter, size),
                                     lambda size=size: adapter(**inputs, patch_size=size, return_dict=False))
     return calls
@@ -570,8 +570,7 @@ def summarise(record: dict) -> None:
             continue
         costs = {("stock" if k == "stock" else int(k)): v for k, v in record[key].items() if "skipped" not in k}
         record[f"{kind}_speedup"] = {str(s): costs["stock"] / costs[s] for s in record["sizes"]}
-        if f"{record['sizes'][0]} skipped" in record[key]:
-            record[f"{kind}_skipped_share"] = {str(s): record[key][f"{s} skipped"] / costs[s] for s in record["sizes"]}
+        record[f"{kind}_skipped_share"] = {str(s): record[key][f"{s} skipped"] / costs[s] for s in record["sizes"]}
         record[f"{kind}_schedules"] = {str(s): {str(f): speedup(costs, f, s, base) for f in FRACTIONS}
                                        for s in coarse}
         record[f"{kind}_fraction_for_paper"] = {str(s): fraction_for(costs, PAPER_FLUX_SPEEDUP, s, base)
@@ -661,8 +660,7 @@ def model_section(r: dict) -> list[str]:
         row += f" {flops / 1e12:.3g} | {r['flops']['stock'] / flops:.2f}x | {r['attention_flops'][key] / flops:.0%} |"
         lines.append(row)
     kinds = ["wall", "flops"] if wall else ["flops"]
-    lines += ["", "ddit's feature caches do not run on this family."] if "flops_skipped_share" not in r else [
-              "", "A step a feature cache skips (TeaCache, TaylorSeer: the blocks stood in for; embedding, "
+    lines += ["", "A step a feature cache skips (TeaCache, TaylorSeer: the blocks stood in for; embedding, "
               "conditioning and output head still run), as a share of a full step at its size"
               + (" (wall; FLOPs in brackets): " if wall else " (FLOPs): ")
               + ", ".join(f"{s}: " + " ".join(_percent(r[f"{k}_skipped_share"][str(s)], k) for k in kinds)
@@ -707,7 +705,7 @@ def parse(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda", "meta"])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help=f"comma-separated, of {', '.join(MODELS)} (default: all but wan14b)")
+                        help=f"comma-separated, of {', '.join(MODELS)} (default: all but wan14b and ltx2)")
     parser.add_argument("--scale", choices=["full", "reduced"], help="default: reduced on cpu, else full")
     parser.add_argument("--depth", type=int, help="blocks of each kind (default: the model's; 1 when reduced)")
     parser.add_argument("--repeats", type=int, help="timed rounds (default 7 on cuda, 3 on cpu)")

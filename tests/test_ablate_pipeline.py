@@ -240,25 +240,45 @@ def test_a_video_pipeline_is_compared_frame_by_frame(kind, tmp_path):
 
 
 def test_ltx2s_audio_is_compared_with_its_twins_beside_the_video(tmp_path):
-    """LTX-2 generates audio with the video: its rows keep the waveforms and score them against the baseline's."""
+    """LTX-2 generates audio with the video: its rows keep the waveforms and score them against the baseline's, a
+    row's SNR from its samples' mean noise-to-signal ratio, as a PSNR; a cache skips both streams."""
     from diffusers import DiffusionPipeline
 
     from ddit import MultiPatchTransformer
 
     folder = save_tiny_pipeline("ltx2", tmp_path / "ltx2")
     MultiPatchTransformer(DiffusionPipeline.from_pretrained(folder).transformer).save_pretrained(tmp_path / "adapter")
-    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    (tmp_path / "prompts.txt").write_text("a red circle\nblue stripes on white\n")
     out = tmp_path / "run"
     assert main(["--pipeline", str(folder), "--adapter", str(tmp_path / "adapter"), "--prompts",
-                 str(tmp_path / "prompts.txt"), "--out", str(out), "--steps", "4", "--fewer-steps", "",
-                 "--policies", "fixed", "--policy-param", "fixed.fraction=0.5", "--caches", "none",
+                 str(tmp_path / "prompts.txt"), "--out", str(out), "--steps", "6", "--fewer-steps", "",
+                 "--policies", "fixed", "--policy-param", "fixed.fraction=0.5", "--caches", "none,taylorseer",
                  "--height", "32", "--width", "32", "--num-frames", "5", "--pipeline-arg", "max_sequence_length=16",
-                 "--pipeline-arg", "spatio_temporal_guidance_blocks=[1]", "--no-progress"]) == 0
+                 "--pipeline-arg", "spatio_temporal_guidance_blocks=[1]", "--num-per-prompt", "2", "--batch-size", "2",
+                 "--no-progress"]) == 0
     saved = load_file(out / "images" / "fixed" / "0000000.safetensors")
-    assert saved["images"].shape == (1, 5, 3, 32, 32) and saved["audio"].ndim == 3  # (samples, channels, time)
+    assert saved["images"].shape == (2, 5, 3, 32, 32) and saved["audio"].ndim == 3  # (samples, channels, time)
     summary = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
     assert summary["baseline"]["audio_snr_vs_baseline"] is None  # identical: infinite, null in JSON
-    fixed = summary["fixed"]
-    assert math.isfinite(fixed["audio_snr_vs_baseline"]) and 0 < fixed["ssim_vs_baseline"] < 1
-    assert fixed["per_prompt"]["a red circle"]["audio_snr_vs_baseline"] == fixed["audio_snr_vs_baseline"]
-    assert "audio SNR (dB)" in (out / "report.md").read_text()
+    for key in ("fixed", "baseline+taylorseer", "fixed+taylorseer"):
+        row = summary[key]
+        prompts = [p["audio_snr_vs_baseline"] for p in row["per_prompt"].values()]
+        assert all(math.isfinite(p) for p in prompts) and len(set(prompts)) == 2
+        pooled = -10 * math.log10(sum(10 ** (-p / 10) for p in prompts) / 2)  # two samples per prompt
+        assert row["audio_snr_vs_baseline"] == pytest.approx(pooled)
+    assert summary["baseline+taylorseer"]["cached_step_fraction"] > 0
+    baseline = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| baseline |"))
+    assert baseline.count("identical") == 2  # PSNR and audio SNR
+
+
+def test_a_row_whose_audio_only_some_batches_hold_is_refused_by_name(tmp_path):
+    """Batches written before ddit kept the audio, resumed after: summing up would drop the row's audio score."""
+    from ddit.ablate.runner import load_images, save_images
+
+    images, audio = torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.ones(2, 2, 16)
+    save_images(tmp_path, "fixed", 0, images, audio)
+    assert torch.equal(load_images(tmp_path, "fixed", "audio"), audio)
+    save_images(tmp_path, "fixed", 2, images)
+    assert load_images(tmp_path, "fixed").shape[0] == 4
+    with pytest.raises(RuntimeError, match="has audio in some batches and not in 0000002.safetensors: delete"):
+        load_images(tmp_path, "fixed", "audio")

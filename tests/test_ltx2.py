@@ -12,6 +12,9 @@ from tiny_pipelines import build, ltx2_transformer
 import ddit
 from ddit.adapter import MultiPatchTransformer, PatchHead
 from ddit.distill import DistillationLoss
+from ddit.caches import Cache, TaylorSeer
+from ddit.caches.base import Group
+from ddit.caches.stack import check_stack, replace_stack
 from ddit.policies import PatchPolicy
 from ddit.tiny_pipelines import wake_zeros
 
@@ -181,6 +184,8 @@ def test_distillation_counts_the_audio_and_checkpointing_gives_every_size_its_ow
         names = [name for name in plain if f".patch{size}." in name]
         assert names and all(plain[n].abs().sum() > 0 for n in names if "lora_A" in n)
         assert all(torch.allclose(checkpointed[n], plain[n], rtol=1e-4, atol=1e-7) for n in names), size
+    # accelerate's FSDP shards the blocks one by one: LTX-2 names them as its repeated blocks only
+    assert DistillationLoss(model, (2,))._no_split_modules == ["LTX2VideoTransformerBlock"]
 
 
 class OneCoarse(PatchPolicy):
@@ -265,8 +270,39 @@ def test_calls_whose_video_tokens_are_not_the_named_grid_are_refused_at_the_firs
         pipe.transformer(**{**given, "hidden_states": appended})
 
 
-def test_feature_caches_are_refused_before_any_step():
+class ReuseAfterFirst(Cache):
+    """Computes a sample's first step, reuses its residuals at every later one."""
+
+    name = "reuse_after_first"
+
+    def reuse(self, group, run, rows):
+        return {s: group.step > 0 for s in rows}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [None, 2])
+def test_a_skipped_step_reuses_the_residual_of_the_video_and_of_the_audio(size):
+    """Called again on the same inputs, a step that reuses the last computed residuals gives that step's outputs,
+    the audio's too (which the stack finishes at the audio's own output norm)."""
+    model = MultiPatchTransformer(randomized())
+    cache, samples = ReuseAfterFirst(), ((None, 0), (None, 1))
+    check_stack(model)
+    outputs = []
+    for step in (0, 1):
+        with replace_stack(model, cache.standing_in(Group(step, 2, samples, size or 1))):
+            outputs.append(model(**inputs(), patch_size=size, return_dict=False))
+    assert cache.reused == dict.fromkeys(samples, True)
+    assert all((computed - reused).abs().max() <= 1e-5 for computed, reused in zip(*outputs))
+
+
+def test_feature_caches_run_in_the_stock_pipeline_beside_coarse_steps():
     pipe, kwargs = build("ltx2")
-    adapter = ddit.MultiPatchTransformer(pipe.transformer)
-    with pytest.raises(ValueError, match="ddit's feature caches do not run on LTX2VideoTransformer3DModel: its blocks"):
-        ddit.enable(pipe, adapter, policy="baseline", cache="teacache")
+    stock = pipe(**kwargs(batch=2, steps=STEPS))
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=OneCoarse(),
+                cache=TaylorSeer(interval=2, order=1))
+    out = pipe(**kwargs(batch=2, steps=STEPS))
+    records = ddit.summary(pipe).records
+    cached = {(r["step"], r["sample"], r["branch"]) for r in records if r["cached"]}
+    assert {step for step, _, _ in cached} == {2, 4}  # warmed up on 2 steps (again at a new size), then every other
+    assert out.frames.isfinite().all() and out.audio.isfinite().all()
+    assert (out.audio[1] - stock.audio[1]).abs().max() > 1e-5  # the fine sample's audio: extrapolated, not stock

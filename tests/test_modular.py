@@ -195,7 +195,8 @@ def test_wan22s_modular_pipeline_runs_both_experts_under_one_policy(tmp_path):
                                                   ("wan-i2v", "WanImage2VideoAutoBlocks", True)])
 def test_modular_pipelines_loaded_whole_run_from_text_and_images(kind, blocks, image, tmp_path):
     """Families whose modular denoise steps name their guider calls (LTX-Video: ``pred_cond``, ``pred_uncond``; LTX-2
-    also its spatio-temporal and modality passes, each a call of the transformer that returns video and audio), or
+    also its spatio-temporal and modality passes, each a call of the transformer that returns video and audio, of
+    which the video's latents are compared here and the audio in the next test), or
     take a reference image (FLUX.1 Kontext: its tokens beside the latent's) or a first frame (Wan 2.1
     image-to-video), loaded from tiny complete folders and run from text."""
     import diffusers.modular_pipelines as modular_pipelines
@@ -236,6 +237,29 @@ def test_modular_pipelines_loaded_whole_run_from_text_and_images(kind, blocks, i
     assert [r["patch_size"] for r in records if str(r["branch"]) == branches[0]] == schedule
     if kind == "flux":  # Kontext's reference tokens run beside the latent's: as many, from an image of its size
         assert records[-1]["base_tokens"] == 2 * (given["height"] // 16) * (given["width"] // 16)
+
+
+def test_a_modular_ltx2_gives_its_audio_beside_its_video_and_a_coarse_step_changes_both(tmp_path):
+    """``run_pipeline`` asks LTX-2's modular blocks for the decoded video and the audio, as ``ddit-ablate`` scores
+    both."""
+    import diffusers.modular_pipelines as modular_pipelines
+
+    from ddit.pipeline_call import run_pipeline
+    from ddit.tiny_pipelines import TINY_CALL
+
+    pipe = modular_pipelines.LTX2AutoBlocks().init_pipeline(str(save_tiny_pipeline("ltx2", tmp_path / "ltx2")))
+    pipe.load_components(dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call():
+        return run_pipeline(pipe, prompt=["a red circle"], num_inference_steps=STEPS, max_sequence_length=16,
+                            generator=torch.Generator().manual_seed(0), output_type="pt", **TINY_CALL["ltx2"])
+
+    stock = call()
+    assert stock.frames.shape[:2] == (1, TINY_CALL["ltx2"]["num_frames"]) and stock.audio.ndim == 3
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy([4] * 2 + [1] * (STEPS - 2)))
+    out = call()
+    assert (out.frames - stock.frames).abs().max() > 1e-3 and (out.audio - stock.audio).abs().max() > 1e-5
 
 
 def test_flux3s_image_conditioned_blocks_run_its_references_beside_coarse_steps():

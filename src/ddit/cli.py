@@ -331,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", help="flux, flux2 (FLUX.2 [klein]), chroma, qwenimage (Qwen-Image), zimage (Z-Image), "
                    "sd3, pixart (PixArt-Sigma), sana, hunyuanimage (HunyuanImage 2.1), wan, wan-i2v (its "
                    "image-to-video: call it with an image too), wan22 (Wan 2.2's two experts), wan22-i2v, "
-                   "hunyuanvideo15, ltx (LTX-Video), ltx2 (LTX-2, video and audio), skyreels (SkyReels-V2), skyreels-i2v "
-                   "(its image-to-video: call it with an image too) or skyreels-df (its diffusion forcing)")
+                   "hunyuanvideo15, ltx (LTX-Video), ltx2 (LTX-2, video and audio), skyreels (SkyReels-V2), "
+                   "skyreels-i2v (its image-to-video: call it with an image too) or skyreels-df (its diffusion "
+                   "forcing)")
     p.add_argument("out", help="folder to write")
     p.set_defaults(func=_tiny_pipeline)
 

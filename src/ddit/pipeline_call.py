@@ -210,8 +210,8 @@ def run_pipeline(pipe, *, output_type: str = "pil", **call):
     """``pipe(**call, output_type=output_type)``, whose output has ``.images`` (``.frames`` for a video), for a
     ``DiffusionPipeline`` or a modular one. A modular pipeline is asked for its ``latents`` (``"latent"``, without
     running its decode step; unpacked, where a stock pipeline's may be packed into tokens) or its decoded
-    ``images`` or ``videos``; a one-prompt list is passed as its text (FLUX.3's text encoder takes one prompt per
-    call, as a string)."""
+    ``images`` or ``videos`` (and the ``audio`` beside them, LTX-2's, where its blocks make some); a one-prompt list
+    is passed as its text (FLUX.3's text encoder takes one prompt per call, as a string)."""
     if not isinstance(pipe, ModularPipeline):
         return pipe(**call, output_type=output_type)
     prompt = call.get("prompt")
@@ -220,9 +220,12 @@ def run_pipeline(pipe, *, output_type: str = "pil", **call):
     if output_type == "latent":
         with _undecoded(pipe):
             return SimpleNamespace(images=pipe(**call, output="latents"))
-    video = "videos" in {o.name for o in pipe._blocks.outputs}
-    out = pipe(**call, output_type=output_type, output="videos" if video else "images")
-    return SimpleNamespace(frames=out) if video else SimpleNamespace(images=out)
+    outputs = {o.name for o in pipe._blocks.outputs}
+    name, field = ("videos", "frames") if "videos" in outputs else ("images", "images")
+    if "audio" in outputs:
+        out = pipe(**call, output_type=output_type, output=[name, "audio"])
+        return SimpleNamespace(**{field: out[name], "audio": out["audio"]})
+    return SimpleNamespace(**{field: pipe(**call, output_type=output_type, output=name)})
 
 
 @contextmanager

@@ -2,8 +2,9 @@
 
 A pipeline has no evaluator of its own: quality is how close each sample stays to the
 stock pipeline's sample of the same prompt and seed (SSIM and PSNR, torchmetrics; a video
-is compared frame by frame; LTX-2's audio by its signal-to-noise ratio against the twin's waveform). LPIPS and CLIP score need weights that this harness never
-downloads; the report says when they were skipped.
+is compared frame by frame; LTX-2's audio by its signal-to-noise ratio against the twin's waveform).
+LPIPS and CLIP score need weights that this harness never downloads; the report says when they were
+skipped.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def table(summary: list[dict]):
 
 def _columns(summary: list[dict], per_prompt: bool = False) -> dict[str, str]:
     """The table's columns: the audio's where the pipeline made audio; the timings but per prompt."""
-    columns = {**COLUMNS, **(AUDIO_COLUMNS if "audio_snr_vs_baseline" in summary[0] else {})}
+    columns = {**COLUMNS, **(AUDIO_COLUMNS if any("audio_snr_vs_baseline" in r for r in summary) else {})}
     return {k: v for k, v in columns.items() if not (per_prompt and k in TIMING)}
 
 
@@ -100,9 +101,11 @@ def _per_sample(images: torch.Tensor, baseline: torch.Tensor, records: list[dict
 
 def _snr(audio: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
     """Per sample, the twin's waveform power over the difference's, in dB: infinite where they are equal
-    (torchmetrics' SNR adds an epsilon, which would make a baseline row read as a finite number)."""
-    noise = (audio - baseline).flatten(1).square().sum(1).double()
-    return 10 * torch.log10(baseline.flatten(1).square().sum(1).double() / noise)
+    (torchmetrics' SNR adds an epsilon, which would make a baseline row read as a finite number); NaN (not known)
+    where the twin is silent."""
+    signal = baseline.flatten(1).square().sum(1).double()
+    snr = 10 * torch.log10(signal / (audio - baseline).flatten(1).square().sum(1).double())
+    return snr.where(signal > 0, torch.nan)
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:

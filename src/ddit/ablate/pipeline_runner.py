@@ -215,8 +215,9 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
     images = (torch.as_tensor(images).float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
     audio = getattr(output, "audio", None)
     audio = None if audio is None else torch.as_tensor(audio).float().cpu()
-    return images, audio, wall, _decisions(records, len(indices), row.steps, adapters["transformer"].base_patch_size, half,
-                                    hooks=row.cache in diffusers_caches())
+    base = adapters["transformer"].base_patch_size
+    return images, audio, wall, _decisions(records, len(indices), row.steps, base, half,
+                                           hooks=row.cache in diffusers_caches())
 
 
 def check_batch(batch_size: int, prompts: list[Prompt]) -> None:

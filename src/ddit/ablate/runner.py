@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -171,9 +172,19 @@ def batch_done(out: Path, key: str, start: int, stop: int, done: set, report) ->
 
 
 def load_images(out: str | Path, key: str, name: str = "images") -> torch.Tensor | None:
-    """All images of a row, in sample order (``name="audio"``: its audio, None where it has none)."""
-    files = [load_file(f) for f in sorted((Path(out) / "images" / key).glob("*.safetensors"))]
-    return torch.cat([f[name] for f in files]) if all(name in f for f in files) else None
+    """All images of a row, in sample order (``name="audio"``: its audio, None where the row has none); each file
+    opened, not read whole, so that the other tensor beside it stays on disk."""
+    files = sorted((Path(out) / "images" / key).glob("*.safetensors"))
+    held = {}
+    for path in files:
+        with safe_open(path, "pt") as f:
+            if name in f.keys():
+                held[path] = f.get_tensor(name)
+    if held and len(held) < len(files):  # batches written before ddit kept the audio, resumed after
+        missing = ", ".join(p.name for p in files if p not in held)
+        raise RuntimeError(f"row {key} in {out} has {name} in some batches and not in {missing}: delete those "
+                           "files and rerun the ablation, which samples them again")
+    return torch.cat([held[p] for p in files]) if held else None
 
 
 def save_images(out: Path, key: str, start: int, images: torch.Tensor, audio: torch.Tensor | None = None) -> None:

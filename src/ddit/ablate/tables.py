@@ -10,8 +10,8 @@ import torch
 from rich.table import Table
 
 
-#: Figures in decibels, which a row takes from its samples' mean noise power, not their mean (one sample equal to
-#: its twin would make that infinite).
+#: Figures in decibels, which a row takes from its samples' mean noise-to-signal ratio, not their mean (one sample
+#: equal to its twin would make that infinite).
 DECIBELS = ("psnr_vs_baseline", "audio_snr_vs_baseline")
 
 
@@ -61,7 +61,7 @@ def rich_table(title: str, columns: dict[str, str], summary: list[dict]) -> Tabl
     for name in columns.values():
         t.add_column(name, justify="right")
     for record in summary:
-        t.add_row(record["row"], *(fmt(record[c]) for c in columns))
+        t.add_row(record["row"], *(fmt(record.get(c)) for c in columns))
     return t
 
 

@@ -64,6 +64,9 @@ class BackboneSpec:
     single_stream: bool = True
     #: Block class name -> the arguments its forward returns, in order, for blocks diffusers' registry lacks.
     block_outputs: dict[str, tuple[str, ...]] = {}
+    #: Dual-stream block arguments besides the image tokens whose stack output the model keeps (LTX-2's audio),
+    #: each with the module that norms it after the blocks: ddit's feature caches finish that stream there.
+    side_streams: dict[str, str] = {}
     #: Block class names whose TeaCache signal ``teacache_input`` computes, where their norm1 is no adaLN-zero norm
     #: (whose output TeaCache reads itself); a stack starting with another block refuses TeaCache.
     teacache_blocks: tuple[str, ...] = ()

@@ -33,7 +33,10 @@ class LTX2Spec(BackboneSpec):
     unbatched = ("fps",)
     output_class = AudioVisualModelOutput
     output_fields = ("sample", "audio_sample")
-    caches_refused = "its blocks take and return the video and the audio streams together"
+    single_stream = False  # each block returns the video and the audio; a cache stands in for both
+    block_outputs = {"LTX2VideoTransformerBlock": ("hidden_states", "audio_hidden_states")}
+    side_streams = {"audio_hidden_states": "audio_norm_out"}
+    teacache_blocks = ("LTX2VideoTransformerBlock",)
 
     def __init__(self, model):
         super().__init__(model)
@@ -47,6 +50,12 @@ class LTX2Spec(BackboneSpec):
 
     def base_layers(self):
         return self.model.proj_in, self.model.proj_out
+
+    def teacache_input(self, block, hidden, arguments):
+        """The video's norm1 output shifted and scaled by the block's share of the (per-token) timestep
+        modulation, as its self-attention receives it."""
+        shift, scale = block.get_mod_params(block.scale_shift_table, arguments["temb"], len(hidden))[:2]
+        return block.norm1(hidden) * (1 + scale) + shift
 
     def latent(self, args):
         return unpatchify(args["hidden_states"], (1, 1, 1), self._grid(args))

@@ -86,14 +86,17 @@ class Cache(abc.ABC):
             compute[r] = not reuse[s]
         return compute
 
-    def finish(self, group: Group, run: StackRun, output: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
-        """Every row's output: the skipped samples' predicted, the computed ones' recorded."""
-        hidden = run.hidden
+    def finish(self, group: Group, run: StackRun, output: torch.Tensor, compute: torch.Tensor,
+               stream: str | None = None) -> torch.Tensor:
+        """Every row's output: the skipped samples' predicted, the computed ones' recorded. A side ``stream``
+        (LTX-2's audio) keeps its own state inside the sample's, under its name, predicted and recorded alike."""
+        hidden = run.hidden if stream is None else run.arguments[stream]
         for s, r in self._rows(group).items():
+            state = self.states[s] if stream is None else self.states[s].setdefault(stream, {})
             if self.reused[s]:
-                output[r] = self.predict(self.states[s], group, hidden[r]).to(output.dtype)
+                output[r] = self.predict(state, group, hidden[r]).to(output.dtype)
             else:
-                self.record(self.states[s], group, hidden[r], output[r])
+                self.record(state, group, hidden[r], output[r])
         return output
 
     @staticmethod
@@ -113,5 +116,6 @@ class _GroupStandIn:
     def plan(self, run: StackRun) -> torch.Tensor:
         return self.cache.plan(self.group, run)
 
-    def finish(self, run: StackRun, output: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
-        return self.cache.finish(self.group, run, output, compute)
+    def finish(self, run: StackRun, output: torch.Tensor, compute: torch.Tensor,
+               stream: str | None = None) -> torch.Tensor:
+        return self.cache.finish(self.group, run, output, compute, stream)

@@ -12,7 +12,8 @@ patch size) and the multi-patch adapter's coarse path alike.
   join the text and image tokens between them). There the first block's call asks the stand-in;
   every block runs on the rows that compute, the others stepping aside with their inputs in the
   order of diffusers' ``TransformerBlockRegistry``; and the stand-in finishes at the input of the
-  model's output norm (``norm_out``), which holds the image tokens, as the stack's input did.
+  model's output norm (``norm_out``), which holds the image tokens, as the stack's input did. A stream whose
+  stack output the model keeps too (LTX-2's audio: the spec's ``side_streams``) is finished at its own norm.
 """
 
 from __future__ import annotations
@@ -90,9 +91,11 @@ class StandIn(Protocol):
     def plan(self, run: StackRun) -> torch.Tensor:
         """Which rows of ``run.hidden`` run the blocks: one boolean per row (best on the CPU: read once per call)."""
 
-    def finish(self, run: StackRun, output: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
+    def finish(self, run: StackRun, output: torch.Tensor, compute: torch.Tensor,
+               stream: str | None = None) -> torch.Tensor:
         """The stack's output for every row, given the blocks' ``output`` on the rows that computed (``compute``,
-        on the CPU); the other rows of ``output`` hold nothing to use."""
+        on the CPU); the other rows of ``output`` hold nothing to use. ``stream``: a side stream's (its block
+        argument's name; its input is ``run.arguments[stream]``), else the image tokens'."""
 
 
 class SkipAll:
@@ -102,8 +105,9 @@ class SkipAll:
     def plan(self, run: StackRun) -> torch.Tensor:
         return torch.zeros(len(run.hidden), dtype=torch.bool)
 
-    def finish(self, run: StackRun, output: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
-        return run.hidden
+    def finish(self, run: StackRun, output: torch.Tensor, compute: torch.Tensor,
+               stream: str | None = None) -> torch.Tensor:
+        return run.hidden if stream is None else run.arguments[stream]
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
@@ -131,12 +135,14 @@ def check_stack(model: nn.Module) -> None:
                             f"{type(backbone).__name__} has {', '.join(kinds)}")
         return
     unknown = sorted({type(b).__name__ for b in blocks if _outputs(b, spec) is None})
-    if unknown or not isinstance(getattr(backbone, "norm_out", None), nn.Module):
+    unknown += [norm for norm in ("norm_out", *spec.side_streams.values())
+                if not isinstance(getattr(backbone, norm, None), nn.Module)]
+    if unknown:
         raise ValueError(f"ddit's caches stand in for {type(backbone).__name__}'s dual-stream blocks only where "
                          "they know what each block returns (diffusers' TransformerBlockRegistry, or the spec's "
                          "block_outputs) and the model has an output norm (norm_out) after them; unknown: "
-                         f"{', '.join(unknown) or 'norm_out'}. Add it to the spec, or use a diffusers cache config "
-                         "where the model supports one")
+                         f"{', '.join(unknown)}. Add it to the spec, or use a diffusers cache config where the model "
+                         "supports one")
 
 
 @contextmanager
@@ -153,16 +159,17 @@ def replace_stack(model: nn.Module, stand_in: StandIn) -> Iterator[None]:
     # compiled blocks (compile_repeated_blocks) would trace their patched forward: keep its decisions out
     compiled = any(getattr(block, "_compiled_call_impl", None) is not None for block in blocks)
     if spec.single_stream:
-        patched, tail = _single_stream(blocks, forwards, stand_in), None
+        patched, tails = _single_stream(blocks, forwards, stand_in), []
     else:
-        patched, finish = _dual_stream(blocks, forwards, stand_in, spec, compiled)
-        tail = backbone.norm_out.register_forward_pre_hook(finish, with_kwargs=True)
+        patched, finishes = _dual_stream(blocks, forwards, stand_in, spec, compiled)
+        tails = [getattr(backbone, norm).register_forward_pre_hook(finish, with_kwargs=True)
+                 for norm, finish in finishes.items()]
     for block, forward in zip(blocks, patched):
         block.forward = _eager(forward) if compiled else forward
     try:
         yield
     finally:
-        if tail is not None:
+        for tail in tails:
             tail.remove()
         for block, forward in zip(blocks, own):
             if forward is None:
@@ -234,9 +241,11 @@ def _single_stream(blocks, forwards, stand_in: StandIn) -> list[Callable]:
     return [first, *[step_aside] * (len(blocks) - 1)]
 
 
-def _dual_stream(blocks, forwards, stand_in: StandIn, spec, compiled: bool) -> tuple[list[Callable], Callable]:
-    """Every block runs on the rows that compute; the output norm's pre-hook finishes the call. A pass starts at
-    the first block that runs in it (SD3's skip-layer guidance may leave out block 0)."""
+def _dual_stream(blocks, forwards, stand_in: StandIn, spec,
+                 compiled: bool) -> tuple[list[Callable], dict[str, Callable]]:
+    """Every block runs on the rows that compute; the output norm's pre-hook finishes the call, and each side
+    stream's norm its stream (the hooks by norm name). A pass starts at the first block that runs in it (SD3's
+    skip-layer guidance may leave out block 0)."""
     call: dict = {}  # the model call in flight: its run, its plan and the last block that ran
 
     def block_forward(i: int) -> Callable:
@@ -283,23 +292,32 @@ def _dual_stream(blocks, forwards, stand_in: StandIn, spec, compiled: bool) -> t
 
         return forward
 
-    @_bookkeeping
-    def finish(norm_out: nn.Module, args: tuple, kwargs: dict):
-        if not call:  # norm_out called outside a stack call
-            return None
-        if not args:
-            raise TypeError(f"{type(norm_out).__name__} was called without its input as its first positional "
-                            "argument, where ddit's caches finish the stack")
-        run, plan = call["run"], call["plan"]
-        call.clear()
-        hidden, tokens = args[0], args[0].shape[1]
-        if tokens < run.hidden.shape[1]:  # Kontext's coarse path norms the generated grid, not its references
-            name = next(iter(run.arguments))
-            run = replace(run, arguments={**run.arguments, name: run.hidden[:, :tokens]})
-        output = hidden if plan.all else hidden.clone()
-        return (stand_in.finish(run, output, plan.compute).to(hidden.dtype), *args[1:]), kwargs
+    def finisher(stream: str | None) -> Callable:
+        """The pre-hook that finishes ``stream`` (None: the image tokens) at its norm's input."""
 
-    return [block_forward(i) for i in range(len(blocks))], finish
+        @_bookkeeping
+        def finish(norm: nn.Module, args: tuple, kwargs: dict):
+            if not call or stream in call.get("finished", ()):  # the norm called outside a stack call
+                return None
+            if not args:
+                raise TypeError(f"{type(norm).__name__} was called without its input as its first positional "
+                                "argument, where ddit's caches finish the stack")
+            run, plan = call["run"], call["plan"]
+            call.setdefault("finished", set()).add(stream)
+            if len(call["finished"]) > len(spec.side_streams):  # every stream finished: the call is done
+                call.clear()
+            hidden, tokens = args[0], args[0].shape[1]
+            if stream is None and tokens < run.hidden.shape[1]:  # Kontext's coarse path norms the generated
+                name = next(iter(run.arguments))  # grid, not its references
+                run = replace(run, arguments={**run.arguments, name: run.hidden[:, :tokens]})
+            output = hidden if plan.all else hidden.clone()
+            side = (stream,) if stream else ()  # a stand-in is asked about side streams only where there are some
+            return (stand_in.finish(run, output, plan.compute, *side).to(hidden.dtype), *args[1:]), kwargs
+
+        return finish
+
+    finishes = {"norm_out": finisher(None), **{norm: finisher(stream) for stream, norm in spec.side_streams.items()}}
+    return [block_forward(i) for i in range(len(blocks))], finishes
 
 
 @_bookkeeping

@@ -247,6 +247,10 @@ class TeaCacheRecorder(Cache):
             self.states[s]["next"] = indicator[r]
         return dict.fromkeys(rows, False)
 
+    def finish(self, group, run, output, compute, stream=None):
+        """Records the image tokens' change; a side stream's output (LTX-2's audio), computed too, as it is."""
+        return output if stream is not None else super().finish(group, run, output, compute)
+
     def record(self, state, group, hidden, output):
         indicator, output = state.pop("next"), output.float()
         if "indicator" in state:
