@@ -12,7 +12,7 @@ from tiny_pipelines import build, ltx2_transformer
 import ddit
 from ddit.adapter import MultiPatchTransformer, PatchHead
 from ddit.distill import DistillationLoss
-from ddit.caches import Cache, TaylorSeer
+from ddit.caches import Cache, TaylorSeer, TeaCache
 from ddit.caches.base import Group
 from ddit.caches.stack import check_stack, replace_stack
 from ddit.policies import PatchPolicy
@@ -271,28 +271,62 @@ def test_calls_whose_video_tokens_are_not_the_named_grid_are_refused_at_the_firs
 
 
 class ReuseAfterFirst(Cache):
-    """Computes a sample's first step, reuses its residuals at every later one."""
+    """Computes a sample's first step, reuses its residuals at later ones (the samples in ``computing``: never)."""
 
     name = "reuse_after_first"
 
+    def __init__(self, computing=()):
+        self.computing = computing
+        super().__init__()
+
     def reuse(self, group, run, rows):
-        return {s: group.step > 0 for s in rows}
+        return {s: group.step > 0 and s not in self.computing for s in rows}
+
+
+SAMPLES = ((None, 0), (None, 1))
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("size", [None, 2])
-def test_a_skipped_step_reuses_the_residual_of_the_video_and_of_the_audio(size):
+@pytest.mark.parametrize("computing", [(), SAMPLES[:1]])
+def test_a_skipped_step_reuses_the_residual_of_the_video_and_of_the_audio(size, computing):
     """Called again on the same inputs, a step that reuses the last computed residuals gives that step's outputs,
-    the audio's too (which the stack finishes at the audio's own output norm)."""
+    the audio's too (which the stack finishes at the audio's own output norm); also where one sample computes
+    beside one that reuses."""
     model = MultiPatchTransformer(randomized())
-    cache, samples = ReuseAfterFirst(), ((None, 0), (None, 1))
+    cache = ReuseAfterFirst(computing)
     check_stack(model)
     outputs = []
     for step in (0, 1):
-        with replace_stack(model, cache.standing_in(Group(step, 2, samples, size or 1))):
+        with replace_stack(model, cache.standing_in(Group(step, 2, SAMPLES, size or 1))):
             outputs.append(model(**inputs(), patch_size=size, return_dict=False))
-    assert cache.reused == dict.fromkeys(samples, True)
+    assert cache.reused == {s: s not in computing for s in SAMPLES}
     assert all((computed - reused).abs().max() <= 1e-5 for computed, reused in zip(*outputs))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [None, 2])
+def test_taylorseer_extrapolates_the_audios_residual_as_the_videos(size):
+    """Two computed steps, then one extrapolated to first order: each stream's finished output is its input plus
+    2 r1 - r0, r the residual (output - input) of each computed step."""
+    model = MultiPatchTransformer(randomized())
+    cache = TaylorSeer(interval=3, order=1, warmup=2)
+    first, norms = model.backbone.transformer_blocks[0], (model.backbone.norm_out, model.backbone.audio_norm_out)
+    seen = {"in": [], "out": []}
+    first.register_forward_pre_hook(lambda m, a, kw: seen["in"].append(
+        (kw["hidden_states"], kw["audio_hidden_states"])), with_kwargs=True)
+    for step, t in enumerate((900.0, 700.0, 500.0)):
+        with replace_stack(model, cache.standing_in(Group(step, 6, SAMPLES, size or 1))):
+            finished = [norm.register_forward_pre_hook(lambda m, a: seen["out"].append(a[0])) for norm in norms]
+            model(**inputs(timestep=torch.full((B,), t)), patch_size=size, return_dict=False)
+            for hook in finished:
+                hook.remove()
+    assert cache.reused == dict.fromkeys(SAMPLES, True)
+    for stream in (0, 1):  # the video, the audio
+        x = [seen["in"][step][stream] for step in range(3)]
+        y = seen["out"][stream::2]
+        expected = x[2] + 2 * (y[1] - x[1]) - (y[0] - x[0])
+        assert (y[2] - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 def test_feature_caches_run_in_the_stock_pipeline_beside_coarse_steps():
@@ -305,4 +339,9 @@ def test_feature_caches_run_in_the_stock_pipeline_beside_coarse_steps():
     cached = {(r["step"], r["sample"], r["branch"]) for r in records if r["cached"]}
     assert {step for step, _, _ in cached} == {2, 4}  # warmed up on 2 steps (again at a new size), then every other
     assert out.frames.isfinite().all() and out.audio.isfinite().all()
-    assert (out.audio[1] - stock.audio[1]).abs().max() > 1e-5  # the fine sample's audio: extrapolated, not stock
+    ddit.disable(pipe)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline",
+                cache=TeaCache(delta=0.5, coefficients=[0, 0, 0, 1, 0]))  # the change as it is: skips some steps
+    out = pipe(**kwargs(batch=2, steps=STEPS))
+    assert any(r["cached"] for r in ddit.summary(pipe).records) and out.audio.isfinite().all()
+    assert (out.audio - stock.audio).abs().max() > 1e-5

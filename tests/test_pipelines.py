@@ -320,7 +320,7 @@ def test_teacache_skips_by_what_it_watches_per_sample_and_branch(name):
     assert all(cached == ((step, sample) not in computes) for (step, sample, _), cached in skipped.items())
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "wan"] + ["sd35m", "ltx"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "wan"] + ["sd35m", "ltx", "ltx2"])
 def test_teacache_watches_the_first_blocks_timestep_modulated_input(name, monkeypatch):
     """What TeaCache watches is what the first block's (self-)attention receives: the block's input normalised
     and modulated by the timestep. On adaLN-zero blocks (DiT, FLUX.1, SD3, HunyuanImage 2.1, HunyuanVideo 1.5)

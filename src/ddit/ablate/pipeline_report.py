@@ -102,10 +102,11 @@ def _per_sample(images: torch.Tensor, baseline: torch.Tensor, records: list[dict
 def _snr(audio: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
     """Per sample, the twin's waveform power over the difference's, in dB: infinite where they are equal
     (torchmetrics' SNR adds an epsilon, which would make a baseline row read as a finite number); NaN (not known)
-    where the twin is silent."""
+    where the twin is silent and the sample is not."""
     signal = baseline.flatten(1).square().sum(1).double()
-    snr = 10 * torch.log10(signal / (audio - baseline).flatten(1).square().sum(1).double())
-    return snr.where(signal > 0, torch.nan)
+    noise = (audio - baseline).flatten(1).square().sum(1).double()
+    snr = (10 * torch.log10(signal / noise)).where(signal > 0, torch.nan)
+    return snr.where(noise > 0, torch.inf)  # equal, silent or not: identical
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:

@@ -184,6 +184,8 @@ def load_images(out: str | Path, key: str, name: str = "images") -> torch.Tensor
         missing = ", ".join(p.name for p in files if p not in held)
         raise RuntimeError(f"row {key} in {out} has {name} in some batches and not in {missing}: delete those "
                            "files and rerun the ablation, which samples them again")
+    if not held and name == "images":
+        raise FileNotFoundError(f"row {key} in {out} has no images: run the ablation to sample them")
     return torch.cat([held[p] for p in files]) if held else None
 
 

@@ -19,8 +19,8 @@ def row_mean(name: str, values: torch.Tensor) -> float:
     """A row's figure from its samples': their mean; for PSNR, the PSNR of their mean squared error (images in
     [0, 1]), and for an audio SNR likewise."""
     values = values.double()
-    if name in DECIBELS:
-        return float(-10 * torch.log10((10 ** (-values / 10)).mean()))
+    if name in DECIBELS:  # NaN: a sample whose figure is not known (an audio SNR against a silent twin)
+        return float(-10 * torch.log10((10 ** (-values / 10)).nanmean()))
     return values.mean().item()
 
 

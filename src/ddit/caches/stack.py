@@ -258,6 +258,7 @@ def _dual_stream(blocks, forwards, stand_in: StandIn, spec,
             rows into (None: it runs on every row)."""
             if not call or i <= call["last"]:  # a new pass (or one that an exception cut short)
                 run = StackRun(blocks[i], dict(signature.bind(*args, **kwargs).arguments), forwards)
+                call.clear()  # nothing of a pass cut short before its norms (its finished streams) carries over
                 call.update(run=run, plan=_plan(stand_in, run))
             call["last"], plan = i, call["plan"]
             if plan.all:
