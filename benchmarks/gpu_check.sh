@@ -21,7 +21,8 @@ DDIT_TEST_DEVICE=cuda timeout -k 10 240 "$PY" -m pytest -q -p no:cacheprovider t
     tests/test_modular.py::test_in_a_mixed_batch_the_fine_sample_equals_its_baseline_twin \
     tests/test_ltx2.py::test_the_stock_pipeline_runs_the_baseline_unchanged_and_disable_restores_it \
     tests/test_ltx2.py::test_coarse_video_steps_in_the_stock_pipeline_and_a_samples_guidance_calls_share_its_size \
-    tests/test_ltx2.py::test_image_to_video_runs_coarse_steps_with_its_per_token_timesteps -k "not ablation" \
+    tests/test_ltx2.py::test_image_to_video_runs_coarse_steps_with_its_per_token_timesteps \
+    tests/test_ltx2.py::test_feature_caches_run_in_the_stock_pipeline_beside_coarse_steps -k "not ablation" \
     2>&1 | tee "$OUT/pipelines.log"
 timeout -k 10 120 "$PY" -m ddit.ablate.cli --out "$OUT/ablate" --device cuda --dtype bfloat16 --num-per-class 8 \
     --caches none,teacache --batch-size 32 --no-progress 2>&1 | tee "$OUT/ablate.log"
