@@ -15,7 +15,7 @@ from ddit.distill import DistillationLoss
 from ddit.caches import Cache, TaylorSeer, TeaCache
 from ddit.caches.base import Group
 from ddit.caches.stack import check_stack, replace_stack
-from ddit.policies import PatchPolicy
+from ddit.policies import FixedPolicy, PatchPolicy
 from ddit.tiny_pipelines import wake_zeros
 
 B, GRID = 2, (2, 8, 8)  # two samples; latent frames, rows, columns
@@ -226,9 +226,32 @@ def test_coarse_video_steps_in_the_stock_pipeline_and_a_samples_guidance_calls_s
     records = ddit.summary(pipe).records
     assert {r["branch"] for r in records} == {None, "uncond_stg", "uncond_modality"}
     assert [r["patch_size"] for r in records if r["sample"] == 0] == [4] * 6 + [1] * 12
+    first = records[1]  # sample 0's CFG call at patch 4: its two rows' video tokens and audio tokens
+    assert (first["sample"], first["tokens"], first["base_tokens"]) == (0, 2 * (TOKENS // 16 + audio),
+                                                                        2 * (TOKENS + audio))
     assert (out.frames[0] - stock.frames[0]).abs().max() > 1e-3 and (out.audio[0] - stock.audio[0]).abs().max() > 1e-4
     assert torch.allclose(out.frames[1], stock.frames[1], atol=1e-5)  # sample 1 ran the stock steps, video
     assert torch.allclose(out.audio[1], stock.audio[1], atol=1e-5)  # and audio
+
+
+def test_a_second_stage_from_the_first_stages_latents_is_a_generation_of_its_own():
+    """LTX-2's two-stage use: a refine call given the first call's video and audio latents and its own sigmas."""
+    pipe, kwargs = build("ltx2")
+    first = pipe(**kwargs(batch=1, steps=4))
+
+    def refine():
+        return pipe(**{**kwargs(batch=1, steps=3), "latents": first.frames, "audio_latents": first.audio,
+                       "sigmas": [0.6, 0.4, 0.2]})
+
+    stock = refine()
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy="baseline")
+    assert torch.equal(pipe(**kwargs(batch=1, steps=4)).frames, first.frames) and torch.equal(refine().frames,
+                                                                                             stock.frames)
+    ddit.disable(pipe)
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy([4, 1, 1]))
+    out = refine()
+    assert [r["patch_size"] for r in ddit.summary(pipe).records if r["branch"] is None] == [4, 1, 1]
+    assert (out.frames - stock.frames).abs().max() > 1e-3 and out.audio.isfinite().all()
 
 
 def test_image_to_video_runs_coarse_steps_with_its_per_token_timesteps():

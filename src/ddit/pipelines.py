@@ -161,7 +161,7 @@ class DynamicPatchTransformer(nn.Module):
         where = self._where
         timestep = spec.timestep(given)
         cfg = None if self._branch is not None else self._guidance(timestep) if spec.batched_cfg else False
-        references = spec.references(given)
+        references, side = spec.references(given), spec.side_tokens(given)
         self._precise.watch(self.runtime.scheduler() if self.runtime.scheduler else None)
         first, hidden = next(iter(given.items()))
         precise = self._precise.latent_for(hidden)
@@ -172,8 +172,8 @@ class DynamicPatchTransformer(nn.Module):
                     branch=self._branch, branches=None if cfg is None else 1 + cfg,
                     step_index=where.get("step_index"), num_steps=where.get("num_inference_steps"),
                     sigma=where.get("sigma"),
-                    beside=(lambda size: sum(self.adapter.reference_tokens(r, size) for r in references))
-                    if references else None, precise=precise)
+                    beside=(lambda size: side + sum(self.adapter.reference_tokens(r, size) for r in references))
+                    if references or side else None, precise=precise)
         self.runtime.use(self.adapter, self._hooks)  # Wan 2.2's second expert takes over mid-generation
         out, *others = _outputs(self.runtime(call))
         if isinstance(next(iter(given.values())), list):  # a list of per-sample latents in, a list out (Z-Image)

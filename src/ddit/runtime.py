@@ -56,7 +56,7 @@ class Call:
     num_steps: int | None = None
     sigma: float | None = None
     probe: Probe | None = None  # the policy's model probe; by default all rows at a size, per sample
-    beside: Callable[[int], int] | None = None  # tokens beside the latent's at a size (an edit's reference images)
+    beside: Callable[[int], int] | None = None  # tokens beside the latent's at a size (an edit's references, audio)
     precise: torch.Tensor | None = None  # ``latent`` unrounded, for the policy (a bf16 pipeline's float32 twin)
 
 

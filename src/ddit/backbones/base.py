@@ -158,6 +158,11 @@ class BackboneSpec:
         """What the backbone's forward returns, from its ``outputs`` in ``output_fields`` order."""
         return self.output_class(**dict(zip(self.output_fields, outputs))) if return_dict else tuple(outputs)
 
+    def side_tokens(self, args: dict) -> int:
+        """Tokens that run beside the latent's at every size (LTX-2's audio): part of what a step saw, which
+        coarse steps do not shrink. None by default: text tokens are counted nowhere."""
+        return 0
+
     def references(self, args: dict) -> list[Reference]:
         """The reference images' tokens that follow the generated grid's (none, but in edit pipelines)."""
         return []

@@ -57,6 +57,9 @@ class LTX2Spec(BackboneSpec):
         shift, scale = block.get_mod_params(block.scale_shift_table, arguments["temb"], len(hidden))[:2]
         return block.norm1(hidden) * (1 + scale) + shift
 
+    def side_tokens(self, args):
+        return args["audio_hidden_states"].shape[1]
+
     def latent(self, args):
         return unpatchify(args["hidden_states"], (1, 1, 1), self._grid(args))
 
