@@ -9,7 +9,8 @@ The forward is the backbone's own, with its video patch embedding and output pro
 heads stand in for them): it is long and varies between LTX-2.0 and 2.3 (prompt modulation, cross-timestep
 gates, STG, modality isolation), and copying it would drift from diffusers. A coarse video token's RoPE bounds
 cover the fine tokens it holds (so its position is their centre); its timestep is theirs, which the pipeline
-gives per token in image-to-video (the first frame at t = 0; a coarse patch lies within one frame).
+gives per token in image-to-video (the first frame at t = 0; a coarse patch lies within one frame). ddit's
+feature caches stand in for both streams: the audio is a side stream, finished at its own output norm.
 """
 
 from __future__ import annotations
