@@ -15,8 +15,9 @@
 # Python and packages: benchmarks/gpu/setup.sh (wheels carried in runs/wheels, made by fetch_wheels.sh).
 # FLUX.2-dev (flux2: 32B parameters, 64 GB of random bf16 weights), Qwen-Image (qwenimage: 20B, 40 GB) and
 # Z-Image-Turbo (zimage: 6B), HunyuanVideo-1.5 (hunyuanvideo15: 8.3B, 48,360 tokens a step) and one expert of
-# Wan2.2-T2V-A14B (wan14b: 14B, 73,920 tokens a step) are left out of the default list to keep the first run
-# inside its time; DDIT_BENCH_MODELS="flux2 qwenimage zimage hunyuanvideo15 wan14b" runs them.
+# Wan2.2-T2V-A14B (wan14b: 14B, 73,920 tokens a step) and LTX-2 (ltx2: 19B, video and audio) are left out of the
+# default list to keep the first run inside its time; DDIT_BENCH_MODELS="flux2 qwenimage zimage hunyuanvideo15
+# wan14b ltx2" runs them.
 # DDIT_BENCH_ARGS adds arguments to every run, DDIT_BENCH_MODELS picks models: with
 # DDIT_BENCH_ARGS="--device cpu --depth 1 --steps 2 --repeats 1" the script runs end to end without a GPU.
 set -uo pipefail
