@@ -1,6 +1,6 @@
-"""What a coarse step saves on the real shapes of FLUX.1-dev (and FLUX.1 Kontext editing), FLUX.2-dev,
-Qwen-Image, Z-Image-Turbo, SD3.5-medium, Sana-1.6B, Wan2.1-T2V-1.3B, Wan2.2-T2V-A14B (one expert),
-HunyuanVideo-1.5 and LTX-Video 2B (issue 10, part 4).
+"""What a coarse step saves on the real shapes of FLUX.1-dev (and FLUX.1 Kontext editing, and beside a ControlNet),
+FLUX.2-dev, Qwen-Image, Z-Image-Turbo, SD3.5-medium, Sana-1.6B, Wan2.1-T2V-1.3B, Wan2.2-T2V-A14B (one expert),
+HunyuanVideo-1.5, LTX-Video 2B and LTX-2 (issue 10, part 4).
 
     python benchmarks/real_shapes.py --device cpu     # reduced models, fp32, a few minutes on 2 cores
     python benchmarks/real_shapes.py --device cuda    # full depth, bf16 (benchmarks/gpu/run.sh runs this)
@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import (
     Flux2Transformer2DModel,
+    FluxControlNetModel,
     FluxTransformer2DModel,
     HunyuanImageTransformer2DModel,
     HunyuanVideo15Transformer3DModel,
@@ -88,6 +89,9 @@ class Model:
     timestep_arg: str = "timestep"
     no_meta: str = ""  # why the model's forward cannot run on the meta device, if it cannot
     reference: tuple[int, int] | None = None  # an edit's reference image beside the latent: its latent's (H, W)
+    #: a ControlNet that the pipeline runs beside the transformer at every step, on the fine latent: its class,
+    #: config and the config's source
+    controlnet: tuple[type, dict, str] | None = None
 
     def reference_dims(self, scale: str) -> tuple[int, int] | None:
         """The reference's latent (H, W) at ``scale``: half per side when reduced, as the latent's."""
@@ -128,6 +132,14 @@ FLUX2 = Model(
     "= 15360 text features); not checked against the checkpoint's config.json here",
     "1024x1024", (32, 128, 128), 512, "Mistral, Flux2Pipeline's max_sequence_length",
     1, "guidance-distilled: one row per step", text_width=15360)
+FLUX_CONTROLNET = dataclasses.replace(
+    FLUX, title="FLUX.1-dev with a ControlNet",
+    controlnet=(FluxControlNetModel,
+                dict(patch_size=1, in_channels=64, num_layers=6, num_single_layers=0, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                     guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+                "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro-2.0 (6 dual-stream blocks, no single-stream ones), "
+                "as copies of its config.json on the Hub list it; not checked against the repository itself"))
 KONTEXT = dataclasses.replace(
     FLUX, title="FLUX.1-Kontext-dev",
     source="FLUX.1-dev's config: FLUX.1 Kontext [dev] is the same transformer, given the reference image's packed "
@@ -236,12 +248,13 @@ LTX2 = Model(
     "max_sequence_length; the audio's 126 tokens (5 s at 25 latent frames a second) run beside the video's at "
     "every size", 2, "CFG: both branches in one call (spatio-temporal and modality guidance add a call of one row "
     "each)", text_width=3840, patch=1)
-MODELS = {"flux": FLUX, "flux-kontext": KONTEXT, "flux2": FLUX2, "qwenimage": QWEN, "zimage": ZIMAGE, "sd3": SD35,
-          "sana": SANA, "hunyuanimage": HUNYUANIMAGE, "wan": WAN, "wan14b": WAN14B, "hunyuanvideo15": HUNYUAN15,
-          "ltx": LTX, "ltx2": LTX2}
+FLUX1 = (FLUX, FLUX_CONTROLNET, KONTEXT)  # FLUX.1's transformer, its inputs and ids
+MODELS = {"flux": FLUX, "flux-controlnet": FLUX_CONTROLNET, "flux-kontext": KONTEXT, "flux2": FLUX2, "qwenimage": QWEN,
+          "zimage": ZIMAGE, "sd3": SD35, "sana": SANA, "hunyuanimage": HUNYUANIMAGE, "wan": WAN, "wan14b": WAN14B,
+          "hunyuanvideo15": HUNYUAN15, "ltx": LTX, "ltx2": LTX2}
 #: Run when --models is not given: all but Wan2.2-A14B's expert, whose 73,920 tokens make one reduced CPU run last
-#: longer than the others together, and LTX-2 (``--models wan14b,ltx2`` runs them).
-DEFAULT_MODELS = [name for name in MODELS if name not in ("wan14b", "ltx2")]
+#: longer than the others together, LTX-2 and FLUX.1 with a ControlNet (``--models wan14b,ltx2,flux-controlnet``).
+DEFAULT_MODELS = [name for name in MODELS if name not in ("wan14b", "ltx2", "flux-controlnet")]
 AUDIO_TOKENS = 126  # LTX-2's audio latent frames for 121 video frames at 24 fps
 
 
@@ -269,7 +282,7 @@ def model_config(model: Model, scale: str, depth: int | None) -> dict:
     if depth is not None:
         if model is ZIMAGE:
             config.update(n_layers=depth, n_refiner_layers=depth)
-        elif model in (FLUX, KONTEXT, FLUX2, HUNYUANIMAGE):
+        elif model in (*FLUX1, FLUX2, HUNYUANIMAGE):
             config.update(num_layers=depth, num_single_layers=depth)
         elif model is SD35:  # as many plain layers as dual-attention ones
             config.update(num_layers=2 * depth, dual_attention_layers=tuple(range(depth)))
@@ -279,7 +292,7 @@ def model_config(model: Model, scale: str, depth: int | None) -> dict:
 
 
 def depth_label(model: Model, config: dict) -> str:
-    if model in (FLUX, KONTEXT, FLUX2):
+    if model in (*FLUX1, FLUX2):
         return f"{config['num_layers']} dual-stream + {config['num_single_layers']} single-stream blocks"
     if model is SD35:
         return f"{config['num_layers']} blocks, {len(config['dual_attention_layers'])} of them with dual attention"
@@ -331,7 +344,7 @@ def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.de
                 timestep=full(500.0))
     if model is SD35:
         args["pooled_projections"] = randn(batch, 2048)
-    if model in (FLUX, KONTEXT):  # packed 2x2 latents, RoPE ids, timestep in [0, 1], distilled guidance
+    if model in FLUX1:  # packed 2x2 latents, RoPE ids, timestep in [0, 1], distilled guidance
         tokens, ids = patchify(latent, (2, 2)), _flux_ids(dims[0] // 2, dims[1] // 2)
         if reference:  # Kontext: the reference's packed tokens after the latent's, its ids' first coordinate 1
             tokens = torch.cat([tokens, patchify(randn(batch, model.latent[0], *reference), (2, 2))], 1)
@@ -377,6 +390,27 @@ def make_inputs(model: Model, dims: tuple[int, ...], text: int, device: torch.de
     if model is ZIMAGE:  # lists of per-sample (C, 1, H, W) latents and prompts, timestep in [0, 1]
         args = dict(x=list(latent.unsqueeze(2)), t=full(0.5), cap_feats=[randn(text, model.text_width)] * batch)
     return args
+
+
+def build_controlnet(model: Model, scale: str, depth: int | None, device: torch.device,
+                     dtype: torch.dtype) -> torch.nn.Module:
+    """The model's ControlNet at ``scale`` (as narrow as the transformer) with at most ``depth`` blocks of each kind."""
+    cls, config, _ = model.controlnet
+    config = dict(config)
+    if scale == "reduced":
+        config["num_attention_heads"] //= SHRINK
+    if depth is not None:
+        config.update(num_layers=min(depth, config["num_layers"]),
+                      num_single_layers=min(depth, config["num_single_layers"]))
+    torch.manual_seed(0)
+    with torch.device(device):
+        return cls(**config).to(dtype).eval()
+
+
+def controlnet_inputs(inputs: dict) -> dict:
+    """A ControlNet's call beside the transformer's: its inputs, and the control image's packed latent."""
+    return {**{k: v for k, v in inputs.items() if k != "joint_attention_kwargs"},
+            "controlnet_cond": torch.randn_like(inputs["hidden_states"], device="cpu").to(inputs["hidden_states"])}
 
 
 def _flux_ids(h: int, w: int, first: int = 0) -> torch.Tensor:
@@ -495,7 +529,7 @@ def denoise(call, inputs: dict, sizes: list[int], model: Model) -> None:
     besides the transformer is a few elementwise ops, here too."""
     given = inputs[model.latent_arg]
     x = as_batch(given)
-    t_scale = 1.0 if model in (FLUX, KONTEXT, FLUX2, QWEN, ZIMAGE) else 1000.0
+    t_scale = 1.0 if model in (*FLUX1, FLUX2, QWEN, ZIMAGE) else 1000.0
     kept = None  # an edit's prediction for its latent's tokens only: the reference's stay, as in the pipeline
     if model.reference:
         kept = int((inputs["img_ids"][:, 0] == 0).sum())
@@ -543,6 +577,11 @@ def measure(name: str, args, out: Path) -> dict:
                       reference_tokens={str(s): adapter.reference_tokens(beside, s) for s in sizes})
     inputs = make_inputs(model, dims, text, device, dtype, reference)
     calls = variants(adapter, inputs)
+    if model.controlnet:
+        controlnet, cls = build_controlnet(model, args.scale, depth, device, dtype), model.controlnet[0].__name__
+        record["controlnet"] = dict(model=cls, source=model.controlnet[2], config=dict(controlnet.config))
+        calls["controlnet"] = (contextlib.nullcontext, lambda: controlnet(
+            **controlnet_inputs(inputs), conditioning_scale=1.0, return_dict=False))
     with torch.inference_mode():
         flops = {key: count_flops(*call) for key, call in calls.items()}
         record["flops"] = {str(k): v[0] for k, v in flops.items()}
@@ -568,13 +607,20 @@ def summarise(record: dict) -> None:
     for kind, key in (("wall", "median_s"), ("flops", "flops")):
         if key not in record:
             continue
-        costs = {("stock" if k == "stock" else int(k)): v for k, v in record[key].items() if "skipped" not in k}
+        costs = {(int(k) if k.isdigit() else k): v for k, v in record[key].items() if "skipped" not in k}
         record[f"{kind}_speedup"] = {str(s): costs["stock"] / costs[s] for s in record["sizes"]}
         record[f"{kind}_skipped_share"] = {str(s): record[key][f"{s} skipped"] / costs[s] for s in record["sizes"]}
         record[f"{kind}_schedules"] = {str(s): {str(f): speedup(costs, f, s, base) for f in FRACTIONS}
                                        for s in coarse}
         record[f"{kind}_fraction_for_paper"] = {str(s): fraction_for(costs, PAPER_FLUX_SPEEDUP, s, base)
                                                 for s in coarse}
+        if "controlnet" in costs:  # every step runs the ControlNet too, at its fine size
+            step = {k: v + costs["controlnet"] for k, v in costs.items() if k != "controlnet"}
+            record[f"{kind}_with_controlnet"] = {
+                "share": costs["controlnet"] / costs["stock"],
+                "speedup": {str(s): step["stock"] / step[s] for s in record["sizes"]},
+                "schedules": {str(s): {str(f): speedup(step, f, s, base) for f in FRACTIONS} for s in coarse},
+                "fraction_for_paper": {str(s): fraction_for(step, PAPER_FLUX_SPEEDUP, s, base) for s in coarse}}
 
 
 def end_to_end(adapter: MultiPatchTransformer, inputs: dict, model: Model, record: dict, args) -> dict:
@@ -582,7 +628,7 @@ def end_to_end(adapter: MultiPatchTransformer, inputs: dict, model: Model, recor
     warm by now); skipped when the per-step medians say they would not end before ``--deadline``."""
     base, coarse = record["sizes"][0], record["sizes"][1]
     sizes = schedule(args.steps, 0.5, coarse, base)
-    median = {("stock" if k == "stock" else int(k)): v for k, v in record["median_s"].items() if "skipped" not in k}
+    median = {(int(k) if k.isdigit() else k): v for k, v in record["median_s"].items() if "skipped" not in k}
     predicted = {"stock": args.steps * median["stock"], "ddit": sum(median[s] for s in sizes)}
     result = dict(steps=args.steps, schedule=f"first 50% of the steps at {coarse}, the rest at {base}",
                   predicted_s=predicted, predicted_speedup=predicted["stock"] / predicted["ddit"])
@@ -676,6 +722,8 @@ def model_section(r: dict) -> list[str]:
         cells = [" ".join(_x(r[f"{k}_schedules"][s][str(f)], k) for k in kinds) for f in FRACTIONS]
         need = " ".join(_share(r[f"{k}_fraction_for_paper"][s], k) for k in kinds)
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {need} |")
+    if "controlnet" in r:
+        lines += controlnet_section(r, kinds)
     e2e = r.get("end_to_end")
     if e2e:
         lines += ["", f"End to end, {e2e['steps']} steps, {e2e['schedule']}: predicted from the medians "
@@ -685,6 +733,25 @@ def model_section(r: dict) -> list[str]:
                      f"({e2e['measured_speedup']:.2f}x)."
                      if "measured_s" in e2e else f"not measured: {e2e['skipped']}.")]
     return lines + [""]
+
+
+def controlnet_section(r: dict, kinds: list[str]) -> list[str]:
+    """What the ControlNet, run on the fine latent at every step, leaves of the speed-ups."""
+    first = r[f"{kinds[0]}_with_controlnet"]
+    lines = ["", f"Its ControlNet ({r['controlnet']['model']}, {r['controlnet']['source']}) runs on the fine latent "
+                 "beside every step, whatever the step's size: it costs "
+                 + " ".join(_percent(r[f"{k}_with_controlnet"]["share"], k) for k in kinds)
+                 + " of a stock step. With it, a step at each size against a stock step with it: "
+                 + ", ".join(f"{s}: " + " ".join(_x(r[f"{k}_with_controlnet"]["speedup"][str(s)], k) for k in kinds)
+                             for s in r["sizes"]) + "; whole schedules (the end-to-end line below, if any, "
+                 "times the transformer alone):", "",
+             "| coarse size | " + " | ".join(f"{f:.0%} coarse" for f in FRACTIONS)
+             + f" | coarse steps for {PAPER_FLUX_SPEEDUP}x |", "|---|" + "---|" * (len(FRACTIONS) + 1)]
+    for s in first["schedules"]:
+        cells = [" ".join(_x(r[f"{k}_with_controlnet"]["schedules"][s][str(f)], k) for k in kinds) for f in FRACTIONS]
+        need = " ".join(_share(r[f"{k}_with_controlnet"]["fraction_for_paper"][s], k) for k in kinds)
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {need} |")
+    return lines
 
 
 def _x(value: float, kind: str) -> str:

@@ -817,15 +817,15 @@ def test_a_lora_scale_is_taken_out_before_the_blocks_as_the_stock_forward_does(n
 
 
 def test_arguments_of_the_fine_grid_are_refused_at_coarse_sizes():
-    backbone, inputs = sd3()
-    model = MultiPatchTransformer(backbone)
-    with pytest.raises(ValueError, match="block_controlnet_hidden_states"):
-        model(**inputs, block_controlnet_hidden_states=[torch.zeros(1)], patch_size=4)
     backbone, inputs = flux()
     model = MultiPatchTransformer(backbone)
     image_prompt = {"ip_adapter_image_embeds": [torch.zeros(B, 4)]}
     with pytest.raises(ValueError, match=r"ip_adapter_image_embeds'\] \(an IP-Adapter.*pipe.unload_ip_adapter"):
         model(**inputs, joint_attention_kwargs=image_prompt, patch_size=4)
+    backbone, inputs = chroma()  # its forward takes a ControlNet's residuals, which no Chroma pipeline makes
+    model = MultiPatchTransformer(backbone)
+    with pytest.raises(ValueError, match="controlnet_block_samples cannot be used at a coarse patch size"):
+        model(**inputs, controlnet_block_samples=[torch.zeros(B, 32, 32)], patch_size=4)
     backbone, inputs = flux2()
     model = MultiPatchTransformer(backbone)
     with pytest.raises(ValueError, match="kv_cache_mode cannot be used at a coarse patch size"):

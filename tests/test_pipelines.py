@@ -829,9 +829,9 @@ def test_samples_from_identical_noise_stay_samples_where_the_pipeline_calls_per_
     assert {r["sample"] for r in ddit.summary(pipe).records} == {0, 1}
 
 
-def test_an_ip_adapter_image_prompt_or_controlnet_residuals_are_refused_at_the_first_call():
+def test_an_ip_adapter_image_prompt_or_controlnet_residuals_off_the_latents_tokens_are_refused_at_the_first_call():
     """The backbone projects an image prompt in its own forward, which coarse steps skip: they would drop it
-    silently; ControlNet residuals hold the fine grid's tokens."""
+    silently; ControlNet residuals that are not on the latent's tokens could not be averaged for a coarse step."""
     pipe, kwargs = build("flux")
     calls = []
     pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -842,7 +842,7 @@ def test_an_ip_adapter_image_prompt_or_controlnet_residuals_are_refused_at_the_f
     assert not calls  # nothing ran
     ids = torch.zeros(8, 8, 3)  # the 8 x 8 packed tokens of a 16 x 16 latent, as FluxPipeline makes them
     ids[..., 1], ids[..., 2] = torch.arange(8)[:, None], torch.arange(8)[None]
-    with pytest.raises(ValueError, match="controlnet_block_samples cannot be used with dynamic patches"):
+    with pytest.raises(ValueError, match=r"controlnet_block_samples holds a tensor of shape \(1,\), not \(batch, 64, "):
         pipe.transformer(hidden_states=torch.zeros(1, 64, 64), encoder_hidden_states=torch.zeros(1, TEXT_LEN, 32),
                          pooled_projections=torch.zeros(1, 32), timestep=torch.ones(1), img_ids=ids.reshape(-1, 3),
                          txt_ids=torch.zeros(TEXT_LEN, 3), guidance=torch.ones(1),

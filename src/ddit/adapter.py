@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -28,7 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 
-from .backbones import BackboneSpec, Reference, patchify, spec_for, unpatchify
+from .backbones import BackboneSpec, Reference, patchify, pool_tokens, spec_for, unpatchify
 from .checkpoint import CheckpointError
 from .sharding import sharded_like, whole
 from .weights import REPO_ID, load_safetensors, local_or_hub
@@ -291,6 +292,7 @@ class MultiPatchTransformer(nn.Module):
                 given[name] = {k: v for k, v in given[name].items() if k != "scale"}
         x = self.spec.latent(given)
         self._check(patch_size, x.shape[-2:])
+        given.update(self._pooled(given, x, patch_size))
         self._use_lora(patch_size)
         outputs = self._patched(self.heads[str(patch_size)], patch_size, x, given)
         return self.spec.output(outputs, given["return_dict"])
@@ -308,6 +310,27 @@ class MultiPatchTransformer(nn.Module):
         if references:  # the pipeline drops the references' outputs: zeros keep the backbone's output shape
             out = torch.cat([out, out.new_zeros(len(out), references[-1].stop - out.shape[1], *out.shape[2:])], 1)
         return (out, *others)
+
+    def check_residuals(self, given: dict, x: torch.Tensor) -> tuple[int, ...]:
+        """Refuse a ControlNet's residuals (``BackboneSpec.residuals``, among the bound arguments ``given``) that are
+        not on the fine tokens of latent ``x``, which a coarse step averages; return that token grid."""
+        grid = tuple(d // p for d, p in zip(x.shape[2:], self.spec.patch(self.base_patch_size)))
+        tokens = math.prod(grid)
+        for name in self.spec.residuals:
+            wrong = [tuple(r.shape) for r in given.get(name) or () if r.ndim != 3 or r.shape[1] != tokens]
+            if wrong:
+                raise ValueError(f"{name} holds a tensor of shape {wrong[0]}, not (batch, {tokens}, dim): dynamic "
+                                 f"patches take ControlNet residuals on the latent's {tokens} tokens alone (none of a "
+                                 "reference image's), which a coarse step averages")
+        return grid
+
+    def _pooled(self, given: dict, x: torch.Tensor, size: int) -> dict:
+        """A ControlNet's residuals for a step at ``size`` on latent ``x``, each averaged over the fine tokens a
+        coarse token covers (``pool_tokens``)."""
+        grid = self.check_residuals(given, x)
+        factor = tuple(c // b for c, b in zip(self.spec.patch(size), self.spec.patch(self.base_patch_size)))
+        return {name: type(given[name])(pool_tokens(r, grid, factor) for r in given[name])
+                for name in self.spec.residuals if given.get(name) is not None}
 
     def reference_size(self, reference: Reference, size: int) -> int:
         """The patch size a reference image runs at in a step at ``size``: the coarsest of this adapter's sizes up

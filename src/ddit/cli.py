@@ -170,7 +170,8 @@ def _tiny_pipeline(args) -> None:
     from .tiny_pipelines import TINY_CALL, save_tiny_pipeline
 
     folder = save_tiny_pipeline(args.kind, args.out)
-    image = " with image=... (a first frame)" if "i2v" in args.kind else ""
+    image = (" with image=... (a first frame)" if "i2v" in args.kind
+             else " with control_image=..." if args.kind.endswith("-controlnet") else "")
     print(f"wrote a tiny random {args.kind} pipeline to {folder}; run it at {TINY_CALL[args.kind]}{image}")
 
 
@@ -332,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "sd3, pixart (PixArt-Sigma), sana, hunyuanimage (HunyuanImage 2.1), wan, wan-i2v (its "
                    "image-to-video: call it with an image too), wan22 (Wan 2.2's two experts), wan22-i2v, "
                    "hunyuanvideo15, ltx (LTX-Video), ltx2 (LTX-2, video and audio), skyreels (SkyReels-V2), "
-                   "skyreels-i2v (its image-to-video: call it with an image too) or skyreels-df (its diffusion "
-                   "forcing)")
+                   "skyreels-i2v (its image-to-video: call it with an image too), skyreels-df (its diffusion "
+                   "forcing), or flux-controlnet, sd3-controlnet or qwenimage-controlnet (a ControlNet pipeline: call "
+                   "it with a control_image too)")
     p.add_argument("out", help="folder to write")
     p.set_defaults(func=_tiny_pipeline)
 

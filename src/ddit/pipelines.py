@@ -158,6 +158,7 @@ class DynamicPatchTransformer(nn.Module):
         if refused or image_prompts(given):  # at the first call, not at the first coarse step
             raise ValueError(f"{', '.join(refused + image_prompts(given))} cannot be used with dynamic patches "
                              "(they hold the fine grid's tokens, or the backbone reads them in its own forward)")
+        self.adapter.check_residuals(given, latent)
         where = self._where
         timestep = spec.timestep(given)
         cfg = None if self._branch is not None else self._guidance(timestep) if spec.batched_cfg else False
@@ -186,7 +187,9 @@ class DynamicPatchTransformer(nn.Module):
         if idx is not None:
             given, spec = self._signature.bind(*args, **kwargs), self.adapter.spec
             for k, v in given.arguments.items():
-                if k not in spec.unbatched:
+                if k in spec.residuals and v is not None:
+                    given.arguments[k] = type(v)(_cut(r, idx, rows) for r in v)
+                elif k not in spec.unbatched:
                     cut = spec.cut(k, v, idx, rows)
                     given.arguments[k] = _cut(v, idx, rows, k in spec.per_sample_lists, k in spec.row_blocks) \
                         if cut is NotImplemented else cut

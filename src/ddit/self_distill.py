@@ -84,6 +84,12 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
         specs = [spec_for(module) for module in denoisers.values()]
     except TypeError as err:  # no spec for this transformer: bad input here, not a bug
         raise ValueError(str(err)) from None
+    if getattr(pipe, "controlnet", None) is not None:
+        raise ValueError(f"{type(pipe).__name__} runs a ControlNet, whose residuals (a tensor the size of the "
+                         "transformer's image tokens per ControlNet block, every step) distillation cannot record: "
+                         "distil on the same model's pipeline without its ControlNet (its base model's folder, or "
+                         "AutoPipelineForText2Image.from_pipe(pipe, controlnet=None) from Python); ddit.enable runs "
+                         "that adapter in this pipeline")
     base = specs[0].base_patch_size
     if any(s < base or s % base for s in patch_sizes or ()):
         raise ValueError(f"--sizes {','.join(map(str, patch_sizes))}: patch sizes are multiples of the base patch "

@@ -1,7 +1,7 @@
 """Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, Z-Image, SD3, PixArt-Sigma, Sana,
 HunyuanImage 2.1, Wan 2.1 and Wan 2.2 with its two experts, each also as image-to-video, HunyuanVideo 1.5,
-LTX-Video, LTX-2 (video and audio), SkyReels-V2, also image-to-video, and its diffusion forcing), made offline,
-that stock diffusers loads.
+LTX-Video, LTX-2 (video and audio), SkyReels-V2, also image-to-video, and its diffusion forcing; FLUX.1, SD3 and
+Qwen-Image with a ControlNet), made offline, that stock diffusers loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt (and a first frame) without
 downloading a model, and to test it on the same folders a user would hand it.
@@ -25,6 +25,7 @@ Needs ``transformers`` 5 or later (for the text encoders and tokenizers).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import re
@@ -53,6 +54,8 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     HunyuanImagePipeline,
@@ -65,15 +68,19 @@ from diffusers import (
     LTXVideoTransformer3DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    QwenImageControlNetModel,
+    QwenImageControlNetPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SanaPipeline,
     SanaTransformer2DModel,
+    SD3ControlNetModel,
     SD3Transformer2DModel,
     SkyReelsV2DiffusionForcingPipeline,
     SkyReelsV2ImageToVideoPipeline,
     SkyReelsV2Pipeline,
     SkyReelsV2Transformer3DModel,
+    StableDiffusion3ControlNetPipeline,
     StableDiffusion3Pipeline,
     UniPCMultistepScheduler,
     WanImageToVideoPipeline,
@@ -85,6 +92,8 @@ from diffusers import (
 
 KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "hunyuanimage", "wan", "wan-i2v",
          "wan22", "wan22-i2v", "hunyuanvideo15", "ltx", "ltx2", "skyreels", "skyreels-i2v", "skyreels-df")
+#: ControlNet pipelines (FLUX.1, SD3, Qwen-Image) with a one-block ControlNet: called with a ``control_image`` too.
+CONTROLNET_KINDS = ("flux-controlnet", "sd3-controlnet", "qwenimage-controlnet")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
@@ -108,6 +117,7 @@ TINY_CALL = {
     "skyreels": dict(height=SIDE, width=SIDE, num_frames=5),  # Wan's VAE: 2 latent frames
     "skyreels-i2v": dict(height=SIDE, width=SIDE, num_frames=5),  # call it with an image too
     "skyreels-df": dict(height=SIDE, width=SIDE, num_frames=5),  # diffusion forcing: a timestep per latent frame
+    **{kind: dict(height=SIDE, width=SIDE) for kind in CONTROLNET_KINDS},  # call them with a control_image too
 }
 CLIP_LENGTH = 77  # the CLIP tokenizers' model_max_length, as in every real checkpoint
 #: Qwen's chat format, which FLUX.2 [klein] wraps every prompt in before encoding it.
@@ -551,17 +561,39 @@ def _ltx2(tf) -> DiffusionPipeline:
                         transformer=transformer, vocoder=vocoder)
 
 
+#: ControlNet pipelines: (pipeline class, ControlNet class, ``from_transformer`` arguments for a one-block ControlNet).
+_CONTROLNETS = {
+    "flux": (FluxControlNetPipeline, FluxControlNetModel,
+             dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2)),
+    "sd3": (StableDiffusion3ControlNetPipeline, SD3ControlNetModel,
+            dict(num_layers=1, num_extra_conditioning_channels=0)),
+    "qwenimage": (QwenImageControlNetPipeline, QwenImageControlNetModel,
+                  dict(num_layers=1, attention_head_dim=16, num_attention_heads=2)),
+}
+
+
+def _controlnet(tf, kind: str) -> DiffusionPipeline:
+    """``kind``'s pipeline with a one-block ControlNet made from its transformer: call it with a ``control_image``."""
+    base = _BUILDERS[kind](tf)
+    pipeline, model, config = _CONTROLNETS[kind]
+    # from a copy: SD3's from_transformer writes its layer count into the transformer's own config
+    controlnet = model.from_transformer(copy.deepcopy(base.transformer), **config)
+    return pipeline.from_pipe(base, controlnet=wake_zeros(controlnet))
+
+
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,
              "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan, "wan-i2v": partial(_wan, image_to_video=True),
              "wan22": partial(_wan, two_experts=True),
              "wan22-i2v": partial(_wan, two_experts=True, image_to_video=True), "hunyuanvideo15": _hunyuanvideo15,
              "ltx": _ltx, "ltx2": _ltx2, "hunyuanimage": _hunyuanimage, "skyreels": _skyreels,
              "skyreels-i2v": partial(_skyreels, image_to_video=True),
-             "skyreels-df": partial(_skyreels, diffusion_forcing=True)}
+             "skyreels-df": partial(_skyreels, diffusion_forcing=True),
+             **{f"{kind}-controlnet": partial(_controlnet, kind=kind) for kind in _CONTROLNETS}}
 
 
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:
-    """Write a complete random-weight ``kind`` pipeline (one of ``KINDS``) to ``folder`` and return its path.
+    """Write a complete random-weight ``kind`` pipeline (one of ``KINDS`` or ``CONTROLNET_KINDS``) to ``folder`` and
+    return its path.
 
     Stock ``DiffusionPipeline.from_pretrained(folder)`` loads it; call it with
     ``TINY_CALL[kind]``. Seeded: the same weights every call, and the caller's random
@@ -573,10 +605,15 @@ def save_tiny_pipeline(kind: str, folder: str | os.PathLike) -> Path:
 
 
 def tiny_pipeline(kind: str) -> DiffusionPipeline:
-    """The random-weight ``kind`` pipeline that ``save_tiny_pipeline`` writes, in memory."""
+    """The random-weight ``kind`` pipeline that ``save_tiny_pipeline`` writes, in memory, in eval mode as
+    ``from_pretrained`` loads it (its text encoders' dropout off)."""
     if kind not in _BUILDERS:
-        raise ValueError(f"unknown tiny pipeline {kind!r}; one of {', '.join(KINDS)}")
+        raise ValueError(f"unknown tiny pipeline {kind!r}; one of {', '.join(KINDS + CONTROLNET_KINDS)}")
     tf = _transformers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return _BUILDERS[kind](tf)
+        pipe = _BUILDERS[kind](tf)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe

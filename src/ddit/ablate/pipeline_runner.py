@@ -20,7 +20,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -202,10 +203,11 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
             half = half_resolution_steps(pipe, row.make_policy(), **given, generator=seeded(),
                                          num_inference_steps=row.steps, **config.call)
         device = pipe._execution_device  # under model CPU offload the transformer waits on the CPU between calls
-        clock = synchronized_clock(device)
-        output = call(**given, generator=seeded(), num_inference_steps=row.steps, output_type="pt",
-                      **config.call)
-        wall = synchronized_clock(device) - clock
+        with seeded_globally(config.seed + indices[0], device):
+            clock = synchronized_clock(device)
+            output = call(**given, generator=seeded(), num_inference_steps=row.steps, output_type="pt",
+                          **config.call)
+            wall = synchronized_clock(device) - clock
         records = summary(pipe).records if _enabled(row) else []
     finally:
         if _enabled(row):
@@ -218,6 +220,16 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
     base = adapters["transformer"].base_patch_size
     return images, audio, wall, _decisions(records, len(indices), row.steps, base, half,
                                            hooks=row.cache in diffusers_caches())
+
+
+@contextmanager
+def seeded_globally(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's global random state seeded for one batch, the caller's put back after: a pipeline that draws from it
+    besides its generators (SD3's ControlNet pipeline samples its control image's latent so) draws the same in
+    every row as in its baseline twin."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def check_batch(batch_size: int, prompts: list[Prompt]) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from torch import nn
 
 from .. import plugins
-from .base import BackboneSpec, Reference, as_batch, patchify, sincos_positions, unpatchify
+from .base import (BackboneSpec, Reference, as_batch, controlnet_sample, patchify, pool_tokens, sincos_positions,
+                   unpatchify)
 from .chroma import ChromaSpec
 from .dit import DiTSpec
 from .flux import FluxSpec
@@ -37,7 +38,7 @@ BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SanaSpec, 
 __all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "Flux3Spec",
            "HunyuanImageSpec", "HunyuanVideo15Spec", "LTX2Spec", "LTXVideoSpec", "PixArtSpec", "QwenImageSpec",
            "QwenImage21Spec", "Reference", "SanaSpec", "SD3Spec", "SkyReelsV2Spec", "WanSpec", "ZImageSpec", "as_batch",
-           "patchify", "sincos_positions", "spec_for", "specs", "unpatchify"]
+           "controlnet_sample", "patchify", "pool_tokens", "sincos_positions", "spec_for", "specs", "unpatchify"]
 
 
 def specs() -> dict[str, type[BackboneSpec]]:

@@ -57,6 +57,10 @@ class BackboneSpec:
     embed_channels_last: bool = False
     #: Forward arguments that only make sense at the fine grid (refused at coarse sizes).
     unsupported: tuple[str, ...] = ()
+    #: Forward arguments holding a ControlNet's residuals, a list of (B, tokens, D) tensors on the latent's fine
+    #: tokens that ``forward`` adds between blocks as the backbone does: a coarse step takes each averaged over the
+    #: fine tokens a coarse token covers (``pool_tokens``).
+    residuals: tuple[str, ...] = ()
     #: Forward arguments shared by every row of a batch (never cut when a batch runs in groups).
     unbatched: tuple[str, ...] = ()
     #: Whether every block maps hidden states to hidden states; if not (dual-stream), ddit's feature caches read
@@ -200,6 +204,24 @@ class BackboneSpec:
 def as_batch(output) -> torch.Tensor:
     """A transformer's output as one tensor (B, ...): Z-Image returns a list of per-sample tensors."""
     return torch.stack(list(output)) if isinstance(output, (list, tuple)) else output
+
+
+def pool_tokens(tokens: torch.Tensor, grid: tuple[int, ...], factor: tuple[int, ...]) -> torch.Tensor:
+    """Tokens (B, prod(grid), D) of a fine ``grid`` averaged over each coarse patch of ``factor`` fine tokens a side:
+    (B, tokens of the coarse grid, D), in its row-major order. A coarse token starts as the mean of the fine tokens
+    it covers (``PatchHead``), so what is added to the fine ones adds so to it."""
+    b, _, d = tokens.shape
+    x = tokens.reshape(b, *chain.from_iterable((g // f, f) for g, f in zip(grid, factor)), d)
+    return x.mean(dim=tuple(range(2, 2 + 2 * len(grid), 2))).reshape(b, -1, d)
+
+
+def controlnet_sample(samples, index: int, blocks: int, repeat: bool = False) -> torch.Tensor:
+    """The ControlNet residual that FLUX's and Qwen-Image's forwards add after block ``index`` of ``blocks``: each
+    sample serves ceil(blocks / samples) consecutive blocks, or, with ``repeat`` (XLabs' ControlNets), every
+    len(samples)-th block."""
+    if repeat:
+        return samples[index % len(samples)]
+    return samples[index // math.ceil(blocks / len(samples))]
 
 
 def _bias(layer: nn.Module) -> torch.Tensor:

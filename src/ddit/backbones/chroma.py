@@ -15,6 +15,8 @@ from .flux import FluxSpec, with_references
 
 class ChromaSpec(FluxSpec):
     model_class = "ChromaTransformer2DModel"
+    residuals = ()
+    unsupported = ("controlnet_block_samples", "controlnet_single_block_samples")  # no Chroma pipeline makes them
     block_outputs = {"ChromaTransformerBlock": ("encoder_hidden_states", "hidden_states"),
                      "ChromaSingleTransformerBlock": ("hidden_states",)}  # on the joined tokens
     teacache_blocks = ("ChromaTransformerBlock",)

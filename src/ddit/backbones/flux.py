@@ -9,6 +9,9 @@ Kontext appends a reference image's tokens to the latent's, told apart by
 their first id (1; FLUX.2's references: 10, 20...): each reference keeps its
 own grid and ids, coarsened as far as its size allows (``Reference``), and the
 signal and outputs that matter are the generated grid's alone.
+
+A ControlNet's residuals (FluxControlNetPipeline) come on the fine tokens: a coarse step adds
+each averaged over the fine tokens a coarse token covers.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import math
 
 import torch
 
-from .base import BackboneSpec, Reference, patchify, unpatchify
+from .base import BackboneSpec, Reference, controlnet_sample, patchify, unpatchify
 
 PACK = (2, 2)
 
@@ -25,7 +28,7 @@ PACK = (2, 2)
 class FluxSpec(BackboneSpec):
     model_class = "FluxTransformer2DModel"
     unembed_channels_last = False  # packed features are (C, 2, 2)
-    unsupported = ("controlnet_block_samples", "controlnet_single_block_samples")
+    residuals = ("controlnet_block_samples", "controlnet_single_block_samples")
     unbatched = ("img_ids", "txt_ids")
     single_stream = False  # joint blocks return (text, image) tokens
     batched_cfg = False  # true CFG (and Chroma's) calls once per branch
@@ -89,10 +92,16 @@ class FluxSpec(BackboneSpec):
             temb = m.time_text_embed(timestep, guidance.to(dtype) * 1000, args["pooled_projections"])
         context = m.context_embedder(args["encoder_hidden_states"])
         tokens = with_references(tokens, references)
-        for block in (*m.transformer_blocks, *m.single_transformer_blocks):
-            context, tokens = self.block(block, hidden_states=tokens, encoder_hidden_states=context, temb=temb,
-                                         image_rotary_emb=rope,
-                                         joint_attention_kwargs=args["joint_attention_kwargs"])
+        # a ControlNet's residuals, as the stock forward adds them (XLabs' repeat: the joint blocks' alone)
+        for blocks, control, repeat in ((m.transformer_blocks, args["controlnet_block_samples"],
+                                         args["controlnet_blocks_repeat"]),
+                                        (m.single_transformer_blocks, args["controlnet_single_block_samples"], False)):
+            for i, block in enumerate(blocks):
+                context, tokens = self.block(block, hidden_states=tokens, encoder_hidden_states=context, temb=temb,
+                                             image_rotary_emb=rope,
+                                             joint_attention_kwargs=args["joint_attention_kwargs"])
+                if control is not None:
+                    tokens = tokens + controlnet_sample(control, i, len(blocks), repeat)
         return m.norm_out(tokens[:, :n], temb)
 
 

@@ -6,7 +6,8 @@ the fine positions it covers, so its frequencies are computed for that fractiona
 positions follow the fine grid's, as the backbone places them. Edit pipelines' reference images (a
 second shape per sample onwards, each at the next frame position) keep their own grids and positions,
 coarsened as far as their sizes allow (``Reference``); Qwen-Image-Edit-2511's ``zero_cond_t`` gives their
-tokens the modulation of t = 0, at every size. The layered model's 3D RoPE is refused.
+tokens the modulation of t = 0, at every size. The layered model's 3D RoPE is refused. A ControlNet's
+residuals (QwenImageControlNetPipeline) are averaged over the fine tokens a coarse token covers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
 
-from .base import BackboneSpec, Reference, unpatchify
+from .base import BackboneSpec, Reference, controlnet_sample, unpatchify
 from .flux import PACK, FluxSpec, with_references
 
 
@@ -23,7 +24,8 @@ class QwenImageSpec(BackboneSpec):
     # image-stream attention and feed-forward of every block
     lora_target = r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|img_mlp\.net\.(0\.proj|2))"
     unembed_channels_last = False  # packed features are (C, 2, 2)
-    unsupported = ("controlnet_block_samples", "guidance")  # guidance: the stock forward cannot take it either
+    unsupported = ("guidance",)  # the stock forward cannot take it either
+    residuals = ("controlnet_block_samples",)
     single_stream = False
     batched_cfg = False  # true CFG calls once per branch
     per_sample_lists = ("img_shapes",)  # one entry per sample (Edit-2511's stock forward counts them)
@@ -82,12 +84,14 @@ class QwenImageSpec(BackboneSpec):
             text_rope = text_rope.clone()  # diffusers caches it; made in an inference run, backward cannot save it
         image_rope = torch.cat([self._coarse_rope(grid, scale, tokens.device), *(
             self._coarse_rope((r.grid[0] // s, r.grid[1] // s), s, tokens.device, r.index) for r, _, s in references)])
-        tokens = with_references(tokens, references)
-        for block in m.transformer_blocks:
+        tokens, control = with_references(tokens, references), args["controlnet_block_samples"]
+        for i, block in enumerate(m.transformer_blocks):
             context, tokens = self.block(block, hidden_states=tokens, encoder_hidden_states=context,
                                          encoder_hidden_states_mask=mask, temb=temb,
                                          image_rotary_emb=(image_rope, text_rope),
                                          joint_attention_kwargs=args["attention_kwargs"], **modulated)
+            if control is not None:  # a ControlNet's residual, as the stock forward adds it
+                tokens = tokens + controlnet_sample(control, i, len(m.transformer_blocks))
         return m.norm_out(tokens[:, :n], temb.chunk(2)[0] if zero_cond_t else temb)
 
     def _coarse_rope(self, grid, scale, device, frame: int = 0):

@@ -1,4 +1,5 @@
-"""Stable Diffusion 3 / 3.5 (MMDiT): joint text-image blocks, a cropped sincos table."""
+"""Stable Diffusion 3 / 3.5 (MMDiT): joint text-image blocks, a cropped sincos table; a ControlNet's residuals
+averaged over the fine tokens a coarse token covers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from .base import BackboneSpec, sincos_positions
 
 class SD3Spec(BackboneSpec):
     model_class = "SD3Transformer2DModel"
-    unsupported = ("block_controlnet_hidden_states",)  # residuals on the fine tokens
+    residuals = ("block_controlnet_hidden_states",)
     single_stream = False  # joint blocks return (text, image) tokens
     teacache_blocks = ("JointTransformerBlock",)  # SD3.5 Medium's dual-attention first block (SD3's is adaLN-zero)
 
@@ -23,9 +24,11 @@ class SD3Spec(BackboneSpec):
         x = tokens + sincos_positions(m.pos_embed, grid, scale).to(tokens)
         temb = m.time_text_embed(args["timestep"], args["pooled_projections"])
         context = m.context_embedder(args["encoder_hidden_states"])
-        skip = args["skip_layers"] or ()
+        skip, control = args["skip_layers"] or (), args["block_controlnet_hidden_states"]
         for i, block in enumerate(m.transformer_blocks):
             if i not in skip:
                 context, x = self.block(block, hidden_states=x, encoder_hidden_states=context, temb=temb,
                                         joint_attention_kwargs=args["joint_attention_kwargs"])
+            if control is not None and block.context_pre_only is False:  # a ControlNet's residual, as the stock
+                x = x + control[int(i / (len(m.transformer_blocks) / len(control)))]  # forward picks it
         return m.norm_out(x, temb)
