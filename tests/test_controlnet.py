@@ -14,6 +14,11 @@ import pytest
 import torch
 from diffusers import (
     DiffusionPipeline,
+    FluxControlNetImg2ImgPipeline,
+    FluxControlNetInpaintPipeline,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxMultiControlNetModel,
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -23,7 +28,7 @@ from PIL import Image
 import ddit
 from ddit.ablate.cli import main as ablate
 from ddit.adapter import MultiPatchTransformer, PatchHead
-from ddit.backbones import pool_tokens
+from ddit.backbones import patchify, pool_tokens
 from ddit.caches import TaylorSeer, TeaCache
 from ddit.cli import main as ddit_main
 from ddit.policies import FixedPolicy, PatchPolicy
@@ -111,6 +116,22 @@ def test_pooling_averages_each_coarse_patchs_fine_tokens_in_row_major_order():
     assert torch.allclose(pool_tokens(video, (2, 4, 4), (1, 4, 4)), video.reshape(B, 2, 16, 3).mean(2), atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["flux", "sd3", "qwenimage"])
+@torch.no_grad()
+def test_the_pooled_residuals_follow_the_coarse_tokens_order(name):
+    """The mean of the fine tokens' embeddings, pooled, is each coarse token's embedding (PatchHead's start): the
+    pooled residuals land on the coarse tokens they were averaged for."""
+    model, inputs, _ = family(name)
+    x = model.spec.latent(inputs)
+    base = model.spec.patch(model.base_patch_size)
+    fine = PatchHead(*model.spec.base_weights(), scale=1).embed(patchify(x, base))
+    grid = tuple(d // p for d, p in zip(x.shape[2:], base))
+    for size in model.patch_sizes[1:]:
+        coarse = model.heads[str(size)].embed(patchify(x, model.spec.patch(size)))
+        factor = size // model.base_patch_size
+        assert torch.allclose(pool_tokens(fine, grid, (factor, factor)), coarse, atol=1e-5)
+
+
 def _shuffled_in_patches(residual: torch.Tensor, factor: int) -> torch.Tensor:
     """``residual`` with the fine tokens inside each coarse patch put in another order (their mean unchanged)."""
     x = residual.reshape(B, ROWS // factor, factor, COLS // factor, factor, -1).movedim(4, 2).flatten(2, 3)
@@ -138,6 +159,14 @@ def test_residuals_not_on_the_latents_tokens_are_refused_naming_the_argument():
     with pytest.raises(ValueError, match=r"controlnet_block_samples holds a tensor of shape \(2, 31, 32\), not "
                                          r"\(batch, 32, dim\)"):
         model(**inputs, controlnet_block_samples=[torch.zeros(B, ROWS * COLS - 1, 32)], patch_size=4)
+    with pytest.raises(ValueError, match="controlnet_block_samples is one tensor, not a list"):
+        model(**inputs, controlnet_block_samples=torch.zeros(1, B, ROWS * COLS, 32), patch_size=4)
+    ids = torch.zeros(4, 4, 3)  # a Kontext reference's 4 x 4 tokens after the latent's, first id 1
+    ids[..., 0], ids[..., 1], ids[..., 2] = 1, torch.arange(4)[:, None], torch.arange(4)[None]
+    edit = dict(inputs, hidden_states=torch.randn(B, ROWS * COLS + 16, 64),
+                img_ids=torch.cat([inputs["img_ids"], ids.reshape(-1, 3)]))
+    with pytest.raises(ValueError, match="beside reference images' tokens"):
+        model(**edit, controlnet_block_samples=[torch.zeros(B, ROWS * COLS, 32)], patch_size=4)
 
 
 # -- the stock pipelines
@@ -179,23 +208,49 @@ def test_in_the_stock_pipeline_the_fine_sample_equals_stock_and_coarse_steps_see
     pipe = DiffusionPipeline.from_pretrained(path).to(DEVICE)
     assert type(pipe).__name__ in ("FluxControlNetPipeline", "StableDiffusion3ControlNetPipeline",
                                    "QwenImageControlNetPipeline")
-    stock = generate(pipe, kind)
+    check_stock_pipeline(pipe, kind)
+
+
+@pytest.mark.parametrize("variant", ["img2img", "inpaint", "two_controlnets"])
+def test_flux_controlnet_img2img_inpainting_and_several_controlnets(variant, tmp_path):
+    pipe = DiffusionPipeline.from_pretrained(save_tiny_pipeline("flux-controlnet", tmp_path)).to(DEVICE)
+    image = Image.fromarray((np.random.RandomState(1).rand(128, 128, 3) * 255).astype("uint8"))
+    if variant == "two_controlnets":  # each ControlNet's residuals summed, as the pipeline does, then averaged
+        other = wake_zeros(FluxControlNetModel.from_config(pipe.controlnet.config)).to(DEVICE).eval()
+        pipe = FluxControlNetPipeline.from_pipe(pipe, controlnet=FluxMultiControlNetModel([pipe.controlnet, other]))
+        check_stock_pipeline(pipe, "flux-controlnet", control_image=[CONTROL, image],
+                             controlnet_conditioning_scale=[1.0, 0.5], off=dict(controlnet_conditioning_scale=[0, 0]))
+    elif variant == "img2img":
+        pipe = FluxControlNetImg2ImgPipeline.from_pipe(pipe)
+        check_stock_pipeline(pipe, "flux-controlnet", image=image, strength=1.0)
+    else:
+        pipe = FluxControlNetInpaintPipeline.from_pipe(pipe)
+        mask = Image.fromarray(np.pad(np.full((64, 64), 255, "uint8"), 32))
+        check_stock_pipeline(pipe, "flux-controlnet", image=image, mask_image=mask, strength=1.0)
+
+
+def check_stock_pipeline(pipe, kind, off=None, **call):
+    """``baseline`` is stock bit for bit; in a mixed batch the fine sample equals its stock twin (the residuals cut
+    by rows); all-coarse steps see the control (``off``: the call without it); ``disable`` restores stock."""
+    stock = generate(pipe, kind, **call)
     adapter = MultiPatchTransformer(pipe.transformer)
     ddit.enable(pipe, adapter, policy="baseline")
-    assert torch.equal(generate(pipe, kind), stock)
+    assert torch.equal(generate(pipe, kind, **call), stock)
     ddit.disable(pipe)
 
-    ddit.enable(pipe, adapter, policy=SplitPolicy())  # a batch in groups of one size: the residuals cut by rows
-    mixed = generate(pipe, kind)
+    ddit.enable(pipe, adapter, policy=SplitPolicy())
+    mixed = generate(pipe, kind, **call)
     assert torch.allclose(mixed[1], stock[1], atol=ATOL, rtol=0) and (mixed[0] - stock[0]).abs().max() > 1e-3
     assert {r["patch_size"] for r in ddit.summary(pipe).records if r["sample"] == 0 and r["step"] < 2} == {4}
     ddit.disable(pipe)
 
     ddit.enable(pipe, adapter, policy=FixedPolicy([4] * STEPS))
-    coarse = generate(pipe, kind)
-    assert (generate(pipe, kind, controlnet_conditioning_scale=0.0) - coarse).abs().max() > 1e-3
+    coarse = generate(pipe, kind, **call)
+    assert {r["patch_size"] for r in ddit.summary(pipe).records} == {4}
+    off = off or dict(controlnet_conditioning_scale=0.0)
+    assert (generate(pipe, kind, **{**call, **off}) - coarse).abs().max() > 1e-3
     ddit.disable(pipe)
-    assert torch.equal(generate(pipe, kind), stock)
+    assert torch.equal(generate(pipe, kind, **call), stock)
 
 
 def test_feature_caches_run_beside_the_control_at_coarse_steps(folder):

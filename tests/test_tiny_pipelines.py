@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 import ddit
-from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
+from ddit.tiny_pipelines import CONTROLNET_KINDS, KINDS, TINY_CALL, save_tiny_pipeline
 
 PROMPTS = ["a red circle", "a blue square"]
 STEPS = 4
@@ -88,7 +88,15 @@ def test_a_saved_folder_loads_with_stock_diffusers_and_runs_from_text(saved):
 
 
 def test_the_folder_is_the_same_bytes_every_time(saved, tmp_path):
-    kind, folder = saved
+    same_bytes_every_time(*saved, tmp_path)
+
+
+@pytest.mark.parametrize("kind", CONTROLNET_KINDS)
+def test_a_controlnet_folder_is_the_same_bytes_every_time(kind, tmp_path):
+    same_bytes_every_time(kind, save_tiny_pipeline(kind, tmp_path / "first"), tmp_path / "again")
+
+
+def same_bytes_every_time(kind, folder, tmp_path):
     state = torch.random.get_rng_state()
     again = save_tiny_pipeline(kind, tmp_path)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is left alone

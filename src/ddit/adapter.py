@@ -317,7 +317,16 @@ class MultiPatchTransformer(nn.Module):
         grid = tuple(d // p for d, p in zip(x.shape[2:], self.spec.patch(self.base_patch_size)))
         tokens = math.prod(grid)
         for name in self.spec.residuals:
-            wrong = [tuple(r.shape) for r in given.get(name) or () if r.ndim != 3 or r.shape[1] != tokens]
+            residuals = given.get(name)
+            if residuals is None:
+                continue
+            if self.spec.references(given):
+                raise ValueError(f"{name} (a ControlNet's residuals) cannot be used with dynamic patches beside "
+                                 "reference images' tokens (an edit pipeline's): the backbone adds them to the "
+                                 "latent's tokens alone")
+            if torch.is_tensor(residuals):
+                raise ValueError(f"{name} is one tensor, not a list of one residual per ControlNet block")
+            wrong = [tuple(r.shape) for r in residuals if r.ndim != 3 or r.shape[1] != tokens]
             if wrong:
                 raise ValueError(f"{name} holds a tensor of shape {wrong[0]}, not (batch, {tokens}, dim): dynamic "
                                  f"patches take ControlNet residuals on the latent's {tokens} tokens alone (none of a "

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from .adapter import MultiPatchTransformer
 from .caches import TeaCacheRecorder, delta_for_share, fit_teacache, write_teacache_fit
-from .pipeline_call import Prompt, as_prompts, check_call, progress_bars_off, run_pipeline
+from .pipeline_call import (GLOBAL_SEED_OFFSET, Prompt, as_prompts, check_call, progress_bars_off, run_pipeline,
+                            seeded_globally)
 from .pipelines import DynamicPatchTransformer, disable, enable
 from .recorded_states import experts
 
@@ -58,7 +59,8 @@ def calibrate_teacache_on_pipeline(pipe, prompts: Sequence[str | Prompt], out: s
     try:
         with progress_bars_off(pipe):  # one bar over the prompts, not one per call
             for i, prompt in enumerate(tqdm(prompts, desc="calibrate teacache", disable=not progress)):
-                with torch.no_grad():  # not inference_mode: weights model CPU offload moves stay trainable
+                # not inference_mode: weights model CPU offload moves stay trainable
+                with torch.no_grad(), seeded_globally(seed + GLOBAL_SEED_OFFSET + i, pipe._execution_device):
                     run_pipeline(pipe, prompt=prompt.text, generator=torch.Generator("cpu").manual_seed(seed + i),
                                  output_type="latent", **call, **prompt.call_inputs())
     finally:

@@ -177,6 +177,23 @@ def _json_prompt(path: Path, n: int, line: str) -> Prompt:
     return Prompt(text, given)
 
 
+#: Added to a call's seed for torch's global random state (``seeded_globally``): apart from its generators' seeds.
+GLOBAL_SEED_OFFSET = 10**7
+
+
+@contextmanager
+def seeded_globally(seed: int, device: torch.device | str) -> Iterator[None]:
+    """torch's global random state seeded for one pipeline call, and the caller's put back after: a pipeline that
+    draws from it besides its generator (SD3's ControlNet pipeline samples its control image's latent so) draws the
+    same in every run of that call, as a row's and its baseline twin's."""
+    device = torch.device(device)
+    accelerator = getattr(torch, device.type) if device.type != "cpu" else None
+    devices = list(range(accelerator.device_count())) if accelerator is not None else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerator is not None else "cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
 @contextmanager
 def progress_bars_off(pipe) -> Iterator[None]:
     """No progress bar per pipeline call while inside (one bar over the prompts instead): a modular pipeline's

@@ -34,7 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .pipeline_call import Prompt, as_prompts, progress_bars_off, run_pipeline
+from .pipeline_call import (GLOBAL_SEED_OFFSET, Prompt, as_prompts, progress_bars_off, run_pipeline,
+                            seeded_globally)
 
 #: Forward arguments that say how to return, not what to compute (``patch_size``: a
 #: ``MultiPatchTransformer``'s choice, which the recorded state must not fix).
@@ -178,7 +179,7 @@ def record_states(pipe, prompts: Iterable[str | Prompt], folder: str | os.PathLi
         for i in tqdm(todo, desc="record", disable=not progress or not todo):
             # no_grad, not inference_mode: model CPU offload moves the weights inside the call, and weights made in
             # inference mode could not train after
-            with ExitStack() as stack, torch.no_grad():
+            with ExitStack() as stack, torch.no_grad(), seeded_globally(seed + GLOBAL_SEED_OFFSET + i, device):
                 logs = {sub: stack.enter_context(recording(module)) for sub, module in modules.items()}
                 generator = torch.Generator("cpu").manual_seed(seed + i)
                 run_pipeline(pipe, prompt=prompts[i].text, generator=generator, output_type="latent",

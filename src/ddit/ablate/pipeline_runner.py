@@ -20,8 +20,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -32,7 +31,8 @@ from tqdm.auto import tqdm
 
 from ..adapter import MultiPatchTransformer
 from ..checkpoint import write_text_atomic
-from ..pipeline_call import Prompt, as_prompts, progress_bars_off, run_pipeline
+from ..pipeline_call import (GLOBAL_SEED_OFFSET, Prompt, as_prompts, progress_bars_off, run_pipeline,
+                             seeded_globally)
 from ..caches import diffusers_caches
 from ..pipelines import disable, enable, summary
 from ..progressive_pipeline import check_progressive, half_resolution_steps, progressive_call
@@ -174,8 +174,10 @@ def calibrate_pipeline_rows(config: PipelineAblationConfig, pipe, adapters: Adap
                 batch = prompts[start:start + config.batch_size]
                 generators = [torch.Generator("cpu").manual_seed(config.seed + CALIBRATION_SEED_OFFSET + start + j)
                               for j in range(len(batch))]
-                run_pipeline(pipe, **_call_args(batch), generator=generators, num_inference_steps=row.steps,
-                             output_type="latent", **config.call)
+                seed = config.seed + GLOBAL_SEED_OFFSET + CALIBRATION_SEED_OFFSET + start
+                with seeded_globally(seed, pipe._execution_device):
+                    run_pipeline(pipe, **_call_args(batch), generator=generators, num_inference_steps=row.steps,
+                                 output_type="latent", **config.call)
                 traces.append(policy.trace)
         finally:
             disable(pipe)
@@ -203,7 +205,7 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
             half = half_resolution_steps(pipe, row.make_policy(), **given, generator=seeded(),
                                          num_inference_steps=row.steps, **config.call)
         device = pipe._execution_device  # under model CPU offload the transformer waits on the CPU between calls
-        with seeded_globally(config.seed + indices[0], device):
+        with seeded_globally(config.seed + GLOBAL_SEED_OFFSET + indices[0], device):
             clock = synchronized_clock(device)
             output = call(**given, generator=seeded(), num_inference_steps=row.steps, output_type="pt",
                           **config.call)
@@ -220,16 +222,6 @@ def _sample(config: PipelineAblationConfig, pipe, adapters: Adapters, row: Row, 
     base = adapters["transformer"].base_patch_size
     return images, audio, wall, _decisions(records, len(indices), row.steps, base, half,
                                            hooks=row.cache in diffusers_caches())
-
-
-@contextmanager
-def seeded_globally(seed: int, device: torch.device) -> Iterator[None]:
-    """torch's global random state seeded for one batch, the caller's put back after: a pipeline that draws from it
-    besides its generators (SD3's ControlNet pipeline samples its control image's latent so) draws the same in
-    every row as in its baseline twin."""
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 def check_batch(batch_size: int, prompts: list[Prompt]) -> None:

@@ -29,6 +29,8 @@ class SD3Spec(BackboneSpec):
             if i not in skip:
                 context, x = self.block(block, hidden_states=x, encoder_hidden_states=context, temb=temb,
                                         joint_attention_kwargs=args["joint_attention_kwargs"])
-            if control is not None and block.context_pre_only is False:  # a ControlNet's residual, as the stock
-                x = x + control[int(i / (len(m.transformer_blocks) / len(control)))]  # forward picks it
+            # a ControlNet's residual, where the stock forward adds it (its interval is not FLUX's ceil: no
+            # controlnet_sample)
+            if control is not None and block.context_pre_only is False:
+                x = x + control[int(i / (len(m.transformer_blocks) / len(control)))]
         return m.norm_out(x, temb)
