@@ -817,7 +817,7 @@ def test_a_lora_scale_is_taken_out_before_the_blocks_as_the_stock_forward_does(n
 
 
 def test_arguments_of_the_fine_grid_are_refused_at_coarse_sizes():
-    backbone, inputs = flux()
+    backbone, inputs = flux2()  # FLUX.2 takes no IP-Adapter: its spec projects none
     model = MultiPatchTransformer(backbone)
     image_prompt = {"ip_adapter_image_embeds": [torch.zeros(B, 4)]}
     with pytest.raises(ValueError, match=r"ip_adapter_image_embeds'\] \(an IP-Adapter.*pipe.unload_ip_adapter"):

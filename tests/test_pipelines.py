@@ -830,16 +830,20 @@ def test_samples_from_identical_noise_stay_samples_where_the_pipeline_calls_per_
 
 
 def test_an_ip_adapter_image_prompt_or_controlnet_residuals_off_the_latents_tokens_are_refused_at_the_first_call():
-    """The backbone projects an image prompt in its own forward, which coarse steps skip: they would drop it
-    silently; ControlNet residuals that are not on the latent's tokens could not be averaged for a coarse step."""
-    pipe, kwargs = build("flux")
+    """An image prompt given to a family whose spec does not project it as the backbone does (FLUX.1, Chroma and SD3
+    do: tests/test_ip_adapter.py) would be dropped silently at coarse steps; ControlNet residuals that are not on
+    the latent's tokens could not be averaged for a coarse step."""
+    pipe, kwargs = build("qwenimage")
     calls = []
     pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
     ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy(EARLY_COARSE))
     image_prompt = {"ip_adapter_image_embeds": [torch.zeros(1, 4)]}
     with pytest.raises(ValueError, match=r"\['ip_adapter_image_embeds'\] \(an IP-Adapter.*unload_ip_adapter"):
-        pipe(**kwargs(steps=STEPS), joint_attention_kwargs=image_prompt)
+        pipe(**kwargs(steps=STEPS), attention_kwargs=image_prompt)
     assert not calls  # nothing ran
+    pipe, kwargs = build("flux")
+    pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    ddit.enable(pipe, ddit.MultiPatchTransformer(pipe.transformer), policy=FixedPolicy(EARLY_COARSE))
     ids = torch.zeros(8, 8, 3)  # the 8 x 8 packed tokens of a 16 x 16 latent, as FluxPipeline makes them
     ids[..., 1], ids[..., 2] = torch.arange(8)[:, None], torch.arange(8)[None]
     with pytest.raises(ValueError, match=r"controlnet_block_samples holds a tensor of shape \(1,\), not \(batch, 64, "):

@@ -29,7 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 
-from .backbones import BackboneSpec, Reference, patchify, pool_tokens, spec_for, unpatchify
+from .backbones import IP_ADAPTER, BackboneSpec, Reference, patchify, pool_tokens, spec_for, unpatchify
 from .checkpoint import CheckpointError
 from .sharding import sharded_like, whole
 from .weights import REPO_ID, load_safetensors, local_or_hub
@@ -46,13 +46,13 @@ _PARALLEL = ("split the transformer by plans written for its own forward, which 
 _LORA_CHANGE = ("LoRA weights cannot be loaded, switched or fused while ddit's adapter is on the transformer: "
                 "ddit.disable(pipe) first, change them, fuse them (pipe.fuse_lora(); pipe.unload_lora_weights()), "
                 "and ddit.enable again")
-#: The attention-kwargs key of an IP-Adapter's image prompt, which the backbone's own forward projects before
-#: its blocks (Flux, Chroma, SD3): coarse steps would silently drop it, so they refuse it.
-IP_ADAPTER = "ip_adapter_image_embeds"
 
 
-def image_prompts(given: dict) -> list[str]:
-    """The forward arguments (by name) that carry an IP-Adapter's image prompt, named for an error message."""
+def image_prompts(given: dict, spec: BackboneSpec) -> list[str]:
+    """The forward arguments (by name) that carry an IP-Adapter's image prompt that ``spec`` cannot run at a coarse
+    size (it would be dropped silently), named for an error message."""
+    if spec.image_prompt:
+        return []
     return [f"{name}['{IP_ADAPTER}'] (an IP-Adapter's image prompt: unload it, pipe.unload_ip_adapter())"
             for name, value in given.items() if isinstance(value, dict) and IP_ADAPTER in value]
 
@@ -283,7 +283,7 @@ class MultiPatchTransformer(nn.Module):
         given = given.arguments
         given.update(self.spec.sized(given, patch_size))
         refused = [name for name in self.spec.unsupported if given.get(name) is not None]
-        refused += image_prompts(given)
+        refused += image_prompts(given, self.spec)
         if refused:
             raise ValueError(f"{', '.join(refused)} cannot be used at a coarse patch size")
         for name in ("joint_attention_kwargs", "attention_kwargs"):

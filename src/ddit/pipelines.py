@@ -155,8 +155,9 @@ class DynamicPatchTransformer(nn.Module):
         latent = spec.latent(given)
         self._check_resolution(latent)
         refused = [name for name in spec.unsupported if given.get(name) is not None]
-        if refused or image_prompts(given):  # at the first call, not at the first coarse step
-            raise ValueError(f"{', '.join(refused + image_prompts(given))} cannot be used with dynamic patches "
+        refused += image_prompts(given, spec)
+        if refused:  # at the first call, not at the first coarse step
+            raise ValueError(f"{', '.join(refused)} cannot be used with dynamic patches "
                              "(they hold the fine grid's tokens, or the backbone reads them in its own forward)")
         self.adapter.check_residuals(given, latent)
         where = self._where
@@ -239,8 +240,9 @@ def _cut(value, idx: torch.Tensor, rows: int, listed: bool = False, blocked: boo
         return value.unflatten(0, (rows, -1))[idx.to(value.device)].flatten(0, 1)
     if listed and isinstance(value, list) and len(value) == rows:
         return [value[i] for i in idx.tolist()]
-    if isinstance(value, dict):
-        return {k: _cut(v, idx, rows) for k, v in value.items()}
+    if isinstance(value, dict):  # attention kwargs: an IP-Adapter's image prompts, a list of per-row tensors
+        return {k: [_cut(t, idx, rows) for t in v] if isinstance(v, list) and all(map(torch.is_tensor, v))
+                else _cut(v, idx, rows) for k, v in value.items()}
     return value
 
 

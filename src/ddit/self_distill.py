@@ -90,6 +90,12 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
                          "distil on the same model's pipeline without its ControlNet (its base model's folder, or "
                          "AutoPipelineForText2Image.from_pipe(pipe, controlnet=None) from Python); ddit.enable runs "
                          "that adapter in this pipeline")
+    image_prompt = [name for name in (*call, *(n for p in prompts for n in p.inputs)) if name.startswith("ip_adapter")]
+    if image_prompt:
+        raise ValueError(f"{image_prompt[0]}: distillation records the transformer's inputs, and an IP-Adapter's "
+                         "image prompt (a list of image embeddings inside its attention kwargs) is not one it can "
+                         "record; distil without the IP-Adapter (the adapter belongs to the transformer), and "
+                         "ddit.enable runs it with the image prompt")
     base = specs[0].base_patch_size
     if any(s < base or s % base for s in patch_sizes or ()):
         raise ValueError(f"--sizes {','.join(map(str, patch_sizes))}: patch sizes are multiples of the base patch "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import plugins
-from .base import (BackboneSpec, Reference, as_batch, controlnet_sample, patchify, pool_tokens, sincos_positions,
+from .base import (IP_ADAPTER, BackboneSpec, Reference, as_batch, controlnet_sample, patchify, pool_tokens, sincos_positions,
                    unpatchify)
 from .chroma import ChromaSpec
 from .dit import DiTSpec
@@ -35,7 +35,7 @@ BUILTIN_SPECS: tuple[type[BackboneSpec], ...] = (DiTSpec, PixArtSpec, SanaSpec, 
                                                  HunyuanVideo15Spec, LTXVideoSpec, LTX2Spec, ZImageSpec,
                                                  SkyReelsV2Spec)
 
-__all__ = ["BUILTIN_SPECS", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "Flux3Spec",
+__all__ = ["BUILTIN_SPECS", "IP_ADAPTER", "BackboneSpec", "ChromaSpec", "DiTSpec", "FluxSpec", "Flux2Spec", "Flux3Spec",
            "HunyuanImageSpec", "HunyuanVideo15Spec", "LTX2Spec", "LTXVideoSpec", "PixArtSpec", "QwenImageSpec",
            "QwenImage21Spec", "Reference", "SanaSpec", "SD3Spec", "SkyReelsV2Spec", "WanSpec", "ZImageSpec", "as_batch",
            "controlnet_sample", "patchify", "pool_tokens", "sincos_positions", "spec_for", "specs", "unpatchify"]

@@ -21,6 +21,11 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 
+#: The attention-kwargs key of an IP-Adapter's image prompt, which the backbone's own forward projects before its
+#: blocks (FLUX.1, Chroma, SD3).
+IP_ADAPTER = "ip_adapter_image_embeds"
+
+
 @dataclass(frozen=True)
 class Reference:
     """A reference image's tokens beside the generated grid's (FLUX Kontext, FLUX.2 ``image=``, Qwen-Image-Edit):
@@ -61,6 +66,9 @@ class BackboneSpec:
     #: tokens that ``forward`` adds between blocks as the backbone does: a coarse step takes each averaged over the
     #: fine tokens a coarse token covers (``pool_tokens``).
     residuals: tuple[str, ...] = ()
+    #: Whether ``forward`` projects an IP-Adapter's image prompt (``IP_ADAPTER`` in the attention kwargs) as the
+    #: backbone does; where it does not, one is refused (a coarse step would drop it).
+    image_prompt: bool = False
     #: Forward arguments shared by every row of a batch (never cut when a batch runs in groups).
     unbatched: tuple[str, ...] = ()
     #: Whether every block maps hidden states to hidden states; if not (dual-stream), ddit's feature caches read

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .flux import FluxSpec, with_references
+from .flux import FluxSpec, with_image_prompt, with_references
 
 
 class ChromaSpec(FluxSpec):
@@ -35,7 +35,8 @@ class ChromaSpec(FluxSpec):
         text, mask = context.shape[1], args["attention_mask"]
         if mask is not None:
             mask = torch.cat([mask[:, :text], mask.new_ones(len(mask), tokens.shape[1])], dim=1)
-        kwargs = dict(image_rotary_emb=rope, attention_mask=mask, joint_attention_kwargs=args["joint_attention_kwargs"])
+        kwargs = dict(image_rotary_emb=rope, attention_mask=mask,
+                      joint_attention_kwargs=with_image_prompt(args["joint_attention_kwargs"], m))
         doubles, singles = len(m.transformer_blocks), len(m.single_transformer_blocks)
         for i, block in enumerate(m.transformer_blocks):  # (image, text) modulations of block i, as the backbone
             image_at, text_at = 3 * singles + 6 * i, 3 * singles + 6 * doubles + 6 * i

@@ -11,7 +11,8 @@ own grid and ids, coarsened as far as its size allows (``Reference``), and the
 signal and outputs that matter are the generated grid's alone.
 
 A ControlNet's residuals (FluxControlNetPipeline) come on the fine tokens: a coarse step adds
-each averaged over the fine tokens a coarse token covers.
+each averaged over the fine tokens a coarse token covers. An IP-Adapter's image prompt is projected as
+the backbone projects it; its attention reads it from every image token, coarse or fine.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import math
 
 import torch
 
-from .base import BackboneSpec, Reference, controlnet_sample, patchify, unpatchify
+from torch import nn
+
+from .base import IP_ADAPTER, BackboneSpec, Reference, controlnet_sample, patchify, unpatchify
 
 PACK = (2, 2)
 
@@ -29,6 +32,7 @@ class FluxSpec(BackboneSpec):
     model_class = "FluxTransformer2DModel"
     unembed_channels_last = False  # packed features are (C, 2, 2)
     residuals = ("controlnet_block_samples", "controlnet_single_block_samples")
+    image_prompt = True
     unbatched = ("img_ids", "txt_ids")
     single_stream = False  # joint blocks return (text, image) tokens
     batched_cfg = False  # true CFG (and Chroma's) calls once per branch
@@ -91,18 +95,27 @@ class FluxSpec(BackboneSpec):
         else:
             temb = m.time_text_embed(timestep, guidance.to(dtype) * 1000, args["pooled_projections"])
         context = m.context_embedder(args["encoder_hidden_states"])
-        tokens = with_references(tokens, references)
+        tokens, kwargs = with_references(tokens, references), with_image_prompt(args["joint_attention_kwargs"], m)
         # a ControlNet's residuals, as the stock forward adds them (XLabs' repeat: the joint blocks' alone)
         for blocks, control, repeat in ((m.transformer_blocks, args["controlnet_block_samples"],
                                          args["controlnet_blocks_repeat"]),
                                         (m.single_transformer_blocks, args["controlnet_single_block_samples"], False)):
             for i, block in enumerate(blocks):
                 context, tokens = self.block(block, hidden_states=tokens, encoder_hidden_states=context, temb=temb,
-                                             image_rotary_emb=rope,
-                                             joint_attention_kwargs=args["joint_attention_kwargs"])
+                                             image_rotary_emb=rope, joint_attention_kwargs=kwargs)
                 if control is not None:
                     tokens = tokens + controlnet_sample(control, i, len(blocks), repeat)
         return m.norm_out(tokens[:, :n], temb)
+
+
+def with_image_prompt(kwargs: dict | None, model: nn.Module) -> dict | None:
+    """Attention kwargs with an IP-Adapter's image prompt replaced by its projection (``ip_hidden_states``), as
+    FLUX.1's and Chroma's forwards replace it; in a copy, where they pop it from the caller's dict."""
+    if not kwargs or IP_ADAPTER not in kwargs:
+        return kwargs
+    kwargs = dict(kwargs)
+    kwargs["ip_hidden_states"] = model.encoder_hid_proj(kwargs.pop(IP_ADAPTER))
+    return kwargs
 
 
 def with_references(tokens: torch.Tensor, references) -> torch.Tensor:
