@@ -14,8 +14,10 @@ from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProc
 
 import ddit
 from ddit.adapter import MultiPatchTransformer, PatchHead
+from ddit.backbones import ChromaSpec, Flux2Spec, Flux3Spec, FluxSpec
+from ddit.caches import TaylorSeer
 from ddit.policies import FixedPolicy, PatchPolicy
-from ddit.tiny_pipelines import TINY_CALL, save_tiny_pipeline, wake_zeros
+from ddit.tiny_pipelines import SIDE, save_tiny_pipeline, wake_zeros
 
 B, ROWS, COLS, EMBED = 2, 8, 4, 8  # two samples; fine tokens of a 16 x 8 latent under a 2x2 patch; image features
 STEPS, ATOL = 4, 1e-5
@@ -73,9 +75,9 @@ def sd3():
     model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
                                   num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
                                   pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
-    return with_sd3_ip_adapter(model), dict(hidden_states=torch.randn(B, 4, 2 * ROWS, 2 * COLS),
-                                            encoder_hidden_states=torch.randn(B, 5, 32),
-                                            pooled_projections=torch.randn(B, 16), timestep=torch.tensor([300.0, 900.0]))
+    return with_sd3_ip_adapter(model), dict(
+        hidden_states=torch.randn(B, 4, 2 * ROWS, 2 * COLS), encoder_hidden_states=torch.randn(B, 5, 32),
+        pooled_projections=torch.randn(B, 16), timestep=torch.tensor([300.0, 900.0]))
 
 
 FAMILIES = {"flux": (flux, lambda: [torch.randn(B, 1, EMBED)]), "chroma": (chroma, lambda: [torch.randn(B, 1, EMBED)]),
@@ -119,7 +121,7 @@ def test_coarse_steps_see_the_image_prompt_and_leave_the_callers_dict_alone(name
     for size in model.patch_sizes[1:]:
         given = prompt(embeds)
         out = model(**inputs, **given, patch_size=size).sample
-        assert "ip_adapter_image_embeds" in given["joint_attention_kwargs"]  # the stock forward would pop it
+        assert "ip_adapter_image_embeds" in given["joint_attention_kwargs"]  # projected from a copy
         assert (model(**inputs, **prompt(other(embeds)), patch_size=size).sample - out).abs().max() > 1e-4
 
 
@@ -150,18 +152,33 @@ def flux_pipeline(tmp_path):
                                  negative_ip_adapter_image_embeds=[negative]), dict(ip_adapter_image_embeds=[negative])
 
 
+def chroma_pipeline(tmp_path):
+    """The tiny ChromaPipeline with an IP-Adapter, as FLUX.1's: CFG as two calls a step."""
+    pipe = DiffusionPipeline.from_pretrained(save_tiny_pipeline("chroma", tmp_path))
+    torch.manual_seed(0)
+    with_flux_ip_adapter(pipe.transformer)
+    pipe.prepare_ip_adapter_image_embeds = lambda image, embeds, device, count: [e.to(device) for e in embeds]
+    images, negative = torch.randn(B, 1, EMBED), torch.zeros(B, 1, EMBED)
+    return pipe.to(DEVICE), dict(ip_adapter_image_embeds=[images], negative_ip_adapter_image_embeds=[negative]), \
+        dict(ip_adapter_image_embeds=[negative])
+
+
 def sd3_pipeline(tmp_path):
-    """The tiny StableDiffusion3Pipeline with an IP-Adapter: the negative and positive image embeddings, chunked by
-    the pipeline into its batched CFG rows."""
+    """The tiny StableDiffusion3Pipeline with an IP-Adapter, in its batched CFG rows (negative, then positive), each
+    sample with an image prompt of its own, taken as given."""
     pipe = DiffusionPipeline.from_pretrained(save_tiny_pipeline("sd3", tmp_path))
     torch.manual_seed(0)
     with_sd3_ip_adapter(pipe.transformer)
-    image = torch.cat([torch.zeros(1, 1, EMBED), torch.randn(1, 1, EMBED)])
-    return pipe.to(DEVICE), dict(ip_adapter_image_embeds=image, max_sequence_length=16), \
-        dict(ip_adapter_image_embeds=torch.zeros(2, 1, EMBED))
+    pipe.prepare_ip_adapter_image_embeds = lambda image, embeds, device, count, cfg: embeds.to(device)
+    images = torch.cat([torch.zeros(B, 1, EMBED), torch.randn(B, 1, EMBED)])
+    return pipe.to(DEVICE), dict(ip_adapter_image_embeds=images, max_sequence_length=16), \
+        dict(ip_adapter_image_embeds=torch.zeros(2 * B, 1, EMBED))
 
 
-@pytest.mark.parametrize("build", [flux_pipeline, sd3_pipeline], ids=["flux", "sd3"])
+PIPELINES = {"flux": flux_pipeline, "chroma": chroma_pipeline, "sd3": sd3_pipeline}
+
+
+@pytest.mark.parametrize("build", PIPELINES.values(), ids=PIPELINES)
 def test_in_the_stock_pipeline_the_fine_sample_equals_stock_and_coarse_steps_see_the_image_prompt(build, tmp_path):
     pipe, call, without = build(tmp_path)
     pipe.transformer.eval()
@@ -169,7 +186,7 @@ def test_in_the_stock_pipeline_the_fine_sample_equals_stock_and_coarse_steps_see
     def generate(**changes):
         return pipe(prompt=["a red circle", "a blue square"], num_inference_steps=STEPS, output_type="latent",
                     generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
-                    **TINY_CALL["flux"], **{**call, **changes}).images
+                    height=SIDE, width=SIDE, **{**call, **changes}).images
 
     stock = generate()
     assert (generate(**without) - stock).abs().max() > 1e-3  # the image prompt matters
@@ -189,3 +206,50 @@ def test_in_the_stock_pipeline_the_fine_sample_equals_stock_and_coarse_steps_see
     assert (generate(**without) - coarse).abs().max() > 1e-3
     ddit.disable(pipe)
     assert torch.equal(generate(), stock)
+
+
+def test_feature_caches_reuse_some_rows_beside_rows_that_run_with_their_image_prompts(tmp_path):
+    """Sample 0 starts coarse, sample 1 fine: TaylorSeer warms up per size, so in some calls one row computes beside
+    a row that reuses, and the computing row's image prompt is cut from the call's."""
+    pipe, call, _ = flux_pipeline(tmp_path)
+    ddit.enable(pipe, MultiPatchTransformer(pipe.transformer.eval()), policy=SplitPolicy(),
+                cache=TaylorSeer(interval=3, warmup=2))
+    out = pipe(prompt=["a red circle", "a blue square"], num_inference_steps=8, output_type="latent", height=SIDE,
+               width=SIDE, generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **call).images
+    assert out.isfinite().all()
+    cached = {}
+    for r in ddit.summary(pipe).records:
+        cached.setdefault((r["step"], r["branch"]), set()).add(r["cached"])
+    assert any(len(hits) == 2 for hits in cached.values())  # a call where one row reused and the other computed
+
+
+def test_unloading_the_ip_adapter_while_enabled_unloads_it_from_the_backbone(tmp_path):
+    pipe, call, _ = flux_pipeline(tmp_path)
+    adapter = MultiPatchTransformer(pipe.transformer.eval())
+    ddit.enable(pipe, adapter, policy=FixedPolicy([4] * STEPS))
+    pipe.unload_ip_adapter()
+    assert adapter.backbone.encoder_hid_proj is None and "encoder_hid_proj" not in vars(pipe.transformer)
+    assert pipe(prompt="a red circle", num_inference_steps=STEPS, output_type="latent", height=SIDE,
+                width=SIDE).images.isfinite().all()
+
+
+def test_sd3s_skip_layer_guidance_with_an_image_prompt_is_refused_naming_the_rows(tmp_path):
+    pipe, call, _ = sd3_pipeline(tmp_path)
+    ddit.enable(pipe, MultiPatchTransformer(pipe.transformer.eval()), policy=FixedPolicy([4] * 10))
+    with pytest.raises(ValueError, match=r"4 rows of image prompt for 2 latent rows: skip-layer guidance"):
+        pipe(prompt=["a red circle", "a blue square"], num_inference_steps=10, output_type="latent", height=SIDE,
+             width=SIDE, skip_guidance_layers=[0], **call)  # its guidance's call at step 1 (from 1% to 20%)
+    assert {r["step"] for r in ddit.summary(pipe).records} == {0, 1}  # it ran until then
+
+
+def test_a_subclass_with_a_forward_of_its_own_takes_no_residuals_nor_image_prompt_unless_it_says_so():
+    class Own(FluxSpec):
+        def forward(self, tokens, grid, scale, args, references=()):
+            return tokens
+
+    class Says(Own):
+        image_prompt = True
+
+    assert (Own.residuals, Own.image_prompt) == ((), False) and Says.image_prompt
+    assert FluxSpec.image_prompt and FluxSpec.residuals and ChromaSpec.image_prompt and not ChromaSpec.residuals
+    assert not Flux2Spec.image_prompt and not Flux3Spec.residuals

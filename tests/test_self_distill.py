@@ -139,6 +139,7 @@ def test_the_cli_records_once_and_resumes_training(folders, tmp_path, capsys):
     (["--rank", "0"], "--rank must be at least 1"),
     (["--pipeline-arg", "ip_adapter_image='face.png'"], "ip_adapter_image: distillation records the "
                                                         "transformer's inputs, and an IP-Adapter's image prompt"),
+    (["--pipeline-arg", "negative_ip_adapter_image='face.png'"], "negative_ip_adapter_image: distillation records"),
 ])
 def test_bad_options_fail_before_anything_is_recorded(extra, message, folders, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"

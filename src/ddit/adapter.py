@@ -53,7 +53,8 @@ def image_prompts(given: dict, spec: BackboneSpec) -> list[str]:
     size (it would be dropped silently), named for an error message."""
     if spec.image_prompt:
         return []
-    return [f"{name}['{IP_ADAPTER}'] (an IP-Adapter's image prompt: unload it, pipe.unload_ip_adapter())"
+    return [f"{name}['{IP_ADAPTER}'] (an IP-Adapter's image prompt, which only FLUX.1's, Chroma's and SD3's specs "
+            "project: drop it from the attention kwargs)"
             for name, value in given.items() if isinstance(value, dict) and IP_ADAPTER in value]
 
 

@@ -31,7 +31,7 @@ from diffusers.pipelines.pag.pag_utils import PAGMixin
 from torch import nn
 
 from .adapter import ADAPTER_FILES, CONFIG_NAME, HOOK_ATTRIBUTES, MultiPatchTransformer, image_prompts
-from .backbones import as_batch
+from .backbones import IP_ADAPTER, as_batch
 from .caches import Cache, TeaCache, diffusers_caches, get_cache
 from .policies import PatchPolicy, ProgressiveResolution, get_policy
 from .pipeline_call import call_parameters, latent_factor
@@ -46,6 +46,10 @@ ADAPTER_FOLDER = "ddit_adapter"
 BOTH_BRANCHES = "cond_uncond"
 #: The components that denoise: ``transformer``, and Wan 2.2's low-noise expert, which takes the later steps.
 EXPERTS = ("transformer", "transformer_2")
+
+
+#: Attributes that diffusers sets on a pipeline's transformer and that belong to the backbone inside the wrapper.
+BACKBONE_ATTRIBUTES = ("encoder_hid_proj", "image_proj")
 
 
 class DynamicPatchTransformer(nn.Module):
@@ -139,6 +143,14 @@ class DynamicPatchTransformer(nn.Module):
         """Refused (``pipe.enable_group_offload`` calls it): see ``check_offloading``."""
         raise ValueError(f"group offloading {_PER_LAYER_OFFLOAD}")
 
+    def __setattr__(self, name: str, value) -> None:
+        """What diffusers' IP-Adapter loaders set on the transformer they hold (``pipe.unload_ip_adapter()``:
+        ``encoder_hid_proj = None``) is the backbone's."""
+        if name in BACKBONE_ATTRIBUTES and "adapter" in self.__dict__.get("_modules", {}):
+            setattr(self.adapter.backbone, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # -- forward
     def forward(self, *args, **kwargs):
         if "_hf_hook" in self.__dict__ and _placed_layer_by_layer(self):  # pipe.enable_sequential_cpu_offload()
@@ -155,7 +167,7 @@ class DynamicPatchTransformer(nn.Module):
         latent = spec.latent(given)
         self._check_resolution(latent)
         refused = [name for name in spec.unsupported if given.get(name) is not None]
-        refused += image_prompts(given, spec)
+        refused += image_prompts(given, spec) + _misplaced_image_prompts(given, len(latent))
         if refused:  # at the first call, not at the first coarse step
             raise ValueError(f"{', '.join(refused)} cannot be used with dynamic patches "
                              "(they hold the fine grid's tokens, or the backbone reads them in its own forward)")
@@ -219,6 +231,16 @@ class DynamicPatchTransformer(nn.Module):
         self.adapter.spec.check_sizes(tuple(latent.shape[2:]), tuple(sizes))
 
 
+def _misplaced_image_prompts(given: dict, rows: int) -> list[str]:
+    """An image prompt whose rows are not the call's (SD3's skip-layer guidance call passes its latent's rows with
+    both CFG branches' image prompts), which no group of rows could be given, named for an error message."""
+    return [f"{name}['{IP_ADAPTER}'] ({len(t)} rows of image prompt for {rows} latent rows: skip-layer guidance "
+            "with an IP-Adapter is not supported)" for name, value in given.items()
+            if isinstance(value, dict) and IP_ADAPTER in value
+            for t in (value[IP_ADAPTER] if isinstance(value[IP_ADAPTER], (list, tuple)) else [value[IP_ADAPTER]])
+            if torch.is_tensor(t) and t.ndim and len(t) not in (rows, 1)][:1]
+
+
 def _outputs(result) -> tuple:
     """A call's outputs as a tuple, the latent's first: one tensor, or a backbone's several (LTX-2)."""
     return result if isinstance(result, tuple) else (result,)
@@ -240,10 +262,17 @@ def _cut(value, idx: torch.Tensor, rows: int, listed: bool = False, blocked: boo
         return value.unflatten(0, (rows, -1))[idx.to(value.device)].flatten(0, 1)
     if listed and isinstance(value, list) and len(value) == rows:
         return [value[i] for i in idx.tolist()]
-    if isinstance(value, dict):  # attention kwargs: an IP-Adapter's image prompts, a list of per-row tensors
-        return {k: [_cut(t, idx, rows) for t in v] if isinstance(v, list) and all(map(torch.is_tensor, v))
-                else _cut(v, idx, rows) for k, v in value.items()}
+    if isinstance(value, dict):  # attention kwargs, with their lists of per-row tensors (IP-Adapters' image prompts)
+        return {k: _cut_each(v, idx, rows) if isinstance(v, (list, tuple)) else _cut(v, idx, rows)
+                for k, v in value.items()}
     return value
+
+
+def _cut_each(values, idx: torch.Tensor, rows: int):
+    """A list or tuple of tensors cut by row where every one has one entry per row; else whole, as one value."""
+    if values and all(torch.is_tensor(t) and t.ndim and len(t) == rows for t in values):
+        return type(values)(t[idx.to(t.device)] for t in values)
+    return values
 
 
 def check_diffusers_cache(backbone: nn.Module, config) -> None:

@@ -90,7 +90,7 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
                          "distil on the same model's pipeline without its ControlNet (its base model's folder, or "
                          "AutoPipelineForText2Image.from_pipe(pipe, controlnet=None) from Python); ddit.enable runs "
                          "that adapter in this pipeline")
-    image_prompt = [name for name in (*call, *(n for p in prompts for n in p.inputs)) if name.startswith("ip_adapter")]
+    image_prompt = [name for name in (*call, *(n for p in prompts for n in p.inputs)) if "ip_adapter" in name]
     if image_prompt:
         raise ValueError(f"{image_prompt[0]}: distillation records the transformer's inputs, and an IP-Adapter's "
                          "image prompt (a list of image embeddings inside its attention kwargs) is not one it can "

@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import nn
 
 from .. import plugins
-from .base import (IP_ADAPTER, BackboneSpec, Reference, as_batch, controlnet_sample, patchify, pool_tokens, sincos_positions,
-                   unpatchify)
+from .base import (IP_ADAPTER, BackboneSpec, Reference, as_batch, controlnet_sample, patchify, pool_tokens,
+                   sincos_positions, unpatchify)
 from .chroma import ChromaSpec
 from .dit import DiTSpec
 from .flux import FluxSpec

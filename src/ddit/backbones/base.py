@@ -99,6 +99,15 @@ class BackboneSpec:
     output_class: type = Transformer2DModelOutput
     output_fields: tuple[str, ...] = ("sample",)
 
+    def __init_subclass__(cls, **kwargs):
+        """A subclass with a forward of its own takes no ControlNet residuals nor image prompt unless it says so:
+        its parent's forward added them, and its own would drop them silently."""
+        super().__init_subclass__(**kwargs)
+        if "forward" in vars(cls):
+            for name, none in (("residuals", ()), ("image_prompt", False)):
+                if name not in vars(cls):
+                    setattr(cls, name, none)
+
     def __init__(self, model: nn.Module):
         self.model = model
         #: Called as a block runs checkpointed: the context its recomputation in the backward runs in (the

@@ -15,8 +15,8 @@ from .flux import FluxSpec, with_image_prompt, with_references
 
 class ChromaSpec(FluxSpec):
     model_class = "ChromaTransformer2DModel"
-    residuals = ()
     unsupported = ("controlnet_block_samples", "controlnet_single_block_samples")  # no Chroma pipeline makes them
+    image_prompt = True
     block_outputs = {"ChromaTransformerBlock": ("encoder_hidden_states", "hidden_states"),
                      "ChromaSingleTransformerBlock": ("hidden_states",)}  # on the joined tokens
     teacache_blocks = ("ChromaTransformerBlock",)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from torch import nn
 
 from .base import IP_ADAPTER, BackboneSpec, Reference, controlnet_sample, patchify, unpatchify
@@ -110,7 +109,7 @@ class FluxSpec(BackboneSpec):
 
 def with_image_prompt(kwargs: dict | None, model: nn.Module) -> dict | None:
     """Attention kwargs with an IP-Adapter's image prompt replaced by its projection (``ip_hidden_states``), as
-    FLUX.1's and Chroma's forwards replace it; in a copy, where they pop it from the caller's dict."""
+    FLUX.1's and Chroma's forwards replace it; in a copy, so that the caller's dict keeps it."""
     if not kwargs or IP_ADAPTER not in kwargs:
         return kwargs
     kwargs = dict(kwargs)

@@ -17,7 +17,6 @@ from .flux import FluxSpec, with_references
 class Flux2Spec(FluxSpec):
     model_class = "Flux2Transformer2DModel"
     unsupported = ("kv_cache", "kv_cache_mode")
-    residuals, image_prompt = (), False  # no ControlNet, no IP-Adapter
     # image-stream attention and feed-forward of the double blocks; the single blocks' fused projections
     lora_target = (r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0)|ff\.(linear_in|linear_out))"
                    r"|single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)")

@@ -20,7 +20,6 @@ from .flux import FluxSpec
 class Flux3Spec(FluxSpec):
     model_class = "Flux3Transformer2DModel"
     unsupported = ()
-    residuals, image_prompt = (), False  # no ControlNet, no IP-Adapter
     unbatched = ("img_ids", "txt_ids", "image_cond_ids")
     caches_refused = "its per-mode blocks run beside the block lists ddit's feature caches stand in for"
     # the image's own blocks and the joint blocks: attention and feed-forward

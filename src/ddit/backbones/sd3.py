@@ -30,7 +30,7 @@ class SD3Spec(BackboneSpec):
         temb = m.time_text_embed(args["timestep"], args["pooled_projections"])
         context = m.context_embedder(args["encoder_hidden_states"])
         skip, control = args["skip_layers"] or (), args["block_controlnet_hidden_states"]
-        kwargs = with_image_prompt(args["joint_attention_kwargs"], m, args["timestep"])
+        kwargs = with_timed_image_prompt(args["joint_attention_kwargs"], m, args["timestep"])
         for i, block in enumerate(m.transformer_blocks):
             if i not in skip:
                 context, x = self.block(block, hidden_states=x, encoder_hidden_states=context, temb=temb,
@@ -42,10 +42,10 @@ class SD3Spec(BackboneSpec):
         return m.norm_out(x, temb)
 
 
-def with_image_prompt(kwargs: dict | None, model: nn.Module, timestep: torch.Tensor) -> dict | None:
+def with_timed_image_prompt(kwargs: dict | None, model: nn.Module, timestep: torch.Tensor) -> dict | None:
     """Attention kwargs with an IP-Adapter's image prompt replaced by its timestep-aware projection
-    (``ip_hidden_states`` and the ``temb`` its attention norms it by), as SD3's forward replaces it; in a copy,
-    where the stock forward pops it from the caller's dict."""
+    (``ip_hidden_states`` and the ``temb`` its attention norms it by), as SD3's forward replaces it; in a copy, so
+    that the caller's dict keeps it."""
     if not kwargs or IP_ADAPTER not in kwargs:
         return kwargs
     kwargs = dict(kwargs)
