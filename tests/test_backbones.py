@@ -820,7 +820,7 @@ def test_arguments_of_the_fine_grid_are_refused_at_coarse_sizes():
     backbone, inputs = flux2()  # FLUX.2 takes no IP-Adapter: its spec projects none
     model = MultiPatchTransformer(backbone)
     image_prompt = {"ip_adapter_image_embeds": [torch.zeros(B, 4)]}
-    with pytest.raises(ValueError, match=r"ip_adapter_image_embeds'\] \(an IP-Adapter.*pipe.unload_ip_adapter"):
+    with pytest.raises(ValueError, match=r"ip_adapter_image_embeds'\] \(an IP-Adapter.*drop it from the attention"):
         model(**inputs, joint_attention_kwargs=image_prompt, patch_size=4)
     backbone, inputs = chroma()  # its forward takes a ControlNet's residuals, which no Chroma pipeline makes
     model = MultiPatchTransformer(backbone)
