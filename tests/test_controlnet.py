@@ -195,12 +195,16 @@ def generate(pipe, kind, **changes):
     """Two prompts, one control image, CFG on; SD3's pipeline samples the control image's latent from the global
     random state, seeded here."""
     torch.manual_seed(0)
+    return pipe(**call_of(kind, **changes)).images
+
+
+def call_of(kind, **changes) -> dict:
     call = dict(prompt=["a red circle", "a blue square"], control_image=CONTROL, num_inference_steps=STEPS,
                 output_type="latent", generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
                 **TINY_CALL[kind])
     if kind.startswith("qwenimage"):
         call["negative_prompt"] = ["", ""]  # true CFG: two calls a step
-    return pipe(**{**call, **changes}).images
+    return {**call, **changes}
 
 
 def test_in_the_stock_pipeline_the_fine_sample_equals_stock_and_coarse_steps_see_the_control(folder):
@@ -253,6 +257,26 @@ def check_stock_pipeline(pipe, kind, off=None, **call):
     assert torch.equal(generate(pipe, kind, **call), stock)
 
 
+def test_progressive_resolution_runs_in_the_controlnet_pipelines(folder):
+    """The training-free competitor in the same pipelines: its early steps at half size (the control image resized
+    by the pipeline), and above every step's noise level the stock call exactly, since each of its calls draws the
+    control image's latent from where the stock call drew it."""
+    kind, path = folder
+    pipe = DiffusionPipeline.from_pretrained(path).to(DEVICE)
+    stock = generate(pipe, kind, num_inference_steps=6)
+    tokens = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, k: tokens.append(k["hidden_states"].shape[1:]),
+                                               with_kwargs=True)
+    torch.manual_seed(0)  # as generate() seeds the global random state
+    above = ddit.progressive_call(pipe, 1.0, **call_of(kind, num_inference_steps=6)).images
+    assert torch.equal(above, stock)
+    torch.manual_seed(0)
+    tokens.clear()
+    early = ddit.progressive_call(pipe, 0.6, **call_of(kind, num_inference_steps=6)).images
+    assert early.shape == stock.shape and early.isfinite().all() and (early - stock).abs().max() > 1e-3
+    assert tokens[0].numel() == tokens[-1].numel() // 4  # half the height and width first, the full size last
+
+
 def test_feature_caches_run_beside_the_control_at_coarse_steps(folder):
     kind, path = folder
     pipe = DiffusionPipeline.from_pretrained(path).to(DEVICE)
@@ -285,13 +309,16 @@ def test_an_ablation_compares_a_controlnet_pipelines_rows_with_their_twins(tmp_p
     assert ablate(["--pipeline", str(folder), "--adapter", str(tmp_path / "adapter"), "--prompts",
                    str(tmp_path / "prompts.jsonl"), "--out", str(out), "--steps", "4", "--fewer-steps", "",
                    "--policies", "fixed", "--sweep", "fixed.fraction=[0,0.5]", "--caches", "none", "--height", "128",
-                   "--width", "128", "--pipeline-arg", "max_sequence_length=16", "--no-progress"]) == 0
+                   "--width", "128", "--pipeline-arg", "max_sequence_length=16", "--progressive", "1.0,0.6",
+                   "--no-progress"]) == 0
     summary = {r["row"]: r for r in json.loads((out / "summary.json").read_text())}
     assert summary["fixed[fraction=0]"]["ssim_vs_baseline"] == 1.0
     assert summary["fixed[fraction=0]"]["psnr_vs_baseline"] is None  # identical
     coarse = summary["fixed[fraction=0.5]"]
     assert coarse["coarse_step_fraction"] == 0.5 and coarse["ssim_vs_baseline"] < 1
     assert set(coarse["per_prompt"]) == {f"{t} [control_image=edges.png]" for t in ("a red circle", "blue stripes")}
+    assert summary["progressive[switch=1.0]"]["psnr_vs_baseline"] is None  # above every step: the stock call
+    assert summary["progressive[switch=0.6]"]["ssim_vs_baseline"] < 1
 
 
 def test_distilling_from_a_controlnet_pipeline_is_refused_before_any_work(tmp_path, capsys):

@@ -7,8 +7,10 @@ upsampled by zero-padding its DCT spectrum and a second call finishes at full si
 calls run the sigmas the stock call would run at full size (its resolution-dependent shift
 included: they are read from the pipeline itself, by letting it set its timesteps once), so
 the early steps' latent size is the only change, and a switch above every step's sigma is
-the stock call exactly. Flow-matching pipelines whose call takes ``sigmas`` and
-``latents`` (FLUX.1, FLUX.2, Chroma, Qwen-Image, Z-Image, SD3, HunyuanImage 2.1); others are refused. The
+the stock call exactly (each call starts from the generators' and the global random state the stock call starts
+from, so that what it draws besides its noise, a ControlNet pipeline's control latent, is the stock call's).
+Flow-matching pipelines whose call takes ``sigmas`` and ``latents`` (FLUX.1, FLUX.2, Chroma, Qwen-Image, Z-Image,
+SD3, HunyuanImage 2.1, and the ControlNet pipelines of FLUX.1, SD3 and Qwen-Image); others are refused. The
 text encoders run once per call (three times in all): negligible beside a large transformer's steps.
 """
 
@@ -25,9 +27,12 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Pipeline,
+    FluxControlNetPipeline,
     FluxPipeline,
     HunyuanImagePipeline,
+    QwenImageControlNetPipeline,
     QwenImagePipeline,
+    StableDiffusion3ControlNetPipeline,
     StableDiffusion3Pipeline,
     ZImagePipeline,
 )
@@ -54,16 +59,20 @@ _PLAIN = _Layout(lambda pipe: pipe.transformer.config.in_channels, lambda pipe, 
 _FLUX = _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
                 lambda pipe, x, h, w: pipe._unpack_latents(x, h, w, pipe.vae_scale_factor),
                 lambda pipe, x: pipe._pack_latents(x, *x.shape))
+_QWEN = _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
+                lambda pipe, x, h, w: pipe._unpack_latents(x, h, w, pipe.vae_scale_factor)[:, :, 0],
+                lambda pipe, x: pipe._pack_latents(x, *x.shape))
 LAYOUTS = {
     FluxPipeline: _FLUX,
+    FluxControlNetPipeline: _FLUX,  # its control image resized to each call's size by the pipeline
     ChromaPipeline: _FLUX,
     Flux2Pipeline: _FLUX2,
     Flux2KleinPipeline: _Layout(_FLUX2.channels, lambda pipe, x, h, w: _klein_grid(pipe, x, h, w), _FLUX2.from_grid),
     # Qwen-Image packs as FLUX.1 does; unpacked, its latent has a frame axis (B, C, 1, H, W)
-    QwenImagePipeline: _Layout(lambda pipe: pipe.transformer.config.in_channels // 4,
-                               lambda pipe, x, h, w: pipe._unpack_latents(x, h, w, pipe.vae_scale_factor)[:, :, 0],
-                               lambda pipe, x: pipe._pack_latents(x, *x.shape)),
+    QwenImagePipeline: _QWEN,
+    QwenImageControlNetPipeline: _QWEN,
     StableDiffusion3Pipeline: _PLAIN,
+    StableDiffusion3ControlNetPipeline: _PLAIN,
     ZImagePipeline: _PLAIN,
     HunyuanImagePipeline: _PLAIN,
 }
@@ -166,7 +175,9 @@ def progressive_call(pipe, switch: float | ProgressiveResolution, **call):
     policy = switch if isinstance(switch, ProgressiveResolution) else ProgressiveResolution(switch)
     layout = _layout(pipe)
     height, width = _checked(pipe, call)
+    rewind = _rewinder(pipe, call)
     start = stock_start(pipe, height=height, width=width, **call)
+    rewind()
     sigmas, half_steps = start.sigmas, sum(policy.half(float(s)) for s in start.sigmas)
     if half_steps == len(sigmas):
         raise ValueError(f"switch {policy.switch} is below every step's noise level (the last is "
@@ -187,10 +198,31 @@ def progressive_call(pipe, switch: float | ProgressiveResolution, **call):
                      callback_on_step_end=stop, **{**call, "output_type": "latent", "return_dict": True}).images
         grid = layout.to_grid(pipe, early, height // 2, width // 2)
         grid = dct_resize(grid, (2 * grid.shape[-2], 2 * grid.shape[-1]), keep="amplitude")
+        rewind()
         return pipe(height=height, width=width, sigmas=sigmas[half_steps:].tolist(),
                     latents=layout.from_grid(pipe, grid), **call)
     finally:
         pipe.scheduler = stock
+
+
+def _rewinder(pipe, call: dict) -> Callable[[], None]:
+    """A function that puts the call's generators and torch's global random state back where they are now: each of
+    the stock calls progressive resolution makes then draws what the one stock call draws besides its noise, which
+    they are given (a ControlNet pipeline samples its control image's latent, from the generator or, SD3's, from the
+    global state)."""
+    generators = call.get("generator")
+    generators = [g for g in (generators if isinstance(generators, list) else [generators]) if g is not None]
+    states, device = [g.get_state() for g in generators], torch.device(pipe._execution_device)
+    cpu = torch.random.get_rng_state()
+    accelerator = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def rewind():
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
+        torch.random.set_rng_state(cpu)
+        if accelerator is not None:
+            torch.cuda.set_rng_state(accelerator, device)
+    return rewind
 
 
 def half_resolution_steps(pipe, switch: float | ProgressiveResolution, **call) -> list[bool]:
