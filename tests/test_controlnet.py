@@ -267,14 +267,23 @@ def test_progressive_resolution_runs_in_the_controlnet_pipelines(folder):
     tokens = []
     pipe.transformer.register_forward_pre_hook(lambda m, a, k: tokens.append(k["hidden_states"].shape[1:]),
                                                with_kwargs=True)
+    call = call_of(kind, num_inference_steps=6)
     torch.manual_seed(0)  # as generate() seeds the global random state
-    above = ddit.progressive_call(pipe, 1.0, **call_of(kind, num_inference_steps=6)).images
+    pipe(**call)
+    after = [g.get_state() for g in call["generator"]], torch.random.get_rng_state()  # where a stock call leaves
+    call = call_of(kind, num_inference_steps=6)
+    torch.manual_seed(0)
+    above = ddit.progressive_call(pipe, 1.0, **call).images
     assert torch.equal(above, stock)
+    assert all(torch.equal(g.get_state(), state) for g, state in zip(call["generator"], after[0]))
+    assert torch.equal(torch.random.get_rng_state(), after[1])  # the generators and the global state
     torch.manual_seed(0)
     tokens.clear()
     early = ddit.progressive_call(pipe, 0.6, **call_of(kind, num_inference_steps=6)).images
     assert early.shape == stock.shape and early.isfinite().all() and (early - stock).abs().max() > 1e-3
     assert tokens[0].numel() == tokens[-1].numel() // 4  # half the height and width first, the full size last
+    with pytest.raises(ValueError, match="cannot take control_guidance_end= other than 1.0: the ControlNet"):
+        ddit.progressive_call(pipe, 0.6, **call_of(kind, control_guidance_end=0.5))
 
 
 def test_feature_caches_run_beside_the_control_at_coarse_steps(folder):

@@ -8,7 +8,8 @@ calls run the sigmas the stock call would run at full size (its resolution-depen
 included: they are read from the pipeline itself, by letting it set its timesteps once), so
 the early steps' latent size is the only change, and a switch above every step's sigma is
 the stock call exactly (each call starts from the generators' and the global random state the stock call starts
-from, so that what it draws besides its noise, a ControlNet pipeline's control latent, is the stock call's).
+from, so that what it draws besides its noise, a ControlNet pipeline's control latent, is the stock call's; after
+the last, they are where the stock call leaves them).
 Flow-matching pipelines whose call takes ``sigmas`` and ``latents`` (FLUX.1, FLUX.2, Chroma, Qwen-Image, Z-Image,
 SD3, HunyuanImage 2.1, and the ControlNet pipelines of FLUX.1, SD3 and Qwen-Image); others are refused. The
 text encoders run once per call (three times in all): negligible beside a large transformer's steps.
@@ -21,6 +22,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from diffusers import (
     ChromaPipeline,
@@ -170,26 +172,28 @@ def progressive_call(pipe, switch: float | ProgressiveResolution, **call):
     """``pipe(**call)`` with every step above noise level ``switch`` at half resolution (see module doc).
 
     ``call`` is what the stock call takes; ``generator`` (one per sample) gives the same noise
-    as there. Returns the second call's output, as ``pipe(**call)`` would.
+    as there, and is left where the stock call leaves it. Returns the second call's output, as
+    ``pipe(**call)`` would.
     """
     policy = switch if isinstance(switch, ProgressiveResolution) else ProgressiveResolution(switch)
     layout = _layout(pipe)
     height, width = _checked(pipe, call)
-    rewind = _rewinder(pipe, call)
+    rewind = _random_state(call)  # each call starts where the stock call starts
     start = stock_start(pipe, height=height, width=width, **call)
-    rewind()
+    drawn = _random_state(call)  # and after the last, the state is where the stock call leaves it
     sigmas, half_steps = start.sigmas, sum(policy.half(float(s)) for s in start.sigmas)
     if half_steps == len(sigmas):
         raise ValueError(f"switch {policy.switch} is below every step's noise level (the last is "
                          f"{float(sigmas[-1]):.3g}): nothing would run at full resolution")
     grid = layout.to_grid(pipe, start.noise, height, width)
-    if half_steps == 0:
-        return pipe(height=height, width=width, latents=layout.from_grid(pipe, grid), **call)
-
-    grid = dct_resize(grid, (grid.shape[-2] // 2, grid.shape[-1] // 2), keep="energy")
     stock = pipe.scheduler
-    pipe.scheduler = _exact_sigmas(stock)
     try:
+        rewind()
+        if half_steps == 0:
+            return pipe(height=height, width=width, latents=layout.from_grid(pipe, grid), **call)
+        grid = dct_resize(grid, (grid.shape[-2] // 2, grid.shape[-1] // 2), keep="energy")
+        pipe.scheduler = _exact_sigmas(stock)
+
         def stop(pipeline, step, timestep, outputs):
             pipeline._interrupt = step + 1 >= half_steps
             return outputs
@@ -203,26 +207,26 @@ def progressive_call(pipe, switch: float | ProgressiveResolution, **call):
                     latents=layout.from_grid(pipe, grid), **call)
     finally:
         pipe.scheduler = stock
+        drawn()
 
 
-def _rewinder(pipe, call: dict) -> Callable[[], None]:
-    """A function that puts the call's generators and torch's global random state back where they are now: each of
-    the stock calls progressive resolution makes then draws what the one stock call draws besides its noise, which
-    they are given (a ControlNet pipeline samples its control image's latent, from the generator or, SD3's, from the
-    global state)."""
+def _random_state(call: dict) -> Callable[[], None]:
+    """A function that puts the call's generators and torch's global random state (the CPU's, every initialised CUDA
+    device's) back to what they are now: each of progressive resolution's stock calls then draws what the one stock
+    call draws besides its noise, which they are given (a ControlNet pipeline samples its control image's latent,
+    from the generator or, SD3's, from the global state)."""
     generators = call.get("generator")
     generators = [g for g in (generators if isinstance(generators, list) else [generators]) if g is not None]
-    states, device = [g.get_state() for g in generators], torch.device(pipe._execution_device)
-    cpu = torch.random.get_rng_state()
-    accelerator = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    states, cpu = [g.get_state() for g in generators], torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
-    def rewind():
+    def restore():
         for generator, state in zip(generators, states):
             generator.set_state(state)
         torch.random.set_rng_state(cpu)
-        if accelerator is not None:
-            torch.cuda.set_rng_state(accelerator, device)
-    return rewind
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+    return restore
 
 
 def half_resolution_steps(pipe, switch: float | ProgressiveResolution, **call) -> list[bool]:
@@ -238,6 +242,11 @@ def _checked(pipe, call: dict) -> tuple[int, int]:
     for name in ("sigmas", "latents", "timesteps", "callback_on_step_end", "skip_guidance_layers"):
         if call.get(name) is not None:  # SD3's skip-layer guidance counts steps from each call's start
             raise ValueError(f"progressive_call cannot take {name}=: it sets the schedule and the latents itself")
+    guided = [name for name, default in (("control_guidance_start", 0.0), ("control_guidance_end", 1.0))
+              if call.get(name) is not None and any(v != default for v in np.atleast_1d(call[name]))]
+    if guided:  # fractions of each call's own steps, which progressive resolution splits in two calls
+        raise ValueError(f"progressive_call cannot take {guided[0]}= other than {0.0 if 'start' in guided[0] else 1.0}"
+                         ": the ControlNet pipeline counts it in each of its two calls' steps")
     if call.get("caption_upsample_temperature") is not None:  # sampled from the global RNG at every call
         raise ValueError("progressive_call cannot take caption_upsample_temperature=: each of its calls would "
                          "sample another caption; upsample the prompt once and pass the result as the prompt")
