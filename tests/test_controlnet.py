@@ -21,6 +21,7 @@ from diffusers import (
     FluxMultiControlNetModel,
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
 )
 from PIL import Image
@@ -68,6 +69,15 @@ def qwenimage():
                        timestep=torch.tensor([0.3, 0.9]), img_shapes=[[(1, ROWS, COLS)]] * B)
 
 
+def sana():  # patch 1: the fine tokens are the latent's pixels
+    model = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                   num_layers=4, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                   cross_attention_dim=16, caption_channels=32, mlp_ratio=2.0, sample_size=8,
+                                   patch_size=1)
+    return model, dict(hidden_states=torch.randn(B, 4, ROWS, COLS), encoder_hidden_states=torch.randn(B, 5, 32),
+                       timestep=torch.tensor([10, 900]))
+
+
 # each family's residual arguments, fewer than its blocks (a residual serves several), in counts where FLUX's and
 # Qwen-Image's ceil(blocks / residuals) blocks per residual and SD3's blocks / residuals pick differently
 FAMILIES = {
@@ -76,6 +86,7 @@ FAMILIES = {
                            "controlnet_blocks_repeat": True}),
     "sd3": (sd3, {"block_controlnet_hidden_states": 3}),
     "qwenimage": (qwenimage, {"controlnet_block_samples": 3}),
+    "sana": (sana, {"controlnet_block_samples": 2}),  # after the second block onwards, one per block
 }
 
 
@@ -116,7 +127,7 @@ def test_pooling_averages_each_coarse_patchs_fine_tokens_in_row_major_order():
     assert torch.allclose(pool_tokens(video, (2, 4, 4), (1, 4, 4)), video.reshape(B, 2, 16, 3).mean(2), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3", "qwenimage"])
+@pytest.mark.parametrize("name", ["flux", "sd3", "qwenimage", "sana"])
 @torch.no_grad()
 def test_the_pooled_residuals_follow_the_coarse_tokens_order(name):
     """The mean of the fine tokens' embeddings, pooled, is each coarse token's embedding (PatchHead's start): the
@@ -211,7 +222,7 @@ def test_in_the_stock_pipeline_the_fine_sample_equals_stock_and_coarse_steps_see
     kind, path = folder
     pipe = DiffusionPipeline.from_pretrained(path).to(DEVICE)
     assert type(pipe).__name__ in ("FluxControlNetPipeline", "StableDiffusion3ControlNetPipeline",
-                                   "QwenImageControlNetPipeline")
+                                   "QwenImageControlNetPipeline", "SanaControlNetPipeline")
     check_stock_pipeline(pipe, kind)
 
 
@@ -263,6 +274,10 @@ def test_progressive_resolution_runs_in_the_controlnet_pipelines(folder):
     control image's latent from where the stock call drew it."""
     kind, path = folder
     pipe = DiffusionPipeline.from_pretrained(path).to(DEVICE)
+    if kind == "sana-controlnet":  # as SanaPipeline
+        with pytest.raises(ValueError, match="progressive resolution runs in .* not in SanaControlNetPipeline"):
+            ddit.progressive_call(pipe, 0.6, **call_of(kind))
+        return
     stock = generate(pipe, kind, num_inference_steps=6)
     tokens = []
     pipe.transformer.register_forward_pre_hook(lambda m, a, k: tokens.append(k["hidden_states"].shape[1:]),
@@ -290,6 +305,11 @@ def test_feature_caches_run_beside_the_control_at_coarse_steps(folder):
     kind, path = folder
     pipe = DiffusionPipeline.from_pretrained(path).to(DEVICE)
     adapter, policy = MultiPatchTransformer(pipe.transformer), [4, 4, 4, 2, 2, 2]
+    if kind == "sana-controlnet":  # a single-stream stack runs whole in its first block: the residuals would not fit
+        ddit.enable(pipe, adapter, policy=FixedPolicy(policy), cache=TaylorSeer(interval=2, warmup=1))
+        with pytest.raises(ValueError, match="single-stream block stack .* without the cache"):
+            generate(pipe, kind, num_inference_steps=6)
+        return
     ddit.enable(pipe, adapter, policy=FixedPolicy(policy))
     plain = generate(pipe, kind, num_inference_steps=6)
     for cache in (TeaCache(delta=0, coefficients=[1.0, 0.0]), TeaCache(delta=1e9, coefficients=[1.0, 0.0]),

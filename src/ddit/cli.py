@@ -334,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "image-to-video: call it with an image too), wan22 (Wan 2.2's two experts), wan22-i2v, "
                    "hunyuanvideo15, ltx (LTX-Video), ltx2 (LTX-2, video and audio), skyreels (SkyReels-V2), "
                    "skyreels-i2v (its image-to-video: call it with an image too), skyreels-df (its diffusion "
-                   "forcing), or flux-controlnet, sd3-controlnet or qwenimage-controlnet (a ControlNet pipeline: call "
-                   "it with a control_image too)")
+                   "forcing), or flux-controlnet, sd3-controlnet, qwenimage-controlnet or sana-controlnet (a "
+                   "ControlNet pipeline: call it with a control_image too)")
     p.add_argument("out", help="folder to write")
     p.set_defaults(func=_tiny_pipeline)
 

@@ -172,6 +172,11 @@ class DynamicPatchTransformer(nn.Module):
             raise ValueError(f"{', '.join(refused)} cannot be used with dynamic patches "
                              "(they hold the fine grid's tokens, or the backbone reads them in its own forward)")
         self.adapter.check_residuals(given, latent)
+        controlled = any(given.get(name) is not None for name in spec.residuals)
+        if self.runtime.cache is not None and spec.single_stream and controlled:
+            raise ValueError("ddit's feature caches run a single-stream block stack (Sana's) whole inside its first "
+                             "block's call, so a ControlNet's residuals, added between its blocks, would land after "
+                             "it: run the ControlNet pipeline without the cache, or the cache without the ControlNet")
         where = self._where
         timestep = spec.timestep(given)
         cfg = None if self._branch is not None else self._guidance(timestep) if spec.batched_cfg else False

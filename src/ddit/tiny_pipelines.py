@@ -1,7 +1,7 @@
 """Complete tiny pipeline folders (Flux, FLUX.2 [klein], Chroma, Qwen-Image, Z-Image, SD3, PixArt-Sigma, Sana,
 HunyuanImage 2.1, Wan 2.1 and Wan 2.2 with its two experts, each also as image-to-video, HunyuanVideo 1.5,
-LTX-Video, LTX-2 (video and audio), SkyReels-V2, also image-to-video, and its diffusion forcing; FLUX.1, SD3 and
-Qwen-Image with a ControlNet), made offline, that stock diffusers loads.
+LTX-Video, LTX-2 (video and audio), SkyReels-V2, also image-to-video, and its diffusion forcing; FLUX.1, SD3,
+Qwen-Image and Sana with a ControlNet), made offline, that stock diffusers loads.
 
 Why: to try ``ddit`` (distil, ablate, enable) end to end from a text prompt (and a first frame) without
 downloading a model, and to test it on the same folders a user would hand it.
@@ -72,6 +72,8 @@ from diffusers import (
     QwenImageControlNetPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
+    SanaControlNetModel,
+    SanaControlNetPipeline,
     SanaPipeline,
     SanaTransformer2DModel,
     SD3ControlNetModel,
@@ -92,8 +94,8 @@ from diffusers import (
 
 KINDS = ("flux", "flux2", "chroma", "qwenimage", "zimage", "sd3", "pixart", "sana", "hunyuanimage", "wan", "wan-i2v",
          "wan22", "wan22-i2v", "hunyuanvideo15", "ltx", "ltx2", "skyreels", "skyreels-i2v", "skyreels-df")
-#: ControlNet pipelines (FLUX.1, SD3, Qwen-Image) with a one-block ControlNet: called with a ``control_image`` too.
-CONTROLNET_KINDS = ("flux-controlnet", "sd3-controlnet", "qwenimage-controlnet")
+#: ControlNet pipelines (FLUX.1, SD3, Qwen-Image, Sana) with a one-block ControlNet, called with a control_image.
+CONTROLNET_KINDS = ("flux-controlnet", "sd3-controlnet", "qwenimage-controlnet", "sana-controlnet")
 SIDE = 128  # image side: a 16x16 latent under the VAEs' factor 8
 TINY_CALL = {
     "flux": dict(height=SIDE, width=SIDE),
@@ -117,8 +119,9 @@ TINY_CALL = {
     "skyreels": dict(height=SIDE, width=SIDE, num_frames=5),  # Wan's VAE: 2 latent frames
     "skyreels-i2v": dict(height=SIDE, width=SIDE, num_frames=5),  # call it with an image too
     "skyreels-df": dict(height=SIDE, width=SIDE, num_frames=5),  # diffusion forcing: a timestep per latent frame
-    **{kind: dict(height=SIDE, width=SIDE) for kind in CONTROLNET_KINDS},  # call them with a control_image too
 }
+# a ControlNet pipeline runs at its family's size, called with a control_image too
+TINY_CALL.update({kind: TINY_CALL[kind.removesuffix("-controlnet")] for kind in CONTROLNET_KINDS})
 CLIP_LENGTH = 77  # the CLIP tokenizers' model_max_length, as in every real checkpoint
 #: Qwen's chat format, which FLUX.2 [klein] wraps every prompt in before encoding it.
 QWEN_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -561,24 +564,31 @@ def _ltx2(tf) -> DiffusionPipeline:
                         transformer=transformer, vocoder=vocoder)
 
 
-#: ControlNet pipelines: (pipeline class, ControlNet class, ``from_transformer`` arguments for a one-block ControlNet).
+def _sana_controlnet(transformer) -> SanaControlNetModel:
+    """Sana's ControlNet, which diffusers makes from no transformer: the transformer's config, one block."""
+    taken = inspect.signature(SanaControlNetModel.__init__).parameters
+    return SanaControlNetModel(**{k: v for k, v in transformer.config.items() if k in taken and k != "num_layers"},
+                               num_layers=1)
+
+
+#: ControlNet pipelines: (pipeline class, a one-block ControlNet made from the transformer). From a copy: SD3's
+#: from_transformer writes its layer count into the transformer's own config.
 _CONTROLNETS = {
-    "flux": (FluxControlNetPipeline, FluxControlNetModel,
-             dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2)),
-    "sd3": (StableDiffusion3ControlNetPipeline, SD3ControlNetModel,
-            dict(num_layers=1, num_extra_conditioning_channels=0)),
-    "qwenimage": (QwenImageControlNetPipeline, QwenImageControlNetModel,
-                  dict(num_layers=1, attention_head_dim=16, num_attention_heads=2)),
+    "flux": (FluxControlNetPipeline, lambda t: FluxControlNetModel.from_transformer(
+        copy.deepcopy(t), num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2)),
+    "sd3": (StableDiffusion3ControlNetPipeline, lambda t: SD3ControlNetModel.from_transformer(
+        copy.deepcopy(t), num_layers=1, num_extra_conditioning_channels=0)),
+    "qwenimage": (QwenImageControlNetPipeline, lambda t: QwenImageControlNetModel.from_transformer(
+        copy.deepcopy(t), num_layers=1, attention_head_dim=16, num_attention_heads=2)),
+    "sana": (SanaControlNetPipeline, _sana_controlnet),
 }
 
 
 def _controlnet(tf, kind: str) -> DiffusionPipeline:
     """``kind``'s pipeline with a one-block ControlNet made from its transformer: call it with a ``control_image``."""
     base = _BUILDERS[kind](tf)
-    pipeline, model, config = _CONTROLNETS[kind]
-    # from a copy: SD3's from_transformer writes its layer count into the transformer's own config
-    controlnet = model.from_transformer(copy.deepcopy(base.transformer), **config)
-    return pipeline.from_pipe(base, controlnet=wake_zeros(controlnet))
+    pipeline, make = _CONTROLNETS[kind]
+    return pipeline.from_pipe(base, controlnet=wake_zeros(make(base.transformer)))
 
 
 _BUILDERS = {"flux": _flux, "flux2": _flux2, "chroma": _chroma, "qwenimage": _qwenimage, "zimage": _zimage,

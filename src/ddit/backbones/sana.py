@@ -2,7 +2,8 @@
 feed-forward that folds the tokens back into their (height, width) grid: the blocks are given the coarse grid.
 
 Positions: none by default (the convolution places the tokens), or the backbone's sincos table at stride k
-when the model has an ``interpolation_scale``.
+when the model has an ``interpolation_scale``. A ControlNet's residuals (SanaControlNetPipeline) are averaged over
+the fine tokens a coarse token covers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ class SanaSpec(BackboneSpec):
     model_class = "SanaTransformer2DModel"
     # self- and cross-attention, and the 1x1 convolutions in and out of the convolutional feed-forward
     lora_target = r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.(conv_inverted|conv_point))"
-    unsupported = ("attention_mask", "controlnet_block_samples")  # image-token inputs, of the fine grid
+    unsupported = ("attention_mask",)  # an image-token input, of the fine grid
+    residuals = ("controlnet_block_samples",)
     teacache_blocks = ("SanaTransformerBlock",)
 
     def teacache_input(self, block, hidden, arguments):
@@ -39,6 +41,10 @@ class SanaSpec(BackboneSpec):
         else:
             t, embedded_t = m.time_embed(args["timestep"], guidance=args["guidance"], hidden_dtype=x.dtype)
         context = m.caption_norm(m.caption_projection(args["encoder_hidden_states"]).view(batch, -1, x.shape[-1]))
-        for block in m.transformer_blocks:
+        control = args["controlnet_block_samples"]
+        for i, block in enumerate(m.transformer_blocks):
             x = self.block(block, x, None, context, mask, t, *grid)
+            # a ControlNet's residual, where the stock forward adds it: after the second block onwards
+            if control is not None and 0 < i <= len(control):
+                x = x + control[i - 1]
         return m.norm_out(x, embedded_t, m.scale_shift_table)
