@@ -25,7 +25,7 @@ DDIT_TEST_DEVICE=cuda timeout -k 10 240 "$PY" -m pytest -q -p no:cacheprovider t
     tests/test_ltx2.py::test_feature_caches_run_in_the_stock_pipeline_beside_coarse_steps \
     tests/test_controlnet.py::test_in_the_stock_pipeline_the_fine_sample_equals_stock_and_coarse_steps_see_the_control \
     tests/test_controlnet.py::test_feature_caches_run_beside_the_control_at_coarse_steps \
-    tests/test_ip_adapter.py -k "not ablation" \
+    tests/test_ip_adapter.py tests/test_style_lora.py -k "not ablation" \
     2>&1 | tee "$OUT/pipelines.log"
 timeout -k 10 120 "$PY" -m ddit.ablate.cli --out "$OUT/ablate" --device cuda --dtype bfloat16 --num-per-class 8 \
     --caches none,teacache --batch-size 32 --no-progress 2>&1 | tee "$OUT/ablate.log"

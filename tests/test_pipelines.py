@@ -8,9 +8,7 @@ import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module, attach_align_device_hook
 from diffusers import AutoencoderKLFlux2, ContextParallelConfig, Flux2KleinPipeline
 from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig, apply_group_offloading
-from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
-from peft.utils import get_peft_model_state_dict
 from tiny_pipelines import NAMES, TEXT_LEN, build, generators, latents, per_sample
 
 import ddit
@@ -891,33 +889,6 @@ def test_layerwise_casting_after_enable_stores_the_blocks_in_float8_and_runs_coa
     assert {layer.lora_A["patch4"].weight.dtype for layer in adapter._lora_layers} == {torch.float32}
     assert torch.isfinite(latents(pipe(**kwargs(batch=2, steps=STEPS)))).all()
     assert ddit.summary(pipe).coarse_fraction == pytest.approx(2 / 6)
-
-
-def test_a_style_lora_must_be_fused_first_and_lora_changes_wait_for_disable(tmp_path):
-    """ddit's LoRA takes the blocks' linear layers over: an unfused LoRA there would be silently dropped."""
-    pipe, kwargs = build("flux")
-    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
-                                            init_lora_weights=False), adapter_name="style")
-    styled = latents(pipe(**kwargs(batch=1, steps=STEPS)))
-    type(pipe).save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer,
-                                                                                           adapter_name="style"))
-    with pytest.raises(ValueError, match=r"already carries LoRA layers \(adapters \['style'\]\).*fuse_lora"):
-        ddit.MultiPatchTransformer(pipe.transformer)
-
-    pipe, kwargs = build("flux")
-    adapter = ddit.MultiPatchTransformer(pipe.transformer)
-    ddit.enable(pipe, adapter, policy="baseline")
-    with pytest.raises(ValueError, match="load_lora_adapter: LoRA weights cannot be loaded.*ddit.disable"):
-        pipe.load_lora_weights(tmp_path)
-    ddit.disable(pipe)
-    pipe.load_lora_weights(tmp_path)
-    assert torch.allclose(latents(pipe(**kwargs(batch=1, steps=STEPS))), styled, atol=ATOL, rtol=0)
-    with pytest.raises(ValueError, match="already carries LoRA layers"):
-        ddit.enable(pipe, adapter)  # its LoRA layers would go back over the style LoRA's
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    ddit.enable(pipe, adapter, policy="baseline")
-    assert torch.allclose(latents(pipe(**kwargs(batch=1, steps=STEPS))), styled, atol=ATOL, rtol=0)
 
 
 def test_flux2_klein_guides_with_two_calls_per_step_that_share_one_decision():

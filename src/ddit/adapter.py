@@ -43,9 +43,9 @@ ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_config.json")
 HOOK_ATTRIBUTES = frozenset({"_hf_hook", "_old_forward", "_diffusers_hook"})
 _PARALLEL = ("split the transformer by plans written for its own forward, which coarse steps do not take: not "
              "supported with ddit; run one pipeline per GPU on different prompts (accelerate) instead")
-_LORA_CHANGE = ("LoRA weights cannot be loaded, switched or fused while ddit's adapter is on the transformer: "
-                "ddit.disable(pipe) first, change them, fuse them (pipe.fuse_lora(); pipe.unload_lora_weights()), "
-                "and ddit.enable again")
+_LORA_CHANGE = ("LoRA layers cannot be loaded, fused, unloaded or deleted while ddit's adapter shares them: "
+                "ddit.disable(pipe) first, change them, and ddit.enable again (switching and weighting loaded LoRAs "
+                "with pipe.set_adapters, enable_lora and disable_lora works while enabled)")
 
 
 def image_prompts(given: dict, spec: BackboneSpec) -> list[str]:
@@ -58,12 +58,15 @@ def image_prompts(given: dict, spec: BackboneSpec) -> list[str]:
             for name, value in given.items() if isinstance(value, dict) and IP_ADAPTER in value]
 
 
-#: What diffusers can do to a transformer that would load into, switch, remove, bypass or split the LoRA layers
+#: diffusers' calls on a transformer that switch or weight its loaded LoRAs (a style LoRA): they run on the stock
+#: backbone, ddit's LoRA taken out of it for the moment, and ddit's coarse steps then follow what they set.
+STYLE_CALLS = frozenset({"set_adapter", "set_adapters", "enable_adapters", "disable_adapters", "enable_lora",
+                         "disable_lora", "active_adapters"})
+#: What diffusers can do to a transformer that would load into, remove, bypass or split the LoRA layers
 #: ddit's adapter lives in: refused while the adapter is on the backbone, saying what to do instead.
 REFUSED_CALLS = {
-    **dict.fromkeys(("load_lora_adapter", "add_adapter", "set_adapter", "set_adapters", "delete_adapters",
-                     "fuse_lora", "unfuse_lora", "unload_lora", "enable_lora", "disable_lora", "enable_adapters",
-                     "disable_adapters", "enable_lora_hotswap"), _LORA_CHANGE),
+    **dict.fromkeys(("load_lora_adapter", "add_adapter", "delete_adapters", "fuse_lora", "unfuse_lora",
+                     "unload_lora", "enable_lora_hotswap"), _LORA_CHANGE),
     "fuse_qkv_projections": "a fused q/k/v projection would bypass the LoRA layers ddit's adapter puts on to_q, "
                             "to_k and to_v: run unfused (fuse after ddit.disable(pipe) if you need it)",
     "enable_parallelism": f"context and tensor parallelism {_PARALLEL}",
@@ -145,28 +148,42 @@ class MultiPatchTransformer(nn.Module):
         if bad:
             raise ValueError(f"patch sizes must be multiples of the base patch size {base}, not {bad}")
         self.patch_sizes: tuple[int, ...] = tuple(sizes)
+        self.shared_lora = shared_lora
+        names = tuple(dict.fromkeys(self._lora_name(size) for size in sizes[1:]))
         _check_copyable(backbone, self.spec.base_layers())
-        _check_extendable(backbone)
+        _check_extendable(backbone, names, self.spec.base_layers())
         weights = self.spec.base_weights()
         self.heads = nn.ModuleDict({str(s): PatchHead(*weights, scale=s // base) for s in sizes[1:]})
         self.heads.to(device=backbone.device, dtype=backbone.dtype)
         self.lora_config = lora_config or LoraConfig(r=rank, lora_alpha=rank, target_modules=self.spec.lora_target)
-        self.shared_lora = shared_lora
+        # a style LoRA's layers, loaded before, with what they run: peft's injection activates ddit's adapters
+        styled = {id(m): (m, m.active_adapters, m.disable_adapters) for m in backbone.modules()
+                  if isinstance(m, LoraLayer)}
         with warnings.catch_warnings():  # peft warns about a second adapter: one per size is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            for name in dict.fromkeys(self._lora_name(size) for size in sizes[1:]):
+            for name in names:
                 inject_adapter_in_model(self.lora_config, backbone, adapter_name=name)
-        self._lora_places = [(backbone.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], m)
-                             for name, m in backbone.named_modules() if isinstance(m, LoraLayer)]
-        self._lora_layers = [layer for _, _, layer in self._lora_places]
-        self._peft_config = backbone.peft_config
-        self._lora_in = True  # whether the LoRA layers sit in the backbone right now
+        for layer, active, disabled in styled.values():
+            layer._active_adapter, layer._disable_adapters = active, disabled
+        self._configs = {name: backbone.peft_config[name] for name in names}
+        self._named_lora_layers = [(name, m) for name, m in backbone.named_modules()
+                                   if isinstance(m, LoraLayer) and names[0] in m.lora_A]
+        places = [(backbone.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], m)
+                  for name, m in self._named_lora_layers]
+        # ddit's own layers leave the backbone whole (detach, lean base calls); in a style LoRA's layers ddit's
+        # adapters sit beside the style's, and only they leave (``_stash``)
+        self._lora_places = [place for place in places if id(place[2]) not in styled]
+        self._shared_places = [place for place in places if id(place[2]) in styled]
+        self._lora_layers = [layer for _, _, layer in places]
+        self._stashed: list[dict] = []
+        self._lora_in = True  # whether ddit's own LoRA layers sit in the backbone right now
         self._lora_active: int | None | str = "unset"  # the size whose LoRA the layers' flags select
         self.attached = True  # False after detach(): the backbone belongs to someone else until attach()
         self._lean = False
         for p in self.trainable_parameters():
             p.requires_grad_(True)  # peft leaves only the last injected adapter trainable
         self._signature = inspect.signature(backbone.forward)
+        self._read_styles()
         self._use_lora(None)
         self.spec.recompute = lambda: self._lora_of(self._lora_active)
 
@@ -204,29 +221,87 @@ class MultiPatchTransformer(nn.Module):
                 raise
             if name in REFUSED_CALLS:
                 return _refused(name)
+            if name in STYLE_CALLS:
+                return self._on_stock_backbone(getattr(backbone, name))
             return getattr(backbone, name)
 
     def get_memory_footprint(self) -> int:
         """Bytes of the backbone, the heads and the LoRA layers, wherever these sit (a components manager's
-        offload strategy sizes what to move by it; the backbone's own would leave the adapter out)."""
-        modules = (self, *self._lora_layers)  # the LoRA layers: not in parameters() while out of the backbone
-        tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
+        offload strategy sizes what to move by it; the backbone's own would leave the adapter out). The LoRA layers
+        are not in ``parameters()`` while out of the backbone."""
+        tensors = {id(t): t for t in (*self.parameters(), *self.buffers(), *self._adapter_parameters().values())}
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     # -- the LoRA layers in the backbone
     def detach(self) -> nn.Module:
         """Take the LoRA layers out of the backbone: it is the stock model again (to save it, or to give it
-        back to a pipeline); ``attach`` puts them back, weights and all. Calls refuse until then."""
-        self._place_lora(False)
-        self.attached = False
+        back to a pipeline), a style LoRA loaded before included; ``attach`` puts them back, weights and all.
+        Calls refuse until then."""
+        if self.attached:
+            self._use_lora(None)  # a style LoRA's layers as they were found: its adapters alone active
+            self._place_lora(False)
+            self._stashed = [_stash(layer, self._configs) for _, _, layer in self._shared_places]
+            self.attached = False
         return self.backbone
 
     def attach(self) -> None:
-        """Put the LoRA layers that ``detach`` took out back into the backbone."""
-        if not self._lora_in:
-            _check_extendable(self.backbone)
+        """Put the LoRA layers that ``detach`` took out back into the backbone (on its device); refuses if a LoRA
+        was loaded into ddit's own layers, or if their places changed while detached (a LoRA loaded, fused or
+        unloaded there)."""
+        own = {id(layer) for _, _, layer in self._lora_places}
+        loaded = [name for name, layer in self._named_lora_layers
+                  if id(layer) in own and set(layer.lora_A) - set(self._configs)]
+        if not self.attached:
+            left = {id(layer): layer.get_base_layer() for _, _, layer in self._lora_places}  # what detach left
+            left |= {id(layer): layer for _, _, layer in self._shared_places}
+            places = {id(layer): (parent, name) for parent, name, layer in (*self._lora_places, *self._shared_places)}
+            loaded += [name for name, layer in self._named_lora_layers
+                       if getattr(*places[id(layer)]) is not left[id(layer)]]
+        if loaded:
+            raise ValueError(f"the layers ddit's adapter put its LoRA on changed since it was built or detached "
+                             f"({type(self.backbone).__name__}.{loaded[0]}"
+                             f"{f' and {len(loaded) - 1} more' if len(loaded) > 1 else ''}: a LoRA loaded, fused or "
+                             "unloaded there): load LoRAs before building the adapter, and build it again over the "
+                             "transformer as it is now (ddit.enable(pipe, adapter_folder), or "
+                             "MultiPatchTransformer.from_pretrained; adapter.save_pretrained(folder) first if unsaved)")
+        if not self.attached:
+            _check_extendable(self.backbone, tuple(self._configs), self.spec.base_layers())
+            for (_, _, layer), stashed in zip(self._shared_places, self._stashed):
+                _unstash(layer, stashed)
+            self._stashed = []
+            self._read_styles()
+            self._lora_active = "unset"
+            self.attached = True
+            self.to(self.backbone.device)  # a pipe.to(...) while detached moved the backbone only
         self._place_lora(True)
-        self.attached = True
+        self._use_lora(None)
+
+    def _read_styles(self) -> None:
+        """What the style LoRA's layers run at base-size steps (their active adapters and whether they are
+        disabled), and the layers a LoRA scale reaches: kept when ddit's LoRA goes in, read again after a
+        ``set_adapters`` (or the like) changed them. Their parameters stay frozen."""
+        self._styles = [([a for a in layer.active_adapters if a not in self._configs], layer.disable_adapters)
+                        for _, _, layer in self._shared_places]
+        self._style_layers = [m for m in self.backbone.modules()
+                              if isinstance(m, LoraLayer) and set(m.lora_A) - set(self._configs)]
+        for layer in self._style_layers:  # peft's set_adapter turns them on; distillation trains ddit's only
+            for name in layer.adapter_layer_names:
+                for key, value in getattr(layer, name).items():
+                    for p in [value] if isinstance(value, nn.Parameter) else value.parameters():
+                        p.requires_grad_(key in self._configs and p.requires_grad)
+
+    def _on_stock_backbone(self, method: Callable) -> Callable:
+        """A diffusers LoRA call that switches or weights the style LoRAs (``STYLE_CALLS``), run on the stock
+        backbone: ddit's LoRA leaves for the call and comes back after it, reading what the call set."""
+        def call(*args, **kwargs):
+            if not self.attached:
+                return method(*args, **kwargs)
+            self.detach()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.attach()
+        return call
 
     @property
     def lean_base(self) -> bool:
@@ -243,11 +318,13 @@ class MultiPatchTransformer(nn.Module):
             self._place_lora(True)
 
     def _place_lora(self, inside: bool) -> None:
+        """ddit's own LoRA layers in (``inside``) or out of the backbone, with their peft configs."""
         if inside != self._lora_in:
             for parent, name, layer in self._lora_places:
                 setattr(parent, name, layer if inside else layer.get_base_layer())
-            if inside:
-                self.backbone.peft_config = self._peft_config
+            others = {k: v for k, v in getattr(self.backbone, "peft_config", {}).items() if k not in self._configs}
+            if inside or others:
+                self.backbone.peft_config = {**others, **self._configs} if inside else others
             else:
                 del self.backbone.peft_config
             self._lora_in = inside
@@ -258,6 +335,11 @@ class MultiPatchTransformer(nn.Module):
             for _, _, layer in self._lora_places:
                 for name in layer.adapter_layer_names:
                     getattr(layer, name)._apply(fn, recurse)
+        for stashed in self._stashed:
+            for entries in stashed.values():
+                for value in entries.values():
+                    if isinstance(value, nn.Module):
+                        value._apply(fn, recurse)
         return super()._apply(fn, recurse)
 
     # -- forward
@@ -287,16 +369,33 @@ class MultiPatchTransformer(nn.Module):
         refused += image_prompts(given, self.spec)
         if refused:
             raise ValueError(f"{', '.join(refused)} cannot be used at a coarse patch size")
+        lora_scale = 1.0
         for name in ("joint_attention_kwargs", "attention_kwargs"):
             if isinstance(given.get(name), dict) and "scale" in given[name]:
                 # a LoRA scale: the stock forward's @apply_lora_scale takes it out before the blocks, which warn
+                lora_scale = given[name]["scale"]
                 given[name] = {k: v for k, v in given[name].items() if k != "scale"}
         x = self.spec.latent(given)
         self._check(patch_size, x.shape[-2:])
         given.update(self._pooled(given, x, patch_size))
         self._use_lora(patch_size)
-        outputs = self._patched(self.heads[str(patch_size)], patch_size, x, given)
+        with self._style_scaled(lora_scale):
+            outputs = self._patched(self.heads[str(patch_size)], patch_size, x, given)
         return self.spec.output(outputs, given["return_dict"])
+
+    @contextmanager
+    def _style_scaled(self, scale: float) -> Iterator[None]:
+        """A LoRA scale on the style LoRA's active adapters for one call, as the stock forward's
+        ``@apply_lora_scale`` puts it on a base-size call; ddit's own LoRA is not scaled, at any size."""
+        scaled = {(layer, a): layer.scaling[a] for layer in self._style_layers for a in layer.active_adapters
+                  if a in layer.scaling and a not in self._configs} if scale != 1 else {}
+        for (layer, a), value in scaled.items():
+            layer.scaling[a] = value * scale
+        try:
+            yield
+        finally:
+            for (layer, a), value in scaled.items():
+                layer.scaling[a] = value
 
     def _patched(self, head: PatchHead, size: int, x: torch.Tensor, given: dict) -> tuple[torch.Tensor, ...]:
         """The backbone's computation on latent ``x`` with ``head`` as its patchify and unpatchify: its outputs,
@@ -390,16 +489,21 @@ class MultiPatchTransformer(nn.Module):
         adapter, off for the others), and a leaf whose ``requires_grad`` is turned off after the
         forward that used it gets no gradient. Distillation sums the losses of several sizes before
         one backward (``distill.py``), so switching to the next size would silently drop the
-        gradient of the previous one (``tests/test_adapter.py`` guards this). Never fused.
+        gradient of the previous one (``tests/test_adapter.py`` guards this). Never fused. A style LoRA's
+        layers keep its active adapters (``_styles``) beside ddit's.
         """
         off = size is None or size == self.base_patch_size
-        if not self._lora_in or self._lora_active == (None if off else size):
-            return  # out of the backbone (lean base path), or already set
+        if self._lora_active == (None if off else size):
+            return
         self._lora_active = None if off else size
-        for layer in self._lora_layers:
+        name = None if off else self._lora_name(size)
+        for _, _, layer in self._lora_places:  # in the backbone or not: the flags travel with the layer
             layer._disable_adapters = off
             if not off:
-                layer._active_adapter = self._lora_name(size)
+                layer._active_adapter = name
+        for (_, _, layer), (styles, disabled) in zip(self._shared_places, self._styles):
+            layer._active_adapter = list(styles) if off else [*([] if disabled else styles), name]
+            layer._disable_adapters = disabled if off else False
 
     @contextmanager
     def _lora_of(self, size: int | None) -> Iterator[None]:
@@ -431,18 +535,21 @@ class MultiPatchTransformer(nn.Module):
         return [p for name, p in self._adapter_parameters().items() if _size_of(name) in names]
 
     def _adapter_parameters(self) -> dict[str, nn.Parameter]:
-        with self._lora_inside():
-            return {name: p for name, p in self.named_parameters() if _is_new(name)}
-
-    @contextmanager
-    def _lora_inside(self) -> Iterator[None]:
-        """The LoRA layers in the backbone (where their names are) for a moment, wherever they were."""
-        was_in = self._lora_in
-        self._place_lora(True)
-        try:
-            yield
-        finally:
-            self._place_lora(was_in)
+        """The LoRA's parameters by their names in the backbone (``backbone.<layer>.lora_A.patch4.weight``), wherever
+        its layers are (in the backbone, out of it, or out of a style LoRA's layers), then the heads': in the order
+        of ``named_parameters``, which optimizer states keep."""
+        held = {id(layer): stashed for (_, _, layer), stashed in zip(self._shared_places, self._stashed)}
+        params = {}
+        for qualified, layer in self._named_lora_layers:
+            for field in layer.adapter_layer_names:
+                entries = held[id(layer)][field] if id(layer) in held else getattr(layer, field)
+                for key, value in entries.items():
+                    if key not in self._configs:
+                        continue
+                    prefix = f"backbone.{qualified}.{field}.{key}"
+                    params |= ({prefix: value} if isinstance(value, nn.Parameter)
+                               else dict(value.named_parameters(prefix)))
+        return params | dict(self.heads.named_parameters("heads"))
 
     def save_pretrained(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write the adapter's weights (safetensors), its LoRA config and its own config to ``path``.
@@ -527,8 +634,9 @@ class MultiPatchTransformer(nn.Module):
             raise CheckpointError(f"adapter weights in {source} do not fit this adapter: "
                                   f"missing {missing[:3]}, unexpected {extra[:3]}; the file belongs to another "
                                   "adapter layout (sizes, LoRA targets): save it again, or distil a new one")
-        with self._lora_inside():
-            self.load_state_dict({name: sharded_like(state[name], p) for name, p in params.items()}, strict=False)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(sharded_like(state[name], p))
 
 
 def _check_copyable(backbone: nn.Module, base_layers: Sequence[nn.Module]) -> None:
@@ -553,21 +661,45 @@ def _check_copyable(backbone: nn.Module, base_layers: Sequence[nn.Module]) -> No
                          f"were trained (the quantization config's modules_to_not_convert: {names})")
 
 
-def _check_extendable(backbone: nn.Module) -> None:
-    """Refuse what would bypass, share or split the LoRA layers the adapter puts on the blocks' linear layers:
-    checked when they go in, and again when ``attach`` puts them back after a ``disable``."""
+def _check_extendable(backbone: nn.Module, names: Sequence[str], base_layers: Sequence[nn.Module]) -> None:
+    """Refuse what would bypass, share or split the LoRA layers the adapter (adapters ``names``) puts on the
+    blocks' linear layers: checked when they go in, and again when ``attach`` puts them back after a ``disable``.
+    A style LoRA's unfused layers may carry them beside its own adapters."""
     model = type(backbone).__name__
     if getattr(backbone, "_parallel_config", None) is not None:
         raise ValueError(f"{model} runs with context or tensor parallelism (enable_parallelism), which {_PARALLEL}")
     if any(_runs_fused_qkv(m) for m in backbone.modules()):
         raise ValueError(f"{model} has fused attention projections (fuse_qkv_projections), which would bypass the "
                          "LoRA layers the adapter puts on to_q, to_k and to_v: call unfuse_qkv_projections() first")
-    if any(isinstance(m, BaseTunerLayer) for m in backbone.modules()):  # a style LoRA would lose its place
-        names = sorted(getattr(backbone, "peft_config", {}))
-        raise ValueError(f"{model} already carries LoRA layers (adapters {names}), which ddit's adapter cannot "
-                         "share: fuse them into the weights first (pipe.fuse_lora(); pipe.unload_lora_weights()), "
-                         "then build the adapter or call ddit.enable; an earlier ddit adapter on it: "
-                         "ddit.disable(pipe) or adapter.detach()")
+    tuners = {name: m for name, m in backbone.named_modules() if isinstance(m, BaseTunerLayer)}
+    taken = sorted({a for m in tuners.values() for a in getattr(m, "lora_A", {}) if a in names})
+    if taken:
+        raise ValueError(f"{model} already carries LoRA adapters named {taken}, which are ddit's: an earlier ddit "
+                         "adapter is on it (ddit.disable(pipe) or adapter.detach() first), or a LoRA was loaded under "
+                         "that name (load it under another adapter_name)")
+    problems = {name: "not a LoRA (another peft tuner)" for name, m in tuners.items() if not isinstance(m, LoraLayer)}
+    problems |= {name: "fused into the weights but not unloaded, so its layer runs no other LoRA"
+                 for name, m in tuners.items() if isinstance(m, LoraLayer) and m.merged}
+    problems |= {name: "on the patch embedding or output projection, which coarse steps replace by their own"
+                 for name, m in tuners.items() if any(m is layer for layer in base_layers)}
+    if problems:
+        name, why = next(iter(problems.items()))
+        raise ValueError(f"{model}.{name} carries a LoRA that ddit's adapter cannot run beside ({why}"
+                         f"{f'; {len(problems) - 1} more layers too' if len(problems) > 1 else ''}): fuse it into "
+                         "the weights (pipe.fuse_lora(); pipe.unload_lora_weights()) before ddit.enable")
+
+
+def _stash(layer: LoraLayer, names) -> dict[str, dict]:
+    """Take the adapters ``names`` out of a style LoRA's ``layer``, everything peft keeps per adapter (what its
+    ``delete_adapter`` deletes), and return them for ``_unstash``."""
+    return {field: {n: getattr(layer, field).pop(n) for n in names if n in getattr(layer, field)}
+            for field in (*layer.adapter_layer_names, *layer.other_param_names, "lora_variant")
+            if hasattr(layer, field)}
+
+
+def _unstash(layer: LoraLayer, stashed: dict[str, dict]) -> None:
+    for field, entries in stashed.items():
+        getattr(layer, field).update(entries)
 
 
 def _runs_fused_qkv(module: nn.Module) -> bool:
@@ -590,7 +722,3 @@ def _size_of(name: str) -> str:
     """The size an adapter parameter belongs to: ``heads.4.…`` -> "4", ``….lora_A.patch4.weight`` -> "patch4"."""
     return name.split(".")[1] if name.startswith("heads.") else name.split(".lora_")[1].split(".")[1]
 
-
-def _is_new(name: str) -> bool:
-    """Whether a parameter name belongs to the adapter rather than to the backbone."""
-    return name.startswith("heads.") or ".lora_" in name

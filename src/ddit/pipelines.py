@@ -457,6 +457,9 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
             _move_manager_offload(manager, _uncompiled(getattr(pipe, name)), wrapper)
             setattr(pipe, name, wrapper)
     pipe.save_pretrained = _SaveWithAdapter(pipe)
+    for name in (*PIPE_STYLE_CALLS, *PIPE_LORA_CHANGES):
+        if callable(getattr(type(pipe), name, None)):
+            setattr(pipe, name, _PipeLoraCall(pipe, name))
     return pipe
 
 
@@ -474,7 +477,8 @@ def disable(pipe):
             wrapper.adapter.set_lean_base(False)
             _move_manager_offload(wrapper._manager(), wrapper, wrapper.adapter.backbone)
             setattr(pipe, name, wrapper.adapter.detach())
-    vars(pipe).pop("save_pretrained", None)
+    for name in ("save_pretrained", *PIPE_STYLE_CALLS, *PIPE_LORA_CHANGES):
+        vars(pipe).pop(name, None)
     return pipe
 
 
@@ -615,6 +619,22 @@ def _guidance_of(pipe) -> Callable[[torch.Tensor], bool | None]:
     return batched
 
 
+@contextmanager
+def _stock_transformers(pipe):
+    """The enabled pipeline with its stock transformers for a moment (ddit's LoRA out of them, a style LoRA's
+    left in), as they were after."""
+    wrappers = _wrappers(pipe)
+    held = {name: getattr(pipe, name) for name in wrappers}  # as they are, compiled or not
+    try:
+        for name, wrapper in wrappers.items():
+            setattr(pipe, name, wrapper.adapter.detach())
+        yield
+    finally:
+        for name, wrapper in wrappers.items():
+            wrapper.adapter.attach()
+            setattr(pipe, name, held[name])
+
+
 class _SaveWithAdapter:
     """``pipe.save_pretrained`` of an enabled pipeline: the stock pipeline, and the adapter in
     ``ADAPTER_FOLDER`` (a second expert's in its ``transformer_2`` subfolder);
@@ -626,20 +646,39 @@ class _SaveWithAdapter:
     def __call__(self, save_directory, *args, **kwargs):
         pipe = self.pipe()
         wrappers = _wrappers(pipe)
-        held = {name: getattr(pipe, name) for name in wrappers}  # as they are, compiled or not
         folder = Path(save_directory) / ADAPTER_FOLDER
         if "transformer_2" not in wrappers:  # a second expert's adapter from an earlier save is not this one's
             shutil.rmtree(folder / "transformer_2", ignore_errors=True)
         for name, wrapper in wrappers.items():  # first: a hub push takes them along
             wrapper.adapter.save_pretrained(folder if name == "transformer" else folder / name)
-        try:
-            for name, wrapper in wrappers.items():
-                setattr(pipe, name, wrapper.adapter.detach())
+        with _stock_transformers(pipe):
             type(pipe).save_pretrained(pipe, os.fspath(save_directory), *args, **kwargs)  # modular: str only
-        finally:
-            for name, wrapper in wrappers.items():
-                wrapper.adapter.attach()
-                setattr(pipe, name, held[name])
+
+
+#: The pipeline's LoRA calls that switch or weight loaded LoRAs: while enabled they run on the stock transformers,
+#: which diffusers would skip otherwise (an enabled transformer is not one of its models).
+PIPE_STYLE_CALLS = ("set_adapters", "enable_lora", "disable_lora", "get_active_adapters", "get_list_adapters",
+                    "set_lora_device")
+#: The pipeline's LoRA calls that load, fuse or remove LoRA layers, which ddit's adapter may share: refused.
+PIPE_LORA_CHANGES = ("load_lora_weights", "unload_lora_weights", "fuse_lora", "unfuse_lora", "delete_adapters",
+                     "enable_lora_hotswap")
+
+
+class _PipeLoraCall:
+    """``pipe.<name>`` for a diffusers LoRA call while ddit is enabled: ``PIPE_STYLE_CALLS`` run on the stock
+    transformers, ``PIPE_LORA_CHANGES`` are refused before any work."""
+
+    def __init__(self, pipe, name: str):
+        self.pipe, self.name = weakref.ref(pipe), name
+
+    def __call__(self, *args, **kwargs):
+        pipe = self.pipe()
+        if self.name in PIPE_LORA_CHANGES:
+            raise ValueError(f"pipe.{self.name} while ddit is enabled: it would load, fuse or remove LoRA layers that "
+                             f"ddit's adapter shares; ddit.disable(pipe), call pipe.{self.name}(...), then "
+                             "ddit.enable(pipe, adapter_folder) again")
+        with _stock_transformers(pipe):
+            return getattr(type(pipe), self.name)(pipe, *args, **kwargs)
 
 
 def summary(pipe) -> Summary:
