@@ -5,6 +5,8 @@ weights), on the tiny stock FLUX.1 pipeline."""
 
 import pytest
 import torch
+from diffusers import FluxTransformer2DModel
+from huggingface_hub.errors import HFValidationError
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
@@ -19,17 +21,26 @@ SCHEDULE = [8, 4, 8, 2]  # coarse and base steps in turn (FLUX.1's base patch is
 STYLE_TARGETS = ["to_q", "to_k", "add_q_proj", "ff_context.net.2"]
 
 
+def saved_lora(folder, targets, name, seed):
+    """A LoRA saved as diffusers saves one (random weights, not zero)."""
+    pipe, _ = build("flux")
+    torch.manual_seed(seed)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False),
+                                 adapter_name=name)
+    type(pipe).save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer,
+                                                                                         adapter_name=name))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def style_folder(tmp_path_factory):
-    """A style LoRA saved as diffusers saves one (random weights, not zero)."""
-    folder = tmp_path_factory.mktemp("style")
-    pipe, _ = build("flux")
-    torch.manual_seed(1)
-    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=STYLE_TARGETS,
-                                            init_lora_weights=False), adapter_name="style")
-    type(pipe).save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer,
-                                                                                         adapter_name="style"))
-    return folder
+    return saved_lora(tmp_path_factory.mktemp("style"), STYLE_TARGETS, "style", 1)
+
+
+@pytest.fixture(scope="module")
+def detail_folder(tmp_path_factory):
+    """A second LoRA, on layers only ddit's LoRA takes besides it."""
+    return saved_lora(tmp_path_factory.mktemp("detail"), ["to_v", "proj_mlp"], "detail", 3)
 
 
 @pytest.fixture(scope="module")
@@ -113,22 +124,49 @@ def test_set_adapters_and_disable_lora_while_enabled_reach_coarse_steps(style_fo
     assert torch.allclose(run(pipe, kwargs), expected["on"], atol=1e-4, rtol=0)
 
 
-def test_lora_changes_while_enabled_are_refused_and_a_changed_transformer_needs_its_adapter_again(
-        style_folder, adapter_folder):
+def test_loras_load_and_unload_while_enabled_and_the_adapter_is_built_again_around_them(
+        style_folder, detail_folder, adapter_folder, tmp_path):
+    expected = {}
+    for key, folders in (("both", (style_folder, detail_folder)), ("style", (style_folder,)), ("none", ())):
+        reference, reference_kwargs = flux()
+        for folder, name in zip(folders, ("style", "detail")):
+            reference.load_lora_weights(folder, adapter_name=name)
+        ddit.enable(reference, adapter_folder, policy=FixedPolicy(SCHEDULE))
+        expected[key] = run(reference, reference_kwargs)
+
+    pipe, kwargs = flux(style_folder)
+    ddit.enable(pipe, adapter_folder, policy=FixedPolicy(SCHEDULE))
+    pipe.load_lora_weights(detail_folder, adapter_name="detail")
+    assert pipe.get_list_adapters() == {"transformer": ["style", "detail"]}
+    assert torch.allclose(run(pipe, kwargs), expected["both"], atol=ATOL, rtol=0)
+    pipe.delete_adapters("detail")
+    assert torch.allclose(run(pipe, kwargs), expected["style"], atol=ATOL, rtol=0)
+    pipe.unload_lora_weights()
+    assert torch.allclose(run(pipe, kwargs), expected["none"], atol=ATOL, rtol=0)
+    assert sorted({(r["step"], r["patch_size"]) for r in ddit.summary(pipe).records}) == list(enumerate(SCHEDULE))
+
+    pipe.load_lora_weights(style_folder, adapter_name="style")
+    for name in ("fuse_lora", "unfuse_lora"):
+        with pytest.raises(ValueError, match=f"pipe.{name} while ddit is enabled.*ddit.disable"):
+            getattr(pipe, name)()
+    with pytest.raises(ValueError, match="fuse_lora: LoRA layers cannot be .*fused.*pipe.load_lora_weights"):
+        pipe.transformer.fuse_lora()
+    assert torch.allclose(run(pipe, kwargs), expected["style"], atol=ATOL, rtol=0)
+
+    saved_lora(tmp_path, ["x_embedder"], "embed", 4)
+    with pytest.raises(ValueError, match="pipeline is disabled .*x_embedder carries a LoRA .*patch embedding"):
+        pipe.load_lora_weights(tmp_path, adapter_name="embed")
+    assert isinstance(pipe.transformer, FluxTransformer2DModel) and "embed" in pipe.transformer.peft_config
+    assert not ddit_layers(pipe.transformer) and "set_adapters" not in vars(pipe)
+
+
+def test_an_adapter_object_enabled_again_refuses_a_transformer_whose_loras_changed(style_folder, adapter_folder):
     pipe, kwargs = flux(style_folder)
     adapter = ddit.MultiPatchTransformer.from_pretrained(pipe.transformer, adapter_folder)
     ddit.enable(pipe, adapter, policy=FixedPolicy(SCHEDULE))
-    before = run(pipe, kwargs)
-    for change in ("load_lora_weights", "fuse_lora", "unload_lora_weights", "delete_adapters"):
-        with pytest.raises(ValueError, match=f"pipe.{change} while ddit is enabled.*ddit.disable"):
-            getattr(pipe, change)(style_folder) if change == "load_lora_weights" else getattr(pipe, change)()
-    with pytest.raises(ValueError, match="fuse_lora: LoRA layers cannot be .*fused"):
-        pipe.transformer.fuse_lora()
-    assert torch.allclose(run(pipe, kwargs), before, atol=ATOL, rtol=0)
-
     ddit.disable(pipe)
     pipe.unload_lora_weights()
-    with pytest.raises(ValueError, match=r"changed since it was built or detached \(FluxTransformer2DModel\.transformer_"):
+    with pytest.raises(ValueError, match=r"changed since it was built or detached \(FluxTransformer2DModel\.transf"):
         ddit.enable(pipe, adapter)  # its layers would bring the unloaded style LoRA back
     ddit.enable(pipe, adapter_folder, policy=FixedPolicy(SCHEDULE))
     plain, plain_kwargs = flux()
@@ -198,3 +236,54 @@ def test_a_detached_adapter_keeps_all_its_weights_and_refuses_a_lora_loaded_into
     with pytest.raises(ValueError, match=r"changed since it was built or detached \(FluxTransformer2DModel\."
                                          r"transformer_blocks\.0\.attn\.to_q and 3 more.*load LoRAs before"):
         ddit.enable(pipe, adapter)
+
+
+def test_a_failed_or_refused_load_while_enabled_leaves_the_pipeline_enabled_as_it_was(style_folder, adapter_folder,
+                                                                                      tmp_path):
+    pipe, kwargs = flux(style_folder)
+    ddit.enable(pipe, adapter_folder, policy=FixedPolicy(SCHEDULE))
+    before = run(pipe, kwargs)
+    with pytest.raises(HFValidationError):  # diffusers' own error, not ddit's
+        pipe.load_lora_weights(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="load_lora_weights while ddit is enabled: .*recompiles"):
+        pipe.load_lora_weights(style_folder, adapter_name="style", hotswap=True)
+    assert torch.allclose(run(pipe, kwargs), before, atol=ATOL, rtol=0)
+    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="load_lora_weights while ddit is enabled: ddit's adapter could not be built "
+                                         "again .*layerwise casting"):
+        pipe.load_lora_weights(style_folder, adapter_name="second")
+    assert isinstance(pipe.transformer, ddit.pipelines.DynamicPatchTransformer)
+    assert set(pipe.transformer.adapter.backbone.peft_config) == {"style"}  # ddit's: out at base-size steps
+    assert torch.allclose(run(pipe, kwargs), before, atol=0.5, rtol=0)  # float8 storage rounds the weights
+
+
+def test_a_lora_loaded_into_both_experts_while_enabled_runs_as_one_loaded_before(tmp_path):
+    """Wan 2.2: diffusers loads a LoRA into the second expert too when asked; both adapters are built again."""
+    source, _ = build("wan22")
+    saved_wan = tmp_path / "lora"
+    source.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "add_k_proj"],
+                                              init_lora_weights=False), adapter_name="style")
+    type(source).save_lora_weights(saved_wan, transformer_lora_layers=get_peft_model_state_dict(
+        source.transformer, adapter_name="style"))
+    folders = {}
+    torch.manual_seed(0)
+    for name in ("transformer", "transformer_2"):
+        adapter = ddit.MultiPatchTransformer(getattr(source, name))
+        with torch.no_grad():
+            for p in adapter.trainable_parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        adapter.save_pretrained(folders.setdefault(name, tmp_path / name))
+    schedule = [4, 4, 2, 4, 4, 2]  # steps 0-2 on the first expert, 3-5 on the second
+
+    reference, kwargs = build("wan22")
+    reference.load_lora_weights(saved_wan, adapter_name="style", load_into_transformer_2=True)
+    ddit.enable(reference, folders, policy=FixedPolicy(schedule))
+    expected = latents(reference(**kwargs(batch=1, steps=6)))
+
+    pipe, kwargs = build("wan22")
+    ddit.enable(pipe, folders, policy=FixedPolicy(schedule))
+    plain = latents(pipe(**kwargs(batch=1, steps=6)))
+    pipe.load_lora_weights(saved_wan, adapter_name="style", load_into_transformer_2=True)
+    assert all(isinstance(getattr(pipe, name), ddit.pipelines.DynamicPatchTransformer) for name in folders)
+    assert torch.allclose(latents(pipe(**kwargs(batch=1, steps=6))), expected, atol=ATOL, rtol=0)
+    assert not torch.allclose(plain, expected, atol=1e-3)

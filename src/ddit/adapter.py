@@ -43,9 +43,11 @@ ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_config.json")
 HOOK_ATTRIBUTES = frozenset({"_hf_hook", "_old_forward", "_diffusers_hook"})
 _PARALLEL = ("split the transformer by plans written for its own forward, which coarse steps do not take: not "
              "supported with ddit; run one pipeline per GPU on different prompts (accelerate) instead")
-_LORA_CHANGE = ("LoRA layers cannot be loaded, fused, unloaded or deleted while ddit's adapter shares them: "
-                "ddit.disable(pipe) first, change them, and ddit.enable again (switching and weighting loaded LoRAs "
-                "with pipe.set_adapters, enable_lora and disable_lora works while enabled)")
+_LORA_CHANGE = ("LoRA layers cannot be loaded, fused or removed on the transformer while ddit's adapter shares "
+                "them: load and unload LoRAs through the pipeline that ddit.enable was called on "
+                "(pipe.load_lora_weights, pipe.unload_lora_weights: ddit builds its adapter again around them; a "
+                "pipeline made from it with from_pipe does not reach ddit); to fuse one, ddit.disable(pipe) first, "
+                "then pipe.fuse_lora() and pipe.unload_lora_weights(), and ddit.enable again")
 
 
 def image_prompts(given: dict, spec: BackboneSpec) -> list[str]:
@@ -248,15 +250,7 @@ class MultiPatchTransformer(nn.Module):
         """Put the LoRA layers that ``detach`` took out back into the backbone (on its device); refuses if a LoRA
         was loaded into ddit's own layers, or if their places changed while detached (a LoRA loaded, fused or
         unloaded there)."""
-        own = {id(layer) for _, _, layer in self._lora_places}
-        loaded = [name for name, layer in self._named_lora_layers
-                  if id(layer) in own and set(layer.lora_A) - set(self._configs)]
-        if not self.attached:
-            left = {id(layer): layer.get_base_layer() for _, _, layer in self._lora_places}  # what detach left
-            left |= {id(layer): layer for _, _, layer in self._shared_places}
-            places = {id(layer): (parent, name) for parent, name, layer in (*self._lora_places, *self._shared_places)}
-            loaded += [name for name, layer in self._named_lora_layers
-                       if getattr(*places[id(layer)]) is not left[id(layer)]]
+        loaded = self.changed()
         if loaded:
             raise ValueError(f"the layers ddit's adapter put its LoRA on changed since it was built or detached "
                              f"({type(self.backbone).__name__}.{loaded[0]}"
@@ -275,6 +269,37 @@ class MultiPatchTransformer(nn.Module):
             self.to(self.backbone.device)  # a pipe.to(...) while detached moved the backbone only
         self._place_lora(True)
         self._use_lora(None)
+
+    def changed(self) -> list[str]:
+        """The layers ddit's LoRA is on that changed since the adapter was built or detached: a LoRA loaded into
+        ddit's own layers, or, while detached, a place that no longer holds what ``detach`` left there."""
+        own = {id(layer) for _, _, layer in self._lora_places}
+        changed = [name for name, layer in self._named_lora_layers
+                   if id(layer) in own and set(layer.lora_A) - set(self._configs)]
+        if not self.attached:
+            left = {id(layer): layer.get_base_layer() for _, _, layer in self._lora_places}
+            left |= {id(layer): layer for _, _, layer in self._shared_places}
+            places = {id(layer): (parent, name) for parent, name, layer in (*self._lora_places, *self._shared_places)}
+            changed += [name for name, layer in self._named_lora_layers
+                        if getattr(*places[id(layer)]) is not left[id(layer)]]
+        return changed
+
+    def check_rebuildable(self) -> None:
+        """Refuse, as building an adapter over the backbone would, what ``rebuilt`` could not run on (layerwise
+        casting, quantized patch layers)."""
+        _check_copyable(self.backbone, self.spec.base_layers())
+
+    def rebuilt(self) -> "MultiPatchTransformer":
+        """This detached adapter again, over its backbone as it is now (LoRAs loaded into it or removed since the
+        detach): the same sizes, LoRA config and weights; refuses as building one does."""
+        model = type(self)(self.backbone, self.patch_sizes, lora_config=self.lora_config, shared_lora=self.shared_lora)
+        try:
+            model.load_adapter_state_dict(self.adapter_state_dict())
+        except Exception:
+            model.detach()
+            raise
+        model.set_lean_base(self.lean_base)
+        return model
 
     def _read_styles(self) -> None:
         """What the style LoRA's layers run at base-size steps (their active adapters and whether they are

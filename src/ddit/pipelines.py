@@ -19,8 +19,8 @@ import shutil
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
-from functools import partial
+from contextlib import contextmanager, nullcontext
+from functools import partial, update_wrapper
 from pathlib import Path
 
 import torch
@@ -457,7 +457,7 @@ def enable(pipe, adapter: str | os.PathLike | MultiPatchTransformer | Mapping,
             _move_manager_offload(manager, _uncompiled(getattr(pipe, name)), wrapper)
             setattr(pipe, name, wrapper)
     pipe.save_pretrained = _SaveWithAdapter(pipe)
-    for name in (*PIPE_STYLE_CALLS, *PIPE_LORA_CHANGES):
+    for name in (*PIPE_STYLE_CALLS, *PIPE_LORA_CHANGES, *PIPE_LORA_REFUSED):
         if callable(getattr(type(pipe), name, None)):
             setattr(pipe, name, _PipeLoraCall(pipe, name))
     return pipe
@@ -477,7 +477,7 @@ def disable(pipe):
             wrapper.adapter.set_lean_base(False)
             _move_manager_offload(wrapper._manager(), wrapper, wrapper.adapter.backbone)
             setattr(pipe, name, wrapper.adapter.detach())
-    for name in ("save_pretrained", *PIPE_STYLE_CALLS, *PIPE_LORA_CHANGES):
+    for name in ("save_pretrained", *PIPE_STYLE_CALLS, *PIPE_LORA_CHANGES, *PIPE_LORA_REFUSED):
         vars(pipe).pop(name, None)
     return pipe
 
@@ -620,19 +620,45 @@ def _guidance_of(pipe) -> Callable[[torch.Tensor], bool | None]:
 
 
 @contextmanager
-def _stock_transformers(pipe):
+def _stock_transformers(pipe, rebuild: bool = False):
     """The enabled pipeline with its stock transformers for a moment (ddit's LoRA out of them, a style LoRA's
-    left in), as they were after."""
+    left in), enabled again after. With ``rebuild`` the call may load or remove LoRA layers: an expert's adapter
+    whose layers changed is then built again over its transformer as it is, with the same weights, under fresh
+    model-offload hooks; if ddit cannot run beside those LoRAs, the pipeline is left disabled, saying why."""
     wrappers = _wrappers(pipe)
     held = {name: getattr(pipe, name) for name in wrappers}  # as they are, compiled or not
-    try:
-        for name, wrapper in wrappers.items():
-            setattr(pipe, name, wrapper.adapter.detach())
-        yield
-    finally:
-        for name, wrapper in wrappers.items():
-            wrapper.adapter.attach()
-            setattr(pipe, name, held[name])
+    with _model_offload_renewed(pipe) if rebuild else nullcontext():
+        try:
+            for name, wrapper in wrappers.items():
+                setattr(pipe, name, wrapper.adapter.detach())
+            yield
+        except BaseException as error:
+            refused = _enabled_again(pipe, wrappers, held, rebuild)
+            if refused is not None:
+                disable(pipe)
+                error.add_note(f"ddit: the pipeline is disabled, its adapter refused after this error: {refused}")
+            raise
+        refused = _enabled_again(pipe, wrappers, held, rebuild)
+        if refused is not None:
+            disable(pipe)
+            raise ValueError(f"ddit's adapter cannot run beside the transformer's LoRAs as they are now, so the "
+                             f"pipeline is disabled (ddit.enable it again once they suit): {refused}") from refused
+
+
+def _enabled_again(pipe, wrappers: dict, held: dict, rebuild: bool) -> Exception | None:
+    """Each expert's adapter back on its transformer (built again if ``rebuild`` and its LoRA layers changed), and
+    the wrappers back in the pipeline, whatever fails; returns the first refusal."""
+    refused = None
+    for name, wrapper in wrappers.items():
+        try:
+            if rebuild and wrapper.adapter.changed():
+                wrapper.adapter = wrapper.adapter.rebuilt()
+            else:
+                wrapper.adapter.attach()
+        except Exception as error:
+            refused = refused or error
+        setattr(pipe, name, held[name])
+    return refused
 
 
 class _SaveWithAdapter:
@@ -659,25 +685,41 @@ class _SaveWithAdapter:
 #: which diffusers would skip otherwise (an enabled transformer is not one of its models).
 PIPE_STYLE_CALLS = ("set_adapters", "enable_lora", "disable_lora", "get_active_adapters", "get_list_adapters",
                     "set_lora_device")
-#: The pipeline's LoRA calls that load, fuse or remove LoRA layers, which ddit's adapter may share: refused.
-PIPE_LORA_CHANGES = ("load_lora_weights", "unload_lora_weights", "fuse_lora", "unfuse_lora", "delete_adapters",
-                     "enable_lora_hotswap")
+#: The pipeline's LoRA calls that load or remove LoRA layers: they run on the stock transformers too, and ddit's
+#: adapter is built again around what they leave.
+PIPE_LORA_CHANGES = ("load_lora_weights", "unload_lora_weights", "delete_adapters")
+#: The pipeline's LoRA calls refused while enabled, and why.
+PIPE_LORA_REFUSED = dict.fromkeys(
+    ("fuse_lora", "unfuse_lora"),
+    "a fused LoRA's layers run no other LoRA, ddit's included; ddit.disable(pipe), then pipe.fuse_lora() and "
+    "pipe.unload_lora_weights() (the fused weights stay), then ddit.enable(pipe, adapter_folder) again; or keep the "
+    "LoRA unfused, which runs while enabled")
+PIPE_LORA_REFUSED["enable_lora_hotswap"] = _HOTSWAP = (
+    "ddit builds its adapter again around a LoRA loaded while enabled, which recompiles what hotswapping keeps "
+    "from recompiling: load LoRAs without hotswapping while enabled, or hotswap after ddit.disable(pipe)")
 
 
 class _PipeLoraCall:
-    """``pipe.<name>`` for a diffusers LoRA call while ddit is enabled: ``PIPE_STYLE_CALLS`` run on the stock
-    transformers, ``PIPE_LORA_CHANGES`` are refused before any work."""
+    """``pipe.<name>`` for a diffusers LoRA call while ddit is enabled: the stock call on the stock transformers
+    (``PIPE_STYLE_CALLS``; ``PIPE_LORA_CHANGES``, after which ddit's adapter is built again around the LoRAs), or
+    refused before any work (``PIPE_LORA_REFUSED``, hotswapping, a transformer the adapter cannot be built on)."""
 
     def __init__(self, pipe, name: str):
         self.pipe, self.name = weakref.ref(pipe), name
+        update_wrapper(self, getattr(type(pipe), name))  # its name and docstring
 
     def __call__(self, *args, **kwargs):
         pipe = self.pipe()
-        if self.name in PIPE_LORA_CHANGES:
-            raise ValueError(f"pipe.{self.name} while ddit is enabled: it would load, fuse or remove LoRA layers that "
-                             f"ddit's adapter shares; ddit.disable(pipe), call pipe.{self.name}(...), then "
-                             "ddit.enable(pipe, adapter_folder) again")
-        with _stock_transformers(pipe):
+        reason = PIPE_LORA_REFUSED.get(self.name) or (_HOTSWAP if kwargs.get("hotswap") else None)
+        if reason is None and self.name in PIPE_LORA_CHANGES:
+            try:
+                for wrapper in _wrappers(pipe).values():
+                    wrapper.adapter.check_rebuildable()
+            except ValueError as error:
+                reason = f"ddit's adapter could not be built again around the LoRAs: {error}"
+        if reason is not None:
+            raise ValueError(f"pipe.{self.name} while ddit is enabled: {reason}")
+        with _stock_transformers(pipe, rebuild=self.name in PIPE_LORA_CHANGES):
             return getattr(type(pipe), self.name)(pipe, *args, **kwargs)
 
 
