@@ -20,9 +20,13 @@ from diffusers import (
     FluxControlNetPipeline,
     FluxMultiControlNetModel,
     FluxTransformer2DModel,
+    QwenImageControlNetInpaintPipeline,
+    QwenImageControlNetModel,
     QwenImageTransformer2DModel,
     SanaTransformer2DModel,
+    SD3ControlNetModel,
     SD3Transformer2DModel,
+    StableDiffusion3ControlNetInpaintingPipeline,
 )
 from PIL import Image
 
@@ -242,6 +246,23 @@ def test_flux_controlnet_img2img_inpainting_and_several_controlnets(variant, tmp
         pipe = FluxControlNetInpaintPipeline.from_pipe(pipe)
         mask = Image.fromarray(np.pad(np.full((64, 64), 255, "uint8"), 32))
         check_stock_pipeline(pipe, "flux-controlnet", image=image, mask_image=mask, strength=1.0)
+
+
+@pytest.mark.parametrize("family", ["sd3", "qwenimage"])
+def test_sd3_and_qwenimage_controlnet_inpainting(family, tmp_path):
+    """The inpainting ControlNets take the masked image's latent and the mask as their control: extra channels of
+    the ControlNet's input, none of the transformer's."""
+    kind = f"{family}-controlnet"
+    pipe = DiffusionPipeline.from_pretrained(save_tiny_pipeline(kind, tmp_path)).to(DEVICE)
+    model, extra, inpainting = {
+        "sd3": (SD3ControlNetModel, {"extra_conditioning_channels": 1}, StableDiffusion3ControlNetInpaintingPipeline),
+        "qwenimage": (QwenImageControlNetModel, {"extra_condition_channels": 4}, QwenImageControlNetInpaintPipeline),
+    }[family]
+    torch.manual_seed(0)
+    controlnet = wake_zeros(model.from_config({**pipe.controlnet.config, **extra})).to(DEVICE).eval()
+    pipe = inpainting.from_pipe(pipe, controlnet=controlnet)
+    mask = Image.fromarray(np.pad(np.full((64, 64), 255, "uint8"), 32))
+    check_stock_pipeline(pipe, kind, control_mask=mask)
 
 
 def check_stock_pipeline(pipe, kind, off=None, **call):
