@@ -113,6 +113,38 @@ def test_model_cpu_offload_gives_the_same_rows_and_is_part_of_the_configuration(
     assert "cpu_offload: false -> true" in capsys.readouterr().err
 
 
+def test_a_lora_loaded_for_every_row_is_part_of_the_configuration(setup, tmp_path, capsys):
+    """``--lora PATH:SCALE``: every row, the baseline included, runs the LoRA unfused beside ddit's adapter; a run
+    cannot resume with another LoRA or scale."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    source = StableDiffusion3Pipeline.from_pretrained(setup[0])
+    torch.manual_seed(0)
+    source.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "add_q_proj"],
+                                              init_lora_weights=False), adapter_name="style")
+    lora = tmp_path / "style"
+    type(source).save_lora_weights(lora, transformer_lora_layers=get_peft_model_state_dict(source.transformer,
+                                                                                         adapter_name="style"))
+    plain, styled = tmp_path / "plain", tmp_path / "styled"
+    assert main(args(setup, plain)) == 0
+    assert main(args(setup, styled, "--lora", f"{lora}:0.5")) == 0
+    config = json.loads((styled / "config.json").read_text())
+    assert config["loras"] == [[str(lora), 0.5]] and "lora0" in config["model"]
+    summary = {r["row"]: r for r in json.loads((styled / "summary.json").read_text())}
+    assert summary["baseline"]["ssim_vs_baseline"] == pytest.approx(1.0) and summary["fixed"]["ssim_vs_baseline"] < 1
+    baselines = [load_file(o / "images" / "baseline" / "0000000.safetensors")["images"] for o in (plain, styled)]
+    assert not torch.equal(*baselines)  # the LoRA is in the baseline too
+    assert f"LoRAs {lora} at 0.5" in (styled / "report.md").read_text()
+    capsys.readouterr()
+    assert main(args(setup, styled, "--lora", f"{lora}:1")) == 2
+    assert "loras" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args(setup, tmp_path / "missing", "--lora", str(tmp_path / "none.safetensors")))
+    assert "no such LoRA file or folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(caches="teacache"), "row baseline+teacache: TeaCache needs its polynomial fit for this model"),
     (dict(extra=("--num-frames", "5")), "StableDiffusion3Pipeline takes no num_frames"),

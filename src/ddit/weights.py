@@ -152,6 +152,23 @@ def _check_components(pipe, folder: Path) -> None:
                               "without the files in the cache)")
 
 
+def load_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
+    """LoRAs (``(path, scale)``: a file or folder in diffusers' format each) loaded into ``pipe`` unfused and
+    weighted, as ``pipe.load_lora_weights`` and ``pipe.set_adapters`` load them; a ddit adapter built or enabled
+    after runs beside them."""
+    if not loras:
+        return
+    if not callable(getattr(pipe, "load_lora_weights", None)):
+        raise ValueError(f"--lora: {type(pipe).__name__} cannot load LoRAs (it has no load_lora_weights)")
+    names = [f"lora{i}" for i in range(len(loras))]
+    for name, (path, _) in zip(names, loras):
+        try:
+            pipe.load_lora_weights(path, adapter_name=name)
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"--lora {path}: cannot load it into {type(pipe).__name__}: {err}") from err
+    pipe.set_adapters(names, [scale for _, scale in loras])
+
+
 #: safetensors' names of the floating dtypes a transformer is saved in.
 SAVED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 

@@ -24,6 +24,20 @@ def _steps(text: str) -> tuple[int, ...]:
     return tuple(int(s) for s in _names(text))
 
 
+def _lora(text: str) -> tuple[str, float]:
+    """``PATH[:SCALE]``: a LoRA file or folder that exists, and its weight (default 1)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        weight = float(scale) if path else 1.0
+    except ValueError:
+        path, weight = "", 1.0
+    path = path or text
+    if not Path(path).exists():
+        raise argparse.ArgumentTypeError(f"{path}: no such LoRA file or folder (PATH[:SCALE], e.g. "
+                                         "style.safetensors:0.8)")
+    return path, weight
+
+
 def _switches(text: str) -> tuple[float | str, ...]:
     """Switch levels as numbers; anything else (``delta=0.05``) is read, and checked, by the rows."""
     def number(s: str) -> float | str:
@@ -85,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--num-frames", type=int, help="frames of a video pipeline (Wan)")
     pipe.add_argument("--pipeline-arg", action="append", default=[], metavar="NAME=VALUE",
                       help="any other argument of the pipeline call, as a Python literal (repeatable)")
+    pipe.add_argument("--lora", action="append", default=[], type=_lora, metavar="PATH[:SCALE]",
+                      help="a LoRA (a file or folder in diffusers' format) loaded into the pipeline, unfused, for "
+                           "every row, the baseline included, weighted SCALE (default 1); repeat for several")
     pipe.add_argument("--cpu-offload", action="store_true", default=None,  # None: not given (PIPELINE_ONLY)
                       help="diffusers' model CPU offload (pipe.enable_model_cpu_offload()): each component on the "
                            "GPU only while it runs, for a GPU that holds the transformer but not every component at "
@@ -101,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Options of one kind of run only: given to the other, they would be ignored.
-PIPELINE_ONLY = ("prompts", "num_per_prompt", "height", "width", "num_frames", "pipeline_arg", "cpu_offload")
+PIPELINE_ONLY = ("prompts", "num_per_prompt", "height", "width", "num_frames", "pipeline_arg", "cpu_offload",
+                 "lora")
 TESTBED_ONLY = ("num_per_class", "backbone", "evaluator")
 
 
@@ -159,7 +177,7 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     from ..pipelines import adapter_folder, load_adapters
     from ..processes import processes
     from ..pipeline_call import call_arguments, check_call, check_resolution, read_prompts
-    from ..weights import load_pipeline, pipeline_folder, transformer_source
+    from ..weights import load_loras, load_pipeline, pipeline_folder, transformer_source
     from .config import build_rows, parse_params
     from .models import fingerprint
     from .pipeline_report import summarize_pipeline, table
@@ -196,6 +214,7 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     folder = pipeline_folder(args.pipeline)  # a Hub repository id: its download
     pipe = load_pipeline(folder, getattr(torch, args.dtype) if args.dtype else None, device=device,
                          cpu_offload=args.cpu_offload)
+    load_loras(pipe, args.lora)  # before the adapters, which then run beside them
     check_call(pipe, call, prompts, sets=("num_inference_steps",))  # the rows' steps
     adapters = load_adapters(pipe, args.adapter)  # Wan 2.2's second expert's from its transformer_2 subfolder
     for adapter in adapters.values():
@@ -206,12 +225,13 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     models = {"pipeline": source if isinstance(source, Path) else folder / "transformer", "adapter": found}
     if "transformer_2" in adapters:
         models.update(pipeline_2=folder / "transformer_2", adapter_2=found / "transformer_2")
+    models.update({f"lora{i}": Path(path) for i, (path, _) in enumerate(args.lora)})
     config = PipelineAblationConfig(rows=rows, prompts=prompts, steps=args.steps, num_per_prompt=args.num_per_prompt,
                                     seed=args.seed, batch_size=args.batch_size or 1, call=call,
                                     model={**fingerprint(models, configs=folder),
                                            **({} if isinstance(source, Path) else {"pipeline": source})},
                                     device=device.type, dtype=str(pipe.transformer.dtype).removeprefix("torch."),
-                                    cpu_offload=bool(args.cpu_offload))
+                                    cpu_offload=bool(args.cpu_offload), loras=[list(lora) for lora in args.lora])
     run_pipeline_ablation(config, pipe, adapters, args.out, progress=not args.no_progress)
     if state.is_main_process:
         console.print(table(summarize_pipeline(config, args.out)))

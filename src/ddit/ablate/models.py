@@ -32,12 +32,12 @@ def folders(backbone: str | Path | None = None, adapter: str | Path | None = Non
 
 
 def fingerprint(found: dict[str, Path], configs: Path | None = None) -> dict[str, str]:
-    """A hash of each folder's weights and configs: a different model must not resume a run. Its
-    cards' measurements (``eval.json``, ``card.json``) are not the model and are left out. ``configs``:
+    """A hash of each folder's weights and configs (or of a file, a LoRA's): a different model must not resume a
+    run. Its cards' measurements (``eval.json``, ``card.json``) are not the model and are left out. ``configs``:
     a pipeline folder, whose every component's JSON (configs, the scheduler's, the tokenizers') is hashed too
     (``components``): another shift or VAE config must not resume a run either."""
-    files = {what: sorted([*folder.glob("*.safetensors"), *folder.glob("*config.json")])
-             for what, folder in found.items()}
+    files = {what: [path] if path.is_file() else sorted([*path.glob("*.safetensors"), *path.glob("*config.json")])
+             for what, path in found.items()}
     if configs is not None:
         files["components"] = sorted([*configs.glob("*.json"), *configs.glob("*/*.json")])
     return {what: _digest(paths) for what, paths in files.items()}
