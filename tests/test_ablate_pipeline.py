@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ddit.ablate.cli import main
 from ddit.cli import main as ddit_main
@@ -118,7 +118,12 @@ def test_a_lora_loaded_for_every_row_is_part_of_the_configuration(setup, tmp_pat
     cannot resume with another LoRA or scale."""
     from diffusers import StableDiffusion3Pipeline
     from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
     from peft.utils import get_peft_model_state_dict
+    from tiny_pipelines import build
+
+    from ddit.checkpoint import CheckpointError
+    from ddit.weights import load_loras
 
     source = StableDiffusion3Pipeline.from_pretrained(setup[0])
     torch.manual_seed(0)
@@ -131,12 +136,30 @@ def test_a_lora_loaded_for_every_row_is_part_of_the_configuration(setup, tmp_pat
     assert main(args(setup, plain)) == 0
     assert main(args(setup, styled, "--lora", f"{lora}:0.5")) == 0
     config = json.loads((styled / "config.json").read_text())
-    assert config["loras"] == [[str(lora), 0.5]] and "lora0" in config["model"]
+    assert config["loras"] == [["style", 0.5]] and "lora0" in config["model"]
     summary = {r["row"]: r for r in json.loads((styled / "summary.json").read_text())}
     assert summary["baseline"]["ssim_vs_baseline"] == pytest.approx(1.0) and summary["fixed"]["ssim_vs_baseline"] < 1
-    baselines = [load_file(o / "images" / "baseline" / "0000000.safetensors")["images"] for o in (plain, styled)]
-    assert not torch.equal(*baselines)  # the LoRA is in the baseline too
-    assert f"LoRAs {lora} at 0.5" in (styled / "report.md").read_text()
+    for row in ("baseline", "fixed"):  # the LoRA is in the baseline and in ddit's rows
+        images = [load_file(o / "images" / row / "0000000.safetensors")["images"] for o in (plain, styled)]
+        assert not torch.equal(*images), row
+    assert "LoRAs style at 0.5" in (styled / "report.md").read_text()
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(setup[0])
+    load_loras(pipe, [(str(lora), 0.5)])
+    layer = next(m for m in pipe.transformer.modules() if isinstance(m, LoraLayer))
+    assert layer.scaling == {"lora0": 0.5}  # alpha / r = 1, weighted 0.5
+    flux, _ = build("flux")  # a LoRA on FLUX.1's single-stream blocks, which SD3 lacks
+    flux.transformer.add_adapter(LoraConfig(r=4, target_modules=r".*single_transformer_blocks.*to_q"))
+    type(flux).save_lora_weights(tmp_path / "flux", transformer_lora_layers=get_peft_model_state_dict(
+        flux.transformer))
+    with pytest.raises(CheckpointError, match="flux: cannot load it into StableDiffusion3Pipeline: Target modules"):
+        load_loras(StableDiffusion3Pipeline.from_pretrained(setup[0]), [(str(tmp_path / "flux"), 1.0)])
+    save_file({"unet.mid_block.to_q.lora_A.weight": torch.zeros(4, 8)}, tmp_path / "unet.safetensors")
+    with pytest.raises(CheckpointError, match="none of its weights fit SD3Transformer2DModel"):
+        load_loras(StableDiffusion3Pipeline.from_pretrained(setup[0]), [(str(tmp_path / "unet.safetensors"), 1.0)])
+    wan22, _ = build("wan22")
+    with pytest.raises(ValueError, match="two experts .*load_into_transformer_2"):
+        load_loras(wan22, [(str(lora), 1.0)])
     capsys.readouterr()
     assert main(args(setup, styled, "--lora", f"{lora}:1")) == 2
     assert "loras" in capsys.readouterr().err

@@ -434,3 +434,39 @@ def test_wan21_image_to_video_keeps_its_512_text_tokens(kind, folders, tmp_path)
     with pytest.raises(ValueError, match="keep max_sequence_length at 512"):
         self_distill(load(folders[kind]), own, tmp_path, config=CONFIG, progress=False, call=TINY_CALL[kind])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_style_lora_is_distilled_beside_and_is_part_of_the_recording(folders, tmp_path, capsys):
+    """``--lora``: the pipeline runs with the LoRA loaded unfused, and the adapter is trained beside it (its own
+    weights only); a recording made without it, or with another weight, does not resume."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    source = load(folders["flux"])
+    torch.manual_seed(0)
+    source.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "add_q_proj"],
+                                              init_lora_weights=False), adapter_name="style")
+    lora = tmp_path / "style"
+    type(source).save_lora_weights(lora, transformer_lora_layers=get_peft_model_state_dict(source.transformer,
+                                                                                         adapter_name="style"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    args = ["distill", "--pipeline", str(folders["flux"]), "--prompts", str(prompts), "--out", str(tmp_path / "run"),
+            "--num-inference-steps", "2", "--height", "128", "--width", "128", "--batch-size", "2", "--steps", "2",
+            "--pipeline-arg", "max_sequence_length=16"]
+    assert main([*args, "--lora", f"{lora}:0.5"]) == 0
+    recording = json.loads((tmp_path / "run" / "states" / "recording.json").read_text())
+    assert list(recording["loras"]["transformer"]) == ["lora0"]
+    assert recording["loras"]["transformer"]["lora0"].endswith(" scale 0.5")
+    saved = load_file(tmp_path / "run" / "adapter" / "multipatch.safetensors")
+    assert saved and not any("lora0" in name for name in saved)
+    capsys.readouterr()
+    for other in ([], ["--lora", f"{lora}:1"]):
+        assert main([*args, "--resume", *other]) == 2
+        assert "was recorded with" in capsys.readouterr().err
+    styled = load(folders["flux"])
+    styled.load_lora_weights(lora, adapter_name="style")
+    ddit.enable(styled, tmp_path / "run" / "adapter")  # the adapter runs beside the LoRA it was distilled with
+    assert main(["distill", "--lora", str(lora), "--out", str(tmp_path / "x")]) == 2
+    assert "--lora need --pipeline" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from huggingface_hub.errors import HFValidationError
-from peft import LoraConfig
+from peft import LoHaConfig, LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from tiny_pipelines import build, latents
@@ -146,15 +146,15 @@ def test_loras_load_and_unload_while_enabled_and_the_adapter_is_built_again_arou
     assert sorted({(r["step"], r["patch_size"]) for r in ddit.summary(pipe).records}) == list(enumerate(SCHEDULE))
 
     pipe.load_lora_weights(style_folder, adapter_name="style")
-    for name in ("fuse_lora", "unfuse_lora"):
+    for name in ("fuse_lora", "unfuse_lora", "enable_lora_hotswap"):
         with pytest.raises(ValueError, match=f"pipe.{name} while ddit is enabled.*ddit.disable"):
-            getattr(pipe, name)()
+            getattr(pipe, name)()  # hotswapping: after ddit.disable(pipe); fusing: ddit.disable(pipe) first
     with pytest.raises(ValueError, match="fuse_lora: LoRA layers cannot be .*fused.*pipe.load_lora_weights"):
         pipe.transformer.fuse_lora()
     assert torch.allclose(run(pipe, kwargs), expected["style"], atol=ATOL, rtol=0)
 
     saved_lora(tmp_path, ["x_embedder"], "embed", 4)
-    with pytest.raises(ValueError, match="pipeline is disabled .*x_embedder carries a LoRA .*patch embedding"):
+    with pytest.raises(ValueError, match="pipeline is disabled .*x_embedder carries an adapter .*patch embedding"):
         pipe.load_lora_weights(tmp_path, adapter_name="embed")
     assert isinstance(pipe.transformer, FluxTransformer2DModel) and "embed" in pipe.transformer.peft_config
     assert not ddit_layers(pipe.transformer) and "set_adapters" not in vars(pipe)
@@ -177,7 +177,7 @@ def test_an_adapter_object_enabled_again_refuses_a_transformer_whose_loras_chang
 def test_loras_ddit_cannot_run_beside_are_refused_naming_the_layer(style_folder):
     pipe, _ = flux(style_folder)
     pipe.fuse_lora()
-    with pytest.raises(ValueError, match=r"transformer_blocks\.0\.attn\.to_q carries a LoRA .*fused into the "
+    with pytest.raises(ValueError, match=r"transformer_blocks\.0\.attn\.to_q carries an adapter .*fused into the "
                                          r"weights but not unloaded.*pipe\.unload_lora_weights"):
         ddit.MultiPatchTransformer(pipe.transformer)
     pipe.unload_lora_weights()
@@ -185,7 +185,12 @@ def test_loras_ddit_cannot_run_beside_are_refused_naming_the_layer(style_folder)
 
     pipe, _ = flux()
     pipe.transformer.add_adapter(LoraConfig(r=2, target_modules=["x_embedder"]), adapter_name="embed")
-    with pytest.raises(ValueError, match="x_embedder carries a LoRA .*patch embedding or output projection"):
+    with pytest.raises(ValueError, match="x_embedder carries an adapter .*patch embedding or output projection"):
+        ddit.MultiPatchTransformer(pipe.transformer)
+
+    pipe, _ = flux()
+    pipe.transformer.add_adapter(LoHaConfig(r=2, target_modules=["to_q"]), adapter_name="loha")
+    with pytest.raises(ValueError, match="to_q carries an adapter .*not a LoRA \\(another peft tuner\\)"):
         ddit.MultiPatchTransformer(pipe.transformer)
 
     pipe, _ = flux()

@@ -709,7 +709,7 @@ def _check_extendable(backbone: nn.Module, names: Sequence[str], base_layers: Se
                  for name, m in tuners.items() if any(m is layer for layer in base_layers)}
     if problems:
         name, why = next(iter(problems.items()))
-        raise ValueError(f"{model}.{name} carries a LoRA that ddit's adapter cannot run beside ({why}"
+        raise ValueError(f"{model}.{name} carries an adapter that ddit's LoRA cannot run beside ({why}"
                          f"{f'; {len(problems) - 1} more layers too' if len(problems) > 1 else ''}): fuse it into "
                          "the weights (pipe.fuse_lora(); pipe.unload_lora_weights()) before ddit.enable")
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .weights import lora_argument
+
 
 def _train_base(args) -> None:
     from .testbed.train_base import BaseTrainConfig, train_base
@@ -106,8 +108,9 @@ def _distill(args) -> None:
     if args.pipeline:
         export = _self_distill(args, sizes)
     else:
-        if args.prompts or args.cpu_offload:
-            raise ValueError("--prompts and --cpu-offload need --pipeline: the pipeline folder to run them through")
+        if args.prompts or args.cpu_offload or args.lora:
+            raise ValueError("--prompts, --cpu-offload and --lora need --pipeline: the pipeline folder to run them "
+                             "through")
         if args.backbone:
             if not args.latents:
                 raise ValueError("--backbone needs --latents: a safetensors file with 'latents' "
@@ -141,7 +144,7 @@ def _self_distill(args, sizes):
     from .pipeline_call import call_arguments, named_values, read_prompts
     from .processes import processes
     from .self_distill import self_distill
-    from .weights import load_pipeline
+    from .weights import load_loras, load_pipeline
 
     if args.base or args.backbone or args.latents:
         raise ValueError("--pipeline distils the pipeline's own transformer; drop --base, --backbone and --latents")
@@ -159,6 +162,7 @@ def _self_distill(args, sizes):
     # on the CPU until self_distill has checked its input (offload keeps it there too)
     pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None,
                          device=accelerator.device if args.cpu_offload else None, cpu_offload=args.cpu_offload)
+    load_loras(pipe, args.lora)
     config = DistillConfig(steps=args.steps, batch_size=4 if args.batch_size is None else args.batch_size,
                            lr=args.lr, num_inference_steps=None, timestep_scale=None, seed=args.seed)
     return self_distill(pipe, prompts, args.out, call=call, patch_sizes=sizes, rank=args.rank,
@@ -307,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pipeline: diffusers' model CPU offload (pipe.enable_model_cpu_offload()): each "
                         "component on the GPU only while it runs, for a GPU that holds the transformer but not "
                         "every component at once")
+    p.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
+                   help="with --pipeline: a LoRA (a file or folder in diffusers' format) loaded into it, unfused, "
+                        "weighted SCALE (default 1): the adapter is distilled for the model with it; repeatable")
     p.add_argument("--base", help="testbed base model folder (default: the shipped one)")
     p.add_argument("--backbone", help="a diffusers transformer folder, instead of the testbed")
     p.add_argument("--latents", help="with --backbone: safetensors with 'latents' and conditioning tensors")

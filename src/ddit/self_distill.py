@@ -26,12 +26,14 @@ from typing import Iterator, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from peft.tuners.lora import LoraLayer
+from torch import nn
 
 from .adapter import MultiPatchTransformer, config_hash
 from .backbones import spec_for
 from .checkpoint import write_text_atomic
 from .pipeline_call import Prompt, as_prompts, check_call, check_resolution
-from .distill import DistillConfig, check_accelerator, distill
+from .distill import DistillConfig, check_accelerator, digest, distill
 from .pipelines import disable, enable, offload_onto
 from .policies import PatchPolicy
 from .processes import processes
@@ -44,6 +46,20 @@ def _check_recording(path: Path, identity: dict) -> None:
         if recorded != identity:
             raise RecordingError(f"{path.parent} was recorded with {recorded}, not {identity}; use the same "
                                  "options, or another --out")
+
+
+def lora_identity(model: nn.Module) -> dict[str, str]:
+    """The LoRAs loaded into ``model`` (a style LoRA, which the adapter is then distilled beside), each by a hash of
+    its weights, its scale and whether it is on: a recording made with others must not resume."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    params = dict(model.named_parameters())
+    identity = {}
+    for name in sorted({name for layer in layers for name in layer.lora_A}):
+        first = next(layer for layer in layers if name in layer.lora_A)
+        on = name in first.active_adapters and not first.disable_adapters
+        weights = digest({n: p for n, p in params.items() if f".{name}." in n and ".lora_" in n})
+        identity[name] = f"{weights} scale {first.scaling[name]:g}{'' if on else ' off'}"
+    return identity
 
 
 def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, *, call: dict | None = None,
@@ -109,9 +125,10 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
         raise ValueError("distil a bfloat16 or float32 pipeline (--dtype bfloat16): float16 training would "
                          "need loss scaling")
     config = config or DistillConfig(num_inference_steps=None, timestep_scale=None)
+    loras = {sub or "transformer": style for sub, m in denoisers.items() if (style := lora_identity(m))}
     identity = json.loads(json.dumps({  # as it reads back from recording.json (a tuple: a list)
         **{sub or "transformer": f"{type(m).__name__} {config_hash(m)}" for sub, m in denoisers.items()},
-        "dtype": str(pipe.transformer.dtype), "call": call, "seed": seed}))
+        "dtype": str(pipe.transformer.dtype), "call": call, "seed": seed, **({"loras": loras} if loras else {})}))
     states = out / "states"
     _check_recording(states / "recording.json", identity)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -152,20 +154,44 @@ def _check_components(pipe, folder: Path) -> None:
                               "without the files in the cache)")
 
 
+def lora_argument(text: str) -> tuple[str, float]:
+    """A command line's ``--lora PATH[:SCALE]``: a LoRA file or folder here, and its weight (default 1)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        weight = float(scale) if path else 1.0
+    except ValueError:
+        path, weight = "", 1.0
+    path = path or text
+    if not Path(path).exists():
+        raise argparse.ArgumentTypeError(f"{path}: no such LoRA file or folder (PATH[:SCALE], e.g. "
+                                         "style.safetensors:0.8; a LoRA on the Hub: download it first, "
+                                         "hf download OWNER/NAME --local-dir DIR)")
+    if not math.isfinite(weight):
+        raise argparse.ArgumentTypeError(f"{text}: the LoRA's scale must be a number, not {scale}")
+    return path, weight
+
+
 def load_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
     """LoRAs (``(path, scale)``: a file or folder in diffusers' format each) loaded into ``pipe`` unfused and
     weighted, as ``pipe.load_lora_weights`` and ``pipe.set_adapters`` load them; a ddit adapter built or enabled
-    after runs beside them."""
+    after runs beside them. Refuses a pipeline with two experts, whose LoRAs come one per expert."""
     if not loras:
         return
     if not callable(getattr(pipe, "load_lora_weights", None)):
         raise ValueError(f"--lora: {type(pipe).__name__} cannot load LoRAs (it has no load_lora_weights)")
+    if isinstance(getattr(pipe, "transformer_2", None), torch.nn.Module):
+        raise ValueError(f"--lora: {type(pipe).__name__} has two experts (transformer, transformer_2), and which one "
+                         "a LoRA file is for is not said; load them from Python (pipe.load_lora_weights(..., "
+                         "load_into_transformer_2=True) for the second) and ablate with ddit.ablate's API")
     names = [f"lora{i}" for i in range(len(loras))]
     for name, (path, _) in zip(names, loras):
         try:
             pipe.load_lora_weights(path, adapter_name=name)
         except (OSError, ValueError, KeyError) as err:
             raise CheckpointError(f"--lora {path}: cannot load it into {type(pipe).__name__}: {err}") from err
+        if name not in getattr(pipe.transformer, "peft_config", {}):
+            raise CheckpointError(f"--lora {path}: none of its weights fit {type(pipe.transformer).__name__} (a LoRA "
+                                  "for another model?); give a LoRA trained for this pipeline's transformer")
     pipe.set_adapters(names, [scale for _, scale in loras])
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..weights import lora_argument
+
 
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
@@ -22,20 +24,6 @@ def _names(text: str) -> list[str]:
 
 def _steps(text: str) -> tuple[int, ...]:
     return tuple(int(s) for s in _names(text))
-
-
-def _lora(text: str) -> tuple[str, float]:
-    """``PATH[:SCALE]``: a LoRA file or folder that exists, and its weight (default 1)."""
-    path, _, scale = text.rpartition(":")
-    try:
-        weight = float(scale) if path else 1.0
-    except ValueError:
-        path, weight = "", 1.0
-    path = path or text
-    if not Path(path).exists():
-        raise argparse.ArgumentTypeError(f"{path}: no such LoRA file or folder (PATH[:SCALE], e.g. "
-                                         "style.safetensors:0.8)")
-    return path, weight
 
 
 def _switches(text: str) -> tuple[float | str, ...]:
@@ -99,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--num-frames", type=int, help="frames of a video pipeline (Wan)")
     pipe.add_argument("--pipeline-arg", action="append", default=[], metavar="NAME=VALUE",
                       help="any other argument of the pipeline call, as a Python literal (repeatable)")
-    pipe.add_argument("--lora", action="append", default=[], type=_lora, metavar="PATH[:SCALE]",
+    pipe.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                       help="a LoRA (a file or folder in diffusers' format) loaded into the pipeline, unfused, for "
                            "every row, the baseline included, weighted SCALE (default 1); repeat for several")
     pipe.add_argument("--cpu-offload", action="store_true", default=None,  # None: not given (PIPELINE_ONLY)
@@ -231,7 +219,8 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
                                     model={**fingerprint(models, configs=folder),
                                            **({} if isinstance(source, Path) else {"pipeline": source})},
                                     device=device.type, dtype=str(pipe.transformer.dtype).removeprefix("torch."),
-                                    cpu_offload=bool(args.cpu_offload), loras=[list(lora) for lora in args.lora])
+                                    cpu_offload=bool(args.cpu_offload),
+                                    loras=[[Path(path).name, scale] for path, scale in args.lora])  # bytes: model
     run_pipeline_ablation(config, pipe, adapters, args.out, progress=not args.no_progress)
     if state.is_main_process:
         console.print(table(summarize_pipeline(config, args.out)))

@@ -62,7 +62,7 @@ class PipelineAblationConfig:
     device: str = "cpu"
     dtype: str = "float32"
     cpu_offload: bool = False  # diffusers' model CPU offload: wall times include the components' moves
-    loras: list = field(default_factory=list)  # [path, scale] of each LoRA loaded unfused before the rows
+    loras: list = field(default_factory=list)  # [file name, scale] of each LoRA loaded unfused before the rows
 
     def __post_init__(self):
         self.prompts = as_prompts(self.prompts)
