@@ -20,7 +20,7 @@ from ddit.distill import DistillConfig, DistillationLoss
 from ddit.pipeline_call import Prompt
 from ddit.policies import get_policy
 from ddit.recorded_states import RecordingError
-from ddit.self_distill import self_distill
+from ddit.self_distill import lora_identity, self_distill
 from ddit.tiny_pipelines import KINDS, TINY_CALL, save_tiny_pipeline
 
 PROMPTS = ["a red circle", "blue stripes on white"]
@@ -461,6 +461,9 @@ def test_a_style_lora_is_distilled_beside_and_is_part_of_the_recording(folders, 
     assert recording["loras"]["transformer"]["lora0"].endswith(" scale 0.5")
     saved = load_file(tmp_path / "run" / "adapter" / "multipatch.safetensors")
     assert saved and not any("lora0" in name for name in saved)
+    assert main([*args[:6], str(tmp_path / "plain"), *args[7:]]) == 0  # the same run without the LoRA
+    losses = [json.loads((tmp_path / run / "distill.json").read_text())["losses"] for run in ("run", "plain")]
+    assert losses[0] != losses[1]  # the LoRA changes what is recorded and trained on
     capsys.readouterr()
     for other in ([], ["--lora", f"{lora}:1"]):
         assert main([*args, "--resume", *other]) == 2
@@ -470,3 +473,18 @@ def test_a_style_lora_is_distilled_beside_and_is_part_of_the_recording(folders, 
     ddit.enable(styled, tmp_path / "run" / "adapter")  # the adapter runs beside the LoRA it was distilled with
     assert main(["distill", "--lora", str(lora), "--out", str(tmp_path / "x")]) == 2
     assert "--lora need --pipeline" in capsys.readouterr().err
+
+    source = load(folders["flux"])  # a LoRA on the patch embedding: refused before anything is recorded
+    source.transformer.add_adapter(LoraConfig(r=2, target_modules=["x_embedder", "to_q"]), adapter_name="embed")
+    type(source).save_lora_weights(tmp_path / "embed", transformer_lora_layers=get_peft_model_state_dict(
+        source.transformer, adapter_name="embed"))
+    out = tmp_path / "embedded"
+    assert main([*args[:6], str(out), *args[7:], "--lora", str(tmp_path / "embed")]) == 2
+    assert "x_embedder carries an adapter" in capsys.readouterr().err and not (out / "states").exists()
+    assert main(["distill", "--pipeline", str(folders["wan22"]), "--prompts", str(prompts), "--out", str(out),
+                 "--lora", str(lora)]) == 2
+    assert "has two experts" in capsys.readouterr().err
+
+    styled.transformer.adapter.detach()  # an earlier ddit adapter left in it: not part of the LoRAs' identity
+    adapter = ddit.MultiPatchTransformer(styled.transformer.adapter.backbone)
+    assert list(lora_identity(adapter.backbone)) == ["style"]

@@ -292,3 +292,25 @@ def test_a_lora_loaded_into_both_experts_while_enabled_runs_as_one_loaded_before
     assert all(isinstance(getattr(pipe, name), ddit.pipelines.DynamicPatchTransformer) for name in folders)
     assert torch.allclose(latents(pipe(**kwargs(batch=1, steps=6))), expected, atol=ATOL, rtol=0)
     assert not torch.allclose(plain, expected, atol=1e-3)
+
+
+@torch.no_grad()
+def test_base_size_calls_run_the_style_lora_whether_ddits_layers_are_in_or_out(style_folder):
+    """Distillation's teacher (ddit's layers in the backbone, switched off) and inference's base-size steps (ddit's
+    layers out of it) both run the styled transformer."""
+    pipe, _ = flux(style_folder)
+    ids = torch.zeros(8, 8, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(8)[:, None], torch.arange(8)[None]
+    torch.manual_seed(3)
+    given = dict(hidden_states=torch.randn(2, 64, 64), encoder_hidden_states=torch.randn(2, 5, 32),
+                 pooled_projections=torch.randn(2, 32), timestep=torch.tensor([0.3, 0.9]), img_ids=ids.reshape(-1, 3),
+                 txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5, 3.5]))
+    styled = pipe.transformer(**given)[0]
+    adapter = ddit.MultiPatchTransformer(pipe.transformer)
+    for p in adapter.trainable_parameters():
+        p.add_(0.05 * torch.randn_like(p))
+    for lean in (False, True):
+        adapter.set_lean_base(lean)
+        coarse = adapter(**given, patch_size=8)[0]  # a coarse call first: the flags switch back
+        assert torch.allclose(adapter(**given)[0], styled, atol=ATOL, rtol=0), lean
+        assert not torch.allclose(coarse, styled, atol=1e-3)

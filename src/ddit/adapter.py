@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -145,15 +146,9 @@ class MultiPatchTransformer(nn.Module):
         self.backbone = backbone
         self.spec = spec_for(backbone)
         self.base_patch_size = base = self.spec.base_patch_size
-        sizes = sorted({base, *(patch_sizes or (2 * base, 4 * base))})
-        bad = [s for s in sizes if s <= 0 or s % base]
-        if bad:
-            raise ValueError(f"patch sizes must be multiples of the base patch size {base}, not {bad}")
-        self.patch_sizes: tuple[int, ...] = tuple(sizes)
+        self.patch_sizes, names = self.check_backbone(backbone, patch_sizes, shared_lora)
+        sizes = self.patch_sizes
         self.shared_lora = shared_lora
-        names = tuple(dict.fromkeys(self._lora_name(size) for size in sizes[1:]))
-        _check_copyable(backbone, self.spec.base_layers())
-        _check_extendable(backbone, names, self.spec.base_layers())
         weights = self.spec.base_weights()
         self.heads = nn.ModuleDict({str(s): PatchHead(*weights, scale=s // base) for s in sizes[1:]})
         self.heads.to(device=backbone.device, dtype=backbone.dtype)
@@ -188,6 +183,22 @@ class MultiPatchTransformer(nn.Module):
         self._read_styles()
         self._use_lora(None)
         self.spec.recompute = lambda: self._lora_of(self._lora_active)
+
+    @staticmethod
+    def check_backbone(backbone: nn.Module, patch_sizes: Sequence[int] | None = None,
+                       shared_lora: bool = False) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """Refuse what an adapter cannot be built over (patch sizes, patch layers it cannot copy, LoRAs it cannot
+        run beside), before any work; return its sizes, the base first, and its LoRA adapters' names."""
+        spec = spec_for(backbone)
+        base = spec.base_patch_size
+        sizes = sorted({base, *(patch_sizes or (2 * base, 4 * base))})
+        bad = [s for s in sizes if s <= 0 or s % base]
+        if bad:
+            raise ValueError(f"patch sizes must be multiples of the base patch size {base}, not {bad}")
+        names = tuple(dict.fromkeys(lora_name(size, shared_lora) for size in sizes[1:]))
+        _check_copyable(backbone, spec.base_layers())
+        _check_extendable(backbone, names, spec.base_layers())
+        return tuple(sizes), names
 
     # -- what a pipeline reads from its transformer
     @property
@@ -542,7 +553,7 @@ class MultiPatchTransformer(nn.Module):
             self._use_lora(was)
 
     def _lora_name(self, size: int) -> str:
-        return "coarse" if self.shared_lora else f"patch{size}"
+        return lora_name(size, self.shared_lora)
 
     # -- parameters, saving and loading
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -662,6 +673,16 @@ class MultiPatchTransformer(nn.Module):
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(sharded_like(state[name], p))
+
+
+def lora_name(size: int, shared: bool) -> str:
+    """ddit's LoRA adapter for coarse patch ``size`` (one ``shared`` by every coarse size: ``coarse``)."""
+    return "coarse" if shared else f"patch{size}"
+
+
+def is_ddit_adapter(name: str) -> bool:
+    """Whether a peft adapter's name is one ddit's adapters use (another, a style LoRA's)."""
+    return re.fullmatch(r"patch\d+|coarse", name) is not None
 
 
 def _check_copyable(backbone: nn.Module, base_layers: Sequence[nn.Module]) -> None:

@@ -144,7 +144,7 @@ def _self_distill(args, sizes):
     from .pipeline_call import call_arguments, named_values, read_prompts
     from .processes import processes
     from .self_distill import self_distill
-    from .weights import load_loras, load_pipeline
+    from .weights import check_lora_pipeline, load_loras, load_pipeline, pipeline_folder
 
     if args.base or args.backbone or args.latents:
         raise ValueError("--pipeline distils the pipeline's own transformer; drop --base, --backbone and --latents")
@@ -160,7 +160,10 @@ def _self_distill(args, sizes):
         on_policy = get_policy(args.on_policy, **named_values(args.on_policy_param, "--on-policy-param"))
     accelerator = processes()  # first: it sets up the processes of `accelerate launch`
     # on the CPU until self_distill has checked its input (offload keeps it there too)
-    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None,
+    folder = pipeline_folder(args.pipeline)  # a Hub repository id: its download
+    if args.lora:
+        check_lora_pipeline(folder)
+    pipe = load_pipeline(folder, getattr(torch, args.dtype) if args.dtype else None,
                          device=accelerator.device if args.cpu_offload else None, cpu_offload=args.cpu_offload)
     load_loras(pipe, args.lora)
     config = DistillConfig(steps=args.steps, batch_size=4 if args.batch_size is None else args.batch_size,

@@ -29,7 +29,7 @@ from accelerate.utils import DistributedType
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .adapter import MultiPatchTransformer, config_hash
+from .adapter import MultiPatchTransformer, config_hash, is_ddit_adapter
 from .backbones import spec_for
 from .checkpoint import write_text_atomic
 from .pipeline_call import Prompt, as_prompts, check_call, check_resolution
@@ -49,16 +49,18 @@ def _check_recording(path: Path, identity: dict) -> None:
 
 
 def lora_identity(model: nn.Module) -> dict[str, str]:
-    """The LoRAs loaded into ``model`` (a style LoRA, which the adapter is then distilled beside), each by a hash of
-    its weights, its scale and whether it is on: a recording made with others must not resume."""
+    """The LoRAs loaded into ``model`` (a style LoRA, which the adapter is then distilled beside; not ddit's own),
+    each by a hash of its weights, its scale and whether it is on: a recording made with others must not resume."""
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    params = dict(model.named_parameters())
+    weights = {}
+    for n, p in model.named_parameters():
+        if ".lora_" in n:  # ….lora_A.NAME.weight, ….lora_embedding_A.NAME
+            weights.setdefault(n.split(".lora_")[1].split(".")[1], {})[n] = p
     identity = {}
-    for name in sorted({name for layer in layers for name in layer.lora_A}):
-        first = next(layer for layer in layers if name in layer.lora_A)
+    for name in sorted(name for name in weights if not is_ddit_adapter(name)):
+        first = next(layer for layer in layers if name in layer.scaling)
         on = name in first.active_adapters and not first.disable_adapters
-        weights = digest({n: p for n, p in params.items() if f".{name}." in n and ".lora_" in n})
-        identity[name] = f"{weights} scale {first.scaling[name]:g}{'' if on else ' off'}"
+        identity[name] = f"{digest(weights[name])} scale {first.scaling[name]:g}{'' if on else ' off'}"
     return identity
 
 
@@ -116,6 +118,8 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
     if any(s < base or s % base for s in patch_sizes or ()):
         raise ValueError(f"--sizes {','.join(map(str, patch_sizes))}: patch sizes are multiples of the base patch "
                          f"size {base} (e.g. {2 * base},{4 * base})")
+    for module in denoisers.values():  # before recording: a LoRA on the patch layers, for one, is refused
+        MultiPatchTransformer.check_backbone(module, patch_sizes, shared_lora)
     if rank < 1:
         raise ValueError(f"--rank must be at least 1, not {rank}")
     check_accelerator(accelerator)

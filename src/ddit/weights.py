@@ -154,6 +154,20 @@ def _check_components(pipe, folder: Path) -> None:
                               "without the files in the cache)")
 
 
+TWO_EXPERTS_LORA = ("has two experts (transformer, transformer_2), and which one a LoRA file is for is not said: "
+                    "load each expert's file from Python (pipe.load_lora_weights(..., load_into_transformer_2=True) "
+                    "for the second's) and run ddit.self_distill.self_distill or "
+                    "ddit.ablate.pipeline_runner.run_pipeline_ablation on that pipeline")
+
+
+def check_lora_pipeline(folder: Path) -> None:
+    """Refuse ``--lora`` on a pipeline folder with two experts (Wan 2.2) before loading it."""
+    for index in ("model_index.json", "modular_model_index.json"):
+        path = folder / index
+        if path.is_file() and (json.loads(path.read_text()).get("transformer_2") or [None])[0] is not None:
+            raise ValueError(f"--lora: the pipeline in {folder} {TWO_EXPERTS_LORA}")
+
+
 def lora_argument(text: str) -> tuple[str, float]:
     """A command line's ``--lora PATH[:SCALE]``: a LoRA file or folder here, and its weight (default 1)."""
     path, _, scale = text.rpartition(":")
@@ -180,9 +194,7 @@ def load_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
     if not callable(getattr(pipe, "load_lora_weights", None)):
         raise ValueError(f"--lora: {type(pipe).__name__} cannot load LoRAs (it has no load_lora_weights)")
     if isinstance(getattr(pipe, "transformer_2", None), torch.nn.Module):
-        raise ValueError(f"--lora: {type(pipe).__name__} has two experts (transformer, transformer_2), and which one "
-                         "a LoRA file is for is not said; load them from Python (pipe.load_lora_weights(..., "
-                         "load_into_transformer_2=True) for the second) and ablate with ddit.ablate's API")
+        raise ValueError(f"--lora: {type(pipe).__name__} {TWO_EXPERTS_LORA}")
     names = [f"lora{i}" for i in range(len(loras))]
     for name, (path, _) in zip(names, loras):
         try:

@@ -165,7 +165,7 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     from ..pipelines import adapter_folder, load_adapters
     from ..processes import processes
     from ..pipeline_call import call_arguments, check_call, check_resolution, read_prompts
-    from ..weights import load_loras, load_pipeline, pipeline_folder, transformer_source
+    from ..weights import check_lora_pipeline, load_loras, load_pipeline, pipeline_folder, transformer_source
     from .config import build_rows, parse_params
     from .models import fingerprint
     from .pipeline_report import summarize_pipeline, table
@@ -200,6 +200,8 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     if state.num_processes > 1 and device.type == "cuda":
         device = state.device  # one GPU per process, whatever --device says
     folder = pipeline_folder(args.pipeline)  # a Hub repository id: its download
+    if args.lora:
+        check_lora_pipeline(folder)
     pipe = load_pipeline(folder, getattr(torch, args.dtype) if args.dtype else None, device=device,
                          cpu_offload=args.cpu_offload)
     load_loras(pipe, args.lora)  # before the adapters, which then run beside them
