@@ -6,15 +6,17 @@ testbed, where everything can be trained here:
 
 1. a style LoRA (peft, on the base model's attention and feed-forward layers) trained on the testbed's images
    recoloured (channels rotated: red becomes green...), with the base model's flow-matching loss;
-2. the shipped adapter (distilled on the base model) and the same adapter distilled further beside the LoRA, on the
-   recoloured images, with the styled model as the teacher (what ``ddit distill --pipeline ... --lora`` does);
+2. the shipped adapter (distilled on the base model), the same adapter distilled further beside the LoRA on the
+   recoloured images, with the styled model as the teacher (what ``ddit distill --pipeline ... --lora`` does), and,
+   as a control for the extra steps, the same number of steps more on the base model without the LoRA;
 3. samples (seeds apart from every training seed) of the styled model at its own patch size, the reference, and of
    the styled model with each adapter under two policies; the same rows on the base model, without the LoRA, say
    how close coarse steps stay without a style.
 
 Quality: FD of the testbed evaluator's features and the spectral FD (which sees residual noise) against the matching
 baseline's samples, and SSIM against each sample's baseline twin (same label and seed). Prints a markdown table and
-writes OUT/results.json; the LoRA and the adapter are kept in OUT, so a rerun skips their training.
+writes OUT/results.json; the LoRA, the adapters, the baselines' samples and each row (OUT/rows.jsonl) are kept in
+OUT, so a rerun measures only what is missing.
 
     python benchmarks/style_lora.py --out runs/style-lora
 """
@@ -76,17 +78,25 @@ def with_style(model, lora: Path, train_steps: int, batch_size: int, lr: float):
     return model.eval()
 
 
-def distilled_beside(model, out: Path, steps: int, batch_size: int) -> MultiPatchTransformer:
-    """The shipped adapter, distilled further beside the style LoRA on the recoloured images."""
-    adapter = MultiPatchTransformer.from_pretrained(model, SHIPPED_ADAPTER)
+def distilled_further(model, style, out: Path, steps: int, batch_size: int) -> Path:
+    """The shipped adapter distilled ``steps`` more over ``model`` (the styled model: beside the LoRA) on the
+    testbed's images, recoloured by ``style`` if given; returns the adapter's folder."""
     if not (out / "adapter").exists():
+        adapter = MultiPatchTransformer.from_pretrained(model, SHIPPED_ADAPTER)
         images, labels = make_dataset(8000, seed=DISTILL_SEED)
         drop = torch.rand(len(labels), generator=torch.Generator().manual_seed(DISTILL_SEED + 1)) < 0.1
-        data = LatentDataset(styled(images), class_labels=torch.where(drop, NULL_LABEL, labels))
+        data = LatentDataset(style(images) if style else images, class_labels=torch.where(drop, NULL_LABEL, labels))
         distill(adapter, data, out, DistillConfig(steps=steps, batch_size=batch_size, seed=DISTILL_SEED),
                 resume=(out / "checkpoint.pt").exists())
+        adapter.detach()
+    return out / "adapter"
+
+
+def detached(model, folder: Path) -> MultiPatchTransformer:
+    """The adapter at ``folder`` over ``model``, detached until its rows run."""
+    adapter = MultiPatchTransformer.from_pretrained(model, folder).eval()
     adapter.detach()
-    return MultiPatchTransformer.from_pretrained(model, out / "adapter").eval()
+    return adapter
 
 
 def main() -> None:
@@ -104,14 +114,33 @@ def main() -> None:
     policies = {"fixed half at 4": lambda: FixedPolicy(fraction=0.5, size=4), "third_order": lambda: get_policy(
         "third_order")}
 
-    def rows(model, adapters: dict[str, MultiPatchTransformer], model_name: str):
-        """Each detached adapter over ``model`` in turn under each policy, against ``model``'s own samples."""
-        reference = generate(model, labels, seed=EVAL_SEED, steps=args.steps).images
+    done = {}  # rows already measured (OUT/rows.jsonl): a rerun measures only the missing ones
+    if (out / "rows.jsonl").exists():
+        done = {(r["model"], r["adapter"], r["policy"]): r
+                for r in map(json.loads, (out / "rows.jsonl").read_text().splitlines())}
+
+    def reference_of(model, model_name: str) -> torch.Tensor:
+        path = out / f"reference-{model_name}.safetensors"
+        if not path.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({"images": generate(model, labels, seed=EVAL_SEED, steps=args.steps).images}, path)
+        return load_file(path)["images"]
+
+    def rows(model, adapters: dict, model_name: str):
+        """Each adapter (by a function that builds it, detached) over ``model`` in turn under each policy, against
+        ``model``'s own samples."""
+        reference = reference_of(model, model_name)
         found = []
-        for adapter_name, adapter in adapters.items():
-            adapter.attach()
-            for policy_name, policy in policies.items():
-                samples = generate(adapter, labels, seed=EVAL_SEED, steps=args.steps, policy=policy())
+        for adapter_name, build in adapters.items():
+            todo = [name for name in policies if (model_name, adapter_name, name) not in done]
+            if todo:
+                adapter = build()
+                adapter.attach()
+            for policy_name in policies:
+                if policy_name not in todo:
+                    found.append(done[model_name, adapter_name, policy_name])
+                    continue
+                samples = generate(adapter, labels, seed=EVAL_SEED, steps=args.steps, policy=policies[policy_name]())
                 coarse = sum(r["patch_size"] > 2 for t in samples.traces for r in t) / sum(map(len, samples.traces))
                 found.append({"model": model_name, "adapter": adapter_name, "policy": policy_name,
                               "coarse_step_fraction": round(coarse, 3),
@@ -119,22 +148,23 @@ def main() -> None:
                               "spectral_fd_vs_baseline": round(spectral_fd(reference, samples.images), 4),
                               "ssim_vs_twin": round(ssim((samples.images + 1) / 2, (reference + 1) / 2,
                                                          data_range=1.0).item(), 4)})
+                with (out / "rows.jsonl").open("a") as f:
+                    f.write(json.dumps(found[-1]) + "\n")
                 print(found[-1], flush=True)
-            adapter.detach()
+            if todo:
+                adapter.detach()
         return found, reference
 
     base = load_base_model()
-    shipped = MultiPatchTransformer.from_pretrained(base, SHIPPED_ADAPTER).eval()
-    shipped.detach()
-    plain, plain_reference = rows(base, {"shipped (base model)": shipped}, "base")
+    plain, plain_reference = rows(base, {"shipped (base model)": lambda: detached(base, SHIPPED_ADAPTER)}, "base")
+    further = distilled_further(load_base_model(), None, out / "distill-base", args.distill_steps, 16)
 
     model = with_style(load_base_model(), out / "style_lora.safetensors", args.lora_steps, 32, 1e-3)
-    beside = distilled_beside(model, out / "distill", args.distill_steps, 16)
-    beside.detach()
-    shipped = MultiPatchTransformer.from_pretrained(model, SHIPPED_ADAPTER).eval()
-    shipped.detach()
-    found, styled_reference = rows(model, {"shipped (base model)": shipped, "distilled beside the LoRA": beside},
-                                   "styled")
+    beside = distilled_further(model, styled, out / "distill", args.distill_steps, 16)
+    found, styled_reference = rows(model, {
+        "shipped (base model)": lambda: detached(model, SHIPPED_ADAPTER),
+        f"+{args.distill_steps} steps on the base model": lambda: detached(model, further),
+        "distilled beside the LoRA": lambda: detached(model, beside)}, "styled")
     style_size = {"fd": round(frechet_distance(evaluator, plain_reference, styled_reference), 2),
                   "spectral_fd": round(spectral_fd(plain_reference, styled_reference), 4)}
     results = {"rows": plain + found, "style_vs_base_baselines": style_size, "args": vars(args),
