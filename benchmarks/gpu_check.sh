@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The checks that need a GPU (issue 9), as one short run for a session that is lent one (device tool), in a
 # session of its own (benchmarks/gpu/run.sh in another: two do not fit one session's 15 minutes):
-#   bash benchmarks/gpu/fetch_wheels.sh     # here, once: diffusers and ftfy for the device image
-#   run(command="bash benchmarks/gpu_check.sh", carry=["runs/wheels"], timeout_s=420)
+#   bash benchmarks/gpu/fetch_wheels.sh     # here, once: diffusers, ftfy, gguf, bitsandbytes for the device image
+#   run(command="bash benchmarks/gpu_check.sh", carry=["runs/wheels"], timeout_s=450)
 # Python and packages: benchmarks/gpu/setup.sh. What it writes under $OUT comes back: the tiny stock
-# pipelines' tests on CUDA, and a small testbed ablation on CUDA in bf16 (report and summary).
+# pipelines' tests on CUDA (a GGUF and a bitsandbytes transformer among them: quantized.log), and a small testbed
+# ablation on CUDA in bf16 (report and summary).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
@@ -27,6 +28,8 @@ DDIT_TEST_DEVICE=cuda timeout -k 10 240 "$PY" -m pytest -q -p no:cacheprovider t
     tests/test_controlnet.py::test_feature_caches_run_beside_the_control_at_coarse_steps \
     tests/test_ip_adapter.py tests/test_style_lora.py -k "not ablation" \
     2>&1 | tee "$OUT/pipelines.log"
+DDIT_TEST_DEVICE=cuda timeout -k 10 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_quantized.py \
+    -k "(gguf or bitsandbytes) and not commands" 2>&1 | tee "$OUT/quantized.log"
 timeout -k 10 120 "$PY" -m ddit.ablate.cli --out "$OUT/ablate" --device cuda --dtype bfloat16 --num-per-class 8 \
     --caches none,teacache --batch-size 32 --no-progress 2>&1 | tee "$OUT/ablate.log"
 cp "$OUT/ablate/report.md" "$OUT/ablate/summary.json" "$OUT/" 2>/dev/null

@@ -105,9 +105,9 @@ def test_a_grid_with_row_labels_writes_them_in_a_margin(tmp_path):
 
 
 @pytest.mark.parametrize("command, message", [
-    (["distill", "--prompts", "p.txt"], "--prompts, --cpu-offload and --lora need --pipeline"),
-    (["distill", "--cpu-offload"], "--prompts, --cpu-offload and --lora need --pipeline"),
-    (["calibrate", "teacache", "--cpu-offload"], "--cpu-offload and --pipeline-arg need --pipeline"),
+    (["distill", "--prompts", "p.txt"], "--prompts, --cpu-offload, --lora and --transformer need --pipeline"),
+    (["distill", "--cpu-offload"], "--prompts, --cpu-offload, --lora and --transformer need --pipeline"),
+    (["calibrate", "teacache", "--cpu-offload"], "--cpu-offload, --transformer and --pipeline-arg need --pipeline"),
 ])
 def test_pipeline_options_without_a_pipeline_are_refused(command, message, tmp_path, capsys):
     assert main([*command, "--out", str(tmp_path / "out")]) == 2

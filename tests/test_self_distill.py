@@ -436,6 +436,26 @@ def test_wan21_image_to_video_keeps_its_512_text_tokens(kind, folders, tmp_path)
     assert not any(tmp_path.iterdir())
 
 
+def test_a_lora_on_the_text_encoder_is_part_of_the_recording(folders, tmp_path):
+    """A LoRA's text-encoder part changes the conditioning the transformer is recorded with: a recording made with
+    it does not resume without it."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    pipe = load(folders["flux"])  # peft's layers, as a LoRA's text-encoder part loads (transformers' loader
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),  # wants peft 0.22)
+                            pipe.text_encoder, adapter_name="style")
+    self_distill(pipe, PROMPTS[:1], tmp_path, call=call("flux", steps=2), config=CONFIG, progress=False)
+    recording = json.loads((tmp_path / "states" / "recording.json").read_text())
+    assert list(recording["loras"]) == ["text_encoder"] and list(recording["loras"]["text_encoder"]) == ["style"]
+    for layer in pipe.text_encoder.modules():
+        if isinstance(layer, LoraLayer):
+            layer.enable_adapters(False)
+    with pytest.raises(RecordingError, match="was recorded with"):
+        self_distill(pipe, PROMPTS[:1], tmp_path, call=call("flux", steps=2), config=CONFIG, progress=False,
+                     resume=True)
+
+
 def test_a_style_lora_is_distilled_beside_and_is_part_of_the_recording(folders, tmp_path, capsys):
     """``--lora``: the pipeline runs with the LoRA loaded unfused, and the adapter is trained beside it (its own
     weights only); a recording made without it, or with another weight, does not resume."""
@@ -472,7 +492,7 @@ def test_a_style_lora_is_distilled_beside_and_is_part_of_the_recording(folders, 
     styled.load_lora_weights(lora, adapter_name="style")
     ddit.enable(styled, tmp_path / "run" / "adapter")  # the adapter runs beside the LoRA it was distilled with
     assert main(["distill", "--lora", str(lora), "--out", str(tmp_path / "x")]) == 2
-    assert "--lora need --pipeline" in capsys.readouterr().err
+    assert "--lora and --transformer need --pipeline" in capsys.readouterr().err
 
     source = load(folders["flux"])  # a LoRA on the patch embedding: refused before anything is recorded
     source.transformer.add_adapter(LoraConfig(r=2, target_modules=["x_embedder", "to_q"]), adapter_name="embed")

@@ -32,6 +32,7 @@ from torch import nn
 
 from .backbones import IP_ADAPTER, BackboneSpec, Reference, patchify, pool_tokens, spec_for, unpatchify
 from .checkpoint import CheckpointError
+from .quantized import float_weight
 from .sharding import sharded_like, whole
 from .weights import REPO_ID, load_safetensors, local_or_hub
 
@@ -114,8 +115,9 @@ class PatchHead(nn.Module):
 
 
 def config_hash(model: nn.Module) -> str:
-    """A short hash of a diffusers model's config, ignoring bookkeeping keys (``_name_or_path``...)."""
-    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    """A short hash of a diffusers model's config, ignoring bookkeeping keys (``_name_or_path``...) and how its
+    weights are stored (``quantization_config``): an adapter made on the bf16 model runs on its quantized copy."""
+    config = {k: v for k, v in model.config.items() if not k.startswith("_") and k != "quantization_config"}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -156,10 +158,7 @@ class MultiPatchTransformer(nn.Module):
         # a style LoRA's layers, loaded before, with what they run: peft's injection activates ddit's adapters
         styled = {id(m): (m, m.active_adapters, m.disable_adapters) for m in backbone.modules()
                   if isinstance(m, LoraLayer)}
-        with warnings.catch_warnings():  # peft warns about a second adapter: one per size is the point
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            for name in names:
-                inject_adapter_in_model(self.lora_config, backbone, adapter_name=name)
+        _inject(backbone, self.lora_config, names, styled)
         for layer, active, disabled in styled.values():
             layer._active_adapter, layer._disable_adapters = active, disabled
         self._configs = {name: backbone.peft_config[name] for name in names}
@@ -685,9 +684,39 @@ def is_ddit_adapter(name: str) -> bool:
     return re.fullmatch(r"patch\d+|coarse", name) is not None
 
 
+def _inject(backbone: nn.Module, config: LoraConfig, names: Sequence[str], styled: dict) -> None:
+    """peft's injection of ddit's adapters ``names``, all or nothing: a layer peft puts no LoRA on (torchao's int4
+    weights, a module type it does not know) leaves the backbone as it was (a style LoRA's layers ``styled``
+    included), and the error says which."""
+    had_config = hasattr(backbone, "peft_config")
+    try:
+        with warnings.catch_warnings():  # peft warns about a second adapter: one per size is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            for name in names:
+                inject_adapter_in_model(config, backbone, adapter_name=name)
+    except Exception as err:
+        for place, layer in [(n, m) for n, m in backbone.named_modules() if isinstance(m, LoraLayer)]:
+            if id(layer) in styled:
+                for name in set(names) & set(layer.lora_A):
+                    layer.delete_adapter(name)
+            else:
+                parent, _, child = place.rpartition(".")
+                setattr(backbone.get_submodule(parent), child, layer.get_base_layer())
+        for layer, active, disabled in styled.values():
+            layer._active_adapter, layer._disable_adapters = active, disabled
+        for name in names:
+            getattr(backbone, "peft_config", {}).pop(name, None)
+        if not had_config and hasattr(backbone, "peft_config"):
+            del backbone.peft_config
+        raise ValueError(f"peft cannot put ddit's LoRA into {type(backbone).__name__} ({type(err).__name__}: "
+                         f"{err}); it is left as it was. Quantized blocks: use a storage peft's LoRA takes (a GGUF "
+                         "file, bitsandbytes, torchao's int8, quanto)") from err
+
+
 def _check_copyable(backbone: nn.Module, base_layers: Sequence[nn.Module]) -> None:
     """Refuse, before any change, patch layers the coarse heads cannot start from (they copy the patch embedding
-    and the output projection): weights not here, stored quantized or in float8, or under layerwise casting."""
+    and the output projection): weights not here, stored in float8 or in integers no quantizer reads back, or
+    under layerwise casting."""
     model = type(backbone).__name__
     names = [name for name, m in backbone.named_modules() if any(m is layer for layer in base_layers)]
     weights = [layer.weight for layer in base_layers]
@@ -700,11 +729,12 @@ def _check_copyable(backbone: nn.Module, base_layers: Sequence[nn.Module]) -> No
         raise ValueError(f"{model} has layerwise casting enabled: LoRA layers added now would stay in its storage "
                          "dtype, outside its casting; build the adapter (or call ddit.enable) first, then "
                          "enable_layerwise_casting on pipe.transformer")
-    stored = [w.dtype for w in weights if not w.is_floating_point() or w.dtype.itemsize < 2]
+    stored = [w.dtype for w in map(float_weight, base_layers) if not w.is_floating_point() or w.dtype.itemsize < 2]
     if stored:
-        raise ValueError(f"{model}'s {' and '.join(names)} are stored as {stored[0]} (quantized or float8), and "
-                         "the coarse heads are copied from them: load the model with these layers left as they "
-                         f"were trained (the quantization config's modules_to_not_convert: {names})")
+        raise ValueError(f"{model}'s {' and '.join(names)} are stored as {stored[0]} (float8, or integers no "
+                         "quantizer reads back), and the coarse heads are copied from them: load the model with "
+                         "these layers left as they were trained (the quantization config's modules_to_not_convert: "
+                         f"{names})")
 
 
 def _check_extendable(backbone: nn.Module, names: Sequence[str], base_layers: Sequence[nn.Module]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .weights import lora_argument
+from .weights import lora_argument, transformer_file_argument
 
 
 def _train_base(args) -> None:
@@ -108,9 +108,9 @@ def _distill(args) -> None:
     if args.pipeline:
         export = _self_distill(args, sizes)
     else:
-        if args.prompts or args.cpu_offload or args.lora:
-            raise ValueError("--prompts, --cpu-offload and --lora need --pipeline: the pipeline folder to run them "
-                             "through")
+        if args.prompts or args.cpu_offload or args.lora or args.transformer:
+            raise ValueError("--prompts, --cpu-offload, --lora and --transformer need --pipeline: the pipeline folder "
+                             "to run them through")
         if args.backbone:
             if not args.latents:
                 raise ValueError("--backbone needs --latents: a safetensors file with 'latents' "
@@ -159,12 +159,14 @@ def _self_distill(args, sizes):
 
         on_policy = get_policy(args.on_policy, **named_values(args.on_policy_param, "--on-policy-param"))
     accelerator = processes()  # first: it sets up the processes of `accelerate launch`
-    # on the CPU until self_distill has checked its input (offload keeps it there too)
-    folder = pipeline_folder(args.pipeline)  # a Hub repository id: its download
+    # a Hub repository id: its download (without the transformer weights that --transformer replaces)
+    folder = pipeline_folder(args.pipeline, without=("transformer",) if args.transformer else ())
     if args.lora:
         check_lora_pipeline(folder)
+    # on the CPU until self_distill has checked its input (offload keeps it there too)
     pipe = load_pipeline(folder, getattr(torch, args.dtype) if args.dtype else None,
-                         device=accelerator.device if args.cpu_offload else None, cpu_offload=args.cpu_offload)
+                         device=accelerator.device if args.cpu_offload else None, cpu_offload=args.cpu_offload,
+                         transformer_file=args.transformer)
     load_loras(pipe, args.lora)
     config = DistillConfig(steps=args.steps, batch_size=4 if args.batch_size is None else args.batch_size,
                            lr=args.lr, num_inference_steps=None, timestep_scale=None, seed=args.seed)
@@ -197,9 +199,9 @@ def _calibrate_teacache(args) -> None:
         from .testbed.teacache import calibrate_teacache
 
         if args.prompts or args.pipeline_arg or args.height or args.width or args.num_frames or args.dtype \
-                or args.device or args.cpu_offload:
-            raise ValueError("--prompts, --height, --width, --num-frames, --dtype, --device, --cpu-offload and "
-                             "--pipeline-arg need --pipeline")
+                or args.device or args.cpu_offload or args.transformer:
+            raise ValueError("--prompts, --height, --width, --num-frames, --dtype, --device, --cpu-offload, "
+                             "--transformer and --pipeline-arg need --pipeline")
         steps, guidance = args.steps or 50, 2.0 if args.guidance is None else args.guidance
         coefficients = calibrate_teacache(load_base_model(args.model or SHIPPED_BASE), per_class=args.per_class,
                                           steps=steps, guidance=guidance, seed=args.seed, progress=True)
@@ -224,7 +226,8 @@ def _calibrate_teacache_on_pipeline(args) -> list[float]:
     call = call_arguments(args.pipeline_arg, num_inference_steps=args.steps, height=args.height, width=args.width,
                           num_frames=args.num_frames, guidance_scale=args.guidance)
     pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None,
-                         device=args.device or PartialState().device, cpu_offload=args.cpu_offload)
+                         device=args.device or PartialState().device, cpu_offload=args.cpu_offload,
+                         transformer_file=args.transformer)
     return calibrate_teacache_on_pipeline(pipe, prompts, args.out, call=call, seed=args.seed)
 
 
@@ -314,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pipeline: diffusers' model CPU offload (pipe.enable_model_cpu_offload()): each "
                         "component on the GPU only while it runs, for a GPU that holds the transformer but not "
                         "every component at once")
+    p.add_argument("--transformer", type=transformer_file_argument, metavar="FILE",
+                   help="with --pipeline: its transformer from this file instead of the folder's, with the folder's "
+                        "config: a GGUF file (e.g. flux1-dev-Q4_0.gguf, quantized as saved, computing in --dtype) or "
+                        "a .safetensors file")
     p.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                    help="with --pipeline: a LoRA (a file or folder in diffusers' format) loaded into it, unfused, "
                         "weighted SCALE (default 1): the adapter is distilled for the model with it; repeatable")
@@ -371,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pipeline: diffusers' model CPU offload (pipe.enable_model_cpu_offload()): each "
                         "component on the GPU only while it runs, for a GPU that holds the transformer but not "
                         "every component at once")
+    p.add_argument("--transformer", type=transformer_file_argument, metavar="FILE",
+                   help="with --pipeline: its transformer from this file instead of the folder's, with the folder's "
+                        "config: a GGUF file (e.g. flux1-dev-Q4_0.gguf, quantized as saved, computing in --dtype) or "
+                        "a .safetensors file")
     p.add_argument("--device", help="with --pipeline: where it runs (default: accelerate's device, a GPU if any)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="teacache.json",

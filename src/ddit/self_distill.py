@@ -37,6 +37,7 @@ from .distill import DistillConfig, check_accelerator, digest, distill
 from .pipelines import disable, enable, offload_onto
 from .policies import PatchPolicy
 from .processes import processes
+from .quantized import storage
 from .recorded_states import RecordedStates, RecordingError, experts, record_states
 
 
@@ -69,7 +70,9 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
                  config: DistillConfig | None = None, seed: int = 0, resume: bool = False,
                  checkpoint_minutes: float = 3.0, progress: bool = True,
                  accelerator: Accelerator | None = None, on_policy: PatchPolicy | None = None) -> Path:
-    """Record ``pipe`` on ``prompts`` into ``out/states``, distil its adapter; returns ``out/adapter``.
+    """Record ``pipe`` on ``prompts`` into ``out/states``, distil its adapter; returns ``out/adapter``. Once done,
+    ``pipe``'s transformers hold no adapter (under FSDP they stay sharded), ready for
+    ``ddit.enable(pipe, returned_folder)``.
 
     ``call`` holds the pipeline's own arguments for the recording (``num_inference_steps``,
     ``height``, ``width``, ``num_frames``, ``guidance_scale``...); prompt i runs from seed
@@ -98,6 +101,11 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
                          "config (or one process), or drop --on-policy")
     check_call(pipe, call, prompts)
     denoisers = experts(pipe)
+    quantized = [kind for m in denoisers.values() if (kind := storage(m))]
+    if quantized and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError(f"the transformer is quantized ({quantized[0].split()[0]}), and FSDP's shards drop a "
+                         "quantized layer's storage: distil it data-parallel (an accelerate config without FSDP) or "
+                         "in one process, or the full-precision transformer under FSDP")
     try:
         specs = [spec_for(module) for module in denoisers.values()]
     except TypeError as err:  # no spec for this transformer: bad input here, not a bug
@@ -129,10 +137,14 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
         raise ValueError("distil a bfloat16 or float32 pipeline (--dtype bfloat16): float16 training would "
                          "need loss scaling")
     config = config or DistillConfig(num_inference_steps=None, timestep_scale=None)
-    loras = {sub or "transformer": style for sub, m in denoisers.items() if (style := lora_identity(m))}
+    loaded_into = {**{sub or "transformer": m for sub, m in denoisers.items()},  # a LoRA's text-encoder part too
+                   **{name: m for name, m in pipe.components.items() if name.startswith("text_encoder")}}
+    loras = {name: style for name, m in loaded_into.items() if isinstance(m, nn.Module) and (style := lora_identity(m))}
+    stored = {sub or "transformer": kind for sub, m in denoisers.items() if (kind := storage(m))}  # quantized
     identity = json.loads(json.dumps({  # as it reads back from recording.json (a tuple: a list)
         **{sub or "transformer": f"{type(m).__name__} {config_hash(m)}" for sub, m in denoisers.items()},
-        "dtype": str(pipe.transformer.dtype), "call": call, "seed": seed, **({"loras": loras} if loras else {})}))
+        "dtype": str(pipe.transformer.dtype), "call": call, "seed": seed, **({"loras": loras} if loras else {}),
+        **({"storage": stored} if stored else {})}))
     states = out / "states"
     _check_recording(states / "recording.json", identity)
 
@@ -154,9 +166,9 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
                   for sub, module in denoisers.items()}
     share = dict(config=config, resume=resume, checkpoint_minutes=checkpoint_minutes, progress=progress,
                  accelerator=accelerator, prompts=len(prompts))
-    export = _distill_experts(pipe, models, [states], out, **share)
     if on_policy is None:
-        return export
+        return _given_back(models, _distill_experts(pipe, models, [states], out, **share))
+    _distill_experts(pipe, models, [states], out, **share)
 
     visited = out / "on-policy" / "states"
     # states recorded under another policy, or with other first-round adapters, must not be mixed in
@@ -176,7 +188,15 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
         for model in models.values():  # disable gave the pipeline its stock transformers; training needs the LoRA
             model.attach()
     accelerator.wait_for_everyone()
-    return _distill_experts(pipe, models, [states, visited], out / "on-policy", **share)
+    return _given_back(models, _distill_experts(pipe, models, [states, visited], out / "on-policy", **share))
+
+
+def _given_back(models: dict[str, MultiPatchTransformer], export: Path) -> Path:
+    """``export``, with the trained adapters taken off the pipeline's transformers, so that
+    ``ddit.enable(pipe, export)`` can follow."""
+    for model in models.values():
+        model.detach()
+    return export
 
 
 def _distill_experts(pipe, models: dict[str, MultiPatchTransformer], recordings: list[Path], out: Path, *,

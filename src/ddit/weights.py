@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -46,11 +47,12 @@ def names_repository(path: str | os.PathLike) -> bool:
             and REPO_ID.match(path) is not None)
 
 
-def pipeline_folder(path: str | os.PathLike) -> Path:
+def pipeline_folder(path: str | os.PathLike, without: Sequence[str] = ()) -> Path:
     """``path`` as a local folder; where it names a Hub repository, the folder its download lies in: what
     ``DiffusionPipeline.from_pretrained`` would fetch (its components, not single-file checkpoints beside them;
     from huggingface_hub's cache, offline too), or a modular pipeline's ``modular_model_index.json``, whose
-    components ``load_components`` fetches from where it points."""
+    components ``load_components`` fetches from where it points. Components ``without`` are left out but for
+    their configs (``--transformer FILE`` replaces the transformer's 24 GB of FLUX.1 weights)."""
     if not names_repository(path):
         return Path(path)
     from diffusers import DiffusionPipeline
@@ -62,7 +64,7 @@ def pipeline_folder(path: str | os.PathLike) -> Path:
                                   "a modular pipeline's modular_model_index.json); pass a pipeline's repository")
         return index
     try:
-        return Path(DiffusionPipeline.download(str(path)))
+        return Path(DiffusionPipeline.download(str(path), **dict.fromkeys(without)))  # as passed components
     except Exception as err:
         raise CheckpointError(f"the Hub repository {path}'s pipeline cannot be downloaded ({type(err).__name__}: "
                               f"{err}); download it where the Hub is reachable and pass its folder") from err
@@ -207,27 +209,76 @@ def load_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
     pipe.set_adapters(names, [scale for _, scale in loras])
 
 
+def transformer_file_argument(text: str) -> Path:
+    """A command line's ``--transformer FILE``: a GGUF or safetensors file here."""
+    path = Path(text)
+    if path.suffix == ".gguf" and importlib.util.find_spec("gguf") is None:
+        raise argparse.ArgumentTypeError(f"{text}: diffusers reads GGUF files with the gguf package: pip install "
+                                         "gguf")
+    if path.suffix not in (".gguf", ".safetensors"):
+        raise argparse.ArgumentTypeError(f"{text}: --transformer takes one file, a .gguf file (loaded quantized, as "
+                                         "saved) or a .safetensors file")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file (a file on the Hub: download it first, "
+                                         "hf download OWNER/NAME FILE --local-dir DIR)")
+    return path
+
+
+def load_transformer_file(path: Path, folder: Path, dtype: torch.dtype):
+    """The transformer of the pipeline in ``folder`` from one file, as diffusers' ``from_single_file`` loads one,
+    with the folder's transformer config: a GGUF file quantized as it was saved (computing in ``dtype``), a
+    safetensors file (diffusers' or the original repository's key names) in ``dtype``."""
+    import diffusers
+    from diffusers import GGUFQuantizationConfig
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    index = json.loads((folder / "model_index.json").read_text())
+    if (index.get("transformer_2") or [None])[0]:
+        raise CheckpointError(f"--transformer {path}: {folder} has two experts (transformer and transformer_2), "
+                              "and one file replaces one of them; load both from Python (from_single_file) and "
+                              "pass them to the pipeline's from_pretrained")
+    name = (index.get("transformer") or [None, None])[1]
+    model_class = getattr(diffusers, name or "", None)
+    if model_class is None or not hasattr(model_class, "from_single_file"):
+        raise CheckpointError(f"--transformer {path}: diffusers loads {name or 'this pipeline'}'s transformer from "
+                              "a folder only (no from_single_file); save it with save_pretrained and pass that "
+                              "pipeline folder")
+    quantization = GGUFQuantizationConfig(compute_dtype=dtype) if path.suffix == ".gguf" else None
+    try:
+        return model_class.from_single_file(str(path), config=str(folder), subfolder="transformer",
+                                            torch_dtype=dtype, quantization_config=quantization)
+    except (OSError, ValueError, KeyError, IndexError, SingleFileComponentError) as err:
+        raise CheckpointError(f"--transformer {path}: cannot load it as {name} with the config in "
+                              f"{folder / 'transformer'}: {err}") from err
+
+
 #: safetensors' names of the floating dtypes a transformer is saved in.
 SAVED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def load_pipeline(folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                  cpu_offload: bool = False):
+                  cpu_offload: bool = False, transformer_file: Path | None = None):
     """A diffusers pipeline folder (``save_pretrained``'s, with ``model_index.json``; or a modular pipeline's,
     with ``modular_model_index.json`` only, such as FLUX.3's) or Hub repository id (``pipeline_folder``), in
     ``dtype`` (None: its transformer's dtype as
     saved; diffusers' own default would be float32, twice a bf16 model's memory), on ``device``; with
     ``cpu_offload``, under diffusers' model CPU offload onto ``device``: each component there only while it runs,
-    for a GPU that holds the transformer but not every component at once."""
+    for a GPU that holds the transformer but not every component at once. ``transformer_file``: the transformer
+    from that file instead (``load_transformer_file``: a GGUF file, say), in ``dtype`` or else the folder's saved
+    dtype or else bfloat16."""
     from diffusers import DiffusionPipeline
     from diffusers.modular_pipelines import ModularPipeline
 
-    folder = pipeline_folder(folder)
+    folder = pipeline_folder(folder, without=("transformer",) if transformer_file else ())
     modular = not (folder / "model_index.json").is_file() and (folder / "modular_model_index.json").is_file()
     if not modular and not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder} holds no model_index.json (nor a modular pipeline's "
                               "modular_model_index.json); pass a diffusers pipeline folder (one written by "
                               "pipe.save_pretrained, or a downloaded checkpoint)")
+    if modular and transformer_file is not None:
+        raise CheckpointError(f"--transformer {transformer_file}: {folder} is a modular pipeline; load its "
+                              "transformer from the file in Python (from_single_file) and pass it to "
+                              "ModularPipeline.update_components")
     if modular and cpu_offload:
         raise CheckpointError(f"{folder} is a modular pipeline, which offloads through a ComponentsManager's auto "
                               "CPU offload, not --cpu-offload: drop --cpu-offload, or run ddit from Python with "
@@ -245,6 +296,10 @@ def load_pipeline(folder: str | Path, dtype: torch.dtype | None = None, device: 
                                       "most models), the same on every run of this output folder")
             pipe.load_components(dtype=dtype or saved)
             _check_components(pipe, folder)
+        elif transformer_file is not None:
+            dtype = dtype or saved or torch.bfloat16
+            pipe = DiffusionPipeline.from_pretrained(
+                folder, transformer=load_transformer_file(transformer_file, folder, dtype), dtype=dtype)
         else:
             pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype or saved)
     except (OSError, ValueError, TypeError) as err:

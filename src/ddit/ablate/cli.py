@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..weights import lora_argument
+from ..weights import lora_argument, transformer_file_argument
 
 
 def _names(text: str) -> list[str]:
@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
                       help="a LoRA (a file or folder in diffusers' format) loaded into the pipeline, unfused, for "
                            "every row, the baseline included, weighted SCALE (default 1); repeat for several")
+    pipe.add_argument("--transformer", type=transformer_file_argument, metavar="FILE",
+                      help="the pipeline's transformer from this file instead of the folder's, with the folder's "
+                           "config: a GGUF file (e.g. flux1-dev-Q4_0.gguf, quantized as saved, computing in --dtype) "
+                           "or a .safetensors file; the adapter made on the full-precision model runs on it")
     pipe.add_argument("--cpu-offload", action="store_true", default=None,  # None: not given (PIPELINE_ONLY)
                       help="diffusers' model CPU offload (pipe.enable_model_cpu_offload()): each component on the "
                            "GPU only while it runs, for a GPU that holds the transformer but not every component at "
@@ -107,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Options of one kind of run only: given to the other, they would be ignored.
 PIPELINE_ONLY = ("prompts", "num_per_prompt", "height", "width", "num_frames", "pipeline_arg", "cpu_offload",
-                 "lora")
+                 "lora", "transformer")
 TESTBED_ONLY = ("num_per_class", "backbone", "evaluator")
 
 
@@ -199,11 +203,11 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     device = _device(args.device) if args.device else state.device
     if state.num_processes > 1 and device.type == "cuda":
         device = state.device  # one GPU per process, whatever --device says
-    folder = pipeline_folder(args.pipeline)  # a Hub repository id: its download
+    folder = pipeline_folder(args.pipeline, without=("transformer",) if args.transformer else ())  # Hub id: download
     if args.lora:
         check_lora_pipeline(folder)
     pipe = load_pipeline(folder, getattr(torch, args.dtype) if args.dtype else None, device=device,
-                         cpu_offload=args.cpu_offload)
+                         cpu_offload=args.cpu_offload, transformer_file=args.transformer)
     load_loras(pipe, args.lora)  # before the adapters, which then run beside them
     check_call(pipe, call, prompts, sets=("num_inference_steps",))  # the rows' steps
     adapters = load_adapters(pipe, args.adapter)  # Wan 2.2's second expert's from its transformer_2 subfolder
@@ -212,7 +216,8 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     check_resolution(pipe, call, adapters["transformer"].patch_sizes, prompts)
     found = adapter_folder(args.adapter)  # a pipeline folder saved while enabled holds it in ddit_adapter
     source = transformer_source(pipe, folder)  # a modular pipeline's may lie outside the folder, or on the Hub
-    models = {"pipeline": source if isinstance(source, Path) else folder / "transformer", "adapter": found}
+    models = {"pipeline": args.transformer or (source if isinstance(source, Path) else folder / "transformer"),
+              "adapter": found}
     if "transformer_2" in adapters:
         models.update(pipeline_2=folder / "transformer_2", adapter_2=found / "transformer_2")
     models.update({f"lora{i}": Path(path) for i, (path, _) in enumerate(args.lora)})
@@ -222,7 +227,8 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
                                            **({} if isinstance(source, Path) else {"pipeline": source})},
                                     device=device.type, dtype=str(pipe.transformer.dtype).removeprefix("torch."),
                                     cpu_offload=bool(args.cpu_offload),
-                                    loras=[[Path(path).name, scale] for path, scale in args.lora])  # bytes: model
+                                    loras=[[Path(path).name, scale] for path, scale in args.lora],  # bytes: model
+                                    transformer_file=args.transformer and args.transformer.name)  # bytes: model
     run_pipeline_ablation(config, pipe, adapters, args.out, progress=not args.no_progress)
     if state.is_main_process:
         console.print(table(summarize_pipeline(config, args.out)))

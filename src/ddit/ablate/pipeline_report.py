@@ -176,6 +176,7 @@ def _markdown(config: PipelineAblationConfig, summary: list[dict], figures: dict
         f"{config.num_samples} samples per row ({config.num_per_prompt} per prompt, {len(config.prompts)} prompts), "
         f"{config.steps} steps, seed {config.seed}, batch {config.batch_size}, on {config.device} in {config.dtype}"
         f"{' under model CPU offload (wall times include the components moves)' if config.cpu_offload else ''}"
+        f"{'; the transformer from ' + config.transformer_file if config.transformer_file else ''}"
         f"{'; LoRAs ' + ', '.join(f'{path} at {scale:g}' for path, scale in config.loras) if config.loras else ''}; "
         f"pipeline arguments {json.dumps(config.call)}. Sample i of every row has the prompt and seed of the "
         "baseline's sample i; SSIM and PSNR compare each sample with that twin (a row's PSNR: that of its "

@@ -63,6 +63,7 @@ class PipelineAblationConfig:
     dtype: str = "float32"
     cpu_offload: bool = False  # diffusers' model CPU offload: wall times include the components' moves
     loras: list = field(default_factory=list)  # [file name, scale] of each LoRA loaded unfused before the rows
+    transformer_file: str | None = None  # the file name of a transformer loaded from one file (a GGUF file)
 
     def __post_init__(self):
         self.prompts = as_prompts(self.prompts)
@@ -78,6 +79,8 @@ class PipelineAblationConfig:
         """As ``config.json`` holds it: each prompt by its key (its text, with its own arguments if any)."""
         config = asdict(replace(self, prompts=[]))
         config["prompts"] = [p.key for p in self.prompts]
+        if self.transformer_file is None:  # left out unless given: runs made before it was an option resume
+            del config["transformer_file"]
         return json.loads(json.dumps(config))
 
 

@@ -20,6 +20,8 @@ from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
+from ..quantized import float_weight
+
 
 #: The attention-kwargs key of an IP-Adapter's image prompt, which the backbone's own forward projects before its
 #: blocks (FLUX.1, Chroma, SD3).
@@ -131,8 +133,8 @@ class BackboneSpec:
         """The base layers in canonical layout: (D, C, *patch), (D,), (D, C_out, *patch), (C_out, *patch)."""
         embed, unembed = self.base_layers()
         patch = self.patch(self.base_patch_size)
-        dim = embed.weight.shape[0]
-        w_in, w_out, b_out = embed.weight, unembed.weight.T, _bias(unembed)
+        w_in, w_out, b_out = float_weight(embed), float_weight(unembed).T, _bias(unembed)
+        dim = w_in.shape[0]
         if self.embed_channels_last:
             w_in = w_in.reshape(dim, *patch, -1).movedim(-1, 1)
         else:
@@ -245,7 +247,8 @@ def _bias(layer: nn.Module) -> torch.Tensor:
     """A layer's bias, zeros where it has none (FLUX.2's projections): the coarse heads keep one."""
     if layer.bias is not None:
         return layer.bias
-    return torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
+    weight = float_weight(layer)  # a quantized weight's own shape is its packed storage's
+    return torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
 
 
 def patchify(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
