@@ -107,7 +107,8 @@ def test_a_grid_with_row_labels_writes_them_in_a_margin(tmp_path):
 @pytest.mark.parametrize("command, message", [
     (["distill", "--prompts", "p.txt"], "--prompts, --cpu-offload, --lora and --transformer need --pipeline"),
     (["distill", "--cpu-offload"], "--prompts, --cpu-offload, --lora and --transformer need --pipeline"),
-    (["calibrate", "teacache", "--cpu-offload"], "--cpu-offload, --transformer and --pipeline-arg need --pipeline"),
+    (["calibrate", "teacache", "--cpu-offload"],
+     "--cpu-offload, --transformer, --lora and --pipeline-arg need --pipeline"),
 ])
 def test_pipeline_options_without_a_pipeline_are_refused(command, message, tmp_path, capsys):
     assert main([*command, "--out", str(tmp_path / "out")]) == 2
@@ -117,6 +118,33 @@ def test_pipeline_options_without_a_pipeline_are_refused(command, message, tmp_p
 def test_eval_of_fewer_than_two_images_is_refused_before_sampling(capsys):
     assert main(["testbed", "eval", "--num", "1"]) == 2
     assert "--num must be at least 2" in capsys.readouterr().err
+
+
+def test_calibrate_teacache_with_a_lora_fits_the_styled_transformer(tmp_path):
+    """``--lora``: the fit is the styled transformer's, and says which LoRA (by a hash of its weights) and scale."""
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from ddit.tiny_pipelines import save_tiny_pipeline
+
+    folder = save_tiny_pipeline("flux", tmp_path / "flux")
+    source = DiffusionPipeline.from_pretrained(folder)
+    torch.manual_seed(0)
+    source.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "add_q_proj"],
+                                              init_lora_weights=False), adapter_name="style")
+    type(source).save_lora_weights(tmp_path / "style", transformer_lora_layers=get_peft_model_state_dict(
+        source.transformer, adapter_name="style"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nblue stripes on white\n")
+    args = ["calibrate", "teacache", "--pipeline", str(folder), "--prompts", str(prompts), "--height", "128",
+            "--width", "128", "--pipeline-arg", "max_sequence_length=16", "--steps", "12"]
+    assert main([*args, "--out", str(tmp_path / "plain.json")]) == 0
+    assert main([*args, "--out", str(tmp_path / "styled.json"), "--lora", f"{tmp_path / 'style'}:0.5"]) == 0
+    plain, styled = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("plain", "styled"))
+    assert "loras" not in plain and list(styled["loras"]) == ["lora0"] and styled["loras"]["lora0"].endswith(
+        "scale 0.5")
+    assert styled["coefficients"] != plain["coefficients"]
 
 
 def test_calibrate_teacache_fits_a_pipelines_transformer_for_teacache_to_take(tmp_path, capsys):

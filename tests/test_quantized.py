@@ -235,6 +235,11 @@ def test_the_commands_take_the_transformer_from_a_gguf_file(tmp_path, capsys):
     assert ablate([*run, "--out", str(tmp_path / "ablate")]) == 2  # without the file: another model
     assert "transformer_file" in capsys.readouterr().err
 
+    fit = tmp_path / "fit.json"  # a TeaCache fit of the quantized transformer says so
+    assert main(["calibrate", "teacache", "--pipeline", str(folder), "--transformer", str(file), "--dtype", "float32",
+                 "--steps", "22", "--out", str(fit), *tiny]) == 0
+    assert json.loads(fit.read_text())["storage"].startswith("GGUFQuantizer")
+
     with pytest.raises(SystemExit):
         main([*distill[:4], str(tmp_path / "model.ckpt"), *distill[5:]])
     assert "--transformer takes one file, a .gguf file" in capsys.readouterr().err
@@ -312,3 +317,28 @@ def test_a_transformer_file_loads_with_the_folders_config_and_what_it_cannot_rep
     monkeypatch.setattr(DiffusionPipeline, "download", lambda name, **kw: downloads.append(kw) or str(folder))
     assert pipeline_folder("owner/flux", without=("transformer",)) == folder
     assert downloads == [{"transformer": None}]  # diffusers then fetches its config.json only
+
+
+def test_two_processes_distil_beside_a_gguf_transformer(tmp_path):
+    """``accelerate launch`` with two CPU processes (gloo), data-parallel: DDP takes the frozen quantized weights
+    beside the adapter's."""
+    import subprocess
+    import sys
+
+    folder = save_tiny_pipeline("flux", tmp_path / "flux")
+    gguf_copy(DiffusionPipeline.from_pretrained(folder).transformer, tmp_path / "q8", "q8_0")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nblue stripes\na green moon\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    done = subprocess.run([*launch, "-m", "ddit.cli", "distill", "--pipeline", str(folder), "--transformer",
+                           str(tmp_path / "q8" / "model.gguf"), "--dtype", "float32", "--prompts", str(prompts),
+                           "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
+                           "--num-inference-steps", "2", "--height", "128", "--width", "128",
+                           "--pipeline-arg", "max_sequence_length=16"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "distill.json").read_text())
+    assert report["data"]["prompts"] == 3 and report["steps"] == 2
+    assert torch.isfinite(torch.tensor(report["losses"])).all()

@@ -21,7 +21,9 @@ from .caches import TeaCacheRecorder, delta_for_share, fit_teacache, write_teaca
 from .pipeline_call import (GLOBAL_SEED_OFFSET, Prompt, as_prompts, check_call, progress_bars_off, run_pipeline,
                             seeded_globally)
 from .pipelines import DynamicPatchTransformer, disable, enable
+from .quantized import storage
 from .recorded_states import experts
+from .self_distill import lora_identity
 
 #: Fewer (input change, output change) pairs than this leave a degree-4 fit unconstrained.
 MIN_PAIRS = 20
@@ -70,7 +72,9 @@ def calibrate_teacache_on_pipeline(pipe, prompts: Sequence[str | Prompt], out: s
                          f"fit (at least {MIN_PAIRS}): give more prompts or steps")
     coefficients = fit_teacache(recorder.pairs)
     deltas = {str(share): delta_for_share(coefficients, recorder.sequences, share) for share in GUIDE_SHARES}
+    # a quantized or styled transformer's fit is its own
+    about = {"storage": storage(pipe.transformer), "loras": lora_identity(pipe.transformer)}
     write_teacache_fit(coefficients, out, model=type(pipe.transformer).__name__, prompts=len(prompts),
                        pairs=len(recorder.pairs), call={k: repr(v) for k, v in call.items()}, seed=seed,
-                       delta_for_skipped_share=deltas)
+                       delta_for_skipped_share=deltas, **{k: v for k, v in about.items() if v})
     return coefficients

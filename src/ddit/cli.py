@@ -199,9 +199,9 @@ def _calibrate_teacache(args) -> None:
         from .testbed.teacache import calibrate_teacache
 
         if args.prompts or args.pipeline_arg or args.height or args.width or args.num_frames or args.dtype \
-                or args.device or args.cpu_offload or args.transformer:
+                or args.device or args.cpu_offload or args.transformer or args.lora:
             raise ValueError("--prompts, --height, --width, --num-frames, --dtype, --device, --cpu-offload, "
-                             "--transformer and --pipeline-arg need --pipeline")
+                             "--transformer, --lora and --pipeline-arg need --pipeline")
         steps, guidance = args.steps or 50, 2.0 if args.guidance is None else args.guidance
         coefficients = calibrate_teacache(load_base_model(args.model or SHIPPED_BASE), per_class=args.per_class,
                                           steps=steps, guidance=guidance, seed=args.seed, progress=True)
@@ -216,7 +216,7 @@ def _calibrate_teacache_on_pipeline(args) -> list[float]:
 
     from .calibration import calibrate_teacache_on_pipeline
     from .pipeline_call import call_arguments, read_prompts
-    from .weights import load_pipeline
+    from .weights import check_lora_pipeline, load_loras, load_pipeline, pipeline_folder
 
     if args.model:
         raise ValueError("--model is the testbed's; with --pipeline the fit is the pipeline's transformer's")
@@ -225,9 +225,13 @@ def _calibrate_teacache_on_pipeline(args) -> list[float]:
     prompts = read_prompts(args.prompts)
     call = call_arguments(args.pipeline_arg, num_inference_steps=args.steps, height=args.height, width=args.width,
                           num_frames=args.num_frames, guidance_scale=args.guidance)
-    pipe = load_pipeline(args.pipeline, getattr(torch, args.dtype) if args.dtype else None,
+    folder = pipeline_folder(args.pipeline, without=("transformer",) if args.transformer else ())
+    if args.lora:
+        check_lora_pipeline(folder)
+    pipe = load_pipeline(folder, getattr(torch, args.dtype) if args.dtype else None,
                          device=args.device or PartialState().device, cpu_offload=args.cpu_offload,
                          transformer_file=args.transformer)
+    load_loras(pipe, args.lora)  # a styled model's fit is its own
     return calibrate_teacache_on_pipeline(pipe, prompts, args.out, call=call, seed=args.seed)
 
 
@@ -382,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pipeline: its transformer from this file instead of the folder's, with the folder's "
                         "config: a GGUF file (e.g. flux1-dev-Q4_0.gguf, quantized as saved, computing in --dtype) or "
                         "a .safetensors file")
+    p.add_argument("--lora", action="append", default=[], type=lora_argument, metavar="PATH[:SCALE]",
+                   help="with --pipeline: a LoRA (a file or folder in diffusers' format) loaded into it, unfused, "
+                        "weighted SCALE (default 1): the fit is the styled model's; repeatable")
     p.add_argument("--device", help="with --pipeline: where it runs (default: accelerate's device, a GPU if any)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="teacache.json",
