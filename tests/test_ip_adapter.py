@@ -253,3 +253,47 @@ def test_a_subclass_with_a_forward_of_its_own_takes_no_residuals_nor_image_promp
     assert (Own.residuals, Own.image_prompt) == ((), False) and Says.image_prompt
     assert FluxSpec.image_prompt and FluxSpec.residuals and ChromaSpec.image_prompt and not ChromaSpec.residuals
     assert not Flux2Spec.image_prompt and not Flux3Spec.residuals
+
+
+def test_an_ip_adapter_loaded_while_enabled_goes_into_the_backbone(tmp_path):
+    """``pipe.load_ip_adapter(...)`` after ``ddit.enable`` (FLUX.1; a state dict as diffusers' loader reads an
+    IP-Adapter file, random weights, no image encoder): the same pipeline as one loaded before, and coarse steps
+    see the image prompt."""
+    folder = save_tiny_pipeline("flux", tmp_path)
+    g = torch.Generator().manual_seed(0)
+    width, inner = 32, 32  # the tiny FLUX.1's text width and inner width
+
+    def weights(*shape):
+        return 0.1 * torch.randn(*shape, generator=g)
+
+    state = {"image_proj": {"proj.weight": weights(4 * width, EMBED), "proj.bias": weights(4 * width),
+                            "norm.weight": 1 + weights(width), "norm.bias": weights(width)},
+             "ip_adapter": {"0.to_k_ip.weight": weights(inner, width), "0.to_k_ip.bias": weights(inner),
+                            "0.to_v_ip.weight": weights(inner, width), "0.to_v_ip.bias": weights(inner)}}
+    images = torch.randn(B, 1, EMBED, generator=g)
+
+    def pipeline():
+        pipe = DiffusionPipeline.from_pretrained(folder).to(DEVICE)
+        pipe.prepare_ip_adapter_image_embeds = lambda image, embeds, device, count: [e.to(device) for e in embeds]
+        return pipe
+
+    def load(pipe):
+        pipe.load_ip_adapter(state, weight_name="ip_adapter.safetensors",
+                             image_encoder_pretrained_model_name_or_path=None)
+
+    def generate(pipe, embeds=images):
+        return pipe(prompt=["a red circle", "a blue square"], num_inference_steps=STEPS, output_type="latent",
+                    height=SIDE, width=SIDE, generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+                    ip_adapter_image_embeds=[embeds], negative_ip_adapter_image_embeds=[0 * embeds]).images
+
+    stock = pipeline()
+    load(stock)
+    pipe = pipeline()
+    ddit.enable(pipe, MultiPatchTransformer(pipe.transformer), policy="baseline")
+    load(pipe)
+    assert pipe.transformer.adapter.backbone.encoder_hid_proj is not None
+    assert "encoder_hid_proj" not in vars(pipe.transformer)  # the wrapper holds none of its own
+    assert torch.equal(generate(pipe), generate(stock))
+    ddit.disable(pipe)
+    ddit.enable(pipe, MultiPatchTransformer(pipe.transformer), policy=FixedPolicy([4] * STEPS))
+    assert (generate(pipe, 0 * images) - generate(pipe)).abs().max() > 1e-3
