@@ -61,6 +61,10 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    settings, saved = {"num": args.num, "steps": args.steps}, out / "settings.json"  # what the kept rows were made with
+    if saved.exists() and json.loads(saved.read_text()) != settings:
+        raise SystemExit(f"{out} holds rows made with {saved.read_text()}, not {settings}: use another --out")
+    saved.write_text(json.dumps(settings))
     evaluator = load_evaluator()
     labels = balanced_labels(args.num)
     policies = {"fixed half at 4": lambda: FixedPolicy(fraction=0.5, size=4),

@@ -120,7 +120,7 @@ def test_eval_of_fewer_than_two_images_is_refused_before_sampling(capsys):
     assert "--num must be at least 2" in capsys.readouterr().err
 
 
-def test_calibrate_teacache_with_a_lora_fits_the_styled_transformer(tmp_path):
+def test_calibrate_teacache_with_a_lora_fits_the_styled_transformer(tmp_path, capsys):
     """``--lora``: the fit is the styled transformer's, and says which LoRA (by a hash of its weights) and scale."""
     from diffusers import DiffusionPipeline
     from peft import LoraConfig
@@ -142,9 +142,14 @@ def test_calibrate_teacache_with_a_lora_fits_the_styled_transformer(tmp_path):
     assert main([*args, "--out", str(tmp_path / "plain.json")]) == 0
     assert main([*args, "--out", str(tmp_path / "styled.json"), "--lora", f"{tmp_path / 'style'}:0.5"]) == 0
     plain, styled = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("plain", "styled"))
-    assert "loras" not in plain and list(styled["loras"]) == ["lora0"] and styled["loras"]["lora0"].endswith(
+    assert "loras" not in plain and list(styled["loras"]) == ["transformer"]
+    assert list(styled["loras"]["transformer"]) == ["lora0"] and styled["loras"]["transformer"]["lora0"].endswith(
         "scale 0.5")
     assert styled["coefficients"] != plain["coefficients"]
+    wan22 = save_tiny_pipeline("wan22", tmp_path / "wan22")  # refused before loading, with TeaCache's reason
+    assert main([*args[:3], str(wan22), *args[4:], "--out", str(tmp_path / "x.json"), "--lora", str(
+        tmp_path / "style")]) == 2
+    assert "needs a fit per expert" in capsys.readouterr().err
 
 
 def test_calibrate_teacache_fits_a_pipelines_transformer_for_teacache_to_take(tmp_path, capsys):

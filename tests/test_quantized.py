@@ -79,17 +79,18 @@ def is_quantized(layer: nn.Module) -> bool:
     return type(layer.weight) not in (torch.Tensor, nn.Parameter)
 
 
-@pytest.mark.parametrize("storage", ROUNDING)
-def test_the_coarse_heads_start_from_the_dequantized_patch_layers(storage, tmp_path):
-    pipe, _ = build("flux")
+@pytest.mark.parametrize(("name", "storage"), [*(("flux", storage) for storage in ROUNDING), ("flux2", "gguf-q8_0")])
+def test_the_coarse_heads_start_from_the_dequantized_patch_layers(name, storage, tmp_path):
+    """FLUX.2's patch layers have no bias: the heads' zero bias takes its size from the dequantized weight."""
+    pipe, _ = build(name)
     full = pipe.transformer.cpu()  # the heads' arithmetic, on any device
     model = quantized(full, storage, tmp_path)
     assert is_quantized(model.x_embedder) and is_quantized(model.proj_out)
-    for name in ("x_embedder", "proj_out"):
-        original, read = getattr(full, name).weight, float_weight(getattr(model, name))
+    for layer in ("x_embedder", "proj_out"):
+        original, read = getattr(full, layer).weight, float_weight(getattr(model, layer))
         assert read.shape == original.shape and read.is_floating_point()
         error = (read.float() - original).abs().max() / original.abs().max()
-        assert 0 < error < ROUNDING[storage], name  # rounded as the storage rounds, and no more
+        assert 0 < error < ROUNDING[storage], layer  # rounded as the storage rounds, and no more
     adapter = MultiPatchTransformer(model)
     reference = MultiPatchTransformer(full)
     reference.detach()
@@ -275,7 +276,8 @@ def test_a_layer_peft_cannot_take_leaves_the_backbone_as_it_was(styled):
     before = {name: type(m) for name, m in model.named_modules()}
     state = {n: p.clone() for n, p in model.state_dict().items()}
     model.transformer_blocks[0].attn.to_v = Wrapped(model.transformer_blocks[0].attn.to_v)
-    with pytest.raises(ValueError, match="(?s)peft cannot put ddit's LoRA into FluxTransformer2DModel .*left as it"):
+    with pytest.raises(ValueError, match="(?s)peft puts no LoRA on FluxTransformer2DModel.transformer_blocks.0.attn"
+                                         ".to_v .*left as it was"):
         MultiPatchTransformer(model)
     model.transformer_blocks[0].attn.to_v = model.transformer_blocks[0].attn.to_v.linear
     assert {name: type(m) for name, m in model.named_modules()} == before
@@ -312,11 +314,12 @@ def test_a_transformer_file_loads_with_the_folders_config_and_what_it_cannot_rep
         self_distill(pipe, ["a red circle"], tmp_path / "run", accelerator=fsdp, progress=False)
     assert not (tmp_path / "run").exists()
 
-    downloads = []
-    monkeypatch.setattr(ddit.weights, "local_or_hub", lambda path, files: tmp_path / "flux")
+    downloads, fetched = [], []
+    monkeypatch.setattr(ddit.weights, "local_or_hub", lambda path, files: fetched.extend(files) or folder)
     monkeypatch.setattr(DiffusionPipeline, "download", lambda name, **kw: downloads.append(kw) or str(folder))
     assert pipeline_folder("owner/flux", without=("transformer",)) == folder
-    assert downloads == [{"transformer": None}]  # diffusers then fetches its config.json only
+    assert downloads == [{"transformer": None}]  # as a component passed: diffusers fetches nothing of it
+    assert "transformer/config.json" in fetched  # which from_single_file needs
 
 
 def test_two_processes_distil_beside_a_gguf_transformer(tmp_path):

@@ -442,8 +442,9 @@ def test_a_lora_on_the_text_encoder_is_part_of_the_recording(folders, tmp_path):
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
 
-    pipe = load(folders["flux"])  # peft's layers, as a LoRA's text-encoder part loads (transformers' loader
-    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),  # wants peft 0.22)
+    pipe = load(folders["flux"])
+    # peft's layers, as a LoRA's text-encoder part loads them (transformers' own loader wants peft 0.22)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
                             pipe.text_encoder, adapter_name="style")
     self_distill(pipe, PROMPTS[:1], tmp_path, call=call("flux", steps=2), config=CONFIG, progress=False)
     recording = json.loads((tmp_path / "states" / "recording.json").read_text())

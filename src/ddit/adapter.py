@@ -26,7 +26,7 @@ from diffusers.hooks.layerwise_casting import _is_layerwise_casting_active
 from diffusers.models.attention_processor import Attention
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from safetensors.torch import save_file
 from torch import nn
 
@@ -685,17 +685,20 @@ def is_ddit_adapter(name: str) -> bool:
 
 
 def _inject(backbone: nn.Module, config: LoraConfig, names: Sequence[str], styled: dict) -> None:
-    """peft's injection of ddit's adapters ``names``, all or nothing: a layer peft puts no LoRA on (torchao's int4
-    weights, a module type it does not know) leaves the backbone as it was (a style LoRA's layers ``styled``
-    included), and the error says which."""
-    had_config = hasattr(backbone, "peft_config")
+    """peft's injection of ddit's adapters ``names``, all or nothing: any failure leaves the backbone as it was (a
+    style LoRA's layers ``styled`` included); a layer peft puts no LoRA on (torchao's int4 weights, a module type
+    it does not know) is refused, naming it."""
+    had_config, name = hasattr(backbone, "peft_config"), None
     try:
         with warnings.catch_warnings():  # peft warns about a second adapter: one per size is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             for name in names:
                 inject_adapter_in_model(config, backbone, adapter_name=name)
     except Exception as err:
-        for place, layer in [(n, m) for n, m in backbone.named_modules() if isinstance(m, LoraLayer)]:
+        modules = list(backbone.named_modules())  # peft goes in their order: the first target without ``name``
+        failed = next((place for place, m in modules if check_target_module_exists(config, place)
+                       and not (isinstance(m, LoraLayer) and name in m.lora_A)), "?")
+        for place, layer in [(n, m) for n, m in modules if isinstance(m, LoraLayer)]:
             if id(layer) in styled:
                 for name in set(names) & set(layer.lora_A):
                     layer.delete_adapter(name)
@@ -708,9 +711,11 @@ def _inject(backbone: nn.Module, config: LoraConfig, names: Sequence[str], style
             getattr(backbone, "peft_config", {}).pop(name, None)
         if not had_config and hasattr(backbone, "peft_config"):
             del backbone.peft_config
-        raise ValueError(f"peft cannot put ddit's LoRA into {type(backbone).__name__} ({type(err).__name__}: "
-                         f"{err}); it is left as it was. Quantized blocks: use a storage peft's LoRA takes (a GGUF "
-                         "file, bitsandbytes, torchao's int8, quanto)") from err
+        if not isinstance(err, (ValueError, TypeError, NotImplementedError)):  # not peft refusing a layer
+            raise
+        raise ValueError(f"peft puts no LoRA on {type(backbone).__name__}.{failed} ({type(err).__name__}: {err}); "
+                         "the transformer is left as it was. Quantized blocks: use a storage peft's LoRA takes (a "
+                         "GGUF file, bitsandbytes, torchao's int8, quanto)") from err
 
 
 def _check_copyable(backbone: nn.Module, base_layers: Sequence[nn.Module]) -> None:

@@ -23,12 +23,14 @@ from .pipeline_call import (GLOBAL_SEED_OFFSET, Prompt, as_prompts, check_call, 
 from .pipelines import DynamicPatchTransformer, disable, enable
 from .quantized import storage
 from .recorded_states import experts
-from .self_distill import lora_identity
+from .self_distill import pipeline_loras
 
 #: Fewer (input change, output change) pairs than this leave a degree-4 fit unconstrained.
 MIN_PAIRS = 20
 #: Shares of the steps for which the fit file gives the delta that skips them on the calibration's trajectories.
 GUIDE_SHARES = (0.2, 0.3, 0.4, 0.5, 0.6)
+TWO_EXPERTS = ("a pipeline with two experts (Wan 2.2) needs a fit per expert, which one TeaCache cannot hold; ddit "
+               "refuses TeaCache there")
 
 
 def calibrate_teacache_on_pipeline(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, *,
@@ -46,8 +48,7 @@ def calibrate_teacache_on_pipeline(pipe, prompts: Sequence[str | Prompt], out: s
         raise ValueError("this pipeline is enabled: TeaCache is fitted on the stock transformer; ddit.disable(pipe) "
                          "first")
     if len(experts(pipe)) > 1:
-        raise ValueError("a pipeline with two experts (Wan 2.2) needs a fit per expert, which one TeaCache cannot "
-                         "hold; ddit refuses TeaCache there")
+        raise ValueError(TWO_EXPERTS)
     check_call(pipe, call, prompts)
     recorder = TeaCacheRecorder()
     recorder.check(pipe.transformer)  # before the adapter's layers go into it
@@ -73,7 +74,7 @@ def calibrate_teacache_on_pipeline(pipe, prompts: Sequence[str | Prompt], out: s
     coefficients = fit_teacache(recorder.pairs)
     deltas = {str(share): delta_for_share(coefficients, recorder.sequences, share) for share in GUIDE_SHARES}
     # a quantized or styled transformer's fit is its own
-    about = {"storage": storage(pipe.transformer), "loras": lora_identity(pipe.transformer)}
+    about = {"storage": storage(pipe.transformer), "loras": pipeline_loras(pipe)}
     write_teacache_fit(coefficients, out, model=type(pipe.transformer).__name__, prompts=len(prompts),
                        pairs=len(recorder.pairs), call={k: repr(v) for k, v in call.items()}, seed=seed,
                        delta_for_skipped_share=deltas, **{k: v for k, v in about.items() if v})

@@ -214,9 +214,9 @@ def _calibrate_teacache_on_pipeline(args) -> list[float]:
     import torch
     from accelerate import PartialState
 
-    from .calibration import calibrate_teacache_on_pipeline
+    from .calibration import TWO_EXPERTS, calibrate_teacache_on_pipeline
     from .pipeline_call import call_arguments, read_prompts
-    from .weights import check_lora_pipeline, load_loras, load_pipeline, pipeline_folder
+    from .weights import check_lora_pipeline, has_two_experts, load_loras, load_pipeline, pipeline_folder
 
     if args.model:
         raise ValueError("--model is the testbed's; with --pipeline the fit is the pipeline's transformer's")
@@ -226,6 +226,8 @@ def _calibrate_teacache_on_pipeline(args) -> list[float]:
     call = call_arguments(args.pipeline_arg, num_inference_steps=args.steps, height=args.height, width=args.width,
                           num_frames=args.num_frames, guidance_scale=args.guidance)
     folder = pipeline_folder(args.pipeline, without=("transformer",) if args.transformer else ())
+    if has_two_experts(folder):
+        raise ValueError(TWO_EXPERTS)
     if args.lora:
         check_lora_pipeline(folder)
     pipe = load_pipeline(folder, getattr(torch, args.dtype) if args.dtype else None,

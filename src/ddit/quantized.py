@@ -28,12 +28,20 @@ def float_weight(layer: nn.Module) -> torch.Tensor:
     return dequantize_module_weight(layer)
 
 
+#: Where the quantizers' tensor types live (GGUF's is known by its ``quant_type``).
+QUANTIZED_TENSORS = ("torchao.", "optimum.quanto.", "bitsandbytes.")
+
+
 def storage(model: nn.Module) -> str | None:
-    """How ``model``'s weights are stored, if quantized: its quantizer's config (a GGUF file's quantization types,
-    which its config does not hold), so that a recording made on one storage does not resume on another."""
+    """How ``model``'s weights are stored, if quantized: its diffusers quantizer's config, and the quantized tensor
+    types it holds (a GGUF file's quantization types, which its config does not hold; a model quantized in place,
+    by torchao's ``quantize_`` or quanto's ``freeze``, has no quantizer), so that a recording made on one storage
+    does not resume on another."""
+    kinds = sorted({p.quant_type.name if hasattr(p, "quant_type") else type(p).__name__ for p in model.parameters()
+                    if hasattr(p, "quant_type") or type(p).__module__.startswith(QUANTIZED_TENSORS)})
     quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None:
+    if quantizer is None and not kinds:
         return None
-    kinds = sorted({p.quant_type.name for p in model.parameters() if hasattr(p, "quant_type")})
-    config = json.dumps(quantizer.quantization_config.to_dict(), sort_keys=True, default=str)
-    return " ".join([type(quantizer).__name__, config, *kinds])
+    config = [] if quantizer is None else [
+        type(quantizer).__name__, json.dumps(quantizer.quantization_config.to_dict(), sort_keys=True, default=str)]
+    return " ".join([*config, *kinds])

@@ -65,14 +65,22 @@ def lora_identity(model: nn.Module) -> dict[str, str]:
     return identity
 
 
+def pipeline_loras(pipe) -> dict[str, dict[str, str]]:
+    """``lora_identity`` of each of ``pipe``'s transformers and text encoders that holds LoRAs (a LoRA's
+    text-encoder part changes the conditioning the transformer sees), by component name."""
+    loaded_into = {name: m for name, m in pipe.components.items()
+                   if name.startswith(("transformer", "text_encoder")) and isinstance(m, nn.Module)}
+    return {name: style for name, m in loaded_into.items() if (style := lora_identity(m))}
+
+
 def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, *, call: dict | None = None,
                  patch_sizes: Sequence[int] | None = None, rank: int = 8, shared_lora: bool = False,
                  config: DistillConfig | None = None, seed: int = 0, resume: bool = False,
                  checkpoint_minutes: float = 3.0, progress: bool = True,
                  accelerator: Accelerator | None = None, on_policy: PatchPolicy | None = None) -> Path:
     """Record ``pipe`` on ``prompts`` into ``out/states``, distil its adapter; returns ``out/adapter``. Once done,
-    ``pipe``'s transformers hold no adapter (under FSDP they stay sharded), ready for
-    ``ddit.enable(pipe, returned_folder)``.
+    ``pipe``'s transformers hold no adapter, so that ``ddit.enable(pipe, returned_folder)`` can follow (not after
+    FSDP, whose shards stay).
 
     ``call`` holds the pipeline's own arguments for the recording (``num_inference_steps``,
     ``height``, ``width``, ``num_frames``, ``guidance_scale``...); prompt i runs from seed
@@ -137,9 +145,7 @@ def self_distill(pipe, prompts: Sequence[str | Prompt], out: str | os.PathLike, 
         raise ValueError("distil a bfloat16 or float32 pipeline (--dtype bfloat16): float16 training would "
                          "need loss scaling")
     config = config or DistillConfig(num_inference_steps=None, timestep_scale=None)
-    loaded_into = {**{sub or "transformer": m for sub, m in denoisers.items()},  # a LoRA's text-encoder part too
-                   **{name: m for name, m in pipe.components.items() if name.startswith("text_encoder")}}
-    loras = {name: style for name, m in loaded_into.items() if isinstance(m, nn.Module) and (style := lora_identity(m))}
+    loras = pipeline_loras(pipe)
     stored = {sub or "transformer": kind for sub, m in denoisers.items() if (kind := storage(m))}  # quantized
     identity = json.loads(json.dumps({  # as it reads back from recording.json (a tuple: a list)
         **{sub or "transformer": f"{type(m).__name__} {config_hash(m)}" for sub, m in denoisers.items()},

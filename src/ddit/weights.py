@@ -64,10 +64,13 @@ def pipeline_folder(path: str | os.PathLike, without: Sequence[str] = ()) -> Pat
                                   "a modular pipeline's modular_model_index.json); pass a pipeline's repository")
         return index
     try:
-        return Path(DiffusionPipeline.download(str(path), **dict.fromkeys(without)))  # as passed components
+        folder = Path(DiffusionPipeline.download(str(path), **dict.fromkeys(without)))  # as passed components
     except Exception as err:
         raise CheckpointError(f"the Hub repository {path}'s pipeline cannot be downloaded ({type(err).__name__}: "
                               f"{err}); download it where the Hub is reachable and pass its folder") from err
+    for name in without:  # diffusers fetches nothing of a component passed, not even its config
+        local_or_hub(path, [f"{name}/config.json"])
+    return folder
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -162,12 +165,19 @@ TWO_EXPERTS_LORA = ("has two experts (transformer, transformer_2), and which one
                     "ddit.ablate.pipeline_runner.run_pipeline_ablation on that pipeline")
 
 
-def check_lora_pipeline(folder: Path) -> None:
-    """Refuse ``--lora`` on a pipeline folder with two experts (Wan 2.2) before loading it."""
+def has_two_experts(folder: Path) -> bool:
+    """Whether the pipeline folder names a second expert (Wan 2.2's ``transformer_2``), read before loading it."""
     for index in ("model_index.json", "modular_model_index.json"):
         path = folder / index
         if path.is_file() and (json.loads(path.read_text()).get("transformer_2") or [None])[0] is not None:
-            raise ValueError(f"--lora: the pipeline in {folder} {TWO_EXPERTS_LORA}")
+            return True
+    return False
+
+
+def check_lora_pipeline(folder: Path) -> None:
+    """Refuse ``--lora`` on a pipeline folder with two experts (Wan 2.2) before loading it."""
+    if has_two_experts(folder):
+        raise ValueError(f"--lora: the pipeline in {folder} {TWO_EXPERTS_LORA}")
 
 
 def lora_argument(text: str) -> tuple[str, float]:
@@ -233,7 +243,7 @@ def load_transformer_file(path: Path, folder: Path, dtype: torch.dtype):
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     index = json.loads((folder / "model_index.json").read_text())
-    if (index.get("transformer_2") or [None])[0]:
+    if has_two_experts(folder):
         raise CheckpointError(f"--transformer {path}: {folder} has two experts (transformer and transformer_2), "
                               "and one file replaces one of them; load both from Python (from_single_file) and "
                               "pass them to the pipeline's from_pretrained")
@@ -247,9 +257,10 @@ def load_transformer_file(path: Path, folder: Path, dtype: torch.dtype):
     try:
         return model_class.from_single_file(str(path), config=str(folder), subfolder="transformer",
                                             torch_dtype=dtype, quantization_config=quantization)
-    except (OSError, ValueError, KeyError, IndexError, SingleFileComponentError) as err:
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, SingleFileComponentError) as err:
         raise CheckpointError(f"--transformer {path}: cannot load it as {name} with the config in "
-                              f"{folder / 'transformer'}: {err}") from err
+                              f"{folder / 'transformer'} ({type(err).__name__}: {err}); give a file of this "
+                              "pipeline's transformer") from err
 
 
 #: safetensors' names of the floating dtypes a transformer is saved in.

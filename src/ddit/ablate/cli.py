@@ -223,8 +223,8 @@ def run_on_pipeline(args: argparse.Namespace, console: Console) -> None:
     models.update({f"lora{i}": Path(path) for i, (path, _) in enumerate(args.lora)})
     config = PipelineAblationConfig(rows=rows, prompts=prompts, steps=args.steps, num_per_prompt=args.num_per_prompt,
                                     seed=args.seed, batch_size=args.batch_size or 1, call=call,
-                                    model={**fingerprint(models, configs=folder),
-                                           **({} if isinstance(source, Path) else {"pipeline": source})},
+                                    model={**fingerprint(models, configs=folder), **(
+                                        {} if args.transformer or isinstance(source, Path) else {"pipeline": source})},
                                     device=device.type, dtype=str(pipe.transformer.dtype).removeprefix("torch."),
                                     cpu_offload=bool(args.cpu_offload),
                                     loras=[[Path(path).name, scale] for path, scale in args.lora],  # bytes: model
