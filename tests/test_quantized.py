@@ -81,7 +81,7 @@ def is_quantized(layer: nn.Module) -> bool:
 
 @pytest.mark.parametrize(("name", "storage"), [*(("flux", storage) for storage in ROUNDING), ("flux2", "gguf-q8_0")])
 def test_the_coarse_heads_start_from_the_dequantized_patch_layers(name, storage, tmp_path):
-    """FLUX.2's patch layers have no bias: the heads' zero bias takes its size from the dequantized weight."""
+    """FLUX.2's patch layers have no bias: the heads start with a zero one."""
     pipe, _ = build(name)
     full = pipe.transformer.cpu()  # the heads' arithmetic, on any device
     model = quantized(full, storage, tmp_path)
@@ -136,12 +136,13 @@ def test_an_adapter_made_on_the_full_model_runs_on_its_quantized_copy_in_the_sto
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="diffusers quantizes with bitsandbytes on CUDA only")
-@pytest.mark.parametrize("bits", [4, 8])
-def test_bitsandbytes_on_cuda(bits, tmp_path):
+@pytest.mark.parametrize(("name", "bits"), [("flux", 4), ("flux", 8), ("flux2", 4)])
+def test_bitsandbytes_on_cuda(name, bits, tmp_path):
     """bitsandbytes' 4-bit (NF4) and 8-bit layers, the patch layers among them: read back through peft's
-    dequantization, ddit's LoRA in peft's bitsandbytes layers (benchmarks/gpu_check.sh)."""
+    dequantization, ddit's LoRA in peft's bitsandbytes layers (benchmarks/gpu_check.sh). FLUX.2's bias-free patch
+    layers packed in 4 bits: the heads' zero bias takes its size from the dequantized weight, not the packing."""
     pytest.importorskip("bitsandbytes")
-    pipe, kwargs = build("flux")
+    pipe, kwargs = build(name)
     adapter = tmp_path / "adapter"
     made = MultiPatchTransformer(pipe.transformer)
     with torch.no_grad():  # as if trained: LoRA B not zero
