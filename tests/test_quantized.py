@@ -1,8 +1,8 @@
 """Quantized transformers: what users with one consumer GPU run (a GGUF file, torchao's int8, quanto's int8/int4).
 
 The adapter distilled on the full-precision model runs on its quantized copy: its coarse heads start from the
-patch layers read back through the quantizer's own dequantization (a GGUF file quantizes them like every other
-layer), and ddit's LoRA layers wrap the quantized block layers. The quantized models are made here from the tiny
+patch layers read back through the quantizer's own dequantization (a GGUF file may hold them quantized too),
+and ddit's LoRA layers wrap the quantized block layers. The quantized models are made here from the tiny
 test transformers: a GGUF file written with ``gguf``'s own quantization, in diffusers' key names, loaded with
 ``from_single_file``; torchao and quanto through ``from_pretrained(quantization_config=...)``.
 """
@@ -39,8 +39,8 @@ ROUNDING = {"gguf-q8_0": 0.01, "gguf-q4_0": 0.15, "torchao-int8": 0.01, "quanto-
 
 
 def gguf_copy(model: nn.Module, folder, qtype: str) -> nn.Module:
-    """``model`` written to a GGUF file (every 2-D weight whose rows fill whole blocks quantized as ``qtype``, as
-    the community's GGUF files quantize the patch layers too) and loaded back as diffusers loads one."""
+    """``model`` written to a GGUF file (every 2-D weight whose rows fill whole blocks quantized as ``qtype``, the
+    patch layers too, as a GGUF file may) and loaded back as diffusers loads one."""
     import gguf
 
     kind = getattr(gguf.GGMLQuantizationType, qtype.upper())

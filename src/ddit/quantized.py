@@ -1,7 +1,7 @@
 """Weights as floats, whatever diffusers' quantizers store them as.
 
-The coarse heads start from the backbone's patch embedding and output projection. In a GGUF file those are
-quantized like every other layer (a user cannot leave them out, as ``modules_to_not_convert`` can for
+The coarse heads start from the backbone's patch embedding and output projection. A GGUF file may hold those
+quantized (whoever made it chose; a user cannot leave them out, as ``modules_to_not_convert`` can for
 bitsandbytes, torchao or quanto), so they are read back through the quantizer's own dequantization: diffusers'
 for GGUF, quanto's, and peft's for the rest (bitsandbytes, torchao).
 """
